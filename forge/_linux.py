@@ -1,0 +1,103 @@
+"""Thin wrappers over Linux calls the stdlib lacks: syncfs, inotify and PR_SET_PDEATHSIG.
+
+Each falls back to something portable (``os.sync``, polling) where the call is missing.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import struct
+from collections.abc import Iterable
+
+_libc: ctypes.CDLL | None
+try:
+    _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+except OSError:  # pragma: no cover - non-glibc platforms
+    _libc = None
+
+IN_CREATE = 0x00000100
+IN_MOVED_TO = 0x00000080
+IN_Q_OVERFLOW = 0x00004000
+IN_NONBLOCK = 0o4000
+IN_CLOEXEC = 0o2000000
+_EVENT = struct.Struct("iIII")
+
+
+def syncfs(fd: int) -> None:
+    """Flush every dirty page and inode of the filesystem holding ``fd``; raise on error."""
+    if _libc is not None and hasattr(_libc, "syncfs"):
+        if _libc.syncfs(fd) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err))
+        return
+    os.sync()  # pragma: no cover
+
+
+def fsync_dir(path: str | os.PathLike[str]) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Inotify:
+    """Watch directories for files created or moved in. ``fileno()`` is select()-able."""
+
+    def __init__(self) -> None:
+        if _libc is None or not hasattr(_libc, "inotify_init1"):
+            raise OSError("inotify is not available")
+        fd = _libc.inotify_init1(IN_NONBLOCK | IN_CLOEXEC)
+        if fd < 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err))
+        self.fd = fd
+        self.watches: dict[int, str] = {}
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def watch(self, path: str, tag: str) -> None:
+        wd = _libc.inotify_add_watch(self.fd, os.fsencode(path), IN_CREATE | IN_MOVED_TO)  # type: ignore[union-attr]
+        if wd < 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err), path)
+        self.watches[wd] = tag
+
+    def drain(self) -> set[str] | None:
+        """Tags of the watched directories that changed since the last call (non-blocking).
+
+        ``None`` means the kernel's event queue overflowed: treat everything as changed.
+        """
+        changed: set[str] = set()
+        while True:
+            try:
+                data = os.read(self.fd, 65536)
+            except BlockingIOError:
+                return changed
+            pos = 0
+            while pos + _EVENT.size <= len(data):
+                wd, mask, _cookie, length = _EVENT.unpack_from(data, pos)
+                pos += _EVENT.size + length
+                if mask & IN_Q_OVERFLOW:
+                    return None
+                tag = self.watches.get(wd)
+                if tag is not None:
+                    changed.add(tag)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def set_parent_death_signal(sig: int) -> None:
+    """Deliver ``sig`` to this process when its parent dies (Linux PR_SET_PDEATHSIG)."""
+    if _libc is not None:
+        _libc.prctl(1, sig, 0, 0, 0)
+
+
+def names_matching(names: Iterable[str], length: int) -> list[str]:
+    return [n for n in names if len(n) >= length]

@@ -1,0 +1,29 @@
+"""Queue backends, named in a static table and imported on demand."""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+from typing import TYPE_CHECKING
+
+from ..errors import ConfigError
+
+if TYPE_CHECKING:
+    from ..config import Connection
+    from .base import Backend
+
+DRIVERS = {
+    "file": "forge.backends.file:FileBackend",
+    "redis": "forge.backends.redis:RedisBackend",
+}
+
+
+def open_backend(conn: Connection, *, done_retention: float = 3600.0) -> Backend:
+    """Instantiate the backend for a configured connection."""
+    target = DRIVERS.get(conn.driver)
+    if target is None:
+        close = difflib.get_close_matches(conn.driver, DRIVERS, n=1)
+        hint = f' Did you mean "{close[0]}"?' if close else ""
+        raise ConfigError(f'Unknown queue driver "{conn.driver}".{hint}')
+    module, _, cls = target.partition(":")
+    return getattr(importlib.import_module(module), cls).from_connection(conn, done_retention=done_retention)

@@ -1,0 +1,161 @@
+"""The ``Backend`` protocol: what a queue store must do, and the guarantees each method gives.
+
+Backends move ``Job`` records and ``Event`` history; the domain (``forge.job``) owns their
+JSON form. Every backend passes the same contract suite (``tests/test_contract.py``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from ..job import Event, Job, JobInfo, State
+
+#: Seconds between SIGTERM and SIGKILL when a job overruns its timeout.
+KILL_GRACE = 3.0
+#: Extra seconds a lease lasts past the job's latest possible end.
+LEASE_MARGIN = 5.0
+
+
+@dataclass
+class Claim:
+    """A job held by one worker for one attempt.
+
+    ``attempt`` was counted durably when the claim was made. ``fds`` are file descriptors
+    whose lifetime keeps the claim alive (the file backend's locked job file): a job process
+    that inherits them keeps the job from being recovered while it runs. ``lease_until`` is
+    set by lease-based backends; the worker must call ``heartbeat`` before it passes and kill
+    the job if it cannot.
+    """
+
+    job: Job
+    attempt: int
+    claimed_at: float
+    deadline: float
+    lease_until: float | None = None
+    fds: list[int] = field(default_factory=list)
+    handle: Any = None
+
+    @property
+    def queue(self) -> str:
+        return self.job.queue
+
+
+@dataclass(frozen=True)
+class QueueStats:
+    queue: str
+    pending: int = 0
+    delayed: int = 0
+    reserved: int = 0
+    done: int = 0
+    failed: int = 0
+    oldest_pending_at: float | None = None
+    paused: bool = False
+
+    @property
+    def size(self) -> int:
+        """Jobs waiting to run (pending + delayed), Laravel's queue size."""
+        return self.pending + self.delayed
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+class Backend(Protocol):
+    """A queue store. All methods are safe to call from many processes (and hosts) at once."""
+
+    #: True when liveness is a lease the worker must renew (the job must die with its worker);
+    #: False when it is a lock held by the job's own process.
+    lease_based: bool
+
+    def push(self, jobs: Sequence[Job]) -> None:
+        """Store every job durably before returning; all or nothing.
+
+        Raises ``DuplicateJob`` if a unique key is held (then nothing is stored),
+        ``DispatchFailed`` on a storage error (nothing partial is visible to workers),
+        ``QueueUnavailable`` if the store cannot be reached.
+        """
+
+    def claim(self, queues: Sequence[str], worker: str, timeout: float) -> Claim | None:
+        """Atomically take the first due job of the first non-paused queue that has one.
+
+        Strict priority in the order given, FIFO within a queue. The attempt counter is
+        incremented durably as part of the claim. ``timeout`` applies to jobs without their
+        own. Returns ``None`` when nothing is claimable now. Never returns the same job to
+        two live claimers.
+        """
+
+    def heartbeat(self, claim: Claim) -> bool:
+        """Extend a lease (no-op for lock-based backends). False if the claim was lost."""
+
+    def ack(self, claim: Claim, event: Event) -> None:
+        """The attempt succeeded: the job moves to done (kept for the retention), key freed."""
+
+    def release(self, claim: Claim, event: Event | None, delay: float) -> None:
+        """Back to pending after ``delay`` seconds. ``event=None`` un-counts the attempt."""
+
+    def fail(self, claim: Claim, event: Event) -> None:
+        """The job moves to failed with the event's reason; its unique key is freed."""
+
+    def wait(self, queues: Sequence[str], timeout: float) -> None:
+        """Block until a job may have become claimable in ``queues``, or ``timeout`` passes."""
+
+    def maintain(self, default_tries: int = 1) -> dict[str, int]:
+        """Recover abandoned claims (failing with reason ``abandoned`` those whose attempts,
+        ``max_attempts`` or else ``default_tries``, are used up), promote due delayed jobs, prune expired done jobs and
+        stale temp files. Idempotent; any worker may run it at any time. Returns counts."""
+
+    def find(self, job_id: str) -> JobInfo | None:
+        """The job with this id in any state, or None."""
+
+    def jobs(
+        self, *, queue: str | None = None, state: State | None = None,
+        command: str | None = None, limit: int | None = None,
+    ) -> Iterator[JobInfo]:
+        """Jobs matching the filters: reserved, pending and delayed oldest first, then
+        failed and done newest first. Reads only as many records as it yields."""
+
+    def stats(self, queues: Sequence[str] | None = None) -> list[QueueStats]:
+        """Counts per queue without reading job records."""
+
+    def queues(self) -> list[str]:
+        """Names of the queues that hold or have held jobs, sorted."""
+
+    def retry(
+        self, job_ids: Sequence[str] | None, *, queue: str | None = None,
+        reason: str | None = None, command: str | None = None,
+    ) -> Iterator[JobInfo]:
+        """Move failed jobs (these ids, or all matching the filters when None) back to
+        pending with attempts reset; yields each as it is retried (streaming)."""
+
+    def forget(self, job_id: str) -> bool:
+        """Delete one failed job. False if there was none with this id."""
+
+    def flush(self, *, older_than: float | None = None, queue: str | None = None) -> int:
+        """Delete failed jobs (older than ``older_than`` seconds, when given)."""
+
+    def prune_done(self, *, older_than: float | None = None) -> int:
+        """Delete done jobs (older than ``older_than`` seconds, when given)."""
+
+    def clear(self, queue: str) -> int:
+        """Delete the pending and delayed jobs of ``queue``; never touches running jobs."""
+
+    def pause(self, queue: str) -> None: ...
+
+    def resume(self, queue: str) -> None: ...
+
+    def paused(self) -> set[str]: ...
+
+    def request_restart(self) -> float:
+        """Ask every worker to exit after its current job; returns the marker's time."""
+
+    def restart_requested_at(self) -> float | None: ...
+
+    def append_log(self, job_id: str, data: bytes) -> None:
+        """Append captured job output (capped)."""
+
+    def read_log(self, job_id: str, offset: int = 0) -> bytes:
+        """Captured output from ``offset``; empty if none."""
+
+    def close(self) -> None: ...

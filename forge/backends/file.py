@@ -1,0 +1,860 @@
+"""The job-file directory: a crash-safe queue with no server.
+
+Layout under the queue directory (0700, files 0600)::
+
+    tmp/                              jobs being written (never read by workers)
+    q/<queue>/pending/<key>-<id>-<n>.job    waiting; key = available-at in microseconds
+    q/<queue>/reserved/<id>-<n>.job         claimed for attempt n, locked by its job process
+    q/<queue>/done/<time>-<id>-<n>.job      finished, kept for the retention
+    q/<queue>/failed/<time>-<id>-<n>.job    failed for good
+    q/<queue>/paused                        marker: workers skip this queue
+    unique/<hash>.json                      unique-key holders
+    logs/<id>.log                           captured job output
+    quarantine/                             files that were not valid jobs, with .reason files
+    restart                                 queue:restart marker
+
+A job's state and attempt count live in its file's directory and name, so every transition
+is one atomic ``rename``. A claim opens and ``flock``s the pending file, then renames it to
+``reserved/`` with the attempt count incremented: the lock is taken before the file is
+visible as reserved, and held by the job's process for as long as it runs, so a reserved
+file whose lock can be taken belongs to a dead worker. Pending names sort by key, so FIFO is
+a sorted listing; a worker lists a directory once and then claims from its cached listing,
+relisting only when it is used up or inotify reports new files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import hashlib
+import json
+import os
+import re
+import select
+import socket
+import stat
+import time
+import warnings
+from collections import deque
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .. import _linux
+from ..config import Connection, validate_queue_name
+from ..errors import DispatchFailed, DuplicateJob, QueueUnavailable, UsageError
+from ..job import (
+    MAX_FILE_BYTES,
+    MAX_PAYLOAD_BYTES,
+    CorruptJob,
+    Event,
+    Job,
+    JobInfo,
+    Reason,
+    State,
+    backoff_delay,
+    decode_file,
+    valid_id,
+)
+from .base import KILL_GRACE, LEASE_MARGIN, Claim, QueueStats
+
+PENDING_RE = re.compile(r"^(\d{16})-([0-9a-f-]{36})-(\d{1,6})\.job$")
+RESERVED_RE = re.compile(r"^([0-9a-f-]{36})-(\d{1,6})\.job$")
+STATES = ("pending", "reserved", "done", "failed")
+LOG_CAP = 1024 * 1024
+TMP_MAX_AGE = 3600.0
+UNIQUE_INFLIGHT = 60.0
+_O_READ = os.O_RDWR | os.O_APPEND | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+
+
+def _us(t: float) -> int:
+    return int(t * 1_000_000)
+
+
+@dataclass
+class _Listing:
+    """A worker's cached, sorted view of one pending directory."""
+
+    names: deque[str] = field(default_factory=deque)
+    listed: bool = False
+    dirty: bool = True
+
+
+class FileBackend:
+    lease_based = False
+
+    def __init__(self, root: str | os.PathLike[str], *, done_retention: float = 3600.0,
+                 lock: str = "flock") -> None:
+        self.root = Path(root)
+        self.done_retention = done_retention
+        self.lock_mode = lock
+        self.uid = os.getuid()
+        self._ready: set[str] = set()
+        self._listings: dict[str, _Listing] = {}
+        self._inotify: _linux.Inotify | None = None
+        self._inotify_failed = False
+        self._last_key = 0
+        self._host = socket.gethostname()
+        self._prepare_root()
+
+    @classmethod
+    def from_connection(cls, conn: Connection, *, done_retention: float = 3600.0) -> FileBackend:
+        assert conn.path is not None
+        return cls(conn.path, done_retention=done_retention, lock=conn.lock)
+
+    # -- layout ---------------------------------------------------------------------------
+
+    def _prepare_root(self) -> None:
+        try:
+            self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+            st = os.lstat(self.root)
+        except OSError as exc:
+            raise QueueUnavailable(
+                f"Cannot use queue directory {self.root}: {exc.strerror}.",
+                hint="Set [connections.file] path in forge.toml or FORGE_QUEUE_DIR.",
+            ) from None
+        if not stat.S_ISDIR(st.st_mode):
+            raise QueueUnavailable(f"Queue directory {self.root} is not a directory.")
+        if st.st_uid != self.uid:
+            raise QueueUnavailable(
+                f"Queue directory {self.root} belongs to uid {st.st_uid}, not to you (uid {self.uid});"
+                " refusing to use it."
+            )
+        if st.st_mode & 0o077:
+            os.chmod(self.root, 0o700)
+            warnings.warn(
+                f"Queue directory {self.root} was accessible to other users"
+                f" (mode {stat.S_IMODE(st.st_mode):o}); repaired to 700.",
+                stacklevel=3,
+            )
+        for sub in ("tmp", "q", "unique", "logs", "quarantine"):
+            (self.root / sub).mkdir(mode=0o700, exist_ok=True)
+
+    def _qdir(self, queue: str) -> Path:
+        return self.root / "q" / validate_queue_name(queue)
+
+    def _ensure_queue(self, queue: str) -> Path:
+        qdir = self._qdir(queue)
+        if queue not in self._ready:
+            try:
+                qdir.mkdir(mode=0o700, exist_ok=True)
+                for s in STATES:
+                    (qdir / s).mkdir(mode=0o700, exist_ok=True)
+            except OSError as exc:
+                raise QueueUnavailable(f"Cannot create queue {queue} in {self.root}: {exc.strerror}.") from None
+            self._ready.add(queue)
+        return qdir
+
+    def queues(self) -> list[str]:
+        try:
+            return sorted(n for n in os.listdir(self.root / "q") if _safe_queue(n))
+        except FileNotFoundError:
+            return []
+
+    def _key(self, t: float) -> int:
+        key = max(_us(t), self._last_key + 1)
+        self._last_key = key
+        return key
+
+    # -- dispatch -------------------------------------------------------------------------
+
+    def push(self, jobs: Sequence[Job]) -> None:
+        if not jobs:
+            return
+        blobs = []
+        for job in jobs:
+            blob = job.to_json()
+            if len(blob) > MAX_PAYLOAD_BYTES:
+                raise UsageError(f"Job {job.id} is {len(blob)} bytes, over the {MAX_PAYLOAD_BYTES}-byte cap.")
+            blobs.append(blob)
+        for job in jobs:
+            self._ensure_queue(job.queue)
+        held: list[Job] = []
+        try:
+            for job in jobs:
+                if job.unique_key is not None:
+                    self._acquire_unique(job)
+                    held.append(job)
+            self._write_jobs(jobs, blobs)
+        except BaseException:
+            for job in held:
+                self._free_unique(job)
+            raise
+
+    def _write_jobs(self, jobs: Sequence[Job], blobs: list[bytes]) -> None:
+        tmpdir = self.root / "tmp"
+        temps: list[Path] = []
+        moved: list[Path] = []
+        single = len(jobs) == 1
+        try:
+            for job, blob in zip(jobs, blobs, strict=True):
+                tmp = tmpdir / f"{job.id}.tmp"
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+                temps.append(tmp)
+                try:
+                    view = memoryview(blob)
+                    while view:
+                        view = view[os.write(fd, view):]
+                    if single:
+                        os.fsync(fd)
+                finally:
+                    os.close(fd)
+            if not single:
+                # One syncfs makes the whole batch durable at once, instead of an fsync per file.
+                fd = os.open(tmpdir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+                try:
+                    _linux.syncfs(fd)
+                finally:
+                    os.close(fd)
+            dirs: set[Path] = set()
+            for job, tmp in zip(jobs, temps, strict=True):
+                pdir = self._qdir(job.queue) / "pending"
+                dest = pdir / f"{self._key(job.available_at):016d}-{job.id}-0.job"
+                os.rename(tmp, dest)
+                moved.append(dest)
+                dirs.add(pdir)
+            if any(j.unique_key for j in jobs):
+                dirs.add(self.root / "unique")
+            for d in dirs:
+                _linux.fsync_dir(d)
+        except OSError as exc:
+            for p in temps[len(moved):]:
+                with contextlib.suppress(OSError):
+                    os.unlink(p)
+            for p in moved:
+                with contextlib.suppress(OSError):
+                    os.unlink(p)
+            where = exc.filename or self.root
+            raise DispatchFailed(
+                f"Could not store the job in {where}: {exc.strerror or exc}.",
+                hint="Free disk space or fix the queue directory's permissions; nothing was queued.",
+            ) from None
+
+    # -- unique keys ----------------------------------------------------------------------
+
+    def _unique_path(self, key: str) -> Path:
+        return self.root / "unique" / (hashlib.sha256(key.encode()).hexdigest()[:40] + ".json")
+
+    def _acquire_unique(self, job: Job) -> None:
+        assert job.unique_key is not None
+        path = self._unique_path(job.unique_key)
+        now = time.time()
+        expires = now + job.unique_ttl if job.unique_ttl else None
+        record = json.dumps({"key": job.unique_key, "job_id": job.id, "created_at": now,
+                             "expires_at": expires}).encode()
+        for _ in range(5):
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            except FileExistsError:
+                holder = _read_json(path)
+                if holder is not None and self._unique_live(holder, now):
+                    raise DuplicateJob(job.unique_key, str(holder.get("job_id"))) from None
+                with self._global_lock("unique"):
+                    if _read_json(path) == holder:
+                        with contextlib.suppress(FileNotFoundError):
+                            os.unlink(path)
+                continue
+            except OSError as exc:
+                raise DispatchFailed(f"Could not record unique key in {path}: {exc.strerror}.") from None
+            try:
+                os.write(fd, record)
+            finally:
+                os.close(fd)
+            return
+        raise DispatchFailed(f"Could not take unique key {job.unique_key!r}: it keeps changing hands.")
+
+    def _unique_live(self, holder: dict, now: float) -> bool:
+        expires = holder.get("expires_at")
+        if isinstance(expires, int | float) and expires <= now:
+            return False
+        job_id = holder.get("job_id")
+        info = self.find(job_id) if valid_id(job_id) else None
+        if info is None:
+            created = holder.get("created_at")
+            return isinstance(created, int | float) and now - created < UNIQUE_INFLIGHT
+        return info.state in (State.PENDING, State.DELAYED, State.RESERVED)
+
+    def _free_unique(self, job: Job) -> None:
+        if job.unique_key is None:
+            return
+        path = self._unique_path(job.unique_key)
+        holder = _read_json(path)
+        if holder is not None and holder.get("job_id") == job.id:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+
+    @contextlib.contextmanager
+    def _global_lock(self, name: str) -> Iterator[None]:
+        fd = os.open(self.root / f".{name}.lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+    # -- claiming -------------------------------------------------------------------------
+
+    def _watch(self, queues: Sequence[str]) -> None:
+        if self._inotify_failed:
+            return
+        try:
+            if self._inotify is None:
+                self._inotify = _linux.Inotify()
+            watched = set(self._inotify.watches.values())
+            for q in queues:
+                if q not in watched:
+                    self._ensure_queue(q)
+                    self._inotify.watch(str(self._qdir(q) / "pending"), q)
+                    self._listing(q).dirty = True
+        except OSError:
+            self._inotify_failed = True
+            if self._inotify is not None:
+                self._inotify.close()
+                self._inotify = None
+
+    def _listing(self, queue: str) -> _Listing:
+        listing = self._listings.get(queue)
+        if listing is None:
+            listing = self._listings[queue] = _Listing()
+        return listing
+
+    def _refresh_dirty(self) -> None:
+        if self._inotify is None:
+            for listing in self._listings.values():
+                listing.dirty = True
+            return
+        changed = self._inotify.drain()
+        for q, listing in self._listings.items():
+            if changed is None or q in changed:
+                listing.dirty = True
+
+    def _relist(self, queue: str, listing: _Listing) -> None:
+        pdir = self._qdir(queue) / "pending"
+        try:
+            names = os.listdir(pdir)
+        except FileNotFoundError:
+            names = []
+        good = []
+        for n in names:
+            if PENDING_RE.match(n):
+                good.append(n)
+            elif not n.startswith("."):
+                self._quarantine(pdir / n, "unexpected file name in pending/")
+        good.sort()
+        listing.names = deque(good)
+        listing.listed = True
+        listing.dirty = False
+
+    def claim(self, queues: Sequence[str], worker: str, timeout: float) -> Claim | None:
+        self._watch(queues)
+        self._refresh_dirty()
+        now = time.time()
+        now_key = _us(now)
+        for q in queues:
+            if os.path.exists(self.root / "q" / q / "paused"):
+                continue
+            listing = self._listing(q)
+            relisted = False
+            while True:
+                if not listing.names or _key_of(listing.names[0]) > now_key:
+                    if relisted or (listing.listed and not listing.dirty):
+                        break
+                    self._relist(q, listing)
+                    relisted = True
+                    continue
+                claim = self._claim_one(q, listing.names.popleft(), worker, timeout, now)
+                if claim is not None:
+                    return claim
+        return None
+
+    def next_due(self, queues: Sequence[str]) -> float | None:
+        """When the earliest delayed job among ``queues`` becomes due (from cached listings)."""
+        keys = [_key_of(self._listings[q].names[0]) for q in queues
+                if q in self._listings and self._listings[q].names]
+        return min(keys) / 1_000_000 if keys else None
+
+    def _claim_one(self, queue: str, name: str, worker: str, timeout: float, now: float) -> Claim | None:
+        qdir = self._qdir(queue)
+        path = qdir / "pending" / name
+        fd = self._open_job(path)
+        if fd is None:
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        m = PENDING_RE.match(name)
+        assert m is not None
+        job_id, attempt = m.group(2), int(m.group(3)) + 1
+        reserved = qdir / "reserved" / f"{job_id}-{attempt}.job"
+        try:
+            os.rename(path, reserved)
+        except FileNotFoundError:
+            os.close(fd)
+            return None
+        try:
+            job, _ = decode_file(os.pread(fd, MAX_FILE_BYTES + 1, 0))
+            if job.id != job_id or job.queue != queue:
+                raise CorruptJob("file name does not match its contents")
+        except CorruptJob as exc:
+            self._quarantine(reserved, str(exc))
+            os.close(fd)
+            return None
+        effective = job.timeout if job.timeout is not None else timeout
+        deadline = now + effective + KILL_GRACE
+        os.write(fd, Event("claimed", attempt, now, worker=worker, deadline=deadline).to_json())
+        return Claim(job, attempt, now, deadline, None, [fd], (fd, reserved))
+
+    def _open_job(self, path: Path) -> int | None:
+        """Open a job file safely, or quarantine it with the reason; None if gone or refused."""
+        try:
+            fd = os.open(path, _O_READ)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            reason = "symbolic link" if exc.errno == errno.ELOOP else f"cannot open: {exc.strerror}"
+            self._quarantine(path, reason)
+            return None
+        st = os.fstat(fd)
+        reason = None
+        if not stat.S_ISREG(st.st_mode):
+            reason = "not a regular file"
+        elif st.st_uid != self.uid:
+            reason = f"owned by uid {st.st_uid}, not {self.uid}"
+        elif st.st_nlink != 1:
+            reason = f"has {st.st_nlink} hard links"
+        elif st.st_size > MAX_FILE_BYTES:
+            reason = f"{st.st_size} bytes, over the {MAX_FILE_BYTES}-byte cap"
+        if reason:
+            os.close(fd)
+            self._quarantine(path, reason)
+            return None
+        return fd
+
+    def _quarantine(self, path: Path, reason: str) -> None:
+        dest = self.root / "quarantine" / f"{time.time_ns()}-{path.parent.parent.name}-{path.name}"
+        try:
+            os.rename(path, dest)
+        except OSError:
+            return
+        with contextlib.suppress(OSError):
+            Path(str(dest) + ".reason").write_text(f"{path}: {reason}\n")
+        warnings.warn(f"Quarantined {path.name} ({reason}); see {dest}.", stacklevel=2)
+
+    # -- outcomes -------------------------------------------------------------------------
+
+    def heartbeat(self, claim: Claim) -> bool:
+        return True
+
+    def _finish(self, claim: Claim, event: Event | None, dest: Path | None) -> None:
+        fd, reserved = claim.handle
+        try:
+            if event is not None:
+                os.write(fd, event.to_json())
+            if dest is None:
+                os.unlink(reserved)
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.root / "logs" / f"{claim.job.id}.log")
+            else:
+                os.rename(reserved, dest)
+        finally:
+            os.close(fd)
+            claim.fds.clear()
+
+    def ack(self, claim: Claim, event: Event) -> None:
+        qdir = self._qdir(claim.queue)
+        dest = None
+        if self.done_retention > 0:
+            dest = qdir / "done" / f"{_us(time.time()):016d}-{claim.job.id}-{claim.attempt}.job"
+        self._finish(claim, event, dest)
+        self._free_unique(claim.job)
+
+    def release(self, claim: Claim, event: Event | None, delay: float) -> None:
+        attempts = claim.attempt if event is not None else claim.attempt - 1
+        key = self._key(time.time() + delay)
+        dest = self._qdir(claim.queue) / "pending" / f"{key:016d}-{claim.job.id}-{attempts}.job"
+        self._finish(claim, event, dest)
+
+    def fail(self, claim: Claim, event: Event) -> None:
+        dest = self._qdir(claim.queue) / "failed" / f"{_us(time.time()):016d}-{claim.job.id}-{claim.attempt}.job"
+        self._finish(claim, event, dest)
+        self._free_unique(claim.job)
+
+    def wait(self, queues: Sequence[str], timeout: float) -> None:
+        self._watch(queues)
+        if timeout <= 0:
+            return
+        if self._inotify is None:
+            time.sleep(timeout)
+            return
+        with contextlib.suppress(InterruptedError):
+            select.select([self._inotify], [], [], timeout)
+
+    # -- maintenance ----------------------------------------------------------------------
+
+    def maintain(self, default_tries: int = 1) -> dict[str, int]:
+        counts = {"recovered": 0, "abandoned": 0, "pruned": 0, "temp_removed": 0}
+        now = time.time()
+        for q in self.queues():
+            rdir = self._qdir(q) / "reserved"
+            try:
+                names = os.listdir(rdir)
+            except FileNotFoundError:
+                continue
+            for name in names:
+                outcome = self._recover(q, rdir / name, name, now, default_tries)
+                if outcome:
+                    counts[outcome] += 1
+        if self.done_retention >= 0:
+            counts["pruned"] = self.prune_done(older_than=self.done_retention)
+        for tmp in (self.root / "tmp").iterdir():
+            with contextlib.suppress(OSError):
+                if now - tmp.lstat().st_mtime > TMP_MAX_AGE:
+                    tmp.unlink()
+                    counts["temp_removed"] += 1
+        return counts
+
+    def _recover(self, queue: str, path: Path, name: str, now: float, default_tries: int) -> str | None:
+        m = RESERVED_RE.match(name)
+        if m is None:
+            self._quarantine(path, "unexpected file name in reserved/")
+            return None
+        fd = self._open_job(path)
+        if fd is None:
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            locked = True
+        except BlockingIOError:
+            locked = False
+        try:
+            if os.stat(path).st_ino != os.fstat(fd).st_ino:
+                os.close(fd)
+                return None
+            job, events = decode_file(os.pread(fd, MAX_FILE_BYTES + 1, 0))
+        except (OSError, CorruptJob) as exc:
+            os.close(fd)
+            if isinstance(exc, CorruptJob):
+                self._quarantine(path, str(exc))
+            return None
+        attempt = int(m.group(2))
+        if self.lock_mode == "lease":
+            claimed = [e for e in events if e.event == "claimed" and e.attempt == attempt]
+            deadline = claimed[-1].deadline if claimed else None
+            expired = deadline is None or deadline + LEASE_MARGIN < now
+            if not expired:
+                os.close(fd)
+                return None
+        elif not locked:
+            os.close(fd)
+            return None
+        claim = Claim(job, attempt, now, now, None, [fd], (fd, path))
+        exhausted = attempt >= (job.max_attempts or default_tries)
+        event = Event("failed" if exhausted else "released", attempt, now,
+                      reason=Reason.ABANDONED, error="the worker died during this attempt")
+        if exhausted:
+            self.fail(claim, event)
+            return "abandoned"
+        self.release(claim, event, backoff_delay(job.backoff, attempt))
+        return "recovered"
+
+    # -- inspection -----------------------------------------------------------------------
+
+    def _names(self, queue: str, state: str) -> list[str]:
+        try:
+            return os.listdir(self._qdir(queue) / state)
+        except FileNotFoundError:
+            return []
+
+    def _info(self, path: Path, state: State, attempts: int, updated: float | None) -> JobInfo | None:
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:
+            return None
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or st.st_size > MAX_FILE_BYTES:
+                return None
+            job, events = decode_file(os.pread(fd, MAX_FILE_BYTES + 1, 0))
+        except (OSError, CorruptJob):
+            return None
+        finally:
+            os.close(fd)
+        if state == State.RESERVED:
+            claimed = [e for e in events if e.event == "claimed"]
+            updated = claimed[-1].at if claimed else None
+        return JobInfo(job, state, attempts, tuple(events), updated)
+
+    def _locate(self, job_id: str) -> tuple[Path, State, int, float | None] | None:
+        now_key = _us(time.time())
+        for q in self.queues():
+            for name in self._names(q, "reserved"):
+                if name.startswith(job_id):
+                    m = RESERVED_RE.match(name)
+                    if m:
+                        return self._qdir(q) / "reserved" / name, State.RESERVED, int(m.group(2)), None
+            for sdir in ("pending", "failed", "done"):
+                for name in self._names(q, sdir):
+                    if name[17:53] == job_id:
+                        m = PENDING_RE.match(name)
+                        if not m:
+                            continue
+                        key = int(m.group(1))
+                        if sdir == "pending":
+                            state = State.DELAYED if key > now_key else State.PENDING
+                            return self._qdir(q) / sdir / name, state, int(m.group(3)), None
+                        return self._qdir(q) / sdir / name, State(sdir), int(m.group(3)), key / 1e6
+        return None
+
+    def find(self, job_id: str) -> JobInfo | None:
+        if not valid_id(job_id):
+            raise UsageError(f"Invalid job id {job_id!r}: expected a UUID like 3f2b…-….")
+        for _ in range(3):  # the job may move between listing and reading; look again
+            loc = self._locate(job_id)
+            if loc is None:
+                return None
+            info = self._info(*loc)
+            if info is not None:
+                return info
+        return None
+
+    def jobs(self, *, queue: str | None = None, state: State | None = None,
+             command: str | None = None, limit: int | None = None) -> Iterator[JobInfo]:
+        queues = [queue] if queue else self.queues()
+        now_key = _us(time.time())
+        order = [State.RESERVED, State.PENDING, State.DELAYED, State.FAILED, State.DONE]
+        count = 0
+        for st in order:
+            if state is not None and st != state:
+                continue
+            for q in queues:
+                sdir = "pending" if st in (State.PENDING, State.DELAYED) else str(st)
+                names = self._names(q, sdir)
+                if st == State.RESERVED:
+                    entries = [(n, RESERVED_RE.match(n)) for n in sorted(names)]
+                    items = [(n, int(m.group(2)), None) for n, m in entries if m]
+                else:
+                    parsed = [(n, PENDING_RE.match(n)) for n in names]
+                    good = [(n, m) for n, m in parsed if m]
+                    if st == State.PENDING:
+                        good = [(n, m) for n, m in good if int(m.group(1)) <= now_key]
+                    elif st == State.DELAYED:
+                        good = [(n, m) for n, m in good if int(m.group(1)) > now_key]
+                    good.sort(reverse=st in (State.FAILED, State.DONE))
+                    items = [(n, int(m.group(3)), int(m.group(1)) / 1e6 if st in (State.FAILED, State.DONE) else None)
+                             for n, m in good]
+                for name, attempts, updated in items:
+                    info = self._info(self._qdir(q) / sdir / name, st, attempts, updated)
+                    if info is None or (command and info.job.command != command):
+                        continue
+                    yield info
+                    count += 1
+                    if limit is not None and count >= limit:
+                        return
+
+    def stats(self, queues: Sequence[str] | None = None) -> list[QueueStats]:
+        now_key = _us(time.time())
+        paused = self.paused()
+        out = []
+        for q in queues or self.queues():
+            keys = [int(n[:16]) for n in self._names(q, "pending") if PENDING_RE.match(n)]
+            due = [k for k in keys if k <= now_key]
+            out.append(QueueStats(
+                queue=q,
+                pending=len(due),
+                delayed=len(keys) - len(due),
+                reserved=sum(1 for n in self._names(q, "reserved") if n.endswith(".job")),
+                done=sum(1 for n in self._names(q, "done") if n.endswith(".job")),
+                failed=sum(1 for n in self._names(q, "failed") if n.endswith(".job")),
+                oldest_pending_at=min(due) / 1e6 if due else None,
+                paused=q in paused,
+            ))
+        return out
+
+    # -- management -----------------------------------------------------------------------
+
+    def retry(self, job_ids: Sequence[str] | None, *, queue: str | None = None,
+              reason: str | None = None, command: str | None = None) -> Iterator[JobInfo]:
+        if job_ids is not None:
+            for job_id in job_ids:
+                loc = self._locate(job_id) if valid_id(job_id) else None
+                if loc is not None and loc[1] == State.FAILED:
+                    info = self._retry_path(loc[0])
+                    if info is not None:
+                        yield info
+            return
+        for q in [queue] if queue else self.queues():
+            fdir = self._qdir(q) / "failed"
+            while True:
+                moved = 0
+                try:
+                    it = os.scandir(fdir)
+                except FileNotFoundError:
+                    break
+                with it:
+                    for entry in it:
+                        if not PENDING_RE.match(entry.name):
+                            continue
+                        info = self._retry_path(Path(entry.path), reason=reason, command=command)
+                        if info is not None:
+                            moved += 1
+                            yield info
+                if not moved:
+                    break
+
+    def _retry_path(self, path: Path, *, reason: str | None = None, command: str | None = None) -> JobInfo | None:
+        fd = self._open_job(path)
+        if fd is None:
+            return None
+        try:
+            job, events = decode_file(os.pread(fd, MAX_FILE_BYTES + 1, 0))
+            failure = next((e for e in reversed(events) if e.event == "failed"), None)
+            if command and job.command != command:
+                return None
+            if reason and (failure is None or failure.reason != reason):
+                return None
+            now = time.time()
+            ev = Event("retried", 0, now)
+            os.write(fd, ev.to_json())
+            dest = path.parent.parent / "pending" / f"{self._key(now):016d}-{job.id}-0.job"
+            os.rename(path, dest)
+            return JobInfo(job, State.PENDING, 0, (*events, ev), now)
+        except (OSError, CorruptJob):
+            return None
+        finally:
+            os.close(fd)
+
+    def forget(self, job_id: str) -> bool:
+        loc = self._locate(job_id) if valid_id(job_id) else None
+        if loc is None or loc[1] != State.FAILED:
+            return False
+        try:
+            os.unlink(loc[0])
+        except FileNotFoundError:
+            return False
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.root / "logs" / f"{job_id}.log")
+        return True
+
+    def _delete_older(self, state: str, older_than: float | None, queue: str | None = None) -> int:
+        cutoff = _us(time.time() - older_than) if older_than is not None else None
+        removed = 0
+        for q in [queue] if queue else self.queues():
+            d = self._qdir(q) / state
+            for name in self._names(q, state):
+                m = PENDING_RE.match(name)
+                if not m or (cutoff is not None and int(m.group(1)) > cutoff):
+                    continue
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(d / name)
+                    removed += 1
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(self.root / "logs" / f"{m.group(2)}.log")
+        return removed
+
+    def flush(self, *, older_than: float | None = None, queue: str | None = None) -> int:
+        return self._delete_older("failed", older_than, queue)
+
+    def prune_done(self, *, older_than: float | None = None) -> int:
+        return self._delete_older("done", older_than)
+
+    def clear(self, queue: str) -> int:
+        removed = 0
+        pdir = self._qdir(queue) / "pending"
+        for name in self._names(queue, "pending"):
+            m = PENDING_RE.match(name)
+            if not m:
+                continue
+            fd = self._open_job(pdir / name)
+            if fd is None:
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a claimer holds it: leave it
+                job, _ = decode_file(os.pread(fd, MAX_FILE_BYTES + 1, 0))
+                os.unlink(pdir / name)
+                removed += 1
+                self._free_unique(job)
+            except (BlockingIOError, FileNotFoundError, CorruptJob):
+                pass
+            finally:
+                os.close(fd)
+        return removed
+
+    def pause(self, queue: str) -> None:
+        marker = self._ensure_queue(queue) / "paused"
+        marker.touch(mode=0o600)
+
+    def resume(self, queue: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self._qdir(queue) / "paused")
+
+    def paused(self) -> set[str]:
+        return {q for q in self.queues() if os.path.exists(self.root / "q" / q / "paused")}
+
+    def request_restart(self) -> float:
+        now = time.time()
+        tmp = self.root / "tmp" / f"restart-{os.getpid()}.tmp"
+        tmp.write_text(repr(now))
+        os.chmod(tmp, 0o600)
+        os.rename(tmp, self.root / "restart")
+        return now
+
+    def restart_requested_at(self) -> float | None:
+        try:
+            return float((self.root / "restart").read_text())
+        except (OSError, ValueError):
+            return None
+
+    # -- logs -----------------------------------------------------------------------------
+
+    def append_log(self, job_id: str, data: bytes) -> None:
+        if not valid_id(job_id) or not data:
+            return
+        path = self.root / "logs" / f"{job_id}.log"
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            room = LOG_CAP - os.fstat(fd).st_size
+            if room > 0:
+                os.write(fd, data[:room])
+        finally:
+            os.close(fd)
+
+    def read_log(self, job_id: str, offset: int = 0) -> bytes:
+        if not valid_id(job_id):
+            raise UsageError(f"Invalid job id {job_id!r}.")
+        try:
+            fd = os.open(self.root / "logs" / f"{job_id}.log", os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return b""
+        try:
+            return os.pread(fd, LOG_CAP, offset)
+        finally:
+            os.close(fd)
+
+    def close(self) -> None:
+        if self._inotify is not None:
+            self._inotify.close()
+            self._inotify = None
+
+
+def _key_of(name: str) -> int:
+    return int(name[:16])
+
+
+def _safe_queue(name: str) -> bool:
+    try:
+        validate_queue_name(name)
+        return True
+    except UsageError:
+        return False
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        with open(path, "rb") as fh:
+            data = json.loads(fh.read(65536))
+        return data if isinstance(data, dict) else None
+    except (OSError, ValueError):
+        return None

@@ -1,0 +1,30 @@
+"""The static table of built-in commands: name -> ("module:function", description, hidden).
+
+Built-ins are listed without importing them; a built-in's module is imported only to run it.
+"""
+
+from __future__ import annotations
+
+BUILTINS: dict[str, tuple[str, str, bool]] = {
+    "list": ("forge.builtins.core:list_", "List the registered commands", False),
+    "help": ("forge.builtins.core:help_", "Show the help of a command", False),
+    "init": ("forge.builtins.core:init", "Create forge.toml and a commands/ folder here", False),
+    "make:command": ("forge.builtins.core:make_command", "Create a new command file", False),
+    "config:show": ("forge.builtins.core:config_show", "Show the effective settings and their sources", False),
+    "queue:dispatch": ("forge.builtins.queue_cmds:dispatch", "Push a command onto a queue", False),
+    "queue:work": ("forge.builtins.work:work", "Process jobs from the queues", False),
+    "queue:list": ("forge.builtins.queue_cmds:list_jobs", "List queues and their jobs", False),
+    "queue:show": ("forge.builtins.queue_cmds:show", "Show everything about one job", False),
+    "queue:log": ("forge.builtins.queue_cmds:log", "Print or follow a job's captured output", False),
+    "queue:failed": ("forge.builtins.queue_cmds:failed", "List the failed jobs", False),
+    "queue:monitor": ("forge.builtins.queue_cmds:monitor", "Show queue sizes; alert above a threshold", False),
+    "queue:retry": ("forge.builtins.queue_cmds:retry", "Retry failed jobs", False),
+    "queue:forget": ("forge.builtins.queue_cmds:forget", "Delete a failed job", False),
+    "queue:flush": ("forge.builtins.queue_cmds:flush", "Delete all (or old) failed jobs", False),
+    "queue:prune-failed": ("forge.builtins.queue_cmds:prune_failed", "Delete failed jobs older than --hours", False),
+    "queue:prune-done": ("forge.builtins.queue_cmds:prune_done", "Delete finished jobs kept for inspection", False),
+    "queue:clear": ("forge.builtins.queue_cmds:clear", "Delete the pending and delayed jobs of a queue", False),
+    "queue:pause": ("forge.builtins.queue_cmds:pause", "Stop workers claiming from a queue", False),
+    "queue:resume": ("forge.builtins.queue_cmds:resume", "Let workers claim from a paused queue again", False),
+    "queue:restart": ("forge.builtins.queue_cmds:restart", "Make every worker exit after its current job", False),
+}

@@ -1,0 +1,74 @@
+"""The ``forge`` executable: parse, call the library once, turn errors into one line and an exit code."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Sequence
+
+from .errors import EXIT_ERROR, EXIT_USAGE, ForgeError
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``forge`` and ``python -m forge``; returns (and exits with) the exit code."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    verbose = "-v" in args[:1] or "--verbose" in args[:1] or os.environ.get("FORGE_VERBOSE") == "1"
+    code = _run(args, verbose)
+    if argv is None:
+        sys.stdout.flush()
+        sys.exit(code)
+    return code
+
+
+def _run(args: list[str], verbose: bool) -> int:
+    import warnings
+
+    from . import output
+
+    warnings.showwarning = lambda msg, cat, *a, **k: output.warn(str(msg))
+    try:
+        from .typerapp import build_app
+        from typer._click.exceptions import ClickException
+        from typer.exceptions import Abort, Exit
+
+        group = build_app()
+        try:
+            rv = group.main(args, prog_name="forge", standalone_mode=False)
+        except Exit as exc:
+            return exc.exit_code
+        except Abort:
+            output.error("Aborted.")
+            return EXIT_ERROR
+        except ClickException as exc:
+            output.error(exc.format_message(), _usage_hint(args))
+            return exc.exit_code if exc.exit_code else EXIT_USAGE
+        if isinstance(rv, bool) or rv is None:
+            return 0
+        return rv if isinstance(rv, int) else 0
+    except ForgeError as exc:
+        if verbose:
+            import traceback
+
+            traceback.print_exc()
+        output.error(exc.message, exc.hint)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        output.error("Interrupted.")
+        return 130
+    except BrokenPipeError:
+        sys.stderr.close()
+        return EXIT_ERROR
+    except Exception as exc:
+        if verbose:
+            import traceback
+
+            traceback.print_exc()
+            output.error(f"{type(exc).__name__}: {exc}")
+        else:
+            output.error(f"{type(exc).__name__}: {exc}", "(run with -v for the traceback)")
+        return EXIT_ERROR
+
+
+def _usage_hint(args: list[str]) -> str | None:
+    names = [a for a in args if not a.startswith("-")]
+    return f"Run `forge {names[0]} --help` for its usage." if names else "Run `forge --help`."

@@ -1,0 +1,340 @@
+"""Settings: defaults, then ``forge.toml``, then ``FORGE_*`` variables, into a frozen ``Settings``.
+
+``forge.toml`` is found by walking up from the current directory, or named by ``FORGE_CONFIG``.
+Every effective value remembers where it came from, for ``forge config:show``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .durations import parse_backoff, parse_duration
+from .errors import ConfigError, UsageError
+
+CONFIG_NAME = "forge.toml"
+QUEUE_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+
+
+def validate_queue_name(name: object) -> str:
+    """Return ``name`` if it is a safe queue name, else raise :class:`UsageError`."""
+    if (
+        not isinstance(name, str)
+        or not QUEUE_NAME_RE.fullmatch(name)
+        or ".." in name
+        or name.startswith(".")
+    ):
+        raise UsageError(
+            f"Invalid queue name {name!r}: use 1-64 of A-Z a-z 0-9 _ . - (no '..', not starting with '.')."
+        )
+    return name
+
+
+@dataclass(frozen=True)
+class Connection:
+    """One named queue connection: ``driver`` is ``file`` or ``redis``."""
+
+    name: str
+    driver: str
+    path: Path | None = None
+    url: str | None = None
+    prefix: str = "forge"
+    connect_timeout: float = 5.0
+    password_env: str | None = None
+    lock: str = "flock"
+
+
+@dataclass(frozen=True)
+class Settings:
+    root: Path
+    config_file: Path | None
+    command_paths: tuple[Path, ...]
+    plugins: bool
+    connection: str
+    default_queue: str
+    tries: int
+    timeout: float
+    backoff: tuple[float, ...]
+    done_retention: float
+    connections: Mapping[str, Connection]
+    sources: Mapping[str, str] = field(default_factory=dict, compare=False)
+
+    def connection_config(self, name: str | None = None) -> Connection:
+        name = name or self.connection
+        try:
+            return self.connections[name]
+        except KeyError:
+            known = ", ".join(sorted(self.connections)) or "none"
+            raise ConfigError(
+                f'Unknown connection "{name}" (configured: {known}).',
+                hint=f"Add a [connections.{name}] table to forge.toml.",
+            ) from None
+
+    def as_dict(self) -> dict[str, Any]:
+        """Effective settings as plain data (secrets in URLs masked)."""
+        conns = {}
+        for c in self.connections.values():
+            d: dict[str, Any] = {"driver": c.driver}
+            if c.driver == "file":
+                d["path"] = str(c.path)
+                d["lock"] = c.lock
+            else:
+                d.update(url=mask_url(c.url or ""), prefix=c.prefix, connect_timeout=c.connect_timeout)
+                if c.password_env:
+                    d["password_env"] = c.password_env
+            conns[c.name] = d
+        return {
+            "config_file": str(self.config_file) if self.config_file else None,
+            "root": str(self.root),
+            "forge.commands": [str(p) for p in self.command_paths],
+            "forge.plugins": self.plugins,
+            "queue.connection": self.connection,
+            "queue.default": self.default_queue,
+            "queue.tries": self.tries,
+            "queue.timeout": self.timeout,
+            "queue.backoff": list(self.backoff),
+            "queue.done_retention": self.done_retention,
+            "connections": conns,
+        }
+
+
+def mask_url(url: str) -> str:
+    """``redis://user:secret@host`` -> ``redis://user:***@host``: never print a password."""
+    return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", url)
+
+
+def find_config(start: Path, env: Mapping[str, str]) -> Path | None:
+    explicit = env.get("FORGE_CONFIG")
+    if explicit:
+        path = Path(explicit).expanduser().resolve()
+        if not path.is_file():
+            raise ConfigError(f"FORGE_CONFIG names {path}, which is not a file.")
+        return path
+    for directory in (start, *start.parents):
+        candidate = directory / CONFIG_NAME
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def default_queue_dir(root: Path) -> Path:
+    """Per user and per project, so two projects never share a queue."""
+    from platformdirs import user_data_path
+
+    digest = hashlib.sha256(str(root).encode()).hexdigest()[:12]
+    name = re.sub(r"[^A-Za-z0-9_.-]", "_", root.name) or "project"
+    return user_data_path("forge", appauthor=False) / "queues" / f"{name}-{digest}"
+
+
+_SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
+    "forge": {"commands": list, "plugins": bool},
+    "queue": {
+        "connection": str,
+        "default": str,
+        "tries": int,
+        "timeout": (int, float, str),
+        "backoff": (int, float, str, list),
+        "done_retention": (int, float, str),
+    },
+}
+_CONN_KEYS: dict[str, type | tuple[type, ...]] = {
+    "driver": str,
+    "path": str,
+    "url": str,
+    "prefix": str,
+    "connect_timeout": (int, float, str),
+    "password_env": str,
+    "lock": str,
+}
+_TYPE_NAMES = {str: "a string", int: "an integer", bool: "true or false", list: "a list"}
+
+
+def _type_name(t: type | tuple[type, ...]) -> str:
+    if isinstance(t, tuple):
+        return " or ".join(_TYPE_NAMES.get(x, x.__name__) for x in t)
+    return _TYPE_NAMES.get(t, t.__name__)
+
+
+def _check(key: str, value: Any, expected: type | tuple[type, ...], where: str) -> None:
+    types = expected if isinstance(expected, tuple) else (expected,)
+    ok = isinstance(value, types) and not (isinstance(value, bool) and bool not in types)
+    if not ok:
+        raise ConfigError(f"{where}: {key} must be {_type_name(expected)}, not {value!r}.")
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    import tomllib
+
+    try:
+        with open(path, "rb") as fh:
+            return tomllib.load(fh)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: invalid TOML: {exc}.") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}.") from None
+
+
+def load_settings(
+    cwd: Path | None = None, env: Mapping[str, str] | None = None
+) -> Settings:
+    """Build the effective settings for the project around ``cwd``."""
+    env = os.environ if env is None else env
+    cwd = (cwd or Path.cwd()).resolve()
+    config_file = find_config(cwd, env)
+    data: dict[str, Any] = _read_toml(config_file) if config_file else {}
+    where = str(config_file)
+    root = config_file.parent if config_file else cwd
+    sources: dict[str, str] = {}
+
+    for section, table in data.items():
+        if section == "connections":
+            if not isinstance(table, dict):
+                raise ConfigError(f"{where}: [connections] must be a table of tables.")
+            continue
+        if section not in _SCHEMA:
+            raise ConfigError(
+                f"{where}: unknown section [{section}] (known: forge, queue, connections)."
+            )
+        if not isinstance(table, dict):
+            raise ConfigError(f"{where}: {section} must be a table.")
+        for key, value in table.items():
+            if key not in _SCHEMA[section]:
+                known = ", ".join(_SCHEMA[section])
+                raise ConfigError(f"{where}: unknown key {section}.{key} (known: {known}).")
+            _check(f"{section}.{key}", value, _SCHEMA[section][key], where)
+
+    def pick(section: str, key: str, default: Any, env_name: str | None = None) -> Any:
+        full = f"{section}.{key}"
+        if env_name and env.get(env_name) not in (None, ""):
+            sources[full] = f"env {env_name}"
+            return env[env_name]
+        table = data.get(section, {})
+        if key in table:
+            sources[full] = str(config_file)
+            return table[key]
+        sources[full] = "default"
+        return default
+
+    def convert(full: str, fn: Any, value: Any) -> Any:
+        try:
+            return fn(value)
+        except (UsageError, ValueError) as exc:
+            raise ConfigError(f"{full} ({sources[full]}): {exc}") from None
+
+    commands = pick("forge", "commands", ["commands"], "FORGE_COMMANDS")
+    if isinstance(commands, str):
+        commands = [c for c in commands.split(os.pathsep) if c]
+    for c in commands:
+        if not isinstance(c, str):
+            raise ConfigError(f"{where}: forge.commands must be a list of folder names.")
+    command_paths = tuple((root / c).resolve() for c in commands)
+
+    plugins = pick("forge", "plugins", True)
+    if env.get("FORGE_NO_PLUGINS", "") not in ("", "0"):
+        plugins, sources["forge.plugins"] = False, "env FORGE_NO_PLUGINS"
+
+    connection = pick("queue", "connection", "file", "FORGE_QUEUE_CONNECTION")
+    default_queue = convert(
+        "queue.default", validate_queue_name, pick("queue", "default", "default", "FORGE_QUEUE_DEFAULT")
+    )
+    tries = convert("queue.tries", int, pick("queue", "tries", 1, "FORGE_QUEUE_TRIES"))
+    if tries < 1:
+        raise ConfigError(f"queue.tries ({sources['queue.tries']}) must be at least 1, not {tries}.")
+    timeout = convert(
+        "queue.timeout", lambda v: parse_duration(v, what="timeout"),
+        pick("queue", "timeout", 60, "FORGE_QUEUE_TIMEOUT"),
+    )
+    backoff = convert("queue.backoff", parse_backoff, pick("queue", "backoff", [0], "FORGE_QUEUE_BACKOFF"))
+    retention = convert(
+        "queue.done_retention", lambda v: parse_duration(v, what="retention"),
+        pick("queue", "done_retention", "1h", "FORGE_QUEUE_DONE_RETENTION"),
+    )
+
+    connections: dict[str, Connection] = {}
+    for name, table in data.get("connections", {}).items():
+        if not isinstance(table, dict):
+            raise ConfigError(f"{where}: [connections.{name}] must be a table.")
+        for key, value in table.items():
+            if key not in _CONN_KEYS:
+                known = ", ".join(_CONN_KEYS)
+                raise ConfigError(f"{where}: unknown key connections.{name}.{key} (known: {known}).")
+            _check(f"connections.{name}.{key}", value, _CONN_KEYS[key], where)
+        connections[name] = _connection(name, table, root, where)
+    if "file" not in connections:
+        connections["file"] = Connection("file", "file")
+    if "redis" not in connections:
+        connections["redis"] = Connection("redis", "redis", url="redis://127.0.0.1:6379/0")
+
+    # FORGE_QUEUE_DIR and FORGE_REDIS_URL override the path / url of every connection of that driver.
+    final: dict[str, Connection] = {}
+    for name, conn in connections.items():
+        if conn.driver == "file":
+            if env.get("FORGE_QUEUE_DIR"):
+                conn = _replace(conn, path=Path(env["FORGE_QUEUE_DIR"]).expanduser().resolve())
+                sources[f"connections.{name}.path"] = "env FORGE_QUEUE_DIR"
+            elif conn.path is None:
+                conn = _replace(conn, path=default_queue_dir(root))
+                sources[f"connections.{name}.path"] = "default"
+        elif conn.driver == "redis" and env.get("FORGE_REDIS_URL"):
+            conn = _replace(conn, url=env["FORGE_REDIS_URL"])
+            sources[f"connections.{name}.url"] = "env FORGE_REDIS_URL"
+        final[name] = conn
+    if connection not in final:
+        raise ConfigError(
+            f'queue.connection ({sources["queue.connection"]}) names "{connection}", which is not'
+            f" configured (known: {', '.join(sorted(final))})."
+        )
+    return Settings(
+        root=root,
+        config_file=config_file,
+        command_paths=command_paths,
+        plugins=bool(plugins),
+        connection=connection,
+        default_queue=default_queue,
+        tries=tries,
+        timeout=timeout,
+        backoff=backoff,
+        done_retention=retention,
+        connections=final,
+        sources=sources,
+    )
+
+
+def _replace(conn: Connection, **changes: Any) -> Connection:
+    from dataclasses import replace
+
+    return replace(conn, **changes)
+
+
+def _connection(name: str, table: Mapping[str, Any], root: Path, where: str) -> Connection:
+    driver = table.get("driver", name if name in ("file", "redis") else None)
+    if driver not in ("file", "redis"):
+        raise ConfigError(f'{where}: connections.{name}.driver must be "file" or "redis", not {driver!r}.')
+    try:
+        timeout = parse_duration(table.get("connect_timeout", 5), what="connect_timeout")
+    except UsageError as exc:
+        raise ConfigError(f"{where}: connections.{name}: {exc}") from None
+    lock = table.get("lock", "flock")
+    if lock not in ("flock", "lease"):
+        raise ConfigError(f'{where}: connections.{name}.lock must be "flock" or "lease", not {lock!r}.')
+    path = table.get("path")
+    url = table.get("url")
+    if driver == "redis":
+        url = url or "redis://127.0.0.1:6379/0"
+        if not url.startswith(("redis://", "rediss://", "unix://")):
+            raise ConfigError(f"{where}: connections.{name}.url must start with redis:// or rediss://.")
+    return Connection(
+        name=name,
+        driver=driver,
+        path=(root / Path(path).expanduser()).resolve() if path else None,
+        url=url,
+        prefix=table.get("prefix", "forge"),
+        connect_timeout=timeout,
+        password_env=table.get("password_env"),
+        lock=lock,
+    )

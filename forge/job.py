@@ -1,0 +1,262 @@
+"""The job record and its versioned JSON form.
+
+A job file is JSON lines: the first line is the job (immutable once dispatched), every
+further line an event appended as the job moves (claimed, released, failed, done). A
+truncated last line (a crash mid-append) is ignored; anything else that does not validate
+is a :class:`CorruptJob` and the backend quarantines it.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+from .errors import CorruptJob
+
+FORMAT_VERSION = 1
+MAX_PAYLOAD_BYTES = 64 * 1024      # a dispatched job (command, args, metadata)
+MAX_FILE_BYTES = 4 * 1024 * 1024   # a job file with its event history
+MAX_OUTPUT_TAIL = 2048             # characters of output kept in a failure event
+ID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+
+
+class State(StrEnum):
+    PENDING = "pending"
+    DELAYED = "delayed"
+    RESERVED = "reserved"
+    DONE = "done"
+    FAILED = "failed"
+
+
+class Reason(StrEnum):
+    """Why an attempt did not succeed."""
+
+    EXCEPTION = "exception"
+    EXIT_CODE = "exit_code"
+    TIMEOUT = "timeout"
+    ABANDONED = "abandoned"
+    UNKNOWN_COMMAND = "unknown_command"
+    INTERRUPTED = "interrupted"
+
+
+def new_id() -> str:
+    return str(uuid.uuid4())
+
+
+def valid_id(job_id: object) -> bool:
+    return isinstance(job_id, str) and bool(ID_RE.fullmatch(job_id))
+
+
+@dataclass(frozen=True)
+class Job:
+    """A dispatched command. Times are Unix seconds (float).
+
+    ``max_attempts``, ``timeout`` and ``backoff`` are ``None`` when the job leaves them to
+    the worker (its options, else the configured defaults).
+    """
+
+    id: str
+    command: str
+    args: tuple[str, ...]
+    queue: str
+    max_attempts: int | None
+    timeout: float | None
+    backoff: tuple[float, ...] | None
+    metadata: Mapping[str, Any]
+    dispatched_at: float
+    available_at: float
+    unique_key: str | None = None
+    unique_ttl: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "v": FORMAT_VERSION,
+            "id": self.id,
+            "command": self.command,
+            "args": list(self.args),
+            "queue": self.queue,
+            "max_attempts": self.max_attempts,
+            "timeout": self.timeout,
+            "backoff": list(self.backoff) if self.backoff is not None else None,
+            "metadata": dict(self.metadata),
+            "dispatched_at": self.dispatched_at,
+            "available_at": self.available_at,
+            "unique_key": self.unique_key,
+            "unique_ttl": self.unique_ttl,
+        }
+
+    def to_json(self) -> bytes:
+        """One line of compact JSON, newline-terminated."""
+        return json.dumps(self.to_dict(), separators=(",", ":"), ensure_ascii=False).encode() + b"\n"
+
+    @classmethod
+    def from_dict(cls, d: Any) -> Job:
+        if not isinstance(d, dict):
+            raise CorruptJob("job record is not a JSON object")
+        if d.get("v") != FORMAT_VERSION:
+            raise CorruptJob(f"unsupported job format version {d.get('v')!r}")
+        try:
+            job = cls(
+                id=_typed(d, "id", str),
+                command=_typed(d, "command", str),
+                args=tuple(_str_list(d, "args")),
+                queue=_typed(d, "queue", str),
+                max_attempts=_opt(d, "max_attempts", int),
+                timeout=_opt_num(d, "timeout"),
+                backoff=tuple(_num_list(d, "backoff")) if d.get("backoff") is not None else None,
+                metadata=_typed(d, "metadata", dict),
+                dispatched_at=_num(d, "dispatched_at"),
+                available_at=_num(d, "available_at"),
+                unique_key=_opt(d, "unique_key", str),
+                unique_ttl=_opt_num(d, "unique_ttl"),
+            )
+        except (KeyError, TypeError) as exc:
+            raise CorruptJob(f"invalid job record: {exc}") from None
+        if not valid_id(job.id):
+            raise CorruptJob(f"invalid job id {job.id!r}")
+        if job.max_attempts is not None and job.max_attempts < 1:
+            raise CorruptJob("max_attempts must be at least 1")
+        return job
+
+
+def _typed(d: Mapping[str, Any], key: str, t: type) -> Any:
+    value = d[key]
+    if not isinstance(value, t) or (t is int and isinstance(value, bool)):
+        raise TypeError(f"{key} must be {t.__name__}")
+    return value
+
+
+def _opt(d: Mapping[str, Any], key: str, t: type) -> Any:
+    return None if d.get(key) is None else _typed(d, key, t)
+
+
+def _num(d: Mapping[str, Any], key: str) -> float:
+    value = d[key]
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"{key} must be a number")
+    return float(value)
+
+
+def _opt_num(d: Mapping[str, Any], key: str) -> float | None:
+    return None if d.get(key) is None else _num(d, key)
+
+
+def _str_list(d: Mapping[str, Any], key: str) -> list[str]:
+    value = _typed(d, key, list)
+    if not all(isinstance(v, str) for v in value):
+        raise TypeError(f"{key} must be a list of strings")
+    return value
+
+
+def _num_list(d: Mapping[str, Any], key: str) -> list[float]:
+    value = _typed(d, key, list)
+    if not value or not all(isinstance(v, int | float) and not isinstance(v, bool) for v in value):
+        raise TypeError(f"{key} must be a non-empty list of numbers")
+    return [float(v) for v in value]
+
+
+@dataclass(frozen=True)
+class Event:
+    """One line of a job's history: claimed, released, failed, done, retried."""
+
+    event: str
+    attempt: int
+    at: float
+    worker: str | None = None
+    reason: str | None = None
+    error: str | None = None
+    exit_code: int | None = None
+    duration: float | None = None
+    output_tail: str | None = None
+    deadline: float | None = None
+
+    def to_json(self) -> bytes:
+        d = {k: v for k, v in self.__dict__.items() if v is not None}
+        return json.dumps(d, separators=(",", ":"), ensure_ascii=False).encode() + b"\n"
+
+    @classmethod
+    def from_dict(cls, d: Any) -> Event | None:
+        if not isinstance(d, dict) or not isinstance(d.get("event"), str):
+            return None
+        try:
+            return cls(**{k: d.get(k) for k in cls.__dataclass_fields__})
+        except TypeError:
+            return None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if v is not None}
+
+
+def decode_file(data: bytes) -> tuple[Job, list[Event]]:
+    """Parse a job file (the job line, then event lines). Raises :class:`CorruptJob`."""
+    if not data:
+        raise CorruptJob("empty file")
+    if len(data) > MAX_FILE_BYTES:
+        raise CorruptJob(f"file is {len(data)} bytes, over the {MAX_FILE_BYTES}-byte cap")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise CorruptJob("not valid UTF-8") from None
+    head, _, rest = text.partition("\n")
+    if len(head.encode()) > MAX_PAYLOAD_BYTES:
+        raise CorruptJob("job record over the payload size cap")
+    try:
+        job = Job.from_dict(json.loads(head))
+    except (ValueError, RecursionError) as exc:
+        raise CorruptJob(f"invalid JSON: {exc}") from None
+    events: list[Event] = []
+    for line in rest.split("\n"):
+        if not line:
+            continue
+        try:
+            ev = Event.from_dict(json.loads(line))
+        except (ValueError, RecursionError):
+            continue  # a torn last append; the job itself is intact
+        if ev is not None:
+            events.append(ev)
+    return job, events
+
+
+@dataclass(frozen=True)
+class JobInfo:
+    """A job as a user sees it: the record, its state, attempts made and its history."""
+
+    job: Job
+    state: State
+    attempts: int
+    events: Sequence[Event] = field(default_factory=tuple)
+    updated_at: float | None = None
+
+    @property
+    def id(self) -> str:
+        return self.job.id
+
+    @property
+    def last_event(self) -> Event | None:
+        return self.events[-1] if self.events else None
+
+    @property
+    def failure(self) -> Event | None:
+        for ev in reversed(self.events):
+            if ev.event == "failed":
+                return ev
+        return None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = self.job.to_dict()
+        del d["v"]
+        d.update(state=str(self.state), attempts=self.attempts, updated_at=self.updated_at,
+                 events=[e.to_dict() for e in self.events])
+        return d
+
+
+def backoff_delay(backoff: Sequence[float] | None, attempt: int) -> float:
+    """Delay before retry after ``attempt`` (1-based): the attempt-th value, the last repeats."""
+    if not backoff:
+        return 0.0
+    return float(backoff[min(attempt, len(backoff)) - 1])

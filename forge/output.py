@@ -1,0 +1,157 @@
+"""Everything forge shows a person or a script. The only module that imports rich.
+
+Rich is imported lazily and only when a person reads the output (a terminal); scripts get
+plain text or JSON. JSON and data go to stdout, human messages to stderr.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+_consoles: dict[bool, Any] = {}
+
+
+def is_tty(stream: Any = None) -> bool:
+    stream = stream or sys.stdout
+    try:
+        return bool(stream.isatty()) and os.environ.get("TERM") != "dumb"
+    except (AttributeError, ValueError):
+        return False
+
+
+def console(stderr: bool = False) -> Any:
+    from rich.console import Console
+
+    con = _consoles.get(stderr)
+    if con is None or con.file is not (sys.stderr if stderr else sys.stdout):
+        con = Console(stderr=stderr, highlight=False, soft_wrap=False)
+        _consoles[stderr] = con
+    return con
+
+
+def print_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+    sys.stdout.flush()
+
+
+def print_jsonl(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, default=str, separators=(",", ":")) + "\n")
+    sys.stdout.flush()
+
+
+def error(message: str, hint: str | None = None) -> None:
+    line = f"{message} {hint}" if hint else message
+    if is_tty(sys.stderr):
+        from rich.markup import escape
+
+        console(stderr=True).print(f"[bold red]Error:[/] {escape(line)}")
+    else:
+        sys.stderr.write(f"Error: {line}\n")
+
+
+def warn(message: str) -> None:
+    if is_tty(sys.stderr):
+        from rich.markup import escape
+
+        console(stderr=True).print(f"[yellow]Warning:[/] {escape(message)}")
+    else:
+        sys.stderr.write(f"Warning: {message}\n")
+
+
+def info(message: str) -> None:
+    """A human message on stderr (coloured on a terminal)."""
+    if is_tty(sys.stderr):
+        from rich.markup import escape
+
+        console(stderr=True).print(f"[green]✓[/] {escape(message)}")
+    else:
+        sys.stderr.write(message + "\n")
+
+
+def line(text: str = "") -> None:
+    sys.stdout.write(text + "\n")
+
+
+def table(
+    columns: Sequence[str], rows: Iterable[Sequence[Any]], *, title: str | None = None,
+    styles: dict[str, str] | None = None,
+) -> None:
+    """A Rich table on a terminal, tab-separated columns with a header elsewhere."""
+    rows = [[("" if v is None else str(v)) for v in row] for row in rows]
+    if is_tty():
+        from rich.table import Table
+
+        t = Table(title=title, title_justify="left", header_style="bold")
+        for col in columns:
+            t.add_column(col, style=(styles or {}).get(col))
+        for row in rows:
+            t.add_row(*row, style=_row_style(row, columns))
+        console().print(t)
+        return
+    if title:
+        line(title)
+    widths = [max([len(c)] + [len(r[i]) for r in rows]) for i, c in enumerate(columns)]
+    line("  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)).rstrip())
+    for row in rows:
+        line("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
+
+
+_STATE_STYLES = {"failed": "red", "reserved": "cyan", "delayed": "yellow", "done": "dim", "paused": "yellow"}
+
+
+def _row_style(row: Sequence[str], columns: Sequence[str]) -> str | None:
+    if "state" in columns:
+        return _STATE_STYLES.get(row[list(columns).index("state")])
+    return None
+
+
+def command_list(specs: Sequence[Any], version: str, namespace: str | None = None) -> None:
+    """Commands grouped by namespace, like ``php artisan list``."""
+    width = max([len(s.name) for s in specs] + [10]) + 2
+    tty = is_tty()
+    out: list[str] = []
+    if namespace is None:
+        out += [f"[green]forge[/] {version}" if tty else f"forge {version}", ""]
+        out += ["[yellow]Usage:[/]" if tty else "Usage:", "  forge [-v] <command> [options] [arguments]", ""]
+        out += ["[yellow]Available commands:[/]" if tty else "Available commands:"]
+    else:
+        out += [f"[yellow]Available commands for the \"{namespace}\" namespace:[/]" if tty
+                else f'Available commands for the "{namespace}" namespace:']
+    current: str | None = None
+    for spec in specs:
+        if spec.namespace != current and spec.namespace and namespace is None:
+            out.append(f" [yellow]{spec.namespace}[/]" if tty else f" {spec.namespace}")
+        current = spec.namespace
+        if tty:
+            from rich.markup import escape
+
+            out.append(f"  [green]{spec.name.ljust(width)}[/]{escape(spec.description)}")
+        else:
+            out.append(f"  {spec.name.ljust(width)}{spec.description}".rstrip())
+    if tty:
+        console().print("\n".join(out))
+    else:
+        sys.stdout.write("\n".join(out) + "\n")
+
+
+def status_line(when: str, name: str, status: str, detail: str = "", *, width: int = 80) -> str:
+    """``2026-11-28 10:00:00 import:data ........ 35 ms DONE`` (plain text)."""
+    right = f"{detail} {status}".strip()
+    dots = max(width - len(when) - len(name) - len(right) - 4, 3)
+    return f"{when} {name} {'.' * dots} {right}"
+
+
+def status_print(text: str, status: str) -> None:
+    if is_tty():
+        colour = {"DONE": "green", "FAIL": "red", "RUNNING": "yellow", "RETRY": "yellow"}.get(status, "white")
+        from rich.markup import escape
+
+        head, _, _ = text.rpartition(status)
+        console().print(f"{escape(head)}[bold {colour}]{status}[/]")
+    else:
+        sys.stdout.write(text + "\n")
+        sys.stdout.flush()

@@ -1,0 +1,441 @@
+"""The queued-commands library API: ``QueuedCommand``, ``CommandQueue``, ``QueueManager``, ``JobDispatch``.
+
+>>> from forge.queue import CommandQueue, QueuedCommand
+>>> queue = CommandQueue("imports")
+>>> job_id = queue.dispatch(QueuedCommand("import:data").with_args(["users.csv"]).with_max_attempts(5))
+
+Everything is validated before anything is written; ``dispatch`` returns only once the job is
+stored durably (see the README's delivery contract).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import time
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, Any
+
+from .config import Settings, load_settings, validate_queue_name
+from .durations import parse_backoff, parse_duration
+from .errors import InvalidCommand, JobNotFound, UnknownQueuedCommand, UsageError
+from .job import MAX_PAYLOAD_BYTES, Job, JobInfo, State, new_id
+
+if TYPE_CHECKING:
+    from .backends.base import Backend, QueueStats
+    from .registry import CommandRegistry
+
+__all__ = ["CommandQueue", "JobDispatch", "QueueManager", "QueuedCommand", "connect"]
+
+
+def _seconds(value: float | int | timedelta, what: str) -> float:
+    try:
+        return parse_duration(value, what=what)
+    except UsageError as exc:
+        raise InvalidCommand(exc.message) from None
+
+
+@dataclass(frozen=True)
+class QueuedCommand:
+    """A command to run later. Builders return new values; fields are readable."""
+
+    command: str
+    args: tuple[str, ...] = ()
+    delay: float = 0.0
+    run_at: datetime | None = None
+    max_attempts: int | None = None
+    queue: str | None = None
+    timeout: float | None = None
+    backoff: tuple[float, ...] | None = None
+    metadata: Mapping[str, Any] = field(default_factory=dict)
+    unique_key: str | None = None
+    unique_ttl: float | None = None
+
+    @classmethod
+    def new(cls, command: str) -> QueuedCommand:
+        return cls(command)
+
+    def with_args(self, args: Iterable[str]) -> QueuedCommand:
+        """Replace the arguments (an argv list: each item is passed as one argument)."""
+        if isinstance(args, str):
+            raise InvalidCommand("with_args takes a list of arguments, not one string; use with_arg.")
+        return replace(self, args=tuple(args))
+
+    def with_arg(self, arg: str) -> QueuedCommand:
+        """Append one argument."""
+        return replace(self, args=(*self.args, arg))
+
+    def with_delay(self, delay: float | int | timedelta) -> QueuedCommand:
+        """Run no earlier than ``delay`` (seconds or timedelta) after dispatch."""
+        return replace(self, delay=_seconds(delay, "delay"), run_at=None)
+
+    def at(self, when: datetime) -> QueuedCommand:
+        """Run no earlier than ``when`` (naive datetimes are local time)."""
+        if not isinstance(when, datetime):
+            raise InvalidCommand(f"at() takes a datetime, not {type(when).__name__}.")
+        return replace(self, run_at=when, delay=0.0)
+
+    def with_max_attempts(self, attempts: int) -> QueuedCommand:
+        return replace(self, max_attempts=attempts)
+
+    def on_queue(self, queue: str) -> QueuedCommand:
+        return replace(self, queue=queue)
+
+    def with_timeout(self, timeout: float | int | timedelta) -> QueuedCommand:
+        return replace(self, timeout=_seconds(timeout, "timeout"))
+
+    def with_backoff(self, backoff: float | int | timedelta | Sequence[float | int]) -> QueuedCommand:
+        """Seconds before each retry: ``[1, 5, 10]`` waits 1 s, then 5 s, then 10 s thereafter."""
+        try:
+            if isinstance(backoff, timedelta):
+                return replace(self, backoff=(backoff.total_seconds(),))
+            return replace(self, backoff=parse_backoff(backoff))  # type: ignore[arg-type]
+        except UsageError as exc:
+            raise InvalidCommand(exc.message) from None
+
+    def with_metadata(self, key: str, value: Any) -> QueuedCommand:
+        """Attach a JSON value under ``key`` (checked at dispatch)."""
+        return replace(self, metadata={**self.metadata, key: value})
+
+    def with_unique_key(self, key: str, ttl: float | int | timedelta | None = None) -> QueuedCommand:
+        """Refuse to dispatch while a job with this key is pending, delayed or running."""
+        return replace(self, unique_key=key, unique_ttl=None if ttl is None else _seconds(ttl, "ttl"))
+
+    def is_delayed(self) -> bool:
+        if self.run_at is not None:
+            return _timestamp(self.run_at) > time.time()
+        return self.delay > 0
+
+    def to_job(self, queue: str, *, now: float | None = None) -> Job:
+        """Validate and build the job record (raises :class:`InvalidCommand`)."""
+        now = time.time() if now is None else now
+        if not isinstance(self.command, str) or not self.command.strip():
+            raise InvalidCommand("The command name is empty.")
+        if not all(isinstance(a, str) for a in self.args):
+            raise InvalidCommand(f"{self.command}: arguments must be strings, got {list(self.args)!r}.")
+        if self.max_attempts is not None and (
+            isinstance(self.max_attempts, bool) or not isinstance(self.max_attempts, int) or self.max_attempts < 1
+        ):
+            raise InvalidCommand(f"{self.command}: max attempts must be at least 1, not {self.max_attempts!r}.")
+        if self.queue is not None and self.queue != queue:
+            raise InvalidCommand(
+                f'{self.command}: on_queue("{self.queue}") contradicts the queue "{queue}" it is dispatched to.'
+            )
+        for what, value in (("delay", self.delay), ("timeout", self.timeout)):
+            if value is not None and (not math.isfinite(value) or value < 0):
+                raise InvalidCommand(f"{self.command}: {what} must not be negative, not {value!r}.")
+        if self.timeout == 0:
+            raise InvalidCommand(f"{self.command}: timeout must be more than 0 seconds.")
+        try:
+            json.dumps(dict(self.metadata), allow_nan=False)
+        except (TypeError, ValueError) as exc:
+            raise InvalidCommand(f"{self.command}: metadata must be JSON values: {exc}.") from None
+        if not all(isinstance(k, str) for k in self.metadata):
+            raise InvalidCommand(f"{self.command}: metadata keys must be strings.")
+        if self.unique_key is not None and (not isinstance(self.unique_key, str) or not self.unique_key):
+            raise InvalidCommand(f"{self.command}: the unique key must be a non-empty string.")
+        available = _timestamp(self.run_at) if self.run_at is not None else now + self.delay
+        job = Job(
+            id=new_id(),
+            command=self.command,
+            args=tuple(self.args),
+            queue=validate_queue_name(queue),
+            max_attempts=self.max_attempts,
+            timeout=self.timeout,
+            backoff=self.backoff,
+            metadata=dict(self.metadata),
+            dispatched_at=now,
+            available_at=max(available, now),
+            unique_key=self.unique_key,
+            unique_ttl=self.unique_ttl,
+        )
+        size = len(job.to_json())
+        if size > MAX_PAYLOAD_BYTES:
+            raise InvalidCommand(
+                f"{self.command}: the job is {size} bytes, over the {MAX_PAYLOAD_BYTES}-byte cap;"
+                " pass large data by reference (a file path or an id)."
+            )
+        return job
+
+
+def _timestamp(when: datetime) -> float:
+    return when.timestamp()
+
+
+def rfc3339(t: float | None) -> str | None:
+    if t is None:
+        return None
+    return datetime.fromtimestamp(t, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+@dataclass(frozen=True)
+class JobDispatch:
+    """What ``CommandQueue.push`` returns: where and when a job was queued (RFC 3339 times)."""
+
+    id: str
+    command: str
+    queue: str
+    dispatched_at: str | None = None
+    scheduled_at: str | None = None
+
+    @classmethod
+    def new(cls, job_id: str, command: str, queue: str) -> JobDispatch:
+        return cls(job_id, command, queue, rfc3339(time.time()))
+
+    @property
+    def job_id(self) -> str:
+        return self.id
+
+    def with_scheduled_at(self, when: str | datetime) -> JobDispatch:
+        text = when if isinstance(when, str) else rfc3339(when.timestamp())
+        return replace(self, scheduled_at=text)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+_backends: dict[tuple[str, str], Backend] = {}
+
+
+def connect(connection: str | None = None, settings: Settings | None = None) -> Backend:
+    """The backend of a configured connection (one per process and connection)."""
+    from .backends import open_backend
+
+    settings = settings or load_settings()
+    conn = settings.connection_config(connection)
+    key = (str(settings.root), conn.name)
+    backend = _backends.get(key)
+    if backend is None:
+        backend = _backends[key] = open_backend(conn, done_retention=settings.done_retention)
+    return backend
+
+
+class CommandQueue:
+    """A named queue on a connection. Dispatch validates first, then stores durably."""
+
+    def __init__(
+        self,
+        name: str | None = None,
+        *,
+        connection: str | Backend | None = None,
+        settings: Settings | None = None,
+        registry: CommandRegistry | None = None,
+        check_args: bool = True,
+    ) -> None:
+        self._settings = settings
+        self.name = validate_queue_name(name or self.settings.default_queue)
+        self._connection = connection
+        self._backend: Backend | None = None if connection is None or isinstance(connection, str) else connection
+        self._registry = registry
+        self._check_args = check_args
+
+    @classmethod
+    def default(cls) -> CommandQueue:
+        return cls()
+
+    @property
+    def settings(self) -> Settings:
+        if self._settings is None:
+            self._settings = load_settings()
+        return self._settings
+
+    @property
+    def backend(self) -> Backend:
+        if self._backend is None:
+            self._backend = connect(self._connection, self.settings)  # type: ignore[arg-type]
+        return self._backend
+
+    @property
+    def registry(self) -> CommandRegistry:
+        if self._registry is None:
+            from .runner import default_registry
+
+            self._registry = default_registry()
+        return self._registry
+
+    def _job(self, cmd: QueuedCommand, now: float) -> Job:
+        if not isinstance(cmd, QueuedCommand):
+            raise InvalidCommand(f"Expected a QueuedCommand, not {type(cmd).__name__}.")
+        job = cmd.to_job(self.name, now=now)
+        spec = self.registry.get(job.command)
+        if spec is None:
+            raise UnknownQueuedCommand(job.command, self.registry.suggest(job.command))
+        if self._check_args:
+            from .runner import check_args
+
+            try:
+                check_args(spec, job.args)
+            except UsageError as exc:
+                raise InvalidCommand(exc.message, hint=f"Run `forge {spec.name} --help`.") from None
+        return job
+
+    def jobs_for(self, cmds: Iterable[QueuedCommand]) -> list[Job]:
+        now = time.time()
+        return [self._job(c, now) for c in cmds]
+
+    def dispatch(self, cmd: QueuedCommand) -> str:
+        """Queue one command; returns the job id once the job is durably stored."""
+        job = self._job(cmd, time.time())
+        self.backend.push([job])
+        return job.id
+
+    def dispatch_many(self, cmds: Iterable[QueuedCommand]) -> list[str]:
+        """Validate every command, then store them all (one durable batch)."""
+        jobs = self.jobs_for(cmds)
+        self.backend.push(jobs)
+        return [j.id for j in jobs]
+
+    def push(self, cmd: QueuedCommand) -> JobDispatch:
+        job = self._job(cmd, time.time())
+        self.backend.push([job])
+        return _dispatch_record(job)
+
+    async def adispatch(self, cmd: QueuedCommand) -> str:
+        return await asyncio.to_thread(self.dispatch, cmd)
+
+    async def adispatch_many(self, cmds: Iterable[QueuedCommand]) -> list[str]:
+        cmds = list(cmds)
+        return await asyncio.to_thread(self.dispatch_many, cmds)
+
+    def size(self) -> int:
+        """Jobs waiting in this queue (pending + delayed)."""
+        return self.stats().size
+
+    def stats(self) -> QueueStats:
+        return self.backend.stats([self.name])[0]
+
+    def pending(self, limit: int | None = None) -> list[JobInfo]:
+        """Waiting jobs, due ones first in FIFO order, then delayed ones."""
+        out = list(self.backend.jobs(queue=self.name, state=State.PENDING, limit=limit))
+        if limit is None or len(out) < limit:
+            rest = None if limit is None else limit - len(out)
+            out += list(self.backend.jobs(queue=self.name, state=State.DELAYED, limit=rest))
+        return out
+
+    def find(self, job_id: str) -> JobInfo | None:
+        info = self.backend.find(job_id)
+        return info if info is not None and info.job.queue == self.name else None
+
+    def pause(self) -> None:
+        self.backend.pause(self.name)
+
+    def resume(self) -> None:
+        self.backend.resume(self.name)
+
+    def is_paused(self) -> bool:
+        return self.name in self.backend.paused()
+
+    def clear(self) -> int:
+        """Delete this queue's pending and delayed jobs (never running ones); returns the count."""
+        return self.backend.clear(self.name)
+
+    def __repr__(self) -> str:
+        return f"CommandQueue({self.name!r})"
+
+
+def _dispatch_record(job: Job) -> JobDispatch:
+    scheduled = rfc3339(job.available_at) if job.available_at > job.dispatched_at else None
+    return JobDispatch(job.id, job.command, job.queue, rfc3339(job.dispatched_at), scheduled)
+
+
+class QueueManager:
+    """Several queues on one connection, and the operations on failed and finished jobs."""
+
+    def __init__(self, connection: str | Backend | None = None, *, settings: Settings | None = None,
+                 registry: CommandRegistry | None = None) -> None:
+        self._settings = settings
+        self._connection = connection
+        self._registry = registry
+        self._queues: dict[str, CommandQueue] = {}
+        self._backend: Backend | None = None if connection is None or isinstance(connection, str) else connection
+
+    @property
+    def settings(self) -> Settings:
+        if self._settings is None:
+            self._settings = load_settings()
+        return self._settings
+
+    @property
+    def backend(self) -> Backend:
+        if self._backend is None:
+            self._backend = connect(self._connection, self.settings)  # type: ignore[arg-type]
+        return self._backend
+
+    def add_queue(self, name: str) -> CommandQueue:
+        q = self._queues.get(name)
+        if q is None:
+            q = self._queues[name] = CommandQueue(
+                name, connection=self.backend, settings=self.settings, registry=self._registry
+            )
+        return q
+
+    def queue(self, name: str) -> CommandQueue | None:
+        return self._queues.get(name)
+
+    def list(self) -> list[str]:
+        """Names of the queues added here and of those that hold jobs."""
+        return sorted(set(self._queues) | set(self.backend.queues()))
+
+    def stats(self, queues: Sequence[str] | None = None) -> list[QueueStats]:
+        return self.backend.stats(queues)
+
+    def jobs(self, *, queue: str | None = None, state: State | str | None = None,
+             command: str | None = None, limit: int | None = None) -> Iterator[JobInfo]:
+        st = State(state) if state is not None else None
+        if queue is not None:
+            validate_queue_name(queue)
+        return self.backend.jobs(queue=queue, state=st, command=command, limit=limit)
+
+    def find(self, job_id: str) -> JobInfo:
+        info = self.backend.find(job_id)
+        if info is None:
+            raise JobNotFound(job_id)
+        return info
+
+    def failed(self, queue: str | None = None, limit: int | None = None) -> list[JobInfo]:
+        """Failed jobs, newest first."""
+        return list(self.jobs(queue=queue, state=State.FAILED, limit=limit))
+
+    def iter_retry(self, job_ids: Sequence[str] | str | None = "all", *, queue: str | None = None,
+                   reason: str | None = None, command: str | None = None) -> Iterator[JobInfo]:
+        """Move failed jobs back to pending (attempts reset), one at a time, as iterated."""
+        ids = None if job_ids in (None, "all") else list(job_ids)  # type: ignore[arg-type]
+        if ids is not None:
+            from .job import valid_id
+
+            for job_id in ids:
+                if not valid_id(job_id):
+                    raise UsageError(f"Invalid job id {job_id!r}: expected a UUID.")
+        return self.backend.retry(ids, queue=queue, reason=reason, command=command)
+
+    def retry(self, job_ids: Sequence[str] | str | None = "all", *, queue: str | None = None,
+              reason: str | None = None, command: str | None = None) -> list[str]:
+        """Retry failed jobs (``"all"`` or a list of ids); returns the ids retried."""
+        return [i.id for i in self.iter_retry(job_ids, queue=queue, reason=reason, command=command)]
+
+    def forget(self, job_id: str) -> bool:
+        """Delete one failed job; False if no failed job has this id."""
+        return self.backend.forget(job_id)
+
+    def flush(self, hours: float | None = None, *, queue: str | None = None) -> int:
+        """Delete failed jobs (only those older than ``hours``, when given)."""
+        return self.backend.flush(older_than=None if hours is None else hours * 3600, queue=queue)
+
+    def prune_failed(self, hours: float = 24) -> int:
+        return self.flush(hours)
+
+    def prune_done(self, hours: float | None = None) -> int:
+        return self.backend.prune_done(older_than=None if hours is None else hours * 3600)
+
+    def pause(self, queue: str) -> None:
+        self.backend.pause(validate_queue_name(queue))
+
+    def resume(self, queue: str) -> None:
+        self.backend.resume(validate_queue_name(queue))
+
+    def restart(self) -> float:
+        """Ask every worker on this connection to exit after its current job."""
+        return self.backend.request_restart()

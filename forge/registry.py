@@ -1,0 +1,160 @@
+"""Commands: the ``@command`` marker, ``CommandSpec`` and the ``CommandRegistry`` (name -> spec).
+
+Importing this module is cheap: it imports nothing heavy, so project command files load fast.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import inspect
+import re
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from .errors import DiscoveryError, UnknownCommand
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]*(:[a-z0-9][a-z0-9_-]*)?$")
+MARKER = "__forge_command__"
+
+
+def valid_name(name: str) -> bool:
+    return bool(NAME_RE.fullmatch(name)) and len(name) <= 100
+
+
+def command(name: str, *, hidden: bool = False) -> Callable[[F], F]:
+    """Mark a function as the forge command ``name`` (``namespace:action`` or a bare name).
+
+    The function's signature defines its arguments and options the way Typer does; its
+    docstring is the help text. The name is checked when the command is discovered, so an
+    invalid one is reported with the file it is in.
+    """
+
+    def mark(fn: F) -> F:
+        setattr(fn, MARKER, (name, hidden))
+        return fn
+
+    return mark
+
+
+def first_line(doc: str | None) -> str:
+    for line in (doc or "").strip().splitlines():
+        if line.strip():
+            return line.strip()
+    return ""
+
+
+@dataclass(frozen=True)
+class CommandSpec:
+    """A registered command. ``target`` is the function, or ``"module:attr"`` loaded on demand."""
+
+    name: str
+    source: str
+    description: str = ""
+    target: Callable[..., Any] | str = field(default="", compare=False)
+    hidden: bool = False
+    builtin: bool = False
+
+    @property
+    def namespace(self) -> str:
+        return self.name.split(":", 1)[0] if ":" in self.name else ""
+
+    def load(self) -> Callable[..., Any]:
+        if callable(self.target):
+            return self.target
+        module, _, attr = self.target.partition(":")
+        return getattr(importlib.import_module(module), attr)
+
+
+def specs_in_module(module: Any, source: str) -> list[CommandSpec]:
+    """Every ``@command``-marked function defined or imported in ``module``."""
+    found: list[CommandSpec] = []
+    for value in vars(module).values():
+        if not (inspect.isfunction(value) and hasattr(value, MARKER)):
+            continue
+        name, hidden = getattr(value, MARKER)
+        if not isinstance(name, str) or not valid_name(name):
+            raise DiscoveryError(
+                f"{source}: invalid command name {name!r} on {value.__name__}(): use"
+                " namespace:action with lowercase letters, digits, '-' and '_'."
+            )
+        found.append(CommandSpec(name, source, first_line(value.__doc__), value, hidden))
+    return found
+
+
+class CommandRegistry:
+    """Name -> CommandSpec. Duplicate names are an error naming both sources.
+
+    ``fallback`` is called once, on the first miss or full listing, to add commands that are
+    expensive to find (installed plugins).
+    """
+
+    def __init__(
+        self,
+        specs: Iterable[CommandSpec] = (),
+        fallback: Callable[[CommandRegistry], None] | None = None,
+    ) -> None:
+        self._specs: dict[str, CommandSpec] = {}
+        self._fallback = fallback
+        for spec in specs:
+            self.add(spec)
+
+    def add(self, spec: CommandSpec) -> None:
+        old = self._specs.get(spec.name)
+        if old is not None:
+            if old.target is spec.target and old.source == spec.source:
+                return
+            raise DiscoveryError(
+                f'Command "{spec.name}" is defined twice: in {old.source} and in {spec.source}.'
+            )
+        self._specs[spec.name] = spec
+
+    def _complete(self) -> None:
+        if self._fallback is not None:
+            fallback, self._fallback = self._fallback, None
+            fallback(self)
+
+    def get(self, name: str) -> CommandSpec | None:
+        spec = self._specs.get(name)
+        if spec is None:
+            self._complete()
+            spec = self._specs.get(name)
+        return spec
+
+    def resolve(self, name: str) -> CommandSpec:
+        spec = self.get(name)
+        if spec is None:
+            raise UnknownCommand(name, self.suggest(name))
+        return spec
+
+    def suggest(self, name: str) -> list[str]:
+        self._complete()
+        names = [n for n, s in self._specs.items() if not s.hidden]
+        close = difflib.get_close_matches(name, names, n=3, cutoff=0.6)
+        if not close and ":" in name:
+            ns = name.split(":", 1)[0]
+            close = [n for n in names if n.startswith(ns + ":")][:3]
+        return close
+
+    def __iter__(self) -> Iterator[CommandSpec]:
+        self._complete()
+        return iter(self.loaded())
+
+    def loaded(self) -> list[CommandSpec]:
+        """The commands found so far, sorted, without running the fallback (no plugin scan)."""
+        return sorted(self._specs.values(), key=lambda s: (s.namespace, s.name))
+
+    @property
+    def complete(self) -> bool:
+        """Whether the fallback has run (or there is none)."""
+        return self._fallback is None
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and self.get(name) is not None
+
+    def __len__(self) -> int:
+        self._complete()
+        return len(self._specs)

@@ -1,0 +1,132 @@
+"""Run one command by name with an argv list: used by ``forge NAME ...``, ``forge.call`` and the worker.
+
+A command function becomes a Click command through Typer once per process (cached); each run
+gets a fresh Click context, so nothing leaks from one call to the next.
+"""
+
+from __future__ import annotations
+
+import io
+import sys
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import EXIT_ERROR, EXIT_USAGE, ForgeError, UsageError
+from .registry import CommandRegistry, CommandSpec
+
+_click_cache: dict[Callable[..., Any], Any] = {}
+
+
+def click_command(spec: CommandSpec) -> Any:
+    """The Click command Typer builds from the spec's function (cached per function)."""
+    fn = spec.load()
+    cmd = _click_cache.get(fn)
+    if cmd is None:
+        import typer
+        from typer.main import get_command
+
+        app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+        app.command(name=spec.name, context_settings={"help_option_names": ["-h", "--help"]})(fn)
+        cmd = get_command(app)
+        _click_cache[fn] = cmd
+    from .output import is_tty
+
+    # Typer renders --help with rich whenever rich is installed; only a person at a terminal
+    # gets that (and pays for importing rich); pipes, the worker and forge.call get plain text.
+    cmd.rich_markup_mode = "rich" if is_tty() else None
+    return cmd
+
+
+def check_args(spec: CommandSpec, args: Sequence[str]) -> None:
+    """Parse ``args`` against the command's signature without running it; UsageError if they do not fit."""
+    cmd = click_command(spec)
+    from typer._click.exceptions import ClickException
+    from typer.exceptions import Exit
+
+    try:
+        ctx = cmd.make_context(f"forge {spec.name}", list(args), resilient_parsing=False)
+        ctx.close()
+    except Exit:
+        return  # --help and friends parse fine
+    except ClickException as exc:
+        raise UsageError(f"{spec.name}: {exc.format_message()}") from None
+
+
+def invoke(spec: CommandSpec, args: Sequence[str]) -> int:
+    """Run the command; return its exit code. Usage errors raise :class:`UsageError`.
+
+    Exceptions raised by the command itself propagate to the caller.
+    """
+    cmd = click_command(spec)
+    from typer._click.exceptions import ClickException
+    from typer.exceptions import Abort
+
+    try:
+        rv = cmd.main(list(args), prog_name=f"forge {spec.name}", standalone_mode=False)
+    except ClickException as exc:
+        if exc.exit_code == EXIT_USAGE:
+            raise UsageError(f"{spec.name}: {exc.format_message()}",
+                             hint=f"Run `forge {spec.name} --help` for its usage.") from None
+        raise ForgeError(exc.format_message()) from None
+    except Abort:
+        return 1
+    if isinstance(rv, bool):
+        return 0 if rv or rv is None else 1
+    if isinstance(rv, int):
+        return rv
+    return 0
+
+
+@dataclass(frozen=True)
+class CallResult:
+    """What ``forge.call`` returns: the exit code and everything the command printed."""
+
+    exit_code: int
+    output: str
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.exit_code == 0
+
+
+_default_registry: CommandRegistry | None = None
+
+
+def default_registry() -> CommandRegistry:
+    global _default_registry
+    if _default_registry is None:
+        from .config import load_settings
+        from .discovery import build_registry
+
+        _default_registry = build_registry(load_settings())
+    return _default_registry
+
+
+def call(name: str, args: Sequence[str] = (), *, registry: CommandRegistry | None = None) -> CallResult:
+    """Run command ``name`` in this process with ``args`` and capture its output.
+
+    ``UnknownCommand`` is raised for a name that is not registered; any other failure is
+    reported in the result (exit code 2 for usage errors, 1 for exceptions).
+    """
+    if isinstance(args, str):
+        raise TypeError("args must be a list of strings, not one string")
+    spec = (registry or default_registry()).resolve(name)
+    buf = io.StringIO()
+    old_out, old_err = sys.stdout, sys.stderr
+    sys.stdout = sys.stderr = buf
+    error: str | None = None
+    try:
+        code = invoke(spec, [str(a) for a in args])
+    except ForgeError as exc:
+        code, error = exc.exit_code, exc.message
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    except Exception as exc:
+        code, error = EXIT_ERROR, f"{type(exc).__name__}: {exc}"
+        traceback.print_exc(file=buf)
+    finally:
+        sys.stdout, sys.stderr = old_out, old_err
+    return CallResult(code, buf.getvalue(), error)

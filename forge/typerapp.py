@@ -1,0 +1,82 @@
+"""The ``forge`` Click group: commands are loaded lazily from the registry by name."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import typer
+from typer.core import TyperGroup
+
+from . import __version__
+from .errors import EXIT_ERROR, UnknownCommand
+from .registry import CommandRegistry
+
+state: dict[str, Any] = {"verbose": False, "registry": None}
+
+
+class ForgeGroup(TyperGroup):
+    """A group whose subcommands come from the command registry, built only when used."""
+
+    registry: CommandRegistry | None = None
+
+    def _registry(self) -> CommandRegistry:
+        if state["registry"] is None:
+            from .config import load_settings
+            from .discovery import build_registry
+
+            state["registry"] = build_registry(load_settings())
+        return state["registry"]
+
+    def list_commands(self, ctx: Any) -> list[str]:
+        return [s.name for s in self._registry() if not s.hidden]
+
+    def get_command(self, ctx: Any, cmd_name: str) -> Any:
+        spec = self._registry().get(cmd_name)
+        if spec is None:
+            return None
+        from .runner import click_command
+
+        return click_command(spec)
+
+    def resolve_command(self, ctx: Any, args: list[str]) -> Any:
+        name = args[0]
+        cmd = self.get_command(ctx, name)
+        if cmd is None and not ctx.resilient_parsing:
+            err = UnknownCommand(name, self._registry().suggest(name))
+            err.exit_code = EXIT_ERROR  # artisan's exit code for an unknown name
+            raise err
+        return (cmd.name if cmd else None), cmd, args[1:]
+
+    def format_help(self, ctx: Any, formatter: Any) -> None:
+        from .builtins.core import render_list
+
+        render_list(self._registry(), None, json_out=False, plugins=False)
+
+
+def build_app() -> Any:
+    app = typer.Typer(
+        cls=ForgeGroup,
+        name="forge",
+        invoke_without_command=True,
+        no_args_is_help=False,
+        pretty_exceptions_enable=False,
+        context_settings={"help_option_names": ["-h", "--help"]},
+    )
+
+    @app.callback()
+    def main(
+        ctx: typer.Context,
+        verbose: bool = typer.Option(False, "--verbose", "-v", help="Show tracebacks and debug output."),
+        version: bool = typer.Option(False, "--version", help="Print forge's version and exit."),
+    ) -> None:
+        """forge: run your project's commands and queue them for workers."""
+        state["verbose"] = verbose
+        if version:
+            print(f"forge {__version__}")
+            raise typer.Exit(0)
+        if ctx.invoked_subcommand is None:
+            from .builtins.core import render_list
+
+            render_list(ctx.command._registry(), None, json_out=False, plugins=False)
+
+    return typer.main.get_command(app)

@@ -1,0 +1,36 @@
+"""Every test runs against its own queue directory and never loads site-installed plugins."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLE_CONFIG = ROOT / "forge.toml"
+
+
+@pytest.fixture(autouse=True)
+def isolated_forge(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Point every forge path into tmp_path; use the example project's forge.toml."""
+    for key in list(os.environ):
+        if key.startswith("FORGE_") and key not in ("FORGE_TEST_REDIS_URL",):
+            monkeypatch.delenv(key, raising=False)
+    queue_dir = tmp_path / "queue"
+    monkeypatch.setenv("FORGE_QUEUE_DIR", str(queue_dir))
+    monkeypatch.setenv("FORGE_CONFIG", str(EXAMPLE_CONFIG))
+    monkeypatch.setenv("FORGE_NO_PLUGINS", "1")
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg"))
+    import forge.runner
+    import forge.typerapp
+
+    forge.runner._default_registry = None
+    forge.typerapp.state["registry"] = None
+    return queue_dir
+
+
+def forge_cmd() -> list[str]:
+    """The argv prefix that runs the installed forge CLI in a fresh interpreter."""
+    return [sys.executable, "-m", "forge"]
