@@ -23,6 +23,7 @@ def isolated_forge(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setenv("FORGE_CONFIG", str(EXAMPLE_CONFIG))
     monkeypatch.setenv("FORGE_NO_PLUGINS", "1")
     monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg"))
+    monkeypatch.setenv("FORGE_STORAGE", str(tmp_path / "storage"))  # the example commands' data
     import forge.runner
     import forge.typerapp
 
@@ -34,3 +35,23 @@ def isolated_forge(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 def forge_cmd() -> list[str]:
     """The argv prefix that runs the installed forge CLI in a fresh interpreter."""
     return [sys.executable, "-m", "forge"]
+
+
+def make_project(root: Path, commands: dict[str, str] | None = None, toml: str = "") -> Path:
+    """Write ``root/forge.toml`` and ``root/commands/<file>`` (file name -> source); return the toml."""
+    (root / "commands").mkdir(parents=True, exist_ok=True)
+    config = root / "forge.toml"
+    config.write_text(toml or '[forge]\ncommands = ["commands"]\n')
+    for name, source in (commands or {}).items():
+        path = root / "commands" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(source)
+    return config
+
+
+@pytest.fixture
+def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty forge project in ``tmp_path/project``, made the current config (FORGE_CONFIG)."""
+    root = tmp_path / "project"
+    monkeypatch.setenv("FORGE_CONFIG", str(make_project(root)))
+    return root

@@ -101,6 +101,9 @@ class Backend(Protocol):
     def wait(self, queues: Sequence[str], timeout: float) -> None:
         """Block until a job may have become claimable in ``queues``, or ``timeout`` passes."""
 
+    def next_due(self, queues: Sequence[str]) -> float | None:
+        """When the earliest delayed job of ``queues`` becomes due (Unix time), if known."""
+
     def maintain(self, default_tries: int = 1) -> dict[str, int]:
         """Recover abandoned claims (failing with reason ``abandoned`` those whose attempts,
         ``max_attempts`` or else ``default_tries``, are used up), promote due delayed jobs, prune expired done jobs and
