@@ -95,6 +95,7 @@ class FileBackend:
         self._inotify: _linux.Inotify | None = None
         self._inotify_failed = False
         self._last_key = 0
+        self._last_base = 0
         self._host = socket.gethostname()
         self._prepare_root()
 
@@ -153,8 +154,11 @@ class FileBackend:
             return []
 
     def _key(self, t: float) -> int:
-        key = max(_us(t), self._last_key + 1)
-        self._last_key = key
+        """The sort key for a job due at ``t``: FIFO among jobs this process files for the same
+        or later times, even within one clock tick; an earlier time still sorts earlier."""
+        base = _us(t)
+        key = self._last_key + 1 if self._last_base <= base <= self._last_key else base
+        self._last_base, self._last_key = base, key
         return key
 
     # -- dispatch -------------------------------------------------------------------------

@@ -1,0 +1,557 @@
+"""The Backend contract, run against every backend (file always; Redis with FORGE_TEST_REDIS_URL).
+
+Everything goes through the Backend API; jobs are built with ``QueuedCommand(...).to_job``.
+A behaviour that differs between backends is a bug in one of them.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from uuid import uuid4
+
+import pytest
+
+from forge.backends.base import Backend, Claim
+from forge.errors import DispatchFailed, DuplicateJob, QueueError
+from forge.job import Event, Job, Reason, State, new_id
+from forge.queue import QueuedCommand
+
+WORKER = "test-worker"
+TIMEOUT = 60.0
+
+
+def _redis_available() -> str | None:
+    """Why the Redis param is skipped, or None to run it."""
+    if not os.environ.get("FORGE_TEST_REDIS_URL"):
+        return "FORGE_TEST_REDIS_URL is not set"
+    if importlib.util.find_spec("forge.backends.redis") is None:
+        return "forge.backends.redis does not exist yet"
+    return None
+
+
+@pytest.fixture(params=["file", "redis"])
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Any]:
+    if request.param == "file":
+        from forge.backends.file import FileBackend
+
+        b: Any = FileBackend(tmp_path / "q")
+        b.test_spec = ["file", str(tmp_path / "q")]
+        yield b
+        b.close()
+        return
+    why = _redis_available()
+    if why:
+        pytest.skip(why)
+    import redis
+    from forge.backends.redis import RedisBackend
+
+    url = os.environ["FORGE_TEST_REDIS_URL"]
+    client = redis.Redis.from_url(url, socket_connect_timeout=5)
+    client.ping()  # set but unreachable is a failure, not a skip
+    prefix = f"forge-test-{uuid4().hex[:8]}"
+    b = RedisBackend(url, prefix=prefix)
+    b.test_spec = ["redis", url, prefix]
+    try:
+        yield b
+    finally:
+        b.close()
+        keys = list(client.scan_iter(match=f"{prefix}*", count=1000))
+        if keys:
+            client.delete(*keys)
+        client.close()
+
+
+def job(queue: str = "default", command: str = "demo:sleep", args: tuple[str, ...] = ("0",),
+        **kw: Any) -> Job:
+    cmd = QueuedCommand(command).with_args(list(args))
+    if "delay" in kw:
+        cmd = cmd.with_delay(kw.pop("delay"))
+    if "max_attempts" in kw:
+        cmd = cmd.with_max_attempts(kw.pop("max_attempts"))
+    if "unique" in kw:
+        cmd = cmd.with_unique_key(kw.pop("unique"), ttl=kw.pop("ttl", None))
+    if "timeout" in kw:
+        cmd = cmd.with_timeout(kw.pop("timeout"))
+    assert not kw, kw
+    return cmd.to_job(queue)
+
+
+def push(b: Backend, *jobs: Job) -> list[str]:
+    b.push(list(jobs))
+    return [j.id for j in jobs]
+
+
+def claim(b: Backend, *queues: str) -> Claim | None:
+    return b.claim(list(queues or ["default"]), WORKER, TIMEOUT)
+
+
+def must_claim(b: Backend, *queues: str) -> Claim:
+    c = claim(b, *queues)
+    assert c is not None, "expected a claimable job"
+    return c
+
+
+def done(c: Claim) -> Event:
+    return Event("done", c.attempt, time.time(), worker=WORKER, duration=0.01)
+
+
+def failed(c: Claim, reason: str = Reason.EXCEPTION, error: str = "boom") -> Event:
+    return Event("failed", c.attempt, time.time(), worker=WORKER, reason=reason, error=error)
+
+
+def released(c: Claim) -> Event:
+    return Event("released", c.attempt, time.time(), worker=WORKER, reason=Reason.EXCEPTION, error="x")
+
+
+def stats(b: Backend, queue: str = "default") -> Any:
+    return b.stats([queue])[0]
+
+
+# -- push / claim ---------------------------------------------------------------------------
+
+
+def test_empty_queue_claims_nothing(backend: Backend) -> None:
+    assert claim(backend) is None
+    assert backend.push([]) is None
+
+
+def test_fifo_within_a_queue(backend: Backend) -> None:
+    ids = [push(backend, job(args=(str(i),)))[0] for i in range(5)]
+    ids += push(backend, *[job(args=(str(i),)) for i in range(5, 10)])  # a batch keeps its order
+    got = []
+    for _ in range(10):
+        c = must_claim(backend)
+        got.append(c.job.id)
+        backend.ack(c, done(c))
+    assert got == ids
+    assert claim(backend) is None
+
+
+def test_claim_returns_the_job_as_pushed(backend: Backend) -> None:
+    j = job(args=("1.5",), max_attempts=4, timeout=30)
+    push(backend, j)
+    c = must_claim(backend)
+    assert c.job == j
+    assert c.attempt == 1
+    assert c.queue == "default"
+    assert c.deadline >= c.claimed_at + 30
+    assert backend.heartbeat(c) is True
+
+
+def test_strict_priority_across_queues(backend: Backend) -> None:
+    low = push(backend, job("low"), job("low"))
+    high = push(backend, job("high"), job("high"))
+    order = []
+    for _ in range(4):
+        c = must_claim(backend, "high", "low")
+        order.append(c.job.id)
+        backend.ack(c, done(c))
+    assert order == high + low
+
+
+def test_delayed_job_is_claimable_only_when_due(backend: Backend) -> None:
+    (jid,) = push(backend, job(delay=0.3))
+    assert claim(backend) is None
+    info = backend.find(jid)
+    assert info is not None and info.state == State.DELAYED
+    s = stats(backend)
+    assert (s.pending, s.delayed, s.size) == (0, 1, 1)
+    due = backend.next_due(["default"])
+    assert due is not None and abs(due - info.job.available_at) < 0.01
+    time.sleep(0.35)
+    assert backend.find(jid).state == State.PENDING  # type: ignore[union-attr]
+    c = must_claim(backend)
+    assert c.job.id == jid
+
+
+def test_due_jobs_are_not_blocked_by_a_delayed_head(backend: Backend) -> None:
+    push(backend, job(delay=60))
+    (now_id,) = push(backend, job())
+    c = must_claim(backend)
+    assert c.job.id == now_id
+    assert claim(backend) is None
+
+
+# -- attempts -------------------------------------------------------------------------------
+
+
+def test_attempts_are_counted_at_claim(backend: Backend) -> None:
+    (jid,) = push(backend, job(max_attempts=5))
+    c = must_claim(backend)
+    assert c.attempt == 1
+    info = backend.find(jid)
+    assert info is not None and info.state == State.RESERVED and info.attempts == 1
+    assert any(e.event == "claimed" and e.worker == WORKER for e in info.events)
+    backend.release(c, released(c), 0)
+    assert backend.find(jid).attempts == 1  # type: ignore[union-attr]
+    c = must_claim(backend)
+    assert c.attempt == 2
+    backend.release(c, None, 0)  # un-counts: the attempt never ran
+    assert backend.find(jid).attempts == 1  # type: ignore[union-attr]
+    c = must_claim(backend)
+    assert c.attempt == 2
+
+
+def test_release_with_delay(backend: Backend) -> None:
+    (jid,) = push(backend, job())
+    c = must_claim(backend)
+    backend.release(c, released(c), 0.3)
+    assert backend.find(jid).state == State.DELAYED  # type: ignore[union-attr]
+    assert claim(backend) is None
+    time.sleep(0.35)
+    assert must_claim(backend).job.id == jid
+
+
+# -- outcomes -------------------------------------------------------------------------------
+
+
+def test_ack_moves_to_done_and_find_still_answers(backend: Backend) -> None:
+    (jid,) = push(backend, job())
+    c = must_claim(backend)
+    backend.ack(c, done(c))
+    info = backend.find(jid)
+    assert info is not None
+    assert info.state == State.DONE and info.attempts == 1
+    assert info.last_event is not None and info.last_event.event == "done"
+    assert claim(backend) is None
+    s = stats(backend)
+    assert (s.pending, s.reserved, s.done) == (0, 0, 1)
+
+
+def test_fail_records_reason_and_error(backend: Backend) -> None:
+    (jid,) = push(backend, job())
+    c = must_claim(backend)
+    backend.fail(c, failed(c, Reason.EXIT_CODE, "exited with 3"))
+    info = backend.find(jid)
+    assert info is not None and info.state == State.FAILED and info.attempts == 1
+    assert info.failure is not None
+    assert info.failure.reason == "exit_code" and info.failure.error == "exited with 3"
+    assert stats(backend).failed == 1
+    assert claim(backend) is None
+
+
+def fail_one(b: Backend, j: Job, reason: str = Reason.EXCEPTION) -> str:
+    push(b, j)
+    c = must_claim(b, j.queue)
+    assert c.job.id == j.id
+    b.fail(c, failed(c, reason))
+    return j.id
+
+
+def test_failed_jobs_newest_first(backend: Backend) -> None:
+    ids = []
+    for _ in range(3):
+        ids.append(fail_one(backend, job()))
+        time.sleep(0.002)
+    got = [i.id for i in backend.jobs(state=State.FAILED)]
+    assert got == ids[::-1]
+
+
+def test_retry_by_id_resets_attempts(backend: Backend) -> None:
+    a = fail_one(backend, job())
+    b = fail_one(backend, job())
+    retried = [i.id for i in backend.retry([a])]
+    assert retried == [a]
+    info = backend.find(a)
+    assert info is not None and info.state == State.PENDING and info.attempts == 0
+    assert backend.find(b).state == State.FAILED  # type: ignore[union-attr]
+    c = must_claim(backend)
+    assert c.job.id == a and c.attempt == 1
+    assert list(backend.retry([new_id()])) == []  # unknown ids are skipped
+
+
+def test_retry_all_and_filters(backend: Backend) -> None:
+    exc = fail_one(backend, job(), Reason.EXCEPTION)
+    code = fail_one(backend, job(), Reason.EXIT_CODE)
+    other = fail_one(backend, job(command="email:send", args=("--user", "1")), Reason.EXCEPTION)
+    assert [i.id for i in backend.retry(None, reason="exit_code")] == [code]
+    assert [i.id for i in backend.retry(None, command="email:send")] == [other]
+    assert {i.id for i in backend.retry(None)} == {exc}
+    assert stats(backend).failed == 0 and stats(backend).pending == 3
+
+
+def test_retry_filters_by_queue(backend: Backend) -> None:
+    a = fail_one(backend, job("a"))
+    fail_one(backend, job("b"))
+    assert [i.id for i in backend.retry(None, queue="a")] == [a]
+    assert stats(backend, "b").failed == 1
+
+
+def test_forget(backend: Backend) -> None:
+    jid = fail_one(backend, job())
+    (pending,) = push(backend, job())
+    assert backend.forget(pending) is False  # only failed jobs
+    assert backend.forget(jid) is True
+    assert backend.find(jid) is None
+    assert backend.forget(jid) is False
+    assert backend.find(pending) is not None
+
+
+def test_flush_older_than_and_queue(backend: Backend) -> None:
+    fail_one(backend, job("a"))
+    fail_one(backend, job("a"))
+    fail_one(backend, job("b"))
+    assert backend.flush(older_than=3600) == 0
+    assert backend.flush(queue="a") == 2
+    time.sleep(0.05)
+    assert backend.flush(older_than=0.01) == 1
+    assert list(backend.jobs(state=State.FAILED)) == []
+
+
+def test_prune_done(backend: Backend) -> None:
+    for _ in range(2):
+        push(backend, job())
+        c = must_claim(backend)
+        backend.ack(c, done(c))
+    assert backend.prune_done(older_than=3600) == 0
+    assert stats(backend).done == 2
+    assert backend.prune_done() == 2
+    assert stats(backend).done == 0
+
+
+def test_clear_never_touches_reserved(backend: Backend) -> None:
+    (running,) = push(backend, job())
+    c = must_claim(backend)
+    push(backend, job(), job(), job(delay=60))
+    assert backend.clear("default") == 3
+    assert claim(backend) is None
+    info = backend.find(running)
+    assert info is not None and info.state == State.RESERVED
+    backend.ack(c, done(c))
+    assert backend.find(running).state == State.DONE  # type: ignore[union-attr]
+
+
+def test_pause_and_resume(backend: Backend) -> None:
+    push(backend, job("a"), job("b"))
+    backend.pause("a")
+    assert "a" in backend.paused()
+    assert stats(backend, "a").paused is True
+    c = must_claim(backend, "a", "b")
+    assert c.queue == "b"
+    assert claim(backend, "a") is None
+    backend.resume("a")
+    assert backend.paused() == set()
+    assert must_claim(backend, "a").queue == "a"
+
+
+def test_restart_marker(backend: Backend) -> None:
+    assert backend.restart_requested_at() is None
+    t = backend.request_restart()
+    got = backend.restart_requested_at()
+    assert got is not None and abs(got - t) < 0.01 and abs(t - time.time()) < 5
+    time.sleep(0.01)
+    t2 = backend.request_restart()
+    assert t2 > t and backend.restart_requested_at() == pytest.approx(t2)
+
+
+# -- unique keys ----------------------------------------------------------------------------
+
+
+def test_unique_key_held_while_pending_and_reserved(backend: Backend) -> None:
+    (first,) = push(backend, job(unique="nightly"))
+    with pytest.raises(DuplicateJob) as err:
+        push(backend, job(unique="nightly"))
+    assert isinstance(err.value, QueueError)
+    assert err.value.key == "nightly" and err.value.job_id == first
+    c = must_claim(backend)
+    with pytest.raises(DuplicateJob):
+        push(backend, job(unique="nightly"))
+    backend.ack(c, done(c))
+    push(backend, job(unique="nightly"))  # freed when the job finished
+    assert stats(backend).pending == 1
+
+
+def test_unique_key_freed_after_fail(backend: Backend) -> None:
+    push(backend, job(unique="k"))
+    c = must_claim(backend)
+    backend.fail(c, failed(c))
+    push(backend, job(unique="k"))
+
+
+def test_unique_key_ttl_expires(backend: Backend) -> None:
+    push(backend, job(unique="k", ttl=0.2))
+    with pytest.raises(DuplicateJob):
+        push(backend, job(unique="k"))
+    time.sleep(0.3)
+    push(backend, job(unique="k"))
+    assert stats(backend).pending == 2
+
+
+def test_duplicate_in_a_batch_stores_nothing(backend: Backend) -> None:
+    push(backend, job(unique="held"))
+    with pytest.raises(DuplicateJob):
+        push(backend, job(), job(unique="free"), job(unique="held"))
+    assert stats(backend).pending == 1
+    push(backend, job(unique="free"))  # the batch's key was given back
+    with pytest.raises(DuplicateJob):
+        push(backend, job(unique="x"), job(unique="x"))
+    assert stats(backend).pending == 2
+
+
+def test_clear_frees_unique_keys(backend: Backend) -> None:
+    push(backend, job(unique="k"))
+    assert backend.clear("default") == 1
+    push(backend, job(unique="k"))
+
+
+# -- logs, stats, listing -------------------------------------------------------------------
+
+
+def test_logs_append_and_read(backend: Backend) -> None:
+    (jid,) = push(backend, job())
+    assert backend.read_log(jid) == b""
+    backend.append_log(jid, b"hello ")
+    backend.append_log(jid, b"world\n")
+    assert backend.read_log(jid) == b"hello world\n"
+    assert backend.read_log(jid, 6) == b"world\n"
+    assert backend.read_log(jid, 100) == b""
+
+
+def test_stats_counts(backend: Backend) -> None:
+    before = time.time()
+    push(backend, job(), job(), job(), job(delay=60))
+    c1 = must_claim(backend)
+    backend.ack(c1, done(c1))
+    c2 = must_claim(backend)
+    backend.fail(c2, failed(c2))
+    must_claim(backend)
+    push(backend, job())
+    (s,) = backend.stats(["default"])
+    assert (s.queue, s.pending, s.delayed, s.reserved, s.done, s.failed) == ("default", 1, 1, 1, 1, 1)
+    assert s.size == 2 and s.paused is False
+    assert s.oldest_pending_at is not None and before <= s.oldest_pending_at <= time.time()
+    assert [x.queue for x in backend.stats()] == ["default"]
+    assert backend.queues() == ["default"]
+
+
+def test_queues_sorted(backend: Backend) -> None:
+    push(backend, job("zeta"), job("alpha"), job("mid.q-1"))
+    assert backend.queues() == ["alpha", "mid.q-1", "zeta"]
+
+
+def test_jobs_filters_order_and_limit(backend: Backend) -> None:
+    (r,) = push(backend, job("a"))
+    must_claim(backend, "a")
+    p = push(backend, job("a"), job("a", command="email:send", args=("--user", "2")))
+    (d,) = push(backend, job("a", delay=60))
+    (other,) = push(backend, job("b"))
+    f = fail_one(backend, job("c"))
+    assert [i.id for i in backend.jobs(queue="a")] == [r, *p, d]
+    states = [i.state for i in backend.jobs(queue="a")]
+    assert states == [State.RESERVED, State.PENDING, State.PENDING, State.DELAYED]
+    assert [i.id for i in backend.jobs(state=State.PENDING, queue="a")] == p
+    assert [i.id for i in backend.jobs(state=State.DELAYED)] == [d]
+    assert [i.id for i in backend.jobs(state=State.FAILED)] == [f]
+    assert [i.id for i in backend.jobs(command="email:send")] == [p[1]]
+    assert [i.id for i in backend.jobs(queue="a", limit=2)] == [r, p[0]]
+    assert other in {i.id for i in backend.jobs()}
+    assert len(list(backend.jobs())) == 6
+
+
+def test_find_unknown(backend: Backend) -> None:
+    assert backend.find(new_id()) is None
+
+
+def test_wait_returns_after_timeout(backend: Backend) -> None:
+    t = time.monotonic()
+    backend.wait(["default"], 0.1)
+    assert time.monotonic() - t < 2
+
+
+# -- recovery -------------------------------------------------------------------------------
+
+CLAIMER = """
+import sys, time
+kind, rest = sys.argv[1], sys.argv[2:]
+if kind == "file":
+    from forge.backends.file import FileBackend
+    b = FileBackend(rest[0])
+else:
+    from forge.backends.redis import RedisBackend
+    b = RedisBackend(rest[0], prefix=rest[1])
+c = b.claim(["default"], "doomed", 0.1)
+print(c.job.id if c else "none", c.attempt if c else 0, flush=True)
+time.sleep(120)
+"""
+
+
+def claim_and_die(b: Any) -> tuple[str, int]:
+    """Claim in a real process, then SIGKILL it mid-job."""
+    proc = subprocess.Popen([sys.executable, "-c", CLAIMER, *b.test_spec], stdout=subprocess.PIPE,
+                            text=True)
+    try:
+        line = proc.stdout.readline().split()  # type: ignore[union-attr]
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        proc.stdout.close()  # type: ignore[union-attr]
+    assert line and line[0] != "none", line
+    return line[0], int(line[1])
+
+
+def maintain_until(b: Backend, key: str, default_tries: int = 1, within: float = 20.0) -> dict:
+    """Lease backends recover only once the lease passes; lock backends at once."""
+    end = time.monotonic() + within
+    while True:
+        counts = b.maintain(default_tries)
+        if counts.get(key):
+            return counts
+        if time.monotonic() > end:
+            raise AssertionError(f"maintain() never reported {key}: {counts}")
+        time.sleep(0.2)
+
+
+def test_abandoned_claim_is_recovered(backend: Any) -> None:
+    (jid,) = push(backend, job(max_attempts=3))
+    got, attempt = claim_and_die(backend)
+    assert (got, attempt) == (jid, 1)
+    assert backend.find(jid).state == State.RESERVED
+    maintain_until(backend, "recovered", default_tries=1)
+    info = backend.find(jid)
+    assert info.state in (State.PENDING, State.DELAYED) and info.attempts == 1
+    assert backend.maintain(1).get("recovered", 0) == 0  # idempotent
+    c = must_claim(backend)
+    assert c.job.id == jid and c.attempt == 2
+
+
+def test_live_claim_is_not_recovered(backend: Backend) -> None:
+    (jid,) = push(backend, job(max_attempts=3))
+    c = must_claim(backend)
+    counts = backend.maintain(1)
+    assert counts.get("recovered", 0) == 0 and counts.get("abandoned", 0) == 0
+    assert backend.find(jid).state == State.RESERVED  # type: ignore[union-attr]
+    backend.ack(c, done(c))
+
+
+def test_poison_job_ends_failed_abandoned(backend: Any) -> None:
+    (jid,) = push(backend, job(max_attempts=2))
+    claim_and_die(backend)
+    maintain_until(backend, "recovered")
+    got, attempt = claim_and_die(backend)
+    assert (got, attempt) == (jid, 2)
+    maintain_until(backend, "abandoned")
+    info = backend.find(jid)
+    assert info.state == State.FAILED and info.attempts == 2
+    assert info.failure.reason == "abandoned"
+    assert claim(backend) is None
+
+
+def test_default_tries_applies_without_max_attempts(backend: Any) -> None:
+    (jid,) = push(backend, job())
+    claim_and_die(backend)
+    maintain_until(backend, "recovered", default_tries=2)
+    claim_and_die(backend)
+    maintain_until(backend, "abandoned", default_tries=2)
+    assert backend.find(jid).state == State.FAILED
+
+
+def test_push_errors_are_queue_errors() -> None:
+    assert issubclass(DispatchFailed, QueueError) and issubclass(DuplicateJob, QueueError)
