@@ -22,13 +22,27 @@ from typing import TYPE_CHECKING, Any
 from .config import Settings, load_settings, validate_queue_name
 from .durations import parse_backoff, parse_duration
 from .errors import InvalidCommand, JobNotFound, UnknownQueuedCommand, UsageError
-from .job import MAX_PAYLOAD_BYTES, Job, JobInfo, State, new_id
+from .job import MAX_PAYLOAD_BYTES, Job, JobInfo, State, new_id, valid_id
 
 if TYPE_CHECKING:
     from .backends.base import Backend, QueueStats
     from .registry import CommandRegistry
 
 __all__ = ["CommandQueue", "JobDispatch", "QueueManager", "QueuedCommand", "connect"]
+
+
+def _queue_name(name: object) -> str:
+    try:
+        return validate_queue_name(name)
+    except UsageError as exc:
+        raise InvalidCommand(exc.message) from None
+
+
+def _job_id(job_id: object) -> str:
+    if not valid_id(job_id):
+        raise InvalidCommand(f"Invalid job id {job_id!r}: expected a UUID like 3f2b9c1e-….",
+                             hint="Run `forge queue:list` to see job ids.")
+    return job_id  # type: ignore[return-value]
 
 
 def _seconds(value: float | int | timedelta, what: str) -> float:
@@ -142,7 +156,7 @@ class QueuedCommand:
             id=new_id(),
             command=self.command,
             args=tuple(self.args),
-            queue=validate_queue_name(queue),
+            queue=_queue_name(queue),
             max_attempts=self.max_attempts,
             timeout=self.timeout,
             backoff=self.backoff,
@@ -197,7 +211,7 @@ class JobDispatch:
         return dict(self.__dict__)
 
 
-_backends: dict[tuple[str, str], Backend] = {}
+_backends: dict[tuple[Any, float], Backend] = {}
 
 
 def connect(connection: str | None = None, settings: Settings | None = None) -> Backend:
@@ -206,7 +220,9 @@ def connect(connection: str | None = None, settings: Settings | None = None) -> 
 
     settings = settings or load_settings()
     conn = settings.connection_config(connection)
-    key = (str(settings.root), conn.name)
+    # Keyed by the connection itself (its path or URL), not its name: two projects, or one
+    # project with FORGE_QUEUE_DIR changed, must never share a backend.
+    key = (conn, settings.done_retention)
     backend = _backends.get(key)
     if backend is None:
         backend = _backends[key] = open_backend(conn, done_retention=settings.done_retention)
@@ -226,7 +242,7 @@ class CommandQueue:
         check_args: bool = True,
     ) -> None:
         self._settings = settings
-        self.name = validate_queue_name(name or self.settings.default_queue)
+        self.name = _queue_name(name or self.settings.default_queue)
         self._connection = connection
         self._backend: Backend | None = None if connection is None or isinstance(connection, str) else connection
         self._registry = registry
@@ -316,7 +332,7 @@ class CommandQueue:
         return out
 
     def find(self, job_id: str) -> JobInfo | None:
-        info = self.backend.find(job_id)
+        info = self.backend.find(_job_id(job_id))
         return info if info is not None and info.job.queue == self.name else None
 
     def pause(self) -> None:
@@ -386,11 +402,11 @@ class QueueManager:
              command: str | None = None, limit: int | None = None) -> Iterator[JobInfo]:
         st = State(state) if state is not None else None
         if queue is not None:
-            validate_queue_name(queue)
+            _queue_name(queue)
         return self.backend.jobs(queue=queue, state=st, command=command, limit=limit)
 
     def find(self, job_id: str) -> JobInfo:
-        info = self.backend.find(job_id)
+        info = self.backend.find(_job_id(job_id))
         if info is None:
             raise JobNotFound(job_id)
         return info
@@ -402,13 +418,9 @@ class QueueManager:
     def iter_retry(self, job_ids: Sequence[str] | str | None = "all", *, queue: str | None = None,
                    reason: str | None = None, command: str | None = None) -> Iterator[JobInfo]:
         """Move failed jobs back to pending (attempts reset), one at a time, as iterated."""
-        ids = None if job_ids in (None, "all") else list(job_ids)  # type: ignore[arg-type]
-        if ids is not None:
-            from .job import valid_id
-
-            for job_id in ids:
-                if not valid_id(job_id):
-                    raise UsageError(f"Invalid job id {job_id!r}: expected a UUID.")
+        if isinstance(job_ids, str) and job_ids != "all":
+            job_ids = [job_ids]
+        ids = None if job_ids in (None, "all") else [_job_id(i) for i in job_ids]  # type: ignore[union-attr]
         return self.backend.retry(ids, queue=queue, reason=reason, command=command)
 
     def retry(self, job_ids: Sequence[str] | str | None = "all", *, queue: str | None = None,
@@ -418,7 +430,7 @@ class QueueManager:
 
     def forget(self, job_id: str) -> bool:
         """Delete one failed job; False if no failed job has this id."""
-        return self.backend.forget(job_id)
+        return self.backend.forget(_job_id(job_id))
 
     def flush(self, hours: float | None = None, *, queue: str | None = None) -> int:
         """Delete failed jobs (only those older than ``hours``, when given)."""
@@ -431,10 +443,10 @@ class QueueManager:
         return self.backend.prune_done(older_than=None if hours is None else hours * 3600)
 
     def pause(self, queue: str) -> None:
-        self.backend.pause(validate_queue_name(queue))
+        self.backend.pause(_queue_name(queue))
 
     def resume(self, queue: str) -> None:
-        self.backend.resume(validate_queue_name(queue))
+        self.backend.resume(_queue_name(queue))
 
     def restart(self) -> float:
         """Ask every worker on this connection to exit after its current job."""

@@ -626,37 +626,45 @@ class FileBackend:
 
     def jobs(self, *, queue: str | None = None, state: State | None = None,
              command: str | None = None, limit: int | None = None) -> Iterator[JobInfo]:
-        queues = [queue] if queue else self.queues()
+        queues = [validate_queue_name(queue)] if queue else self.queues()
         now_key = _us(time.time())
         order = [State.RESERVED, State.PENDING, State.DELAYED, State.FAILED, State.DONE]
         count = 0
         for st in order:
             if state is not None and st != state:
                 continue
+            sdir = "pending" if st in (State.PENDING, State.DELAYED) else str(st)
+            # (sort key, path, attempts, updated), merged over every queue
+            items: list[tuple[float, Path, int, float | None]] = []
             for q in queues:
-                sdir = "pending" if st in (State.PENDING, State.DELAYED) else str(st)
-                names = self._names(q, sdir)
-                if st == State.RESERVED:
-                    entries = [(n, RESERVED_RE.match(n)) for n in sorted(names)]
-                    items = [(n, int(m.group(2)), None) for n, m in entries if m]
-                else:
-                    parsed = [(n, PENDING_RE.match(n)) for n in names]
-                    good = [(n, m) for n, m in parsed if m]
-                    if st == State.PENDING:
-                        good = [(n, m) for n, m in good if int(m.group(1)) <= now_key]
-                    elif st == State.DELAYED:
-                        good = [(n, m) for n, m in good if int(m.group(1)) > now_key]
-                    good.sort(reverse=st in (State.FAILED, State.DONE))
-                    items = [(n, int(m.group(3)), int(m.group(1)) / 1e6 if st in (State.FAILED, State.DONE) else None)
-                             for n, m in good]
-                for name, attempts, updated in items:
-                    info = self._info(self._qdir(q) / sdir / name, st, attempts, updated)
-                    if info is None or (command and info.job.command != command):
+                d = self._qdir(q) / sdir
+                for n in self._names(q, sdir):
+                    if st == State.RESERVED:
+                        m = RESERVED_RE.match(n)
+                        if m:
+                            try:  # the claim's event append stamps mtime: claim order
+                                since = os.lstat(d / n).st_mtime
+                            except FileNotFoundError:
+                                continue
+                            items.append((since, d / n, int(m.group(2)), None))
                         continue
-                    yield info
-                    count += 1
-                    if limit is not None and count >= limit:
-                        return
+                    m = PENDING_RE.match(n)
+                    if not m:
+                        continue
+                    key = int(m.group(1))
+                    if (st == State.PENDING and key > now_key) or (st == State.DELAYED and key <= now_key):
+                        continue
+                    updated = key / 1e6 if st in (State.FAILED, State.DONE) else None
+                    items.append((key, d / n, int(m.group(3)), updated))
+            items.sort(key=lambda it: (it[0], it[1].name), reverse=st in (State.FAILED, State.DONE))
+            for _, path, attempts, updated in items:
+                info = self._info(path, st, attempts, updated)
+                if info is None or (command and info.job.command != command):
+                    continue
+                yield info
+                count += 1
+                if limit is not None and count >= limit:
+                    return
 
     def stats(self, queues: Sequence[str] | None = None) -> list[QueueStats]:
         now_key = _us(time.time())
