@@ -100,6 +100,9 @@ class Job:
             raise CorruptJob("job record is not a JSON object")
         if d.get("v") != FORMAT_VERSION:
             raise CorruptJob(f"unsupported job format version {d.get('v')!r}")
+        unknown = d.keys() - _FIELDS
+        if unknown:  # a newer format bumps "v"; v1 records hold exactly these fields
+            raise CorruptJob(f"unknown field(s) {', '.join(sorted(map(str, unknown)))}")
         try:
             job = cls(
                 id=_typed(d, "id", str),
@@ -122,6 +125,10 @@ class Job:
         if job.max_attempts is not None and job.max_attempts < 1:
             raise CorruptJob("max_attempts must be at least 1")
         return job
+
+
+_FIELDS = frozenset(("v", "id", "command", "args", "queue", "max_attempts", "timeout", "backoff",
+                     "metadata", "dispatched_at", "available_at", "unique_key", "unique_ttl"))
 
 
 def _typed(d: Mapping[str, Any], key: str, t: type) -> Any:
@@ -206,9 +213,10 @@ def decode_file(data: bytes) -> tuple[Job, list[Event]]:
     if len(head.encode()) > MAX_PAYLOAD_BYTES:
         raise CorruptJob("job record over the payload size cap")
     try:
-        job = Job.from_dict(json.loads(head))
+        record = json.loads(head)
     except (ValueError, RecursionError) as exc:
         raise CorruptJob(f"invalid JSON: {exc}") from None
+    job = Job.from_dict(record)
     events: list[Event] = []
     for line in rest.split("\n"):
         if not line:

@@ -247,26 +247,33 @@ class FileBackend:
         expires = now + job.unique_ttl if job.unique_ttl else None
         record = json.dumps({"key": job.unique_key, "job_id": job.id, "created_at": now,
                              "expires_at": expires}).encode()
-        for _ in range(5):
-            try:
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-            except FileExistsError:
+        # The record is written in full under a temp name and then link()ed into place: a
+        # reader never sees a half-written holder (which it would take for a stale one).
+        tmp = self.root / "tmp" / f"unique-{job.id}.tmp"
+        try:
+            _write_new(tmp, record)
+        except OSError as exc:
+            raise DispatchFailed(f"Could not record unique key in {tmp}: {exc.strerror}.") from None
+        try:
+            for _ in range(5):
+                try:
+                    os.link(tmp, path)
+                    return
+                except FileExistsError:
+                    pass
+                except OSError as exc:
+                    raise DispatchFailed(f"Could not record unique key in {path}: {exc.strerror}.") from None
                 holder = _read_json(path)
                 if holder is not None and self._unique_live(holder, now):
-                    raise DuplicateJob(job.unique_key, str(holder.get("job_id"))) from None
+                    raise DuplicateJob(job.unique_key, str(holder.get("job_id")))
                 with self._global_lock("unique"):
                     if _read_json(path) == holder:
                         with contextlib.suppress(FileNotFoundError):
                             os.unlink(path)
-                continue
-            except OSError as exc:
-                raise DispatchFailed(f"Could not record unique key in {path}: {exc.strerror}.") from None
-            try:
-                os.write(fd, record)
-            finally:
-                os.close(fd)
-            return
-        raise DispatchFailed(f"Could not take unique key {job.unique_key!r}: it keeps changing hands.")
+            raise DispatchFailed(f"Could not take unique key {job.unique_key!r}: it keeps changing hands.")
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
 
     def _unique_live(self, holder: dict, now: float) -> bool:
         expires = holder.get("expires_at")
@@ -408,7 +415,14 @@ class FileBackend:
             return None
         effective = job.timeout if job.timeout is not None else timeout
         deadline = now + effective + KILL_GRACE
-        os.write(fd, Event("claimed", attempt, now, worker=worker, deadline=deadline).to_json())
+        try:
+            os.write(fd, Event("claimed", attempt, now, worker=worker, deadline=deadline).to_json())
+        except OSError:
+            # With flock the event is history only (the rename counted the attempt), so a full
+            # disk must not make an existing job unclaimable. A lease lives in this event.
+            if self.lock_mode == "lease":
+                os.close(fd)
+                raise
         return Claim(job, attempt, now, deadline, None, [fd], (fd, reserved))
 
     def _open_job(self, path: Path) -> int | None:
@@ -444,7 +458,7 @@ class FileBackend:
         except OSError:
             return
         with contextlib.suppress(OSError):
-            Path(str(dest) + ".reason").write_text(f"{path}: {reason}\n")
+            _write_new(Path(str(dest) + ".reason"), f"{path}: {reason}\n".encode())
         warnings.warn(f"Quarantined {path.name} ({reason}); see {dest}.", stacklevel=2)
 
     # -- outcomes -------------------------------------------------------------------------
@@ -807,10 +821,10 @@ class FileBackend:
 
     def request_restart(self) -> float:
         now = time.time()
-        tmp = self.root / "tmp" / f"restart-{os.getpid()}.tmp"
-        tmp.write_text(repr(now))
-        os.chmod(tmp, 0o600)
+        tmp = self.root / "tmp" / f"restart-{os.getpid()}-{time.monotonic_ns()}.tmp"
+        _write_new(tmp, repr(now).encode(), sync=True)
         os.rename(tmp, self.root / "restart")
+        _linux.fsync_dir(self.root)
         return now
 
     def restart_requested_at(self) -> float | None:
@@ -861,6 +875,23 @@ def _safe_queue(name: str) -> bool:
         return True
     except UsageError:
         return False
+
+
+def _write_new(path: Path, data: bytes, *, sync: bool = False) -> None:
+    """Create ``path`` (0600, never following a symlink, never overwriting) holding ``data``."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        if sync:
+            os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        raise
+    os.close(fd)
 
 
 def _read_json(path: Path) -> dict | None:
