@@ -23,7 +23,6 @@ import select
 import signal
 import socket
 import sys
-import threading
 import time
 import traceback
 from typing import Any
@@ -180,42 +179,23 @@ class JobProcess:
             self.memfd = -1
 
 
-class _Watchdog(threading.Thread):
-    """In the job process: if the worker dies, end the job no later than it was allowed to run.
-
-    For lease-based backends the job ends at once (its lease will not be renewed); for
-    lock-based ones it may finish, but never past its deadline plus the grace period.
-    """
-
-    def __init__(self, parent_pid: int, lease_based: bool) -> None:
-        super().__init__(daemon=True, name="forge-watchdog")
-        self.parent_pid = parent_pid
-        self.lease_based = lease_based
-        self.deadline: float | None = None
-        self.cond = threading.Condition()
-
-    def arm(self, deadline: float | None) -> None:
-        with self.cond:
-            self.deadline = deadline
-            self.cond.notify()
-
-    def run(self) -> None:
-        while True:
-            with self.cond:
-                while self.deadline is None:
-                    self.cond.wait()
-                deadline = self.deadline
-                self.cond.wait(0.25)
-            orphaned = os.getppid() != self.parent_pid
-            if deadline is not None and (
-                time.time() > deadline + 1.0 or (orphaned and self.lease_based)
-            ):
-                os.killpg(0, signal.SIGKILL)
+def _close_inherited(keep: set[int]) -> None:
+    """Close every descriptor the fork copied from the worker (claims, sockets, watches)."""
+    try:
+        fds = [int(name) for name in os.listdir("/proc/self/fd")]
+    except OSError:
+        fds = list(range(3, 1024))
+    for fd in fds:
+        if fd > 2 and fd not in keep:
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
 
 def _child_main(sock: socket.socket, memfd: int, registry: CommandRegistry, lease_based: bool) -> None:
     os.setpgid(0, 0)
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGUSR2, signal.SIGCONT, signal.SIGHUP):
+    _close_inherited({sock.fileno(), memfd})
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGUSR2, signal.SIGCONT, signal.SIGHUP,
+                signal.SIGALRM):
         signal.signal(sig, signal.SIG_DFL)
     signal.set_wakeup_fd(-1)
     devnull = os.open(os.devnull, os.O_RDONLY)
@@ -226,8 +206,14 @@ def _child_main(sock: socket.socket, memfd: int, registry: CommandRegistry, leas
     with contextlib.suppress(Exception):
         sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
         sys.stderr.reconfigure(line_buffering=True)  # type: ignore[union-attr]
-    watchdog = _Watchdog(os.getppid(), lease_based)
-    watchdog.start()
+    # If the worker dies: under a lease the job must end at once (nobody renews the lease);
+    # under a lock it may finish, but SIGALRM (default action: terminate) ends it one second
+    # after its deadline in any case.
+    if lease_based:
+        from ._linux import set_parent_death_signal
+
+        set_parent_death_signal(signal.SIGKILL)
+    signal.signal(signal.SIGALRM, signal.SIG_DFL)
     base_env = dict(os.environ)
     while True:
         try:
@@ -239,15 +225,17 @@ def _child_main(sock: socket.socket, memfd: int, registry: CommandRegistry, leas
         msg = json.loads(data)
         os.ftruncate(memfd, 0)
         os.lseek(memfd, 0, os.SEEK_SET)
-        watchdog.arm(msg["deadline"])
-        os.environ.clear()
-        os.environ.update(base_env)
-        os.environ.update(FORGE_JOB_ID=msg["id"], FORGE_JOB_ATTEMPT=str(msg["attempt"]), FORGE_QUEUE=msg["queue"])
+        signal.setitimer(signal.ITIMER_REAL, max(msg["deadline"] - time.time(), 0) + 1.0)
+        job_env = {"FORGE_JOB_ID": msg["id"], "FORGE_JOB_ATTEMPT": str(msg["attempt"]), "FORGE_QUEUE": msg["queue"]}
+        os.environ.update(job_env)
         reply = _run(registry, msg["command"], msg["args"])
+        if os.environ != {**base_env, **job_env}:  # the job changed the environment: undo it
+            os.environ.clear()
+            os.environ.update(base_env)
         with contextlib.suppress(Exception):
             sys.stdout.flush()
             sys.stderr.flush()
-        watchdog.arm(None)
+        signal.setitimer(signal.ITIMER_REAL, 0)
         for fd in fds:
             with contextlib.suppress(OSError):
                 os.close(fd)

@@ -136,6 +136,7 @@ class Worker:
         restart_seen = self.backend.restart_requested_at()
         self.report("worker_started", {"queues": list(opts.queues), "name": opts.name, "pid": os.getpid()})
         next_maintenance = 0.0
+        next_restart_check = 0.0
         reason: StopReason
         try:
             while True:
@@ -145,15 +146,19 @@ class Worker:
                 if opts.max_time and time.monotonic() - started >= opts.max_time:
                     reason = StopReason.MAX_TIME
                     break
-                if self.backend.restart_requested_at() != restart_seen:
-                    reason = StopReason.RESTART
-                    break
                 now = time.monotonic()
+                if now >= next_restart_check:  # a stat or a round trip: not before every job
+                    if self.backend.restart_requested_at() != restart_seen:
+                        reason = StopReason.RESTART
+                        break
+                    next_restart_check = now + 0.1
                 if now >= next_maintenance:
                     counts = self.backend.maintain(opts.tries)
                     if any(counts.values()):
                         self.report("maintenance", counts)
                     next_maintenance = now + opts.maintenance_interval
+                if not self.proc.alive:
+                    self.proc.start()  # fork before claiming: the fork must not copy a claim
                 claim = None if self._paused else self.backend.claim(opts.queues, opts.name, opts.timeout)
                 if claim is None:
                     if opts.once or opts.stop_when_empty:
@@ -214,7 +219,7 @@ class Worker:
 
     def process(self, claim: Claim) -> None:
         """Run one claimed job to an outcome: ack, release with backoff, or fail."""
-        job, opts = claim.job, self.options
+        job = claim.job
         started = time.time()
         when = datetime.fromtimestamp(started).strftime("%Y-%m-%d %H:%M:%S")
         info = {"job_id": job.id, "command": job.command, "queue": job.queue, "attempt": claim.attempt,
@@ -239,7 +244,7 @@ class Worker:
     def _execute(self, claim: Claim) -> dict[str, Any] | None:
         job, opts = claim.job, self.options
         if not self.proc.alive:
-            self.proc.start()
+            self.proc.start()  # a fresh process closes the claim descriptors it inherits
         timeout = job.timeout if job.timeout is not None else opts.timeout
         deadline = claim.claimed_at + timeout
         msg = {"id": job.id, "attempt": claim.attempt, "queue": job.queue, "command": job.command,
