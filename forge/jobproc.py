@@ -37,8 +37,9 @@ _MSG_MAX = 256 * 1024
 class JobProcess:
     """The worker's handle on one warm job process."""
 
-    def __init__(self, registry: CommandRegistry, *, lease_based: bool) -> None:
+    def __init__(self, registry: CommandRegistry, *, lease_based: bool, cwd: str | None = None) -> None:
         self.registry = registry
+        self.cwd = cwd
         self.lease_based = lease_based
         self.pid = 0
         self.jobs_run = 0
@@ -62,6 +63,8 @@ class JobProcess:
             code = 0
             try:
                 parent.close()
+                if self.cwd:
+                    os.chdir(self.cwd)
                 _child_main(child, self.memfd, self.registry, self.lease_based)
             except BaseException:  # noqa: BLE001 - nothing may escape a forked child
                 code = 70

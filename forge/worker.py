@@ -95,9 +95,10 @@ class Worker:
     registry: CommandRegistry
     options: WorkerOptions = field(default_factory=WorkerOptions)
     report: Reporter = lambda event, data: None
+    cwd: str | None = None  # where jobs run: the project root
 
     def __post_init__(self) -> None:
-        self.proc = JobProcess(self.registry, lease_based=self.backend.lease_based)
+        self.proc = JobProcess(self.registry, lease_based=self.backend.lease_based, cwd=self.cwd)
         self.jobs_done = 0
         self._stop: StopReason | None = None
         self._signals = 0

@@ -57,7 +57,7 @@ def work(
     )
     backend = connect(connection, settings)
     registry = build_registry(settings)
-    worker = Worker(backend, registry, options, console_reporter(json_out, verbose))
+    worker = Worker(backend, registry, options, console_reporter(json_out, verbose), cwd=str(settings.root))
     worker.install_signals()
     reason = worker.run()
     return reason.exit_code
