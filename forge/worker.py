@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from .backends.base import KILL_GRACE, Claim
 from .config import validate_queue_name
-from .errors import EXIT_MEMORY, UsageError
+from .errors import EXIT_MEMORY, QueueUnavailable, UsageError
 from .job import MAX_OUTPUT_TAIL, Event, Reason, backoff_delay
 from .jobproc import JobProcess
 
@@ -131,10 +131,36 @@ class Worker:
 
     # -- the loop -------------------------------------------------------------------------
 
+    def _outage(self, exc: Exception) -> None:
+        """The queue's store is unreachable: log it once per try and back off (up to 10 s)."""
+        self._outage_delay = min(max(self._outage_delay * 2, 0.1), 10.0)
+        self.report("backend_unavailable", {"error": str(exc), "retry_in": self._outage_delay})
+        self._sleep(self._outage_delay)
+
+    def _record(self, action: Callable[[], None]) -> bool:
+        """Record a job's outcome, retrying through an outage until it lands (or a forced stop)."""
+        while True:
+            try:
+                action()
+                self._outage_delay = 0.0
+                return True
+            except QueueUnavailable as exc:
+                if self._stop is StopReason.FORCED:
+                    return False
+                self._outage(exc)
+
     def run(self) -> StopReason:
         opts = self.options
         started = time.monotonic()
-        restart_seen = self.backend.restart_requested_at()
+        self._outage_delay = 0.0
+        restart_seen = None
+        while restart_seen is None:
+            try:
+                restart_seen = (self.backend.restart_requested_at(),)
+            except QueueUnavailable as exc:
+                if self._stop is not None:
+                    return self._stop
+                self._outage(exc)
         self.report("worker_started", {"queues": list(opts.queues), "name": opts.name, "pid": os.getpid()})
         next_maintenance = 0.0
         next_restart_check = 0.0
@@ -148,25 +174,32 @@ class Worker:
                     reason = StopReason.MAX_TIME
                     break
                 now = time.monotonic()
-                if now >= next_restart_check:  # a stat or a round trip: not before every job
-                    if self.backend.restart_requested_at() != restart_seen:
-                        reason = StopReason.RESTART
-                        break
-                    next_restart_check = now + 0.1
-                if now >= next_maintenance:
-                    counts = self.backend.maintain(opts.tries)
-                    if any(counts.values()):
-                        self.report("maintenance", counts)
-                    next_maintenance = now + opts.maintenance_interval
-                if not self.proc.alive:
-                    self.proc.start()  # fork before claiming: the fork must not copy a claim
-                claim = None if self._paused else self.backend.claim(opts.queues, opts.name, opts.timeout)
-                if claim is None:
-                    if opts.once or opts.stop_when_empty:
-                        reason = StopReason.EMPTY
-                        break
-                    self._idle_wait(next_maintenance)
+                try:
+                    if now >= next_restart_check:  # a stat or a round trip: not before every job
+                        if (self.backend.restart_requested_at(),) != restart_seen:
+                            reason = StopReason.RESTART
+                            break
+                        next_restart_check = now + 0.1
+                    if now >= next_maintenance:
+                        counts = self.backend.maintain(opts.tries)
+                        if any(counts.values()):
+                            self.report("maintenance", counts)
+                        next_maintenance = now + opts.maintenance_interval
+                    if not self.proc.alive:
+                        self.proc.start()  # fork before claiming: the fork must not copy a claim
+                    claim = None if self._paused else self.backend.claim(opts.queues, opts.name, opts.timeout)
+                    if claim is None:
+                        if opts.once or opts.stop_when_empty:
+                            reason = StopReason.EMPTY
+                            break
+                        self._idle_wait(next_maintenance)
+                        continue
+                except QueueUnavailable as exc:
+                    self._outage(exc)
                     continue
+                if self._outage_delay:
+                    self.report("backend_available", {})
+                    self._outage_delay = 0.0
                 self.process(claim)
                 if self._stop is StopReason.FORCED:
                     reason = StopReason.FORCED
@@ -235,7 +268,7 @@ class Worker:
             self.report("starting", info)
             reply = self._execute(claim)
             if reply is None:  # forced stop: hand the job back without counting this attempt
-                self.backend.release(claim, None, 0)
+                self._record(lambda: self.backend.release(claim, None, 0))
                 self.report("released", {**info, "reason": "interrupted", "counted": False})
                 return
             self._finish(claim, reply, started, info, retry=True)
@@ -325,8 +358,9 @@ class Worker:
                                    "lost": True})
             return
         if code == 0:
-            self.backend.ack(claim, Event("done", claim.attempt, time.time(), worker=opts.name,
-                                          exit_code=0, duration=round(duration, 6)))
+            done = Event("done", claim.attempt, time.time(), worker=opts.name, exit_code=0,
+                         duration=round(duration, 6))
+            self._record(lambda: self.backend.ack(claim, done))
             self.report("done", {**info, "duration_ms": ms})
             return
         ran = reply.get("reason") != Reason.UNKNOWN_COMMAND
@@ -339,11 +373,11 @@ class Worker:
         data = {**info, "duration_ms": ms, "reason": reply.get("reason"), "error": reply.get("error"),
                 "exit_code": code}
         if final:
-            self.backend.fail(claim, event)
+            self._record(lambda: self.backend.fail(claim, event))
             self.report("failed", data)
         else:
             delay = backoff_delay(job.backoff if job.backoff is not None else opts.backoff, claim.attempt)
-            self.backend.release(claim, event, delay)
+            self._record(lambda: self.backend.release(claim, event, delay))
             self.report("released", {**data, "retry_in": delay})
 
 
@@ -379,6 +413,10 @@ def console_reporter(json_out: bool, verbose: bool = False) -> Reporter:
             output.status_print(output.status_line(when, data["command"], status, detail), status)
             if event != "done" and data.get("error"):
                 sys.stdout.write(f"    {data.get('reason')}: {data['error']}\n")
+        elif event == "backend_unavailable":
+            output.warn(f"Queue unavailable: {data['error']} (retrying in {data['retry_in']:.1f} s)")
+        elif event == "backend_available":
+            output.info("Queue available again.")
         elif event == "worker_stopped":
             output.info(f"Worker stopped ({data['reason']}) after {data['jobs']} jobs.")
         elif event in ("paused", "resumed") or (verbose and event in ("maintenance", "worker_started")):
