@@ -128,8 +128,13 @@ class QueuedCommand:
         now = time.time() if now is None else now
         if not isinstance(self.command, str) or not self.command.strip():
             raise InvalidCommand("The command name is empty.")
-        if not all(isinstance(a, str) for a in self.args):
-            raise InvalidCommand(f"{self.command}: arguments must be strings, got {list(self.args)!r}.")
+        for a in self.args:
+            if not isinstance(a, str):
+                raise InvalidCommand(f"{self.command}: arguments must be strings, got {list(self.args)!r}.")
+            try:
+                a.encode()
+            except UnicodeEncodeError:
+                raise InvalidCommand(f"{self.command}: argument {a!r} is not valid Unicode text.") from None
         if self.max_attempts is not None and (
             isinstance(self.max_attempts, bool) or not isinstance(self.max_attempts, int) or self.max_attempts < 1
         ):
@@ -143,11 +148,7 @@ class QueuedCommand:
                 raise InvalidCommand(f"{self.command}: {what} must not be negative, not {value!r}.")
         if self.timeout == 0:
             raise InvalidCommand(f"{self.command}: timeout must be more than 0 seconds.")
-        try:
-            json.dumps(dict(self.metadata), allow_nan=False)
-        except (TypeError, ValueError) as exc:
-            raise InvalidCommand(f"{self.command}: metadata must be JSON values: {exc}.") from None
-        if not all(isinstance(k, str) for k in self.metadata):
+        if self.metadata and not all(isinstance(k, str) for k in self.metadata):
             raise InvalidCommand(f"{self.command}: metadata keys must be strings.")
         if self.unique_key is not None and (not isinstance(self.unique_key, str) or not self.unique_key):
             raise InvalidCommand(f"{self.command}: the unique key must be a non-empty string.")
@@ -166,13 +167,41 @@ class QueuedCommand:
             unique_key=self.unique_key,
             unique_ttl=self.unique_ttl,
         )
-        size = len(job.to_json())
+        try:
+            size = len(job.to_json())  # encoded once here; the backend stores these bytes
+        except (TypeError, ValueError, RecursionError) as exc:
+            raise InvalidCommand(f"{self.command}: metadata must be JSON values: {exc}.") from None
         if size > MAX_PAYLOAD_BYTES:
             raise InvalidCommand(
                 f"{self.command}: the job is {size} bytes, over the {MAX_PAYLOAD_BYTES}-byte cap;"
                 " pass large data by reference (a file path or an id)."
             )
         return job
+
+
+#: Argument lists that parsed against their command recently: (spec, args) -> until when.
+#: Parsing is deterministic except for checks that look at the world (a file that must
+#: exist), so an entry lives only a few seconds; a burst of identical dispatches (cron,
+#: dispatch_many) parses once instead of once per job.
+_parsed_ok: dict[tuple[Any, tuple[str, ...]], float] = {}
+PARSED_OK_TTL = 5.0
+
+
+def _check_args(spec: Any, args: tuple[str, ...]) -> None:
+    key = (spec, args)
+    now = time.monotonic()
+    until = _parsed_ok.get(key)
+    if until is not None and until > now:
+        return
+    from .runner import check_args
+
+    try:
+        check_args(spec, args)
+    except UsageError as exc:
+        raise InvalidCommand(exc.message, hint=f"Run `forge {spec.name} --help`.") from None
+    if len(_parsed_ok) >= 4096:
+        _parsed_ok.clear()
+    _parsed_ok[key] = now + PARSED_OK_TTL
 
 
 def _timestamp(when: datetime) -> float:
@@ -280,12 +309,7 @@ class CommandQueue:
         if spec is None:
             raise UnknownQueuedCommand(job.command, self.registry.suggest(job.command))
         if self._check_args:
-            from .runner import check_args
-
-            try:
-                check_args(spec, job.args)
-            except UsageError as exc:
-                raise InvalidCommand(exc.message, hint=f"Run `forge {spec.name} --help`.") from None
+            _check_args(spec, job.args)
         return job
 
     def jobs_for(self, cmds: Iterable[QueuedCommand]) -> list[Job]:

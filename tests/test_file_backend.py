@@ -295,22 +295,37 @@ def test_dispatch_syncs_file_then_renames_then_syncs_directory(fb: FileBackend, 
     calls: list[tuple[str, str]] = []
     real_fsync, real_rename = os.fsync, os.rename
 
+    def where(fd: int | None) -> str:
+        return os.readlink(f"/proc/self/fd/{fd}") if fd is not None else ""
+
     def fsync(fd: int) -> None:
         st = os.fstat(fd)
-        calls.append(("fsync-dir" if stat.S_ISDIR(st.st_mode) else "fsync-file", ""))
+        calls.append(("fsync-dir" if stat.S_ISDIR(st.st_mode) else "fsync-file", where(fd)))
         real_fsync(fd)
 
     def rename(a: object, b: object, **kw: object) -> None:
-        calls.append(("rename", str(b)))
+        calls.append(("rename", os.path.join(where(kw.get("dst_dir_fd")), str(b))))  # type: ignore[arg-type]
         real_rename(a, b, **kw)  # type: ignore[arg-type]
 
     monkeypatch.setattr(os, "fsync", fsync)
     monkeypatch.setattr(os, "rename", rename)
-    fb.push([job()])
-    kinds = [c[0] for c in calls]
-    assert kinds == ["fsync-file", "rename", "fsync-dir"], calls
-    assert "/pending/" in calls[1][1]
+    j = job()
+    fb.push([j])
+    assert [c[0] for c in calls] == ["fsync-file", "rename", "fsync-dir"], calls
+    pending = str(qdir / "q" / "default" / "pending")
+    assert calls[0][1] == str(qdir / "tmp" / f"{j.id}.tmp")
+    assert calls[1][1].startswith(pending + "/") and j.id in calls[1][1]
+    assert calls[2][1] == pending
     assert os.listdir(qdir / "tmp") == []
+
+
+def test_queue_dir_removed_under_a_live_backend(fb: FileBackend, qdir: Path) -> None:
+    import shutil
+
+    fb.push([job()])
+    shutil.rmtree(qdir)
+    fb.push([job()])  # cached directory handles are stale: recreated, never lost
+    assert fb.stats()[0].pending == 1 and os.listdir(qdir / "q" / "default" / "pending")
 
 
 def test_batch_leaves_no_temp_files(fb: FileBackend, qdir: Path) -> None:

@@ -96,6 +96,9 @@ class FileBackend:
         self._inotify_failed = False
         self._last_key = 0
         self._last_base = 0
+        self._dirfds: dict[str, int] = {}
+        self._pending: dict[str, str] = {}   # queue -> its pending/ path, once ensured
+        self._tmp = str(self.root / "tmp")
         self._host = socket.gethostname()
         self._prepare_root()
 
@@ -145,6 +148,7 @@ class FileBackend:
             except OSError as exc:
                 raise QueueUnavailable(f"Cannot create queue {queue} in {self.root}: {exc.strerror}.") from None
             self._ready.add(queue)
+            self._pending[queue] = str(qdir / "pending")
         return qdir
 
     def queues(self) -> list[str]:
@@ -172,8 +176,10 @@ class FileBackend:
             if len(blob) > MAX_PAYLOAD_BYTES:
                 raise UsageError(f"Job {job.id} is {len(blob)} bytes, over the {MAX_PAYLOAD_BYTES}-byte cap.")
             blobs.append(blob)
+        ready = self._ready
         for job in jobs:
-            self._ensure_queue(job.queue)
+            if job.queue not in ready:
+                self._ensure_queue(job.queue)
         held: list[Job] = []
         try:
             for job in jobs:
@@ -186,54 +192,99 @@ class FileBackend:
                 self._free_unique(job)
             raise
 
+    def _dirfd(self, path: str) -> int:
+        """A cached descriptor of a forge directory, for ``*at`` calls and directory fsyncs.
+
+        A directory removed from under us fails every ``*at`` call with ENOENT (nothing can be
+        created in a deleted directory), and ``_write_jobs`` then drops the cache and retries
+        once, so a cached descriptor can never make a job land somewhere invisible.
+        """
+        fd = self._dirfds.get(path)
+        if fd is None:
+            fd = self._dirfds[path] = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        return fd
+
+    def _drop_dirfds(self) -> None:
+        for fd in self._dirfds.values():
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._dirfds.clear()
+        self._ready.clear()
+
     def _write_jobs(self, jobs: Sequence[Job], blobs: list[bytes]) -> None:
-        tmpdir = self.root / "tmp"
-        temps: list[Path] = []
-        moved: list[Path] = []
+        try:
+            self._write_jobs_once(jobs, blobs)
+        except OSError as exc:
+            if exc.errno != errno.ENOENT or not self._dirfds:
+                raise self._dispatch_failed(exc) from None
+            self._drop_dirfds()  # the queue directory was removed or replaced: start afresh
+            try:
+                self._prepare_root()
+                for job in jobs:
+                    self._ensure_queue(job.queue)
+            except QueueUnavailable:
+                raise self._dispatch_failed(exc) from None
+            try:
+                self._write_jobs_once(jobs, blobs)
+            except OSError as exc2:
+                raise self._dispatch_failed(exc2) from None
+
+    def _dispatch_failed(self, exc: OSError) -> DispatchFailed:
+        where = exc.filename or self.root
+        if exc.filename and not os.path.isabs(str(exc.filename)):
+            where = self.root / "tmp" / str(exc.filename)
+        return DispatchFailed(
+            f"Could not store the job in {where}: {exc.strerror or exc}.",
+            hint="Free disk space or fix the queue directory's permissions; nothing was queued.",
+        )
+
+    def _write_jobs_once(self, jobs: Sequence[Job], blobs: list[bytes]) -> None:
+        """Write temp files, make them durable, rename them into pending/, fsync the dirs.
+
+        One job: fsync the file. A batch: one ``syncfs`` makes every temp file durable at once
+        (instead of an fsync each) before any of them is renamed into view.
+        """
+        tfd = self._dirfd(self._tmp)
+        temps: list[str] = []
+        moved: list[tuple[str, int]] = []
         single = len(jobs) == 1
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
         try:
             for job, blob in zip(jobs, blobs, strict=True):
-                tmp = tmpdir / f"{job.id}.tmp"
-                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+                tmp = job.id + ".tmp"
+                fd = os.open(tmp, flags, 0o600, dir_fd=tfd)
                 temps.append(tmp)
                 try:
-                    view = memoryview(blob)
-                    while view:
-                        view = view[os.write(fd, view):]
+                    n = os.write(fd, blob)
+                    if n != len(blob):
+                        view = memoryview(blob)[n:]
+                        while view:
+                            view = view[os.write(fd, view):]
                     if single:
                         os.fsync(fd)
                 finally:
                     os.close(fd)
             if not single:
-                # One syncfs makes the whole batch durable at once, instead of an fsync per file.
-                fd = os.open(tmpdir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-                try:
-                    _linux.syncfs(fd)
-                finally:
-                    os.close(fd)
-            dirs: set[Path] = set()
+                _linux.syncfs(tfd)
+            dirs: dict[int, None] = {}
             for job, tmp in zip(jobs, temps, strict=True):
-                pdir = self._qdir(job.queue) / "pending"
-                dest = pdir / f"{self._key(job.available_at):016d}-{job.id}-0.job"
-                os.rename(tmp, dest)
-                moved.append(dest)
-                dirs.add(pdir)
+                pfd = self._dirfd(self._pending[job.queue])
+                dest = f"{self._key(job.available_at):016d}-{job.id}-0.job"
+                os.rename(tmp, dest, src_dir_fd=tfd, dst_dir_fd=pfd)
+                moved.append((dest, pfd))
+                dirs[pfd] = None
             if any(j.unique_key for j in jobs):
-                dirs.add(self.root / "unique")
-            for d in dirs:
-                _linux.fsync_dir(d)
-        except OSError as exc:
-            for p in temps[len(moved):]:
+                dirs[self._dirfd(str(self.root / "unique"))] = None
+            for dfd in dirs:
+                os.fsync(dfd)
+        except OSError:
+            for tmp in temps[len(moved):]:
                 with contextlib.suppress(OSError):
-                    os.unlink(p)
-            for p in moved:
+                    os.unlink(tmp, dir_fd=tfd)
+            for dest, pfd in moved:
                 with contextlib.suppress(OSError):
-                    os.unlink(p)
-            where = exc.filename or self.root
-            raise DispatchFailed(
-                f"Could not store the job in {where}: {exc.strerror or exc}.",
-                hint="Free disk space or fix the queue directory's permissions; nothing was queued.",
-            ) from None
+                    os.unlink(dest, dir_fd=pfd)
+            raise
 
     # -- unique keys ----------------------------------------------------------------------
 
@@ -860,6 +911,7 @@ class FileBackend:
             os.close(fd)
 
     def close(self) -> None:
+        self._drop_dirfds()
         if self._inotify is not None:
             self._inotify.close()
             self._inotify = None
