@@ -11,7 +11,6 @@ stored durably (see the README's delivery contract).
 from __future__ import annotations
 
 import asyncio
-import json
 import math
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
