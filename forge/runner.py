@@ -28,7 +28,9 @@ def click_command(spec: CommandSpec) -> Any:
         from typer.main import get_command
 
         app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
-        app.command(name=spec.name, context_settings={"help_option_names": ["-h", "--help"]})(fn)
+        # A command may add Click context settings (queue:dispatch stops parsing at its COMMAND).
+        settings = {"help_option_names": ["-h", "--help"], **getattr(fn, "__forge_context_settings__", {})}
+        app.command(name=spec.name, context_settings=settings)(fn)
         cmd = get_command(app)
         _click_cache[fn] = cmd
     from .output import is_tty
