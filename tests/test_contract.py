@@ -51,6 +51,7 @@ def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Any]:
     if why:
         pytest.skip(why)
     import redis
+
     from forge.backends.redis import RedisBackend
 
     url = os.environ["FORGE_TEST_REDIS_URL"]
@@ -555,3 +556,20 @@ def test_default_tries_applies_without_max_attempts(backend: Any) -> None:
 
 def test_push_errors_are_queue_errors() -> None:
     assert issubclass(DispatchFailed, QueueError) and issubclass(DuplicateJob, QueueError)
+
+
+def test_invalid_ids_and_queue_names(backend: Backend) -> None:
+    from forge.errors import UsageError
+
+    for call in (lambda: backend.find("../etc"), lambda: backend.read_log("x"),
+                 lambda: backend.claim(["../x"], WORKER, 1), lambda: backend.pause("../x"),
+                 lambda: list(backend.jobs(queue="../x"))):
+        with pytest.raises(UsageError):
+            call()
+    assert backend.forget("bad") is False
+    assert list(backend.retry(["bad"])) == []
+    assert backend.append_log("bad", b"x") is None
+    assert backend.next_due(["default"]) is None
+    assert backend.clear("nope") == 0 and backend.flush() == 0
+    assert backend.stats() == [] and backend.queues() == []
+    assert backend.stats(["nope"])[0].size == 0
