@@ -27,9 +27,10 @@ def _run(args: list[str], verbose: bool) -> int:
 
     warnings.showwarning = lambda msg, cat, *a, **k: output.warn(str(msg))
     try:
-        from .typerapp import build_app
         from typer._click.exceptions import ClickException
         from typer.exceptions import Abort, Exit
+
+        from .typerapp import build_app
 
         group = build_app()
         try:

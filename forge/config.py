@@ -6,7 +6,6 @@ Every effective value remembers where it came from, for ``forge config:show``.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 from collections.abc import Mapping
@@ -37,7 +36,11 @@ def validate_queue_name(name: object) -> str:
 
 @dataclass(frozen=True)
 class Connection:
-    """One named queue connection: ``driver`` is ``file`` or ``redis``."""
+    """One named queue connection: ``driver`` is ``file`` or ``redis``.
+
+    In ``Settings.connections`` a file connection's ``path`` may be ``None`` (the per-project
+    default); ``Settings.connection_config`` always fills it in.
+    """
 
     name: str
     driver: str
@@ -65,20 +68,26 @@ class Settings:
     sources: Mapping[str, str] = field(default_factory=dict, compare=False)
 
     def connection_config(self, name: str | None = None) -> Connection:
+        """The named connection (default: ``queue.connection``), its file path resolved."""
         name = name or self.connection
         try:
-            return self.connections[name]
+            conn = self.connections[name]
         except KeyError:
             known = ", ".join(sorted(self.connections)) or "none"
             raise ConfigError(
                 f'Unknown connection "{name}" (configured: {known}).',
                 hint=f"Add a [connections.{name}] table to forge.toml.",
             ) from None
+        if conn.driver == "file" and conn.path is None:
+            # Resolved here, not in load_settings: platformdirs and hashlib cost every command
+            # several milliseconds, and most commands never touch the queue.
+            conn = _replace(conn, path=default_queue_dir(self.root))
+        return conn
 
     def as_dict(self) -> dict[str, Any]:
         """Effective settings as plain data (secrets in URLs masked)."""
         conns = {}
-        for c in self.connections.values():
+        for c in map(self.connection_config, self.connections):
             d: dict[str, Any] = {"driver": c.driver}
             if c.driver == "file":
                 d["path"] = str(c.path)
@@ -124,6 +133,8 @@ def find_config(start: Path, env: Mapping[str, str]) -> Path | None:
 
 def default_queue_dir(root: Path) -> Path:
     """Per user and per project, so two projects never share a queue."""
+    import hashlib
+
     from platformdirs import user_data_path
 
     digest = hashlib.sha256(str(root).encode()).hexdigest()[:12]
@@ -278,7 +289,6 @@ def load_settings(
                 conn = _replace(conn, path=Path(env["FORGE_QUEUE_DIR"]).expanduser().resolve())
                 sources[f"connections.{name}.path"] = "env FORGE_QUEUE_DIR"
             elif conn.path is None:
-                conn = _replace(conn, path=default_queue_dir(root))
                 sources[f"connections.{name}.path"] = "default"
         elif conn.driver == "redis" and env.get("FORGE_REDIS_URL"):
             conn = _replace(conn, url=env["FORGE_REDIS_URL"])

@@ -34,10 +34,10 @@ def builtin_specs() -> list[CommandSpec]:
 
 
 def _module_name(folder: Path, file: Path) -> str:
-    rel = file.relative_to(folder).with_suffix("")
-    import hashlib
+    import zlib  # a cheap stable tag: hashlib would load OpenSSL on every run
 
-    tag = hashlib.sha1(str(folder).encode()).hexdigest()[:8]
+    rel = file.relative_to(folder).with_suffix("")
+    tag = f"{zlib.crc32(str(folder).encode()):08x}"
     return f"forge_project_{tag}." + ".".join(rel.parts)
 
 

@@ -6,7 +6,6 @@ plain text or JSON. JSON and data go to stdout, human messages to stderr.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from collections.abc import Iterable, Sequence
@@ -34,11 +33,15 @@ def console(stderr: bool = False) -> Any:
 
 
 def print_json(data: Any) -> None:
+    import json
+
     sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
     sys.stdout.flush()
 
 
 def print_jsonl(data: Any) -> None:
+    import json
+
     sys.stdout.write(json.dumps(data, default=str, separators=(",", ":")) + "\n")
     sys.stdout.flush()
 

@@ -5,7 +5,6 @@ Importing this module is cheap: it imports nothing heavy, so project command fil
 
 from __future__ import annotations
 
-import difflib
 import importlib
 import inspect
 import re
@@ -131,6 +130,8 @@ class CommandRegistry:
         return spec
 
     def suggest(self, name: str) -> list[str]:
+        import difflib
+
         self._complete()
         names = [n for n, s in self._specs.items() if not s.hidden]
         close = difflib.get_close_matches(name, names, n=3, cutoff=0.6)

@@ -22,7 +22,7 @@ _click_cache: dict[Callable[..., Any], Any] = {}
 def click_command(spec: CommandSpec) -> Any:
     """The Click command Typer builds from the spec's function (cached per function)."""
     fn = spec.load()
-    cmd = _click_cache.get(fn)
+    cmd: Any = _click_cache.get(fn)
     if cmd is None:
         import typer
         from typer.main import get_command

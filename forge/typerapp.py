@@ -14,18 +14,21 @@ from .registry import CommandRegistry
 state: dict[str, Any] = {"verbose": False, "registry": None}
 
 
+def registry() -> CommandRegistry:
+    """The registry of this CLI run, built on first use."""
+    if state["registry"] is None:
+        from .config import load_settings
+        from .discovery import build_registry
+
+        state["registry"] = build_registry(load_settings())
+    return state["registry"]
+
+
 class ForgeGroup(TyperGroup):
     """A group whose subcommands come from the command registry, built only when used."""
 
-    registry: CommandRegistry | None = None
-
     def _registry(self) -> CommandRegistry:
-        if state["registry"] is None:
-            from .config import load_settings
-            from .discovery import build_registry
-
-            state["registry"] = build_registry(load_settings())
-        return state["registry"]
+        return registry()
 
     def list_commands(self, ctx: Any) -> list[str]:
         return [s.name for s in self._registry() if not s.hidden]
@@ -77,6 +80,6 @@ def build_app() -> Any:
         if ctx.invoked_subcommand is None:
             from .builtins.core import render_list
 
-            render_list(ctx.command._registry(), None, json_out=False, plugins=False)
+            render_list(registry(), None, json_out=False, plugins=False)
 
     return typer.main.get_command(app)

@@ -15,9 +15,9 @@ from ..registry import CommandRegistry, valid_name
 
 
 def _registry() -> CommandRegistry:
-    from ..typerapp import ForgeGroup
+    from ..typerapp import registry
 
-    return ForgeGroup._registry(None)  # type: ignore[arg-type]
+    return registry()
 
 
 def render_list(

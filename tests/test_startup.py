@@ -1,0 +1,102 @@
+"""Start-up cost: heavy modules and the plugin scan stay off the paths that do not need them.
+
+Each case runs a fresh interpreter with stdout on a pipe (not a terminal), plugins enabled.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import ROOT
+
+HEAVY = ("redis", "rich", "tomli_w", "pydantic")
+
+PROBE = """
+import importlib.metadata as metadata, json, sys
+scans = []
+real = metadata.entry_points
+def spy(*args, **kwargs):
+    scans.append(kwargs.get("group"))
+    return real(*args, **kwargs)
+metadata.entry_points = spy
+report_path, *argv = sys.argv[1:]
+if argv == ["<import forge>"]:
+    import forge
+    code = 0
+else:
+    from forge.cli import main
+    code = main(argv)
+with open(report_path, "w") as fh:
+    json.dump({"code": code, "modules": sorted(sys.modules), "scans": scans}, fh)
+"""
+
+
+def probe(tmp_path: Path, *argv: str) -> dict[str, object]:
+    report = tmp_path / "report.json"
+    env = {k: v for k, v in os.environ.items() if k != "FORGE_NO_PLUGINS"}
+    result = subprocess.run(
+        [sys.executable, "-c", PROBE, str(report), *argv],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    data = json.loads(report.read_text())
+    assert data["code"] == 0, result.stderr
+    return data
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--help"],
+        [],
+        ["email:send", "--user", "1"],
+        ["demo:sleep", "0"],
+        ["import:data", "--help"],
+        ["help", "report:generate"],
+        ["config:show"],
+        ["<import forge>"],
+    ],
+    ids=lambda argv: " ".join(argv) or "(no arguments)",
+)
+def test_no_heavy_imports_and_no_plugin_scan(tmp_path: Path, argv: list[str]) -> None:
+    data = probe(tmp_path, *argv)
+    modules = set(data["modules"])  # type: ignore[arg-type]
+    assert not {m for m in HEAVY if m in modules}, f"forge {' '.join(argv)} imported heavy modules"
+    assert data["scans"] == [], f"forge {' '.join(argv)} scanned the installed plugins"
+
+
+def test_import_forge_does_not_import_typer(tmp_path: Path) -> None:
+    modules = set(probe(tmp_path, "<import forge>")["modules"])  # type: ignore[arg-type]
+    assert "typer" not in modules and "forge.config" not in modules
+
+
+def test_the_probe_sees_a_plugin_scan(tmp_path: Path) -> None:
+    """`forge list` shows plugins, so it must scan: proves the spy above works."""
+    assert probe(tmp_path, "list")["scans"] == ["forge.commands"]
+
+
+def test_example_commands_import_only_cheap_modules() -> None:
+    """Command files are imported on every run: stdlib, typer and forge only at module level."""
+    allowed = set(sys.stdlib_module_names) | {"typer", "forge", "__future__"}
+    for file in sorted((ROOT / "commands").glob("*.py")):
+        tree = ast.parse(file.read_text())
+        for node in tree.body:
+            if isinstance(node, ast.Import):
+                roots = [a.name.split(".")[0] for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                roots = [(node.module or "").split(".")[0]]
+            else:
+                continue
+            assert set(roots) <= allowed, f"{file.name} imports {roots} at module level"
+
+
+def test_small_command_skips_queue_only_work(tmp_path: Path) -> None:
+    """The default queue folder (platformdirs + a hash) is worked out only when a queue is used."""
+    modules = set(probe(tmp_path, "email:send", "--user", "1")["modules"])  # type: ignore[arg-type]
+    assert not modules & {"platformdirs", "hashlib"}
