@@ -1,189 +1,377 @@
-"""The job process: a warm child of the worker that runs one job at a time, in isolation.
+"""The job process: a child of the worker that claims jobs, runs them and records the outcome.
 
-The worker forks it once the registry is loaded, so a job does not pay for Python start-up
-or for importing the command modules; it is replaced after ``recycle_after`` jobs, after a
-crash, a timeout or a memory overrun. It runs in a process group of its own, so a timeout
-can kill the job and everything it started.
+The worker forks it once the commands are loaded, so a job pays neither for Python start-up
+nor for importing the command modules. It runs in a process group of its own and holds the
+claim (the file backend's lock) for exactly as long as it runs a job, so:
 
-Protocol over a ``SOCK_SEQPACKET`` socket pair: the worker sends one JSON message per job
-with the claim's file descriptors attached (``SCM_RIGHTS``): the job process holds the
-claim's lock for as long as it runs, so even if the worker dies the job is not recovered
-while it still runs. The reply is one JSON message with the exit code. Output (fds 1 and 2)
-goes to a memfd shared with the worker, which copies it to the job's log only when there is
-some.
+- a crash, hang or leak in a job never takes the worker down: the worker notices the job
+  process die (or kills its whole group at the job's timeout), records the outcome by
+  adopting the claim, and forks a fresh one;
+- if the worker is killed, the job is not handed to another worker while it still runs; once
+  it ends, the job process does not record an outcome (its worker died during the job, so the
+  attempt counts as abandoned) and exits, and the job is recovered: at most one extra run;
+- claiming, running and acknowledging a trivial job costs no process switch at all.
+
+It is replaced after ``recycle_after`` jobs or when it grows past ``--memory``. The worker and
+the job process share one page of memory (:class:`SharedState`): flags one way, the running
+job's record the other. The job's output (fds 1 and 2) goes to a memfd shared with the
+worker; it is copied to the job's log only when there is some.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
+import mmap
 import os
 import resource
-import select
 import signal
-import socket
+import struct
 import sys
 import time
 import traceback
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
-from .errors import EXIT_USAGE, ForgeError, UsageError
+from .errors import EXIT_USAGE, ForgeError, QueueUnavailable, UsageError
 from .job import Reason
-from .registry import CommandRegistry
 
-_MSG_MAX = 256 * 1024
+if TYPE_CHECKING:
+    from .backends.base import Backend, Claim
+    from .registry import CommandRegistry
+    from .worker import Worker
 
 
-class JobProcess:
-    """The worker's handle on one warm job process."""
+class SharedState:
+    """One page shared by the worker and its job process.
 
-    def __init__(self, registry: CommandRegistry, *, lease_based: bool, cwd: str | None = None) -> None:
-        self.registry = registry
-        self.cwd = cwd
-        self.lease_based = lease_based
-        self.pid = 0
-        self.jobs_run = 0
-        self.sock: socket.socket | None = None
-        self.memfd = -1
-        self.output_offset = 0
+    Bytes 0-1: flags the worker sets (stop, pause). 8: jobs finished (both sides add).
+    16: bytes of the running job's output already copied to its log (under ``lockf``).
+    24: a sequence number, odd while the record at 32 (length, then JSON) is being written.
+    """
+
+    SIZE = 16384
+    _Q = struct.Struct("=Q")
+    _I = struct.Struct("=I")
+
+    def __init__(self) -> None:
+        self.mm = mmap.mmap(-1, self.SIZE)
+
+    def flag(self, index: int) -> bool:
+        return self.mm[index] != 0
+
+    def set_flag(self, index: int, value: bool) -> None:
+        self.mm[index] = 1 if value else 0
+
+    def _get(self, offset: int) -> int:
+        return self._Q.unpack_from(self.mm, offset)[0]
+
+    def _put(self, offset: int, value: int) -> None:
+        self._Q.pack_into(self.mm, offset, value)
 
     @property
-    def alive(self) -> bool:
-        return self.pid > 0
+    def jobs_done(self) -> int:
+        return self._get(8)
 
-    def start(self) -> None:
-        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        if self.memfd >= 0:
-            os.close(self.memfd)
-        self.memfd = os.memfd_create("forge-job-output", os.MFD_CLOEXEC)
-        sys.stdout.flush()
-        sys.stderr.flush()
-        pid = os.fork()
-        if pid == 0:  # the job process
-            code = 0
-            try:
-                parent.close()
-                if self.cwd:
-                    os.chdir(self.cwd)
-                _child_main(child, self.memfd, self.registry, self.lease_based)
-            except BaseException:  # noqa: BLE001 - nothing may escape a forked child
-                code = 70
-            finally:
-                os._exit(code)
-        child.close()
-        self.pid, self.sock, self.jobs_run = pid, parent, 0
+    def add_job(self) -> int:
+        self._put(8, self._get(8) + 1)
+        return self._get(8)
+
+    @property
+    def copied(self) -> int:
+        return self._get(16)
+
+    @copied.setter
+    def copied(self, value: int) -> None:
+        self._put(16, value)
+
+    def set_record(self, record: dict[str, Any] | None) -> None:
+        data = json.dumps(record).encode() if record is not None else b""
+        data = data[: self.SIZE - 40]
+        seq = self._get(24)
+        self._put(24, seq + 1)
+        self._I.pack_into(self.mm, 32, len(data))
+        self.mm[36 : 36 + len(data)] = data
+        self._put(24, seq + 2)
+
+    def record(self) -> dict[str, Any] | None:
+        for _ in range(1000):
+            seq = self._get(24)
+            if seq % 2:
+                continue
+            n = self._I.unpack_from(self.mm, 32)[0]
+            data = bytes(self.mm[36 : 36 + n])
+            if self._get(24) == seq:
+                return json.loads(data) if data else None
+        return None
+
+
+STOP, PAUSE = 0, 1
+
+
+class OutputBuffer:
+    """The memfd behind a job's fds 1 and 2, and its copying into the job's log.
+
+    Both processes copy (the worker periodically while a job runs, the job process when it
+    ends), each under a POSIX record lock so that no byte is copied twice.
+    """
+
+    def __init__(self, shared: SharedState) -> None:
+        self.fd = os.memfd_create("forge-job-output")
+        self.shared = shared
+
+    def flush_to_log(self, backend: Backend, job_id: str, *, reset: bool = False) -> None:
+        """Append output not yet copied to ``job_id``'s log; ``reset`` empties the buffer."""
+        fcntl.lockf(self.fd, fcntl.LOCK_EX)
+        try:
+            size = os.fstat(self.fd).st_size
+            done = self.shared.copied
+            if size > done:
+                data = os.pread(self.fd, size - done, done)
+                with contextlib.suppress(Exception):
+                    backend.append_log(job_id, data)
+                self.shared.copied = size
+            if reset:
+                os.ftruncate(self.fd, 0)
+                os.lseek(self.fd, 0, os.SEEK_SET)
+                self.shared.copied = 0
+        finally:
+            fcntl.lockf(self.fd, fcntl.LOCK_UN)
+
+    def tail(self, chars: int) -> str:
+        size = os.fstat(self.fd).st_size
+        start = max(0, size - chars * 4)
+        return os.pread(self.fd, size - start, start).decode("utf-8", "replace")[-chars:]
+
+    def size(self) -> int:
+        return os.fstat(self.fd).st_size
+
+
+class _Wakeup(Exception):
+    """Raised by SIGUSR1 to end the job process's idle wait early."""
+
+
+def spawn(worker: Worker) -> int:
+    """Fork the job process for ``worker``; returns its pid (in the worker)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid:
         with contextlib.suppress(OSError):
             os.setpgid(pid, pid)  # also done in the child; whichever runs first wins
+        return pid
+    code = 0
+    try:
+        code = _JobProcess(worker).run()
+    except BaseException:  # noqa: BLE001 - nothing may escape a forked child
+        with contextlib.suppress(Exception):
+            traceback.print_exc(file=sys.__stderr__)
+        code = 70
+    finally:
+        os._exit(code)
 
-    def send(self, message: dict[str, Any], fds: list[int]) -> None:
-        assert self.sock is not None
-        self.output_offset = 0
-        socket.send_fds(self.sock, [json.dumps(message).encode()], fds)
 
-    def receive(self, timeout: float, extra: list[Any] = ()) -> dict[str, Any] | None:  # type: ignore[assignment]
-        """The job's reply, ``{}`` if the process died without one, None on timeout/extra ready."""
-        assert self.sock is not None
-        ready, _, _ = select.select([self.sock, *extra], [], [], max(timeout, 0))
-        if self.sock not in ready:
-            return None
+class _JobProcess:
+    """The loop inside the job process."""
+
+    def __init__(self, worker: Worker) -> None:
+        self.w = worker
+        self.parent = os.getppid()
+        self.idle = False
+
+    def _setup(self) -> None:
+        w = self.w
+        os.setpgid(0, 0)
+        report_fd = os.dup(1)  # the worker's stdout: job events are reported there
+        keep = {w.output.fd, report_fd}
+        _close_inherited(keep)
+        devnull = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(devnull, 0)
+        os.close(devnull)
+        os.dup2(w.output.fd, 1)
+        os.dup2(w.output.fd, 2)
+        with contextlib.suppress(Exception):
+            sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
+            sys.stderr.reconfigure(line_buffering=True)  # type: ignore[union-attr]
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGUSR2, signal.SIGCONT,
+                    signal.SIGHUP, signal.SIGALRM):
+            signal.signal(sig, signal.SIG_DFL)
+        signal.set_wakeup_fd(-1)
+        signal.signal(signal.SIGUSR1, self._on_wake)
+        if w.cwd:
+            os.chdir(w.cwd)
+        # If the worker dies: under a lease the job must end at once (nobody renews the lease);
+        # under a lock it may finish, and SIGALRM (default: terminate) ends it one second after
+        # its deadline in any case.
+        if w.backend.lease_based:
+            from ._linux import set_parent_death_signal
+
+            set_parent_death_signal(signal.SIGKILL)
+            if os.getppid() != self.parent:
+                os._exit(0)
+        w.report = w.make_reporter(os.fdopen(report_fd, "w", buffering=1))
+        w.backend = w.backend_factory()
+
+    def _on_wake(self, signum: int, frame: Any) -> None:
+        if self.idle:
+            raise _Wakeup()
+
+    def _sleep(self, seconds: float) -> None:
+        self.idle = True
         try:
-            data = self.sock.recv(_MSG_MAX)
-        except OSError:
-            data = b""
-        if not data:
-            return {}
-        return json.loads(data)
+            time.sleep(seconds)
+        except _Wakeup:
+            pass
+        finally:
+            self.idle = False
 
-    def read_output(self, limit: int | None = None) -> bytes:
-        """Output written since the last call (for the job's log)."""
-        size = os.fstat(self.memfd).st_size
-        if size <= self.output_offset:
-            return b""
-        n = size - self.output_offset if limit is None else min(limit, size - self.output_offset)
-        data = os.pread(self.memfd, n, self.output_offset)
-        self.output_offset += len(data)
-        return data
+    def run(self) -> int:
+        self._setup()
+        w, opts, shared = self.w, self.w.options, self.w.shared
+        me = os.getpid()
+        restart_seen: tuple[float | None] | None = None
+        next_restart_check = 0.0
+        outage = 0.0
+        jobs_here = 0
+        while True:
+            if shared.flag(STOP) or os.getppid() != self.parent:
+                return self._exit("signal")
+            try:
+                now = time.monotonic()
+                if now >= next_restart_check:  # a stat or a round trip: not before every job
+                    marker = (w.backend.restart_requested_at(),)
+                    if restart_seen is None:
+                        restart_seen = w.restart_seen or marker
+                    elif marker != restart_seen:
+                        return self._exit("restart")
+                    next_restart_check = now + 0.1
+                if shared.flag(PAUSE):
+                    self._sleep(0.1)
+                    continue
+                claim = w.backend.claim(opts.queues, opts.name, opts.timeout)
+                if claim is None:
+                    if opts.once or opts.stop_when_empty:
+                        return self._exit("empty")
+                    self._idle_wait()
+                    continue
+            except QueueUnavailable as exc:
+                outage = min(max(outage * 2, 0.1), 10.0)
+                w.report("backend_unavailable", {"error": str(exc), "retry_in": outage})
+                self._sleep(outage)
+                continue
+            if outage:
+                w.report("backend_available", {})
+                outage = 0.0
+            self._process(claim)
+            if os.getpid() != me:  # a job forked and returned here: never run the loop twice
+                os._exit(0)
+            jobs_here += 1
+            done = shared.add_job()
+            if opts.once:
+                return self._exit("once")
+            if opts.max_jobs and done >= opts.max_jobs:
+                return self._exit("max_jobs")
+            if opts.memory and resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 >= opts.memory:
+                return self._exit("memory")
+            if jobs_here >= opts.recycle_after:
+                return self._exit("recycle")
+            if opts.rest:
+                self._sleep(opts.rest)
 
-    def output_tail(self, chars: int) -> str:
-        size = os.fstat(self.memfd).st_size
-        start = max(0, size - chars * 4)
-        return os.pread(self.memfd, size - start, start).decode("utf-8", "replace")[-chars:]
+    def _exit(self, reason: str) -> int:
+        self.w.shared.set_record({"exit": reason})
+        return 0
 
-    def kill(self, grace: float) -> None:
-        """SIGTERM the whole process group, wait ``grace`` seconds, then SIGKILL; reap."""
-        if not self.pid:
+    def _idle_wait(self) -> None:
+        w, opts = self.w, self.w.options
+        timeout = opts.sleep or 0.05
+        due = w.backend.next_due(opts.queues)
+        if due is not None:
+            timeout = min(timeout, max(due - time.time(), 0.001))
+        if w.backend.lease_based:
+            timeout = min(timeout, 1.0)  # a signal cannot interrupt a blocking server call
+        self.idle = True
+        try:
+            if not w.shared.flag(STOP):
+                w.backend.wait(opts.queues, timeout)
+        except _Wakeup:
+            pass
+        finally:
+            self.idle = False
+
+    def _process(self, claim: Claim) -> None:
+        w, job = self.w, claim.job
+        started = time.time()
+        w.shared.set_record({"id": job.id, "ref": claim.ref, "started": started, "command": job.command,
+                             "queue": job.queue, "attempt": claim.attempt, "deadline": claim.deadline,
+                             "timeout_at": claim.claimed_at + w.job_timeout(claim),
+                             "lease_until": claim.lease_until})
+        info = w.event_info(claim, started)
+        if w.registry.get(job.command) is None:
+            reply = {"exit_code": 1, "reason": str(Reason.UNKNOWN_COMMAND),
+                     "error": f'Command "{job.command}" is not defined (renamed or removed since dispatch).'}
+            w.record(claim, reply, started, info, tail="", retry=False)
+            w.shared.set_record(None)
             return
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.pid, signal.SIGTERM)
-        end = time.monotonic() + grace
-        while time.monotonic() < end:
-            done, _ = os.waitpid(self.pid, os.WNOHANG)
-            if done:
-                break
-            time.sleep(0.01)
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.pid, signal.SIGKILL)
-        self._reap()
+        w.report("starting", info)
+        signal.setitimer(signal.ITIMER_REAL, max(claim.deadline - time.time(), 0) + 1.0)
+        reply = run_command(w.registry, job.command, list(job.args),
+                            {"FORGE_JOB_ID": job.id, "FORGE_JOB_ATTEMPT": str(claim.attempt),
+                             "FORGE_QUEUE": job.queue})
+        with contextlib.suppress(Exception):
+            sys.stdout.flush()
+            sys.stderr.flush()
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        # If the worker died meanwhile, the outcome is still recorded here: the job ran to its
+        # end. (Under a lease this process would have been killed with the worker.)
+        tail = w.output.tail(_TAIL) if reply["exit_code"] != 0 and w.output.size() else ""
+        if w.output.size():
+            w.output.flush_to_log(w.backend, job.id, reset=True)
+        w.record(claim, reply, started, info, tail=tail, retry=True)
+        w.shared.set_record(None)
 
-    def exit_status(self) -> int | None:
-        """After a reply of ``{}``: how the process ended (negative = signal)."""
-        if not self.pid:
-            return None
+
+_TAIL = 2048
+_base_env: dict[str, str] | None = None
+
+
+def run_command(registry: CommandRegistry, name: str, args: list[str], env: dict[str, str]) -> dict[str, Any]:
+    """Run one command in this process; returns ``{"exit_code", "reason"?, "error"?}``."""
+    from .runner import invoke
+
+    global _base_env
+    if _base_env is None:
+        _base_env = dict(os.environ)
+    os.environ.update(env)
+    spec = registry.get(name)
+    try:
+        if spec is None:
+            return {"exit_code": 1, "reason": str(Reason.UNKNOWN_COMMAND), "error": f'Command "{name}" is not defined.'}
         try:
-            _, status = os.waitpid(self.pid, 0)
-        except ChildProcessError:
-            status = 0
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.pid, signal.SIGKILL)  # leftovers of the group
-        self.pid = 0
-        self._close()
-        return os.waitstatus_to_exitcode(status)
-
-    def _reap(self) -> None:
-        with contextlib.suppress(ChildProcessError):
-            os.waitpid(self.pid, 0)
-        self.pid = 0
-        self._close()
-
-    def _close(self) -> None:
-        # The memfd stays open: the worker still reads the dead job's output from it.
-        if self.sock is not None:
-            self.sock.close()
-            self.sock = None
-
-    def recycle(self) -> None:
-        """End an idle job process; the next job starts a fresh one (memfd kept until then)."""
-        memfd, self.memfd = self.memfd, -1
-        self.stop()
-        self.memfd = memfd
-
-    def stop(self) -> None:
-        """Ask an idle job process to exit (closing its socket), and reap it."""
-        if not self.pid:
-            return
-        if self.sock is not None:
-            self.sock.close()
-            self.sock = None
-        try:
-            end = time.monotonic() + 2
-            while time.monotonic() < end:
-                done, _ = os.waitpid(self.pid, os.WNOHANG)
-                if done:
-                    self.pid = 0
-                    break
-                time.sleep(0.005)
-        except ChildProcessError:
-            self.pid = 0
-        if self.pid:
-            self.kill(0.5)
-        self._close()
-        if self.memfd >= 0:
-            os.close(self.memfd)
-            self.memfd = -1
+            code = invoke(spec, args)
+        except UsageError as exc:
+            print(f"Error: {exc.message}", file=sys.stderr)
+            return {"exit_code": EXIT_USAGE, "reason": str(Reason.EXIT_CODE), "error": exc.message}
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        except ForgeError as exc:
+            print(f"Error: {exc.message}", file=sys.stderr)
+            return {"exit_code": exc.exit_code, "reason": str(Reason.EXCEPTION), "error": exc.message}
+        except BaseException as exc:  # noqa: BLE001 - report everything the job raised
+            traceback.print_exc()
+            return {"exit_code": 1, "reason": str(Reason.EXCEPTION), "error": f"{type(exc).__name__}: {exc}"}
+        if code == 0:
+            return {"exit_code": 0}
+        return {"exit_code": code, "reason": str(Reason.EXIT_CODE), "error": f"exited with code {code}"}
+    finally:
+        if os.environ != {**_base_env, **env}:  # the job changed the environment: undo it
+            os.environ.clear()
+            os.environ.update(_base_env)
 
 
 def _close_inherited(keep: set[int]) -> None:
-    """Close every descriptor the fork copied from the worker (claims, sockets, watches)."""
+    """Close every descriptor the fork copied from the worker (sockets, watches, pipes)."""
     try:
         fds = [int(name) for name in os.listdir("/proc/self/fd")]
     except OSError:
@@ -194,80 +382,4 @@ def _close_inherited(keep: set[int]) -> None:
                 os.close(fd)
 
 
-def _child_main(sock: socket.socket, memfd: int, registry: CommandRegistry, lease_based: bool) -> None:
-    os.setpgid(0, 0)
-    _close_inherited({sock.fileno(), memfd})
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGUSR2, signal.SIGCONT, signal.SIGHUP,
-                signal.SIGALRM):
-        signal.signal(sig, signal.SIG_DFL)
-    signal.set_wakeup_fd(-1)
-    devnull = os.open(os.devnull, os.O_RDONLY)
-    os.dup2(devnull, 0)
-    os.close(devnull)
-    os.dup2(memfd, 1)
-    os.dup2(memfd, 2)
-    with contextlib.suppress(Exception):
-        sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
-        sys.stderr.reconfigure(line_buffering=True)  # type: ignore[union-attr]
-    # If the worker dies: under a lease the job must end at once (nobody renews the lease);
-    # under a lock it may finish, but SIGALRM (default action: terminate) ends it one second
-    # after its deadline in any case.
-    if lease_based:
-        from ._linux import set_parent_death_signal
-
-        set_parent_death_signal(signal.SIGKILL)
-    signal.signal(signal.SIGALRM, signal.SIG_DFL)
-    base_env = dict(os.environ)
-    while True:
-        try:
-            data, fds, _flags, _addr = socket.recv_fds(sock, _MSG_MAX, 16)
-        except OSError:
-            return
-        if not data:
-            return
-        msg = json.loads(data)
-        os.ftruncate(memfd, 0)
-        os.lseek(memfd, 0, os.SEEK_SET)
-        signal.setitimer(signal.ITIMER_REAL, max(msg["deadline"] - time.time(), 0) + 1.0)
-        job_env = {"FORGE_JOB_ID": msg["id"], "FORGE_JOB_ATTEMPT": str(msg["attempt"]), "FORGE_QUEUE": msg["queue"]}
-        os.environ.update(job_env)
-        reply = _run(registry, msg["command"], msg["args"])
-        if os.environ != {**base_env, **job_env}:  # the job changed the environment: undo it
-            os.environ.clear()
-            os.environ.update(base_env)
-        with contextlib.suppress(Exception):
-            sys.stdout.flush()
-            sys.stderr.flush()
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        for fd in fds:
-            with contextlib.suppress(OSError):
-                os.close(fd)
-        reply["maxrss_kb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        try:
-            sock.send(json.dumps(reply).encode())
-        except OSError:
-            return  # the worker is gone
-
-
-def _run(registry: CommandRegistry, name: str, args: list[str]) -> dict[str, Any]:
-    from .runner import invoke
-
-    spec = registry.get(name)
-    if spec is None:
-        return {"exit_code": 1, "reason": str(Reason.UNKNOWN_COMMAND), "error": f'Command "{name}" is not defined.'}
-    try:
-        code = invoke(spec, args)
-    except UsageError as exc:
-        print(f"Error: {exc.message}", file=sys.stderr)
-        return {"exit_code": EXIT_USAGE, "reason": str(Reason.EXIT_CODE), "error": exc.message}
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-    except ForgeError as exc:
-        print(f"Error: {exc.message}", file=sys.stderr)
-        return {"exit_code": exc.exit_code, "reason": str(Reason.EXCEPTION), "error": exc.message}
-    except BaseException as exc:  # noqa: BLE001 - report everything the job raised
-        traceback.print_exc()
-        return {"exit_code": 1, "reason": str(Reason.EXCEPTION), "error": f"{type(exc).__name__}: {exc}"}
-    if code == 0:
-        return {"exit_code": 0}
-    return {"exit_code": code, "reason": str(Reason.EXIT_CODE), "error": f"exited with code {code}"}
+BackendFactory = Callable[[], "Backend"]

@@ -1,13 +1,18 @@
-"""The worker: claims jobs, runs each in an isolated job process, and records the outcome.
+"""The worker: ``forge queue:work``. It supervises one job process (``forge.jobproc``).
 
-``Worker.run()`` is what ``forge queue:work`` calls. One job runs at a time per worker, as in
-Laravel; run several workers for parallelism.
+The job process claims a job, runs it, records the outcome and claims the next, with no
+process switch per job. The worker around it stays small and safe: it enforces timeouts by
+killing the job process's whole group, renews leases, copies long jobs' output to their logs
+as it appears, recovers abandoned jobs, handles signals, and when the job process dies
+mid-job it adopts the claim and records what happened. One job runs at a time per worker, as
+in Laravel; run several workers for parallelism.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import select
 import signal
 import socket
 import sys
@@ -16,13 +21,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TextIO
 
 from .backends.base import KILL_GRACE, Claim
 from .config import validate_queue_name
 from .errors import EXIT_MEMORY, QueueUnavailable, UsageError
-from .job import MAX_OUTPUT_TAIL, Event, Reason, backoff_delay
-from .jobproc import JobProcess
+from .job import Event, Reason, backoff_delay
+from .jobproc import PAUSE, STOP, OutputBuffer, SharedState, spawn
 
 if TYPE_CHECKING:
     from .backends.base import Backend
@@ -85,344 +90,372 @@ class WorkerOptions:
 Reporter = Callable[[str, dict[str, Any]], None]
 
 
-class _Wakeup(Exception):
-    """Raised by a signal handler to end an idle wait early."""
+def _no_report(event: str, data: dict[str, Any]) -> None:
+    return None
 
 
 @dataclass
 class Worker:
-    backend: Backend
+    """Runs jobs from ``options.queues`` until a stop condition; see ``run``."""
+
+    backend_factory: Callable[[], Backend]
     registry: CommandRegistry
     options: WorkerOptions = field(default_factory=WorkerOptions)
-    report: Reporter = lambda event, data: None
+    make_reporter: Callable[[TextIO], Reporter] = lambda stream: _no_report
     cwd: str | None = None  # where jobs run: the project root
 
     def __post_init__(self) -> None:
-        self.proc = JobProcess(self.registry, lease_based=self.backend.lease_based, cwd=self.cwd)
-        self.jobs_done = 0
-        self._stop: StopReason | None = None
+        self.backend = self.backend_factory()
+        self.report = self.make_reporter(sys.stdout)
+        self.shared = SharedState()
+        self.output = OutputBuffer(self.shared)
+        self.pid = 0
+        self.pidfd = -1
+        self.restart_seen: tuple[float | None] | None = None
         self._signals = 0
-        self._paused = False
-        self._idle = False
-        self._current: Claim | None = None
+        self._stop: StopReason | None = None
+        self._killed_for: str | None = None
+        self._outage = 0.0
+        self._respawn_at = self._respawn_delay = 0.0
         self._sig_r, self._sig_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
 
-    # -- signals --------------------------------------------------------------------------
+    # -- helpers shared with the job process ------------------------------------------------
 
-    def _on_stop_signal(self, signum: int, frame: Any) -> None:
-        self._signals += 1
-        self._stop = StopReason.SIGNAL if self._signals == 1 else StopReason.FORCED
-        with contextlib.suppress(OSError):
-            os.write(self._sig_w, b"x")
-        if self._idle and not self.backend.lease_based:
-            raise _Wakeup()
+    def job_timeout(self, claim: Claim) -> float:
+        return claim.job.timeout if claim.job.timeout is not None else self.options.timeout
 
-    def _on_pause(self, signum: int, frame: Any) -> None:
-        self._paused = signum == signal.SIGUSR2
-        self.report("paused" if self._paused else "resumed", {})
-        if self._idle and not self.backend.lease_based:
-            raise _Wakeup()
-
-    def install_signals(self) -> None:
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
-            signal.signal(sig, self._on_stop_signal)
-        signal.signal(signal.SIGUSR2, self._on_pause)
-        signal.signal(signal.SIGCONT, self._on_pause)
-
-    # -- the loop -------------------------------------------------------------------------
-
-    def _outage(self, exc: Exception) -> None:
-        """The queue's store is unreachable: log it once per try and back off (up to 10 s)."""
-        self._outage_delay = min(max(self._outage_delay * 2, 0.1), 10.0)
-        self.report("backend_unavailable", {"error": str(exc), "retry_in": self._outage_delay})
-        self._sleep(self._outage_delay)
-
-    def _record(self, action: Callable[[], None]) -> bool:
-        """Record a job's outcome, retrying through an outage until it lands (or a forced stop)."""
-        while True:
-            try:
-                action()
-                self._outage_delay = 0.0
-                return True
-            except QueueUnavailable as exc:
-                if self._stop is StopReason.FORCED:
-                    return False
-                self._outage(exc)
-
-    def run(self) -> StopReason:
-        opts = self.options
-        started = time.monotonic()
-        self._outage_delay = 0.0
-        restart_seen = None
-        while restart_seen is None:
-            try:
-                restart_seen = (self.backend.restart_requested_at(),)
-            except QueueUnavailable as exc:
-                if self._stop is not None:
-                    return self._stop
-                self._outage(exc)
-        self.report("worker_started", {"queues": list(opts.queues), "name": opts.name, "pid": os.getpid()})
-        next_maintenance = 0.0
-        next_restart_check = 0.0
-        reason: StopReason
-        try:
-            while True:
-                if self._stop is not None:
-                    reason = self._stop
-                    break
-                if opts.max_time and time.monotonic() - started >= opts.max_time:
-                    reason = StopReason.MAX_TIME
-                    break
-                now = time.monotonic()
-                try:
-                    if now >= next_restart_check:  # a stat or a round trip: not before every job
-                        if (self.backend.restart_requested_at(),) != restart_seen:
-                            reason = StopReason.RESTART
-                            break
-                        next_restart_check = now + 0.1
-                    if now >= next_maintenance:
-                        counts = self.backend.maintain(opts.tries)
-                        if any(counts.values()):
-                            self.report("maintenance", counts)
-                        next_maintenance = now + opts.maintenance_interval
-                    if not self.proc.alive:
-                        self.proc.start()  # fork before claiming: the fork must not copy a claim
-                    claim = None if self._paused else self.backend.claim(opts.queues, opts.name, opts.timeout)
-                    if claim is None:
-                        if opts.once or opts.stop_when_empty:
-                            reason = StopReason.EMPTY
-                            break
-                        self._idle_wait(next_maintenance)
-                        continue
-                except QueueUnavailable as exc:
-                    self._outage(exc)
-                    continue
-                if self._outage_delay:
-                    self.report("backend_available", {})
-                    self._outage_delay = 0.0
-                self.process(claim)
-                if self._stop is StopReason.FORCED:
-                    reason = StopReason.FORCED
-                    break
-                if opts.once:
-                    reason = StopReason.ONCE
-                    break
-                if opts.max_jobs and self.jobs_done >= opts.max_jobs:
-                    reason = StopReason.MAX_JOBS
-                    break
-                if opts.memory and rss_mb() >= opts.memory:
-                    reason = StopReason.MEMORY
-                    break
-                if opts.rest:
-                    self._sleep(opts.rest)
-        finally:
-            self.proc.stop()
-            self._idle = False
-        self.report("worker_stopped", {"reason": str(reason), "jobs": self.jobs_done})
-        return reason
-
-    def _idle_wait(self, next_maintenance: float) -> None:
-        timeout = self.options.sleep or 0.05
-        due = self.backend.next_due(self.options.queues)
-        if due is not None:
-            timeout = min(timeout, max(due - time.time(), 0.001))
-        timeout = min(timeout, max(next_maintenance - time.monotonic(), 0.001))
-        if self.backend.lease_based:
-            timeout = min(timeout, 1.0)  # signals cannot interrupt a blocking server call
-        self._idle = True
-        try:
-            if self._stop is None and not self._paused:
-                self.backend.wait(self.options.queues, timeout)
-            elif self._stop is None:
-                self._sleep(timeout)
-        except _Wakeup:
-            pass
-        finally:
-            self._idle = False
-
-    def _sleep(self, seconds: float) -> None:
-        self._idle = True
-        try:
-            time.sleep(seconds)
-        except _Wakeup:
-            pass
-        finally:
-            self._idle = False
-
-    # -- one job --------------------------------------------------------------------------
-
-    def process(self, claim: Claim) -> None:
-        """Run one claimed job to an outcome: ack, release with backoff, or fail."""
+    def event_info(self, claim: Claim, started: float) -> dict[str, Any]:
         job = claim.job
-        started = time.time()
-        when = datetime.fromtimestamp(started).strftime("%Y-%m-%d %H:%M:%S")
-        info = {"job_id": job.id, "command": job.command, "queue": job.queue, "attempt": claim.attempt,
-                "time": when}
-        self._current = claim
-        try:
-            if self.registry.get(job.command) is None:
-                self._finish(claim, {"exit_code": 1, "reason": str(Reason.UNKNOWN_COMMAND),
-                                     "error": f'Command "{job.command}" is not defined (renamed or removed since dispatch).'},
-                             started, info, retry=False)
-                return
-            self.report("starting", info)
-            reply = self._execute(claim)
-            if reply is None:  # forced stop: hand the job back without counting this attempt
-                self._record(lambda: self.backend.release(claim, None, 0))
-                self.report("released", {**info, "reason": "interrupted", "counted": False})
-                return
-            self._finish(claim, reply, started, info, retry=True)
-        finally:
-            self._current = None
+        return {"job_id": job.id, "command": job.command, "queue": job.queue, "attempt": claim.attempt,
+                "time": datetime.fromtimestamp(started).strftime("%Y-%m-%d %H:%M:%S")}
 
-    def _execute(self, claim: Claim) -> dict[str, Any] | None:
+    def record(self, claim: Claim, reply: dict[str, Any], started: float, info: dict[str, Any],
+               *, tail: str, retry: bool) -> None:
+        """Acknowledge, release with backoff, or fail the claim according to ``reply``."""
         job, opts = claim.job, self.options
-        if not self.proc.alive:
-            self.proc.start()  # a fresh process closes the claim descriptors it inherits
-        timeout = job.timeout if job.timeout is not None else opts.timeout
-        deadline = claim.claimed_at + timeout
-        msg = {"id": job.id, "attempt": claim.attempt, "queue": job.queue, "command": job.command,
-               "args": list(job.args), "deadline": claim.deadline}
-        self.proc.send(msg, claim.fds)
-        next_beat = time.time() + opts.heartbeat_interval
-        next_flush = time.time() + 0.5
-        while True:
-            now = time.time()
-            wake = min(deadline, next_flush)
-            if claim.lease_until is not None:
-                wake = min(wake, next_beat)
-            reply = self.proc.receive(wake - now, [self._sig_r])
-            if reply is not None:
-                break
-            self._drain_signal_pipe()
-            now = time.time()
-            if self._stop is StopReason.FORCED:
-                self.proc.kill(min(opts.grace, 1.0))
-                self._save_output(job.id)
-                return None
-            if now >= deadline:
-                self.proc.kill(opts.grace)
-                self._save_output(job.id)
-                return {"exit_code": -int(signal.SIGKILL), "reason": str(Reason.TIMEOUT),
-                        "error": f"timed out after {timeout:g} s"}
-            if now >= next_flush:
-                self._save_output(job.id)
-                next_flush = now + 0.5
-            if claim.lease_until is not None and now >= next_beat:
-                next_beat = now + opts.heartbeat_interval
-                ok = False
-                with contextlib.suppress(Exception):
-                    ok = self.backend.heartbeat(claim)
-                if not ok and now >= claim.lease_until - opts.heartbeat_interval:
-                    # The lease is about to lapse and cannot be renewed: another worker may take
-                    # the job, so this run must end now.
-                    self.proc.kill(min(opts.grace, 1.0))
-                    return {"exit_code": -int(signal.SIGKILL), "reason": str(Reason.ABANDONED),
-                            "error": "lost the job's lease (queue server unreachable)", "lost": True}
-        if not reply:  # the job process died without a reply
-            status = self.proc.exit_status()
-            desc = f"killed by signal {-status}" if status and status < 0 else f"exited with status {status}"
-            reply = {"exit_code": status if status else 1, "reason": str(Reason.EXIT_CODE),
-                     "error": f"job process {desc}"}
-        else:
-            self.proc.jobs_run += 1
-        self._save_output(job.id)
-        rss_kb = reply.get("maxrss_kb", 0)
-        if self.proc.alive and (self.proc.jobs_run >= opts.recycle_after
-                                or (opts.memory and rss_kb / 1024 >= opts.memory)):
-            self.proc.recycle()
-        return reply
-
-    def _drain_signal_pipe(self) -> None:
-        with contextlib.suppress(BlockingIOError, OSError):
-            while os.read(self._sig_r, 64):
-                pass
-
-    def _save_output(self, job_id: str) -> None:
-        if self.proc.memfd < 0:
-            return
-        data = self.proc.read_output()
-        if data:
-            with contextlib.suppress(Exception):
-                self.backend.append_log(job_id, data)
-
-    def _finish(self, claim: Claim, reply: dict[str, Any], started: float, info: dict[str, Any],
-                *, retry: bool) -> None:
-        job, opts = claim.job, self.options
-        self.jobs_done += 1
         duration = time.time() - started
         ms = round(duration * 1000, 1)
         code = reply.get("exit_code", 1)
-        if reply.get("lost"):
-            self.report("failed", {**info, "duration_ms": ms, "reason": reply["reason"], "error": reply["error"],
-                                   "lost": True})
-            return
         if code == 0:
             done = Event("done", claim.attempt, time.time(), worker=opts.name, exit_code=0,
                          duration=round(duration, 6))
-            self._record(lambda: self.backend.ack(claim, done))
+            self._durably(lambda: self.backend.ack(claim, done))
             self.report("done", {**info, "duration_ms": ms})
             return
-        ran = reply.get("reason") != Reason.UNKNOWN_COMMAND
-        tail = self.proc.output_tail(MAX_OUTPUT_TAIL) if ran and self.proc.memfd >= 0 else ""
-        tries = job.max_attempts or opts.tries
-        final = not retry or claim.attempt >= tries
+        final = not retry or claim.attempt >= (job.max_attempts or opts.tries)
         event = Event("failed" if final else "released", claim.attempt, time.time(), worker=opts.name,
                       reason=reply.get("reason"), error=reply.get("error"), exit_code=code,
                       duration=round(duration, 6), output_tail=tail or None)
         data = {**info, "duration_ms": ms, "reason": reply.get("reason"), "error": reply.get("error"),
                 "exit_code": code}
         if final:
-            self._record(lambda: self.backend.fail(claim, event))
+            self._durably(lambda: self.backend.fail(claim, event))
             self.report("failed", data)
         else:
             delay = backoff_delay(job.backoff if job.backoff is not None else opts.backoff, claim.attempt)
-            self._record(lambda: self.backend.release(claim, event, delay))
+            self._durably(lambda: self.backend.release(claim, event, delay))
             self.report("released", {**data, "retry_in": delay})
 
+    def _durably(self, action: Callable[[], None]) -> None:
+        """Record an outcome, retrying through a store outage until it lands."""
+        delay = 0.1
+        while True:
+            try:
+                action()
+                return
+            except QueueUnavailable as exc:
+                self.report("backend_unavailable", {"error": str(exc), "retry_in": delay})
+                time.sleep(delay)
+                delay = min(delay * 2, 10.0)
 
-def rss_mb() -> float:
-    """This process's resident memory in MB."""
-    try:
-        with open("/proc/self/statm", "rb") as fh:
-            pages = int(fh.read().split()[1])
-        return pages * os.sysconf("SC_PAGE_SIZE") / (1024 * 1024)
-    except (OSError, ValueError, IndexError):  # pragma: no cover - non-Linux
-        import resource
+    # -- signals ----------------------------------------------------------------------------
 
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    def _on_stop_signal(self, signum: int, frame: Any) -> None:
+        self._signals += 1
+        self._stop = StopReason.SIGNAL if self._signals == 1 else StopReason.FORCED
+
+    def _on_pause(self, signum: int, frame: Any) -> None:
+        paused = signum == signal.SIGUSR2
+        self.shared.set_flag(PAUSE, paused)
+        self.report("paused" if paused else "resumed", {})
+
+    def install_signals(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
+            signal.signal(sig, self._on_stop_signal)
+        signal.signal(signal.SIGUSR2, self._on_pause)
+        signal.signal(signal.SIGCONT, self._on_pause)
+        signal.set_wakeup_fd(self._sig_w, warn_on_full_buffer=False)
+
+    # -- the supervisor loop ------------------------------------------------------------------
+
+    def run(self) -> StopReason:
+        opts = self.options
+        started = time.monotonic()
+        self.report("worker_started", {"queues": list(opts.queues), "name": opts.name, "pid": os.getpid()})
+        self.restart_seen = self._call(lambda: (self.backend.restart_requested_at(),))
+        next_maintenance = 0.0
+        next_flush = next_beat = 0.0
+        reason: StopReason | None = None
+        try:
+            while reason is None:
+                now = time.monotonic()
+                if now >= next_maintenance:
+                    counts = self._call(lambda: self.backend.maintain(opts.tries))
+                    if counts and any(counts.values()):
+                        self.report("maintenance", counts)
+                    next_maintenance = now + opts.maintenance_interval
+                if opts.max_time and now - started >= opts.max_time and self._stop is None:
+                    self._stop = StopReason.MAX_TIME
+                if self._stop is not None and not self.pid:
+                    reason = self._stop
+                    break
+                if self._stop is StopReason.FORCED:
+                    self._kill("forced")
+                elif self._stop is not None and not self.shared.flag(STOP):
+                    self.shared.set_flag(STOP, True)
+                    self._wake_job_process()
+                if not self.pid:
+                    if self._outage and not self._store_reachable():
+                        self._pause_for_outage()
+                        continue
+                    if time.monotonic() < self._respawn_at:
+                        self._wait(self._respawn_at - time.monotonic())
+                        continue
+                    self.shared.set_record(None)
+                    self.pid = spawn(self)
+                    self.pidfd = os.pidfd_open(self.pid)
+                record = self.shared.record()
+                wake = next_maintenance
+                if opts.max_time:
+                    wake = min(wake, started + opts.max_time)
+                running = bool(record and "id" in record)
+                if running:
+                    assert record is not None
+                    deadline = record["timeout_at"]
+                    now_wall = time.time()
+                    if now_wall >= deadline:
+                        self._kill("timeout")
+                        continue
+                    mono_offset = time.monotonic() - now_wall
+                    wake = min(wake, deadline + mono_offset, next_flush)
+                    if now >= next_flush:
+                        self.output.flush_to_log(self.backend, record["id"])
+                        next_flush = now + 0.5
+                    if record.get("lease_until") is not None:
+                        if now >= next_beat:
+                            self._heartbeat(record)
+                            next_beat = now + opts.heartbeat_interval
+                        wake = min(wake, next_beat)
+                # Poll the job record at least every 0.1 s: a job that starts while the worker
+                # sleeps must still have its timeout enforced (the job process never wakes us).
+                self._wait(min(max(wake - time.monotonic(), 0.0), 0.1))
+        finally:
+            if self.pid:
+                self._kill("forced")
+            self.backend.close()
+        self.report("worker_stopped", {"reason": str(reason), "jobs": self.shared.jobs_done})
+        return reason
+
+    def _call(self, fn: Callable[[], Any]) -> Any:
+        """Call the store; on an outage log it, remember it, and return None."""
+        try:
+            result = fn()
+        except QueueUnavailable as exc:
+            self._outage = min(max(self._outage * 2, 0.5), 10.0)
+            self.report("backend_unavailable", {"error": str(exc), "retry_in": self._outage})
+            return None
+        if self._outage:
+            self._outage = 0.0
+            self.report("backend_available", {})
+        return result
+
+    def _store_reachable(self) -> bool:
+        return self._call(lambda: self.backend.paused()) is not None
+
+    def _pause_for_outage(self) -> None:
+        self._wait(self._outage)
+
+    def _wait(self, timeout: float) -> None:
+        fds = [self._sig_r] + ([self.pidfd] if self.pidfd >= 0 else [])
+        with contextlib.suppress(InterruptedError):
+            ready, _, _ = select.select(fds, [], [], timeout)
+            if self._sig_r in ready:
+                with contextlib.suppress(BlockingIOError, OSError):
+                    while os.read(self._sig_r, 64):
+                        pass
+            if self.pidfd >= 0 and self.pidfd in ready:
+                self._reap()
+
+    def _wake_job_process(self) -> None:
+        if self.pid:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGUSR1)
+
+    def _kill(self, why: str) -> None:
+        """End the job process's whole group: SIGTERM, up to the grace period, then SIGKILL."""
+        if not self.pid:
+            return
+        self._killed_for = why
+        grace = self.options.grace if why == "timeout" else min(self.options.grace, 1.0)
+        pgid = self.pid
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pgid, signal.SIGTERM)
+        end = time.monotonic() + grace
+        status = None
+        while time.monotonic() < end:
+            if status is None:
+                done, st = os.waitpid(self.pid, os.WNOHANG)
+                if done:
+                    status = st
+            if status is not None:
+                try:
+                    os.killpg(pgid, 0)  # anyone left in the group (a grandchild)?
+                except ProcessLookupError:
+                    break
+            time.sleep(0.01)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pgid, signal.SIGKILL)
+        self._reap(status)
+
+    def _reap(self, status: int | None = None) -> None:
+        """The job process ended: record its running job's outcome, or learn why it stopped."""
+        try:
+            if status is None:
+                _, status = os.waitpid(self.pid, 0)
+            code = os.waitstatus_to_exitcode(status)
+        except ChildProcessError:
+            code = 0
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.pid, signal.SIGKILL)  # leftovers of the job's group
+        os.close(self.pidfd)
+        self.pid, self.pidfd = 0, -1
+        why, self._killed_for = self._killed_for, None
+        record = self.shared.record() or {}
+        self.shared.set_record(None)
+        if "id" in record:
+            self._adopt_and_record(record, code, why)
+            done = self.shared.add_job()
+            opts = self.options
+            if opts.once and self._stop is None:
+                self._stop = StopReason.ONCE
+            if opts.max_jobs and done >= opts.max_jobs and self._stop is None:
+                self._stop = StopReason.MAX_JOBS
+            return
+        exit_reason = record.get("exit")
+        if exit_reason is None and why is None:
+            # It died between jobs (a bug or a broken environment): do not respawn in a loop.
+            self._respawn_delay = min(max(self._respawn_delay * 2, 0.5), 30.0)
+            self.report("job_process_died", {"status": code, "retry_in": self._respawn_delay})
+            self._respawn_at = time.monotonic() + self._respawn_delay
+            return
+        self._respawn_delay = 0.0
+        if exit_reason in ("empty", "once", "max_jobs", "memory", "restart"):
+            if self._stop is None or self._stop is StopReason.SIGNAL and exit_reason != "signal":
+                self._stop = StopReason(exit_reason)
+        elif exit_reason == "signal" and self._stop is None:
+            self._stop = StopReason.SIGNAL  # the worker's parent went away
+
+    def _adopt_and_record(self, record: dict[str, Any], code: int, why: str | None) -> None:
+        claim = None
+        for _ in range(50):
+            try:
+                claim = self.backend.adopt(record["ref"])
+                break
+            except QueueUnavailable as exc:
+                self.report("backend_unavailable", {"error": str(exc), "retry_in": 0.2})
+                time.sleep(0.2)
+        if claim is None:
+            return  # finished or recovered meanwhile; or a descendant still holds it
+        tail = self.output.tail(2048) if self.output.size() else ""
+        self.output.flush_to_log(self.backend, record["id"], reset=True)
+        info = {k: record[k] for k in ("command", "queue", "attempt")} | {
+            "job_id": record["id"],
+            "time": datetime.fromtimestamp(record["started"]).strftime("%Y-%m-%d %H:%M:%S")}
+        if why == "forced":
+            self._durably(lambda: self.backend.release(claim, None, 0))
+            self.report("released", {**info, "reason": "interrupted", "counted": False})
+            return
+        if why == "timeout":
+            timeout = record["timeout_at"] - claim.claimed_at
+            reply = {"exit_code": -int(signal.SIGKILL), "reason": str(Reason.TIMEOUT),
+                     "error": f"timed out after {timeout:g} s"}
+        elif why == "lease":
+            reply = {"exit_code": -int(signal.SIGKILL), "reason": str(Reason.ABANDONED),
+                     "error": "lost the job's lease (queue server unreachable)"}
+        else:
+            desc = f"killed by signal {-code}" if code < 0 else f"exited with status {code}"
+            reply = {"exit_code": code or 1, "reason": str(Reason.EXIT_CODE), "error": f"job process {desc}"}
+        self.record(claim, reply, record["started"], info, tail=tail, retry=True)
+
+    def _heartbeat(self, record: dict[str, Any]) -> None:
+        ok = False
+        lease_until = record.get("lease_until") or 0.0
+        try:
+            claim = self.backend.adopt(record["ref"])
+            if claim is not None:
+                ok = self.backend.heartbeat(claim)
+                lease_until = claim.lease_until or lease_until
+                record["lease_until"] = lease_until
+        except QueueUnavailable:
+            ok = False
+        if not ok and time.time() >= lease_until - self.options.heartbeat_interval:
+            # The lease is about to lapse and cannot be renewed: another worker may take the
+            # job, so this run must end now.
+            self._kill("lease")
 
 
-def console_reporter(json_out: bool, verbose: bool = False) -> Reporter:
+def console_reporter(json_out: bool, verbose: bool = False) -> Callable[[TextIO], Reporter]:
     """Laravel-style lines for people, or one JSON object per event for log shippers."""
-    from . import output
+    import json
 
-    if json_out:
-        def report_json(event: str, data: dict[str, Any]) -> None:
-            output.print_jsonl({"event": event, "ts": time.time(), **data})
+    def make(stream: TextIO) -> Reporter:
+        try:
+            tty = stream.isatty() and os.environ.get("TERM") != "dumb"
+        except (AttributeError, ValueError):
+            tty = False
 
-        return report_json
+        def emit(text: str) -> None:
+            with contextlib.suppress(OSError, ValueError):
+                stream.write(text + "\n")
+                stream.flush()
 
-    def report_human(event: str, data: dict[str, Any]) -> None:
-        if event == "starting":
-            output.status_print(output.status_line(data["time"], data["command"], "RUNNING"), "RUNNING")
-        elif event in ("done", "failed", "released"):
-            status = {"done": "DONE", "failed": "FAIL", "released": "RETRY"}[event]
-            detail = f"{data.get('duration_ms', 0):.0f} ms" if "duration_ms" in data else ""
-            when = datetime.now().strftime("%Y-%m-%d %H:%M:%S")
-            output.status_print(output.status_line(when, data["command"], status, detail), status)
-            if event != "done" and data.get("error"):
-                sys.stdout.write(f"    {data.get('reason')}: {data['error']}\n")
-        elif event == "backend_unavailable":
-            output.warn(f"Queue unavailable: {data['error']} (retrying in {data['retry_in']:.1f} s)")
-        elif event == "backend_available":
-            output.info("Queue available again.")
-        elif event == "worker_stopped":
-            output.info(f"Worker stopped ({data['reason']}) after {data['jobs']} jobs.")
-        elif event in ("paused", "resumed") or (verbose and event in ("maintenance", "worker_started")):
-            output.info(f"{event}: {data}")
+        if json_out:
+            def report_json(event: str, data: dict[str, Any]) -> None:
+                emit(json.dumps({"event": event, "ts": time.time(), **data}, default=str))
 
-    return report_human
+            return report_json
+
+        colours = {"DONE": "32", "FAIL": "31", "RUNNING": "33", "RETRY": "33"}
+
+        def status(when: str, name: str, word: str, detail: str = "") -> None:
+            from .output import status_line
+
+            text = status_line(when, name, word, detail)
+            if tty:
+                text = text[: -len(word)] + f"\x1b[1;{colours[word]}m{word}\x1b[0m"
+            emit(text)
+
+        def report_human(event: str, data: dict[str, Any]) -> None:
+            if event == "starting":
+                status(data["time"], data["command"], "RUNNING")
+            elif event in ("done", "failed", "released"):
+                word = {"done": "DONE", "failed": "FAIL", "released": "RETRY"}[event]
+                detail = f"{data['duration_ms']:.0f} ms" if "duration_ms" in data else ""
+                status(datetime.now().strftime("%Y-%m-%d %H:%M:%S"), data["command"], word, detail)
+                if event != "done" and data.get("error"):
+                    emit(f"    {data.get('reason')}: {data['error']}")
+            elif event == "backend_unavailable":
+                emit(f"Queue unavailable: {data['error']} (retrying in {data['retry_in']:.1f} s)")
+            elif event == "backend_available":
+                emit("Queue available again.")
+            elif event == "worker_stopped":
+                emit(f"Worker stopped ({data['reason']}) after {data['jobs']} jobs.")
+            elif event in ("paused", "resumed") or (verbose and event in ("maintenance", "worker_started")):
+                emit(f"{event}: {data}")
+
+        return report_human
+
+    return make
 
 
 def parse_queues(value: str | Sequence[str]) -> tuple[str, ...]:

@@ -311,3 +311,31 @@ def test_bad_worker_options_exit_2(project: Path, args: list[str]) -> None:
     res = run_worker(*args, "--once")
     assert res.returncode == 2, (res.stdout, res.stderr)
     assert res.stderr.count("\n") <= 2 and "Error" in res.stderr
+
+
+def test_job_process_crash_is_recorded_and_worker_goes_on(project: Path) -> None:
+    q = CommandQueue()
+    crash = q.dispatch(probe("--say", "before the crash", "--crash").with_max_attempts(2))
+    fine = q.dispatch(probe("fine"))
+    res = run_worker("--stop-when-empty", "--json")
+    assert res.returncode == 0, res.stderr
+    info = q.backend.find(crash)
+    assert info.state == State.FAILED and info.attempts == 2
+    assert info.failure.reason == "exit_code" and "signal 9" in info.failure.error
+    assert "before the crash" in (info.failure.output_tail or "")
+    assert q.backend.find(fine).state == State.DONE
+
+
+def test_job_killing_only_the_supervisor_runs_at_most_twice(project: Path) -> None:
+    """The supervisor dies mid-job; its job process finishes the job and records it."""
+    q = CommandQueue()
+    job_id = q.dispatch(probe("--sleep", "0.5").with_max_attempts(3))
+    worker = start_worker("--sleep=0.1")
+    wait_for(lambda: ledger_lines(project))
+    os.kill(worker.pid, signal.SIGKILL)
+    worker.wait()
+    wait_for(lambda: ends(project), timeout=10)
+    time.sleep(0.3)
+    run_worker("--stop-when-empty")
+    assert q.backend.find(job_id).state == State.DONE
+    assert len(ends(project)) == 1  # recorded by the job process: no rerun needed

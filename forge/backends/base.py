@@ -23,10 +23,11 @@ class Claim:
     """A job held by one worker for one attempt.
 
     ``attempt`` was counted durably when the claim was made. ``fds`` are file descriptors
-    whose lifetime keeps the claim alive (the file backend's locked job file): a job process
-    that inherits them keeps the job from being recovered while it runs. ``lease_until`` is
+    whose lifetime keeps the claim alive (the file backend's locked job file): the process
+    that holds them keeps the job from being recovered while it runs. ``lease_until`` is
     set by lease-based backends; the worker must call ``heartbeat`` before it passes and kill
-    the job if it cannot.
+    the job if it cannot. ``ref`` names the claim in a string, so that another process (the
+    worker supervising the job process) can ``adopt`` it.
     """
 
     job: Job
@@ -36,6 +37,7 @@ class Claim:
     lease_until: float | None = None
     fds: list[int] = field(default_factory=list)
     handle: Any = None
+    ref: str = ""
 
     @property
     def queue(self) -> str:
@@ -88,6 +90,11 @@ class Backend(Protocol):
 
     def heartbeat(self, claim: Claim) -> bool:
         """Extend a lease (no-op for lock-based backends). False if the claim was lost."""
+
+    def adopt(self, ref: str) -> Claim | None:
+        """Take over the claim named ``ref`` (``Claim.ref``) from a process that is gone or
+        was killed, to record its outcome. None if the job was finished or recovered
+        meanwhile, or (lock-based) if a live process still holds it."""
 
     def ack(self, claim: Claim, event: Event) -> None:
         """The attempt succeeded: the job moves to done (kept for the retention), key freed."""

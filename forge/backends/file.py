@@ -474,7 +474,30 @@ class FileBackend:
             if self.lock_mode == "lease":
                 os.close(fd)
                 raise
-        return Claim(job, attempt, now, deadline, None, [fd], (fd, reserved))
+        return Claim(job, attempt, now, deadline, None, [fd], (fd, reserved), f"{queue}/{reserved.name}")
+
+    def adopt(self, ref: str) -> Claim | None:
+        queue, _, name = ref.partition("/")
+        m = RESERVED_RE.match(name)
+        if m is None or not _safe_queue(queue):
+            raise UsageError(f"Invalid claim reference {ref!r}.")
+        path = self._qdir(queue) / "reserved" / name
+        fd = self._open_job(path)
+        if fd is None:
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if os.stat(path).st_ino != os.fstat(fd).st_ino:
+                raise FileNotFoundError(path)
+            job, events = decode_file(os.pread(fd, MAX_FILE_BYTES + 1, 0))
+        except (OSError, CorruptJob):
+            os.close(fd)
+            return None
+        attempt = int(m.group(2))
+        claimed = [e for e in events if e.event == "claimed" and e.attempt == attempt]
+        at = claimed[-1].at if claimed else time.time()
+        deadline = claimed[-1].deadline if claimed and claimed[-1].deadline else at
+        return Claim(job, attempt, at, deadline, None, [fd], (fd, path), ref)
 
     def _open_job(self, path: Path) -> int | None:
         """Open a job file safely, or quarantine it with the reason; None if gone or refused."""

@@ -34,7 +34,6 @@ def work(
     """Process jobs from the queues until stopped (SIGTERM/SIGINT finish the current job first)."""
     from ..config import load_settings
     from ..discovery import build_registry
-    from ..queue import connect
     from ..worker import Worker, WorkerOptions, console_reporter, parse_queues
 
     settings = load_settings()
@@ -55,9 +54,12 @@ def work(
         memory=memory,
         name=name or "",
     )
-    backend = connect(connection, settings)
+    from ..backends import open_backend
+
+    conn = settings.connection_config(connection)
     registry = build_registry(settings)
-    worker = Worker(backend, registry, options, console_reporter(json_out, verbose), cwd=str(settings.root))
+    worker = Worker(lambda: open_backend(conn, done_retention=settings.done_retention), registry, options,
+                    console_reporter(json_out, verbose), cwd=str(settings.root))
     worker.install_signals()
     reason = worker.run()
     return reason.exit_code

@@ -40,7 +40,8 @@ def run(
     sleep: Annotated[float, typer.Option(help="Seconds to sleep.")] = 0.0,
     exit_code: Annotated[int, typer.Option(help="Exit with this code.")] = 0,
     fail: Annotated[bool, typer.Option("--fail", help="Raise an exception.")] = False,
-    kill_worker: Annotated[bool, typer.Option("--kill-worker", help="SIGKILL the worker.")] = False,
+    kill_worker: Annotated[bool, typer.Option("--kill-worker", help="SIGKILL the worker: its supervisor and this job process.")] = False,
+    crash: Annotated[bool, typer.Option("--crash", help="SIGKILL this job process only.")] = False,
     ignore_term: Annotated[bool, typer.Option("--ignore-term", help="Ignore SIGTERM.")] = False,
     grandchild: Annotated[str | None, typer.Option(help="Start a sleeping grandchild; write its pid here.")] = None,
     say: Annotated[str | None, typer.Option(help="Print this.")] = None,
@@ -59,6 +60,9 @@ def run(
             fh.write(str(child.pid))
     if kill_worker:
         os.kill(os.getppid(), signal.SIGKILL)
+        os.kill(os.getpid(), signal.SIGKILL)
+    if crash:
+        os.kill(os.getpid(), signal.SIGKILL)
     if sleep:
         time.sleep(sleep)
     _ledger("end", {"start": start, "end": time.time(), "args": args or []})
@@ -76,3 +80,13 @@ def env() -> None:
 @command("probe:noop")
 def noop() -> None:
     """Do nothing (for throughput tests)."""
+
+
+@command("probe:tick")
+def tick(ms: Annotated[int, typer.Argument(help="Milliseconds to sleep.")] = 0) -> None:
+    """Record a start and an end line in the ledger, sleeping ``ms`` between (cheap: for soaks)."""
+    start = time.time()
+    _ledger("start", {"start": start, "args": []})
+    if ms:
+        time.sleep(ms / 1000)
+    _ledger("end", {"start": start, "end": time.time(), "args": []})
