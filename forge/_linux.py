@@ -13,9 +13,14 @@ from collections.abc import Iterable
 
 _libc: ctypes.CDLL | None
 try:
-    _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    # Not ctypes.util.find_library first: it runs `/sbin/ldconfig -p` in a subprocess (a shell
+    # script on some distributions) in every process that imports this module.
+    _libc = ctypes.CDLL("libc.so.6", use_errno=True)
 except OSError:  # pragma: no cover - non-glibc platforms
-    _libc = None
+    try:
+        _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    except OSError:
+        _libc = None
 
 IN_CREATE = 0x00000100
 IN_MOVED_TO = 0x00000080
