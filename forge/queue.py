@@ -10,7 +10,6 @@ stored durably (see the README's delivery contract).
 
 from __future__ import annotations
 
-import asyncio
 import math
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -333,9 +332,13 @@ class CommandQueue:
         return _dispatch_record(job)
 
     async def adispatch(self, cmd: QueuedCommand) -> str:
+        import asyncio  # not at module level: it costs 30 ms of every CLI start
+
         return await asyncio.to_thread(self.dispatch, cmd)
 
     async def adispatch_many(self, cmds: Iterable[QueuedCommand]) -> list[str]:
+        import asyncio
+
         cmds = list(cmds)
         return await asyncio.to_thread(self.dispatch_many, cmds)
 
