@@ -1,0 +1,964 @@
+"""The Redis backend: the same queue as the file backend, shared by workers on many hosts.
+
+Every state change is one Lua script run atomically on the server, with the server's ``TIME``
+as the clock, so no transition is ever a read-then-write race between hosts. Records are the
+file backend's JSON lines (``Job.to_json`` then one ``Event.to_json`` per event), never pickle.
+
+Key layout (``P`` is the configured prefix, ``forge`` by default; Redis Cluster is not
+supported: every key of one prefix must live on one server)::
+
+    P:job:<id>              STRING  the job's JSON line, then one line per event (APPEND)
+    P:info:<id>             HASH    queue, state (pending|delayed|reserved|done|failed),
+                                    attempts, avail (due time, us), timeout (us, or ""),
+                                    ukey (hashed unique key, or ""), and while reserved:
+                                    token (the claim's fence), claimed and deadline (us);
+                                    at (us) once done or failed
+    P:q:<queue>:pending     LIST    ids due now, FIFO (RPUSH in, LPOP out)
+    P:q:<queue>:delayed     ZSET    ids not yet due, scored by due time (us)
+    P:q:<queue>:reserved    ZSET    claimed ids, scored by lease expiry (us)
+    P:q:<queue>:done        ZSET    finished ids, scored by finish time (us), kept for the retention
+    P:q:<queue>:failed      ZSET    failed ids, scored by failure time (us)
+    P:q:<queue>:notify      LIST    wake-up tokens (at most 8) that idle workers BLPOP on
+    P:queues                SET     names of queues that hold or have held jobs
+    P:paused                SET     paused queue names
+    P:unique:<sha256[:40]>  STRING  id of the job holding a unique key (PX = the key's ttl)
+    P:log:<id>              STRING  captured job output, capped at 1 MiB
+    P:restart               STRING  time of the last ``queue:restart``
+
+Due delayed jobs move from ``delayed`` to the tail of ``pending`` in due order whenever a job
+enters ``pending`` or a worker claims, so FIFO order is the order in which jobs became due.
+A claim is fenced by a random token: ``ack``/``release``/``fail``/``heartbeat`` act only if the
+job is still reserved under that token, so a claim recovered after its lease expired can never
+be finished twice; ``Claim.ref`` is ``<id>/<token>``, which is all ``adopt`` needs. Times handed
+back (``Claim`` deadlines and leases, ``next_due``, ``updated_at``) are on the local clock,
+converted with the offset measured from the server's ``TIME``; a delayed job's due time is
+stored on the server's clock.
+
+Durability is the server's: an acknowledged dispatch survives a Redis restart with
+``appendonly yes`` (``appendfsync always`` for a crash of the machine; ``everysec`` loses up to
+one second), and only up to the last snapshot with RDB alone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import heapq
+import json
+import os
+import re
+import time
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from ..config import Connection, mask_url, validate_queue_name
+from ..errors import (
+    ConfigError,
+    DispatchFailed,
+    DuplicateJob,
+    QueueError,
+    QueueUnavailable,
+    UsageError,
+)
+from ..job import (
+    MAX_PAYLOAD_BYTES,
+    CorruptJob,
+    Event,
+    Job,
+    JobInfo,
+    Reason,
+    State,
+    backoff_delay,
+    decode_file,
+    valid_id,
+)
+from .base import KILL_GRACE, LEASE_MARGIN, Claim, QueueStats
+
+try:
+    import redis as _redis
+    from redis import exceptions as _rx
+    from redis.backoff import ExponentialWithJitterBackoff
+    from redis.retry import Retry
+except ImportError:  # pragma: no cover - exercised by monkeypatching _redis
+    _redis = None  # type: ignore[assignment]
+
+#: Longest a lease runs without a heartbeat (it is shorter when the job's deadline is nearer).
+LEASE_WINDOW = 30.0
+LOG_CAP = 1024 * 1024
+#: Longest single BLPOP; the worker simply waits again. Below the socket timeout.
+BLOCK_CAP = 5.0
+CHUNK = 100
+SKEW_TTL = 60.0
+PROMOTE_BATCH = 1000
+_SCHEMES = ("redis://", "rediss://", "unix://")
+_UNAVAILABLE_REPLIES = ("BUSY", "LOADING", "READONLY", "MASTERDOWN", "NOAUTH", "WRONGPASS",
+                        "NOPERM", "CLUSTERDOWN", "TRYAGAIN", "NOREPLICAS")
+
+
+def _us(seconds: float) -> int:
+    return int(round(seconds * 1_000_000))
+
+
+# -- server-side scripts ----------------------------------------------------------------------
+# ARGV[1] is always the key prefix. Numbers cross the Lua boundary as strings of integer
+# microseconds: Lua's tostring would round a timestamp to 14 digits.
+
+_PRELUDE = r"""
+if redis.replicate_commands then redis.replicate_commands() end
+local P = ARGV[1]
+local function now_us()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000000 + tonumber(t[2])
+end
+local function us(x) return string.format('%d', x) end
+local function secs(x)
+  return string.format('%d.%06d', math.floor(x / 1000000), x % 1000000)
+end
+local function qk(q, what) return P .. ':q:' .. q .. ':' .. what end
+local function ik(id) return P .. ':info:' .. id end
+local function jk(id) return P .. ':job:' .. id end
+local function notify(q)
+  local k = qk(q, 'notify')
+  redis.call('RPUSH', k, '1')
+  redis.call('LTRIM', k, -8, -1)
+end
+local function promote(q, now)
+  local dk = qk(q, 'delayed')
+  local due = redis.call('ZRANGEBYSCORE', dk, '-inf', us(now), 'LIMIT', 0, PROMOTE_BATCH)
+  if #due == 0 then return 0 end
+  local pk = qk(q, 'pending')
+  for _, id in ipairs(due) do
+    redis.call('ZREM', dk, id)
+    redis.call('RPUSH', pk, id)
+    redis.call('HSET', ik(id), 'state', 'pending')
+  end
+  return #due
+end
+local function enqueue(id, q, now, delay)
+  if delay <= 0 then
+    promote(q, now)
+    redis.call('RPUSH', qk(q, 'pending'), id)
+    redis.call('HSET', ik(id), 'state', 'pending', 'avail', us(now))
+  else
+    redis.call('ZADD', qk(q, 'delayed'), us(now + delay), id)
+    redis.call('HSET', ik(id), 'state', 'delayed', 'avail', us(now + delay))
+  end
+  notify(q)
+end
+local function free_unique(id)
+  local uk = redis.call('HGET', ik(id), 'ukey')
+  if uk and uk ~= '' then
+    local k = P .. ':unique:' .. uk
+    if redis.call('GET', k) == id then redis.call('DEL', k) end
+  end
+end
+local function drop(id)
+  redis.call('DEL', jk(id), ik(id), P .. ':log:' .. id)
+end
+""".replace("PROMOTE_BATCH", str(PROMOTE_BATCH))
+
+# ARGV: P, n, then per job: id, queue, record, due_us (server clock; 0: now), timeout_us|'',
+# ukey|'', ttl_ms|''
+_PUSH = r"""
+local n = tonumber(ARGV[2])
+local seen = {}
+for i = 0, n - 1 do
+  local o = 2 + i * 7
+  local id, uk = ARGV[o + 1], ARGV[o + 6]
+  if uk ~= '' then
+    if seen[uk] and seen[uk] ~= id then return {'dup', uk, seen[uk]} end
+    seen[uk] = id
+    local holder = redis.call('GET', P .. ':unique:' .. uk)
+    if holder and holder ~= id then
+      local st = redis.call('HGET', ik(holder), 'state')
+      if st == 'pending' or st == 'delayed' or st == 'reserved' then
+        return {'dup', uk, holder}
+      end
+    end
+  end
+end
+local now = now_us()
+local stored = 0
+for i = 0, n - 1 do
+  local o = 2 + i * 7
+  local id, q, uk, ttl = ARGV[o + 1], ARGV[o + 2], ARGV[o + 6], ARGV[o + 7]
+  if redis.call('EXISTS', ik(id)) == 0 then  -- a retried push of the same batch is a no-op
+    redis.call('SET', jk(id), ARGV[o + 3])
+    redis.call('HSET', ik(id), 'queue', q, 'attempts', '0', 'timeout', ARGV[o + 5], 'ukey', uk)
+    if uk ~= '' then
+      if ttl ~= '' then
+        redis.call('SET', P .. ':unique:' .. uk, id, 'PX', ttl)
+      else
+        redis.call('SET', P .. ':unique:' .. uk, id)
+      end
+    end
+    redis.call('SADD', P .. ':queues', q)
+    enqueue(id, q, now, tonumber(ARGV[o + 4]) - now)
+    stored = stored + 1
+  end
+end
+return {'ok', stored}
+"""
+
+# ARGV: P, worker (JSON string), token, default_timeout_us, grace_us, margin_us, window_us, queues...
+_CLAIM = r"""
+local now = now_us()
+for i = 8, #ARGV do
+  local q = ARGV[i]
+  if redis.call('SISMEMBER', P .. ':paused', q) == 0 then
+    promote(q, now)
+    local pk = qk(q, 'pending')
+    while true do
+      local id = redis.call('LPOP', pk)
+      if not id then break end
+      if redis.call('HGET', ik(id), 'state') == 'pending' then
+        local attempt = redis.call('HINCRBY', ik(id), 'attempts', 1)
+        local eff = tonumber(redis.call('HGET', ik(id), 'timeout')) or tonumber(ARGV[4])
+        local deadline = now + eff + tonumber(ARGV[5])
+        local lease = now + math.min(tonumber(ARGV[7]), deadline - now + tonumber(ARGV[6]))
+        redis.call('HSET', ik(id), 'state', 'reserved', 'token', ARGV[3],
+                   'claimed', us(now), 'deadline', us(deadline))
+        redis.call('ZADD', qk(q, 'reserved'), us(lease), id)
+        redis.call('APPEND', jk(id), '{"event":"claimed","attempt":' .. attempt .. ',"at":' ..
+                   secs(now) .. ',"worker":' .. ARGV[2] .. ',"deadline":' .. secs(deadline) .. '}\n')
+        return {us(now), id, redis.call('GET', jk(id)), attempt, us(deadline), us(lease)}
+      end
+    end
+  end
+end
+return {us(now)}
+"""
+
+# ARGV: P, id, token, margin_us, window_us
+_HEARTBEAT = r"""
+local id = ARGV[2]
+local now = now_us()
+local info = redis.call('HMGET', ik(id), 'state', 'token', 'queue', 'deadline')
+if info[1] ~= 'reserved' or info[2] ~= ARGV[3] then return {us(now)} end
+local rk = qk(info[3], 'reserved')
+local cur = tonumber(redis.call('ZSCORE', rk, id))
+if not cur then return {us(now)} end
+local lease = now + math.min(tonumber(ARGV[5]), tonumber(info[4]) + tonumber(ARGV[4]) - now)
+if lease > cur then redis.call('ZADD', rk, 'XX', us(lease), id) else lease = cur end
+return {us(now), us(lease)}
+"""
+
+# ARGV: P, id, token, mode (done|release|fail), event|'', attempts, delay_us, keep_done, only_expired
+_FINISH = r"""
+local id = ARGV[2]
+local info = redis.call('HMGET', ik(id), 'state', 'token', 'queue')
+if info[1] ~= 'reserved' or info[2] ~= ARGV[3] then return 0 end
+local q, now, mode = info[3], now_us(), ARGV[4]
+local rk = qk(q, 'reserved')
+if ARGV[9] == '1' then
+  local lease = tonumber(redis.call('ZSCORE', rk, id))
+  if lease and lease > now then return 0 end
+end
+redis.call('ZREM', rk, id)
+redis.call('HDEL', ik(id), 'token', 'claimed', 'deadline')
+if ARGV[5] ~= '' then redis.call('APPEND', jk(id), ARGV[5]) end
+if mode == 'release' then
+  redis.call('HSET', ik(id), 'attempts', ARGV[6])
+  enqueue(id, q, now, tonumber(ARGV[7]))
+  return 1
+end
+free_unique(id)
+if mode == 'done' and ARGV[8] ~= '1' then
+  drop(id)
+  return 1
+end
+redis.call('ZADD', qk(q, mode), us(now), id)
+redis.call('HSET', ik(id), 'state', mode, 'at', us(now))
+return 1
+"""
+
+# ARGV: P, ids... -> now, then per id: state, attempts, updated_us, sort key (us), record
+# ('' when missing). The sort key is the one listings are ordered by: due time while waiting,
+# claim time while reserved, finish time once done or failed.
+_FETCH = r"""
+local now = now_us()
+local out = {us(now)}
+for i = 2, #ARGV do
+  local id = ARGV[i]
+  local info = redis.call('HMGET', ik(id), 'state', 'attempts', 'avail', 'claimed', 'at')
+  local rec = redis.call('GET', jk(id))
+  local st, updated, key = info[1], '', info[3] or '0'
+  if not st or not rec then
+    st, rec = '', ''
+  elseif st == 'delayed' and tonumber(info[3]) <= now then
+    st = 'pending'
+  elseif st == 'reserved' then
+    updated = info[4] or ''
+    key = updated
+  elseif st == 'done' or st == 'failed' then
+    updated = info[5] or ''
+    key = updated
+  end
+  table.insert(out, st)
+  table.insert(out, info[2] or '0')
+  table.insert(out, updated)
+  table.insert(out, key)
+  table.insert(out, rec)
+end
+return out
+"""
+
+# ARGV: P, queues... -> now, then per queue: pending, delayed, reserved, done, failed, oldest_us|'', paused
+_STATS = r"""
+local now = now_us()
+local out = {us(now)}
+for i = 2, #ARGV do
+  local q = ARGV[i]
+  local dk, pk = qk(q, 'delayed'), qk(q, 'pending')
+  local due = redis.call('ZCOUNT', dk, '-inf', us(now))
+  local oldest = nil
+  local head = redis.call('LINDEX', pk, 0)
+  if head then oldest = tonumber(redis.call('HGET', ik(head), 'avail')) end
+  local first = redis.call('ZRANGEBYSCORE', dk, '-inf', us(now), 'WITHSCORES', 'LIMIT', 0, 1)
+  if #first > 0 and (not oldest or tonumber(first[2]) < oldest) then oldest = tonumber(first[2]) end
+  table.insert(out, redis.call('LLEN', pk) + due)
+  table.insert(out, redis.call('ZCARD', dk) - due)
+  table.insert(out, redis.call('ZCARD', qk(q, 'reserved')))
+  table.insert(out, redis.call('ZCARD', qk(q, 'done')))
+  table.insert(out, redis.call('ZCARD', qk(q, 'failed')))
+  table.insert(out, oldest and us(oldest) or '')
+  table.insert(out, redis.call('SISMEMBER', P .. ':paused', q))
+end
+return out
+"""
+
+# ARGV: P, id, event
+_RETRY = r"""
+local id = ARGV[2]
+local info = redis.call('HMGET', ik(id), 'state', 'queue')
+if info[1] ~= 'failed' then return 0 end
+local now = now_us()
+redis.call('ZREM', qk(info[2], 'failed'), id)
+redis.call('APPEND', jk(id), ARGV[3])
+redis.call('HSET', ik(id), 'attempts', '0')
+redis.call('HDEL', ik(id), 'at')
+enqueue(id, info[2], now, 0)
+return 1
+"""
+
+# ARGV: P, state (failed|done), ids... -> how many were deleted
+_DELETE = r"""
+local n = 0
+for i = 3, #ARGV do
+  local id = ARGV[i]
+  local info = redis.call('HMGET', ik(id), 'state', 'queue')
+  if info[1] == ARGV[2] then
+    redis.call('ZREM', qk(info[2], ARGV[2]), id)
+    drop(id)
+    n = n + 1
+  end
+end
+return n
+"""
+
+# ARGV: P, queue, n -> {deleted, taken}
+_CLEAR = r"""
+local q, n = ARGV[2], tonumber(ARGV[3])
+local pk, dk = qk(q, 'pending'), qk(q, 'delayed')
+local ids = redis.call('LRANGE', pk, 0, n - 1)
+if #ids > 0 then redis.call('LTRIM', pk, #ids, -1) end
+if #ids < n then
+  for _, id in ipairs(redis.call('ZRANGE', dk, 0, n - #ids - 1)) do
+    redis.call('ZREM', dk, id)
+    table.insert(ids, id)
+  end
+end
+local deleted = 0
+for _, id in ipairs(ids) do
+  local st = redis.call('HGET', ik(id), 'state')
+  if st == 'pending' or st == 'delayed' then
+    free_unique(id)
+    drop(id)
+    deleted = deleted + 1
+  end
+end
+return {deleted, #ids}
+"""
+
+# ARGV: P, queue
+_PROMOTE = r"""
+return promote(ARGV[2], now_us())
+"""
+
+# ARGV: P, id, data, cap
+_APPEND_LOG = r"""
+local k = P .. ':log:' .. ARGV[2]
+local room = tonumber(ARGV[4]) - redis.call('STRLEN', k)
+if room > 0 then redis.call('APPEND', k, string.sub(ARGV[3], 1, room)) end
+return 0
+"""
+
+# ARGV: P, id, token -> now, and if the claim still holds: record, attempts, claimed, deadline, lease
+_ADOPT = r"""
+local id = ARGV[2]
+local now = now_us()
+local info = redis.call('HMGET', ik(id), 'state', 'token', 'queue', 'attempts', 'claimed', 'deadline')
+if info[1] ~= 'reserved' or info[2] ~= ARGV[3] then return {us(now)} end
+local lease = redis.call('ZSCORE', qk(info[3], 'reserved'), id)
+local rec = redis.call('GET', jk(id))
+if not lease or not rec then return {us(now)} end
+return {us(now), rec, info[4], info[5], info[6], lease}
+"""
+
+_SCRIPTS = {
+    "push": _PUSH, "claim": _CLAIM, "heartbeat": _HEARTBEAT, "finish": _FINISH,
+    "fetch": _FETCH, "stats": _STATS, "retry": _RETRY, "delete": _DELETE, "clear": _CLEAR,
+    "promote": _PROMOTE, "append_log": _APPEND_LOG, "adopt": _ADOPT,
+}
+
+
+class RedisBackend:
+    """A queue in one Redis server (or primary), shared by any number of hosts."""
+
+    lease_based = True
+
+    def __init__(self, url: str, *, prefix: str = "forge", done_retention: float = 3600.0,
+                 connect_timeout: float = 5.0, password: str | None = None) -> None:
+        if _redis is None:
+            raise ConfigError(
+                "The redis queue driver needs the Redis client: pip install 'forge[redis]'.",
+                hint="Or choose the file connection: [queue] connection = \"file\".",
+            )
+        if not isinstance(url, str) or not url.startswith(_SCHEMES):
+            raise ConfigError(
+                f"Invalid Redis URL {mask_url(str(url))!r}: expected redis://, rediss:// or unix://."
+            )
+        if not prefix or any(c.isspace() or c in "*?[]" for c in prefix):
+            raise ConfigError(f"Invalid Redis key prefix {prefix!r}.")
+        self.url = url
+        self.prefix = prefix
+        self.done_retention = done_retention
+        self._where = f"Redis at {mask_url(url)}"
+        self._skew: float | None = None  # see _clock
+        self._skew_at = 0.0
+        options: dict[str, Any] = {
+            "socket_connect_timeout": connect_timeout,
+            "socket_timeout": max(BLOCK_CAP + 5.0, 2 * connect_timeout),
+            "socket_keepalive": True,
+            "health_check_interval": 30,
+            # A few quick reconnects, then the caller hears QueueUnavailable. Every script is
+            # safe to re-run after a lost reply: push is idempotent per job id, and the
+            # outcome scripts are fenced by the claim token.
+            "retry": Retry(ExponentialWithJitterBackoff(base=0.05, cap=0.5), 2),
+        }
+        if password is not None:
+            options["password"] = password
+        try:
+            self._r: Any = _redis.Redis.from_url(url, **options)
+        except ValueError as exc:
+            raise ConfigError(f"Invalid Redis URL {mask_url(url)!r}: {mask_url(str(exc))}") from None
+        self._s = {name: self._r.register_script(_PRELUDE + src) for name, src in _SCRIPTS.items()}
+
+    @classmethod
+    def from_connection(cls, conn: Connection, *, done_retention: float = 3600.0) -> RedisBackend:
+        password = None
+        if conn.password_env:
+            password = os.environ.get(conn.password_env)
+            if password is None:
+                raise ConfigError(
+                    f"Connection {conn.name!r} takes its Redis password from ${conn.password_env},"
+                    " which is not set."
+                )
+        return cls(conn.url or "redis://127.0.0.1:6379/0", prefix=conn.prefix,
+                   done_retention=done_retention, connect_timeout=conn.connect_timeout,
+                   password=password)
+
+    # -- plumbing -------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _io(self, dispatch: bool = False) -> Iterator[None]:
+        """Turn Redis client errors into forge's queue errors (password masked)."""
+        try:
+            yield
+        except _rx.RedisError as exc:
+            raise _translate(exc, self._where, dispatch) from None
+
+    def _run(self, name: str, *args: Any) -> Any:
+        return self._s[name](keys=[], args=[self.prefix, *args])
+
+    def _key(self, *parts: str) -> str:
+        return ":".join((self.prefix, *parts))
+
+    def _clock(self) -> float:
+        """The server's clock minus ours (seconds): from the fastest of three ``TIME`` round
+        trips, measured again every minute. Kept steady in between, so a time converted to
+        the server's clock and back comes out unchanged."""
+        if self._skew is None or time.monotonic() - self._skew_at > SKEW_TTL:
+            samples = []
+            for _ in range(3):
+                before = time.time()
+                sec, usec = self._r.time()
+                after = time.time()
+                samples.append((after - before, sec + usec / 1e6 - (before + after) / 2))
+            self._skew, self._skew_at = min(samples)[1], time.monotonic()
+        return self._skew
+
+    def _local(self, server_us: Any) -> float:
+        """A server time in microseconds (as a Redis reply) on our clock, in seconds."""
+        return float(server_us) / 1e6 - self._clock()
+
+    def _server_now(self) -> float:
+        return time.time() + self._clock()
+
+    # -- dispatch -------------------------------------------------------------------------
+
+    def push(self, jobs: Sequence[Job]) -> None:
+        if not jobs:
+            return
+        now = time.time()
+        skew = self._clock_for_push(jobs, now)
+        args: list[Any] = [len(jobs)]
+        keys: dict[str, str] = {}
+        for job in jobs:
+            validate_queue_name(job.queue)
+            blob = job.to_json()
+            if len(blob) > MAX_PAYLOAD_BYTES:
+                raise UsageError(f"Job {job.id} is {len(blob)} bytes, over the {MAX_PAYLOAD_BYTES}-byte cap.")
+            ukey = ""
+            if job.unique_key is not None:
+                ukey = _hash_key(job.unique_key)
+                keys[ukey] = job.unique_key
+            ttl = str(max(1, _us(job.unique_ttl) // 1000)) if job.unique_key and job.unique_ttl else ""
+            timeout = str(_us(job.timeout)) if job.timeout is not None else ""
+            due = _us(job.available_at + skew) if job.available_at > now else 0
+            args += [job.id, job.queue, blob, due, timeout, ukey, ttl]
+        with self._io(dispatch=True):
+            reply = self._run("push", *args)
+        if reply[0] == b"dup":
+            raise DuplicateJob(keys.get(reply[1].decode(), reply[1].decode()), reply[2].decode())
+
+    def _clock_for_push(self, jobs: Sequence[Job], now: float) -> float:
+        """Only delayed jobs need the server's clock (a due time is stored on it)."""
+        if not any(j.available_at > now for j in jobs):
+            return 0.0
+        with self._io(dispatch=True):
+            return self._clock()
+
+    # -- claiming -------------------------------------------------------------------------
+
+    def claim(self, queues: Sequence[str], worker: str, timeout: float) -> Claim | None:
+        if not queues:
+            return None
+        for q in queues:
+            validate_queue_name(q)
+        token = os.urandom(12).hex()
+        with self._io():
+            reply = self._run("claim", json.dumps(worker), token, _us(timeout), _us(KILL_GRACE),
+                              _us(LEASE_MARGIN), _us(LEASE_WINDOW), *queues)
+            if len(reply) > 1:
+                self._clock()
+        if len(reply) == 1:
+            return None
+        _, job_id, record, attempt, deadline, lease = reply
+        try:
+            job, _ = decode_file(record)
+            if job.id != job_id.decode():
+                raise CorruptJob("record does not match its key")
+        except CorruptJob as exc:
+            self._finish(token, job_id.decode(), "failed", Event(
+                "failed", int(attempt), time.time(), reason=Reason.EXCEPTION,
+                error=f"corrupt job record: {exc}"), int(attempt), 0.0)
+            return None
+        return Claim(job, int(attempt), self._local(reply[0]), self._local(deadline),
+                     self._local(lease), [], token, f"{job.id}/{token}")
+
+    def adopt(self, ref: str) -> Claim | None:
+        job_id, _, token = ref.partition("/")
+        if not valid_id(job_id) or not re.fullmatch(r"[0-9a-f]{24}", token):
+            raise UsageError(f"Invalid claim reference {ref!r}.")
+        with self._io():
+            reply = self._run("adopt", job_id, token)
+            if len(reply) > 1:
+                self._clock()
+        if len(reply) == 1:
+            return None  # finished, released or recovered meanwhile
+        _, record, attempts, claimed, deadline, lease = reply
+        try:
+            job, _ = decode_file(record)
+        except CorruptJob:
+            return None
+        return Claim(job, int(attempts), self._local(claimed), self._local(deadline),
+                     self._local(lease), [], token, ref)
+
+    def heartbeat(self, claim: Claim) -> bool:
+        with self._io():
+            reply = self._run("heartbeat", claim.job.id, claim.handle, _us(LEASE_MARGIN), _us(LEASE_WINDOW))
+            if len(reply) == 1:
+                return False
+            self._clock()
+        claim.lease_until = self._local(reply[1])
+        return True
+
+    def next_due(self, queues: Sequence[str]) -> float | None:
+        with self._io():
+            pipe = self._r.pipeline(transaction=False)
+            for q in queues:
+                pipe.zrange(self._key("q", validate_queue_name(q), "delayed"), 0, 0, withscores=True)
+            heads = [r[0][1] for r in pipe.execute() if r]
+            return self._local(min(heads)) if heads else None
+
+    def wait(self, queues: Sequence[str], timeout: float) -> None:
+        if timeout <= 0 or not queues:
+            return
+        due = self.next_due(queues)
+        if due is not None:
+            timeout = min(timeout, due - time.time())
+        if timeout <= 0.001:
+            return
+        keys = [self._key("q", q, "notify") for q in queues]
+        with self._io():
+            self._r.blpop(keys, timeout=min(timeout, BLOCK_CAP))
+
+    # -- outcomes -------------------------------------------------------------------------
+
+    def _finish(self, token: str, job_id: str, mode: str, event: Event | None, attempts: int,
+                delay: float, only_expired: bool = False) -> bool:
+        with self._io():
+            done = self._run("finish", job_id, token, mode, event.to_json() if event else b"",
+                             attempts, max(0, _us(delay)), "1" if self.done_retention > 0 else "0",
+                             "1" if only_expired else "0")
+        return bool(done)
+
+    def ack(self, claim: Claim, event: Event) -> None:
+        self._finish(claim.handle, claim.job.id, "done", event, claim.attempt, 0.0)
+
+    def release(self, claim: Claim, event: Event | None, delay: float) -> None:
+        attempts = claim.attempt if event is not None else claim.attempt - 1
+        self._finish(claim.handle, claim.job.id, "release", event, attempts, delay)
+
+    def fail(self, claim: Claim, event: Event) -> None:
+        self._finish(claim.handle, claim.job.id, "failed", event, claim.attempt, 0.0)
+
+    # -- maintenance ----------------------------------------------------------------------
+
+    def maintain(self, default_tries: int = 1) -> dict[str, int]:
+        counts = {"recovered": 0, "abandoned": 0, "pruned": 0, "temp_removed": 0}
+        with self._io():
+            for q in self.queues():
+                self._run("promote", q)
+                seen: set[bytes] = set()
+                while True:
+                    now_us = _us(self._server_now())
+                    expired = self._r.zrangebyscore(self._key("q", q, "reserved"), "-inf", now_us,
+                                                    start=0, num=CHUNK)
+                    fresh = [i for i in expired if i not in seen]
+                    if not fresh:
+                        break
+                    seen.update(fresh)
+                    for job_id in fresh:
+                        outcome = self._recover(job_id.decode(), default_tries)
+                        if outcome:
+                            counts[outcome] += 1
+        if self.done_retention >= 0:
+            counts["pruned"] = self.prune_done(older_than=self.done_retention)
+        return counts
+
+    def _recover(self, job_id: str, default_tries: int) -> str | None:
+        pipe = self._r.pipeline(transaction=True)
+        pipe.get(self._key("job", job_id))
+        pipe.hmget(self._key("info", job_id), "state", "token", "attempts")
+        record, (state, token, attempts) = pipe.execute()
+        if state != b"reserved" or token is None:
+            return None
+        attempt = int(attempts or 0)
+        try:
+            job: Job | None = decode_file(record)[0]
+        except CorruptJob:
+            job = None
+        exhausted = job is None or attempt >= (job.max_attempts or default_tries)
+        event = Event("failed" if exhausted else "released", attempt, time.time(),
+                      reason=Reason.ABANDONED, error="the worker died during this attempt")
+        delay = 0.0 if job is None else backoff_delay(job.backoff, attempt)
+        mode = "failed" if exhausted else "release"
+        if not self._finish(token.decode(), job_id, mode, event, attempt, delay, only_expired=True):
+            return None
+        return "abandoned" if exhausted else "recovered"
+
+    # -- inspection -----------------------------------------------------------------------
+
+    def _fetch_keyed(self, ids: Sequence[bytes | str]) -> list[tuple[int, JobInfo] | None]:
+        """Records, states and attempts of ``ids`` with their listing sort keys, read in one
+        atomic step."""
+        if not ids:
+            return []
+        reply = self._run("fetch", *ids)
+        out: list[tuple[int, JobInfo] | None] = []
+        for i in range(1, len(reply), 5):
+            state, attempts, updated, key, record = reply[i:i + 5]
+            if not state:
+                out.append(None)
+                continue
+            try:
+                job, events = decode_file(record)
+            except CorruptJob:
+                out.append(None)
+                continue
+            out.append((int(key or 0), JobInfo(job, State(state.decode()), int(attempts), tuple(events),
+                                               self._local(updated) if updated else None)))
+        return out
+
+    def _fetch(self, ids: Sequence[bytes | str]) -> list[JobInfo | None]:
+        return [k[1] if k else None for k in self._fetch_keyed(ids)]
+
+    def find(self, job_id: str) -> JobInfo | None:
+        if not valid_id(job_id):
+            raise UsageError(f"Invalid job id {job_id!r}: expected a UUID like 3f2b…-….")
+        with self._io():
+            return self._fetch([job_id])[0]
+
+    def _ids(self, queue: str, state: State, now_us: int, offset: int, n: int) -> list[bytes]:
+        """One page of ids in ``state``, in listing order."""
+        r, key = self._r, self._key("q", queue, "")
+        if state == State.DELAYED:
+            return r.zrangebyscore(key + "delayed", f"({now_us}", "+inf", start=offset, num=n)
+        if state == State.PENDING:
+            ids = r.lrange(key + "pending", offset, offset + n - 1)
+            if len(ids) < n:
+                # Due but not yet promoted: they follow the list (see the module docstring).
+                skip = max(0, offset - r.llen(key + "pending"))
+                ids += r.zrangebyscore(key + "delayed", "-inf", now_us, start=skip, num=n - len(ids))
+            return ids
+        return r.zrevrange(key + str(state), offset, offset + n - 1)
+
+    def jobs(self, *, queue: str | None = None, state: State | None = None,
+             command: str | None = None, limit: int | None = None) -> Iterator[JobInfo]:
+        queues = [validate_queue_name(queue)] if queue else self.queues()
+        order = [State.RESERVED, State.PENDING, State.DELAYED, State.FAILED, State.DONE]
+        count = 0
+        with self._io():
+            now_us = _us(self._server_now())
+            for st in order:
+                if state is not None and st != state:
+                    continue
+                # Each queue's stream is in listing order; merged like the file backend's
+                # listing: oldest first, failed and done newest first.
+                streams = [self._stream(q, st, now_us, command, limit) for q in queues]
+                newest_first = st in (State.FAILED, State.DONE)
+                merged = streams[0] if len(streams) == 1 else heapq.merge(
+                    *streams, key=lambda item: item[:2], reverse=newest_first)
+                for _, _, info in merged:
+                    yield info
+                    count += 1
+                    if limit is not None and count >= limit:
+                        return
+
+    def _stream(self, q: str, st: State, now_us: int, command: str | None,
+                limit: int | None) -> Iterator[tuple[int, str, JobInfo]]:
+        """(sort key, id, info) of one queue's jobs in ``st``, read a page at a time."""
+        if st == State.RESERVED:  # as many as there are running jobs: read them at once
+            ids = self._r.zrange(self._key("q", q, "reserved"), 0, -1)
+            items = [(k, i.id, i) for k, i in filter(None, self._fetch_keyed(ids))
+                     if i.state == st and (not command or i.job.command == command)]
+            yield from sorted(items, key=lambda item: item[:2])
+            return
+        offset, n = 0, 8
+        while True:
+            if limit is not None and not command:
+                n = min(n, limit)
+            ids = self._ids(q, st, now_us, offset, n)
+            if not ids:
+                return
+            offset += len(ids)
+            for found in self._fetch_keyed(ids):
+                if found is None:
+                    continue
+                key, info = found
+                if info.state == st and (not command or info.job.command == command):
+                    yield key, info.id, info
+            if len(ids) < n:
+                return
+            n = min(2 * n, CHUNK)
+
+    def stats(self, queues: Sequence[str] | None = None) -> list[QueueStats]:
+        names = list(queues) if queues else self.queues()
+        if not names:
+            return []
+        with self._io():
+            reply = self._run("stats", *(validate_queue_name(q) for q in names))
+            self._clock()
+        out = []
+        for i, q in enumerate(names):
+            pending, delayed, reserved, done, failed, oldest, paused = reply[1 + 7 * i: 8 + 7 * i]
+            out.append(QueueStats(q, pending, delayed, reserved, done, failed,
+                                  self._local(oldest) if oldest else None, bool(paused)))
+        return out
+
+    def queues(self) -> list[str]:
+        with self._io():
+            return sorted(m.decode() for m in self._r.smembers(self._key("queues")))
+
+    # -- management -----------------------------------------------------------------------
+
+    def retry(self, job_ids: Sequence[str] | None, *, queue: str | None = None,
+              reason: str | None = None, command: str | None = None) -> Iterator[JobInfo]:
+        with self._io():
+            if job_ids is not None:
+                for job_id in job_ids:
+                    if valid_id(job_id):
+                        info = self._fetch([job_id])[0]
+                        if info is not None and info.state == State.FAILED:
+                            retried = self._retry_one(info)
+                            if retried is not None:
+                                yield retried
+                return
+            start = _us(self._server_now())
+            for q in [validate_queue_name(queue)] if queue else self.queues():
+                for ids in self._failed_pages(q, start):
+                    for info in self._fetch(ids):
+                        if info is None or info.state != State.FAILED:
+                            continue
+                        if command and info.job.command != command:
+                            continue
+                        failure = info.failure
+                        if reason and (failure is None or failure.reason != reason):
+                            continue
+                        retried = self._retry_one(info)
+                        if retried is not None:
+                            yield retried
+
+    def _failed_pages(self, queue: str, until_us: int) -> Iterator[list[bytes]]:
+        """Failed ids (failed before ``until_us``) oldest first, a page at a time, by a
+        score cursor: pages stay correct while earlier entries are being removed."""
+        key = self._key("q", queue, "failed")
+        low: str | int = "-inf"
+        while True:
+            page = self._r.zrangebyscore(key, low, until_us, start=0, num=CHUNK, withscores=True)
+            if not page:
+                return
+            last = page[-1][1]
+            if len(page) == CHUNK:
+                # Take every member sharing the last score, then continue strictly after it.
+                page = [p for p in page if p[1] != last]
+                page += self._r.zrangebyscore(key, last, last, withscores=True)
+            yield [m for m, _ in page]
+            low = f"({int(last)}"
+
+    def _retry_one(self, info: JobInfo) -> JobInfo | None:
+        now = time.time()
+        ev = Event("retried", 0, now)
+        if not self._run("retry", info.id, ev.to_json()):
+            return None
+        return JobInfo(info.job, State.PENDING, 0, (*info.events, ev), now)
+
+    def forget(self, job_id: str) -> bool:
+        if not valid_id(job_id):
+            return False
+        with self._io():
+            return bool(self._run("delete", "failed", job_id))
+
+    def _delete_older(self, state: str, older_than: float | None, queue: str | None) -> int:
+        removed = 0
+        with self._io():
+            cutoff: str | int = "+inf"
+            if older_than is not None:
+                cutoff = _us(self._server_now() - older_than)
+            for q in [validate_queue_name(queue)] if queue else self.queues():
+                key = self._key("q", q, state)
+                while True:
+                    ids = self._r.zrangebyscore(key, "-inf", cutoff, start=0, num=500)
+                    if not ids:
+                        break
+                    deleted = self._run("delete", state, *ids)
+                    removed += deleted
+                    if not deleted:
+                        break
+        return removed
+
+    def flush(self, *, older_than: float | None = None, queue: str | None = None) -> int:
+        return self._delete_older("failed", older_than, queue)
+
+    def prune_done(self, *, older_than: float | None = None) -> int:
+        return self._delete_older("done", older_than, None)
+
+    def clear(self, queue: str) -> int:
+        validate_queue_name(queue)
+        removed = 0
+        with self._io():
+            while True:
+                deleted, taken = self._run("clear", queue, 500)
+                removed += deleted
+                if not taken:
+                    return removed
+
+    def pause(self, queue: str) -> None:
+        validate_queue_name(queue)
+        with self._io():
+            pipe = self._r.pipeline(transaction=True)
+            pipe.sadd(self._key("queues"), queue)
+            pipe.sadd(self._key("paused"), queue)
+            pipe.execute()
+
+    def resume(self, queue: str) -> None:
+        validate_queue_name(queue)
+        notify = self._key("q", queue, "notify")
+        with self._io():
+            pipe = self._r.pipeline(transaction=True)
+            pipe.srem(self._key("paused"), queue)
+            pipe.rpush(notify, "1")
+            pipe.ltrim(notify, -8, -1)
+            pipe.execute()
+
+    def paused(self) -> set[str]:
+        with self._io():
+            return {m.decode() for m in self._r.smembers(self._key("paused"))}
+
+    def request_restart(self) -> float:
+        now = time.time()
+        with self._io():
+            self._r.set(self._key("restart"), repr(now))
+        return now
+
+    def restart_requested_at(self) -> float | None:
+        with self._io():
+            value = self._r.get(self._key("restart"))
+        try:
+            return float(value) if value is not None else None
+        except ValueError:
+            return None
+
+    # -- logs -----------------------------------------------------------------------------
+
+    def append_log(self, job_id: str, data: bytes) -> None:
+        if not valid_id(job_id) or not data:
+            return
+        with self._io():
+            self._run("append_log", job_id, data[:LOG_CAP], LOG_CAP)
+
+    def read_log(self, job_id: str, offset: int = 0) -> bytes:
+        if not valid_id(job_id):
+            raise UsageError(f"Invalid job id {job_id!r}.")
+        with self._io():
+            offset = max(0, offset)
+            return self._r.getrange(self._key("log", job_id), offset, offset + LOG_CAP - 1) or b""
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self._r.close()
+
+
+def _hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()[:40]
+
+
+def _translate(exc: Exception, where: str, dispatch: bool) -> QueueError:
+    """One line a user can act on; the URL's password never appears."""
+    detail = mask_url(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
+    if isinstance(exc, _rx.TimeoutError):
+        msg = f"{where} did not answer in time ({detail})."
+        if dispatch:
+            msg += " The job may or may not have been stored; nothing was half-written."
+        return QueueUnavailable(msg, hint="Check the server's load, or raise connect_timeout.")
+    if isinstance(exc, _rx.ConnectionError):  # includes authentication and loading errors
+        return QueueUnavailable(f"{where} is unavailable: {detail}.",
+                                hint="Start the server or fix the connection's url in forge.toml.")
+    if isinstance(exc, _rx.ResponseError) and str(exc).split(" ", 1)[0].upper() in _UNAVAILABLE_REPLIES:
+        return QueueUnavailable(f"{where} cannot serve the queue now: {detail}.")
+    if dispatch:
+        return DispatchFailed(f"{where} refused the job: {detail}.",
+                              hint="Check the server's memory (maxmemory) and logs; nothing was queued.")
+    return QueueUnavailable(f"{where} failed: {detail}.")
