@@ -99,6 +99,14 @@ def worker_argv(*args: str) -> list[str]:
     return [sys.executable, "-m", "forge", "queue:work", *args]
 
 
+def _alive(pid: int) -> bool:
+    """True while ``pid`` runs (a zombie awaiting its reaper counts as gone)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
 def job_processes(pid: int) -> list[int]:
     """The children of ``pid`` (a worker's warm job process)."""
     try:
@@ -112,6 +120,7 @@ class Kill:
     worker: int
     children: list[int]
     at: float
+    gone_at: float | None = None  # when its job process was seen gone (None: it outlived the wait)
 
 
 @dataclass
@@ -150,6 +159,13 @@ class Supervisor:
         p.kill()
         kill = Kill(p.pid, children, time.time())
         p.wait()
+        # A signal takes effect a moment after kill() returns: until the job process is seen
+        # gone, a run it started just after ``at`` may still be going.
+        end = time.monotonic() + 2.0
+        while time.monotonic() < end and any(_alive(c) for c in children):
+            time.sleep(0.002)
+        if not any(_alive(c) for c in children):
+            kill.gone_at = time.time()
         self.kills.append(kill)
         self.procs[i] = self._spawn()
         return kill
@@ -257,7 +273,7 @@ def kill_storm(target: Target, *, workers: int = 4, jobs: int = 2000, seconds: f
         sup.stop()
     elapsed = time.monotonic() - began
     lease = target.kind == "redis"  # a lease-based worker's job process dies with it
-    killed_at = {c: k.at for k in sup.kills for c in k.children} if lease else {}
+    killed_at = {c: k.gone_at for k in sup.kills for c in k.children if k.gone_at} if lease else {}
     figures = check(target.ledger, ids, killed_at=killed_at)
     from .checker import read_ledger, runs_of
 
