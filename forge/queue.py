@@ -10,6 +10,7 @@ stored durably (see the README's delivery contract).
 
 from __future__ import annotations
 
+import builtins
 import math
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -417,11 +418,11 @@ class QueueManager:
     def queue(self, name: str) -> CommandQueue | None:
         return self._queues.get(name)
 
-    def list(self) -> list[str]:
+    def list(self) -> builtins.list[str]:
         """Names of the queues added here and of those that hold jobs."""
         return sorted(set(self._queues) | set(self.backend.queues()))
 
-    def stats(self, queues: Sequence[str] | None = None) -> list[QueueStats]:
+    def stats(self, queues: Sequence[str] | None = None) -> builtins.list[QueueStats]:
         return self.backend.stats(queues)
 
     def jobs(self, *, queue: str | None = None, state: State | str | None = None,
@@ -437,7 +438,7 @@ class QueueManager:
             raise JobNotFound(job_id)
         return info
 
-    def failed(self, queue: str | None = None, limit: int | None = None) -> list[JobInfo]:
+    def failed(self, queue: str | None = None, limit: int | None = None) -> builtins.list[JobInfo]:
         """Failed jobs, newest first."""
         return list(self.jobs(queue=queue, state=State.FAILED, limit=limit))
 
@@ -450,7 +451,7 @@ class QueueManager:
         return self.backend.retry(ids, queue=queue, reason=reason, command=command)
 
     def retry(self, job_ids: Sequence[str] | str | None = "all", *, queue: str | None = None,
-              reason: str | None = None, command: str | None = None) -> list[str]:
+              reason: str | None = None, command: str | None = None) -> builtins.list[str]:
         """Retry failed jobs (``"all"`` or a list of ids); returns the ids retried."""
         return [i.id for i in self.iter_retry(job_ids, queue=queue, reason=reason, command=command)]
 

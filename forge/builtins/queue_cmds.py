@@ -174,7 +174,8 @@ def dispatch(
         output.line(record.id)
         sys.stdout.flush()
     if _err_tty():
-        when = f", not before {_time(q.find(record.id).job.available_at)}" if record.scheduled_at else ""
+        found = q.find(record.id) if record.scheduled_at else None
+        when = f", not before {_time(found.job.available_at)}" if found else ""
         output.info(f"Queued {command} on {record.queue} as {record.id}{when}")
     if not wait:
         return 0
@@ -516,7 +517,8 @@ class _progress:
     """A Rich progress bar on stderr when it is a terminal; a no-op elsewhere."""
 
     def __init__(self, total: int, what: str) -> None:
-        self.total, self.what, self.bar = total, what, None
+        self.total, self.what = total, what
+        self.bar: Any = None
 
     def __enter__(self) -> Any:
         if not _err_tty() or self.total < 2:
