@@ -117,6 +117,7 @@ class Worker:
         self._killed_for: str | None = None
         self._outage = 0.0
         self._respawn_at = self._respawn_delay = 0.0
+        self._lease: tuple[str, float] = ("", 0.0)
         self._sig_r, self._sig_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
 
     # -- helpers shared with the job process ------------------------------------------------
@@ -388,20 +389,25 @@ class Worker:
         self.record(claim, reply, record["started"], info, tail=tail, retry=True)
 
     def _heartbeat(self, record: dict[str, Any]) -> None:
+        """Renew the running job's lease; kill the job if the lease is about to lapse unrenewed."""
+        ref = record["ref"]
+        if self._lease[0] != ref:
+            self._lease = (ref, record.get("lease_until") or 0.0)
         ok = False
-        lease_until = record.get("lease_until") or 0.0
         try:
-            claim = self.backend.adopt(record["ref"])
+            claim = self.backend.adopt(ref)
             if claim is not None:
                 ok = self.backend.heartbeat(claim)
-                lease_until = claim.lease_until or lease_until
-                record["lease_until"] = lease_until
+                if ok and claim.lease_until:
+                    self._lease = (ref, claim.lease_until)
         except QueueUnavailable:
             ok = False
-        if not ok and time.time() >= lease_until - self.options.heartbeat_interval:
-            # The lease is about to lapse and cannot be renewed: another worker may take the
-            # job, so this run must end now.
-            self._kill("lease")
+        if not ok and time.time() >= self._lease[1] - self.options.heartbeat_interval:
+            current = self.shared.record() or {}
+            if current.get("ref") == ref:  # not finished meanwhile
+                # The lease is about to lapse and cannot be renewed: another worker may take
+                # the job, so this run must end now.
+                self._kill("lease")
 
 
 def console_reporter(json_out: bool, verbose: bool = False) -> Callable[[TextIO], Reporter]:
