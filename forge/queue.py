@@ -257,7 +257,29 @@ def connect(connection: str | None = None, settings: Settings | None = None) -> 
     return backend
 
 
-class CommandQueue:
+class _Connected:
+    """Resolves the settings and the backend of a connection (by name, or a backend object) lazily."""
+
+    def __init__(self, connection: str | Backend | None, settings: Settings | None) -> None:
+        self._settings = settings
+        self._connection = connection
+        self._backend: Backend | None = None if connection is None or isinstance(connection, str) else connection
+
+    @property
+    def settings(self) -> Settings:
+        if self._settings is None:
+            self._settings = load_settings()
+        return self._settings
+
+    @property
+    def backend(self) -> Backend:
+        if self._backend is None:
+            name = self._connection if isinstance(self._connection, str) else None
+            self._backend = connect(name, self.settings)
+        return self._backend
+
+
+class CommandQueue(_Connected):
     """A named queue on a connection. Dispatch validates first, then stores durably."""
 
     def __init__(
@@ -269,28 +291,14 @@ class CommandQueue:
         registry: CommandRegistry | None = None,
         check_args: bool = True,
     ) -> None:
-        self._settings = settings
+        super().__init__(connection, settings)
         self.name = _queue_name(name or self.settings.default_queue)
-        self._connection = connection
-        self._backend: Backend | None = None if connection is None or isinstance(connection, str) else connection
         self._registry = registry
         self._check_args = check_args
 
     @classmethod
     def default(cls) -> CommandQueue:
         return cls()
-
-    @property
-    def settings(self) -> Settings:
-        if self._settings is None:
-            self._settings = load_settings()
-        return self._settings
-
-    @property
-    def backend(self) -> Backend:
-        if self._backend is None:
-            self._backend = connect(self._connection, self.settings)  # type: ignore[arg-type]
-        return self._backend
 
     @property
     def registry(self) -> CommandRegistry:
@@ -384,28 +392,14 @@ def _dispatch_record(job: Job) -> JobDispatch:
     return JobDispatch(job.id, job.command, job.queue, rfc3339(job.dispatched_at), scheduled)
 
 
-class QueueManager:
+class QueueManager(_Connected):
     """Several queues on one connection, and the operations on failed and finished jobs."""
 
     def __init__(self, connection: str | Backend | None = None, *, settings: Settings | None = None,
                  registry: CommandRegistry | None = None) -> None:
-        self._settings = settings
-        self._connection = connection
+        super().__init__(connection, settings)
         self._registry = registry
         self._queues: dict[str, CommandQueue] = {}
-        self._backend: Backend | None = None if connection is None or isinstance(connection, str) else connection
-
-    @property
-    def settings(self) -> Settings:
-        if self._settings is None:
-            self._settings = load_settings()
-        return self._settings
-
-    @property
-    def backend(self) -> Backend:
-        if self._backend is None:
-            self._backend = connect(self._connection, self.settings)  # type: ignore[arg-type]
-        return self._backend
 
     def add_queue(self, name: str) -> CommandQueue:
         q = self._queues.get(name)
