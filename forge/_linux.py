@@ -25,6 +25,9 @@ except OSError:  # pragma: no cover - non-glibc platforms
 IN_CREATE = 0x00000100
 IN_MOVED_TO = 0x00000080
 IN_Q_OVERFLOW = 0x00004000
+IN_IGNORED = 0x00008000
+#: Reported by ``Inotify.drain`` for a directory that is no longer watched (no file has it as name).
+IGNORED = "/"
 IN_NONBLOCK = 0o4000
 IN_CLOEXEC = 0o2000000
 _EVENT = struct.Struct("iIII")
@@ -71,12 +74,14 @@ class Inotify:
             raise OSError(err, os.strerror(err), path)
         self.watches[wd] = tag
 
-    def drain(self) -> set[str] | None:
-        """Tags of the watched directories that changed since the last call (non-blocking).
+    def drain(self) -> dict[str, list[str]] | None:
+        """Names created or moved into each watched directory since the last call, by tag
+        (non-blocking). A directory whose watch the kernel dropped (it was deleted) is
+        forgotten and reported with ``IN_IGNORED`` among its names.
 
         ``None`` means the kernel's event queue overflowed: treat everything as changed.
         """
-        changed: set[str] = set()
+        changed: dict[str, list[str]] = {}
         while True:
             try:
                 data = os.read(self.fd, 65536)
@@ -85,12 +90,21 @@ class Inotify:
             pos = 0
             while pos + _EVENT.size <= len(data):
                 wd, mask, _cookie, length = _EVENT.unpack_from(data, pos)
-                pos += _EVENT.size + length
+                start = pos + _EVENT.size
+                pos = start + length
                 if mask & IN_Q_OVERFLOW:
                     return None
                 tag = self.watches.get(wd)
-                if tag is not None:
-                    changed.add(tag)
+                if tag is None:
+                    continue
+                names = changed.get(tag)
+                if names is None:
+                    names = changed[tag] = []
+                if mask & IN_IGNORED:
+                    del self.watches[wd]
+                    names.append(IGNORED)
+                elif length:
+                    names.append(os.fsdecode(data[start:pos].rstrip(b"\0")))
 
     def close(self) -> None:
         if self.fd >= 0:

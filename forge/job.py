@@ -47,6 +47,7 @@ class Reason(StrEnum):
 #: ASCII-only output: faster to encode, and text that is not valid Unicode (lone surrogates)
 #: is escaped rather than failing to encode.
 _ENCODER = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
+_quote = json.encoder.encode_basestring_ascii  # the C function _ENCODER uses for strings
 
 
 def new_id() -> str:
@@ -110,6 +111,12 @@ class Job:
 
     @classmethod
     def from_dict(cls, d: Any) -> Job:
+        fast = _from_v1_dict(cls, d) if type(d) is dict and d.keys() == _FIELDS else None
+        return fast if fast is not None else cls._from_dict_checked(d)
+
+    @classmethod
+    def _from_dict_checked(cls, d: Any) -> Job:
+        """``from_dict`` for any input: every check, with a message naming what is wrong."""
         if not isinstance(d, dict):
             raise CorruptJob("job record is not a JSON object")
         if d.get("v") != FORMAT_VERSION:
@@ -143,6 +150,39 @@ class Job:
 
 _FIELDS = frozenset(("v", "id", "command", "args", "queue", "max_attempts", "timeout", "backoff",
                      "metadata", "dispatched_at", "available_at", "unique_key", "unique_ttl"))
+
+
+_NUMBER = (int, float)  # exact JSON types: bool is neither
+
+
+def _from_v1_dict(cls: type[Job], d: dict[str, Any]) -> Job | None:
+    """The common case of ``Job.from_dict``, a record exactly as ``to_dict`` writes it,
+    checked in one expression (a worker decodes one per claim). None: take the slow path,
+    which rejects the record with a precise message (or accepts a looser valid one)."""
+    args, backoff, ma = d["args"], d["backoff"], d["max_attempts"]
+    if not (d["v"] == FORMAT_VERSION and valid_id(d["id"]) and type(d["command"]) is str
+            and type(args) is list and all(type(a) is str for a in args) and type(d["queue"]) is str
+            and (ma is None or (type(ma) is int and ma >= 1))
+            and (d["timeout"] is None or type(d["timeout"]) in _NUMBER)
+            and (backoff is None or (type(backoff) is list and backoff
+                                     and all(type(b) in _NUMBER for b in backoff)))
+            and type(d["metadata"]) is dict
+            and type(d["dispatched_at"]) in _NUMBER and type(d["available_at"]) in _NUMBER
+            and (d["unique_key"] is None or type(d["unique_key"]) is str)
+            and (d["unique_ttl"] is None or type(d["unique_ttl"]) in _NUMBER)):
+        return None
+    job = object.__new__(cls)
+    # Frozen: fill the instance dict directly, as the generated __init__ would, minus twelve
+    # object.__setattr__ calls.
+    job.__dict__.update(
+        id=d["id"], command=d["command"], args=tuple(args), queue=d["queue"], max_attempts=ma,
+        timeout=None if d["timeout"] is None else float(d["timeout"]),
+        backoff=None if backoff is None else tuple(float(b) for b in backoff),
+        metadata=d["metadata"], dispatched_at=float(d["dispatched_at"]),
+        available_at=float(d["available_at"]), unique_key=d["unique_key"],
+        unique_ttl=None if d["unique_ttl"] is None else float(d["unique_ttl"]),
+    )
+    return job
 
 
 def _typed(d: Mapping[str, Any], key: str, t: type) -> Any:
@@ -197,15 +237,30 @@ class Event:
     deadline: float | None = None
 
     def to_json(self) -> bytes:
-        # ASCII JSON: an output tail holding lone surrogates (surrogateescape) still encodes.
-        return _ENCODER.encode(self.to_dict()).encode() + b"\n"
+        """One line of compact ASCII JSON (an output tail holding lone surrogates still
+        encodes), the fields that are set in field order: what ``_ENCODER`` writes for
+        ``to_dict()``, built directly for the usual strings, ints and finite floats."""
+        parts = []
+        for key, value in self.__dict__.items():
+            if value is None:
+                continue
+            kind = type(value)
+            if kind is int:
+                parts.append(f'"{key}":{value}')
+            elif kind is float and value - value == 0.0:  # finite (nan and inf must raise)
+                parts.append(f'"{key}":{value!r}')
+            elif isinstance(value, str):
+                parts.append(f'"{key}":{_quote(value)}')
+            else:
+                return _ENCODER.encode(self.to_dict()).encode() + b"\n"
+        return ("{" + ",".join(parts) + "}\n").encode()
 
     @classmethod
     def from_dict(cls, d: Any) -> Event | None:
         if not isinstance(d, dict) or not isinstance(d.get("event"), str):
             return None
         try:
-            return cls(**{k: d.get(k) for k in cls.__dataclass_fields__})
+            return cls(**{k: d.get(k) for k in cls.__dataclass_fields__})  # type: ignore[arg-type]
         except TypeError:
             return None
 
@@ -215,22 +270,7 @@ class Event:
 
 def decode_file(data: bytes) -> tuple[Job, list[Event]]:
     """Parse a job file (the job line, then event lines). Raises :class:`CorruptJob`."""
-    if not data:
-        raise CorruptJob("empty file")
-    if len(data) > MAX_FILE_BYTES:
-        raise CorruptJob(f"file is {len(data)} bytes, over the {MAX_FILE_BYTES}-byte cap")
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError:
-        raise CorruptJob("not valid UTF-8") from None
-    head, _, rest = text.partition("\n")
-    if len(head.encode()) > MAX_PAYLOAD_BYTES:
-        raise CorruptJob("job record over the payload size cap")
-    try:
-        record = json.loads(head)
-    except (ValueError, RecursionError) as exc:
-        raise CorruptJob(f"invalid JSON: {exc}") from None
-    job = Job.from_dict(record)
+    job, rest = _decode_head(data)
     events: list[Event] = []
     for line in rest.split("\n"):
         if not line:
@@ -242,6 +282,30 @@ def decode_file(data: bytes) -> tuple[Job, list[Event]]:
         if ev is not None:
             events.append(ev)
     return job, events
+
+
+def decode_job(data: bytes) -> Job:
+    """The job of a job file, without its history; corrupt exactly when ``decode_file`` is."""
+    return _decode_head(data)[0]
+
+
+def _decode_head(data: bytes) -> tuple[Job, str]:
+    if not data:
+        raise CorruptJob("empty file")
+    if len(data) > MAX_FILE_BYTES:
+        raise CorruptJob(f"file is {len(data)} bytes, over the {MAX_FILE_BYTES}-byte cap")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise CorruptJob("not valid UTF-8") from None
+    head, _, rest = text.partition("\n")
+    if len(head) > MAX_PAYLOAD_BYTES // 4 and len(head.encode()) > MAX_PAYLOAD_BYTES:
+        raise CorruptJob("job record over the payload size cap")
+    try:
+        record = json.loads(head)
+    except (ValueError, RecursionError) as exc:
+        raise CorruptJob(f"invalid JSON: {exc}") from None
+    return Job.from_dict(record), rest
 
 
 @dataclass(frozen=True)

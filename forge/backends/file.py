@@ -28,17 +28,16 @@ import contextlib
 import errno
 import fcntl
 import hashlib
+import heapq
 import json
 import os
-import re
 import select
 import socket
 import stat
 import time
 import warnings
-from collections import deque
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from itertools import repeat, takewhile
 from pathlib import Path
 
 from .. import _linux
@@ -55,30 +54,80 @@ from ..job import (
     State,
     backoff_delay,
     decode_file,
+    decode_job,
     valid_id,
+)
+from ._filenames import (
+    PENDING_RE,
+    RESERVED_RE,
+    Listing,
+    due_bound,
+    key_str,
+    merge_names,
+    ordered,
+    pending_name,
+    reserved_name,
+    split_pending,
+    valid_pending,
 )
 from .base import KILL_GRACE, LEASE_MARGIN, Claim, QueueStats
 
-PENDING_RE = re.compile(r"^(\d{16})-([0-9a-f-]{36})-(\d{1,6})\.job$")
-RESERVED_RE = re.compile(r"^([0-9a-f-]{36})-(\d{1,6})\.job$")
 STATES = ("pending", "reserved", "done", "failed")
 LOG_CAP = 1024 * 1024
 TMP_MAX_AGE = 3600.0
 UNIQUE_INFLIGHT = 60.0
 _O_READ = os.O_RDWR | os.O_APPEND | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+_O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+_O_NEW = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+_TAKEN = object()  # _claim_one: another claimer got there first
+_LIST_ORDER = (State.RESERVED, State.PENDING, State.DELAYED, State.FAILED, State.DONE)
 
 
 def _us(t: float) -> int:
     return int(t * 1_000_000)
 
 
-@dataclass
-class _Listing:
-    """A worker's cached, sorted view of one pending directory."""
+class _Queue:
+    """One queue's directories, set up once per backend: validated name, paths as strings,
+    open directory descriptors for ``*at`` calls, and the worker's cached pending listing."""
 
-    names: deque[str] = field(default_factory=deque)
-    listed: bool = False
-    dirty: bool = True
+    __slots__ = ("name", "path", "pending", "reserved", "done", "failed", "paused", "fds", "listing")
+
+    def __init__(self, root: str, name: str) -> None:
+        self.name = validate_queue_name(name)
+        self.path = f"{root}/q/{name}"
+        self.pending, self.reserved, self.done, self.failed = (f"{self.path}/{s}" for s in STATES)
+        self.paused = f"{self.path}/paused"
+        self.listing = Listing()
+        try:
+            os.mkdir(self.path, 0o700)
+        except FileExistsError:
+            pass
+        for d in (self.pending, self.reserved, self.done, self.failed):
+            try:
+                os.mkdir(d, 0o700)
+            except FileExistsError:
+                pass
+        self.fds: list[int] = []
+        try:
+            for d in (self.pending, self.reserved, self.done, self.failed):
+                self.fds.append(os.open(d, _O_DIR))
+        except OSError:
+            self.close()
+            raise
+
+    @property
+    def pfd(self) -> int:
+        return self.fds[0]
+
+    def dir_fd(self, state: str) -> int:
+        return self.fds[STATES.index(state)]
+
+    def close(self) -> None:
+        for fd in self.fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self.fds = []
 
 
 class FileBackend:
@@ -87,18 +136,18 @@ class FileBackend:
     def __init__(self, root: str | os.PathLike[str], *, done_retention: float = 3600.0,
                  lock: str = "flock") -> None:
         self.root = Path(root)
+        self._root = str(self.root)
         self.done_retention = done_retention
         self.lock_mode = lock
         self.uid = os.getuid()
-        self._ready: set[str] = set()
-        self._listings: dict[str, _Listing] = {}
+        self._queues: dict[str, _Queue] = {}  # set up (created, opened) this process
         self._inotify: _linux.Inotify | None = None
         self._inotify_failed = False
+        self._watched: set[str] = set()
         self._last_key = 0
         self._last_base = 0
         self._dirfds: dict[str, int] = {}
-        self._pending: dict[str, str] = {}   # queue -> its pending/ path, once ensured
-        self._tmp = str(self.root / "tmp")
+        self._tmp = f"{self._root}/tmp"
         self._host = socket.gethostname()
         self._prepare_root()
 
@@ -135,25 +184,28 @@ class FileBackend:
         for sub in ("tmp", "q", "unique", "logs", "quarantine"):
             (self.root / sub).mkdir(mode=0o700, exist_ok=True)
 
-    def _qdir(self, queue: str) -> Path:
-        return self.root / "q" / validate_queue_name(queue)
+    def _qdir(self, queue: str) -> str:
+        """A queue's directory (not created), after checking the name."""
+        return f"{self._root}/q/{validate_queue_name(queue)}"
 
-    def _ensure_queue(self, queue: str) -> Path:
-        qdir = self._qdir(queue)
-        if queue not in self._ready:
+    def _queue(self, name: str) -> _Queue:
+        """The queue, its directories created and opened on first use in this process."""
+        q = self._queues.get(name)
+        if q is None:
             try:
-                qdir.mkdir(mode=0o700, exist_ok=True)
-                for s in STATES:
-                    (qdir / s).mkdir(mode=0o700, exist_ok=True)
+                q = self._queues[name] = _Queue(self._root, name)
             except OSError as exc:
-                raise QueueUnavailable(f"Cannot create queue {queue} in {self.root}: {exc.strerror}.") from None
-            self._ready.add(queue)
-            self._pending[queue] = str(qdir / "pending")
-        return qdir
+                raise QueueUnavailable(f"Cannot create queue {name} in {self.root}: {exc.strerror}.") from None
+        return q
+
+    def _forget_queue(self, name: str) -> None:
+        q = self._queues.pop(name, None)
+        if q is not None:
+            q.close()
 
     def queues(self) -> list[str]:
         try:
-            return sorted(n for n in os.listdir(self.root / "q") if _safe_queue(n))
+            return sorted(n for n in os.listdir(f"{self._root}/q") if _safe_queue(n))
         except FileNotFoundError:
             return []
 
@@ -176,10 +228,8 @@ class FileBackend:
             if len(blob) > MAX_PAYLOAD_BYTES:
                 raise UsageError(f"Job {job.id} is {len(blob)} bytes, over the {MAX_PAYLOAD_BYTES}-byte cap.")
             blobs.append(blob)
-        ready = self._ready
-        for job in jobs:
-            if job.queue not in ready:
-                self._ensure_queue(job.queue)
+        for name in {job.queue for job in jobs}:
+            self._queue(name)
         held: list[Job] = []
         try:
             for job in jobs:
@@ -193,7 +243,8 @@ class FileBackend:
             raise
 
     def _dirfd(self, path: str) -> int:
-        """A cached descriptor of a forge directory, for ``*at`` calls and directory fsyncs.
+        """A cached descriptor of a forge directory (tmp/, unique/), for ``*at`` calls and
+        directory fsyncs. Queue directories have theirs in ``_Queue``.
 
         A directory removed from under us fails every ``*at`` call with ENOENT (nothing can be
         created in a deleted directory), and ``_write_jobs`` then drops the cache and retries
@@ -201,7 +252,7 @@ class FileBackend:
         """
         fd = self._dirfds.get(path)
         if fd is None:
-            fd = self._dirfds[path] = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            fd = self._dirfds[path] = os.open(path, _O_DIR)
         return fd
 
     def _drop_dirfds(self) -> None:
@@ -209,19 +260,20 @@ class FileBackend:
             with contextlib.suppress(OSError):
                 os.close(fd)
         self._dirfds.clear()
-        self._ready.clear()
+        for name in list(self._queues):
+            self._forget_queue(name)
 
     def _write_jobs(self, jobs: Sequence[Job], blobs: list[bytes]) -> None:
         try:
             self._write_jobs_once(jobs, blobs)
         except OSError as exc:
-            if exc.errno != errno.ENOENT or not self._dirfds:
+            if exc.errno != errno.ENOENT:
                 raise self._dispatch_failed(exc) from None
             self._drop_dirfds()  # the queue directory was removed or replaced: start afresh
             try:
                 self._prepare_root()
-                for job in jobs:
-                    self._ensure_queue(job.queue)
+                for name in {job.queue for job in jobs}:
+                    self._queue(name)
             except QueueUnavailable:
                 raise self._dispatch_failed(exc) from None
             try:
@@ -248,33 +300,34 @@ class FileBackend:
         temps: list[str] = []
         moved: list[tuple[str, int]] = []
         single = len(jobs) == 1
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        open_, write, close, rename = os.open, os.write, os.close, os.rename
         try:
             for job, blob in zip(jobs, blobs, strict=True):
                 tmp = job.id + ".tmp"
-                fd = os.open(tmp, flags, 0o600, dir_fd=tfd)
+                fd = open_(tmp, _O_NEW, 0o600, dir_fd=tfd)
                 temps.append(tmp)
                 try:
-                    n = os.write(fd, blob)
+                    n = write(fd, blob)
                     if n != len(blob):
                         view = memoryview(blob)[n:]
                         while view:
-                            view = view[os.write(fd, view):]
+                            view = view[write(fd, view):]
                     if single:
                         os.fsync(fd)
                 finally:
-                    os.close(fd)
+                    close(fd)
             if not single:
                 _linux.syncfs(tfd)
             dirs: dict[int, None] = {}
+            queues = self._queues
             for job, tmp in zip(jobs, temps, strict=True):
-                pfd = self._dirfd(self._pending[job.queue])
-                dest = f"{self._key(job.available_at):016d}-{job.id}-0.job"
-                os.rename(tmp, dest, src_dir_fd=tfd, dst_dir_fd=pfd)
+                pfd = queues[job.queue].pfd
+                dest = pending_name(self._key(job.available_at), job.id, 0)
+                rename(tmp, dest, src_dir_fd=tfd, dst_dir_fd=pfd)
                 moved.append((dest, pfd))
                 dirs[pfd] = None
             if any(j.unique_key for j in jobs):
-                dirs[self._dirfd(str(self.root / "unique"))] = None
+                dirs[self._dirfd(f"{self._root}/unique")] = None
             for dfd in dirs:
                 os.fsync(dfd)
         except OSError:
@@ -358,110 +411,131 @@ class FileBackend:
     # -- claiming -------------------------------------------------------------------------
 
     def _watch(self, queues: Sequence[str]) -> None:
-        if self._inotify_failed:
+        if self._inotify_failed or self._watched.issuperset(queues):
             return
         try:
             if self._inotify is None:
                 self._inotify = _linux.Inotify()
-            watched = set(self._inotify.watches.values())
-            for q in queues:
-                if q not in watched:
-                    self._ensure_queue(q)
-                    self._inotify.watch(str(self._qdir(q) / "pending"), q)
-                    self._listing(q).dirty = True
+            for name in queues:
+                if name not in self._watched:
+                    q = self._queue(name)
+                    self._inotify.watch(q.pending, name)
+                    self._watched.add(name)
+                    q.listing.dirty = True
         except OSError:
             self._inotify_failed = True
+            self._watched.clear()
             if self._inotify is not None:
                 self._inotify.close()
                 self._inotify = None
 
-    def _listing(self, queue: str) -> _Listing:
-        listing = self._listings.get(queue)
-        if listing is None:
-            listing = self._listings[queue] = _Listing()
-        return listing
-
-    def _refresh_dirty(self) -> None:
+    def _refresh(self) -> None:
+        """Bring the cached listings up to date with what inotify reported: new names are
+        merged in; an overflow, an odd name or a lost watch calls for a full relisting."""
         if self._inotify is None:
-            for listing in self._listings.values():
-                listing.dirty = True
+            for q in self._queues.values():
+                q.listing.dirty = True
             return
         changed = self._inotify.drain()
-        for q, listing in self._listings.items():
-            if changed is None or q in changed:
-                listing.dirty = True
+        if changed is None:
+            for q in self._queues.values():
+                q.listing.dirty = True
+            return
+        for name, names in changed.items():
+            q = self._queues.get(name)
+            if _linux.IGNORED in names:  # its directory was removed: set it up afresh
+                self._watched.discard(name)
+                self._forget_queue(name)
+            elif q is not None and not merge_names(q.listing, names):
+                q.listing.dirty = True
 
-    def _relist(self, queue: str, listing: _Listing) -> None:
-        pdir = self._qdir(queue) / "pending"
+    def _relist(self, q: _Queue) -> _Queue:
+        """List ``q``'s pending directory into its cache (quarantining names that are not
+        jobs'); returns the queue, set up afresh if its directory was replaced."""
         try:
-            names = os.listdir(pdir)
+            if os.stat(q.pending).st_ino != os.fstat(q.pfd).st_ino:
+                raise FileNotFoundError
         except FileNotFoundError:
-            names = []
-        good = []
-        for n in names:
-            if PENDING_RE.match(n):
-                good.append(n)
-            elif not n.startswith("."):
-                self._quarantine(pdir / n, "unexpected file name in pending/")
-        good.sort()
-        listing.names = deque(good)
-        listing.listed = True
-        listing.dirty = False
+            self._forget_queue(q.name)
+            q = self._queue(q.name)
+        names = os.listdir(q.pending)
+        good = valid_pending(names)
+        if len(good) != len(names):
+            valid = set(good)
+            for n in names:
+                if n not in valid and not n.startswith("."):
+                    self._quarantine(q.pending, n, "unexpected file name in pending/")
+        q.listing.reset(good)
+        return q
 
     def claim(self, queues: Sequence[str], worker: str, timeout: float) -> Claim | None:
         self._watch(queues)
-        self._refresh_dirty()
+        self._refresh()
         now = time.time()
-        now_key = _us(now)
-        for q in queues:
-            if os.path.exists(self.root / "q" / q / "paused"):
+        now_key = key_str(_us(now))
+        for name in queues:
+            q = self._queues.get(name) or self._queue(name)
+            if os.path.exists(q.paused):
                 continue
-            listing = self._listing(q)
             relisted = False
             while True:
-                if not listing.names or _key_of(listing.names[0]) > now_key:
-                    if relisted or (listing.listed and not listing.dirty):
+                listing = q.listing
+                entry = listing.next_due(now_key)
+                if entry is None:
+                    if relisted or not listing.dirty:
                         break
-                    self._relist(q, listing)
+                    q = self._relist(q)
                     relisted = True
                     continue
-                claim = self._claim_one(q, listing.names.popleft(), worker, timeout, now)
-                if claim is not None:
-                    return claim
+                claim = self._claim_one(q, entry[0], worker, timeout, now)
+                if claim is _TAKEN:
+                    if entry[1]:  # lost the head to another worker: spread out
+                        listing.skip(now_key)
+                elif claim is not None:
+                    return claim  # type: ignore[return-value]
         return None
 
     def next_due(self, queues: Sequence[str]) -> float | None:
         """When the earliest delayed job among ``queues`` becomes due (from cached listings)."""
-        keys = [_key_of(self._listings[q].names[0]) for q in queues
-                if q in self._listings and self._listings[q].names]
+        keys = [k for k in (self._queues[q].listing.first_key() for q in queues if q in self._queues)
+                if k is not None]
         return min(keys) / 1_000_000 if keys else None
 
-    def _claim_one(self, queue: str, name: str, worker: str, timeout: float, now: float) -> Claim | None:
-        qdir = self._qdir(queue)
-        path = qdir / "pending" / name
-        fd = self._open_job(path)
-        if fd is None:
+    def _claim_one(self, q: _Queue, name: str, worker: str, timeout: float, now: float) -> Claim | object | None:
+        """Claim the pending file ``name``: open and lock it, then rename it to reserved/ with
+        the attempt counted. ``_TAKEN`` if another claimer got it first, None if refused."""
+        pfd = q.fds[0]
+        try:
+            fd = os.open(name, _O_READ, dir_fd=pfd)
+        except FileNotFoundError:
+            return _TAKEN
+        except OSError as exc:
+            self._quarantine(q.pending, name, _open_error(exc))
+            return None
+        reason = self._refusal(fd)
+        if reason:
+            os.close(fd)
+            self._quarantine(q.pending, name, reason)
             return None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
-            return None
-        m = PENDING_RE.match(name)
-        assert m is not None
-        job_id, attempt = m.group(2), int(m.group(3)) + 1
-        reserved = qdir / "reserved" / f"{job_id}-{attempt}.job"
+            return _TAKEN
+        job_id, attempts = split_pending(name)
+        attempt = attempts + 1
+        reserved = reserved_name(job_id, attempt)
         try:
-            os.rename(path, reserved)
+            os.rename(name, reserved, src_dir_fd=pfd, dst_dir_fd=q.fds[1])
         except FileNotFoundError:
             os.close(fd)
-            return None
+            return _TAKEN
         try:
-            job, _ = decode_file(os.pread(fd, MAX_FILE_BYTES + 1, 0))
-            if job.id != job_id or job.queue != queue:
+            job = decode_job(os.pread(fd, MAX_FILE_BYTES + 1, 0))
+            if job.id != job_id or job.queue != q.name:
                 raise CorruptJob("file name does not match its contents")
         except CorruptJob as exc:
-            self._quarantine(reserved, str(exc))
+            self._quarantine(q.reserved, reserved, str(exc))
             os.close(fd)
             return None
         effective = job.timeout if job.timeout is not None else timeout
@@ -474,21 +548,21 @@ class FileBackend:
             if self.lock_mode == "lease":
                 os.close(fd)
                 raise
-        return Claim(job, attempt, now, deadline, None, [fd], (fd, reserved), f"{queue}/{reserved.name}")
+        return Claim(job, attempt, now, deadline, None, [fd], (fd, q, reserved), f"{q.name}/{reserved}")
 
     def adopt(self, ref: str) -> Claim | None:
         queue, _, name = ref.partition("/")
         m = RESERVED_RE.match(name)
         if m is None or not _safe_queue(queue):
             raise UsageError(f"Invalid claim reference {ref!r}.")
-        path = self._qdir(queue) / "reserved" / name
-        fd = self._open_job(path)
+        q = self._queue(queue)
+        fd = self._open_job(q.reserved, name)
         if fd is None:
             return None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            if os.stat(path).st_ino != os.fstat(fd).st_ino:
-                raise FileNotFoundError(path)
+            if os.stat(name, dir_fd=q.fds[1]).st_ino != os.fstat(fd).st_ino:
+                raise FileNotFoundError(name)
             job, events = decode_file(os.pread(fd, MAX_FILE_BYTES + 1, 0))
         except (OSError, CorruptJob):
             os.close(fd)
@@ -497,82 +571,88 @@ class FileBackend:
         claimed = [e for e in events if e.event == "claimed" and e.attempt == attempt]
         at = claimed[-1].at if claimed else time.time()
         deadline = claimed[-1].deadline if claimed and claimed[-1].deadline else at
-        return Claim(job, attempt, at, deadline, None, [fd], (fd, path), ref)
+        return Claim(job, attempt, at, deadline, None, [fd], (fd, q, name), ref)
 
-    def _open_job(self, path: Path) -> int | None:
+    def _refusal(self, fd: int) -> str | None:
+        """Why the open file ``fd`` is not a job file forge will read, or None."""
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            return "not a regular file"
+        if st.st_uid != self.uid:
+            return f"owned by uid {st.st_uid}, not {self.uid}"
+        if st.st_nlink != 1:
+            return f"has {st.st_nlink} hard links"
+        if st.st_size > MAX_FILE_BYTES:
+            return f"{st.st_size} bytes, over the {MAX_FILE_BYTES}-byte cap"
+        return None
+
+    def _open_job(self, directory: str, name: str) -> int | None:
         """Open a job file safely, or quarantine it with the reason; None if gone or refused."""
         try:
-            fd = os.open(path, _O_READ)
+            fd = os.open(f"{directory}/{name}", _O_READ)
         except FileNotFoundError:
             return None
         except OSError as exc:
-            reason = "symbolic link" if exc.errno == errno.ELOOP else f"cannot open: {exc.strerror}"
-            self._quarantine(path, reason)
+            self._quarantine(directory, name, _open_error(exc))
             return None
-        st = os.fstat(fd)
-        reason = None
-        if not stat.S_ISREG(st.st_mode):
-            reason = "not a regular file"
-        elif st.st_uid != self.uid:
-            reason = f"owned by uid {st.st_uid}, not {self.uid}"
-        elif st.st_nlink != 1:
-            reason = f"has {st.st_nlink} hard links"
-        elif st.st_size > MAX_FILE_BYTES:
-            reason = f"{st.st_size} bytes, over the {MAX_FILE_BYTES}-byte cap"
+        reason = self._refusal(fd)
         if reason:
             os.close(fd)
-            self._quarantine(path, reason)
+            self._quarantine(directory, name, reason)
             return None
         return fd
 
-    def _quarantine(self, path: Path, reason: str) -> None:
-        dest = self.root / "quarantine" / f"{time.time_ns()}-{path.parent.parent.name}-{path.name}"
+    def _quarantine(self, directory: str, name: str, reason: str) -> None:
+        path = f"{directory}/{name}"
+        queue = os.path.basename(os.path.dirname(directory))
+        dest = f"{self._root}/quarantine/{time.time_ns()}-{queue}-{name}"
         try:
             os.rename(path, dest)
         except OSError:
             return
         with contextlib.suppress(OSError):
-            _write_new(Path(str(dest) + ".reason"), f"{path}: {reason}\n".encode())
-        warnings.warn(f"Quarantined {path.name} ({reason}); see {dest}.", stacklevel=2)
+            _write_new(dest + ".reason", f"{path}: {reason}\n".encode())
+        warnings.warn(f"Quarantined {name} ({reason}); see {dest}.", stacklevel=2)
 
     # -- outcomes -------------------------------------------------------------------------
 
     def heartbeat(self, claim: Claim) -> bool:
         return True
 
-    def _finish(self, claim: Claim, event: Event | None, dest: Path | None) -> None:
-        fd, reserved = claim.handle
+    def _finish(self, claim: Claim, event: Event | None, state: str | None, dest: str = "") -> None:
+        """Record ``event`` in the claimed file, then move it to ``state``/``dest`` (or delete
+        it when ``state`` is None), and let go of it."""
+        fd, q, reserved = claim.handle
         try:
             if event is not None:
                 os.write(fd, event.to_json())
-            if dest is None:
-                os.unlink(reserved)
+            if state is None:
+                os.unlink(reserved, dir_fd=q.fds[1])
                 with contextlib.suppress(FileNotFoundError):
-                    os.unlink(self.root / "logs" / f"{claim.job.id}.log")
+                    os.unlink(f"{self._root}/logs/{claim.job.id}.log")
             else:
-                os.rename(reserved, dest)
+                os.rename(reserved, dest, src_dir_fd=q.fds[1], dst_dir_fd=q.dir_fd(state))
         finally:
             os.close(fd)
             claim.fds.clear()
 
     def ack(self, claim: Claim, event: Event) -> None:
-        qdir = self._qdir(claim.queue)
-        dest = None
         if self.done_retention > 0:
-            dest = qdir / "done" / f"{_us(time.time()):016d}-{claim.job.id}-{claim.attempt}.job"
-        self._finish(claim, event, dest)
-        self._free_unique(claim.job)
+            self._finish(claim, event, "done", pending_name(_us(time.time()), claim.job.id, claim.attempt))
+        else:
+            self._finish(claim, event, None)
+        if claim.job.unique_key is not None:
+            self._free_unique(claim.job)
 
     def release(self, claim: Claim, event: Event | None, delay: float) -> None:
         attempts = claim.attempt if event is not None else claim.attempt - 1
         key = self._key(time.time() + delay)
-        dest = self._qdir(claim.queue) / "pending" / f"{key:016d}-{claim.job.id}-{attempts}.job"
-        self._finish(claim, event, dest)
+        self._finish(claim, event, "pending", pending_name(key, claim.job.id, attempts))
 
     def fail(self, claim: Claim, event: Event) -> None:
-        dest = self._qdir(claim.queue) / "failed" / f"{_us(time.time()):016d}-{claim.job.id}-{claim.attempt}.job"
-        self._finish(claim, event, dest)
-        self._free_unique(claim.job)
+        self._finish(claim, event, "failed", pending_name(_us(time.time()), claim.job.id, claim.attempt))
+        if claim.job.unique_key is not None:
+            self._free_unique(claim.job)
 
     def wait(self, queues: Sequence[str], timeout: float) -> None:
         self._watch(queues)
@@ -590,30 +670,27 @@ class FileBackend:
         counts = {"recovered": 0, "abandoned": 0, "pruned": 0, "temp_removed": 0}
         now = time.time()
         for q in self.queues():
-            rdir = self._qdir(q) / "reserved"
-            try:
-                names = os.listdir(rdir)
-            except FileNotFoundError:
-                continue
-            for name in names:
-                outcome = self._recover(q, rdir / name, name, now, default_tries)
+            for name in self._names(q, "reserved"):
+                outcome = self._recover(q, name, now, default_tries)
                 if outcome:
                     counts[outcome] += 1
         if self.done_retention >= 0:
             counts["pruned"] = self.prune_done(older_than=self.done_retention)
-        for tmp in (self.root / "tmp").iterdir():
-            with contextlib.suppress(OSError):
-                if now - tmp.lstat().st_mtime > TMP_MAX_AGE:
-                    tmp.unlink()
-                    counts["temp_removed"] += 1
+        with os.scandir(self._tmp) as it:
+            for entry in it:
+                with contextlib.suppress(OSError):
+                    if now - entry.stat(follow_symlinks=False).st_mtime > TMP_MAX_AGE:
+                        os.unlink(entry.path)
+                        counts["temp_removed"] += 1
         return counts
 
-    def _recover(self, queue: str, path: Path, name: str, now: float, default_tries: int) -> str | None:
+    def _recover(self, queue: str, name: str, now: float, default_tries: int) -> str | None:
+        q = self._queue(queue)
         m = RESERVED_RE.match(name)
         if m is None:
-            self._quarantine(path, "unexpected file name in reserved/")
+            self._quarantine(q.reserved, name, "unexpected file name in reserved/")
             return None
-        fd = self._open_job(path)
+        fd = self._open_job(q.reserved, name)
         if fd is None:
             return None
         try:
@@ -622,14 +699,14 @@ class FileBackend:
         except BlockingIOError:
             locked = False
         try:
-            if os.stat(path).st_ino != os.fstat(fd).st_ino:
+            if os.stat(name, dir_fd=q.fds[1]).st_ino != os.fstat(fd).st_ino:
                 os.close(fd)
                 return None
             job, events = decode_file(os.pread(fd, MAX_FILE_BYTES + 1, 0))
         except (OSError, CorruptJob) as exc:
             os.close(fd)
             if isinstance(exc, CorruptJob):
-                self._quarantine(path, str(exc))
+                self._quarantine(q.reserved, name, str(exc))
             return None
         attempt = int(m.group(2))
         if self.lock_mode == "lease":
@@ -642,7 +719,7 @@ class FileBackend:
         elif not locked:
             os.close(fd)
             return None
-        claim = Claim(job, attempt, now, now, None, [fd], (fd, path))
+        claim = Claim(job, attempt, now, now, None, [fd], (fd, q, name))
         exhausted = attempt >= (job.max_attempts or default_tries)
         event = Event("failed" if exhausted else "released", attempt, now,
                       reason=Reason.ABANDONED, error="the worker died during this attempt")
@@ -656,11 +733,11 @@ class FileBackend:
 
     def _names(self, queue: str, state: str) -> list[str]:
         try:
-            return os.listdir(self._qdir(queue) / state)
+            return os.listdir(f"{self._qdir(queue)}/{state}")
         except FileNotFoundError:
             return []
 
-    def _info(self, path: Path, state: State, attempts: int, updated: float | None) -> JobInfo | None:
+    def _info(self, path: str, state: State, attempts: int, updated: float | None) -> JobInfo | None:
         try:
             fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
         except OSError:
@@ -679,14 +756,15 @@ class FileBackend:
             updated = claimed[-1].at if claimed else None
         return JobInfo(job, state, attempts, tuple(events), updated)
 
-    def _locate(self, job_id: str) -> tuple[Path, State, int, float | None] | None:
+    def _locate(self, job_id: str) -> tuple[str, State, int, float | None] | None:
         now_key = _us(time.time())
         for q in self.queues():
+            qdir = self._qdir(q)
             for name in self._names(q, "reserved"):
                 if name.startswith(job_id):
                     m = RESERVED_RE.match(name)
                     if m:
-                        return self._qdir(q) / "reserved" / name, State.RESERVED, int(m.group(2)), None
+                        return f"{qdir}/reserved/{name}", State.RESERVED, int(m.group(2)), None
             for sdir in ("pending", "failed", "done"):
                 for name in self._names(q, sdir):
                     if name[17:53] == job_id:
@@ -696,8 +774,8 @@ class FileBackend:
                         key = int(m.group(1))
                         if sdir == "pending":
                             state = State.DELAYED if key > now_key else State.PENDING
-                            return self._qdir(q) / sdir / name, state, int(m.group(3)), None
-                        return self._qdir(q) / sdir / name, State(sdir), int(m.group(3)), key / 1e6
+                            return f"{qdir}/{sdir}/{name}", state, int(m.group(3)), None
+                        return f"{qdir}/{sdir}/{name}", State(sdir), int(m.group(3)), key / 1e6
         return None
 
     def find(self, job_id: str) -> JobInfo | None:
@@ -715,37 +793,16 @@ class FileBackend:
     def jobs(self, *, queue: str | None = None, state: State | None = None,
              command: str | None = None, limit: int | None = None) -> Iterator[JobInfo]:
         queues = [validate_queue_name(queue)] if queue else self.queues()
-        now_key = _us(time.time())
-        order = [State.RESERVED, State.PENDING, State.DELAYED, State.FAILED, State.DONE]
+        now_key = key_str(_us(time.time()))
         count = 0
-        for st in order:
+        for st in _LIST_ORDER:
             if state is not None and st != state:
                 continue
-            sdir = "pending" if st in (State.PENDING, State.DELAYED) else str(st)
-            # (sort key, path, attempts, updated), merged over every queue
-            items: list[tuple[float, Path, int, float | None]] = []
-            for q in queues:
-                d = self._qdir(q) / sdir
-                for n in self._names(q, sdir):
-                    if st == State.RESERVED:
-                        m = RESERVED_RE.match(n)
-                        if m:
-                            try:  # the claim's event append stamps mtime: claim order
-                                since = os.lstat(d / n).st_mtime
-                            except FileNotFoundError:
-                                continue
-                            items.append((since, d / n, int(m.group(2)), None))
-                        continue
-                    m = PENDING_RE.match(n)
-                    if not m:
-                        continue
-                    key = int(m.group(1))
-                    if (st == State.PENDING and key > now_key) or (st == State.DELAYED and key <= now_key):
-                        continue
-                    updated = key / 1e6 if st in (State.FAILED, State.DONE) else None
-                    items.append((key, d / n, int(m.group(3)), updated))
-            items.sort(key=lambda it: (it[0], it[1].name), reverse=st in (State.FAILED, State.DONE))
-            for _, path, attempts, updated in items:
+            if st == State.RESERVED:
+                entries = self._reserved_by_claim_time(queues)
+            else:
+                entries = self._by_name(queues, st, now_key)
+            for path, attempts, updated in entries:
                 info = self._info(path, st, attempts, updated)
                 if info is None or (command and info.job.command != command):
                     continue
@@ -754,21 +811,63 @@ class FileBackend:
                 if limit is not None and count >= limit:
                     return
 
+    def _reserved_by_claim_time(self, queues: list[str]) -> list[tuple[str, int, None]]:
+        items = []
+        for q in queues:
+            d = f"{self._qdir(q)}/reserved"
+            for n in self._names(q, "reserved"):
+                m = RESERVED_RE.match(n)
+                if m:
+                    try:  # the claim's event append stamps mtime: claim order
+                        since = os.lstat(f"{d}/{n}").st_mtime
+                    except FileNotFoundError:
+                        continue
+                    items.append((since, n, f"{d}/{n}", int(m.group(2))))
+        items.sort()
+        return [(path, attempts, None) for _, _, path, attempts in items]
+
+    def _by_name(self, queues: list[str], st: State, now_key: str) -> Iterator[tuple[str, int, float | None]]:
+        """The job files of ``st`` in the order ``jobs`` lists them, from their names alone
+        (which sort by key), merged over ``queues``: pending and delayed oldest first, failed
+        and done newest first. Sorts lazily and checks only the names it yields."""
+        newest_first = st in (State.FAILED, State.DONE)
+        bound = due_bound(now_key)
+        sdir = "pending" if st in (State.PENDING, State.DELAYED) else str(st)
+        streams = []
+        for q in queues:
+            names = self._names(q, sdir)
+            if st == State.DELAYED:
+                names = [n for n in names if n > bound]
+            d = f"{self._qdir(q)}/{sdir}"
+            sorted_names = ordered(names, reverse=newest_first)
+            if st == State.PENDING:  # the due ones sort first: stop at the first that is not
+                sorted_names = takewhile(bound.__gt__, sorted_names)
+            streams.append(zip(sorted_names, repeat(d)))
+        if not streams:
+            return
+        merged = streams[0] if len(streams) == 1 else heapq.merge(*streams, reverse=newest_first)
+        for name, d in merged:
+            m = PENDING_RE.match(name)
+            if m:
+                updated = int(m.group(1)) / 1e6 if newest_first else None
+                yield f"{d}/{name}", int(m.group(3)), updated
+
     def stats(self, queues: Sequence[str] | None = None) -> list[QueueStats]:
-        now_key = _us(time.time())
+        now_key = key_str(_us(time.time()))
         paused = self.paused()
         out = []
         for q in queues or self.queues():
-            keys = [int(n[:16]) for n in self._names(q, "pending") if PENDING_RE.match(n)]
-            due = [k for k in keys if k <= now_key]
+            names = valid_pending(self._names(q, "pending"))
+            bound = due_bound(now_key)
+            due = [n for n in names if n < bound]
             out.append(QueueStats(
                 queue=q,
                 pending=len(due),
-                delayed=len(keys) - len(due),
+                delayed=len(names) - len(due),
                 reserved=sum(1 for n in self._names(q, "reserved") if n.endswith(".job")),
                 done=sum(1 for n in self._names(q, "done") if n.endswith(".job")),
                 failed=sum(1 for n in self._names(q, "failed") if n.endswith(".job")),
-                oldest_pending_at=min(due) / 1e6 if due else None,
+                oldest_pending_at=int(min(due)[:16]) / 1e6 if due else None,
                 paused=q in paused,
             ))
         return out
@@ -781,12 +880,13 @@ class FileBackend:
             for job_id in job_ids:
                 loc = self._locate(job_id) if valid_id(job_id) else None
                 if loc is not None and loc[1] == State.FAILED:
-                    info = self._retry_path(loc[0])
+                    d, _, name = loc[0].rpartition("/")
+                    info = self._retry_path(d, name)
                     if info is not None:
                         yield info
             return
         for q in [queue] if queue else self.queues():
-            fdir = self._qdir(q) / "failed"
+            fdir = f"{self._qdir(q)}/failed"
             while True:
                 moved = 0
                 try:
@@ -797,15 +897,16 @@ class FileBackend:
                     for entry in it:
                         if not PENDING_RE.match(entry.name):
                             continue
-                        info = self._retry_path(Path(entry.path), reason=reason, command=command)
+                        info = self._retry_path(fdir, entry.name, reason=reason, command=command)
                         if info is not None:
                             moved += 1
                             yield info
                 if not moved:
                     break
 
-    def _retry_path(self, path: Path, *, reason: str | None = None, command: str | None = None) -> JobInfo | None:
-        fd = self._open_job(path)
+    def _retry_path(self, fdir: str, name: str, *, reason: str | None = None,
+                    command: str | None = None) -> JobInfo | None:
+        fd = self._open_job(fdir, name)
         if fd is None:
             return None
         try:
@@ -818,8 +919,8 @@ class FileBackend:
             now = time.time()
             ev = Event("retried", 0, now)
             os.write(fd, ev.to_json())
-            dest = path.parent.parent / "pending" / f"{self._key(now):016d}-{job.id}-0.job"
-            os.rename(path, dest)
+            dest = f"{os.path.dirname(fdir)}/pending/{pending_name(self._key(now), job.id, 0)}"
+            os.rename(f"{fdir}/{name}", dest)
             return JobInfo(job, State.PENDING, 0, (*events, ev), now)
         except (OSError, CorruptJob):
             return None
@@ -835,23 +936,23 @@ class FileBackend:
         except FileNotFoundError:
             return False
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.root / "logs" / f"{job_id}.log")
+            os.unlink(f"{self._root}/logs/{job_id}.log")
         return True
 
     def _delete_older(self, state: str, older_than: float | None, queue: str | None = None) -> int:
         cutoff = _us(time.time() - older_than) if older_than is not None else None
         removed = 0
         for q in [queue] if queue else self.queues():
-            d = self._qdir(q) / state
+            d = f"{self._qdir(q)}/{state}"
             for name in self._names(q, state):
                 m = PENDING_RE.match(name)
                 if not m or (cutoff is not None and int(m.group(1)) > cutoff):
                     continue
                 with contextlib.suppress(FileNotFoundError):
-                    os.unlink(d / name)
+                    os.unlink(f"{d}/{name}")
                     removed += 1
                     with contextlib.suppress(FileNotFoundError):
-                        os.unlink(self.root / "logs" / f"{m.group(2)}.log")
+                        os.unlink(f"{self._root}/logs/{m.group(2)}.log")
         return removed
 
     def flush(self, *, older_than: float | None = None, queue: str | None = None) -> int:
@@ -862,18 +963,17 @@ class FileBackend:
 
     def clear(self, queue: str) -> int:
         removed = 0
-        pdir = self._qdir(queue) / "pending"
+        pdir = f"{self._qdir(queue)}/pending"
         for name in self._names(queue, "pending"):
-            m = PENDING_RE.match(name)
-            if not m:
+            if not PENDING_RE.match(name):
                 continue
-            fd = self._open_job(pdir / name)
+            fd = self._open_job(pdir, name)
             if fd is None:
                 continue
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a claimer holds it: leave it
                 job, _ = decode_file(os.pread(fd, MAX_FILE_BYTES + 1, 0))
-                os.unlink(pdir / name)
+                os.unlink(f"{pdir}/{name}")
                 removed += 1
                 self._free_unique(job)
             except (BlockingIOError, FileNotFoundError, CorruptJob):
@@ -883,12 +983,11 @@ class FileBackend:
         return removed
 
     def pause(self, queue: str) -> None:
-        marker = self._ensure_queue(queue) / "paused"
-        marker.touch(mode=0o600)
+        Path(self._queue(queue).paused).touch(mode=0o600)
 
     def resume(self, queue: str) -> None:
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(self._qdir(queue) / "paused")
+            os.unlink(f"{self._qdir(queue)}/paused")
 
     def paused(self) -> set[str]:
         return {q for q in self.queues() if os.path.exists(self.root / "q" / q / "paused")}
@@ -940,10 +1039,6 @@ class FileBackend:
             self._inotify = None
 
 
-def _key_of(name: str) -> int:
-    return int(name[:16])
-
-
 def _safe_queue(name: str) -> bool:
     try:
         validate_queue_name(name)
@@ -952,7 +1047,11 @@ def _safe_queue(name: str) -> bool:
         return False
 
 
-def _write_new(path: Path, data: bytes, *, sync: bool = False) -> None:
+def _open_error(exc: OSError) -> str:
+    return "symbolic link" if exc.errno == errno.ELOOP else f"cannot open: {exc.strerror}"
+
+
+def _write_new(path: str | Path, data: bytes, *, sync: bool = False) -> None:
     """Create ``path`` (0600, never following a symlink, never overwriting) holding ``data``."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
