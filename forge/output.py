@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 _consoles: dict[bool, Any] = {}
@@ -83,17 +84,13 @@ def table(
     columns: Sequence[str], rows: Iterable[Sequence[Any]], *, title: str | None = None,
     styles: dict[str, str] | None = None,
 ) -> None:
-    """A Rich table on a terminal, tab-separated columns with a header elsewhere."""
+    """A Rich table on a terminal, tab-separated columns with a header elsewhere.
+
+    An ``id`` column is never wrapped or shortened on a terminal: ids are there to be copied.
+    """
     rows = [[("" if v is None else str(v)) for v in row] for row in rows]
     if is_tty():
-        from rich.table import Table
-
-        t = Table(title=title, title_justify="left", header_style="bold")
-        for col in columns:
-            t.add_column(col, style=(styles or {}).get(col))
-        for row in rows:
-            t.add_row(*row, style=_row_style(row, columns))
-        console().print(t)
+        console().print(_rich_table(columns, rows, title=title, styles=styles))
         return
     if title:
         line(title)
@@ -101,6 +98,78 @@ def table(
     line("  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)).rstrip())
     for row in rows:
         line("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
+
+
+def _rich_table(
+    columns: Sequence[str], rows: Sequence[Sequence[str]], *, title: str | None,
+    styles: dict[str, str] | None = None, row_styles: Sequence[str | None] | None = None,
+) -> Any:
+    from rich.table import Table
+
+    t = Table(title=title, title_justify="left", header_style="bold")
+    for i, col in enumerate(columns):
+        if col == "id":  # full width even when the terminal is narrow; other columns wrap instead
+            width = max([len(col)] + [len(r[i]) for r in rows])
+            t.add_column(col, style=(styles or {}).get(col), no_wrap=True, min_width=width)
+        else:
+            t.add_column(col, style=(styles or {}).get(col))
+    for n, row in enumerate(rows):
+        style = row_styles[n] if row_styles is not None else None
+        t.add_row(*row, style=style or _row_style(row, columns))
+    return t
+
+
+class LiveTable:
+    """A table redrawn in place on a terminal (stdout) for as long as the ``with`` block runs.
+
+    ``row_styles`` gives one Rich style (or None) per row.
+    """
+
+    def __init__(self, columns: Sequence[str], rows: Iterable[Sequence[Any]], *, title: str | None = None,
+                 row_styles: Sequence[str | None] | None = None) -> None:
+        self.columns = list(columns)
+        self._first = self._render(rows, title, row_styles)
+        self._live: Any = None
+
+    def _render(self, rows: Iterable[Sequence[Any]], title: str | None, row_styles: Sequence[str | None] | None) -> Any:
+        cells = [[("" if v is None else str(v)) for v in row] for row in rows]
+        return _rich_table(self.columns, cells, title=title, row_styles=row_styles)
+
+    def __enter__(self) -> LiveTable:
+        from rich.live import Live
+
+        self._live = Live(self._first, console=console(), auto_refresh=False)
+        self._live.__enter__()
+        return self
+
+    def update(self, rows: Iterable[Sequence[Any]], *, title: str | None = None,
+               row_styles: Sequence[str | None] | None = None) -> None:
+        """Replace the table with these rows and redraw it."""
+        self._live.update(self._render(rows, title, row_styles), refresh=True)
+
+    def __exit__(self, *exc: object) -> None:
+        self._live.__exit__(*exc)
+
+
+@contextmanager
+def progress(total: int, what: str) -> Iterator[Callable[[int], None]]:
+    """A progress bar on stderr when it is a terminal and there are 2+ steps; a no-op elsewhere.
+
+    Yields ``advance(n)``. Stdout is left alone: what a command prints meanwhile (job ids for a
+    pipe) goes straight to it, not through the bar.
+    """
+    if not is_tty(sys.stderr) or total < 2:
+        yield lambda n: None
+        return
+    from rich.progress import Progress
+
+    bar = Progress(console=console(stderr=True), transient=True, redirect_stdout=False, redirect_stderr=False)
+    bar.start()
+    try:
+        task = bar.add_task(what, total=total)
+        yield lambda n: bar.advance(task, n)
+    finally:
+        bar.stop()
 
 
 _STATE_STYLES = {"failed": "red", "reserved": "cyan", "delayed": "yellow", "done": "dim", "paused": "yellow"}

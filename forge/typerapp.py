@@ -10,18 +10,15 @@ from typer.core import TyperGroup
 from . import __version__
 from .errors import EXIT_ERROR, UnknownCommand
 from .registry import CommandRegistry
+from .runner import default_registry
 
-state: dict[str, Any] = {"verbose": False, "registry": None}
+state: dict[str, Any] = {"verbose": False}
 
 
 def registry() -> CommandRegistry:
-    """The registry of this CLI run, built on first use."""
-    if state["registry"] is None:
-        from .config import load_settings
-        from .discovery import build_registry
-
-        state["registry"] = build_registry(load_settings())
-    return state["registry"]
+    """The registry of this CLI run: the process's one registry, shared with ``forge.call``
+    and the queue library, built on first use."""
+    return default_registry()
 
 
 class ForgeGroup(TyperGroup):

@@ -25,10 +25,8 @@ def isolated_forge(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg"))
     monkeypatch.setenv("FORGE_STORAGE", str(tmp_path / "storage"))  # the example commands' data
     import forge.runner
-    import forge.typerapp
 
-    forge.runner._default_registry = None
-    forge.typerapp.state["registry"] = None
+    forge.runner._default_registry = None  # the one registry cache (the CLI's and forge.call's)
     return queue_dir
 
 

@@ -539,7 +539,8 @@ def test_pause_resume_restart(capsys: Capsys) -> None:
 
 # --- help, completion, start-up ---------------------------------------------------------------
 
-QUEUE_CMDS = sorted(n for n, (target, _, _) in BUILTINS.items() if target.startswith("forge.builtins.queue_cmds:"))
+QUEUE_MODULES = ("forge.builtins.dispatch:", "forge.builtins.inspect_cmds:", "forge.builtins.manage:")
+QUEUE_CMDS = sorted(n for n, (target, _, _) in BUILTINS.items() if target.startswith(QUEUE_MODULES))
 
 
 @pytest.mark.parametrize("name", QUEUE_CMDS)

@@ -1,0 +1,240 @@
+"""``queue:dispatch``: push one command onto a queue (optionally ``--wait`` for it), or many ``--from-file``.
+
+It runs from cron and scripts thousands of times, so nothing heavy is imported at module
+level: the progress bar of ``--from-file`` comes from ``forge.output``, which imports rich
+only when stderr is a terminal.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Annotated, Any
+
+import typer
+
+from .. import output
+from ..durations import format_duration, parse_backoff, parse_duration
+from ..errors import EXIT_JOB_FAILED, ForgeError, InvalidCommand, JobNotFound, UsageError
+from ..job import MAX_OUTPUT_TAIL, JobInfo, State
+from ..queue import CommandQueue, QueuedCommand
+from ..runner import default_registry
+from ._shared import Connection, err_tty, fmt_time
+
+DISPATCH_OPTIONS = {"--queue", "--connection", "--delay", "--at", "--tries", "--timeout", "--backoff", "--meta",
+                    "--unique-key", "--unique-ttl", "--json", "--wait", "--wait-timeout", "--from-file"}
+FILE_KEYS = {"command", "args", "queue", "delay", "tries", "timeout", "backoff", "meta", "unique_key", "unique_ttl"}
+
+
+def _meta(items: Sequence[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UsageError(f"Invalid --meta {item!r}: use key=value, e.g. --meta tenant=acme.")
+        try:
+            out[key] = json.loads(value)
+        except ValueError:
+            out[key] = value
+    return out
+
+
+def _at(value: str) -> datetime:
+    try:
+        return datetime.fromisoformat(value)
+    except ValueError:
+        raise UsageError(f"Invalid --at {value!r}: use an ISO date/time, e.g. 2026-12-01T09:00.") from None
+
+
+def _build(command: str, args: Sequence[str], o: dict[str, Any]) -> QueuedCommand:
+    """A QueuedCommand from dispatch options (the CLI's, or one --from-file line's)."""
+    cmd = QueuedCommand(command).with_args(args)
+    if o.get("delay") is not None:
+        cmd = cmd.with_delay(parse_duration(o["delay"], what="--delay"))
+    if o.get("at") is not None:
+        cmd = cmd.at(o["at"])
+    if o.get("tries") is not None:
+        cmd = cmd.with_max_attempts(o["tries"])
+    if o.get("timeout") is not None:
+        cmd = cmd.with_timeout(parse_duration(o["timeout"], what="--timeout"))
+    if o.get("backoff") is not None:
+        cmd = cmd.with_backoff(parse_backoff(o["backoff"], what="--backoff"))
+    for key, value in (o.get("meta") or {}).items():
+        cmd = cmd.with_metadata(key, value)
+    if o.get("unique_key") is not None:
+        ttl = o.get("unique_ttl")
+        cmd = cmd.with_unique_key(o["unique_key"], None if ttl is None else parse_duration(ttl, what="--unique-ttl"))
+    return cmd
+
+
+def dispatch(
+    command: Annotated[str | None, typer.Argument(metavar="COMMAND", help="The command to queue.", show_default=False)] = None,
+    args: Annotated[list[str] | None, typer.Argument(metavar="[ARGS]...", help="Its arguments and options (everything after COMMAND).", show_default=False)] = None,
+    queue: Annotated[str | None, typer.Option(help="The queue (default: queue.default).")] = None,
+    connection: Connection = None,
+    delay: Annotated[str | None, typer.Option(help="Run no earlier than this from now, e.g. 90s, 5m, 1h30m.")] = None,
+    at: Annotated[str | None, typer.Option(help="Run no earlier than this local time, e.g. 2026-12-01T09:00.")] = None,
+    tries: Annotated[int | None, typer.Option(help="Attempts before the job fails (default: the worker's).", min=1)] = None,
+    timeout: Annotated[str | None, typer.Option(help="Kill an attempt running longer, e.g. 10m.")] = None,
+    backoff: Annotated[str | None, typer.Option(help="Seconds before each retry, e.g. 1,5,10.")] = None,
+    meta: Annotated[list[str] | None, typer.Option(metavar="KEY=VALUE", help="Metadata (repeatable); VALUE is parsed as JSON when it is JSON.")] = None,
+    unique_key: Annotated[str | None, typer.Option(help="Refuse (exit 4) while a job with this key is queued or running.")] = None,
+    unique_ttl: Annotated[str | None, typer.Option(help="Let the unique key lapse after this long.")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the dispatch record as JSON.")] = False,
+    wait: Annotated[bool, typer.Option("--wait", help="Block until the job is done (exit 0) or failed (exit 7).")] = False,
+    wait_timeout: Annotated[str | None, typer.Option(help="With --wait: give up after this long (exit 1).")] = None,
+    from_file: Annotated[str | None, typer.Option(metavar="FILE|-", help="Dispatch one job per JSON line of FILE (- for stdin).")] = None,
+) -> int:
+    """Push a command onto a queue; print the job id.
+
+    Options go before COMMAND; everything after it (options included) is the job's.
+    """
+    opts = {"delay": delay, "at": _at(at) if at else None, "tries": tries, "timeout": timeout,
+            "backoff": backoff, "meta": _meta(meta or []), "unique_key": unique_key, "unique_ttl": unique_ttl}
+    if delay is not None and at is not None:
+        raise UsageError("Pass --delay or --at, not both.")
+    if unique_ttl is not None and unique_key is None:
+        raise UsageError("--unique-ttl needs --unique-key.")
+    if from_file is not None:
+        if command is not None:
+            raise UsageError("Pass COMMAND or --from-file, not both.")
+        if wait:
+            raise UsageError("--wait works with one job; it cannot be combined with --from-file.")
+        return _dispatch_file(from_file, queue, connection, opts)
+    if command is None:
+        raise UsageError("Missing COMMAND.", hint="Usage: forge queue:dispatch [OPTIONS] COMMAND [ARGS]...")
+    job_args = list(args or [])
+    if job_args[:1] == ["--"]:
+        job_args = job_args[1:]  # `forge queue:dispatch CMD -- ARGS`
+    for flag in ("--help", "-h"):
+        if flag in job_args[: job_args.index("--") if "--" in job_args else None]:
+            raise UsageError(f"{flag} after {command} would be queued as the job's argument.",
+                             hint=f"Run `forge {command} --help` to see its usage.")
+    q = CommandQueue(queue, connection=connection, registry=default_registry())
+    try:
+        record = q.push(_build(command, job_args, opts))
+    except InvalidCommand as exc:
+        mine = [a for a in job_args if a.split("=", 1)[0] in DISPATCH_OPTIONS]
+        if mine:
+            exc.hint = f"Options of queue:dispatch go before the command: forge queue:dispatch {mine[0]} {command} ..."
+        raise
+    if json_out:
+        output.print_json(record.to_dict())
+    else:
+        output.line(record.id)
+        sys.stdout.flush()
+    if err_tty():
+        found = q.find(record.id) if record.scheduled_at else None
+        when = f", not before {fmt_time(found.job.available_at)}" if found else ""
+        output.info(f"Queued {command} on {record.queue} as {record.id}{when}")
+    if not wait:
+        return 0
+    limit = parse_duration(wait_timeout, what="--wait-timeout") if wait_timeout else None
+    return _wait(q, record.id, limit)
+
+
+def _wait(q: CommandQueue, job_id: str, limit: float | None) -> int:
+    start, pause = time.monotonic(), 0.05
+    while True:
+        info = q.find(job_id)
+        if info is None:
+            raise JobNotFound(job_id)
+        if info.state == State.DONE:
+            return 0
+        if info.state == State.FAILED:
+            _print_failure(q.backend.read_log(job_id), info)
+            return EXIT_JOB_FAILED
+        if limit is not None and time.monotonic() - start >= limit:
+            raise ForgeError(f"Job {job_id} is still {info.state} after --wait-timeout {format_duration(limit)}; it stays queued.",
+                             hint=f"Follow it with `forge queue:log {job_id} --follow`.") from None
+        time.sleep(pause)
+        pause = min(pause * 1.5, 0.5)
+
+
+def _print_failure(log: bytes, info: JobInfo) -> None:
+    failure = info.failure
+    tail = log[-MAX_OUTPUT_TAIL:].decode(errors="replace") if log else (failure.output_tail if failure else "") or ""
+    if tail:
+        sys.stderr.write(tail if tail.endswith("\n") else tail + "\n")
+    why = f"{failure.reason}: {failure.error}" if failure and failure.error else (failure.reason if failure else "unknown")
+    output.error(f"Job {info.id} ({info.job.command}) failed after {info.attempts} attempt(s): {why}.",
+                 f"Retry it with `forge queue:retry {info.id}`.")
+
+
+def _file_lines(source: str) -> list[str]:
+    if source == "-":
+        return sys.stdin.read().splitlines()
+    try:
+        with open(source, encoding="utf-8") as fh:
+            return fh.read().splitlines()
+    except OSError as exc:
+        raise UsageError(f"Cannot read --from-file {source}: {exc.strerror}.") from None
+
+
+def _parse_line(text: str, defaults: dict[str, Any]) -> tuple[str | None, QueuedCommand]:
+    try:
+        d = json.loads(text)
+    except ValueError as exc:
+        raise UsageError(f"invalid JSON ({exc})") from None
+    if not isinstance(d, dict):
+        raise UsageError('expected a JSON object like {"command": "email:send", "args": ["--user=1"]}')
+    unknown = sorted(set(d) - FILE_KEYS)
+    if unknown:
+        raise UsageError(f"unknown key(s) {', '.join(unknown)} (known: {', '.join(sorted(FILE_KEYS))})")
+    command, args = d.get("command"), d.get("args", [])
+    if not isinstance(command, str) or not command:
+        raise UsageError('"command" must be a non-empty string')
+    if not isinstance(args, list) or not all(isinstance(a, str) for a in args):
+        raise UsageError('"args" must be a list of strings')
+    if d.get("meta") is not None and not isinstance(d["meta"], dict):
+        raise UsageError('"meta" must be a JSON object')
+    fields = {k: d[k] for k in FILE_KEYS - {"command", "args", "queue"} if k in d}
+    opts = {**defaults, **fields, "meta": {**(defaults.get("meta") or {}), **(d.get("meta") or {})}}
+    return d.get("queue"), _build(command, args, opts)
+
+
+def _dispatch_file(source: str, queue: str | None, connection: str | None, defaults: dict[str, Any]) -> int:
+    registry = default_registry()
+    queues: dict[str | None, CommandQueue] = {}
+    batches: dict[str, list[QueuedCommand]] = {}
+    keys: dict[str, int] = {}
+    for n, text in enumerate(_file_lines(source), 1):
+        if not text.strip():
+            continue
+        try:
+            name, cmd = _parse_line(text, defaults)
+            name = name or queue
+            q = queues.get(name) or queues.setdefault(name, CommandQueue(name, connection=connection, registry=registry))
+            q.jobs_for([cmd])  # validates the command, its arguments and the options
+        except UsageError as exc:
+            exc.args = (f"{source}, line {n}: {exc.message}",)
+            exc.hint = "Nothing was dispatched."
+            raise
+        if cmd.unique_key is not None and keys.setdefault(cmd.unique_key, n) != n:
+            raise UsageError(f'{source}, line {n}: unique key "{cmd.unique_key}" is also used on line {keys[cmd.unique_key]}.',
+                             hint="Nothing was dispatched.")
+        batches.setdefault(q.name, []).append(cmd)
+    total, sent = sum(len(b) for b in batches.values()), 0
+    with output.progress(total, "Dispatching") as advance:
+        for name, cmds in batches.items():
+            q = CommandQueue(name, connection=connection, registry=registry, check_args=False)
+            for i in range(0, len(cmds), 1000):
+                try:
+                    ids = q.dispatch_many(cmds[i:i + 1000])  # validated above; store in batches
+                except Exception:
+                    if sent:
+                        output.warn(f"{sent} of {total} jobs were queued before this error (their ids are on stdout).")
+                    raise
+                sys.stdout.write("".join(f"{job_id}\n" for job_id in ids))
+                sys.stdout.flush()
+                sent += len(ids)
+                advance(len(ids))
+    if err_tty():
+        output.info(f"Queued {total} jobs from {'stdin' if source == '-' else source}.")
+    return 0
+
+
+dispatch.__forge_context_settings__ = {"allow_interspersed_args": False}  # type: ignore[attr-defined]

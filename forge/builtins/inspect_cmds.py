@@ -1,0 +1,248 @@
+"""Looking at queues and jobs: ``queue:list``, ``queue:show``, ``queue:log``, ``queue:failed``, ``queue:monitor``.
+
+Each command calls the library once and renders through ``forge.output``: data and JSON on
+stdout, human messages on stderr.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Annotated, Any
+
+import typer
+
+from .. import output
+from ..config import validate_queue_name
+from ..durations import format_duration, parse_duration
+from ..errors import EXIT_JOB_FAILED, EXIT_THRESHOLD, UsageError
+from ..job import JobInfo, State
+from ..queue import QueueManager
+from ._shared import JSON_VERSION, Connection, JobId, Json, QueueOpt, ago, argv, fmt_time, manager
+
+TAIL_BYTES = 4096
+FINISHED = (State.DONE, State.FAILED)
+
+
+def _stats_rows(stats: Sequence[Any], now: float) -> list[list[Any]]:
+    return [[s.queue, s.pending, s.delayed, s.reserved, s.failed, s.done, ago(s.oldest_pending_at, now),
+             "yes" if s.paused else ""] for s in stats]
+
+
+def _clock(t: float, now: float) -> str:
+    """Local time; the date only when it is not today (keeps the jobs table narrow)."""
+    same_day = datetime.fromtimestamp(t).date() == datetime.fromtimestamp(now).date()
+    return datetime.fromtimestamp(t).strftime("%H:%M:%S" if same_day else "%Y-%m-%d %H:%M")
+
+
+def _when(info: JobInfo, now: float) -> str:
+    """Available at (waiting jobs), running since (reserved), or finished at (failed, done)."""
+    if info.state == State.RESERVED:
+        return f"since {_clock(info.updated_at, now)}" if info.updated_at else ""
+    t = info.job.available_at if info.state in (State.PENDING, State.DELAYED) else info.updated_at
+    return _clock(t, now) if t else ""
+
+
+def list_jobs(
+    queue: QueueOpt = None,
+    state: Annotated[State | None, typer.Option(help="Only jobs in this state.", case_sensitive=False)] = None,
+    command: Annotated[str | None, typer.Option(help="Only jobs of this command.")] = None,
+    limit: Annotated[int, typer.Option(help="Show at most this many jobs.", min=0)] = 50,
+    json_out: Json = False,
+    connection: Connection = None,
+) -> None:
+    """Show a summary per queue, then the jobs (running, pending, delayed, failed, done)."""
+    m = manager(connection)
+    stats = m.stats([validate_queue_name(queue)] if queue else None)
+    jobs = list(m.jobs(queue=queue, state=state, command=command, limit=limit)) if limit else []
+    if json_out:
+        output.print_json({"version": JSON_VERSION,
+                           "queues": [{**s.to_dict(), "size": s.size} for s in stats],
+                           "jobs": [j.to_dict() for j in jobs]})
+        return
+    if not stats:
+        output.info("No queues yet. Queue a job with `forge queue:dispatch COMMAND [ARGS]...`.")
+        return
+    now = time.time()
+    output.table(["queue", "pending", "delayed", "reserved", "failed", "done", "oldest pending", "paused"],
+                 _stats_rows(stats, now), title="Queues")
+    output.line()
+    output.table(["id", "command", "queue", "state", "attempts", "available / since"],
+                 [[j.id, argv(j), j.job.queue, str(j.state), j.attempts, _when(j, now)] for j in jobs],
+                 title="Jobs")
+    if not jobs:
+        output.info("No jobs match.")
+    elif len(jobs) == limit:
+        output.info(f"Showing the first {limit} jobs; use --limit, --state, --queue or --command for others.")
+
+
+def _tail(log: bytes) -> str:
+    return log[-TAIL_BYTES:].decode(errors="replace")
+
+
+def show(job_id: JobId, json_out: Json = False, connection: Connection = None) -> None:
+    """Show everything about one job: payload, metadata, attempts, worker and output tail."""
+    m = manager(connection)
+    info = m.find(job_id)
+    tail = _tail(m.backend.read_log(job_id))
+    if json_out:
+        output.print_json({"version": JSON_VERSION, "job": info.to_dict(), "output_tail": tail})
+        return
+    job = info.job
+    worker = next((e.worker for e in reversed(info.events) if e.worker), None)
+    rows = [
+        ["id", job.id], ["command", argv(info)], ["queue", job.queue], ["state", str(info.state)],
+        ["attempts", f"{info.attempts} of {job.max_attempts or 'the worker default'}"],
+        ["dispatched", fmt_time(job.dispatched_at)], ["available", fmt_time(job.available_at)],
+        ["updated", fmt_time(info.updated_at)],
+        ["timeout", format_duration(job.timeout) if job.timeout else "the worker default"],
+        ["backoff", ",".join(f"{b:g}" for b in job.backoff) if job.backoff else "the worker default"],
+        ["unique key", job.unique_key or ""], ["metadata", json.dumps(dict(job.metadata)) if job.metadata else ""],
+        ["worker", worker or ""],
+    ]
+    output.table(["field", "value"], rows, title=f"Job {job.id}")
+    if info.events:
+        output.line()
+        output.table(["event", "attempt", "at", "worker", "reason", "exit", "duration", "error"],
+                     [[e.event, e.attempt, fmt_time(e.at), e.worker, e.reason, e.exit_code,
+                       format_duration(e.duration) if e.duration is not None else "", e.error]
+                      for e in info.events], title="History")
+    if tail:
+        output.line("\nOutput (tail):")
+        output.line(tail.rstrip("\n"))
+
+
+def log(
+    job_id: JobId,
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep printing until the job is done or failed.")] = False,
+    connection: Connection = None,
+) -> int:
+    """Print a job's captured output; with --follow, until it finishes (exit 7 if it failed)."""
+    m = manager(connection)
+    info = m.find(job_id)
+    out = sys.stdout.buffer
+    offset = 0
+    while True:
+        data = m.backend.read_log(job_id, offset)
+        if data:
+            out.write(data)
+            out.flush()
+            offset += len(data)
+            continue
+        if not follow or info.state in FINISHED:
+            return EXIT_JOB_FAILED if follow and info.state == State.FAILED else 0
+        time.sleep(0.2)
+        info = m.find(job_id)
+
+
+def failed(
+    queue: QueueOpt = None,
+    limit: Annotated[int, typer.Option(help="Show at most this many jobs.", min=1)] = 50,
+    json_out: Json = False,
+    connection: Connection = None,
+) -> None:
+    """List failed jobs, newest first, with the reason and error."""
+    jobs = manager(connection).failed(validate_queue_name(queue) if queue else None, limit)
+    if json_out:
+        output.print_json({"version": JSON_VERSION, "jobs": [j.to_dict() for j in jobs]})
+        return
+    if not jobs:
+        output.info("No failed jobs.")
+        return
+    rows = []
+    for j in jobs:
+        f = j.failure
+        rows.append([j.id, argv(j), j.job.queue, fmt_time(j.updated_at), j.attempts,
+                     f.reason if f else "", (f.error or "") if f else ""])
+    output.table(["id", "command", "queue", "failed at", "attempts", "reason", "error"], rows, title="Failed jobs")
+
+
+def _queue_names(queues: Sequence[str] | None) -> list[str] | None:
+    names = [n for item in queues or [] for n in item.split(",") if n]
+    return [validate_queue_name(n) for n in names] or None
+
+
+def _sample(m: QueueManager, names: list[str] | None, max_size: int | None) -> tuple[list[Any], list[str]]:
+    stats = m.stats(names)
+    over = [s.queue for s in stats if max_size is not None and s.size > max_size]
+    return stats, over
+
+
+def _monitor_json(stats: Sequence[Any], over: list[str], max_size: int | None) -> dict[str, Any]:
+    return {"version": JSON_VERSION, "max": max_size, "at": time.time(),
+            "queues": [{**s.to_dict(), "size": s.size, "over": s.queue in over} for s in stats]}
+
+
+def _monitor_rows(stats: Sequence[Any], over: list[str]) -> list[list[Any]]:
+    return [[s.queue, s.size, s.pending, s.delayed, s.reserved, s.failed, "yes" if s.paused else "",
+             "OVER" if s.queue in over else "ok"] for s in stats]
+
+
+MONITOR_COLUMNS = ["queue", "size", "pending", "delayed", "reserved", "failed", "paused", "status"]
+
+
+def monitor(
+    queues: Annotated[list[str] | None, typer.Argument(metavar="[QUEUES,...]", help="Queues to watch (default: all).", show_default=False)] = None,
+    max_size: Annotated[int | None, typer.Option("--max", help="Exit 8 when a queue holds more waiting jobs.", min=0)] = None,
+    watch: Annotated[bool, typer.Option("--watch", help="Refresh until Ctrl-C.")] = False,
+    interval: Annotated[str, typer.Option(help="Refresh interval for --watch.")] = "2s",
+    json_out: Json = False,
+    connection: Connection = None,
+) -> int:
+    """Show queue sizes (pending + delayed); exit 8 when one holds more than --max."""
+    names = _queue_names(queues)
+    every = parse_duration(interval, what="--interval")
+    if every <= 0:
+        raise UsageError("--interval must be more than 0, e.g. 2s.")
+    m = manager(connection)
+    if watch:
+        return _watch(m, names, max_size, every, json_out)
+    stats, over = _sample(m, names, max_size)
+    if json_out:
+        output.print_json(_monitor_json(stats, over, max_size))
+    else:
+        output.table(MONITOR_COLUMNS, _monitor_rows(stats, over))
+    return _alert(stats, over, max_size)
+
+
+def _alert(stats: Sequence[Any], over: list[str], max_size: int | None) -> int:
+    if not over:
+        return 0
+    sizes = {s.queue: s.size for s in stats}
+    what = ", ".join(f"queue {q} holds {sizes[q]} waiting jobs" for q in over)
+    output.error(f"{what}: more than --max {max_size}.")
+    return EXIT_THRESHOLD
+
+
+def _watch(m: QueueManager, names: list[str] | None, max_size: int | None, every: float, json_out: bool) -> int:
+    stats, over = _sample(m, names, max_size)
+    try:
+        if json_out or not output.is_tty():
+            while True:  # a stream for pipes: a JSON line, or a plain table, per sample
+                if json_out:
+                    output.print_jsonl(_monitor_json(stats, over, max_size))
+                else:
+                    output.table(MONITOR_COLUMNS, _monitor_rows(stats, over), title=f"{fmt_time(time.time())}")
+                    sys.stdout.flush()
+                time.sleep(every)
+                stats, over = _sample(m, names, max_size)
+        rows, title, styles = _live_view(stats, over, max_size)
+        with output.LiveTable(MONITOR_COLUMNS, rows, title=title, row_styles=styles) as live:
+            while True:
+                time.sleep(every)
+                stats, over = _sample(m, names, max_size)
+                rows, title, styles = _live_view(stats, over, max_size)
+                live.update(rows, title=title, row_styles=styles)
+    except KeyboardInterrupt:
+        pass
+    return _alert(stats, over, max_size)
+
+
+def _live_view(stats: Sequence[Any], over: list[str], max_size: int | None) -> tuple[list[list[Any]], str, list[str | None]]:
+    """Rows, title and row styles of the --watch table: queues over --max in red, paused ones in yellow."""
+    limit = "" if max_size is None else f", alert above {max_size}"
+    styles = ["bold red" if s.queue in over else ("yellow" if s.paused else None) for s in stats]
+    return _monitor_rows(stats, over), f"Queues at {fmt_time(time.time())}{limit} (Ctrl-C to stop)", styles

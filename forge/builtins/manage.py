@@ -1,0 +1,127 @@
+"""Changing queues and jobs: ``queue:retry``, ``forget``, ``flush``, ``prune-failed``, ``prune-done``,
+``clear``, ``pause``, ``resume`` and ``restart``.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from typing import Annotated
+
+import typer
+
+from .. import output
+from ..config import validate_queue_name
+from ..errors import JobNotFound, UsageError
+from ..job import JobInfo, Reason
+from ..queue import CommandQueue, QueueManager
+from ._shared import Connection, JobId, QueueOpt, err_tty, manager
+
+
+def _not_failed(m: QueueManager, job_id: str) -> JobNotFound:
+    err = JobNotFound(job_id)
+    info = m.backend.find(job_id)
+    if info is not None:
+        err.args = (f"Job {job_id} is {info.state}, not failed.",)
+    err.hint = "Run `forge queue:failed` to see the failed jobs."
+    return err
+
+
+def retry(
+    ids: Annotated[list[str], typer.Argument(metavar="ID... | all", help='Job ids, or "all".', show_default=False)],
+    queue: Annotated[str | None, typer.Option(help="With all: only this queue.")] = None,
+    reason: Annotated[Reason | None, typer.Option(help="With all: only jobs that failed for this reason.")] = None,
+    command: Annotated[str | None, typer.Option(help="With all: only jobs of this command.")] = None,
+    connection: Connection = None,
+) -> int:
+    """Move failed jobs back to pending with their attempts reset; print each id retried."""
+    m = manager(connection)
+    every = ids == ["all"]
+    if "all" in ids and not every:
+        raise UsageError('Pass job ids or "all", not both.')
+    if not every and (queue or reason or command):
+        raise UsageError("--queue, --reason and --command filter `retry all`; drop them when naming ids.")
+    retried: set[str] = set()
+    stream: Iterator[JobInfo] = m.iter_retry("all" if every else ids, queue=validate_queue_name(queue) if queue else None,
+                                             reason=str(reason) if reason else None, command=command)
+    for info in stream:
+        sys.stdout.write(info.id + "\n")
+        sys.stdout.flush()
+        retried.add(info.id)
+    missing = [i for i in dict.fromkeys(ids) if not every and i not in retried]
+    for job_id in missing[1:]:
+        err = _not_failed(m, job_id)
+        output.error(err.message, err.hint)
+    if missing:
+        raise _not_failed(m, missing[0])
+    if err_tty() or not retried:
+        output.info(f"Retried {len(retried)} job(s)." if retried else "No failed jobs to retry.")
+    return 0
+
+
+def forget(job_id: JobId, connection: Connection = None) -> None:
+    """Delete one failed job (and its captured output)."""
+    m = manager(connection)
+    if not m.forget(job_id):
+        raise _not_failed(m, job_id)
+    output.info(f"Deleted failed job {job_id}.")
+
+
+def flush(
+    hours: Annotated[float | None, typer.Option(help="Only jobs that failed more than this many hours ago.", min=0)] = None,
+    queue: QueueOpt = None,
+    connection: Connection = None,
+) -> None:
+    """Delete all failed jobs (or those older than --hours)."""
+    n = manager(connection).flush(hours, queue=validate_queue_name(queue) if queue else None)
+    output.info(f"Deleted {n} failed job(s)" + (f" older than {hours:g} h." if hours is not None else "."))
+
+
+def prune_failed(
+    hours: Annotated[float, typer.Option(help="Delete failed jobs older than this many hours.", min=0)] = 24,
+    connection: Connection = None,
+) -> None:
+    """Delete failed jobs older than --hours (default 24)."""
+    n = manager(connection).prune_failed(hours)
+    output.info(f"Deleted {n} failed job(s) older than {hours:g} h.")
+
+
+def prune_done(
+    hours: Annotated[float | None, typer.Option(help="Only jobs finished more than this many hours ago.", min=0)] = None,
+    connection: Connection = None,
+) -> None:
+    """Delete finished jobs kept for inspection (all, or those older than --hours)."""
+    n = manager(connection).prune_done(hours)
+    output.info(f"Deleted {n} finished job(s)" + (f" older than {hours:g} h." if hours is not None else "."))
+
+
+def clear(
+    queue: Annotated[str | None, typer.Option(help="The queue (default: queue.default).")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Do not ask for confirmation.")] = False,
+    connection: Connection = None,
+) -> None:
+    """Delete the pending and delayed jobs of a queue (running jobs are never touched)."""
+    q = CommandQueue(queue, connection=connection)
+    if not force:
+        if not output.is_tty(sys.stdin):
+            raise UsageError(f"Refusing to clear queue {q.name} without confirmation.", hint="Pass --force.")
+        typer.confirm(f"Delete the {q.size()} pending and delayed jobs of queue {q.name}?", abort=True, err=True)
+    output.info(f"Deleted {q.clear()} job(s) from queue {q.name}.")
+
+
+def pause(queue: Annotated[str, typer.Argument(metavar="QUEUE", help="The queue to pause.")], connection: Connection = None) -> None:
+    """Stop workers claiming from a queue (running jobs finish)."""
+    manager(connection).pause(queue)
+    output.info(f"Paused queue {queue}: workers claim nothing from it until `forge queue:resume {queue}`.")
+
+
+def resume(queue: Annotated[str, typer.Argument(metavar="QUEUE", help="The queue to resume.")], connection: Connection = None) -> None:
+    """Let workers claim from a paused queue again."""
+    manager(connection).resume(queue)
+    output.info(f"Resumed queue {queue}.")
+
+
+def restart(connection: Connection = None) -> None:
+    """Make every worker exit after its current job (a supervisor then restarts it)."""
+    manager(connection).restart()
+    output.info("Asked every worker to exit after its current job.")
