@@ -39,7 +39,7 @@ from .job import Reason
 
 if TYPE_CHECKING:
     from .backends.base import Backend, Claim
-    from .registry import CommandRegistry
+    from .registry import CommandSpec
     from .worker import Worker
 
 
@@ -308,7 +308,8 @@ class _JobProcess:
                              "timeout_at": claim.claimed_at + w.job_timeout(claim),
                              "lease_until": claim.lease_until})
         info = w.event_info(claim, started)
-        if w.registry.get(job.command) is None:
+        spec = w.registry.get(job.command)
+        if spec is None:
             reply = {"exit_code": 1, "reason": str(Reason.UNKNOWN_COMMAND),
                      "error": f'Command "{job.command}" is not defined (renamed or removed since dispatch).'}
             w.record(claim, reply, started, info, tail="", retry=False)
@@ -316,7 +317,7 @@ class _JobProcess:
             return
         w.report("starting", info)
         signal.setitimer(signal.ITIMER_REAL, max(claim.deadline - time.time(), 0) + 1.0)
-        reply = run_command(w.registry, job.command, list(job.args),
+        reply = run_command(spec, list(job.args),
                             {"FORGE_JOB_ID": job.id, "FORGE_JOB_ATTEMPT": str(claim.attempt),
                              "FORGE_QUEUE": job.queue})
         with contextlib.suppress(Exception):
@@ -336,7 +337,7 @@ _TAIL = 2048
 _base_env: dict[str, str] | None = None
 
 
-def run_command(registry: CommandRegistry, name: str, args: list[str], env: dict[str, str]) -> dict[str, Any]:
+def run_command(spec: CommandSpec, args: list[str], env: dict[str, str]) -> dict[str, Any]:
     """Run one command in this process; returns ``{"exit_code", "reason"?, "error"?}``.
 
     ``env`` is added to the environment for the run; whatever the command changes in the
@@ -349,10 +350,7 @@ def run_command(registry: CommandRegistry, name: str, args: list[str], env: dict
         _base_env = dict(os.environ)
     os.environ.update(env)
     expected = _env_snapshot()
-    spec = registry.get(name)
     try:
-        if spec is None:
-            return {"exit_code": 1, "reason": str(Reason.UNKNOWN_COMMAND), "error": f'Command "{name}" is not defined.'}
         try:
             code = invoke(spec, args)
         except UsageError as exc:

@@ -128,7 +128,7 @@ class Worker:
     def event_info(self, claim: Claim, started: float) -> dict[str, Any]:
         job = claim.job
         return {"job_id": job.id, "command": job.command, "queue": job.queue, "attempt": claim.attempt,
-                "time": datetime.fromtimestamp(started).strftime("%Y-%m-%d %H:%M:%S")}
+                "started": started}
 
     def record(self, claim: Claim, reply: dict[str, Any], started: float, info: dict[str, Any],
                *, tail: str, retry: bool) -> None:
@@ -371,7 +371,7 @@ class Worker:
         self.output.flush_to_log(self.backend, record["id"], reset=True)
         info = {k: record[k] for k in ("command", "queue", "attempt")} | {
             "job_id": record["id"],
-            "time": datetime.fromtimestamp(record["started"]).strftime("%Y-%m-%d %H:%M:%S")}
+            "started": record["started"]}
         if why == "forced":
             self._durably(lambda: self.backend.release(claim, None, 0))
             self.report("released", {**info, "reason": "interrupted", "counted": False})
@@ -443,7 +443,8 @@ def console_reporter(json_out: bool, verbose: bool = False) -> Callable[[TextIO]
 
         def report_human(event: str, data: dict[str, Any]) -> None:
             if event == "starting":
-                status(data["time"], data["command"], "RUNNING")
+                when = datetime.fromtimestamp(data["started"]).strftime("%Y-%m-%d %H:%M:%S")
+                status(when, data["command"], "RUNNING")
             elif event in ("done", "failed", "released"):
                 word = {"done": "DONE", "failed": "FAIL", "released": "RETRY"}[event]
                 detail = f"{data['duration_ms']:.0f} ms" if "duration_ms" in data else ""
