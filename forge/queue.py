@@ -432,6 +432,10 @@ class QueueManager(_Connected):
             raise JobNotFound(job_id)
         return info
 
+    def read_log(self, job_id: str, offset: int = 0) -> bytes:
+        """The job's captured output from byte ``offset`` (empty if it printed nothing)."""
+        return self.backend.read_log(job_id, offset)
+
     def failed(self, queue: str | None = None, limit: int | None = None) -> builtins.list[JobInfo]:
         """Failed jobs, newest first."""
         return list(self.jobs(queue=queue, state=State.FAILED, limit=limit))

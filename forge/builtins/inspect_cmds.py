@@ -87,7 +87,7 @@ def show(job_id: JobId, json_out: Json = False, connection: Connection = None) -
     """Show everything about one job: payload, metadata, attempts, worker and output tail."""
     m = manager(connection)
     info = m.find(job_id)
-    tail = _tail(m.backend.read_log(job_id))
+    tail = _tail(m.read_log(job_id))
     if json_out:
         output.print_json({"version": JSON_VERSION, "job": info.to_dict(), "output_tail": tail})
         return
@@ -126,7 +126,7 @@ def log(
     out = sys.stdout.buffer
     offset = 0
     while True:
-        data = m.backend.read_log(job_id, offset)
+        data = m.read_log(job_id, offset)
         if data:
             out.write(data)
             out.flush()
