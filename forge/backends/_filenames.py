@@ -79,9 +79,9 @@ def ordered(names: list[str], *, reverse: bool = False) -> Iterator[str]:
 
 
 class Listing:
-    """A worker's cached view of one pending directory: a heap of valid names (a sorted list
-    is a heap), names skipped after collisions, and whether the directory may hold names that
-    are not in the heap (``dirty``: list it again before concluding it is empty)."""
+    """A worker's cached view of one pending directory: a heap of valid names, names
+    skipped after collisions, and whether the directory may hold names that are not in the
+    heap (``dirty``: list it again before concluding it is empty)."""
 
     __slots__ = ("heap", "skipped", "since_skip", "dirty")
 
@@ -92,7 +92,7 @@ class Listing:
         self.dirty = True
 
     def reset(self, names: list[str]) -> None:
-        names.sort()
+        heapq.heapify(names)  # O(n): a claim needs only the head, not a sorted backlog
         self.heap = names
         self.skipped.clear()
         self.dirty = False

@@ -512,7 +512,8 @@ class FileBackend:
         except OSError as exc:
             self._quarantine(q.pending, name, _open_error(exc))
             return None
-        reason = self._refusal(fd)
+        st = os.fstat(fd)
+        reason = self._refusal(st)
         if reason:
             os.close(fd)
             self._quarantine(q.pending, name, reason)
@@ -531,7 +532,7 @@ class FileBackend:
             os.close(fd)
             return _TAKEN
         try:
-            job = decode_job(os.pread(fd, MAX_FILE_BYTES + 1, 0))
+            job = decode_job(_read(fd, st.st_size))
             if job.id != job_id or job.queue != q.name:
                 raise CorruptJob("file name does not match its contents")
         except CorruptJob as exc:
@@ -563,7 +564,7 @@ class FileBackend:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             if os.stat(name, dir_fd=q.fds[1]).st_ino != os.fstat(fd).st_ino:
                 raise FileNotFoundError(name)
-            job, events = decode_file(os.pread(fd, MAX_FILE_BYTES + 1, 0))
+            job, events = decode_file(_read(fd))
         except (OSError, CorruptJob):
             os.close(fd)
             return None
@@ -573,9 +574,8 @@ class FileBackend:
         deadline = claimed[-1].deadline if claimed and claimed[-1].deadline else at
         return Claim(job, attempt, at, deadline, None, [fd], (fd, q, name), ref)
 
-    def _refusal(self, fd: int) -> str | None:
-        """Why the open file ``fd`` is not a job file forge will read, or None."""
-        st = os.fstat(fd)
+    def _refusal(self, st: os.stat_result) -> str | None:
+        """Why a file with status ``st`` is not a job file forge will read, or None."""
         if not stat.S_ISREG(st.st_mode):
             return "not a regular file"
         if st.st_uid != self.uid:
@@ -595,7 +595,7 @@ class FileBackend:
         except OSError as exc:
             self._quarantine(directory, name, _open_error(exc))
             return None
-        reason = self._refusal(fd)
+        reason = self._refusal(os.fstat(fd))
         if reason:
             os.close(fd)
             self._quarantine(directory, name, reason)
@@ -702,7 +702,7 @@ class FileBackend:
             if os.stat(name, dir_fd=q.fds[1]).st_ino != os.fstat(fd).st_ino:
                 os.close(fd)
                 return None
-            job, events = decode_file(os.pread(fd, MAX_FILE_BYTES + 1, 0))
+            job, events = decode_file(_read(fd))
         except (OSError, CorruptJob) as exc:
             os.close(fd)
             if isinstance(exc, CorruptJob):
@@ -746,7 +746,7 @@ class FileBackend:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode) or st.st_size > MAX_FILE_BYTES:
                 return None
-            job, events = decode_file(os.pread(fd, MAX_FILE_BYTES + 1, 0))
+            job, events = decode_file(_read(fd))
         except (OSError, CorruptJob):
             return None
         finally:
@@ -910,7 +910,7 @@ class FileBackend:
         if fd is None:
             return None
         try:
-            job, events = decode_file(os.pread(fd, MAX_FILE_BYTES + 1, 0))
+            job, events = decode_file(_read(fd))
             failure = next((e for e in reversed(events) if e.event == "failed"), None)
             if command and job.command != command:
                 return None
@@ -972,7 +972,7 @@ class FileBackend:
                 continue
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a claimer holds it: leave it
-                job, _ = decode_file(os.pread(fd, MAX_FILE_BYTES + 1, 0))
+                job, _ = decode_file(_read(fd))
                 os.unlink(f"{pdir}/{name}")
                 removed += 1
                 self._free_unique(job)
@@ -1045,6 +1045,18 @@ def _safe_queue(name: str) -> bool:
         return True
     except UsageError:
         return False
+
+
+def _read(fd: int, size: int | None = None) -> bytes:
+    """The whole file (a job file is never over the cap; if it is, enough to tell so).
+
+    Sized by its length (``size``, else fstat): ``pread(fd, MAX_FILE_BYTES + 1)`` would
+    allocate 4 MiB for every read."""
+    size = min(os.fstat(fd).st_size if size is None else size, MAX_FILE_BYTES) + 1
+    data = os.pread(fd, size, 0)
+    if len(data) == size:  # it grew meanwhile, or is over the cap
+        data = os.pread(fd, MAX_FILE_BYTES + 1, 0)
+    return data
 
 
 def _open_error(exc: OSError) -> str:
