@@ -18,8 +18,13 @@ is one atomic ``rename``. A claim opens and ``flock``s the pending file, then re
 ``reserved/`` with the attempt count incremented: the lock is taken before the file is
 visible as reserved, and held by the job's process for as long as it runs, so a reserved
 file whose lock can be taken belongs to a dead worker. Pending names sort by key, so FIFO is
-a sorted listing; a worker lists a directory once and then claims from its cached listing,
-relisting only when it is used up or inotify reports new files.
+a sorted listing (``_filenames``). A worker lists a pending directory once into a heap and
+claims from it; the names inotify reports arriving are pushed onto the heap, and the
+directory is listed again only when the kernel's event queue overflowed or there is no
+inotify. Workers sharing a queue would race for the same head: one that loses skips a few
+due names at random (and retries them shortly), so FIFO among due jobs may be off by a few.
+The claim and acknowledge path works with names and directory descriptors (``*at`` calls),
+never with paths built per job.
 """
 
 from __future__ import annotations
