@@ -101,6 +101,10 @@ def bench_backend(backend: str, jobs: int, redis_url: str, base: Path) -> dict[s
     out["dispatch_many_per_s"] = 10_000 / (time.perf_counter() - t)
     q.clear()
 
+    t = time.perf_counter()
+    subprocess.run(worker_cmd("--stop-when-empty"), env=env, stdout=subprocess.DEVNULL, check=True)
+    out["worker_startup_s"] = time.perf_counter() - t
+
     for workers in (1, 2):
         q.dispatch_many([noop] * jobs)
         t = time.perf_counter()
@@ -112,6 +116,7 @@ def bench_backend(backend: str, jobs: int, redis_url: str, base: Path) -> dict[s
         stats = q.stats()
         assert stats.pending == 0 and stats.reserved == 0, stats
         out[f"drain_{workers}w_per_s"] = jobs / elapsed
+        out[f"drain_{workers}w_after_startup_per_s"] = jobs / max(elapsed - out["worker_startup_s"], 1e-9)
         q.backend.prune_done()
 
     # Latency, idle CPU and memory with one long-running worker.
@@ -143,10 +148,15 @@ def bench_backend(backend: str, jobs: int, redis_url: str, base: Path) -> dict[s
         q.dispatch_many([noop] * 50)
         wait_until(lambda: q.stats().pending == 0 and q.stats().reserved == 0)
         out["rss_after_50_kb"] = rss_kb(worker.pid)
+        job_proc = int(Path(f"/proc/{worker.pid}/task/{worker.pid}/children").read_text().split()[0])
+        out["job_process_rss_after_50_kb"] = rss_kb(job_proc)
         q.dispatch_many([noop] * jobs)
         wait_until(lambda: q.stats().pending == 0 and q.stats().reserved == 0)
         out["rss_after_n_kb"] = rss_kb(worker.pid)
         out["rss_growth_percent"] = (out["rss_after_n_kb"] / out["rss_after_50_kb"] - 1) * 100
+        out["job_process_rss_after_n_kb"] = rss_kb(job_proc)
+        out["job_process_rss_growth_percent"] = (
+            out["job_process_rss_after_n_kb"] / out["job_process_rss_after_50_kb"] - 1) * 100
     finally:
         worker.terminate()
         worker.wait()
@@ -160,7 +170,7 @@ def bench_backend(backend: str, jobs: int, redis_url: str, base: Path) -> dict[s
     out["fresh_process_job_ms"] = statistics.median(runs)
     q.backend.prune_done()
     if backend == "redis":
-        client = q.backend._client  # type: ignore[attr-defined]
+        client = q.backend._r  # type: ignore[attr-defined]
         prefix = q.backend.prefix  # type: ignore[attr-defined]
         for key in client.scan_iter(f"{prefix}:*", count=1000):
             client.delete(key)
