@@ -37,7 +37,6 @@ import heapq
 import json
 import os
 import select
-import socket
 import stat
 import time
 import warnings
@@ -153,7 +152,6 @@ class FileBackend:
         self._last_base = 0
         self._dirfds: dict[str, int] = {}
         self._tmp = f"{self._root}/tmp"
-        self._host = socket.gethostname()
         self._prepare_root()
 
     @classmethod
