@@ -25,6 +25,12 @@ inotify. Workers sharing a queue would race for the same head: one that loses sk
 due names at random (and retries them shortly), so FIFO among due jobs may be off by a few.
 The claim and acknowledge path works with names and directory descriptors (``*at`` calls),
 never with paths built per job.
+
+What lives where: this module is the core (layout and preparation, dispatch and unique keys,
+claiming, outcomes, maintenance and recovery, pause/resume/restart, logs). Inspection and
+management (``find``, ``jobs``, ``stats``, ``retry``, ``forget``, ``flush``, ``prune_done``,
+``clear``) are ``FileAdmin`` in ``_fileadmin``, which ``FileBackend`` inherits; job-file names
+and the cached pending listing are in ``_filenames``; small-file I/O helpers in ``_fileio``.
 """
 
 from __future__ import annotations
@@ -33,7 +39,6 @@ import contextlib
 import errno
 import fcntl
 import hashlib
-import heapq
 import json
 import os
 import select
@@ -41,7 +46,6 @@ import stat
 import time
 import warnings
 from collections.abc import Iterator, Sequence
-from itertools import repeat, takewhile
 from pathlib import Path
 
 from .. import _linux
@@ -53,7 +57,6 @@ from ..job import (
     CorruptJob,
     Event,
     Job,
-    JobInfo,
     Reason,
     State,
     backoff_delay,
@@ -61,20 +64,19 @@ from ..job import (
     decode_job,
     valid_id,
 )
+from ._fileadmin import FileAdmin
+from ._fileio import micros, open_error, read_json, read_whole, write_new
 from ._filenames import (
-    PENDING_RE,
     RESERVED_RE,
     Listing,
-    due_bound,
     key_str,
     merge_names,
-    ordered,
     pending_name,
     reserved_name,
     split_pending,
     valid_pending,
 )
-from .base import KILL_GRACE, LEASE_MARGIN, Claim, QueueStats
+from .base import KILL_GRACE, LEASE_MARGIN, Claim
 
 STATES = ("pending", "reserved", "done", "failed")
 LOG_CAP = 1024 * 1024
@@ -84,11 +86,6 @@ _O_READ = os.O_RDWR | os.O_APPEND | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 _O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 _O_NEW = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 _TAKEN = object()  # _claim_one: another claimer got there first
-_LIST_ORDER = (State.RESERVED, State.PENDING, State.DELAYED, State.FAILED, State.DONE)
-
-
-def _us(t: float) -> int:
-    return int(t * 1_000_000)
 
 
 class _Queue:
@@ -134,7 +131,11 @@ class _Queue:
         self.fds = []
 
 
-class FileBackend:
+class FileBackend(FileAdmin):
+    """The ``Backend`` over a job-file directory (see the module docstring); inspection and
+    management (find, jobs, stats, retry, forget, flush, prune_done, clear) come from
+    ``FileAdmin``."""
+
     lease_based = False
 
     def __init__(self, root: str | os.PathLike[str], *, done_retention: float = 3600.0,
@@ -212,10 +213,17 @@ class FileBackend:
         except FileNotFoundError:
             return []
 
+    def _names(self, queue: str, state: str) -> list[str]:
+        """The names in a queue's ``state`` directory (none if the queue does not exist)."""
+        try:
+            return os.listdir(f"{self._qdir(queue)}/{state}")
+        except FileNotFoundError:
+            return []
+
     def _key(self, t: float) -> int:
         """The sort key for a job due at ``t``: FIFO among jobs this process files for the same
         or later times, even within one clock tick; an earlier time still sorts earlier."""
-        base = _us(t)
+        base = micros(t)
         key = self._last_key + 1 if self._last_base <= base <= self._last_key else base
         self._last_base, self._last_key = base, key
         return key
@@ -358,7 +366,7 @@ class FileBackend:
         # reader never sees a half-written holder (which it would take for a stale one).
         tmp = self.root / "tmp" / f"unique-{job.id}.tmp"
         try:
-            _write_new(tmp, record)
+            write_new(tmp, record)
         except OSError as exc:
             raise DispatchFailed(f"Could not record unique key in {tmp}: {exc.strerror}.") from None
         try:
@@ -370,11 +378,11 @@ class FileBackend:
                     pass
                 except OSError as exc:
                     raise DispatchFailed(f"Could not record unique key in {path}: {exc.strerror}.") from None
-                holder = _read_json(path)
+                holder = read_json(path)
                 if holder is not None and self._unique_live(holder, now):
                     raise DuplicateJob(job.unique_key, str(holder.get("job_id")))
                 with self._global_lock("unique"):
-                    if _read_json(path) == holder:
+                    if read_json(path) == holder:
                         with contextlib.suppress(FileNotFoundError):
                             os.unlink(path)
             raise DispatchFailed(f"Could not take unique key {job.unique_key!r}: it keeps changing hands.")
@@ -387,7 +395,7 @@ class FileBackend:
         if isinstance(expires, int | float) and expires <= now:
             return False
         job_id = holder.get("job_id")
-        info = self.find(job_id) if valid_id(job_id) else None
+        info = self.find(job_id) if isinstance(job_id, str) and valid_id(job_id) else None
         if info is None:
             created = holder.get("created_at")
             return isinstance(created, int | float) and now - created < UNIQUE_INFLIGHT
@@ -397,7 +405,7 @@ class FileBackend:
         if job.unique_key is None:
             return
         path = self._unique_path(job.unique_key)
-        holder = _read_json(path)
+        holder = read_json(path)
         if holder is not None and holder.get("job_id") == job.id:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
@@ -445,12 +453,12 @@ class FileBackend:
                 q.listing.dirty = True
             return
         for name, names in changed.items():
-            q = self._queues.get(name)
+            changed_q = self._queues.get(name)
             if _linux.IGNORED in names:  # its directory was removed: set it up afresh
                 self._watched.discard(name)
                 self._forget_queue(name)
-            elif q is not None and not merge_names(q.listing, names):
-                q.listing.dirty = True
+            elif changed_q is not None and not merge_names(changed_q.listing, names):
+                changed_q.listing.dirty = True
 
     def _relist(self, q: _Queue) -> _Queue:
         """List ``q``'s pending directory into its cache (quarantining names that are not
@@ -475,7 +483,7 @@ class FileBackend:
         self._watch(queues)
         self._refresh()
         now = time.time()
-        now_key = key_str(_us(now))
+        now_key = key_str(micros(now))
         for name in queues:
             q = self._queues.get(name) or self._queue(name)
             if os.path.exists(q.paused):
@@ -494,8 +502,8 @@ class FileBackend:
                 if claim is _TAKEN:
                     if entry[1]:  # lost the head to another worker: spread out
                         listing.skip(now_key)
-                elif claim is not None:
-                    return claim  # type: ignore[return-value]
+                elif isinstance(claim, Claim):
+                    return claim
         return None
 
     def next_due(self, queues: Sequence[str]) -> float | None:
@@ -513,7 +521,7 @@ class FileBackend:
         except FileNotFoundError:
             return _TAKEN
         except OSError as exc:
-            self._quarantine(q.pending, name, _open_error(exc))
+            self._quarantine(q.pending, name, open_error(exc))
             return None
         st = os.fstat(fd)
         reason = self._refusal(st)
@@ -535,7 +543,7 @@ class FileBackend:
             os.close(fd)
             return _TAKEN
         try:
-            job = decode_job(_read(fd, st.st_size))
+            job = decode_job(read_whole(fd, st.st_size))
             if job.id != job_id or job.queue != q.name:
                 raise CorruptJob("file name does not match its contents")
         except CorruptJob as exc:
@@ -567,7 +575,7 @@ class FileBackend:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             if os.stat(name, dir_fd=q.fds[1]).st_ino != os.fstat(fd).st_ino:
                 raise FileNotFoundError(name)
-            job, events = decode_file(_read(fd))
+            job, events = decode_file(read_whole(fd))
         except (OSError, CorruptJob):
             os.close(fd)
             return None
@@ -596,7 +604,7 @@ class FileBackend:
         except FileNotFoundError:
             return None
         except OSError as exc:
-            self._quarantine(directory, name, _open_error(exc))
+            self._quarantine(directory, name, open_error(exc))
             return None
         reason = self._refusal(os.fstat(fd))
         if reason:
@@ -614,7 +622,7 @@ class FileBackend:
         except OSError:
             return
         with contextlib.suppress(OSError):
-            _write_new(dest + ".reason", f"{path}: {reason}\n".encode())
+            write_new(dest + ".reason", f"{path}: {reason}\n".encode())
         warnings.warn(f"Quarantined {name} ({reason}); see {dest}.", stacklevel=2)
 
     # -- outcomes -------------------------------------------------------------------------
@@ -641,7 +649,7 @@ class FileBackend:
 
     def ack(self, claim: Claim, event: Event) -> None:
         if self.done_retention > 0:
-            self._finish(claim, event, "done", pending_name(_us(time.time()), claim.job.id, claim.attempt))
+            self._finish(claim, event, "done", pending_name(micros(time.time()), claim.job.id, claim.attempt))
         else:
             self._finish(claim, event, None)
         if claim.job.unique_key is not None:
@@ -653,7 +661,7 @@ class FileBackend:
         self._finish(claim, event, "pending", pending_name(key, claim.job.id, attempts))
 
     def fail(self, claim: Claim, event: Event) -> None:
-        self._finish(claim, event, "failed", pending_name(_us(time.time()), claim.job.id, claim.attempt))
+        self._finish(claim, event, "failed", pending_name(micros(time.time()), claim.job.id, claim.attempt))
         if claim.job.unique_key is not None:
             self._free_unique(claim.job)
 
@@ -705,7 +713,7 @@ class FileBackend:
             if os.stat(name, dir_fd=q.fds[1]).st_ino != os.fstat(fd).st_ino:
                 os.close(fd)
                 return None
-            job, events = decode_file(_read(fd))
+            job, events = decode_file(read_whole(fd))
         except (OSError, CorruptJob) as exc:
             os.close(fd)
             if isinstance(exc, CorruptJob):
@@ -732,258 +740,7 @@ class FileBackend:
         self.release(claim, event, backoff_delay(job.backoff, attempt))
         return "recovered"
 
-    # -- inspection -----------------------------------------------------------------------
-
-    def _names(self, queue: str, state: str) -> list[str]:
-        try:
-            return os.listdir(f"{self._qdir(queue)}/{state}")
-        except FileNotFoundError:
-            return []
-
-    def _info(self, path: str, state: State, attempts: int, updated: float | None) -> JobInfo | None:
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-        except OSError:
-            return None
-        try:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode) or st.st_size > MAX_FILE_BYTES:
-                return None
-            job, events = decode_file(_read(fd))
-        except (OSError, CorruptJob):
-            return None
-        finally:
-            os.close(fd)
-        if state == State.RESERVED:
-            claimed = [e for e in events if e.event == "claimed"]
-            updated = claimed[-1].at if claimed else None
-        return JobInfo(job, state, attempts, tuple(events), updated)
-
-    def _locate(self, job_id: str) -> tuple[str, State, int, float | None] | None:
-        now_key = _us(time.time())
-        for q in self.queues():
-            qdir = self._qdir(q)
-            for name in self._names(q, "reserved"):
-                if name.startswith(job_id):
-                    m = RESERVED_RE.match(name)
-                    if m:
-                        return f"{qdir}/reserved/{name}", State.RESERVED, int(m.group(2)), None
-            for sdir in ("pending", "failed", "done"):
-                for name in self._names(q, sdir):
-                    if name[17:53] == job_id:
-                        m = PENDING_RE.match(name)
-                        if not m:
-                            continue
-                        key = int(m.group(1))
-                        if sdir == "pending":
-                            state = State.DELAYED if key > now_key else State.PENDING
-                            return f"{qdir}/{sdir}/{name}", state, int(m.group(3)), None
-                        return f"{qdir}/{sdir}/{name}", State(sdir), int(m.group(3)), key / 1e6
-        return None
-
-    def find(self, job_id: str) -> JobInfo | None:
-        if not valid_id(job_id):
-            raise UsageError(f"Invalid job id {job_id!r}: expected a UUID like 3f2b…-….")
-        for _ in range(3):  # the job may move between listing and reading; look again
-            loc = self._locate(job_id)
-            if loc is None:
-                return None
-            info = self._info(*loc)
-            if info is not None:
-                return info
-        return None
-
-    def jobs(self, *, queue: str | None = None, state: State | None = None,
-             command: str | None = None, limit: int | None = None) -> Iterator[JobInfo]:
-        queues = [validate_queue_name(queue)] if queue else self.queues()
-        now_key = key_str(_us(time.time()))
-        count = 0
-        for st in _LIST_ORDER:
-            if state is not None and st != state:
-                continue
-            if st == State.RESERVED:
-                entries = self._reserved_by_claim_time(queues)
-            else:
-                entries = self._by_name(queues, st, now_key)
-            for path, attempts, updated in entries:
-                info = self._info(path, st, attempts, updated)
-                if info is None or (command and info.job.command != command):
-                    continue
-                yield info
-                count += 1
-                if limit is not None and count >= limit:
-                    return
-
-    def _reserved_by_claim_time(self, queues: list[str]) -> list[tuple[str, int, None]]:
-        items = []
-        for q in queues:
-            d = f"{self._qdir(q)}/reserved"
-            for n in self._names(q, "reserved"):
-                m = RESERVED_RE.match(n)
-                if m:
-                    try:  # the claim's event append stamps mtime: claim order
-                        since = os.lstat(f"{d}/{n}").st_mtime
-                    except FileNotFoundError:
-                        continue
-                    items.append((since, n, f"{d}/{n}", int(m.group(2))))
-        items.sort()
-        return [(path, attempts, None) for _, _, path, attempts in items]
-
-    def _by_name(self, queues: list[str], st: State, now_key: str) -> Iterator[tuple[str, int, float | None]]:
-        """The job files of ``st`` in the order ``jobs`` lists them, from their names alone
-        (which sort by key), merged over ``queues``: pending and delayed oldest first, failed
-        and done newest first. Sorts lazily and checks only the names it yields."""
-        newest_first = st in (State.FAILED, State.DONE)
-        bound = due_bound(now_key)
-        sdir = "pending" if st in (State.PENDING, State.DELAYED) else str(st)
-        streams = []
-        for q in queues:
-            names = self._names(q, sdir)
-            if st == State.DELAYED:
-                names = [n for n in names if n > bound]
-            d = f"{self._qdir(q)}/{sdir}"
-            sorted_names = ordered(names, reverse=newest_first)
-            if st == State.PENDING:  # the due ones sort first: stop at the first that is not
-                sorted_names = takewhile(bound.__gt__, sorted_names)
-            streams.append(zip(sorted_names, repeat(d)))
-        if not streams:
-            return
-        merged = streams[0] if len(streams) == 1 else heapq.merge(*streams, reverse=newest_first)
-        for name, d in merged:
-            m = PENDING_RE.match(name)
-            if m:
-                updated = int(m.group(1)) / 1e6 if newest_first else None
-                yield f"{d}/{name}", int(m.group(3)), updated
-
-    def stats(self, queues: Sequence[str] | None = None) -> list[QueueStats]:
-        now_key = key_str(_us(time.time()))
-        paused = self.paused()
-        out = []
-        for q in queues or self.queues():
-            names = valid_pending(self._names(q, "pending"))
-            bound = due_bound(now_key)
-            due = [n for n in names if n < bound]
-            out.append(QueueStats(
-                queue=q,
-                pending=len(due),
-                delayed=len(names) - len(due),
-                reserved=sum(1 for n in self._names(q, "reserved") if n.endswith(".job")),
-                done=sum(1 for n in self._names(q, "done") if n.endswith(".job")),
-                failed=sum(1 for n in self._names(q, "failed") if n.endswith(".job")),
-                oldest_pending_at=int(min(due)[:16]) / 1e6 if due else None,
-                paused=q in paused,
-            ))
-        return out
-
-    # -- management -----------------------------------------------------------------------
-
-    def retry(self, job_ids: Sequence[str] | None, *, queue: str | None = None,
-              reason: str | None = None, command: str | None = None) -> Iterator[JobInfo]:
-        if job_ids is not None:
-            for job_id in job_ids:
-                loc = self._locate(job_id) if valid_id(job_id) else None
-                if loc is not None and loc[1] == State.FAILED:
-                    d, _, name = loc[0].rpartition("/")
-                    info = self._retry_path(d, name)
-                    if info is not None:
-                        yield info
-            return
-        for q in [queue] if queue else self.queues():
-            fdir = f"{self._qdir(q)}/failed"
-            while True:
-                moved = 0
-                try:
-                    it = os.scandir(fdir)
-                except FileNotFoundError:
-                    break
-                with it:
-                    for entry in it:
-                        if not PENDING_RE.match(entry.name):
-                            continue
-                        info = self._retry_path(fdir, entry.name, reason=reason, command=command)
-                        if info is not None:
-                            moved += 1
-                            yield info
-                if not moved:
-                    break
-
-    def _retry_path(self, fdir: str, name: str, *, reason: str | None = None,
-                    command: str | None = None) -> JobInfo | None:
-        fd = self._open_job(fdir, name)
-        if fd is None:
-            return None
-        try:
-            job, events = decode_file(_read(fd))
-            failure = next((e for e in reversed(events) if e.event == "failed"), None)
-            if command and job.command != command:
-                return None
-            if reason and (failure is None or failure.reason != reason):
-                return None
-            now = time.time()
-            ev = Event("retried", 0, now)
-            os.write(fd, ev.to_json())
-            dest = f"{os.path.dirname(fdir)}/pending/{pending_name(self._key(now), job.id, 0)}"
-            os.rename(f"{fdir}/{name}", dest)
-            return JobInfo(job, State.PENDING, 0, (*events, ev), now)
-        except (OSError, CorruptJob):
-            return None
-        finally:
-            os.close(fd)
-
-    def forget(self, job_id: str) -> bool:
-        loc = self._locate(job_id) if valid_id(job_id) else None
-        if loc is None or loc[1] != State.FAILED:
-            return False
-        try:
-            os.unlink(loc[0])
-        except FileNotFoundError:
-            return False
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(f"{self._root}/logs/{job_id}.log")
-        return True
-
-    def _delete_older(self, state: str, older_than: float | None, queue: str | None = None) -> int:
-        cutoff = _us(time.time() - older_than) if older_than is not None else None
-        removed = 0
-        for q in [queue] if queue else self.queues():
-            d = f"{self._qdir(q)}/{state}"
-            for name in self._names(q, state):
-                m = PENDING_RE.match(name)
-                if not m or (cutoff is not None and int(m.group(1)) > cutoff):
-                    continue
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(f"{d}/{name}")
-                    removed += 1
-                    with contextlib.suppress(FileNotFoundError):
-                        os.unlink(f"{self._root}/logs/{m.group(2)}.log")
-        return removed
-
-    def flush(self, *, older_than: float | None = None, queue: str | None = None) -> int:
-        return self._delete_older("failed", older_than, queue)
-
-    def prune_done(self, *, older_than: float | None = None) -> int:
-        return self._delete_older("done", older_than)
-
-    def clear(self, queue: str) -> int:
-        removed = 0
-        pdir = f"{self._qdir(queue)}/pending"
-        for name in self._names(queue, "pending"):
-            if not PENDING_RE.match(name):
-                continue
-            fd = self._open_job(pdir, name)
-            if fd is None:
-                continue
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a claimer holds it: leave it
-                job, _ = decode_file(_read(fd))
-                os.unlink(f"{pdir}/{name}")
-                removed += 1
-                self._free_unique(job)
-            except (BlockingIOError, FileNotFoundError, CorruptJob):
-                pass
-            finally:
-                os.close(fd)
-        return removed
+    # -- pause, resume, restart -----------------------------------------------------------
 
     def pause(self, queue: str) -> None:
         Path(self._queue(queue).paused).touch(mode=0o600)
@@ -998,7 +755,7 @@ class FileBackend:
     def request_restart(self) -> float:
         now = time.time()
         tmp = self.root / "tmp" / f"restart-{os.getpid()}-{time.monotonic_ns()}.tmp"
-        _write_new(tmp, repr(now).encode(), sync=True)
+        write_new(tmp, repr(now).encode(), sync=True)
         os.rename(tmp, self.root / "restart")
         _linux.fsync_dir(self.root)
         return now
@@ -1048,45 +805,3 @@ def _safe_queue(name: str) -> bool:
         return True
     except UsageError:
         return False
-
-
-def _read(fd: int, size: int | None = None) -> bytes:
-    """The whole file (a job file is never over the cap; if it is, enough to tell so).
-
-    Sized by its length (``size``, else fstat): ``pread(fd, MAX_FILE_BYTES + 1)`` would
-    allocate 4 MiB for every read."""
-    size = min(os.fstat(fd).st_size if size is None else size, MAX_FILE_BYTES) + 1
-    data = os.pread(fd, size, 0)
-    if len(data) == size:  # it grew meanwhile, or is over the cap
-        data = os.pread(fd, MAX_FILE_BYTES + 1, 0)
-    return data
-
-
-def _open_error(exc: OSError) -> str:
-    return "symbolic link" if exc.errno == errno.ELOOP else f"cannot open: {exc.strerror}"
-
-
-def _write_new(path: str | Path, data: bytes, *, sync: bool = False) -> None:
-    """Create ``path`` (0600, never following a symlink, never overwriting) holding ``data``."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        if sync:
-            os.fsync(fd)
-    except BaseException:
-        os.close(fd)
-        with contextlib.suppress(OSError):
-            os.unlink(path)
-        raise
-    os.close(fd)
-
-
-def _read_json(path: Path) -> dict | None:
-    try:
-        with open(path, "rb") as fh:
-            data = json.loads(fh.read(65536))
-        return data if isinstance(data, dict) else None
-    except (OSError, ValueError):
-        return None

@@ -1,0 +1,63 @@
+"""Small-file I/O helpers shared by the file backend's core (``file``) and its inspection and
+management operations (``_fileadmin``): whole-file reads of job files, exclusive creation of
+new files, and the microsecond unit of job-file keys.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+from pathlib import Path
+
+from ..job import MAX_FILE_BYTES
+
+
+def micros(t: float) -> int:
+    """Unix seconds as whole microseconds (the unit of job-file keys)."""
+    return int(t * 1_000_000)
+
+
+def read_whole(fd: int, size: int | None = None) -> bytes:
+    """The whole file (a job file is never over the cap; if it is, enough to tell so).
+
+    Sized by its length (``size``, else fstat): ``pread(fd, MAX_FILE_BYTES + 1)`` would
+    allocate 4 MiB for every read."""
+    size = min(os.fstat(fd).st_size if size is None else size, MAX_FILE_BYTES) + 1
+    data = os.pread(fd, size, 0)
+    if len(data) == size:  # it grew meanwhile, or is over the cap
+        data = os.pread(fd, MAX_FILE_BYTES + 1, 0)
+    return data
+
+
+def open_error(exc: OSError) -> str:
+    """Why a job file could not be opened, as a quarantine reason."""
+    return "symbolic link" if exc.errno == errno.ELOOP else f"cannot open: {exc.strerror}"
+
+
+def write_new(path: str | Path, data: bytes, *, sync: bool = False) -> None:
+    """Create ``path`` (0600, never following a symlink, never overwriting) holding ``data``."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        if sync:
+            os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        raise
+    os.close(fd)
+
+
+def read_json(path: Path) -> dict | None:
+    """A small JSON object file (a unique-key holder), or None if missing or not an object."""
+    try:
+        with open(path, "rb") as fh:
+            data = json.loads(fh.read(65536))
+        return data if isinstance(data, dict) else None
+    except (OSError, ValueError):
+        return None
