@@ -1,8 +1,9 @@
 """The Redis backend: the same queue as the file backend, shared by workers on many hosts.
 
-Every state change is one Lua script run atomically on the server, with the server's ``TIME``
-as the clock, so no transition is ever a read-then-write race between hosts. Records are the
-file backend's JSON lines (``Job.to_json`` then one ``Event.to_json`` per event), never pickle.
+Every state change is one Lua script (in ``redis_scripts.lua``, loaded by ``_redis_helpers``)
+run atomically on the server, with the server's ``TIME`` as the clock, so no transition is
+ever a read-then-write race between hosts. Records are the file backend's JSON lines
+(``Job.to_json`` then one ``Event.to_json`` per event), never pickle.
 
 Key layout (``P`` is the configured prefix, ``forge`` by default; Redis Cluster is not
 supported: every key of one prefix must live on one server)::
@@ -42,7 +43,6 @@ one second), and only up to the last snapshot with RDB alone.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import heapq
 import json
 import os
@@ -52,14 +52,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 from ..config import Connection, mask_url, validate_queue_name
-from ..errors import (
-    ConfigError,
-    DispatchFailed,
-    DuplicateJob,
-    QueueError,
-    QueueUnavailable,
-    UsageError,
-)
+from ..errors import ConfigError, DuplicateJob, UsageError
 from ..job import (
     MAX_PAYLOAD_BYTES,
     CorruptJob,
@@ -72,6 +65,10 @@ from ..job import (
     decode_file,
     valid_id,
 )
+from ._redis_helpers import hash_key as _hash_key
+from ._redis_helpers import load_scripts
+from ._redis_helpers import translate as _translate
+from ._redis_helpers import us as _us
 from .base import KILL_GRACE, LEASE_MARGIN, Claim, QueueStats
 
 try:
@@ -91,325 +88,6 @@ CHUNK = 100
 SKEW_TTL = 60.0
 PROMOTE_BATCH = 1000
 _SCHEMES = ("redis://", "rediss://", "unix://")
-_UNAVAILABLE_REPLIES = ("BUSY", "LOADING", "READONLY", "MASTERDOWN", "NOAUTH", "WRONGPASS",
-                        "NOPERM", "CLUSTERDOWN", "TRYAGAIN", "NOREPLICAS")
-
-
-def _us(seconds: float) -> int:
-    return int(round(seconds * 1_000_000))
-
-
-# -- server-side scripts ----------------------------------------------------------------------
-# ARGV[1] is always the key prefix. Numbers cross the Lua boundary as strings of integer
-# microseconds: Lua's tostring would round a timestamp to 14 digits.
-
-_PRELUDE = r"""
-if redis.replicate_commands then redis.replicate_commands() end
-local P = ARGV[1]
-local function now_us()
-  local t = redis.call('TIME')
-  return tonumber(t[1]) * 1000000 + tonumber(t[2])
-end
-local function us(x) return string.format('%d', x) end
-local function secs(x)
-  return string.format('%d.%06d', math.floor(x / 1000000), x % 1000000)
-end
-local function qk(q, what) return P .. ':q:' .. q .. ':' .. what end
-local function ik(id) return P .. ':info:' .. id end
-local function jk(id) return P .. ':job:' .. id end
-local function notify(q)
-  local k = qk(q, 'notify')
-  redis.call('RPUSH', k, '1')
-  redis.call('LTRIM', k, -8, -1)
-end
-local function promote(q, now)
-  local dk = qk(q, 'delayed')
-  local due = redis.call('ZRANGEBYSCORE', dk, '-inf', us(now), 'LIMIT', 0, PROMOTE_BATCH)
-  if #due == 0 then return 0 end
-  local pk = qk(q, 'pending')
-  for _, id in ipairs(due) do
-    redis.call('ZREM', dk, id)
-    redis.call('RPUSH', pk, id)
-    redis.call('HSET', ik(id), 'state', 'pending')
-  end
-  return #due
-end
-local function enqueue(id, q, now, delay)
-  if delay <= 0 then
-    promote(q, now)
-    redis.call('RPUSH', qk(q, 'pending'), id)
-    redis.call('HSET', ik(id), 'state', 'pending', 'avail', us(now))
-  else
-    redis.call('ZADD', qk(q, 'delayed'), us(now + delay), id)
-    redis.call('HSET', ik(id), 'state', 'delayed', 'avail', us(now + delay))
-  end
-  notify(q)
-end
-local function free_unique(id)
-  local uk = redis.call('HGET', ik(id), 'ukey')
-  if uk and uk ~= '' then
-    local k = P .. ':unique:' .. uk
-    if redis.call('GET', k) == id then redis.call('DEL', k) end
-  end
-end
-local function drop(id)
-  redis.call('DEL', jk(id), ik(id), P .. ':log:' .. id)
-end
-""".replace("PROMOTE_BATCH", str(PROMOTE_BATCH))
-
-# ARGV: P, n, then per job: id, queue, record, due_us (server clock; 0: now), timeout_us|'',
-# ukey|'', ttl_ms|''
-_PUSH = r"""
-local n = tonumber(ARGV[2])
-local seen = {}
-for i = 0, n - 1 do
-  local o = 2 + i * 7
-  local id, uk = ARGV[o + 1], ARGV[o + 6]
-  if uk ~= '' then
-    if seen[uk] and seen[uk] ~= id then return {'dup', uk, seen[uk]} end
-    seen[uk] = id
-    local holder = redis.call('GET', P .. ':unique:' .. uk)
-    if holder and holder ~= id then
-      local st = redis.call('HGET', ik(holder), 'state')
-      if st == 'pending' or st == 'delayed' or st == 'reserved' then
-        return {'dup', uk, holder}
-      end
-    end
-  end
-end
-local now = now_us()
-local stored = 0
-for i = 0, n - 1 do
-  local o = 2 + i * 7
-  local id, q, uk, ttl = ARGV[o + 1], ARGV[o + 2], ARGV[o + 6], ARGV[o + 7]
-  if redis.call('EXISTS', ik(id)) == 0 then  -- a retried push of the same batch is a no-op
-    redis.call('SET', jk(id), ARGV[o + 3])
-    redis.call('HSET', ik(id), 'queue', q, 'attempts', '0', 'timeout', ARGV[o + 5], 'ukey', uk)
-    if uk ~= '' then
-      if ttl ~= '' then
-        redis.call('SET', P .. ':unique:' .. uk, id, 'PX', ttl)
-      else
-        redis.call('SET', P .. ':unique:' .. uk, id)
-      end
-    end
-    redis.call('SADD', P .. ':queues', q)
-    enqueue(id, q, now, tonumber(ARGV[o + 4]) - now)
-    stored = stored + 1
-  end
-end
-return {'ok', stored}
-"""
-
-# ARGV: P, worker (JSON string), token, default_timeout_us, grace_us, margin_us, window_us, queues...
-_CLAIM = r"""
-local now = now_us()
-for i = 8, #ARGV do
-  local q = ARGV[i]
-  if redis.call('SISMEMBER', P .. ':paused', q) == 0 then
-    promote(q, now)
-    local pk = qk(q, 'pending')
-    while true do
-      local id = redis.call('LPOP', pk)
-      if not id then break end
-      if redis.call('HGET', ik(id), 'state') == 'pending' then
-        local attempt = redis.call('HINCRBY', ik(id), 'attempts', 1)
-        local eff = tonumber(redis.call('HGET', ik(id), 'timeout')) or tonumber(ARGV[4])
-        local deadline = now + eff + tonumber(ARGV[5])
-        local lease = now + math.min(tonumber(ARGV[7]), deadline - now + tonumber(ARGV[6]))
-        redis.call('HSET', ik(id), 'state', 'reserved', 'token', ARGV[3],
-                   'claimed', us(now), 'deadline', us(deadline))
-        redis.call('ZADD', qk(q, 'reserved'), us(lease), id)
-        redis.call('APPEND', jk(id), '{"event":"claimed","attempt":' .. attempt .. ',"at":' ..
-                   secs(now) .. ',"worker":' .. ARGV[2] .. ',"deadline":' .. secs(deadline) .. '}\n')
-        return {us(now), id, redis.call('GET', jk(id)), attempt, us(deadline), us(lease)}
-      end
-    end
-  end
-end
-return {us(now)}
-"""
-
-# ARGV: P, id, token, margin_us, window_us
-_HEARTBEAT = r"""
-local id = ARGV[2]
-local now = now_us()
-local info = redis.call('HMGET', ik(id), 'state', 'token', 'queue', 'deadline')
-if info[1] ~= 'reserved' or info[2] ~= ARGV[3] then return {us(now)} end
-local rk = qk(info[3], 'reserved')
-local cur = tonumber(redis.call('ZSCORE', rk, id))
-if not cur then return {us(now)} end
-local lease = now + math.min(tonumber(ARGV[5]), tonumber(info[4]) + tonumber(ARGV[4]) - now)
-if lease > cur then redis.call('ZADD', rk, 'XX', us(lease), id) else lease = cur end
-return {us(now), us(lease)}
-"""
-
-# ARGV: P, id, token, mode (done|release|fail), event|'', attempts, delay_us, keep_done, only_expired
-_FINISH = r"""
-local id = ARGV[2]
-local info = redis.call('HMGET', ik(id), 'state', 'token', 'queue')
-if info[1] ~= 'reserved' or info[2] ~= ARGV[3] then return 0 end
-local q, now, mode = info[3], now_us(), ARGV[4]
-local rk = qk(q, 'reserved')
-if ARGV[9] == '1' then
-  local lease = tonumber(redis.call('ZSCORE', rk, id))
-  if lease and lease > now then return 0 end
-end
-redis.call('ZREM', rk, id)
-redis.call('HDEL', ik(id), 'token', 'claimed', 'deadline')
-if ARGV[5] ~= '' then redis.call('APPEND', jk(id), ARGV[5]) end
-if mode == 'release' then
-  redis.call('HSET', ik(id), 'attempts', ARGV[6])
-  enqueue(id, q, now, tonumber(ARGV[7]))
-  return 1
-end
-free_unique(id)
-if mode == 'done' and ARGV[8] ~= '1' then
-  drop(id)
-  return 1
-end
-redis.call('ZADD', qk(q, mode), us(now), id)
-redis.call('HSET', ik(id), 'state', mode, 'at', us(now))
-return 1
-"""
-
-# ARGV: P, ids... -> now, then per id: state, attempts, updated_us, sort key (us), record
-# ('' when missing). The sort key is the one listings are ordered by: due time while waiting,
-# claim time while reserved, finish time once done or failed.
-_FETCH = r"""
-local now = now_us()
-local out = {us(now)}
-for i = 2, #ARGV do
-  local id = ARGV[i]
-  local info = redis.call('HMGET', ik(id), 'state', 'attempts', 'avail', 'claimed', 'at')
-  local rec = redis.call('GET', jk(id))
-  local st, updated, key = info[1], '', info[3] or '0'
-  if not st or not rec then
-    st, rec = '', ''
-  elseif st == 'delayed' and tonumber(info[3]) <= now then
-    st = 'pending'
-  elseif st == 'reserved' then
-    updated = info[4] or ''
-    key = updated
-  elseif st == 'done' or st == 'failed' then
-    updated = info[5] or ''
-    key = updated
-  end
-  table.insert(out, st)
-  table.insert(out, info[2] or '0')
-  table.insert(out, updated)
-  table.insert(out, key)
-  table.insert(out, rec)
-end
-return out
-"""
-
-# ARGV: P, queues... -> now, then per queue: pending, delayed, reserved, done, failed, oldest_us|'', paused
-_STATS = r"""
-local now = now_us()
-local out = {us(now)}
-for i = 2, #ARGV do
-  local q = ARGV[i]
-  local dk, pk = qk(q, 'delayed'), qk(q, 'pending')
-  local due = redis.call('ZCOUNT', dk, '-inf', us(now))
-  local oldest = nil
-  local head = redis.call('LINDEX', pk, 0)
-  if head then oldest = tonumber(redis.call('HGET', ik(head), 'avail')) end
-  local first = redis.call('ZRANGEBYSCORE', dk, '-inf', us(now), 'WITHSCORES', 'LIMIT', 0, 1)
-  if #first > 0 and (not oldest or tonumber(first[2]) < oldest) then oldest = tonumber(first[2]) end
-  table.insert(out, redis.call('LLEN', pk) + due)
-  table.insert(out, redis.call('ZCARD', dk) - due)
-  table.insert(out, redis.call('ZCARD', qk(q, 'reserved')))
-  table.insert(out, redis.call('ZCARD', qk(q, 'done')))
-  table.insert(out, redis.call('ZCARD', qk(q, 'failed')))
-  table.insert(out, oldest and us(oldest) or '')
-  table.insert(out, redis.call('SISMEMBER', P .. ':paused', q))
-end
-return out
-"""
-
-# ARGV: P, id, event
-_RETRY = r"""
-local id = ARGV[2]
-local info = redis.call('HMGET', ik(id), 'state', 'queue')
-if info[1] ~= 'failed' then return 0 end
-local now = now_us()
-redis.call('ZREM', qk(info[2], 'failed'), id)
-redis.call('APPEND', jk(id), ARGV[3])
-redis.call('HSET', ik(id), 'attempts', '0')
-redis.call('HDEL', ik(id), 'at')
-enqueue(id, info[2], now, 0)
-return 1
-"""
-
-# ARGV: P, state (failed|done), ids... -> how many were deleted
-_DELETE = r"""
-local n = 0
-for i = 3, #ARGV do
-  local id = ARGV[i]
-  local info = redis.call('HMGET', ik(id), 'state', 'queue')
-  if info[1] == ARGV[2] then
-    redis.call('ZREM', qk(info[2], ARGV[2]), id)
-    drop(id)
-    n = n + 1
-  end
-end
-return n
-"""
-
-# ARGV: P, queue, n -> {deleted, taken}
-_CLEAR = r"""
-local q, n = ARGV[2], tonumber(ARGV[3])
-local pk, dk = qk(q, 'pending'), qk(q, 'delayed')
-local ids = redis.call('LRANGE', pk, 0, n - 1)
-if #ids > 0 then redis.call('LTRIM', pk, #ids, -1) end
-if #ids < n then
-  for _, id in ipairs(redis.call('ZRANGE', dk, 0, n - #ids - 1)) do
-    redis.call('ZREM', dk, id)
-    table.insert(ids, id)
-  end
-end
-local deleted = 0
-for _, id in ipairs(ids) do
-  local st = redis.call('HGET', ik(id), 'state')
-  if st == 'pending' or st == 'delayed' then
-    free_unique(id)
-    drop(id)
-    deleted = deleted + 1
-  end
-end
-return {deleted, #ids}
-"""
-
-# ARGV: P, queue
-_PROMOTE = r"""
-return promote(ARGV[2], now_us())
-"""
-
-# ARGV: P, id, data, cap
-_APPEND_LOG = r"""
-local k = P .. ':log:' .. ARGV[2]
-local room = tonumber(ARGV[4]) - redis.call('STRLEN', k)
-if room > 0 then redis.call('APPEND', k, string.sub(ARGV[3], 1, room)) end
-return 0
-"""
-
-# ARGV: P, id, token -> now, and if the claim still holds: record, attempts, claimed, deadline, lease
-_ADOPT = r"""
-local id = ARGV[2]
-local now = now_us()
-local info = redis.call('HMGET', ik(id), 'state', 'token', 'queue', 'attempts', 'claimed', 'deadline')
-if info[1] ~= 'reserved' or info[2] ~= ARGV[3] then return {us(now)} end
-local lease = redis.call('ZSCORE', qk(info[3], 'reserved'), id)
-local rec = redis.call('GET', jk(id))
-if not lease or not rec then return {us(now)} end
-return {us(now), rec, info[4], info[5], info[6], lease}
-"""
-
-_SCRIPTS = {
-    "push": _PUSH, "claim": _CLAIM, "heartbeat": _HEARTBEAT, "finish": _FINISH,
-    "fetch": _FETCH, "stats": _STATS, "retry": _RETRY, "delete": _DELETE, "clear": _CLEAR,
-    "promote": _PROMOTE, "append_log": _APPEND_LOG, "adopt": _ADOPT,
-}
 
 
 class RedisBackend:
@@ -452,7 +130,7 @@ class RedisBackend:
             self._r: Any = _redis.Redis.from_url(url, **options)
         except ValueError as exc:
             raise ConfigError(f"Invalid Redis URL {mask_url(url)!r}: {mask_url(str(exc))}") from None
-        self._s = {name: self._r.register_script(_PRELUDE + src) for name, src in _SCRIPTS.items()}
+        self._s: dict[str, Any] = {}  # script name -> registered Script, filled in by _run
 
     @classmethod
     def from_connection(cls, conn: Connection, *, done_retention: float = 3600.0) -> RedisBackend:
@@ -479,7 +157,11 @@ class RedisBackend:
             raise _translate(exc, self._where, dispatch) from None
 
     def _run(self, name: str, *args: Any) -> Any:
-        return self._s[name](keys=[], args=[self.prefix, *args])
+        """Run the server-side script ``name`` (see redis_scripts.lua) with ARGV = prefix, args."""
+        script = self._s.get(name)
+        if script is None:  # registered on first use: computes the SHA, no round trip
+            script = self._s[name] = self._r.register_script(load_scripts(PROMOTE_BATCH)[name])
+        return script(keys=[], args=[self.prefix, *args])
 
     def _key(self, *parts: str) -> str:
         return ":".join((self.prefix, *parts))
@@ -940,25 +622,3 @@ class RedisBackend:
         with contextlib.suppress(Exception):
             self._r.close()
 
-
-def _hash_key(key: str) -> str:
-    return hashlib.sha256(key.encode()).hexdigest()[:40]
-
-
-def _translate(exc: Exception, where: str, dispatch: bool) -> QueueError:
-    """One line a user can act on; the URL's password never appears."""
-    detail = mask_url(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
-    if isinstance(exc, _rx.TimeoutError):
-        msg = f"{where} did not answer in time ({detail})."
-        if dispatch:
-            msg += " The job may or may not have been stored; nothing was half-written."
-        return QueueUnavailable(msg, hint="Check the server's load, or raise connect_timeout.")
-    if isinstance(exc, _rx.ConnectionError):  # includes authentication and loading errors
-        return QueueUnavailable(f"{where} is unavailable: {detail}.",
-                                hint="Start the server or fix the connection's url in forge.toml.")
-    if isinstance(exc, _rx.ResponseError) and str(exc).split(" ", 1)[0].upper() in _UNAVAILABLE_REPLIES:
-        return QueueUnavailable(f"{where} cannot serve the queue now: {detail}.")
-    if dispatch:
-        return DispatchFailed(f"{where} refused the job: {detail}.",
-                              hint="Check the server's memory (maxmemory) and logs; nothing was queued.")
-    return QueueUnavailable(f"{where} failed: {detail}.")

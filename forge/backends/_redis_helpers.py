@@ -1,0 +1,73 @@
+"""Pure helpers of the Redis backend: its Lua scripts, unique-key names, microseconds, and
+the translation of Redis client errors into forge's queue errors.
+
+The scripts live in ``redis_scripts.lua`` next to this module (shipped as package data). Each
+starts at a marker line ``-- @script <name>``; the comment lines right after the marker
+document its KEYS and ARGV and are not sent to the server, and every script is sent with the
+``prelude`` section in front of it.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import re
+
+from ..config import mask_url
+from ..errors import DispatchFailed, QueueError, QueueUnavailable
+
+SCRIPTS_FILE = "redis_scripts.lua"
+_MARKER = re.compile(r"^-- @script ([a-z_]+)[ \t]*\n", re.M)
+_UNAVAILABLE_REPLIES = ("BUSY", "LOADING", "READONLY", "MASTERDOWN", "NOAUTH", "WRONGPASS",
+                        "NOPERM", "CLUSTERDOWN", "TRYAGAIN", "NOREPLICAS")
+
+
+def us(seconds: float) -> int:
+    """Seconds as integer microseconds (how times cross the Lua boundary)."""
+    return int(round(seconds * 1_000_000))
+
+
+def hash_key(key: str) -> str:
+    """The name of a unique key inside Redis (``P:unique:<this>``)."""
+    return hashlib.sha256(key.encode()).hexdigest()[:40]
+
+
+@functools.cache
+def load_scripts(promote_batch: int) -> dict[str, str]:
+    """Script name -> the Lua source to register (prelude, then the script's body), read once
+    from ``redis_scripts.lua``. ``PROMOTE_BATCH`` in the prelude becomes ``promote_batch``."""
+    from importlib import resources
+
+    text = resources.files(__package__).joinpath(SCRIPTS_FILE).read_text(encoding="utf-8")
+    parts = _MARKER.split(text)
+    bodies: dict[str, str] = {}
+    for name, section in zip(parts[1::2], parts[2::2], strict=True):
+        if name in bodies:
+            raise ValueError(f"{SCRIPTS_FILE}: script {name!r} is defined twice")
+        lines = section.splitlines(keepends=True)
+        while lines and lines[0].startswith("--"):  # the script's documentation
+            del lines[0]
+        bodies[name] = "\n" + "".join(lines).rstrip("\n") + "\n"
+    prelude = bodies.pop("prelude").replace("PROMOTE_BATCH", str(promote_batch))
+    return {name: prelude + body for name, body in bodies.items()}
+
+
+def translate(exc: Exception, where: str, dispatch: bool) -> QueueError:
+    """One line a user can act on; the URL's password never appears."""
+    from redis import exceptions as rx  # only ever called with a redis error in hand
+
+    detail = mask_url(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
+    if isinstance(exc, rx.TimeoutError):
+        msg = f"{where} did not answer in time ({detail})."
+        if dispatch:
+            msg += " The job may or may not have been stored; nothing was half-written."
+        return QueueUnavailable(msg, hint="Check the server's load, or raise connect_timeout.")
+    if isinstance(exc, rx.ConnectionError):  # includes authentication and loading errors
+        return QueueUnavailable(f"{where} is unavailable: {detail}.",
+                                hint="Start the server or fix the connection's url in forge.toml.")
+    if isinstance(exc, rx.ResponseError) and str(exc).split(" ", 1)[0].upper() in _UNAVAILABLE_REPLIES:
+        return QueueUnavailable(f"{where} cannot serve the queue now: {detail}.")
+    if dispatch:
+        return DispatchFailed(f"{where} refused the job: {detail}.",
+                              hint="Check the server's memory (maxmemory) and logs; nothing was queued.")
+    return QueueUnavailable(f"{where} failed: {detail}.")
