@@ -7,12 +7,12 @@ claim (the file backend's lock) for exactly as long as it runs a job, so:
 - a crash, hang or leak in a job never takes the worker down: the worker notices the job
   process die (or kills its whole group at the job's timeout), records the outcome by
   adopting the claim, and forks a fresh one;
-- if the worker is killed, the job is not handed to another worker while it still runs; once
-  it ends, the job process does not record an outcome (its worker died during the job, so the
-  attempt counts as abandoned) and exits, and the job is recovered: at most one extra run;
+- if the worker is killed, the job is not handed to another worker while it still runs: the
+  job process finishes it, records the outcome and exits (under a Redis lease it dies with the
+  worker instead, and the job is recovered once the lease lapses: at most one extra run);
 - claiming, running and acknowledging a trivial job costs no process switch at all.
 
-It is replaced after ``recycle_after`` jobs or when it grows past ``--memory``. The worker and
+It is replaced after ``recycle_after`` jobs; past ``--memory`` the worker exits (code 12). The worker and
 the job process share one page of memory (:class:`SharedState`): flags one way, the running
 job's record the other. The job's output (fds 1 and 2) goes to a memfd shared with the
 worker; it is copied to the job's log only when there is some.
@@ -90,6 +90,7 @@ class SharedState:
         data = json.dumps(record).encode() if record is not None else b""
         data = data[: self.SIZE - 40]
         seq = self._get(24)
+        seq += seq & 1  # a writer killed mid-write left it odd: start again from even
         self._put(24, seq + 1)
         self._I.pack_into(self.mm, 32, len(data))
         self.mm[36 : 36 + len(data)] = data
@@ -121,10 +122,17 @@ class OutputBuffer:
         self.fd = os.memfd_create("forge-job-output")
         self.shared = shared
 
-    def flush_to_log(self, backend: Backend, job_id: str, *, reset: bool = False) -> None:
-        """Append output not yet copied to ``job_id``'s log; ``reset`` empties the buffer."""
+    def flush_to_log(self, backend: Backend, job_id: str, *, reset: bool = False,
+                     still_running: Callable[[], bool] | None = None) -> None:
+        """Append output not yet copied to ``job_id``'s log; ``reset`` empties the buffer.
+
+        ``still_running`` is checked under the lock: the worker copies only if the job it
+        read is still the one running (the job process may have moved on to the next).
+        """
         fcntl.lockf(self.fd, fcntl.LOCK_EX)
         try:
+            if still_running is not None and not still_running():
+                return
             size = os.fstat(self.fd).st_size
             done = self.shared.copied
             if size > done:
@@ -146,6 +154,13 @@ class OutputBuffer:
 
     def size(self) -> int:
         return os.fstat(self.fd).st_size
+
+
+_PDEATH = signal.SIGRTMIN
+
+
+def _kill_group(signum: int, frame: Any) -> None:
+    os.killpg(0, signal.SIGKILL)
 
 
 class _Wakeup(Exception):
@@ -184,6 +199,8 @@ class _JobProcess:
         w = self.w
         os.setpgid(0, 0)
         report_fd = os.dup(1)  # the worker's stdout: job events are reported there
+        with contextlib.suppress(Exception):
+            w.backend.close()  # the worker's connections: close our copies, not theirs
         keep = {w.output.fd, report_fd}
         _close_inherited(keep)
         devnull = os.open(os.devnull, os.O_RDONLY)
@@ -207,9 +224,12 @@ class _JobProcess:
         if w.backend.lease_based:
             from ._linux import set_parent_death_signal
 
-            set_parent_death_signal(signal.SIGKILL)
+            # The whole group, not only this process: a job's own children must not outlive
+            # the lease either.
+            signal.signal(_PDEATH, _kill_group)
+            set_parent_death_signal(_PDEATH)
             if os.getppid() != self.parent:
-                os._exit(0)
+                _kill_group(0, None)
         w.report = w.make_reporter(os.fdopen(report_fd, "w", buffering=1))
         w.backend = w.backend_factory()
 
@@ -316,6 +336,8 @@ class _JobProcess:
             w.shared.set_record(None)
             return
         w.report("starting", info)
+        if w.cwd and os.getcwd() != w.cwd:  # a previous job changed directory
+            os.chdir(w.cwd)
         signal.setitimer(signal.ITIMER_REAL, max(claim.deadline - time.time(), 0) + 1.0)
         reply = run_command(spec, list(job.args),
                             {"FORGE_JOB_ID": job.id, "FORGE_JOB_ATTEMPT": str(claim.attempt),
@@ -324,6 +346,7 @@ class _JobProcess:
             sys.stdout.flush()
             sys.stderr.flush()
         signal.setitimer(signal.ITIMER_REAL, 0)
+        _restore_signals(self._on_wake)
         # If the worker died meanwhile, the outcome is still recorded here: the job ran to its
         # end. (Under a lease this process would have been killed with the worker.)
         tail = w.output.tail(_TAIL) if reply["exit_code"] != 0 and w.output.size() else ""
@@ -331,6 +354,15 @@ class _JobProcess:
             w.output.flush_to_log(w.backend, job.id, reset=True)
         w.record(claim, reply, started, info, tail=tail, retry=True)
         w.shared.set_record(None)
+
+
+def _restore_signals(on_wake: Callable[[int, Any], None]) -> None:
+    """Undo signal handlers a job installed (the SIGALRM backstop must stay the default)."""
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGALRM, signal.SIGHUP):
+        if signal.getsignal(sig) is not signal.SIG_DFL:
+            signal.signal(sig, signal.SIG_DFL)
+    if signal.getsignal(signal.SIGUSR1) is not on_wake:
+        signal.signal(signal.SIGUSR1, on_wake)
 
 
 _TAIL = 2048

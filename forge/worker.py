@@ -11,6 +11,7 @@ in Laravel; run several workers for parallelism.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import select
 import signal
@@ -103,9 +104,11 @@ class Worker:
     options: WorkerOptions = field(default_factory=WorkerOptions)
     make_reporter: Callable[[TextIO], Reporter] = lambda stream: _no_report
     cwd: str | None = None  # where jobs run: the project root
+    #: The supervisor's own store client (short timeouts); default: ``backend_factory``.
+    supervisor_factory: Callable[[], Backend] | None = None
 
     def __post_init__(self) -> None:
-        self.backend = self.backend_factory()
+        self.backend = (self.supervisor_factory or self.backend_factory)()
         self.report = self.make_reporter(sys.stdout)
         self.shared = SharedState()
         self.output = OutputBuffer(self.shared)
@@ -165,6 +168,8 @@ class Worker:
                 action()
                 return
             except QueueUnavailable as exc:
+                if self._stop is StopReason.FORCED:
+                    return  # the claim's lock or lease lapses; recovery records it later
                 self.report("backend_unavailable", {"error": str(exc), "retry_in": delay})
                 time.sleep(delay)
                 delay = min(delay * 2, 10.0)
@@ -176,15 +181,16 @@ class Worker:
         self._stop = StopReason.SIGNAL if self._signals == 1 else StopReason.FORCED
 
     def _on_pause(self, signum: int, frame: Any) -> None:
-        paused = signum == signal.SIGUSR2
-        self.shared.set_flag(PAUSE, paused)
-        self.report("paused" if paused else "resumed", {})
+        # No output here: a handler must not write to a stream it may have interrupted.
+        self.shared.set_flag(PAUSE, signum == signal.SIGUSR2)
 
     def install_signals(self) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
             signal.signal(sig, self._on_stop_signal)
         signal.signal(signal.SIGUSR2, self._on_pause)
         signal.signal(signal.SIGCONT, self._on_pause)
+        # The job process installs its own SIGUSR1 handler; until it has, ignore (not die of) it.
+        signal.signal(signal.SIGUSR1, signal.SIG_IGN)
         signal.set_wakeup_fd(self._sig_w, warn_on_full_buffer=False)
 
     # -- the supervisor loop ------------------------------------------------------------------
@@ -197,6 +203,7 @@ class Worker:
         next_maintenance = 0.0
         next_flush = next_beat = 0.0
         reason: StopReason | None = None
+        paused_reported = False
         try:
             while reason is None:
                 now = time.monotonic()
@@ -225,6 +232,9 @@ class Worker:
                     self.shared.set_record(None)
                     self.pid = spawn(self)
                     self.pidfd = os.pidfd_open(self.pid)
+                if self.shared.flag(PAUSE) != paused_reported:
+                    paused_reported = self.shared.flag(PAUSE)
+                    self.report("paused" if paused_reported else "resumed", {})
                 record = self.shared.record()
                 wake = next_maintenance
                 if opts.max_time:
@@ -240,9 +250,17 @@ class Worker:
                     mono_offset = time.monotonic() - now_wall
                     wake = min(wake, deadline + mono_offset, next_flush)
                     if now >= next_flush:
-                        self.output.flush_to_log(self.backend, record["id"])
+                        self.output.flush_to_log(self.backend, record["id"],
+                                                 still_running=functools.partial(self._running, record["id"]))
                         next_flush = now + 0.5
                     if record.get("lease_until") is not None:
+                        if self._lease[0] != record["ref"]:
+                            self._lease = (record["ref"], record["lease_until"])
+                        if now_wall >= self._lease[1] - opts.grace - 1.0:
+                            # The lease is about to lapse (renewals failed or were too slow):
+                            # another worker may take the job, so this run must end first.
+                            self._kill("lease")
+                            continue
                         if now >= next_beat:
                             self._heartbeat(record)
                             next_beat = now + opts.heartbeat_interval
@@ -365,9 +383,10 @@ class Worker:
             except QueueUnavailable as exc:
                 self.report("backend_unavailable", {"error": str(exc), "retry_in": 0.2})
                 time.sleep(0.2)
-        if claim is None:
-            return  # finished or recovered meanwhile; or a descendant still holds it
         tail = self.output.tail(2048) if self.output.size() else ""
+        if claim is None:  # finished or recovered meanwhile; or a descendant still holds it
+            self.output.flush_to_log(self.backend, record["id"], reset=True)
+            return
         self.output.flush_to_log(self.backend, record["id"], reset=True)
         info = {k: record[k] for k in ("command", "queue", "attempt")} | {
             "job_id": record["id"],
@@ -388,26 +407,23 @@ class Worker:
             reply = {"exit_code": code or 1, "reason": str(Reason.EXIT_CODE), "error": f"job process {desc}"}
         self.record(claim, reply, record["started"], info, tail=tail, retry=True)
 
+    def _running(self, job_id: str) -> bool:
+        return (self.shared.record() or {}).get("id") == job_id
+
     def _heartbeat(self, record: dict[str, Any]) -> None:
-        """Renew the running job's lease; kill the job if the lease is about to lapse unrenewed."""
+        """Renew the running job's lease; end the job at once if its claim was lost."""
         ref = record["ref"]
-        if self._lease[0] != ref:
-            self._lease = (ref, record.get("lease_until") or 0.0)
-        ok = False
         try:
             claim = self.backend.adopt(ref)
-            if claim is not None:
-                ok = self.backend.heartbeat(claim)
-                if ok and claim.lease_until:
-                    self._lease = (ref, claim.lease_until)
+            ok = claim is not None and self.backend.heartbeat(claim)
         except QueueUnavailable:
-            ok = False
-        if not ok and time.time() >= self._lease[1] - self.options.heartbeat_interval:
-            current = self.shared.record() or {}
-            if current.get("ref") == ref:  # not finished meanwhile
-                # The lease is about to lapse and cannot be renewed: another worker may take
-                # the job, so this run must end now.
-                self._kill("lease")
+            return  # the loop kills the job before the lease it has lapses
+        if ok:
+            assert claim is not None
+            if claim.lease_until:
+                self._lease = (ref, claim.lease_until)
+        elif (self.shared.record() or {}).get("ref") == ref:  # lost, and not finished meanwhile
+            self._kill("lease")
 
 
 def console_reporter(json_out: bool, verbose: bool = False) -> Callable[[TextIO], Reporter]:

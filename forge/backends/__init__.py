@@ -18,12 +18,16 @@ DRIVERS = {
 }
 
 
-def open_backend(conn: Connection, *, done_retention: float = 3600.0) -> Backend:
-    """Instantiate the backend for a configured connection."""
+def open_backend(conn: Connection, *, done_retention: float = 3600.0, quick: bool = False) -> Backend:
+    """Instantiate the backend for a configured connection.
+
+    ``quick``: calls never block for long (a server backend uses short timeouts and no
+    retries), for the worker's supervisor, which must be able to act on time.
+    """
     target = DRIVERS.get(conn.driver)
     if target is None:
         close = difflib.get_close_matches(conn.driver, DRIVERS, n=1)
         hint = f' Did you mean "{close[0]}"?' if close else ""
         raise ConfigError(f'Unknown queue driver "{conn.driver}".{hint}')
     module, _, cls = target.partition(":")
-    return getattr(importlib.import_module(module), cls).from_connection(conn, done_retention=done_retention)
+    return getattr(importlib.import_module(module), cls).from_connection(conn, done_retention=done_retention, quick=quick)

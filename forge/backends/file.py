@@ -156,7 +156,8 @@ class FileBackend(FileAdmin):
         self._prepare_root()
 
     @classmethod
-    def from_connection(cls, conn: Connection, *, done_retention: float = 3600.0) -> FileBackend:
+    def from_connection(cls, conn: Connection, *, done_retention: float = 3600.0,
+                        quick: bool = False) -> FileBackend:
         assert conn.path is not None
         return cls(conn.path, done_retention=done_retention, lock=conn.lock)
 

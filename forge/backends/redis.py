@@ -96,7 +96,8 @@ class RedisBackend:
     lease_based = True
 
     def __init__(self, url: str, *, prefix: str = "forge", done_retention: float = 3600.0,
-                 connect_timeout: float = 5.0, password: str | None = None) -> None:
+                 connect_timeout: float = 5.0, password: str | None = None,
+                 quick: bool = False) -> None:
         if _redis is None:
             raise ConfigError(
                 "The redis queue driver needs the Redis client: pip install 'forge[redis]'.",
@@ -116,13 +117,15 @@ class RedisBackend:
         self._skew_at = 0.0
         options: dict[str, Any] = {
             "socket_connect_timeout": connect_timeout,
-            "socket_timeout": max(BLOCK_CAP + 5.0, 2 * connect_timeout),
+            # ``quick``: for a caller that must never block long (the worker's supervisor, which
+            # has to kill a job before its lease lapses); it never calls ``wait``.
+            "socket_timeout": 1.0 if quick else max(BLOCK_CAP + 5.0, 2 * connect_timeout),
             "socket_keepalive": True,
             "health_check_interval": 30,
             # A few quick reconnects, then the caller hears QueueUnavailable. Every script is
             # safe to re-run after a lost reply: push is idempotent per job id, and the
             # outcome scripts are fenced by the claim token.
-            "retry": Retry(ExponentialWithJitterBackoff(base=0.05, cap=0.5), 2),
+            "retry": Retry(ExponentialWithJitterBackoff(base=0.05, cap=0.5), 0 if quick else 2),
         }
         if password is not None:
             options["password"] = password
@@ -133,7 +136,8 @@ class RedisBackend:
         self._s: dict[str, Any] = {}  # script name -> registered Script, filled in by _run
 
     @classmethod
-    def from_connection(cls, conn: Connection, *, done_retention: float = 3600.0) -> RedisBackend:
+    def from_connection(cls, conn: Connection, *, done_retention: float = 3600.0,
+                        quick: bool = False) -> RedisBackend:
         password = None
         if conn.password_env:
             password = os.environ.get(conn.password_env)
@@ -143,8 +147,9 @@ class RedisBackend:
                     " which is not set."
                 )
         return cls(conn.url or "redis://127.0.0.1:6379/0", prefix=conn.prefix,
-                   done_retention=done_retention, connect_timeout=conn.connect_timeout,
-                   password=password)
+                   done_retention=done_retention,
+                   connect_timeout=min(conn.connect_timeout, 1.0) if quick else conn.connect_timeout,
+                   password=password, quick=quick)
 
     # -- plumbing -------------------------------------------------------------------------
 

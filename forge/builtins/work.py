@@ -59,7 +59,9 @@ def work(
     conn = settings.connection_config(connection)
     registry = build_registry(settings)
     worker = Worker(lambda: open_backend(conn, done_retention=settings.done_retention), registry, options,
-                    console_reporter(json_out, verbose), cwd=str(settings.root))
+                    console_reporter(json_out, verbose), cwd=str(settings.root),
+                    supervisor_factory=lambda: open_backend(conn, done_retention=settings.done_retention,
+                                                            quick=True))
     worker.install_signals()
     reason = worker.run()
     return reason.exit_code
