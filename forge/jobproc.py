@@ -283,6 +283,9 @@ class _JobProcess:
             if outage:
                 w.report("backend_available", {})
                 outage = 0.0
+            if shared.flag(STOP):  # asked to stop while claiming: hand it back, uncounted
+                w.backend.release(claim, None, 0)
+                return self._exit("signal")
             self._process(claim)
             if os.getpid() != me:  # a job forked and returned here: never run the loop twice
                 os._exit(0)

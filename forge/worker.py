@@ -316,36 +316,28 @@ class Worker:
             return
         self._killed_for = why
         grace = self.options.grace if why == "timeout" else min(self.options.grace, 1.0)
-        pgid = self.pid
         with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(pgid, signal.SIGTERM)
+            os.killpg(self.pid, signal.SIGTERM)
         end = time.monotonic() + grace
-        status = None
-        while time.monotonic() < end:
-            if status is None:
-                done, st = os.waitpid(self.pid, os.WNOHANG)
-                if done:
-                    status = st
-            if status is not None:
-                try:
-                    os.killpg(pgid, 0)  # anyone left in the group (a grandchild)?
-                except ProcessLookupError:
-                    break
+        while time.monotonic() < end and _group_alive(self.pid):
             time.sleep(0.01)
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(pgid, signal.SIGKILL)
-        self._reap(status)
+        self._reap()
 
-    def _reap(self, status: int | None = None) -> None:
-        """The job process ended: record its running job's outcome, or learn why it stopped."""
+    def _reap(self) -> None:
+        """The job process ended (or is being ended): kill what is left of its group, wait
+        until it is gone (a forked descendant may hold the claim), then reap it and record its
+        running job's outcome, or learn why it stopped. Until it is reaped, the job process
+        keeps its group id ours, so the group signalled is never someone else's."""
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.pid, signal.SIGKILL)
+        end = time.monotonic() + 2.0
+        while time.monotonic() < end and _group_alive(self.pid):
+            time.sleep(0.005)
         try:
-            if status is None:
-                _, status = os.waitpid(self.pid, 0)
+            _, status = os.waitpid(self.pid, 0)
             code = os.waitstatus_to_exitcode(status)
         except ChildProcessError:
             code = 0
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.pid, signal.SIGKILL)  # leftovers of the job's group
         os.close(self.pidfd)
         self.pid, self.pidfd = 0, -1
         why, self._killed_for = self._killed_for, None
@@ -424,6 +416,21 @@ class Worker:
                 self._lease = (ref, claim.lease_until)
         elif (self.shared.record() or {}).get("ref") == ref:  # lost, and not finished meanwhile
             self._kill("lease")
+
+
+def _group_alive(pgid: int) -> bool:
+    """Whether a live (not zombie) process is in process group ``pgid``."""
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as fh:
+                fields = fh.read().rsplit(b")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if fields[0] != b"Z" and int(fields[2]) == pgid:
+            return True
+    return False
 
 
 def console_reporter(json_out: bool, verbose: bool = False) -> Callable[[TextIO], Reporter]:
