@@ -262,8 +262,11 @@ class _JobProcess:
                 if now >= next_restart_check:  # a stat or a round trip: not before every job
                     marker = (w.backend.restart_requested_at(),)
                     if restart_seen is None:
-                        restart_seen = w.restart_seen or marker
-                    elif marker != restart_seen:
+                        # The marker as the worker saw it at start; if the store was down then,
+                        # a marker set after the worker started still counts.
+                        restart_seen = w.restart_seen or (
+                            (None,) if (marker[0] or 0) > w.started_at else marker)
+                    if marker != restart_seen:
                         return self._exit("restart")
                     next_restart_check = now + 0.1
                 if shared.flag(PAUSE):

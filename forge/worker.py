@@ -115,6 +115,7 @@ class Worker:
         self.pid = 0
         self.pidfd = -1
         self.restart_seen: tuple[float | None] | None = None
+        self.started_at = time.time()
         self._signals = 0
         self._stop: StopReason | None = None
         self._killed_for: str | None = None
