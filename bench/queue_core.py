@@ -23,6 +23,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 os.environ.setdefault("FORGE_CONFIG", str(ROOT / "forge.toml"))
 os.environ.setdefault("FORGE_NO_PLUGINS", "1")
+sys.path.insert(0, str(ROOT / "tests"))
+
+from reliability.scripts import CLAIMER  # noqa: E402
 
 from forge.backends.file import FileBackend  # noqa: E402
 from forge.config import load_settings  # noqa: E402
@@ -171,27 +174,6 @@ for start in range(0, n, batch):
 print("\\n".join(out))
 """
 
-CLAIMER = """
-import os, sys, time
-from forge.backends.file import FileBackend
-from forge.job import Event
-b = FileBackend(sys.argv[1])
-stop = sys.argv[2]
-got = []
-while True:
-    c = b.claim(["bench"], str(os.getpid()), 60)
-    if c is None:
-        if os.path.exists(stop):
-            c = b.claim(["bench"], str(os.getpid()), 60)
-            if c is None:
-                break
-        else:
-            b.wait(["bench"], 0.05)
-            continue
-    got.append(c.job.id)
-    b.ack(c, Event("done", c.attempt, time.time()))
-print("\\n".join(got))
-"""
 
 
 def concurrent(base: Path, total: int) -> dict[str, float | int]:
@@ -200,7 +182,7 @@ def concurrent(base: Path, total: int) -> dict[str, float | int]:
     FileBackend(path).close()
     stop = base / "concurrent-stop"
     t = time.perf_counter()
-    claimers = [subprocess.Popen([sys.executable, "-c", CLAIMER, str(path), str(stop)],
+    claimers = [subprocess.Popen([sys.executable, "-c", CLAIMER, str(path), str(stop), "bench"],
                                  stdout=subprocess.PIPE, text=True) for _ in range(2)]
     per = total // 4
     dispatchers = [subprocess.Popen([sys.executable, "-c", DISPATCHER, str(path), str(per), str(batch)],

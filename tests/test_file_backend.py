@@ -14,6 +14,7 @@ import warnings
 from pathlib import Path
 
 import pytest
+from reliability.scripts import CLAIMER
 
 from forge.backends.file import FileBackend
 from forge.errors import DispatchFailed, QueueUnavailable, UsageError
@@ -453,34 +454,13 @@ for start in range(0, n, batch):
 print("\\n".join(out))
 """
 
-CLAIMER = """
-import os, sys, time
-from forge.backends.file import FileBackend
-from forge.job import Event
-b = FileBackend(sys.argv[1])
-stop = sys.argv[2]
-got = []
-while True:
-    c = b.claim(["default"], str(os.getpid()), 60)
-    if c is None:
-        if os.path.exists(stop):
-            c = b.claim(["default"], str(os.getpid()), 60)
-            if c is None:
-                break
-        else:
-            b.wait(["default"], 0.05)
-            continue
-    got.append(c.job.id)
-    b.ack(c, Event("done", c.attempt, time.time()))
-print("\\n".join(got))
-"""
 
 
 def run_concurrently(qdir: Path, total: int, dispatchers: int = 4, claimers: int = 2) -> tuple[list, list]:
     FileBackend(qdir).close()
     stop = qdir.parent / "stop"
     per = total // dispatchers
-    cl = [subprocess.Popen([sys.executable, "-c", CLAIMER, str(qdir), str(stop)],
+    cl = [subprocess.Popen([sys.executable, "-c", CLAIMER, str(qdir), str(stop), "default"],
                            stdout=subprocess.PIPE, text=True) for _ in range(claimers)]
     ds = [subprocess.Popen([sys.executable, "-c", DISPATCHER, str(qdir), str(per), str(1 if i % 2 else 50)],
                            stdout=subprocess.PIPE, text=True) for i in range(dispatchers)]
