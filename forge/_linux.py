@@ -5,22 +5,41 @@ Each falls back to something portable (``os.sync``, polling) where the call is m
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import os
 import struct
 from collections.abc import Iterable
+from typing import Any
 
-_libc: ctypes.CDLL | None
-try:
-    # Not ctypes.util.find_library first: it runs `/sbin/ldconfig -p` in a subprocess (a shell
-    # script on some distributions) in every process that imports this module.
-    _libc = ctypes.CDLL("libc.so.6", use_errno=True)
-except OSError:  # pragma: no cover - non-glibc platforms
-    try:
-        _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-    except OSError:
-        _libc = None
+_loaded: list[Any] = []
+
+
+def _lib() -> Any:
+    """libc through ctypes, loaded on first use: ``ctypes`` costs 3 ms, and a single dispatch
+    needs none of this module."""
+    if not _loaded:
+        import ctypes
+
+        try:
+            # Not ctypes.util.find_library first: it runs `/sbin/ldconfig -p` in a subprocess (a
+            # shell script on some distributions) in every process that calls it.
+            lib = ctypes.CDLL("libc.so.6", use_errno=True)
+        except OSError:  # pragma: no cover - non-glibc platforms
+            import ctypes.util
+
+            try:
+                lib = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+            except OSError:
+                lib = None
+        _loaded.append(lib)
+    return _loaded[0]
+
+
+def _raise_errno(*extra: str) -> None:
+    import ctypes
+
+    err = ctypes.get_errno()
+    raise OSError(err, os.strerror(err), *extra)
+
 
 IN_CREATE = 0x00000100
 IN_MOVED_TO = 0x00000080
@@ -35,10 +54,10 @@ _EVENT = struct.Struct("iIII")
 
 def syncfs(fd: int) -> None:
     """Flush every dirty page and inode of the filesystem holding ``fd``; raise on error."""
-    if _libc is not None and hasattr(_libc, "syncfs"):
-        if _libc.syncfs(fd) != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, os.strerror(err))
+    libc = _lib()
+    if libc is not None and hasattr(libc, "syncfs"):
+        if libc.syncfs(fd) != 0:
+            _raise_errno()
         return
     os.sync()  # pragma: no cover
 
@@ -55,12 +74,12 @@ class Inotify:
     """Watch directories for files created or moved in. ``fileno()`` is select()-able."""
 
     def __init__(self) -> None:
-        if _libc is None or not hasattr(_libc, "inotify_init1"):
+        libc = _lib()
+        if libc is None or not hasattr(libc, "inotify_init1"):
             raise OSError("inotify is not available")
-        fd = _libc.inotify_init1(IN_NONBLOCK | IN_CLOEXEC)
+        fd = libc.inotify_init1(IN_NONBLOCK | IN_CLOEXEC)
         if fd < 0:
-            err = ctypes.get_errno()
-            raise OSError(err, os.strerror(err))
+            _raise_errno()
         self.fd = fd
         self.watches: dict[int, str] = {}
 
@@ -68,10 +87,9 @@ class Inotify:
         return self.fd
 
     def watch(self, path: str, tag: str) -> None:
-        wd = _libc.inotify_add_watch(self.fd, os.fsencode(path), IN_CREATE | IN_MOVED_TO)  # type: ignore[union-attr]
+        wd = _lib().inotify_add_watch(self.fd, os.fsencode(path), IN_CREATE | IN_MOVED_TO)
         if wd < 0:
-            err = ctypes.get_errno()
-            raise OSError(err, os.strerror(err), path)
+            _raise_errno(path)
         self.watches[wd] = tag
 
     def drain(self) -> dict[str, list[str]] | None:
@@ -114,8 +132,9 @@ class Inotify:
 
 def set_parent_death_signal(sig: int) -> None:
     """Deliver ``sig`` to this process when its parent dies (Linux PR_SET_PDEATHSIG)."""
-    if _libc is not None:
-        _libc.prctl(1, sig, 0, 0, 0)
+    libc = _lib()
+    if libc is not None:
+        libc.prctl(1, sig, 0, 0, 0)
 
 
 def names_matching(names: Iterable[str], length: int) -> list[str]:

@@ -27,6 +27,12 @@ def _run(args: list[str], verbose: bool) -> int:
 
     warnings.showwarning = lambda msg, cat, *a, **k: output.warn(str(msg))
     try:
+        if args[:1] == ["queue:dispatch"]:
+            from .builtins.fastdispatch import run as fast_dispatch
+
+            code = fast_dispatch(args[1:])
+            if code is not None:
+                return code
         from typer._click.exceptions import ClickException
         from typer.exceptions import Abort, Exit
 

@@ -6,8 +6,8 @@ Importing this module is cheap: it imports nothing heavy, so project command fil
 from __future__ import annotations
 
 import importlib
-import inspect
 import re
+import types
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -72,7 +72,7 @@ def specs_in_module(module: Any, source: str) -> list[CommandSpec]:
     """Every ``@command``-marked function defined or imported in ``module``."""
     found: list[CommandSpec] = []
     for value in vars(module).values():
-        if not (inspect.isfunction(value) and hasattr(value, MARKER)):
+        if not (isinstance(value, types.FunctionType) and hasattr(value, MARKER)):
             continue
         name, hidden = getattr(value, MARKER)
         if not isinstance(name, str) or not valid_name(name):

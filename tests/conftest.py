@@ -23,6 +23,7 @@ def isolated_forge(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setenv("FORGE_CONFIG", str(EXAMPLE_CONFIG))
     monkeypatch.setenv("FORGE_NO_PLUGINS", "1")
     monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg-cache"))  # the command cache
     monkeypatch.setenv("FORGE_STORAGE", str(tmp_path / "storage"))  # the example commands' data
     import forge.runner
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import difflib
 import importlib
 from typing import TYPE_CHECKING
 
@@ -26,6 +25,8 @@ def open_backend(conn: Connection, *, done_retention: float = 3600.0, quick: boo
     """
     target = DRIVERS.get(conn.driver)
     if target is None:
+        import difflib
+
         close = difflib.get_close_matches(conn.driver, DRIVERS, n=1)
         hint = f' Did you mean "{close[0]}"?' if close else ""
         raise ConfigError(f'Unknown queue driver "{conn.driver}".{hint}')

@@ -38,7 +38,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
-import hashlib
 import json
 import os
 import select
@@ -354,6 +353,8 @@ class FileBackend(FileAdmin):
     # -- unique keys ----------------------------------------------------------------------
 
     def _unique_path(self, key: str) -> Path:
+        import hashlib  # here: OpenSSL costs a dispatch without a unique key 2 ms
+
         return self.root / "unique" / (hashlib.sha256(key.encode()).hexdigest()[:40] + ".json")
 
     def _acquire_unique(self, job: Job) -> None:

@@ -1,73 +1,35 @@
 """``queue:dispatch``: push one command onto a queue (optionally ``--wait`` for it), or many ``--from-file``.
 
-It runs from cron and scripts thousands of times, so nothing heavy is imported at module
-level: the progress bar of ``--from-file`` comes from ``forge.output``, which imports rich
-only when stderr is a terminal.
+It runs from cron and scripts thousands of times: the common case never gets here, it is
+handled without Typer by ``fastdispatch`` (which this module's successful runs keep fed with
+the command cache). The progress bar of ``--from-file`` comes from ``forge.output``, which
+imports rich only when stderr is a terminal.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import time
-from collections.abc import Sequence
-from datetime import datetime
 from typing import Annotated, Any
 
 import typer
 
 from .. import output
-from ..durations import format_duration, parse_backoff, parse_duration
+from ..durations import format_duration, parse_duration
 from ..errors import EXIT_JOB_FAILED, ForgeError, InvalidCommand, JobNotFound, UsageError
 from ..job import MAX_OUTPUT_TAIL, JobInfo, State
 from ..queue import CommandQueue, QueuedCommand
 from ..runner import default_registry
+from . import fastdispatch
 from ._shared import Connection, err_tty, fmt_time
+from .fastdispatch import DISPATCH_OPTIONS
+from .fastdispatch import build as _build
+from .fastdispatch import parse_at as _at
+from .fastdispatch import parse_meta as _meta
 
-DISPATCH_OPTIONS = {"--queue", "--connection", "--delay", "--at", "--tries", "--timeout", "--backoff", "--meta",
-                    "--unique-key", "--unique-ttl", "--json", "--wait", "--wait-timeout", "--from-file"}
 FILE_KEYS = {"command", "args", "queue", "delay", "tries", "timeout", "backoff", "meta", "unique_key", "unique_ttl"}
-
-
-def _meta(items: Sequence[str]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise UsageError(f"Invalid --meta {item!r}: use key=value, e.g. --meta tenant=acme.")
-        try:
-            out[key] = json.loads(value)
-        except ValueError:
-            out[key] = value
-    return out
-
-
-def _at(value: str) -> datetime:
-    try:
-        return datetime.fromisoformat(value)
-    except ValueError:
-        raise UsageError(f"Invalid --at {value!r}: use an ISO date/time, e.g. 2026-12-01T09:00.") from None
-
-
-def _build(command: str, args: Sequence[str], o: dict[str, Any]) -> QueuedCommand:
-    """A QueuedCommand from dispatch options (the CLI's, or one --from-file line's)."""
-    cmd = QueuedCommand(command).with_args(args)
-    if o.get("delay") is not None:
-        cmd = cmd.with_delay(parse_duration(o["delay"], what="--delay"))
-    if o.get("at") is not None:
-        cmd = cmd.at(o["at"])
-    if o.get("tries") is not None:
-        cmd = cmd.with_max_attempts(o["tries"])
-    if o.get("timeout") is not None:
-        cmd = cmd.with_timeout(parse_duration(o["timeout"], what="--timeout"))
-    if o.get("backoff") is not None:
-        cmd = cmd.with_backoff(parse_backoff(o["backoff"], what="--backoff"))
-    for key, value in (o.get("meta") or {}).items():
-        cmd = cmd.with_metadata(key, value)
-    if o.get("unique_key") is not None:
-        ttl = o.get("unique_ttl")
-        cmd = cmd.with_unique_key(o["unique_key"], None if ttl is None else parse_duration(ttl, what="--unique-ttl"))
-    return cmd
 
 
 def dispatch(
@@ -121,6 +83,12 @@ def dispatch(
         if mine:
             exc.hint = f"Options of queue:dispatch go before the command: forge queue:dispatch {mine[0]} {command} ..."
         raise
+    if fastdispatch.stale_fingerprint is not None:  # let the next dispatch skip Typer
+        from .. import cmdcache
+
+        with contextlib.suppress(Exception):
+            cmdcache.store(q.settings, fastdispatch.stale_fingerprint)
+        fastdispatch.stale_fingerprint = None
     if json_out:
         output.print_json(record.to_dict())
     else:

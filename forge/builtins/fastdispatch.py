@@ -1,0 +1,174 @@
+"""``forge queue:dispatch`` without Typer: the common case in about a third of the time.
+
+Cron lines and shell loops call ``forge queue:dispatch`` thousands of times, and most of a
+dispatch's cost is importing Typer and the project's command files to check the job's
+arguments. :func:`run` handles the common case from the command cache (``forge.cmdcache``)
+and the Typer-free argument check (``forge.argspec``) instead: options of queue:dispatch
+given plainly, a project command whose cached spec accepts the arguments, no ``--wait`` or
+``--from-file``.
+
+It does exactly what the full command would, or nothing: on anything unusual (an unknown
+option, a bad value, a stale cache, arguments the spec cannot vouch for) it returns None
+before touching the queue, and ``forge.cli`` runs the full Typer command, which gives the
+exact error message and saves the cache for next time. Only the queue's own errors
+(disk full, Redis down, a duplicate unique key) are raised from here, as the library raises
+them in both paths.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+from ..durations import parse_backoff, parse_duration
+from ..errors import UsageError
+from ..queue import QueuedCommand
+
+#: The value options of queue:dispatch (``--meta`` may repeat) and its one flag this path takes.
+VALUE_OPTIONS = {"--queue": "queue", "--connection": "connection", "--delay": "delay", "--at": "at",
+                 "--tries": "tries", "--timeout": "timeout", "--backoff": "backoff", "--meta": "meta",
+                 "--unique-key": "unique_key", "--unique-ttl": "unique_ttl"}
+DISPATCH_OPTIONS = {*VALUE_OPTIONS, "--json", "--wait", "--wait-timeout", "--from-file"}
+
+#: The fingerprint taken when the cache was missing or stale: the full path saves the cache
+#: under it once the dispatch succeeded (``forge.builtins.dispatch``).
+stale_fingerprint: list[Any] | None = None
+
+
+def parse_meta(items: Sequence[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UsageError(f"Invalid --meta {item!r}: use key=value, e.g. --meta tenant=acme.")
+        try:
+            out[key] = json.loads(value)
+        except ValueError:
+            out[key] = value
+    return out
+
+
+def parse_at(value: str) -> datetime:
+    try:
+        return datetime.fromisoformat(value)
+    except ValueError:
+        raise UsageError(f"Invalid --at {value!r}: use an ISO date/time, e.g. 2026-12-01T09:00.") from None
+
+
+def build(command: str, args: Sequence[str], o: dict[str, Any]) -> QueuedCommand:
+    """A QueuedCommand from dispatch options (the CLI's, or one --from-file line's)."""
+    cmd = QueuedCommand(command).with_args(args)
+    if o.get("delay") is not None:
+        cmd = cmd.with_delay(parse_duration(o["delay"], what="--delay"))
+    if o.get("at") is not None:
+        cmd = cmd.at(o["at"])
+    if o.get("tries") is not None:
+        cmd = cmd.with_max_attempts(o["tries"])
+    if o.get("timeout") is not None:
+        cmd = cmd.with_timeout(parse_duration(o["timeout"], what="--timeout"))
+    if o.get("backoff") is not None:
+        cmd = cmd.with_backoff(parse_backoff(o["backoff"], what="--backoff"))
+    for key, value in (o.get("meta") or {}).items():
+        cmd = cmd.with_metadata(key, value)
+    if o.get("unique_key") is not None:
+        ttl = o.get("unique_ttl")
+        cmd = cmd.with_unique_key(o["unique_key"], None if ttl is None else parse_duration(ttl, what="--unique-ttl"))
+    return cmd
+
+
+def _split(argv: Sequence[str]) -> tuple[dict[str, Any], str, list[str]] | None:
+    """queue:dispatch's own options, the command and its arguments; None if not plainly given."""
+    opts: dict[str, Any] = {"meta": []}
+    i = 0
+    while i < len(argv) and argv[i].startswith("-"):
+        name, eq, value = argv[i].partition("=")
+        if name == "--json" and not eq:
+            opts["json"] = True
+            i += 1
+            continue
+        key = VALUE_OPTIONS.get(name)
+        if key is None:
+            return None
+        if not eq:
+            if i + 1 >= len(argv) or argv[i + 1].startswith("-"):
+                return None
+            value = argv[i + 1]
+            i += 1
+        i += 1
+        if key == "meta":
+            opts["meta"].append(value)
+        else:
+            opts[key] = value
+    if i >= len(argv):
+        return None
+    command, args = argv[i], list(argv[i + 1:])
+    if args[:1] == ["--"]:
+        args = args[1:]
+    if "--help" in args or "-h" in args:
+        return None
+    return opts, command, args
+
+
+def run(argv: Sequence[str]) -> int | None:
+    """Dispatch ``forge queue:dispatch ARGV`` here and return the exit code, or None to use Typer."""
+    global stale_fingerprint
+    stale_fingerprint = None
+    split = _split(argv)
+    if split is None:
+        return None
+    opts, command, args = split
+    from .. import cmdcache
+    from ..argspec import accepts
+    from ..config import load_settings
+
+    try:
+        settings = load_settings()
+    except Exception:  # noqa: BLE001 - the full path reports it
+        return None
+    fingerprint = cmdcache.fingerprint(settings)
+    commands = cmdcache.load(settings, fingerprint)
+    if commands is None:
+        stale_fingerprint = fingerprint
+        return None
+    entry = commands.get(command)
+    if not isinstance(entry, dict) or not isinstance(entry.get("args"), dict) or not accepts(entry["args"], args):
+        return None
+    from ..queue import CommandQueue
+    from ..registry import CommandRegistry, CommandSpec
+
+    try:
+        tries = opts.get("tries")
+        if tries is not None:
+            tries = int(tries)
+            if tries < 1:
+                return None
+        options = {**opts, "tries": tries, "meta": parse_meta(opts["meta"]),
+                   "at": parse_at(opts["at"]) if opts.get("at") else None}
+        if (opts.get("delay") is not None and opts.get("at") is not None) or (
+                opts.get("unique_ttl") is not None and opts.get("unique_key") is None):
+            return None
+        cmd = build(command, args, options)
+        # The command is known from the cache; its function is never loaded here.
+        registry = CommandRegistry([CommandSpec(command, str(entry.get("source", "")))])
+        q = CommandQueue(opts.get("queue"), connection=opts.get("connection"), settings=settings,
+                         registry=registry, check_args=False)
+        q.jobs_for([cmd])  # every check but the storage's, before anything is stored
+    except Exception:  # noqa: BLE001 - the full path reports it, word for word
+        return None
+    record = q.push(cmd)
+    from .. import output
+
+    if opts.get("json"):
+        output.print_json(record.to_dict())
+    else:
+        output.line(record.id)
+        sys.stdout.flush()
+    if output.is_tty(sys.stderr):
+        found = q.find(record.id) if record.scheduled_at else None
+        at = found.job.available_at if found else None
+        when = f", not before {datetime.fromtimestamp(at):%Y-%m-%d %H:%M:%S}" if at else ""
+        output.info(f"Queued {command} on {record.queue} as {record.id}{when}")
+    return 0
