@@ -33,12 +33,23 @@ def click_command(spec: CommandSpec) -> Any:
         app.command(name=spec.name, context_settings=settings)(fn)
         cmd = get_command(app)
         _click_cache[fn] = cmd
-    from .output import is_tty
-
     # Typer renders --help with rich whenever rich is installed; only a person at a terminal
     # gets that (and pays for importing rich); pipes, the worker and forge.call get plain text.
-    cmd.rich_markup_mode = "rich" if is_tty() else None
+    cmd.rich_markup_mode = "rich" if _stdout_is_tty() else None
     return cmd
+
+
+_tty: list[tuple[int, bool]] = []
+
+
+def _stdout_is_tty() -> bool:
+    """Whether stdout is a terminal, asked once per stdout object (the worker runs thousands
+    of jobs a second through here; the answer needs a system call)."""
+    from .output import is_tty
+
+    if not _tty or _tty[0][0] != id(sys.stdout):
+        _tty[:] = [(id(sys.stdout), is_tty())]
+    return _tty[0][1]
 
 
 def check_args(spec: CommandSpec, args: Sequence[str]) -> None:

@@ -465,14 +465,21 @@ def console_reporter(json_out: bool, verbose: bool = False) -> Callable[[TextIO]
                 text = text[: -len(word)] + f"\x1b[1;{colours[word]}m{word}\x1b[0m"
             emit(text)
 
+        stamp: list[Any] = [None, ""]
+
+        def when(t: float) -> str:  # two lines a job, thousands a second: format each second once
+            second = int(t)
+            if stamp[0] != second:
+                stamp[:] = [second, datetime.fromtimestamp(second).strftime("%Y-%m-%d %H:%M:%S")]
+            return str(stamp[1])
+
         def report_human(event: str, data: dict[str, Any]) -> None:
             if event == "starting":
-                when = datetime.fromtimestamp(data["started"]).strftime("%Y-%m-%d %H:%M:%S")
-                status(when, data["command"], "RUNNING")
+                status(when(data["started"]), data["command"], "RUNNING")
             elif event in ("done", "failed", "released"):
                 word = {"done": "DONE", "failed": "FAIL", "released": "RETRY"}[event]
                 detail = f"{data['duration_ms']:.0f} ms" if "duration_ms" in data else ""
-                status(datetime.now().strftime("%Y-%m-%d %H:%M:%S"), data["command"], word, detail)
+                status(when(time.time()), data["command"], word, detail)
                 if event != "done" and data.get("error"):
                     emit(f"    {data.get('reason')}: {data['error']}")
             elif event == "backend_unavailable":
