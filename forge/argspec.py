@@ -20,7 +20,7 @@ import stat
 from collections.abc import Sequence
 from typing import Any
 
-VERSION = 1
+VERSION = 2
 _INVALID = object()
 
 
@@ -40,11 +40,14 @@ def describe(cmd: Any) -> dict[str, Any] | None:
         kind = _describe_type(p.type)
         if kind is None:
             return None
+        paths = _default_paths(p, kind)
+        if paths is None:
+            return None
         if p.param_type_name == "argument":
             if p.nargs not in (1, -1) or (arguments and arguments[-1]["many"]):
                 return None  # only the last argument may take many values
             arguments.append({"name": p.name, "required": bool(p.required), "many": p.nargs == -1,
-                              "type": kind})
+                              "type": kind, "default_paths": paths})
         elif p.param_type_name == "option":
             opts = [*p.opts, *p.secondary_opts]
             if (p.nargs != 1 or getattr(p, "count", False) or getattr(p, "is_flag", False) != (kind["kind"] == "bool")
@@ -53,12 +56,41 @@ def describe(cmd: Any) -> dict[str, Any] | None:
             if kind["kind"] == "bool" and (not getattr(p, "is_bool_flag", False) or p.multiple):
                 return None
             options.append({"name": p.name, "opts": list(p.opts), "off": list(p.secondary_opts),
-                            "required": bool(p.required), "multiple": bool(p.multiple), "type": kind})
+                            "required": bool(p.required), "multiple": bool(p.multiple), "type": kind,
+                            "default_paths": paths})
         else:
             return None
     if any(a["many"] for a in arguments) and not interspersed:
         return None
     return {"v": VERSION, "interspersed": bool(interspersed), "options": options, "arguments": arguments}
+
+
+def _default_paths(p: Any, kind: dict[str, Any]) -> list[str] | None:
+    """Check the default Click would use when the parameter is not given, as Click does.
+
+    Returns the default path(s) for a path type, which must be checked against the disk at
+    dispatch time; ``[]`` when there is nothing left to check; None when the default is
+    computed (a callable) or Click would refuse it (an out-of-range number, a stale choice).
+    """
+    default = p.default
+    if callable(default):
+        return None
+    if default is None or p.required:
+        return []
+    values = list(default) if (p.multiple or p.nargs == -1) and isinstance(default, (list, tuple)) else [default]
+    if kind["kind"] == "path":
+        out = []
+        for value in values:
+            if not isinstance(value, (str, os.PathLike)):
+                return None
+            out.append(os.fspath(value))
+        return out if all(isinstance(v, str) for v in out) else None
+    try:
+        for value in values:
+            p.type.convert(value, p, None)
+    except Exception:  # noqa: BLE001 - Click would refuse it: leave the command to Click
+        return None
+    return []
 
 
 def _describe_type(t: Any) -> dict[str, Any] | None:
@@ -127,18 +159,24 @@ def accepts(spec: dict[str, Any], args: Sequence[str]) -> bool:
             if not _valid(o["type"], value):
                 return False
         seen.add(o["name"])
-    if any(o["required"] and o["name"] not in seen for o in spec["options"]):
-        return False
+    for o in spec["options"]:
+        if o["name"] not in seen and (o["required"] or not _defaults_valid(o)):
+            return False
     arguments = spec["arguments"]
     for pos, a in enumerate(arguments):
         given = positionals[pos:] if a["many"] else positionals[pos:pos + 1]
         if not given:
-            if a["required"]:
+            if a["required"] or not _defaults_valid(a):
                 return False
             continue
         if not all(_valid(a["type"], v) for v in given):
             return False
     return len(positionals) <= len(arguments) or bool(arguments and arguments[-1]["many"])
+
+
+def _defaults_valid(param: dict[str, Any]) -> bool:
+    """A path default is checked against the disk, as Click checks it when the parameter is absent."""
+    return all(_valid_path(param["type"], path) for path in param["default_paths"])
 
 
 def _valid(kind: dict[str, Any], value: str) -> bool:

@@ -3,19 +3,29 @@
 ``forge queue:dispatch`` runs from cron and scripts, often thousands of times. Importing the
 project's command files (and with them Typer) to check one job's arguments is most of its
 cost, so the first dispatch after a change saves, per project command, where it comes from
-and its :mod:`argspec`; later dispatches read that file instead (see ``forge.fastdispatch``).
+and its :mod:`argspec`; later dispatches read that file instead (see
+``forge.builtins.fastdispatch``).
 
-The cache is keyed by everything the specs depend on: forge's version, the Python, the config
-file, and the path, size, inode and modification time of every ``.py`` file under the
-project's command folders (``_private.py`` helpers included). Any change there, and the cache
-is ignored and written again by the next full dispatch. Plugin commands are not cached: they
-always take the full path. The file lives in the user's cache directory, private to them.
+The cache is keyed by what the specs depend on:
+
+- forge's version, the Python (version and environment), and the installed packages (the
+  modification time of each ``site-packages`` directory changes when pip adds, upgrades or
+  removes a package, Typer included);
+- the config file, and the path, size, inode and times of every ``.py`` file under the
+  project's command folders (``_private.py`` helpers included);
+- every other module of the project (under its root, outside the Python installation) that was
+  imported when the cache was written, e.g. ``app/catalog.py`` imported by a command file.
+
+Any change there, and the cache is ignored and written again by the next full dispatch.
+Plugin and built-in commands are never cached: they always take the full path. The cache is
+trusted only if it is a regular file owned by the user, in a directory only they can write.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import stat
 import sys
 from pathlib import Path
 from typing import Any
@@ -23,21 +33,27 @@ from typing import Any
 from . import __version__
 from .config import Settings, project_digest, user_dir
 
-FORMAT = 1
+FORMAT = 2
+MAX_BYTES = 4 << 20
+
+
+def cache_dir() -> Path:
+    return user_dir("cache") / "commands"
 
 
 def cache_file(settings: Settings) -> Path:
-    return user_dir("cache") / "commands" / f"{project_digest(settings.root)}.json"
+    return cache_dir() / f"{project_digest(settings.root)}.json"
 
 
 def fingerprint(settings: Settings) -> list[Any]:
-    """What the cached specs depend on (cheap: one stat per file)."""
+    """What the cached specs depend on that can be found without loading them (one stat a file)."""
     files: list[list[Any]] = []
     for folder in settings.command_paths:
         _walk(str(folder), files)
     config = settings.config_file
-    return [FORMAT, __version__, sys.version, str(config) if config else None, _stat(config),
-            [str(p) for p in settings.command_paths], files]
+    packages = [[p, _stat(p)] for p in sys.path if p.endswith(("site-packages", "dist-packages"))]
+    return [FORMAT, __version__, sys.version, sys.prefix, packages, str(config) if config else None,
+            _stat(config), [str(p) for p in settings.command_paths], files]
 
 
 def _stat(path: Path | str | None) -> list[int] | None:
@@ -45,12 +61,13 @@ def _stat(path: Path | str | None) -> list[int] | None:
         return None
     try:
         st = os.stat(path)
-    except OSError:
+    except (OSError, ValueError):
         return None
     return [st.st_size, st.st_ino, st.st_mtime_ns, st.st_ctime_ns]
 
 
 def _walk(folder: str, out: list[list[Any]]) -> None:
+    """Every ``.py`` file below ``folder``, as discovery sees them (symlinked folders skipped)."""
     try:
         entries = sorted(os.scandir(folder), key=lambda e: e.name)
     except OSError:
@@ -58,26 +75,75 @@ def _walk(folder: str, out: list[list[Any]]) -> None:
     for entry in entries:
         if entry.name.startswith(".") or entry.name == "__pycache__":
             continue
-        if entry.is_dir():
+        if entry.is_dir(follow_symlinks=False):
             _walk(entry.path, out)
         elif entry.name.endswith(".py"):
             out.append([entry.path, _stat(entry.path)])
 
 
-def load(settings: Settings, current: list[Any] | None = None) -> dict[str, dict[str, Any]] | None:
-    """The cached commands (name -> {"source", "args"}), or None if missing or stale.
-
-    ``current`` is the project's fingerprint, if the caller has just taken it.
-    """
+def _trusted_dir(path: Path) -> bool:
     try:
-        with open(cache_file(settings), encoding="utf-8") as fh:
-            data = json.load(fh)
+        st = os.lstat(path)
+    except OSError:
+        return False
+    return stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid() and not st.st_mode & 0o022
+
+
+def _read(path: Path) -> bytes | None:
+    """The cache file's bytes if it is a regular file of ours that nobody else can write."""
+    if not _trusted_dir(path.parent):
+        return None
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        st = os.fstat(fd)
+        if (not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o022
+                or st.st_size > MAX_BYTES):
+            return None
+        return os.read(fd, MAX_BYTES + 1)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+
+
+def load(settings: Settings, current: list[Any] | None = None) -> dict[str, dict[str, Any]] | None:
+    """The cached project commands (name -> {"source", "args"}), or None if missing or stale.
+
+    ``current`` is the project's :func:`fingerprint`, if the caller has just taken it.
+    """
+    from .builtins import BUILTINS
+    from .registry import valid_name
+
+    raw = _read(cache_file(settings))
+    if raw is None:
+        return None
+    try:
+        data = json.loads(raw)
         if data["fingerprint"] != (current if current is not None else fingerprint(settings)):
             return None
-        commands = data["commands"]
-    except (OSError, ValueError, KeyError, TypeError):
+        modules, commands = data["modules"], data["commands"]
+        if any(_stat(path) != st for path, st in modules):
+            return None  # a project module outside the command folders changed
+        return {name: entry for name, entry in commands.items()
+                if valid_name(name) and name not in BUILTINS and isinstance(entry, dict)}
+    except (ValueError, KeyError, TypeError, AttributeError):
         return None
-    return commands if isinstance(commands, dict) else None
+
+
+def _project_modules(settings: Settings) -> list[list[Any]]:
+    """The files of the project's own modules imported so far, outside the command folders."""
+    root = str(settings.root) + os.sep
+    skip = tuple({sys.prefix + os.sep, sys.base_prefix + os.sep, sys.exec_prefix + os.sep}) + tuple(
+        str(p) + os.sep for p in settings.command_paths)
+    out = []
+    for module in list(sys.modules.values()):
+        path = getattr(module, "__file__", None)
+        if isinstance(path, str) and path.startswith(root) and not path.startswith(skip):
+            out.append([path, _stat(path)])
+    return sorted(out)
 
 
 def store(settings: Settings, before: list[Any]) -> None:
@@ -99,12 +165,17 @@ def store(settings: Settings, before: list[Any]) -> None:
         except (TypeError, ValueError):
             args = None  # e.g. a range bound that is not a plain number: this command takes the full path
         commands[spec.name] = {"source": spec.source, "args": args}
+    blob = json.dumps({"fingerprint": before, "modules": _project_modules(settings), "commands": commands})
+    folder = cache_dir()
     path = cache_file(settings)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = folder / f".{path.name}.{os.getpid()}.tmp"
     try:
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w", encoding="utf-8") as fh:
-            json.dump({"fingerprint": before, "commands": commands}, fh)
+        folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if not _trusted_dir(folder):
+            return
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(blob.encode())
         os.replace(tmp, path)
     except OSError:
         try:

@@ -151,6 +151,21 @@ def project_digest(root: Path) -> str:
     return f"{name}-{digest}"
 
 
+def _home() -> str:
+    """$HOME when it is an absolute path, else the account's home directory (as platformdirs)."""
+    home = os.environ.get("HOME", "")
+    if not os.path.isabs(home):
+        import pwd
+
+        try:
+            home = pwd.getpwuid(os.getuid()).pw_dir
+        except KeyError:
+            home = ""
+        if not os.path.isabs(home):
+            raise ConfigError("Cannot tell your home directory: set HOME to an absolute path.")
+    return home
+
+
 def user_dir(kind: str) -> Path:
     """forge's per-user ``data`` or ``cache`` directory, as platformdirs defines them.
 
@@ -159,9 +174,9 @@ def user_dir(kind: str) -> Path:
     a ``queue:dispatch``. A test checks both against platformdirs.
     """
     if sys.platform.startswith("linux"):
-        var, default = {"data": ("XDG_DATA_HOME", "~/.local/share"), "cache": ("XDG_CACHE_HOME", "~/.cache")}[kind]
+        var, default = {"data": ("XDG_DATA_HOME", ".local/share"), "cache": ("XDG_CACHE_HOME", ".cache")}[kind]
         base = os.environ.get(var, "")
-        return Path(base if os.path.isabs(base) else os.path.expanduser(default)) / "forge"
+        return Path(base if os.path.isabs(base) else os.path.join(_home(), default)) / "forge"
     import platformdirs  # pragma: no cover - other platforms
 
     find = platformdirs.user_data_path if kind == "data" else platformdirs.user_cache_path

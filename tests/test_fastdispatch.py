@@ -18,7 +18,7 @@ from forge import cmdcache
 from forge.argspec import accepts, describe
 from forge.cli import main
 from forge.config import load_settings, user_dir
-from forge.errors import EXIT_USAGE, UsageError
+from forge.errors import EXIT_UNKNOWN_COMMAND, EXIT_USAGE, UsageError
 from forge.queue import connect
 from forge.registry import CommandSpec
 from forge.runner import check_args, click_command
@@ -81,6 +81,19 @@ def choice(colour: Annotated[Colour, typer.Option(case_sensitive=False)] = Colou
     """A case-insensitive choice."""
 
 
+@command("sig:defaults")
+def defaults(
+    cfg: Annotated[Path, typer.Option(exists=True, dir_okay=False)] = Path("src.txt"),
+    n: Annotated[int, typer.Option(min=1, max=5)] = 3,
+) -> None:
+    """Defaults Click checks when the option is not given (the path one against the disk)."""
+
+
+@command("sig:bad-default")
+def bad_default(n: Annotated[int, typer.Option(min=1, max=5)] = 9) -> None:
+    """A default out of its own range: Click refuses the command without --n."""
+
+
 @command("sig:callback")
 def callback(value: Annotated[str, typer.Option(callback=lambda v: v)] = "") -> None:
     """A parameter callback: not modelled, always the full path."""
@@ -117,7 +130,7 @@ def _click_accepts(spec: CommandSpec, args: list[str]) -> bool:
     return True
 
 
-@pytest.mark.parametrize("name", ["sig:options", "sig:args", "sig:many", "sig:path", "sig:choice"])
+@pytest.mark.parametrize("name", ["sig:options", "sig:args", "sig:many", "sig:path", "sig:choice", "sig:defaults"])
 def test_spec_never_accepts_what_click_refuses(sig_project: Path, name: str) -> None:
     described, spec = _spec_and_click(name)
     assert described is not None
@@ -143,6 +156,7 @@ def test_spec_never_accepts_what_click_refuses(sig_project: Path, name: str) -> 
     ("sig:many", ["a", "b", "c"]),
     ("sig:path", ["src.txt"]), ("sig:path", ["src.txt", "--out", "new.txt"]),
     ("sig:choice", ["--colour", "GREEN"]),
+    ("sig:defaults", []), ("sig:defaults", ["--n", "5"]),
 ])
 def test_spec_accepts_plain_argument_lists(sig_project: Path, name: str, args: list[str]) -> None:
     described, spec = _spec_and_click(name)
@@ -163,8 +177,18 @@ def test_spec_refuses_what_click_refuses(sig_project: Path, name: str, args: lis
     assert not _click_accepts(spec, args)
 
 
-def test_parameter_callbacks_are_not_modelled(sig_project: Path) -> None:
+def test_parameter_callbacks_and_bad_defaults_are_not_modelled(sig_project: Path) -> None:
     assert _spec_and_click("sig:callback")[0] is None
+    assert _spec_and_click("sig:bad-default")[0] is None
+    assert not _click_accepts(_spec_and_click("sig:bad-default")[1], [])
+
+
+def test_a_default_path_is_checked_where_the_dispatch_runs(sig_project: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    described, spec = _spec_and_click("sig:defaults")
+    assert described is not None and accepts(described, [])
+    monkeypatch.chdir(sig_project / "adir")  # no src.txt here: Click refuses the default
+    assert not accepts(described, []) and not _click_accepts(spec, [])
+    assert accepts(described, ["--cfg", "../src.txt"])
 
 
 def _python(code: str, cwd: Path) -> subprocess.CompletedProcess[str]:
@@ -251,6 +275,74 @@ def test_cache_follows_changes_to_the_command_files(project: Path) -> None:
     assert sum(s.pending for s in connect().stats()) == 4
 
 
+def test_cache_follows_project_modules_outside_the_command_folders(project: Path) -> None:
+    (project / "app").mkdir()
+    (project / "app" / "__init__.py").write_text("")
+    (project / "app" / "catalog.py").write_text('KINDS = ["sales", "stock"]\n')
+    (project / "commands" / "reports.py").write_text(
+        "from app.catalog import KINDS\nfrom forge import command\n\n"
+        "for kind in KINDS:\n    globals()['report_' + kind] = command(f'report:{kind}')(lambda: None)\n")
+    assert _dispatch_probe(project, "report:stock")[0] == {"code": 0, "typer": True}
+    assert _dispatch_probe(project, "report:stock")[0] == {"code": 0, "typer": False}
+    (project / "app" / "catalog.py").write_text('KINDS = ["sales"]\n')
+    res, err = _dispatch_probe(project, "report:stock")
+    assert res["code"] == EXIT_UNKNOWN_COMMAND, err  # never queued for a command that is gone
+    assert sum(s.pending for s in connect().stats()) == 2
+
+
+def _plant(settings_: Any, commands: Any, *, mode: int = 0o600) -> Path:
+    path = cmdcache.cache_file(settings_)
+    data = {"fingerprint": cmdcache.fingerprint(settings_), "modules": [], "commands": commands}
+    path.write_text(json.dumps(data))
+    path.chmod(mode)
+    return path
+
+
+@pytest.mark.parametrize("spec", [{"v": 2}, {"v": 2, "options": 5, "arguments": []},
+                                  {"v": 2, "interspersed": True, "options": [{"opts": ["--user"]}], "arguments": []}])
+def test_a_malformed_cached_spec_falls_back_to_the_full_check(capsys: Capsys, spec: Any) -> None:
+    assert main(["queue:dispatch", "email:send", "--user", "1"]) == 0
+    _plant(load_settings(), {"email:send": {"source": "x", "args": spec}})
+    assert main(["queue:dispatch", "email:send", "--user", "2"]) == 0
+    capsys.readouterr()
+    assert main(["queue:dispatch", "email:send", "--user", "0"]) == EXIT_USAGE
+    assert sum(s.pending for s in connect().stats()) == 2
+
+
+def test_a_cache_naming_builtins_or_bad_names_is_not_trusted_for_them(capsys: Capsys) -> None:
+    assert main(["queue:dispatch", "email:send", "--user", "1"]) == 0
+    anything = {"v": 2, "interspersed": True, "options": [], "arguments": []}
+    _plant(load_settings(), {"queue:list": {"args": anything}, "Bad/../x": {"args": anything},
+                             "not:registered": {"args": anything}})
+    commands = cmdcache.load(load_settings())
+    assert commands is not None and set(commands) == {"not:registered"}
+    capsys.readouterr()
+    assert main(["queue:dispatch", "queue:list"]) == 0  # the full path queues the built-in...
+    assert main(["queue:dispatch", "Bad/../x"]) == EXIT_UNKNOWN_COMMAND  # ...and refuses this
+
+
+@pytest.mark.parametrize("how", ["group-writable file", "world-writable dir", "fifo", "symlink"])
+def test_a_cache_someone_else_could_write_is_ignored(tmp_path: Path, how: str) -> None:
+    settings_ = load_settings()
+    anything = {"v": 2, "interspersed": True, "options": [], "arguments": []}
+    path = cmdcache.cache_file(settings_)
+    path.parent.mkdir(parents=True, mode=0o700)
+    if how == "fifo":
+        os.mkfifo(path, 0o600)
+    elif how == "symlink":
+        real = _plant(settings_, {"ghost:cmd": {"args": anything}})
+        real.rename(tmp_path / "elsewhere.json")
+        path.symlink_to(tmp_path / "elsewhere.json")
+    else:
+        _plant(settings_, {"ghost:cmd": {"args": anything}},
+               mode=0o620 if how == "group-writable file" else 0o600)
+        if how == "world-writable dir":
+            path.parent.chmod(0o777)
+    assert cmdcache.load(settings_) is None
+    res, err = _dispatch_probe(tmp_path, "ghost:cmd")
+    assert res["code"] == EXIT_UNKNOWN_COMMAND, err
+
+
 @pytest.mark.parametrize("content", ["", "{", '{"fingerprint": 1}', "[]", '{"fingerprint": null, "commands": 5}'])
 def test_a_corrupt_cache_is_ignored_and_rewritten(capsys: Capsys, content: str) -> None:
     assert main(["queue:dispatch", "email:send", "--user", "1"]) == 0
@@ -268,7 +360,8 @@ def test_cache_file_is_private(capsys: Capsys) -> None:
 
 
 @pytest.mark.parametrize("env", [{}, {"XDG_DATA_HOME": "/tmp/xdg-data", "XDG_CACHE_HOME": "/tmp/xdg-cache"},
-                                 {"XDG_DATA_HOME": "relative", "XDG_CACHE_HOME": ""}])
+                                 {"XDG_DATA_HOME": "relative", "XDG_CACHE_HOME": ""},
+                                 {"HOME": ""}, {"HOME": "rel/home"}, {"HOME": "/tmp/elsewhere"}])
 def test_user_dirs_match_platformdirs(monkeypatch: pytest.MonkeyPatch, env: dict[str, str]) -> None:
     import platformdirs
 

@@ -134,7 +134,10 @@ def run(argv: Sequence[str]) -> int | None:
         stale_fingerprint = fingerprint
         return None
     entry = commands.get(command)
-    if not isinstance(entry, dict) or not isinstance(entry.get("args"), dict) or not accepts(entry["args"], args):
+    try:
+        if not isinstance(entry, dict) or not isinstance(entry.get("args"), dict) or not accepts(entry["args"], args):
+            return None
+    except Exception:  # noqa: BLE001 - a malformed cache entry: the full path decides
         return None
     from ..queue import CommandQueue
     from ..registry import CommandRegistry, CommandSpec
