@@ -216,9 +216,18 @@ DISPATCH_SYSCALLS = "write,pwrite64,fsync,fdatasync,syncfs,rename,renameat,renam
 
 
 @needs_strace
-def test_02_dispatch_killed_at_each_step(probe: Path, tmp_path: Path) -> None:
-    """SIGKILL ``queue:dispatch`` on entry to each write, fsync, rename and directory fsync."""
+@pytest.mark.parametrize("path", ["fast", "full"])
+def test_02_dispatch_killed_at_each_step(probe: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                         path: str) -> None:
+    """SIGKILL ``queue:dispatch`` on entry to each write, fsync, rename and directory fsync, on
+    its fast path (the command cache is warm) and on its full Typer path (no usable cache)."""
     argv = [sys.executable, "-m", "forge", "queue:dispatch", "probe:noop"]
+    if path == "fast":  # one dispatch writes the cache; every run below then skips Typer
+        assert subprocess.run(argv, env=env_with(FORGE_QUEUE_DIR=str(tmp_path / "warm")),
+                              capture_output=True).returncode == 0
+        assert list(Path(os.environ["XDG_CACHE_HOME"]).rglob("*.json"))
+    else:  # a cache directory that cannot be created: never read, never written
+        monkeypatch.setenv("XDG_CACHE_HOME", "/proc/forge-no-cache")
     qdir = tmp_path / "trace-q"
     steps = trace_steps(argv, env_with(FORGE_QUEUE_DIR=str(qdir)), DISPATCH_SYSCALLS,
                         lambda line: str(qdir) in line or line.startswith("write(1"), tmp_path / "trace")
@@ -245,7 +254,7 @@ def test_02_dispatch_killed_at_each_step(probe: Path, tmp_path: Path) -> None:
     res = subprocess.run(argv, env=env_with(FORGE_QUEUE_DIR=str(qdir)), capture_output=True, text=True)
     assert res.returncode == 0
     assert [j.id for j in valid_jobs(qdir)] == [res.stdout.strip()]  # exit 0 implies present
-    figures(f"FIGURES scenario=2-dispatch-killed steps={len(steps)} "
+    figures(f"FIGURES scenario=2-dispatch-killed path={path} steps={len(steps)} "
             f"points={','.join(f'{s}#{n}' for s, n, _ in steps)} present={present} absent={absent} partial=0 "
             f"exit0_present=1")
 
