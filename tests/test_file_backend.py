@@ -486,3 +486,27 @@ def test_concurrent_dispatch_and_claim_lose_nothing_and_never_double_claim(qdir:
     fb = FileBackend(qdir)
     s = fb.stats()[0]
     assert (s.pending, s.reserved, s.done) == (0, 0, 2000)
+
+
+# -- a crash that kept a dispatch's temp name (ext4 without a journal) ----------------------
+
+
+def test_a_job_whose_temp_name_survived_a_crash_is_claimed_not_quarantined(fb: FileBackend, qdir: Path) -> None:
+    j = job()
+    fb.push([j])
+    (pending,) = (qdir / "q" / "default" / "pending").iterdir()
+    twin = qdir / "tmp" / f"{j.id}.tmp"
+    os.link(pending, twin)  # what fsck leaves when tmp/'s half of the rename was lost
+    claim = fb.claim(["default"], WORKER, 60)
+    assert claim is not None and claim.job.id == j.id
+    assert not twin.exists() and not list((qdir / "quarantine").iterdir())
+
+
+def test_a_second_link_that_is_not_the_jobs_own_temp_name_is_still_refused(fb: FileBackend, qdir: Path) -> None:
+    j, other = job(), job()
+    fb.push([j])
+    (pending,) = (qdir / "q" / "default" / "pending").iterdir()
+    os.link(pending, qdir / "tmp" / f"{other.id}.tmp")  # a temp name, but another job's
+    with pytest.warns(UserWarning, match="2 hard links"):
+        assert fb.claim(["default"], WORKER, 60) is None
+    assert [p.name for p in (qdir / "quarantine").iterdir()][0].endswith(pending.name)

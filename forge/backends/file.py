@@ -535,6 +535,8 @@ class FileBackend(FileAdmin):
             self._quarantine(q.pending, name, open_error(exc))
             return None
         st = os.fstat(fd)
+        if st.st_nlink == 2 and self._drop_crash_twin(name, st):
+            st = os.fstat(fd)
         reason = self._refusal(st)
         if reason:
             os.close(fd)
@@ -595,6 +597,24 @@ class FileBackend(FileAdmin):
         at = claimed[-1].at if claimed else time.time()
         deadline = claimed[-1].deadline if claimed and claimed[-1].deadline else at
         return Claim(job, attempt, at, deadline, None, [fd], (fd, q, name), ref)
+
+    def _drop_crash_twin(self, name: str, st: os.stat_result) -> bool:
+        """Unlink the temp-file name of pending job ``name`` if it survived a crash.
+
+        A dispatch fsyncs pending/ after its rename, not tmp/; on a filesystem without a
+        journal a crash can keep the temp name too, and fsck then counts two links. That
+        second link is ours and harmless; any other hard link still gets the file refused.
+        """
+        try:
+            tmp = split_pending(name)[0] + ".tmp"
+            tfd = self._dirfd(self._tmp)
+            twin = os.stat(tmp, dir_fd=tfd, follow_symlinks=False)
+            if (twin.st_ino, twin.st_dev) != (st.st_ino, st.st_dev):
+                return False
+            os.unlink(tmp, dir_fd=tfd)
+        except (OSError, ValueError):
+            return False
+        return True
 
     def _refusal(self, st: os.stat_result) -> str | None:
         """Why a file with status ``st`` is not a job file forge will read, or None."""
