@@ -336,7 +336,7 @@ def main() -> int:
         (f"dispatch_many of {n_many:,}, queue dir in use", f"{many:,.0f} jobs/s",
          "drained by claims before; target >= 10,000/s"),
         (f"dispatch_many of {n_many:,}, distinct args", f"{many_rates['distinct_args']:,.0f} jobs/s",
-         "each argv parsed by Click"),
+         "each argv checked against its command"),
         (f"dispatch_many of {n_many:,}, right after deleting", f"{many_rates['after_deleting']:,.0f} jobs/s",
          f"raw batch right after deleting: {many_rates['raw_after_deleting']:,.0f}/s (see the docstring)"),
         ("claim + ack, 100 pending", f"{small_rate:,.0f} /s", ""),
