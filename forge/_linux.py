@@ -62,6 +62,19 @@ def syncfs(fd: int) -> None:
     os.sync()  # pragma: no cover
 
 
+def punch_hole(fd: int, offset: int, length: int) -> bool:
+    """Free the pages of ``[offset, offset + length)`` of ``fd``, keeping its size and offsets
+    (``fallocate(PUNCH_HOLE | KEEP_SIZE)``); False where that is not supported."""
+    libc = _lib()
+    if libc is None or not hasattr(libc, "fallocate") or length <= 0:
+        return False
+    import ctypes
+
+    fallocate = libc.fallocate
+    fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong]
+    return bool(fallocate(fd, 0x02 | 0x01, offset, length) == 0)
+
+
 def fsync_dir(path: str | os.PathLike[str]) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:

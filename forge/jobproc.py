@@ -35,6 +35,7 @@ import traceback
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from . import _linux
 from .errors import EXIT_USAGE, ForgeError, QueueUnavailable, UsageError
 from .job import Reason
 
@@ -112,6 +113,10 @@ class SharedState:
 STOP, PAUSE = 0, 1
 
 
+_KEEP = 64 * 1024
+_PUNCH_FROM = 1024 * 1024
+
+
 class OutputBuffer:
     """The memfd behind a job's fds 1 and 2, and its copying into the job's log.
 
@@ -145,6 +150,11 @@ class OutputBuffer:
                 os.ftruncate(self.fd, 0)
                 os.lseek(self.fd, 0, os.SEEK_SET)
                 self.shared.copied = 0
+            elif size > _PUNCH_FROM:
+                # A long job that prints a lot: give back the memory of what is copied, but the
+                # last _KEEP bytes (the failure tail comes from there). The job still writes at
+                # its offset; truncating instead would race with its writes.
+                _linux.punch_hole(self.fd, 0, (size - _KEEP) // 4096 * 4096)
         finally:
             fcntl.lockf(self.fd, fcntl.LOCK_UN)
 

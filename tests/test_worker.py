@@ -339,3 +339,29 @@ def test_job_killing_only_the_supervisor_runs_at_most_twice(project: Path) -> No
     run_worker("--stop-when-empty")
     assert q.backend.find(job_id).state == State.DONE
     assert len(ends(project)) == 1  # recorded by the job process: no rerun needed
+
+
+def test_a_chatty_long_job_does_not_keep_its_output_in_memory(project: Path) -> None:
+    """32 MiB printed by a job that then keeps running: the worker copies it to the log (capped)
+    and frees the copied part of the in-memory output buffer; the failure tail stays intact."""
+    job_id = CommandQueue().dispatch(probe("--print-mb", "32", "--sleep", "3", "--exit-code", "3"))
+    worker = start_worker("--stop-when-empty")
+    try:
+        wait_for(lambda: any(r["kind"] == "printed" for r in ledger_lines(project)), timeout=30)
+        time.sleep(1.2)  # two of the worker's output copies
+        from reliability.harness import job_processes
+
+        (job_proc,) = job_processes(worker.pid)
+        st = os.stat(f"/proc/{job_proc}/fd/1")
+        assert st.st_size >= 32 * 1024 * 1024
+        assert st.st_blocks * 512 < 4 * 1024 * 1024, st  # resident: the uncopied rest and a tail
+        worker.wait(timeout=30)
+    finally:
+        worker.kill()
+    info = QueueManager().find(job_id)
+    assert info is not None and info.state == State.FAILED
+    log = QueueManager().read_log(job_id)
+    assert log.startswith(b"0" * 31 + b"\n") and len(log) == 1024 * 1024  # the log cap
+    assert info.failure is not None and info.failure.output_tail
+    last = (32 * 1024 * 1024 // 32) - 1
+    assert info.failure.output_tail.endswith(f"{last:031d}\n")  # the tail is the real end, not holes

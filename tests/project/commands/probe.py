@@ -45,12 +45,18 @@ def run(
     ignore_term: Annotated[bool, typer.Option("--ignore-term", help="Ignore SIGTERM.")] = False,
     grandchild: Annotated[str | None, typer.Option(help="Start a sleeping grandchild; write its pid here.")] = None,
     say: Annotated[str | None, typer.Option(help="Print this.")] = None,
+    print_mb: Annotated[int, typer.Option(help="Print this many MiB of numbered lines, then log 'printed'.")] = 0,
 ) -> int:
     """Record this run in the probe ledger, then do what the options say."""
     start = time.time()
     _ledger("start", {"start": start, "args": args or []})
     if say:
         print(say)
+    if print_mb:
+        sys.stdout.flush()
+        for i in range(print_mb * 1024 * 1024 // 32):
+            os.write(1, f"{i:031d}\n".encode())
+        _ledger("printed", {"start": start})
     if ignore_term:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
     if grandchild:
