@@ -178,10 +178,10 @@ class QueuedCommand:
         return job
 
 
-#: Argument lists that parsed against their command recently: (spec, args) -> until when.
-#: Parsing is deterministic except for checks that look at the world (a file that must
-#: exist), so an entry lives only a few seconds; a burst of identical dispatches (cron,
-#: dispatch_many) parses once instead of once per job.
+#: Argument lists that Click parsed against their command recently: (spec, args) -> until when.
+#: Only for commands the argument spec cannot model. Parsing is deterministic except for
+#: checks that look at the world (a file that must exist), so an entry lives only a few
+#: seconds; a burst of identical dispatches parses once instead of once per job.
 _parsed_ok: dict[tuple[Any, tuple[str, ...]], float] = {}
 PARSED_OK_TTL = 5.0
 
@@ -191,11 +191,6 @@ _arg_specs: dict[Any, dict[str, Any] | None] = {}
 
 
 def _check_args(spec: Any, args: tuple[str, ...]) -> None:
-    key = (spec, args)
-    now = time.monotonic()
-    until = _parsed_ok.get(key)
-    if until is not None and until > now:
-        return
     from .argspec import accepts, describe
     from .runner import check_args, click_command
 
@@ -204,7 +199,12 @@ def _check_args(spec: Any, args: tuple[str, ...]) -> None:
         _arg_specs[cmd] = describe(cmd)
     described = _arg_specs[cmd]
     if described is not None and accepts(described, args):
-        return  # what the spec accepts, Click accepts (3-10x faster than asking Click)
+        return  # what the spec accepts, Click accepts (3-10x faster than asking Click; paths checked now)
+    key = (spec, args)
+    now = time.monotonic()
+    until = _parsed_ok.get(key)
+    if until is not None and until > now:
+        return
     try:
         check_args(spec, args)
     except UsageError as exc:

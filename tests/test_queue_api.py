@@ -190,6 +190,18 @@ def test_args_that_parse_are_accepted() -> None:
     assert q.size() == 4
 
 
+def test_a_file_argument_is_checked_on_every_dispatch(tmp_path: Path) -> None:
+    data = tmp_path / "users.csv"
+    data.write_text("id\n1\n")
+    q = CommandQueue()
+    cmd = QueuedCommand("import:data").with_args([str(data)])
+    q.dispatch(cmd)
+    data.unlink()  # gone a moment later: the next dispatch must not pass on a remembered check
+    with pytest.raises(InvalidCommand, match="does not exist"):
+        q.dispatch(cmd)
+    assert q.size() == 1
+
+
 def test_with_args_rejects_a_string() -> None:
     with pytest.raises(InvalidCommand, match="with_arg"):
         SLEEP.with_args("users.csv")  # type: ignore[arg-type]
