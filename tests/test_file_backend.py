@@ -509,4 +509,23 @@ def test_a_second_link_that_is_not_the_jobs_own_temp_name_is_still_refused(fb: F
     os.link(pending, qdir / "tmp" / f"{other.id}.tmp")  # a temp name, but another job's
     with pytest.warns(UserWarning, match="2 hard links"):
         assert fb.claim(["default"], WORKER, 60) is None
-    assert [p.name for p in (qdir / "quarantine").iterdir()][0].endswith(pending.name)
+    assert any(p.name.endswith(pending.name) for p in (qdir / "quarantine").iterdir())
+
+
+def test_a_running_job_whose_temp_name_survived_a_crash_is_recovered(qdir: Path) -> None:
+    b = FileBackend(qdir)
+    j = job(max_attempts=3)
+    b.push([j])
+    claim = b.claim(["default"], WORKER, 60)
+    assert claim is not None
+    (reserved,) = (qdir / "q" / "default" / "reserved").iterdir()
+    os.link(reserved, qdir / "tmp" / f"{j.id}.tmp")  # the crash kept the temp name too
+    for fd in claim.fds:  # the worker is gone: its lock with it
+        os.close(fd)
+    b.close()
+    b = FileBackend(qdir)
+    assert b.maintain()["recovered"] == 1
+    again = b.claim(["default"], WORKER, 60)
+    assert again is not None and again.job.id == j.id and again.attempt == 2
+    assert not list((qdir / "quarantine").iterdir()) and not list((qdir / "tmp").iterdir())
+    b.close()

@@ -1,6 +1,7 @@
 """Small-file I/O helpers shared by the file backend's core (``file``) and its inspection and
 management operations (``_fileadmin``): whole-file reads of job files, exclusive creation of
-new files, and the microsecond unit of job-file keys.
+new files, the microsecond unit of job-file keys, and the flags and limits every part of the
+file backend uses.
 """
 
 from __future__ import annotations
@@ -12,6 +13,13 @@ import os
 from pathlib import Path
 
 from ..job import MAX_FILE_BYTES
+
+LOG_CAP = 1024 * 1024
+TMP_MAX_AGE = 3600.0
+UNIQUE_INFLIGHT = 60.0
+O_READ = os.O_RDWR | os.O_APPEND | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+O_NEW = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 def micros(t: float) -> int:

@@ -1,4 +1,4 @@
-"""Job file names and a worker's cached listing of a pending directory (pure helpers).
+"""Job file names, a worker's cached listing of a pending directory, and a queue's directories.
 
 A pending, done or failed job file is named ``<key>-<id>-<n>.job``: ``key`` is 16 decimal
 digits of microseconds (when the job becomes due, or when it finished), ``id`` the job's
@@ -9,11 +9,17 @@ first 16 characters. A reserved file is ``<id>-<n>.job``, ``n`` being the attemp
 
 from __future__ import annotations
 
+import contextlib
 import heapq
+import os
 import random
 import re
 from collections import deque
 from collections.abc import Iterable, Iterator
+
+from ..config import validate_queue_name
+from ..errors import UsageError
+from ._fileio import O_DIR
 
 # ASCII digits and \Z (not \d and $, which also take other scripts' digits and a trailing
 # newline): a name forge did not write is quarantined, never parsed.
@@ -138,3 +144,57 @@ def merge_names(listing: Listing, names: Iterable[str]) -> bool:
         elif not name.startswith("."):
             ok = False
     return ok
+
+
+STATES = ("pending", "reserved", "done", "failed")
+
+
+class QueueDirs:
+    """One queue's directories, set up once per backend: validated name, paths as strings,
+    open directory descriptors for ``*at`` calls, and the worker's cached pending listing."""
+
+    __slots__ = ("name", "path", "pending", "reserved", "done", "failed", "paused", "fds", "listing")
+
+    def __init__(self, root: str, name: str) -> None:
+        self.name = validate_queue_name(name)
+        self.path = f"{root}/q/{name}"
+        self.pending, self.reserved, self.done, self.failed = (f"{self.path}/{s}" for s in STATES)
+        self.paused = f"{self.path}/paused"
+        self.listing = Listing()
+        try:
+            os.mkdir(self.path, 0o700)
+        except FileExistsError:
+            pass
+        for d in (self.pending, self.reserved, self.done, self.failed):
+            try:
+                os.mkdir(d, 0o700)
+            except FileExistsError:
+                pass
+        self.fds: list[int] = []
+        try:
+            for d in (self.pending, self.reserved, self.done, self.failed):
+                self.fds.append(os.open(d, O_DIR))
+        except OSError:
+            self.close()
+            raise
+
+    @property
+    def pfd(self) -> int:
+        return self.fds[0]
+
+    def dir_fd(self, state: str) -> int:
+        return self.fds[STATES.index(state)]
+
+    def close(self) -> None:
+        for fd in self.fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self.fds = []
+
+
+def safe_queue(name: str) -> bool:
+    try:
+        validate_queue_name(name)
+        return True
+    except UsageError:
+        return False

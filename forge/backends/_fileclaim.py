@@ -1,0 +1,289 @@
+"""Claiming jobs from the file backend, as a mixin of ``FileBackend``: the cached pending
+listings kept fresh by inotify, ``claim`` (open, ``flock``, rename to reserved/), ``adopt``,
+and the checks that refuse and quarantine any file that is not a job forge wrote.
+
+See ``file``'s module docstring for why a lock taken before the rename makes a claim safe.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import stat
+import time
+import warnings
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from .. import _linux
+from ..errors import UsageError
+from ..job import MAX_FILE_BYTES, CorruptJob, Event, decode_file, decode_job
+from ._fileio import O_READ, micros, open_error, read_whole, write_new
+from ._filenames import (
+    PENDING_RE,
+    RESERVED_RE,
+    QueueDirs,
+    key_str,
+    merge_names,
+    reserved_name,
+    safe_queue,
+    split_pending,
+    valid_pending,
+)
+from .base import KILL_GRACE, Claim
+
+_TAKEN = object()  # _claim_one: another claimer got there first
+
+
+class FileClaimer:
+    """Claiming from a job-file directory (mixed into ``FileBackend``)."""
+
+    _root: str
+    _tmp: str
+    uid: int
+    lock_mode: str
+    _queues: dict[str, QueueDirs]
+    _inotify: _linux.Inotify | None
+    _inotify_failed: bool
+    _watched: set[str]
+
+    if TYPE_CHECKING:  # provided by FileBackend and FileWriter
+        def _queue(self, name: str) -> QueueDirs: ...
+        def _forget_queue(self, name: str) -> None: ...
+        def _dirfd(self, path: str) -> int: ...
+
+    # -- claiming -------------------------------------------------------------------------
+
+    def _watch(self, queues: Sequence[str]) -> None:
+        if self._inotify_failed or self._watched.issuperset(queues):
+            return
+        try:
+            if self._inotify is None:
+                self._inotify = _linux.Inotify()
+            for name in queues:
+                if name not in self._watched:
+                    q = self._queue(name)
+                    self._inotify.watch(q.pending, name)
+                    self._watched.add(name)
+                    q.listing.dirty = True
+        except OSError:
+            self._inotify_failed = True
+            self._watched.clear()
+            if self._inotify is not None:
+                self._inotify.close()
+                self._inotify = None
+
+    def _refresh(self) -> None:
+        """Bring the cached listings up to date with what inotify reported: new names are
+        merged in; an overflow, an odd name or a lost watch calls for a full relisting."""
+        if self._inotify is None:
+            for q in self._queues.values():
+                q.listing.dirty = True
+            return
+        changed = self._inotify.drain()
+        if changed is None:
+            for q in self._queues.values():
+                q.listing.dirty = True
+            return
+        for name, names in changed.items():
+            changed_q = self._queues.get(name)
+            if _linux.IGNORED in names:  # its directory was removed: set it up afresh
+                self._watched.discard(name)
+                self._forget_queue(name)
+            elif changed_q is not None and not merge_names(changed_q.listing, names):
+                changed_q.listing.dirty = True
+
+    def _relist(self, q: QueueDirs) -> QueueDirs:
+        """List ``q``'s pending directory into its cache (quarantining names that are not
+        jobs'); returns the queue, set up afresh if its directory was replaced."""
+        try:
+            if os.stat(q.pending).st_ino != os.fstat(q.pfd).st_ino:
+                raise FileNotFoundError
+        except FileNotFoundError:
+            self._forget_queue(q.name)
+            q = self._queue(q.name)
+        names = os.listdir(q.pending)
+        good = valid_pending(names)
+        if len(good) != len(names):
+            valid = set(good)
+            for n in names:
+                if n not in valid and not n.startswith("."):
+                    self._quarantine(q.pending, n, "unexpected file name in pending/")
+        q.listing.reset(good)
+        return q
+
+    def claim(self, queues: Sequence[str], worker: str, timeout: float) -> Claim | None:
+        self._watch(queues)
+        self._refresh()
+        now = time.time()
+        now_key = key_str(micros(now))
+        for name in queues:
+            q = self._queues.get(name) or self._queue(name)
+            if os.path.exists(q.paused):
+                continue
+            relisted = False
+            while True:
+                listing = q.listing
+                entry = listing.next_due(now_key)
+                if entry is None:
+                    if relisted or not listing.dirty:
+                        break
+                    q = self._relist(q)
+                    relisted = True
+                    continue
+                claim = self._claim_one(q, entry[0], worker, timeout, now)
+                if claim is _TAKEN:
+                    if entry[1]:  # lost the head to another worker: spread out
+                        listing.skip(now_key)
+                elif isinstance(claim, Claim):
+                    return claim
+        return None
+
+    def next_due(self, queues: Sequence[str]) -> float | None:
+        """When the earliest delayed job among ``queues`` becomes due (from cached listings)."""
+        keys = [k for k in (self._queues[q].listing.first_key() for q in queues if q in self._queues)
+                if k is not None]
+        return min(keys) / 1_000_000 if keys else None
+
+    def _claim_one(self, q: QueueDirs, name: str, worker: str, timeout: float, now: float) -> Claim | object | None:
+        """Claim the pending file ``name``: open and lock it, then rename it to reserved/ with
+        the attempt counted. ``_TAKEN`` if another claimer got it first, None if refused."""
+        pfd = q.fds[0]
+        try:
+            fd = os.open(name, O_READ, dir_fd=pfd)
+        except FileNotFoundError:
+            return _TAKEN
+        except OSError as exc:
+            self._quarantine(q.pending, name, open_error(exc))
+            return None
+        st = os.fstat(fd)
+        if st.st_nlink == 2:
+            self._drop_crash_twin(name, st)
+            st = os.fstat(fd)  # again in any case: another claimer may have dropped it
+        reason = self._refusal(st)
+        if reason:
+            os.close(fd)
+            self._quarantine(q.pending, name, reason)
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return _TAKEN
+        job_id, attempts = split_pending(name)
+        attempt = attempts + 1
+        reserved = reserved_name(job_id, attempt)
+        try:
+            os.rename(name, reserved, src_dir_fd=pfd, dst_dir_fd=q.fds[1])
+        except FileNotFoundError:
+            os.close(fd)
+            return _TAKEN
+        try:
+            job = decode_job(read_whole(fd, st.st_size))
+            if job.id != job_id or job.queue != q.name:
+                raise CorruptJob("file name does not match its contents")
+        except CorruptJob as exc:
+            self._quarantine(q.reserved, reserved, str(exc))
+            os.close(fd)
+            return None
+        effective = job.timeout if job.timeout is not None else timeout
+        deadline = now + effective + KILL_GRACE
+        try:
+            os.write(fd, Event("claimed", attempt, now, worker=worker, deadline=deadline).to_json())
+        except OSError:
+            # With flock the event is history only (the rename counted the attempt), so a full
+            # disk must not make an existing job unclaimable. A lease lives in this event.
+            if self.lock_mode == "lease":
+                os.close(fd)
+                raise
+        return Claim(job, attempt, now, deadline, None, [fd], (fd, q, reserved), f"{q.name}/{reserved}")
+
+    def adopt(self, ref: str) -> Claim | None:
+        queue, _, name = ref.partition("/")
+        m = RESERVED_RE.match(name)
+        if m is None or not safe_queue(queue):
+            raise UsageError(f"Invalid claim reference {ref!r}.")
+        q = self._queue(queue)
+        fd = self._open_job(q.reserved, name)
+        if fd is None:
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if os.stat(name, dir_fd=q.fds[1]).st_ino != os.fstat(fd).st_ino:
+                raise FileNotFoundError(name)
+            job, events = decode_file(read_whole(fd))
+        except (OSError, CorruptJob):
+            os.close(fd)
+            return None
+        attempt = int(m.group(2))
+        claimed = [e for e in events if e.event == "claimed" and e.attempt == attempt]
+        at = claimed[-1].at if claimed else time.time()
+        deadline = claimed[-1].deadline if claimed and claimed[-1].deadline else at
+        return Claim(job, attempt, at, deadline, None, [fd], (fd, q, name), ref)
+
+    def _drop_crash_twin(self, name: str, st: os.stat_result) -> None:
+        """Unlink the temp-file name of job file ``name`` if it survived a crash.
+
+        A dispatch fsyncs pending/ after its rename, not tmp/ (that would be a third fsync per
+        dispatch); on a filesystem without a journal a crash can keep the temp name as well,
+        and fsck then counts two links, whichever state the job had reached (a worker claims
+        within milliseconds). That second link is ours and harmless; any other hard link still
+        gets the file refused.
+        """
+        m = PENDING_RE.match(name) or RESERVED_RE.match(name)
+        if m is None:
+            return
+        job_id = m.group(2) if m.re is PENDING_RE else m.group(1)
+        try:
+            tmp = job_id + ".tmp"
+            tfd = self._dirfd(self._tmp)
+            twin = os.stat(tmp, dir_fd=tfd, follow_symlinks=False)
+            if (twin.st_ino, twin.st_dev) == (st.st_ino, st.st_dev):
+                os.unlink(tmp, dir_fd=tfd)
+        except OSError:
+            pass
+
+    def _refusal(self, st: os.stat_result) -> str | None:
+        """Why a file with status ``st`` is not a job file forge will read, or None."""
+        if not stat.S_ISREG(st.st_mode):
+            return "not a regular file"
+        if st.st_uid != self.uid:
+            return f"owned by uid {st.st_uid}, not {self.uid}"
+        if st.st_nlink != 1:
+            return f"has {st.st_nlink} hard links"
+        if st.st_size > MAX_FILE_BYTES:
+            return f"{st.st_size} bytes, over the {MAX_FILE_BYTES}-byte cap"
+        return None
+
+    def _open_job(self, directory: str, name: str) -> int | None:
+        """Open a job file safely, or quarantine it with the reason; None if gone or refused."""
+        try:
+            fd = os.open(f"{directory}/{name}", O_READ)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            self._quarantine(directory, name, open_error(exc))
+            return None
+        st = os.fstat(fd)
+        if st.st_nlink == 2:
+            self._drop_crash_twin(name, st)
+            st = os.fstat(fd)
+        reason = self._refusal(st)
+        if reason:
+            os.close(fd)
+            self._quarantine(directory, name, reason)
+            return None
+        return fd
+
+    def _quarantine(self, directory: str, name: str, reason: str) -> None:
+        path = f"{directory}/{name}"
+        queue = os.path.basename(os.path.dirname(directory))
+        dest = f"{self._root}/quarantine/{time.time_ns()}-{queue}-{name}"
+        try:
+            os.rename(path, dest)
+        except OSError:
+            return
+        with contextlib.suppress(OSError):
+            write_new(dest + ".reason", f"{path}: {reason}\n".encode())
+        warnings.warn(f"Quarantined {name} ({reason}); see {dest}.", stacklevel=2)
