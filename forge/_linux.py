@@ -66,11 +66,11 @@ def punch_hole(fd: int, offset: int, length: int) -> bool:
     """Free the pages of ``[offset, offset + length)`` of ``fd``, keeping its size and offsets
     (``fallocate(PUNCH_HOLE | KEEP_SIZE)``); False where that is not supported."""
     libc = _lib()
-    if libc is None or not hasattr(libc, "fallocate") or length <= 0:
+    fallocate = getattr(libc, "fallocate64", None) or getattr(libc, "fallocate", None)  # 64-bit offsets
+    if fallocate is None or length <= 0:
         return False
     import ctypes
 
-    fallocate = libc.fallocate
     fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong]
     return bool(fallocate(fd, 0x02 | 0x01, offset, length) == 0)
 

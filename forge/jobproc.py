@@ -115,6 +115,7 @@ STOP, PAUSE = 0, 1
 
 _KEEP = 64 * 1024
 _PUNCH_FROM = 1024 * 1024
+_CHUNK = 1024 * 1024
 
 
 class OutputBuffer:
@@ -127,6 +128,7 @@ class OutputBuffer:
     def __init__(self, shared: SharedState) -> None:
         self.fd = os.memfd_create("forge-job-output")
         self.shared = shared
+        self.punched: tuple[str, int] = ("", 0)  # the job whose output this process freed, up to where
 
     def flush_to_log(self, backend: Backend, job_id: str, *, reset: bool = False,
                      still_running: Callable[[], bool] | None = None) -> None:
@@ -141,20 +143,26 @@ class OutputBuffer:
                 return
             size = os.fstat(self.fd).st_size
             done = self.shared.copied
-            if size > done:
-                data = os.pread(self.fd, size - done, done)
+            while done < size:  # in chunks: a job may print gigabytes between two copies
+                data = os.pread(self.fd, min(size - done, _CHUNK), done)
+                if not data:
+                    break
                 with contextlib.suppress(Exception):
                     backend.append_log(job_id, data)
-                self.shared.copied = size
+                done += len(data)
+            self.shared.copied = done
             if reset:
                 os.ftruncate(self.fd, 0)
                 os.lseek(self.fd, 0, os.SEEK_SET)
                 self.shared.copied = 0
-            elif size > _PUNCH_FROM:
+            elif done > _PUNCH_FROM:
                 # A long job that prints a lot: give back the memory of what is copied, but the
                 # last _KEEP bytes (the failure tail comes from there). The job still writes at
                 # its offset; truncating instead would race with its writes.
-                _linux.punch_hole(self.fd, 0, (size - _KEEP) // 4096 * 4096)
+                upto = (done - _KEEP) // 4096 * 4096
+                if self.punched != (job_id, upto):
+                    self.punched = (job_id, upto)
+                    _linux.punch_hole(self.fd, 0, upto)
         finally:
             fcntl.lockf(self.fd, fcntl.LOCK_UN)
 
@@ -219,6 +227,9 @@ class _JobProcess:
         os.close(devnull)
         os.dup2(w.output.fd, 1)
         os.dup2(w.output.fd, 2)
+        from .runner import forget_tty
+
+        forget_tty()  # stdout is the same object, no longer the worker's terminal
         with contextlib.suppress(Exception):
             sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
             sys.stderr.reconfigure(line_buffering=True)  # type: ignore[union-attr]
@@ -373,14 +384,24 @@ class _JobProcess:
         w.shared.set_record(None)
 
 
+_DEFAULTS = (signal.SIGTERM, signal.SIGINT, signal.SIGALRM, signal.SIGHUP, signal.SIGQUIT,
+             signal.SIGUSR2, signal.SIGCONT, signal.SIGCHLD)
+
+
 def _restore_signals(on_wake: Callable[[int, Any], None]) -> None:
-    """Undo signal handlers a job installed (the SIGALRM backstop must stay the default)."""
+    """Undo the signal handlers and blocked signals a job left behind, so the next job starts
+    as the first did (the SIGALRM backstop must stay the default; an ignored SIGCHLD would hide
+    the next job's children's exit codes)."""
     # _signal.getsignal: signal.getsignal wraps each answer in an enum (15 us a job for five).
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGALRM, signal.SIGHUP):
+    for sig in _DEFAULTS:
         if _signal.getsignal(sig) != signal.SIG_DFL:
             signal.signal(sig, signal.SIG_DFL)
-    if _signal.getsignal(signal.SIGUSR1) is not on_wake:
+    if _signal.getsignal(signal.SIGPIPE) != signal.SIG_IGN:  # as Python starts
+        signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+    if _signal.getsignal(signal.SIGUSR1) != on_wake:
         signal.signal(signal.SIGUSR1, on_wake)
+    if signal.pthread_sigmask(signal.SIG_BLOCK, ()):
+        signal.pthread_sigmask(signal.SIG_SETMASK, ())
 
 
 _TAIL = 2048

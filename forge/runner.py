@@ -42,6 +42,11 @@ def click_command(spec: CommandSpec) -> Any:
 _tty: list[tuple[int, bool]] = []
 
 
+def forget_tty() -> None:
+    """Ask again next time (the worker's job process, after pointing fd 1 at the job's output)."""
+    _tty.clear()
+
+
 def _stdout_is_tty() -> bool:
     """Whether stdout is a terminal, asked once per stdout object (the worker runs thousands
     of jobs a second through here; the answer needs a system call)."""

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import select
 import signal
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -365,3 +368,63 @@ def test_a_chatty_long_job_does_not_keep_its_output_in_memory(project: Path) -> 
     assert info.failure is not None and info.failure.output_tail
     last = (32 * 1024 * 1024 // 32) - 1
     assert info.failure.output_tail.endswith(f"{last:031d}\n")  # the tail is the real end, not holes
+
+
+def test_a_job_leaves_no_signal_disposition_to_the_next(project: Path) -> None:
+    """A job that ignores SIGCHLD must not make the next job's child exit codes vanish."""
+    q = CommandQueue()
+    q.dispatch(probe("--ignore-chld"))
+    second = q.dispatch(probe("--run-false"))
+    res = run_worker("--stop-when-empty", "--json")
+    assert res.returncode == 0, res.stderr
+    info = QueueManager().find(second)
+    assert info is not None and info.state == State.FAILED and info.failure is not None
+    assert info.failure.error and "exited with code 1" in info.failure.error
+
+
+def test_jobs_of_a_worker_started_in_a_terminal_print_plain_text(project: Path) -> None:
+    """The job's stdout is its captured output, never the worker's terminal (no rich help)."""
+    import pty
+
+    job_id = CommandQueue().dispatch(probe("--help"))
+    main_fd, sub_fd = pty.openpty()
+    try:
+        worker = subprocess.Popen([sys.executable, "-m", "forge", "queue:work", "--stop-when-empty"],
+                                  stdin=sub_fd, stdout=sub_fd, stderr=sub_fd)
+        deadline = time.monotonic() + 30
+        while worker.poll() is None and time.monotonic() < deadline:
+            with contextlib.suppress(OSError):
+                if select.select([main_fd], [], [], 0.1)[0]:
+                    os.read(main_fd, 65536)  # keep the terminal drained
+        assert worker.wait(timeout=5) == 0
+    finally:
+        os.close(sub_fd)
+        os.close(main_fd)
+    log = QueueManager().read_log(job_id).decode()
+    assert "Usage:" in log and "╭" not in log and "\x1b[" not in log
+
+
+def test_output_is_copied_to_the_log_in_bounded_chunks(tmp_path: Path) -> None:
+    """However much a job printed since the last copy, a copy never holds more than 1 MiB."""
+    from forge.backends.file import FileBackend
+    from forge.jobproc import OutputBuffer, SharedState
+
+    class Recording(FileBackend):
+        sizes: list[int] = []
+
+        def append_log(self, job_id: str, data: bytes) -> None:
+            self.sizes.append(len(data))
+            super().append_log(job_id, data)
+
+    backend = Recording(tmp_path / "q")
+    out = OutputBuffer(SharedState())
+    job_id = str(uuid.uuid4())
+    block = b"".join(b"%031d\n" % i for i in range(32768))  # 1 MiB
+    for _ in range(5):
+        os.write(out.fd, block)
+    os.write(out.fd, b"tail\n")
+    out.flush_to_log(backend, job_id)
+    assert max(backend.sizes) <= 1024 * 1024 and sum(backend.sizes) == 5 * len(block) + 5
+    assert out.tail(5) == "tail\n"  # the kept end is intact after the copied part is freed
+    assert backend.read_log(job_id) == block  # the log keeps the first 1 MiB
+    backend.close()

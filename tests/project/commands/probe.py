@@ -46,6 +46,8 @@ def run(
     grandchild: Annotated[str | None, typer.Option(help="Start a sleeping grandchild; write its pid here.")] = None,
     say: Annotated[str | None, typer.Option(help="Print this.")] = None,
     print_mb: Annotated[int, typer.Option(help="Print this many MiB of numbered lines, then log 'printed'.")] = 0,
+    ignore_chld: Annotated[bool, typer.Option("--ignore-chld", help="Leave SIGCHLD ignored.")] = False,
+    run_false: Annotated[bool, typer.Option("--run-false", help="Exit with the code of `false` run as a child.")] = False,
 ) -> int:
     """Record this run in the probe ledger, then do what the options say."""
     start = time.time()
@@ -59,6 +61,10 @@ def run(
         _ledger("printed", {"start": start})
     if ignore_term:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if ignore_chld:
+        signal.signal(signal.SIGCHLD, signal.SIG_IGN)
+    if run_false:
+        exit_code = subprocess.run(["false"]).returncode
     if grandchild:
         child = subprocess.Popen([sys.executable, "-c",
                                   "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)"])
