@@ -63,6 +63,10 @@ def check_args(spec: CommandSpec, args: Sequence[str]) -> None:
     from typer._click.exceptions import ClickException
     from typer.exceptions import Exit
 
+    before = list(args)[: list(args).index("--")] if "--" in args else list(args)
+    for flag in cmd.context_settings.get("help_option_names", ["--help"]):
+        if flag in before:  # Click would print the help here, and the job would only print it
+            raise UsageError(f"{spec.name}: {flag} asks for its help; it is not an argument to queue.")
     try:
         ctx = cmd.make_context(f"forge {spec.name}", list(args), resilient_parsing=False)
         ctx.close()

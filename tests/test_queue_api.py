@@ -179,6 +179,16 @@ def test_args_must_parse_against_the_signature(cmd: QueuedCommand) -> None:
     assert_empty(q)
 
 
+@pytest.mark.parametrize("args", [["--help"], ["--user", "1", "-h"]])
+def test_asking_for_help_is_refused_without_printing_it(capsys: pytest.CaptureFixture[str], args: list[str]) -> None:
+    q = CommandQueue()
+    with pytest.raises(InvalidCommand, match="asks for its help"):
+        q.dispatch(QueuedCommand("email:send").with_args(args))
+    assert capsys.readouterr().out == ""
+    q.dispatch(QueuedCommand("email:send").with_args(["--user", "1"]))
+    assert q.size() == 1
+
+
 def test_args_that_parse_are_accepted() -> None:
     q = CommandQueue()
     q.dispatch(QueuedCommand("email:send").with_args(["--user", "7", "--subject", "Hi"]))
