@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import heapq
 import os
-import random
 import re
 from collections import deque
 from collections.abc import Iterable, Iterator
@@ -124,6 +123,8 @@ class Listing:
         heap, skipped = self.heap, self.skipped
         if not skipped:
             self.since_skip = 0
+        import random  # here: a dispatch never needs it (1 ms of start-up)
+
         for _ in range(random.randint(1, SKIP_MAX)):
             if not heap or heap[0][:16] > now:
                 break
