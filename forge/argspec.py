@@ -123,12 +123,15 @@ def accepts(spec: dict[str, Any], args: Sequence[str]) -> bool:
     """True only if Click would parse ``args`` against the command ``spec`` describes."""
     if spec.get("v") != VERSION:
         return False
-    by_opt: dict[str, tuple[dict[str, Any], bool]] = {}
-    for o in spec["options"]:
-        for name in o["opts"]:
-            by_opt[name] = (o, True)
-        for name in o["off"]:
-            by_opt[name] = (o, False)
+    by_opt = spec.get("_by_opt")
+    if by_opt is None:  # an index of the option names, built once per spec (not saved)
+        by_opt = {}
+        for o in spec["options"]:
+            for name in o["opts"]:
+                by_opt[name] = (o, True)
+            for name in o["off"]:
+                by_opt[name] = (o, False)
+        spec["_by_opt"] = by_opt
     seen: set[str] = set()
     positionals: list[str] = []
     i, n = 0, len(args)

@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any
 from . import _linux
 from .errors import EXIT_USAGE, ForgeError, QueueUnavailable, UsageError
 from .job import Reason
+from .runner import invoke
 
 if TYPE_CHECKING:
     from .backends.base import Backend, Claim
@@ -414,8 +415,6 @@ def run_command(spec: CommandSpec, args: list[str], env: dict[str, str]) -> dict
     ``env`` is added to the environment for the run; whatever the command changes in the
     environment is undone afterwards.
     """
-    from .runner import invoke
-
     global _base_env
     if _base_env is None:
         _base_env = dict(os.environ)

@@ -82,9 +82,7 @@ def invoke(spec: CommandSpec, args: Sequence[str]) -> int:
     Exceptions raised by the command itself propagate to the caller.
     """
     cmd = click_command(spec)
-    from typer._click.exceptions import ClickException
-    from typer.exceptions import Abort
-
+    ClickException, Abort = _click_errors()  # noqa: N806 - classes
     try:
         rv = cmd.main(list(args), prog_name=f"forge {spec.name}", standalone_mode=False)
     except ClickException as exc:
@@ -99,6 +97,19 @@ def invoke(spec: CommandSpec, args: Sequence[str]) -> int:
     if isinstance(rv, int):
         return rv
     return 0
+
+
+_errors: list[Any] = []
+
+
+def _click_errors() -> tuple[Any, Any]:
+    """Click's exception classes, imported once (an import statement costs microseconds a job)."""
+    if not _errors:
+        from typer._click.exceptions import ClickException
+        from typer.exceptions import Abort
+
+        _errors[:] = [ClickException, Abort]
+    return _errors[0], _errors[1]
 
 
 @dataclass(frozen=True)

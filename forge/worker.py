@@ -456,10 +456,9 @@ def console_reporter(json_out: bool, verbose: bool = False) -> Callable[[TextIO]
             return report_json
 
         colours = {"DONE": "32", "FAIL": "31", "RUNNING": "33", "RETRY": "33"}
+        from .output import status_line
 
         def status(when: str, name: str, word: str, detail: str = "") -> None:
-            from .output import status_line
-
             text = status_line(when, name, word, detail)
             if tty:
                 text = text[: -len(word)] + f"\x1b[1;{colours[word]}m{word}\x1b[0m"
