@@ -1,5 +1,5 @@
-"""Pure helpers of the Redis backend: its Lua scripts, unique-key names, microseconds, and
-the translation of Redis client errors into forge's queue errors.
+"""Pure helpers of the Redis backend: its Lua scripts, unique-key names, microseconds, shared
+limits, and the translation of Redis client errors into forge's queue errors.
 
 The scripts live in ``redis_scripts.lua`` next to this module (shipped as package data). Each
 starts at a marker line ``-- @script <name>``; the comment lines right after the marker
@@ -17,6 +17,9 @@ from ..config import mask_url
 from ..errors import DispatchFailed, QueueError, QueueUnavailable
 
 SCRIPTS_FILE = "redis_scripts.lua"
+LOG_CAP = 1024 * 1024
+#: Ids fetched per round trip when listing.
+CHUNK = 100
 _MARKER = re.compile(r"^-- @script ([a-z_]+)[ \t]*\n", re.M)
 _UNAVAILABLE_REPLIES = ("BUSY", "LOADING", "READONLY", "MASTERDOWN", "NOAUTH", "WRONGPASS",
                         "NOPERM", "CLUSTERDOWN", "TRYAGAIN", "NOREPLICAS")
