@@ -1,0 +1,161 @@
+"""``QueuedCommand``: a command to run later, with the options of its job (the guide's builders).
+
+A value object: every builder returns a new ``QueuedCommand``; ``CommandQueue`` (``forge.queue``)
+validates it against the registry and stores it as a ``Job``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timedelta
+from typing import Any
+
+from .config import validate_queue_name
+from .durations import parse_backoff, parse_duration
+from .errors import InvalidCommand, UsageError
+from .job import MAX_PAYLOAD_BYTES, Job, new_id
+
+
+def queue_name(name: object) -> str:
+    """``name`` if it is a valid queue name, else :class:`InvalidCommand`."""
+    try:
+        return validate_queue_name(name)
+    except UsageError as exc:
+        raise InvalidCommand(exc.message) from None
+
+
+def _seconds(value: float | int | timedelta, what: str) -> float:
+    try:
+        return parse_duration(value, what=what)
+    except UsageError as exc:
+        raise InvalidCommand(exc.message) from None
+
+
+@dataclass(frozen=True)
+class QueuedCommand:
+    """A command to run later. Builders return new values; fields are readable."""
+
+    command: str
+    args: tuple[str, ...] = ()
+    delay: float = 0.0
+    run_at: datetime | None = None
+    max_attempts: int | None = None
+    queue: str | None = None
+    timeout: float | None = None
+    backoff: tuple[float, ...] | None = None
+    metadata: Mapping[str, Any] = field(default_factory=dict)
+    unique_key: str | None = None
+    unique_ttl: float | None = None
+
+    @classmethod
+    def new(cls, command: str) -> QueuedCommand:
+        return cls(command)
+
+    def with_args(self, args: Iterable[str]) -> QueuedCommand:
+        """Replace the arguments (an argv list: each item is passed as one argument)."""
+        if isinstance(args, str):
+            raise InvalidCommand("with_args takes a list of arguments, not one string; use with_arg.")
+        return replace(self, args=tuple(args))
+
+    def with_arg(self, arg: str) -> QueuedCommand:
+        """Append one argument."""
+        return replace(self, args=(*self.args, arg))
+
+    def with_delay(self, delay: float | int | timedelta) -> QueuedCommand:
+        """Run no earlier than ``delay`` (seconds or timedelta) after dispatch."""
+        return replace(self, delay=_seconds(delay, "delay"), run_at=None)
+
+    def at(self, when: datetime) -> QueuedCommand:
+        """Run no earlier than ``when`` (naive datetimes are local time)."""
+        if not isinstance(when, datetime):
+            raise InvalidCommand(f"at() takes a datetime, not {type(when).__name__}.")
+        return replace(self, run_at=when, delay=0.0)
+
+    def with_max_attempts(self, attempts: int) -> QueuedCommand:
+        return replace(self, max_attempts=attempts)
+
+    def on_queue(self, queue: str) -> QueuedCommand:
+        return replace(self, queue=queue)
+
+    def with_timeout(self, timeout: float | int | timedelta) -> QueuedCommand:
+        return replace(self, timeout=_seconds(timeout, "timeout"))
+
+    def with_backoff(self, backoff: float | int | timedelta | Sequence[float | int]) -> QueuedCommand:
+        """Seconds before each retry: ``[1, 5, 10]`` waits 1 s, then 5 s, then 10 s thereafter."""
+        try:
+            if isinstance(backoff, timedelta):
+                return replace(self, backoff=(backoff.total_seconds(),))
+            return replace(self, backoff=parse_backoff(backoff))  # type: ignore[arg-type]
+        except UsageError as exc:
+            raise InvalidCommand(exc.message) from None
+
+    def with_metadata(self, key: str, value: Any) -> QueuedCommand:
+        """Attach a JSON value under ``key`` (checked at dispatch)."""
+        return replace(self, metadata={**self.metadata, key: value})
+
+    def with_unique_key(self, key: str, ttl: float | int | timedelta | None = None) -> QueuedCommand:
+        """Refuse to dispatch while a job with this key is pending, delayed or running."""
+        return replace(self, unique_key=key, unique_ttl=None if ttl is None else _seconds(ttl, "ttl"))
+
+    def is_delayed(self) -> bool:
+        if self.run_at is not None:
+            return self.run_at.timestamp() > time.time()
+        return self.delay > 0
+
+    def to_job(self, queue: str, *, now: float | None = None) -> Job:
+        """Validate and build the job record (raises :class:`InvalidCommand`)."""
+        now = time.time() if now is None else now
+        if not isinstance(self.command, str) or not self.command.strip():
+            raise InvalidCommand("The command name is empty.")
+        for a in self.args:
+            if not isinstance(a, str):
+                raise InvalidCommand(f"{self.command}: arguments must be strings, got {list(self.args)!r}.")
+            try:
+                a.encode()
+            except UnicodeEncodeError:
+                raise InvalidCommand(f"{self.command}: argument {a!r} is not valid Unicode text.") from None
+        if self.max_attempts is not None and (
+            isinstance(self.max_attempts, bool) or not isinstance(self.max_attempts, int) or self.max_attempts < 1
+        ):
+            raise InvalidCommand(f"{self.command}: max attempts must be at least 1, not {self.max_attempts!r}.")
+        if self.queue is not None and self.queue != queue:
+            raise InvalidCommand(
+                f'{self.command}: on_queue("{self.queue}") contradicts the queue "{queue}" it is dispatched to.'
+            )
+        for what, value in (("delay", self.delay), ("timeout", self.timeout)):
+            if value is not None and (not math.isfinite(value) or value < 0):
+                raise InvalidCommand(f"{self.command}: {what} must not be negative, not {value!r}.")
+        if self.timeout == 0:
+            raise InvalidCommand(f"{self.command}: timeout must be more than 0 seconds.")
+        if self.metadata and not all(isinstance(k, str) for k in self.metadata):
+            raise InvalidCommand(f"{self.command}: metadata keys must be strings.")
+        if self.unique_key is not None and (not isinstance(self.unique_key, str) or not self.unique_key):
+            raise InvalidCommand(f"{self.command}: the unique key must be a non-empty string.")
+        available = self.run_at.timestamp() if self.run_at is not None else now + self.delay
+        job = Job(
+            id=new_id(),
+            command=self.command,
+            args=tuple(self.args),
+            queue=queue_name(queue),
+            max_attempts=self.max_attempts,
+            timeout=self.timeout,
+            backoff=self.backoff,
+            metadata=dict(self.metadata),
+            dispatched_at=now,
+            available_at=max(available, now),
+            unique_key=self.unique_key,
+            unique_ttl=self.unique_ttl,
+        )
+        try:
+            size = len(job.to_json())  # encoded once here; the backend stores these bytes
+        except (TypeError, ValueError, RecursionError) as exc:
+            raise InvalidCommand(f"{self.command}: metadata must be JSON values: {exc}.") from None
+        if size > MAX_PAYLOAD_BYTES:
+            raise InvalidCommand(
+                f"{self.command}: the job is {size} bytes, over the {MAX_PAYLOAD_BYTES}-byte cap;"
+                " pass large data by reference (a file path or an id)."
+            )
+        return job
