@@ -15,80 +15,23 @@ import functools
 import os
 import select
 import signal
-import socket
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime
-from enum import StrEnum
 from typing import TYPE_CHECKING, Any, TextIO
 
-from .backends.base import KILL_GRACE, Claim
-from .config import validate_queue_name
-from .errors import EXIT_MEMORY, QueueUnavailable, UsageError
+from .backends.base import Claim
+from .errors import QueueUnavailable
 from .job import Event, Reason, backoff_delay
-from .jobproc import PAUSE, STOP, OutputBuffer, SharedState, spawn
+from .jobproc import spawn
+from .jobshare import PAUSE, STOP, OutputBuffer, SharedState
+from .reporting import Reporter
+from .worker_options import StopReason, WorkerOptions, parse_queues
 
 if TYPE_CHECKING:
     from .backends.base import Backend
     from .registry import CommandRegistry
-
-
-class StopReason(StrEnum):
-    EMPTY = "empty"
-    ONCE = "once"
-    MAX_JOBS = "max_jobs"
-    MAX_TIME = "max_time"
-    MEMORY = "memory"
-    RESTART = "restart"
-    SIGNAL = "signal"
-    FORCED = "forced"
-
-    @property
-    def exit_code(self) -> int:
-        return {StopReason.MEMORY: EXIT_MEMORY, StopReason.FORCED: 1}.get(self, 0)
-
-
-@dataclass(frozen=True)
-class WorkerOptions:
-    """``forge queue:work``'s options; a job's own tries, timeout and backoff win over these."""
-
-    queues: tuple[str, ...] = ("default",)
-    once: bool = False
-    stop_when_empty: bool = False
-    max_jobs: int = 0
-    max_time: float = 0.0
-    sleep: float = 3.0
-    rest: float = 0.0
-    timeout: float = 60.0
-    tries: int = 1
-    backoff: tuple[float, ...] = (0.0,)
-    memory: int = 128
-    name: str = ""
-    grace: float = KILL_GRACE
-    recycle_after: int = 1000
-    maintenance_interval: float = 2.0
-    heartbeat_interval: float = 5.0
-
-    def __post_init__(self) -> None:
-        if not self.queues:
-            raise UsageError("Give at least one queue, e.g. --queue=high,default.")
-        for q in self.queues:
-            validate_queue_name(q)
-        for what, value in (("max-jobs", self.max_jobs), ("max-time", self.max_time), ("sleep", self.sleep),
-                            ("rest", self.rest), ("memory", self.memory)):
-            if value < 0:
-                raise UsageError(f"--{what} must not be negative, not {value}.")
-        if self.timeout <= 0:
-            raise UsageError(f"--timeout must be more than 0 seconds, not {self.timeout}.")
-        if self.tries < 1:
-            raise UsageError(f"--tries must be at least 1, not {self.tries}.")
-        if not self.name:
-            object.__setattr__(self, "name", f"{socket.gethostname()}:{os.getpid()}")
-
-
-Reporter = Callable[[str, dict[str, Any]], None]
 
 
 def _no_report(event: str, data: dict[str, Any]) -> None:
@@ -434,67 +377,4 @@ def _group_alive(pgid: int) -> bool:
     return False
 
 
-def console_reporter(json_out: bool, verbose: bool = False) -> Callable[[TextIO], Reporter]:
-    """Laravel-style lines for people, or one JSON object per event for log shippers."""
-    import json
-
-    def make(stream: TextIO) -> Reporter:
-        try:
-            tty = stream.isatty() and os.environ.get("TERM") != "dumb"
-        except (AttributeError, ValueError):
-            tty = False
-
-        def emit(text: str) -> None:
-            with contextlib.suppress(OSError, ValueError):
-                stream.write(text + "\n")
-                stream.flush()
-
-        if json_out:
-            def report_json(event: str, data: dict[str, Any]) -> None:
-                emit(json.dumps({"event": event, "ts": time.time(), **data}, default=str))
-
-            return report_json
-
-        colours = {"DONE": "32", "FAIL": "31", "RUNNING": "33", "RETRY": "33"}
-        from .output import status_line
-
-        def status(when: str, name: str, word: str, detail: str = "") -> None:
-            text = status_line(when, name, word, detail)
-            if tty:
-                text = text[: -len(word)] + f"\x1b[1;{colours[word]}m{word}\x1b[0m"
-            emit(text)
-
-        stamp: list[Any] = [None, ""]
-
-        def when(t: float) -> str:  # two lines a job, thousands a second: format each second once
-            second = int(t)
-            if stamp[0] != second:
-                stamp[:] = [second, datetime.fromtimestamp(second).strftime("%Y-%m-%d %H:%M:%S")]
-            return str(stamp[1])
-
-        def report_human(event: str, data: dict[str, Any]) -> None:
-            if event == "starting":
-                status(when(data["started"]), data["command"], "RUNNING")
-            elif event in ("done", "failed", "released"):
-                word = {"done": "DONE", "failed": "FAIL", "released": "RETRY"}[event]
-                detail = f"{data['duration_ms']:.0f} ms" if "duration_ms" in data else ""
-                status(when(time.time()), data["command"], word, detail)
-                if event != "done" and data.get("error"):
-                    emit(f"    {data.get('reason')}: {data['error']}")
-            elif event == "backend_unavailable":
-                emit(f"Queue unavailable: {data['error']} (retrying in {data['retry_in']:.1f} s)")
-            elif event == "backend_available":
-                emit("Queue available again.")
-            elif event == "worker_stopped":
-                emit(f"Worker stopped ({data['reason']}) after {data['jobs']} jobs.")
-            elif event in ("paused", "resumed") or (verbose and event in ("maintenance", "worker_started")):
-                emit(f"{event}: {data}")
-
-        return report_human
-
-    return make
-
-
-def parse_queues(value: str | Sequence[str]) -> tuple[str, ...]:
-    parts = value.split(",") if isinstance(value, str) else list(value)
-    return tuple(validate_queue_name(p.strip()) for p in parts if p.strip())
+__all__ = ["StopReason", "Worker", "WorkerOptions", "parse_queues"]

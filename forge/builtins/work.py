@@ -34,7 +34,8 @@ def work(
     """Process jobs from the queues until stopped (SIGTERM/SIGINT finish the current job first)."""
     from ..config import load_settings
     from ..discovery import build_registry
-    from ..worker import Worker, WorkerOptions, console_reporter, parse_queues
+    from ..reporting import console_reporter
+    from ..worker import Worker, WorkerOptions, parse_queues
 
     settings = load_settings()
     queues = parse_queues(queue) if queue else (settings.default_queue,)
