@@ -16,8 +16,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     code = _run(args, verbose)
     if argv is None:
         sys.stdout.flush()
+        if _quick_exit:
+            # A dispatch from the fast path has written, synced and closed everything it opened:
+            # skip the interpreter's teardown of every module, 7 ms of a 55 ms dispatch.
+            sys.stderr.flush()
+            os._exit(code)
         sys.exit(code)
     return code
+
+
+_quick_exit = False
 
 
 def _run(args: list[str], verbose: bool) -> int:
@@ -32,6 +40,8 @@ def _run(args: list[str], verbose: bool) -> int:
 
             code = fast_dispatch(args[1:])
             if code is not None:
+                global _quick_exit
+                _quick_exit = True
                 return code
         from typer._click.exceptions import ClickException
         from typer.exceptions import Abort, Exit

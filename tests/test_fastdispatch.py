@@ -371,3 +371,18 @@ def test_user_dirs_match_platformdirs(monkeypatch: pytest.MonkeyPatch, env: dict
         monkeypatch.setenv(key, value)
     assert user_dir("data") == platformdirs.user_data_path("forge", appauthor=False)
     assert user_dir("cache") == platformdirs.user_cache_path("forge", appauthor=False)
+
+
+def test_the_forge_process_exits_cleanly_after_a_fast_dispatch(tmp_path: Path) -> None:
+    """The fast path ends the process without the interpreter's teardown: its output, exit code
+    and job must be complete all the same."""
+    argv = [sys.executable, "-m", "forge", "queue:dispatch", "--json", "email:send", "--user", "3"]
+    runs = [subprocess.run(argv, cwd=tmp_path, env=dict(os.environ), capture_output=True, text=True, timeout=60)
+            for _ in range(3)]  # the first takes the full path and writes the cache
+    assert [r.returncode for r in runs] == [0, 0, 0], runs[-1].stderr
+    ids = [json.loads(r.stdout)["id"] for r in runs]
+    assert {j.id for j in connect().jobs(queue="default")} == set(ids)
+    dup = [sys.executable, "-m", "forge", "queue:dispatch", "--unique-key=k", "email:send", "--user", "3"]
+    first, second = (subprocess.run(dup, cwd=tmp_path, env=dict(os.environ), capture_output=True, text=True,
+                                    timeout=60) for _ in range(2))
+    assert first.returncode == 0 and second.returncode == 4 and "k" in second.stderr
