@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from collections.abc import Sequence
@@ -13,13 +14,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``forge`` and ``python -m forge``; returns (and exits with) the exit code."""
     args = list(sys.argv[1:] if argv is None else argv)
     verbose = "-v" in args[:1] or "--verbose" in args[:1] or os.environ.get("FORGE_VERBOSE") == "1"
+    global _quick_exit
+    _quick_exit = False
     code = _run(args, verbose)
     if argv is None:
-        sys.stdout.flush()
+        if sys.stdout is not None:
+            sys.stdout.flush()
         if _quick_exit:
             # A dispatch from the fast path has written, synced and closed everything it opened:
             # skip the interpreter's teardown of every module, 7 ms of a 55 ms dispatch.
-            sys.stderr.flush()
+            with contextlib.suppress(OSError, ValueError):
+                if sys.stderr is not None:  # None when fd 2 was closed
+                    sys.stderr.flush()
             os._exit(code)
         sys.exit(code)
     return code

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 from .errors import EXIT_USAGE, ForgeError, QueueUnavailable, UsageError
 from .job import Reason
-from .jobshare import PAUSE, STOP
+from .jobshare import PAUSE, STOP, OutputBuffer, SharedState
 from .runner import invoke
 
 if TYPE_CHECKING:
@@ -327,3 +327,6 @@ def _close_inherited(keep: set[int]) -> None:
 
 
 BackendFactory = Callable[[], "Backend"]
+
+
+__all__ = ["PAUSE", "STOP", "OutputBuffer", "SharedState", "run_command", "spawn"]

@@ -31,8 +31,6 @@ if TYPE_CHECKING:
 __all__ = ["CommandQueue", "JobDispatch", "QueueManager", "QueuedCommand", "connect"]
 
 
-
-
 def _job_id(job_id: object) -> str:
     if not valid_id(job_id):
         raise InvalidCommand(f"Invalid job id {job_id!r}: expected a UUID like 3f2b9c1e-….",

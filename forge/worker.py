@@ -26,7 +26,7 @@ from .errors import QueueUnavailable
 from .job import Event, Reason, backoff_delay
 from .jobproc import spawn
 from .jobshare import PAUSE, STOP, OutputBuffer, SharedState
-from .reporting import Reporter
+from .reporting import Reporter, console_reporter
 from .worker_options import StopReason, WorkerOptions, parse_queues
 
 if TYPE_CHECKING:
@@ -377,4 +377,4 @@ def _group_alive(pgid: int) -> bool:
     return False
 
 
-__all__ = ["StopReason", "Worker", "WorkerOptions", "parse_queues"]
+__all__ = ["StopReason", "Worker", "WorkerOptions", "console_reporter", "parse_queues"]

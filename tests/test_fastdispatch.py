@@ -386,3 +386,17 @@ def test_the_forge_process_exits_cleanly_after_a_fast_dispatch(tmp_path: Path) -
     first, second = (subprocess.run(dup, cwd=tmp_path, env=dict(os.environ), capture_output=True, text=True,
                                     timeout=60) for _ in range(2))
     assert first.returncode == 0 and second.returncode == 4 and "k" in second.stderr
+
+
+def test_a_fast_dispatch_with_stderr_closed_exits_0(tmp_path: Path) -> None:
+    """cron may close stderr: the job is queued, so the exit code must say so (a retry would
+    queue it twice)."""
+    argv = [sys.executable, "-m", "forge", "queue:dispatch", "email:send", "--user", "3"]
+    codes = []
+    for _ in range(2):  # the second takes the fast path
+        res = subprocess.run(argv, cwd=tmp_path, env=dict(os.environ), stdout=subprocess.PIPE,
+                             stderr=subprocess.DEVNULL, timeout=60,
+                             preexec_fn=lambda: os.close(2))
+        codes.append(res.returncode)
+    assert codes == [0, 0]
+    assert sum(s.pending for s in connect().stats()) == 2

@@ -1,8 +1,9 @@
 """The file backend's inspection and management operations, as a mixin of ``FileBackend``.
 
-``FileBackend`` (``file``) is the core: the directory layout, dispatch and unique keys,
-claiming, outcomes, maintenance and recovery, logs, pause/resume/restart. This module holds
-what reads or rearranges job files from outside that life cycle:
+``FileBackend`` (``file``) is the core, with dispatch and unique keys (``_filewrite``),
+claiming (``_fileclaim``), maintenance and recovery, logs and pause/resume/restart
+(``_fileupkeep``). This module holds what reads or rearranges job files from outside that
+life cycle:
 
 * inspection: ``find`` (``_locate``, ``_info``), ``jobs``, ``stats``;
 * management: ``retry`` (``_retry_path``), ``forget``, ``flush``, ``prune_done``, ``clear``

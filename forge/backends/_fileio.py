@@ -1,5 +1,5 @@
-"""Small-file I/O helpers shared by the file backend's core (``file``) and its inspection and
-management operations (``_fileadmin``): whole-file reads of job files, exclusive creation of
+"""Small-file I/O helpers shared by every part of the file backend (``file`` and its mixins):
+whole-file reads of job files, exclusive creation of
 new files, the microsecond unit of job-file keys, and the flags and limits every part of the
 file backend uses.
 """
