@@ -241,6 +241,17 @@ print("\\n".join(out))
 
 
 
+def _ids_printed(procs: list[subprocess.Popen], what: str) -> list[str]:
+    """The ids the processes print, once each has ended (SystemExit if one failed)."""
+    ids: list[str] = []
+    for p in procs:
+        out, _ = p.communicate()
+        if p.returncode:
+            raise SystemExit(f"a {what} failed with {p.returncode}")
+        ids += out.split()
+    return ids
+
+
 def concurrent(base: Path, total: int) -> dict[str, float | int]:
     """4 dispatcher processes (two single, two in batches of 100) and 2 claimers at once."""
     path = base / "concurrent"
@@ -252,19 +263,9 @@ def concurrent(base: Path, total: int) -> dict[str, float | int]:
     per = total // 4
     dispatchers = [subprocess.Popen([sys.executable, "-c", DISPATCHER, str(path), str(per), str(batch)],
                                     stdout=subprocess.PIPE, text=True) for batch in (1, 100, 1, 100)]
-    dispatched: list[str] = []
-    for p in dispatchers:
-        out, _ = p.communicate()
-        if p.returncode:
-            raise SystemExit(f"a dispatcher failed with {p.returncode}")
-        dispatched += out.split()
+    dispatched = _ids_printed(dispatchers, "dispatcher")
     stop.touch()
-    claimed: list[str] = []
-    for p in claimers:
-        out, _ = p.communicate()
-        if p.returncode:
-            raise SystemExit(f"a claimer failed with {p.returncode}")
-        claimed += out.split()
+    claimed = _ids_printed(claimers, "claimer")
     elapsed = time.perf_counter() - t
     return {
         "jobs": total,

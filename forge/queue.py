@@ -52,7 +52,7 @@ _UNKNOWN = object()
 
 
 def _check_args(spec: Any, args: tuple[str, ...]) -> None:
-    fn = spec.target if callable(spec.target) else spec.load()
+    fn = spec.load()
     described = _arg_specs.get(fn, _UNKNOWN)
     if described is _UNKNOWN:
         from .runner import click_command

@@ -5,8 +5,12 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
+
+from forge.job import Job
+from forge.queue import QueuedCommand
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE_CONFIG = ROOT / "forge.toml"
@@ -54,3 +58,19 @@ def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     root = tmp_path / "project"
     monkeypatch.setenv("FORGE_CONFIG", str(make_project(root)))
     return root
+
+
+def make_job(queue: str = "default", command: str = "demo:sleep", args: tuple[str, ...] = ("0",),
+             **kw: Any) -> Job:
+    """A job record built the way CommandQueue builds it (QueuedCommand.to_job), with options."""
+    cmd = QueuedCommand(command).with_args(list(args))
+    if "delay" in kw:
+        cmd = cmd.with_delay(kw.pop("delay"))
+    if "max_attempts" in kw:
+        cmd = cmd.with_max_attempts(kw.pop("max_attempts"))
+    if "unique" in kw:
+        cmd = cmd.with_unique_key(kw.pop("unique"), ttl=kw.pop("ttl", None))
+    if "timeout" in kw:
+        cmd = cmd.with_timeout(kw.pop("timeout"))
+    assert not kw, kw
+    return cmd.to_job(queue)

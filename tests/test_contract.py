@@ -18,11 +18,11 @@ from typing import Any
 from uuid import uuid4
 
 import pytest
+from conftest import make_job as job
 
 from forge.backends.base import Backend, Claim
 from forge.errors import DispatchFailed, DuplicateJob, QueueError
 from forge.job import Event, Job, Reason, State, new_id
-from forge.queue import QueuedCommand
 
 WORKER = "test-worker"
 TIMEOUT = 60.0
@@ -68,21 +68,6 @@ def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Any]:
         if keys:
             client.delete(*keys)
         client.close()
-
-
-def job(queue: str = "default", command: str = "demo:sleep", args: tuple[str, ...] = ("0",),
-        **kw: Any) -> Job:
-    cmd = QueuedCommand(command).with_args(list(args))
-    if "delay" in kw:
-        cmd = cmd.with_delay(kw.pop("delay"))
-    if "max_attempts" in kw:
-        cmd = cmd.with_max_attempts(kw.pop("max_attempts"))
-    if "unique" in kw:
-        cmd = cmd.with_unique_key(kw.pop("unique"), ttl=kw.pop("ttl", None))
-    if "timeout" in kw:
-        cmd = cmd.with_timeout(kw.pop("timeout"))
-    assert not kw, kw
-    return cmd.to_job(queue)
 
 
 def push(b: Backend, *jobs: Job) -> list[str]:

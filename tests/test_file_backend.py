@@ -14,6 +14,7 @@ import warnings
 from pathlib import Path
 
 import pytest
+from reliability.harness import fill_disk
 from reliability.scripts import CLAIMER
 
 from forge.backends.file import FileBackend
@@ -358,24 +359,13 @@ def tiny_fs(tmp_path: Path):
         subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
-def fill(path: Path) -> Path:
-    filler = path / "filler"
-    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
-    try:
-        while True:
-            os.write(fd, b"\0" * 4096)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-    return filler
 
 
 def test_full_disk(tiny_fs: Path) -> None:
     fb = FileBackend(tiny_fs)
     existing = job()
     fb.push([existing])
-    filler = fill(tiny_fs)
+    filler = fill_disk(tiny_fs)
     for batch in ([job()], [job() for _ in range(5)]):
         with pytest.raises(DispatchFailed) as err:
             fb.push(batch)

@@ -26,10 +26,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import make_job as job
 
 from forge.config import Connection
 from forge.errors import ConfigError, DispatchFailed, DuplicateJob, QueueUnavailable, UsageError
-from forge.job import Event, Job, Reason, State
+from forge.job import Event, Reason, State
 from forge.queue import CommandQueue, QueuedCommand
 
 redis = pytest.importorskip("redis")
@@ -86,18 +87,6 @@ def short_leases(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(rb, "LEASE_WINDOW", 0.4)
 
 
-def job(queue: str = "default", command: str = "demo:sleep", **kw: Any) -> Job:
-    cmd = QueuedCommand(command).with_args(["0"])
-    if "delay" in kw:
-        cmd = cmd.with_delay(kw.pop("delay"))
-    if "max_attempts" in kw:
-        cmd = cmd.with_max_attempts(kw.pop("max_attempts"))
-    if "timeout" in kw:
-        cmd = cmd.with_timeout(kw.pop("timeout"))
-    if "unique" in kw:
-        cmd = cmd.with_unique_key(kw.pop("unique"), ttl=kw.pop("ttl", None))
-    assert not kw, kw
-    return cmd.to_job(queue)
 
 
 def done(c: Any) -> Event:

@@ -31,10 +31,12 @@ from reliability.checker import check, read_ledger, runs_of
 from reliability.harness import (
     Supervisor,
     contention,
+    fill_disk,
     job_processes,
     kill_storm,
     make_target,
     wait_done,
+    wait_for,
 )
 
 from forge.errors import QueueError, UsageError
@@ -155,14 +157,6 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def wait_for(predicate, timeout: float = 20.0, interval: float = 0.05):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError("condition not met in time")
 
 
 def hand_made_job(command: str = "probe:run", args: tuple[str, ...] = (), **fields) -> Job:
@@ -388,15 +382,7 @@ def test_04_full_disk(probe: Path, tmp_path: Path) -> None:
     try:
         env = env_with(FORGE_QUEUE_DIR=str(qdir))
         queued = [forge("queue:dispatch", "probe:run", f"q{i}", env=env).stdout.strip() for i in range(5)]
-        filler = qdir / "filler"
-        fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
-        try:
-            while True:
-                os.write(fd, b"\0" * 4096)
-        except OSError:
-            pass
-        finally:
-            os.close(fd)
+        fill_disk(qdir)
         res = forge("queue:dispatch", "probe:run", "late", env=env)
         assert res.returncode != 0
         assert "No space left on device" in res.stderr and str(qdir) in res.stderr, res.stderr

@@ -14,6 +14,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+from reliability.harness import job_processes, wait_for
 
 from forge.job import State
 from forge.queue import CommandQueue, QueuedCommand, QueueManager
@@ -58,14 +59,6 @@ def json_events(stdout: str) -> list[dict]:
     return [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
 
 
-def wait_for(predicate, timeout: float = 20.0, interval: float = 0.02):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError("condition not met in time")
 
 
 def test_drains_queue_and_records_done(project: Path) -> None:
@@ -352,8 +345,6 @@ def test_a_chatty_long_job_does_not_keep_its_output_in_memory(project: Path) -> 
     try:
         wait_for(lambda: any(r["kind"] == "printed" for r in ledger_lines(project)), timeout=30)
         time.sleep(1.2)  # two of the worker's output copies
-        from reliability.harness import job_processes
-
         (job_proc,) = job_processes(worker.pid)
         st = os.stat(f"/proc/{job_proc}/fd/1")
         assert st.st_size >= 32 * 1024 * 1024

@@ -157,10 +157,7 @@ class FileClaimer:
         except OSError as exc:
             self._quarantine(q.pending, name, open_error(exc))
             return None
-        st = os.fstat(fd)
-        if st.st_nlink == 2:
-            self._drop_crash_twin(name, st)
-            st = os.fstat(fd)  # again in any case: another claimer may have dropped it
+        st = self._job_stat(fd, name)
         reason = self._refusal(st)
         if reason:
             os.close(fd)
@@ -222,6 +219,14 @@ class FileClaimer:
         deadline = claimed[-1].deadline if claimed and claimed[-1].deadline else at
         return Claim(job, attempt, at, deadline, None, [fd], (fd, q, name), ref)
 
+    def _job_stat(self, fd: int, name: str) -> os.stat_result:
+        """The status of the open job file ``name``, after dropping a crash twin (see below)."""
+        st = os.fstat(fd)
+        if st.st_nlink == 2:
+            self._drop_crash_twin(name, st)
+            st = os.fstat(fd)  # again in any case: another claimer may have dropped it
+        return st
+
     def _drop_crash_twin(self, name: str, st: os.stat_result) -> None:
         """Unlink the temp-file name of job file ``name`` if it survived a crash.
 
@@ -265,10 +270,7 @@ class FileClaimer:
         except OSError as exc:
             self._quarantine(directory, name, open_error(exc))
             return None
-        st = os.fstat(fd)
-        if st.st_nlink == 2:
-            self._drop_crash_twin(name, st)
-            st = os.fstat(fd)
+        st = self._job_stat(fd, name)
         reason = self._refusal(st)
         if reason:
             os.close(fd)

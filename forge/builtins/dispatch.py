@@ -23,7 +23,7 @@ from ..job import MAX_OUTPUT_TAIL, JobInfo, State
 from ..queue import CommandQueue, QueuedCommand
 from ..runner import default_registry
 from . import fastdispatch
-from ._shared import Connection, err_tty, fmt_time
+from ._shared import Connection, err_tty
 from .fastdispatch import DISPATCH_OPTIONS
 from .fastdispatch import build as _build
 from .fastdispatch import parse_at as _at
@@ -89,15 +89,7 @@ def dispatch(
         with contextlib.suppress(Exception):
             cmdcache.store(q.settings, fastdispatch.stale_fingerprint)
         fastdispatch.stale_fingerprint = None
-    if json_out:
-        output.print_json(record.to_dict())
-    else:
-        output.line(record.id)
-        sys.stdout.flush()
-    if err_tty():
-        found = q.find(record.id) if record.scheduled_at else None
-        when = f", not before {fmt_time(found.job.available_at)}" if found else ""
-        output.info(f"Queued {command} on {record.queue} as {record.id}{when}")
+    fastdispatch.print_record(q, record, command, json_out=json_out)
     if not wait:
         return 0
     limit = parse_duration(wait_timeout, what="--wait-timeout") if wait_timeout else None

@@ -25,7 +25,7 @@ from typing import Any
 
 from ..durations import parse_backoff, parse_duration
 from ..errors import UsageError
-from ..queue import QueuedCommand
+from ..queue import CommandQueue, JobDispatch, QueuedCommand
 
 #: The value options of queue:dispatch (``--meta`` may repeat) and its one flag this path takes.
 VALUE_OPTIONS = {"--queue": "queue", "--connection": "connection", "--delay": "delay", "--at": "at",
@@ -139,7 +139,6 @@ def run(argv: Sequence[str]) -> int | None:
             return None
     except Exception:  # noqa: BLE001 - a malformed cache entry: the full path decides
         return None
-    from ..queue import CommandQueue
     from ..registry import CommandRegistry, CommandSpec
 
     try:
@@ -158,13 +157,21 @@ def run(argv: Sequence[str]) -> int | None:
         registry = CommandRegistry([CommandSpec(command, str(entry.get("source", "")))])
         q = CommandQueue(opts.get("queue"), connection=opts.get("connection"), settings=settings,
                          registry=registry, check_args=False)
-        q.jobs_for([cmd])  # every check but the storage's, before anything is stored
     except Exception:  # noqa: BLE001 - the full path reports it, word for word
         return None
-    record = q.push(cmd)
+    try:
+        record = q.push(cmd)
+    except UsageError:  # a check refused it (InvalidCommand is one), before anything was stored
+        return None
+    print_record(q, record, command, json_out=bool(opts.get("json")))
+    return 0
+
+
+def print_record(q: CommandQueue, record: JobDispatch, command: str, *, json_out: bool) -> None:
+    """What a dispatch prints: the id (or the JSON record) on stdout, a note for a person on stderr."""
     from .. import output
 
-    if opts.get("json"):
+    if json_out:
         output.print_json(record.to_dict())
     else:
         output.line(record.id)
@@ -174,4 +181,3 @@ def run(argv: Sequence[str]) -> int | None:
         at = found.job.available_at if found else None
         when = f", not before {datetime.fromtimestamp(at):%Y-%m-%d %H:%M:%S}" if at else ""
         output.info(f"Queued {command} on {record.queue} as {record.id}{when}")
-    return 0

@@ -79,6 +79,31 @@ class Target:
             client.close()
 
 
+
+def wait_for(predicate: Any, timeout: float = 20.0, interval: float = 0.02) -> Any:
+    """``predicate()``'s first true value, polled every ``interval``; AssertionError after ``timeout``."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError("condition not met in time")
+
+
+def fill_disk(folder: Path) -> Path:
+    """Write zeros to ``folder/filler`` until the filesystem is full; return the file."""
+    filler = folder / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        while True:
+            os.write(fd, b"\0" * 4096)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+    return filler
+
 def make_target(kind: str, workdir: Path, redis_url: str | None = None) -> Target:
     """Write ``workdir/forge.toml`` for the probe project on ``kind`` and return the target."""
     workdir.mkdir(parents=True, exist_ok=True)
