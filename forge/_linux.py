@@ -1,4 +1,5 @@
-"""Thin wrappers over Linux calls the stdlib lacks: syncfs, inotify and PR_SET_PDEATHSIG.
+"""Thin wrappers over Linux calls the stdlib lacks: syncfs, inotify, prctl, POSIX timers and the
+process tree under a child subreaper.
 
 Each falls back to something portable (``os.sync``, polling) where the call is missing.
 """
@@ -7,6 +8,7 @@ from __future__ import annotations
 
 import os
 import struct
+import time
 from collections.abc import Iterable
 from typing import Any
 
@@ -148,6 +150,91 @@ def set_parent_death_signal(sig: int) -> None:
     libc = _lib()
     if libc is not None:
         libc.prctl(1, sig, 0, 0, 0)
+
+
+def set_child_subreaper() -> bool:
+    """Make orphaned descendants of this process its children (PR_SET_CHILD_SUBREAPER), so
+    that a job's daemons, whatever they do with sessions, stay findable and killable."""
+    libc = _lib()
+    return libc is not None and libc.prctl(36, 1, 0, 0, 0) == 0
+
+
+def preload() -> None:
+    """Load what the job process's set-up needs (ctypes, libc) before forking it."""
+    import ctypes  # noqa: F401
+
+    _lib()
+
+
+CLOCK_BOOTTIME = 7  # counts time suspended, unlike CLOCK_MONOTONIC
+
+
+def boottime() -> float:
+    return time.clock_gettime(CLOCK_BOOTTIME)
+
+
+class KillTimer:
+    """A POSIX timer that sends SIGKILL to this process at a CLOCK_BOOTTIME instant.
+
+    Job code cannot ignore, block or handle SIGKILL, and the kernel delivers it even to a
+    stopped or frozen process, so a run whose deadline passed while it was frozen dies on
+    thaw before it executes another instruction. (Timers do not survive ``exec``.)
+    """
+
+    def __init__(self, at: float) -> None:
+        import ctypes
+
+        libc = _lib()
+        if libc is None or not hasattr(libc, "timer_create"):
+            raise OSError("POSIX timers are not available")
+        sigevent = (ctypes.c_byte * 64)()  # sigev_value 8, sigev_signo 4, sigev_notify 4 (SIGEV_SIGNAL=0)
+        struct.pack_into("=qii", sigevent, 0, 0, 9, 0)
+        self._id = ctypes.c_void_p()
+        libc.timer_create.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
+        if libc.timer_create(CLOCK_BOOTTIME, ctypes.byref(sigevent), ctypes.byref(self._id)) != 0:
+            _raise_errno("timer_create")
+        libc.timer_settime.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
+        self.at = 0.0
+        self.set(at)
+
+    def set(self, at: float) -> None:
+        """Fire at ``at`` (CLOCK_BOOTTIME seconds) instead; an instant passed fires at once."""
+        import ctypes
+
+        sec = max(int(at), 0)
+        nsec = max(int((at - sec) * 1e9), 1) if at > 0 else 1
+        spec = (ctypes.c_long * 4)(0, 0, sec, min(nsec, 999_999_999))
+        if _lib().timer_settime(self._id, 1, ctypes.byref(spec), None) != 0:  # TIMER_ABSTIME
+            _raise_errno("timer_settime")
+        self.at = at
+
+
+def descendants(pid: int | None = None) -> list[int]:
+    """Every live descendant of ``pid`` (default: this process), parents before children."""
+    root = os.getpid() if pid is None else pid
+    found: list[int] = []
+    todo = [root]
+    while todo:
+        parent = todo.pop()
+        kids = _children(parent)
+        found.extend(kids)
+        todo.extend(kids)
+    return found
+
+
+def _children(pid: int) -> list[int]:
+    kids: list[int] = []
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return kids
+    for tid in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/children", "rb") as fh:
+                kids.extend(int(k) for k in fh.read().split())
+        except OSError:
+            continue
+    return kids
 
 
 def names_matching(names: Iterable[str], length: int) -> list[str]:

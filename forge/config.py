@@ -51,6 +51,7 @@ class Connection:
     connect_timeout: float = 5.0
     password_env: str | None = None
     lock: str = "flock"
+    lease: float = 30.0  # Redis: how long a claim lives without a renewal
 
 
 @dataclass(frozen=True)
@@ -202,6 +203,7 @@ _CONN_KEYS: dict[str, type | tuple[type, ...]] = {
     "connect_timeout": (int, float, str),
     "password_env": str,
     "lock": str,
+    "lease": (int, float, str),
 }
 _TYPE_NAMES = {str: "a string", int: "an integer", bool: "true or false", list: "a list"}
 
@@ -368,8 +370,11 @@ def _connection(name: str, table: Mapping[str, Any], root: Path, where: str) -> 
         raise ConfigError(f'{where}: connections.{name}.driver must be "file" or "redis", not {driver!r}.')
     try:
         timeout = parse_duration(table.get("connect_timeout", 5), what="connect_timeout")
+        lease = parse_duration(table.get("lease", 30), what="lease")
     except UsageError as exc:
         raise ConfigError(f"{where}: connections.{name}: {exc}") from None
+    if not 10.0 <= lease <= 3600.0:
+        raise ConfigError(f"{where}: connections.{name}.lease must be between 10s and 1h, not {lease:g} s.")
     lock = table.get("lock", "flock")
     if lock not in ("flock", "lease"):
         raise ConfigError(f'{where}: connections.{name}.lock must be "flock" or "lease", not {lock!r}.')
@@ -388,4 +393,5 @@ def _connection(name: str, table: Mapping[str, Any], root: Path, where: str) -> 
         connect_timeout=timeout,
         password_env=table.get("password_env"),
         lock=lock,
+        lease=lease,
     )

@@ -63,7 +63,13 @@ def console_reporter(json_out: bool, verbose: bool = False) -> Callable[[TextIO]
                 if event != "done" and data.get("error"):
                     emit(f"    {data.get('reason')}: {data['error']}")
             elif event == "backend_unavailable":
-                emit(f"Queue unavailable: {data['error']} (retrying in {data['retry_in']:.1f} s)")
+                retry = data.get("retry_in")
+                emit(f"Queue unavailable: {data['error']}" + (f" (retrying in {retry:.1f} s)" if retry else ""))
+            elif event == "record_failed":
+                emit(f"Cannot record a job's outcome: {data['error']} (the job stays claimed; "
+                     f"retrying until it lands)")
+            elif event == "maintenance_failed":
+                emit(f"Queue maintenance failed: {data['error']} (retrying at the next round)")
             elif event == "backend_available":
                 emit("Queue available again.")
             elif event == "worker_stopped":

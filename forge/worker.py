@@ -1,10 +1,12 @@
-"""The worker: ``forge queue:work``. It supervises one job process (``forge.jobproc``).
+"""The worker: ``forge queue:work``. It claims jobs and runs each in a fresh job process.
 
-The job process claims a job, runs it, records the outcome and claims the next, with no
-process switch per job. The worker around it stays small and safe: it enforces timeouts by
-killing the job process's whole group, renews leases, copies long jobs' output to their logs
-as it appears, recovers abandoned jobs, handles signals, and when the job process dies
-mid-job it adopts the claim and records what happened. One job runs at a time per worker, as
+The worker (the supervisor) claims a job and holds the claim (the file backend's lock, a Redis
+lease it renews) for exactly as long as the run lives; it forks a job process for the run
+(``forge.jobproc``), which has none of the worker's descriptors, so nothing the job's code
+does to its own process can release the claim. The worker enforces the timeout by ending the
+job process and every process it started (it is their child subreaper, so a ``setsid()``
+daemon cannot slip away), copies the job's output to its log as it appears, and records the
+outcome: acknowledged, released for a retry, or failed. One job runs at a time per worker, as
 in Laravel; run several workers for parallelism.
 """
 
@@ -12,7 +14,9 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import gc
 import os
+import resource
 import select
 import signal
 import sys
@@ -21,11 +25,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TextIO
 
+from . import _linux, jobproc
 from .backends.base import Claim
 from .errors import QueueUnavailable
 from .job import Event, Reason, backoff_delay
-from .jobproc import spawn
-from .jobshare import PAUSE, STOP, OutputBuffer, SharedState
+from .jobshare import OutputBuffer, SharedState
 from .reporting import Reporter, console_reporter
 from .worker_options import StopReason, WorkerOptions, parse_queues
 
@@ -33,9 +37,21 @@ if TYPE_CHECKING:
     from .backends.base import Backend
     from .registry import CommandRegistry
 
+#: The job process's own kill timer fires this long after the job's deadline (timeout + kill
+#: grace), in case the worker cannot kill it (stopped, frozen, or dead with its children left).
+BACKSTOP = 0.5
+#: ... and this long before its lease ends (the store's clock is read before the request that
+#: set the lease was sent, so the job process dies before any other worker can claim the job).
+LEASE_SAFETY = 1.0
+_TAIL = 2048
+
 
 def _no_report(event: str, data: dict[str, Any]) -> None:
     return None
+
+
+class _Wakeup(Exception):
+    """Raised by a signal handler to end an idle wait early."""
 
 
 @dataclass
@@ -47,35 +63,357 @@ class Worker:
     options: WorkerOptions = field(default_factory=WorkerOptions)
     make_reporter: Callable[[TextIO], Reporter] = lambda stream: _no_report
     cwd: str | None = None  # where jobs run: the project root
-    #: The supervisor's own store client (short timeouts); default: ``backend_factory``.
+    #: A store client with short timeouts for lease renewals (default: the main one).
     supervisor_factory: Callable[[], Backend] | None = None
 
     def __post_init__(self) -> None:
-        self.backend = (self.supervisor_factory or self.backend_factory)()
+        self.backend = self.backend_factory()
+        self._renewer: Backend | None = None
         self.report = self.make_reporter(sys.stdout)
         self.shared = SharedState()
-        self.output = OutputBuffer(self.shared)
-        self.pid = 0
-        self.pidfd = -1
-        self.restart_seen: tuple[float | None] | None = None
+        self.output = OutputBuffer()
+        self.jobs_done = 0
         self.started_at = time.time()
         self._signals = 0
         self._stop: StopReason | None = None
-        self._killed_for: str | None = None
+        self._paused = False
+        self._idle = False
         self._outage = 0.0
-        self._respawn_at = self._respawn_delay = 0.0
-        self._lease: tuple[str, float] = ("", 0.0)
         self._sig_r, self._sig_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-
-    # -- helpers shared with the job process ------------------------------------------------
 
     def job_timeout(self, claim: Claim) -> float:
         return claim.job.timeout if claim.job.timeout is not None else self.options.timeout
 
-    def event_info(self, claim: Claim, started: float) -> dict[str, Any]:
+    # -- signals ----------------------------------------------------------------------------
+
+    def _on_stop_signal(self, signum: int, frame: Any) -> None:
+        self._signals += 1
+        self._stop = StopReason.SIGNAL if self._signals == 1 else StopReason.FORCED
+        if self._idle:
+            raise _Wakeup()
+
+    def _on_pause(self, signum: int, frame: Any) -> None:
+        # No output here: a handler must not write to a stream it may have interrupted.
+        self._paused = signum == signal.SIGUSR2
+        if self._idle:
+            raise _Wakeup()
+
+    def install_signals(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
+            signal.signal(sig, self._on_stop_signal)
+        signal.signal(signal.SIGUSR2, self._on_pause)
+        signal.signal(signal.SIGCONT, self._on_pause)
+        signal.set_wakeup_fd(self._sig_w, warn_on_full_buffer=False)
+
+    # -- the loop -----------------------------------------------------------------------------
+
+    def run(self) -> StopReason:
+        opts = self.options
+        _linux.set_child_subreaper()
+        _linux.boottime()
+        _linux.preload()  # ctypes and libc now, not in every job process
+        gc.freeze()  # the commands and forge, loaded once, are shared with job processes untouched
+        started = time.monotonic()
+        self.report("worker_started", {"queues": list(opts.queues), "name": opts.name, "pid": os.getpid()})
+        restart_seen = self._call(lambda: (self.backend.restart_requested_at(),))
+        next_maintenance = next_restart_check = 0.0
+        paused_reported = False
+        try:
+            while True:
+                now = time.monotonic()
+                if now >= next_maintenance:
+                    self._maintain()
+                    next_maintenance = now + opts.maintenance_interval
+                if opts.max_time and now - started >= opts.max_time and self._stop is None:
+                    self._stop = StopReason.MAX_TIME
+                if self._stop is not None:
+                    break
+                if self._paused != paused_reported:
+                    paused_reported = self._paused
+                    self.report("paused" if paused_reported else "resumed", {})
+                if self._paused:
+                    self._idle_sleep(min(next_maintenance - now, 1.0))
+                    continue
+                if now >= next_restart_check:  # a stat or a round trip: not before every job
+                    marker = self._call(lambda: (self.backend.restart_requested_at(),))
+                    if marker is not None:
+                        if restart_seen is None:
+                            # The store was down at start: a marker set after we started counts.
+                            restart_seen = (None,) if (marker[0] or 0) > self.started_at else marker
+                        if marker != restart_seen:
+                            self._stop = StopReason.RESTART
+                            continue
+                    next_restart_check = now + 0.1
+                claim = self._claim()
+                if claim is None:
+                    if self._stop is None and not self._outage:
+                        if opts.once or opts.stop_when_empty:
+                            self._stop = StopReason.EMPTY
+                        else:
+                            self._idle_wait(next_maintenance, started)
+                    continue
+                if self._stop is not None:  # asked to stop while claiming: hand it back, uncounted
+                    self._durably(functools.partial(self.backend.release, claim, None, 0))
+                    break
+                self._run_job(claim)
+                self.jobs_done += 1
+                if opts.once and self._stop is None:
+                    self._stop = StopReason.ONCE
+                if opts.max_jobs and self.jobs_done >= opts.max_jobs and self._stop is None:
+                    self._stop = StopReason.MAX_JOBS
+                if opts.memory and _rss_mb() >= opts.memory and self._stop is None:
+                    self._stop = StopReason.MEMORY
+                if opts.rest and self._stop is None:
+                    self._idle_sleep(opts.rest)
+        finally:
+            self.backend.close()
+            if self._renewer is not None:
+                self._renewer.close()
+        reason = self._stop
+        self.report("worker_stopped", {"reason": str(reason), "jobs": self.jobs_done})
+        return reason
+
+    def _claim(self) -> Claim | None:
+        opts = self.options
+        try:
+            claim = self.backend.claim(opts.queues, opts.name, opts.timeout)
+        except (QueueUnavailable, OSError) as exc:
+            error = str(exc) if isinstance(exc, QueueUnavailable) else _os_error(exc)
+            if opts.once or opts.stop_when_empty:
+                # A drainer (cron) must not call an unusable queue empty: exit 6, say why.
+                self.report("backend_unavailable", {"error": error, "retry_in": None})
+                self._stop = StopReason.UNAVAILABLE
+                return None
+            self._outage = min(max(self._outage * 2, 0.5), 10.0)
+            self.report("backend_unavailable", {"error": error, "retry_in": self._outage})
+            self._idle_sleep(self._outage)
+            return None
+        if self._outage:
+            self._outage = 0.0
+            self.report("backend_available", {})
+        return claim
+
+    def _maintain(self) -> None:
+        try:
+            counts = self.backend.maintain(self.options.tries)
+        except (QueueUnavailable, OSError) as exc:
+            # A full disk or an outage must not stop the worker: it retries at the next round.
+            error = str(exc) if isinstance(exc, QueueUnavailable) else _os_error(exc)
+            self.report("maintenance_failed", {"error": error})
+            return
+        if counts and any(counts.values()):
+            self.report("maintenance", counts)
+
+    def _call(self, fn: Callable[[], Any]) -> Any:
+        """Call the store; on an outage log it and return None."""
+        try:
+            return fn()
+        except (QueueUnavailable, OSError) as exc:
+            error = str(exc) if isinstance(exc, QueueUnavailable) else _os_error(exc)
+            self.report("backend_unavailable", {"error": error, "retry_in": 0.1})
+            return None
+
+    def _idle_wait(self, next_maintenance: float, started: float) -> None:
+        opts = self.options
+        timeout = opts.sleep or 0.05
+        timeout = min(timeout, max(next_maintenance - time.monotonic(), 0.001))
+        if opts.max_time:
+            timeout = min(timeout, max(started + opts.max_time - time.monotonic(), 0.001))
+        try:
+            due = self.backend.next_due(opts.queues)
+            if due is not None:
+                timeout = min(timeout, max(due - time.time(), 0.001))
+            if self.backend.lease_based:
+                # A signal must not interrupt a server call mid-reply: wait in short steps.
+                timeout = min(timeout, 1.0)
+                self.backend.wait(opts.queues, timeout)
+                return
+            self._idle = True
+            if self._stop is None:
+                self.backend.wait(opts.queues, timeout)
+        except _Wakeup:
+            pass
+        except (QueueUnavailable, OSError) as exc:
+            error = str(exc) if isinstance(exc, QueueUnavailable) else _os_error(exc)
+            self.report("backend_unavailable", {"error": error, "retry_in": timeout})
+            self._idle_sleep(timeout)
+        finally:
+            self._idle = False
+
+    def _idle_sleep(self, seconds: float) -> None:
+        self._idle = True
+        try:
+            if self._stop is None:
+                self._wait(seconds)
+        except _Wakeup:
+            pass
+        finally:
+            self._idle = False
+
+    def _wait(self, timeout: float, pidfd: int = -1) -> bool:
+        """Sleep until a signal, ``pidfd`` (the job process ending) or ``timeout``; returns
+        whether the job process ended."""
+        fds = [self._sig_r] if pidfd < 0 else [self._sig_r, pidfd]
+        try:
+            ready, _, _ = select.select(fds, [], [], max(timeout, 0.0))
+        except InterruptedError:
+            return False
+        if self._sig_r in ready:
+            with contextlib.suppress(BlockingIOError, OSError):
+                while os.read(self._sig_r, 64):
+                    pass
+        return pidfd >= 0 and pidfd in ready
+
+    # -- one job ------------------------------------------------------------------------------
+
+    def _run_job(self, claim: Claim) -> None:
         job = claim.job
-        return {"job_id": job.id, "command": job.command, "queue": job.queue, "attempt": claim.attempt,
+        started = time.time()
+        info = {"job_id": job.id, "command": job.command, "queue": job.queue, "attempt": claim.attempt,
                 "started": started}
+        spec = self.registry.get(job.command)
+        if spec is None:
+            unknown = {"exit_code": 1, "reason": str(Reason.UNKNOWN_COMMAND),
+                       "error": f'Command "{job.command}" is not defined (renamed or removed since dispatch).'}
+            self.record(claim, unknown, started, info, tail="", retry=False)
+            return
+        self.report("starting", info)
+        timeout_at = claim.claimed_at + self.job_timeout(claim)
+        deadline_kill = _to_boot(claim.deadline) + BACKSTOP
+        lease_kill = _to_boot(claim.lease_until) - LEASE_SAFETY if claim.lease_until is not None else None
+        self.shared.kill_at = min(deadline_kill, lease_kill) if lease_kill is not None else deadline_kill
+        self.shared.set_record(None)
+        env = {"FORGE_JOB_ID": job.id, "FORGE_JOB_ATTEMPT": str(claim.attempt), "FORGE_QUEUE": job.queue,
+               "FORGE_JOB_TOKEN": str(claim.fence)}
+        ctx = jobproc.JobContext(spec, tuple(job.args), env, self.cwd, self.output.fd, self.shared,
+                                 os.getpid(), tuple(claim.fds),
+                                 renew=lease_kill is not None and lease_kill < deadline_kill)
+        with contextlib.suppress(Exception):
+            sys.stdout.flush()
+            sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:
+            jobproc.run(ctx)
+        with contextlib.suppress(OSError):
+            os.setpgid(pid, pid)  # also done in the child; whichever runs first wins
+        pidfd = os.pidfd_open(pid)
+        try:
+            why = self._supervise(claim, pid, pidfd, timeout_at, deadline_kill)
+            _, status = os.waitpid(pid, 0)
+        finally:
+            os.close(pidfd)
+        code = os.waitstatus_to_exitcode(status)
+        self._end_leftovers()
+        killed_by_timer = why is None and code == -signal.SIGKILL and _linux.boottime() >= self.shared.kill_at - 0.05
+        if killed_by_timer:
+            # The job process's own timer ended it: the worker was stopped (or too slow) to.
+            why = "timeout" if self.shared.kill_at >= deadline_kill - 0.001 else "lease"
+        reply = self.shared.record()
+        if why == "forced":
+            self.output.flush_to_log(self.backend, job.id, reset=True)
+            self._durably(lambda: self.backend.release(claim, None, 0))
+            self.report("released", {**info, "reason": "interrupted", "counted": False})
+            return
+        if why == "timeout":
+            reply = {"exit_code": -int(signal.SIGKILL), "reason": str(Reason.TIMEOUT),
+                     "error": f"timed out after {self.job_timeout(claim):g} s"}
+        elif why == "lease":
+            reply = {"exit_code": -int(signal.SIGKILL), "reason": str(Reason.ABANDONED),
+                     "error": "lost the job's lease (the queue server was unreachable)"}
+        elif reply is None or "exit_code" not in reply:
+            if code == 0:  # it exec'd, or called os._exit(0): its exit status is its outcome
+                reply = {"exit_code": 0}
+            else:
+                desc = f"killed by signal {-code}" if code < 0 else f"exited with status {code}"
+                reply = {"exit_code": code, "reason": str(Reason.EXIT_CODE), "error": f"job process {desc}"}
+        tail = self.output.tail(_TAIL) if reply["exit_code"] != 0 and self.output.size() else ""
+        self.output.flush_to_log(self.backend, job.id, reset=True)
+        self.record(claim, reply, started, info, tail=tail, retry=True)
+
+    def _supervise(self, claim: Claim, pid: int, pidfd: int, timeout_at: float, deadline_kill: float) -> str | None:
+        """Wait for the job process to end, enforcing the timeout and the lease, copying its
+        output and renewing its lease meanwhile; returns why it was killed, if it was."""
+        opts = self.options
+        why: str | None = None
+        kill_at: float | None = None  # monotonic: when SIGKILL follows the SIGTERM
+        now = time.monotonic()
+        next_flush = now + 0.5
+        beat_every = opts.heartbeat_interval
+        if claim.lease_until is not None:  # six renewals a lease: one lost reply costs nothing
+            beat_every = min(beat_every, max((claim.lease_until - claim.claimed_at) / 6, 0.2))
+        next_beat = now + beat_every if claim.lease_until is not None else float("inf")
+        while True:
+            now, wall = time.monotonic(), time.time()
+            if why is None:
+                if self._stop is StopReason.FORCED:
+                    why = "forced"
+                elif wall >= timeout_at:
+                    why = "timeout"
+                elif claim.lease_until is not None and wall >= claim.lease_until - opts.grace - LEASE_SAFETY:
+                    why = "lease"  # renewals failed: the run must end before the lease does
+                if why is not None:
+                    self._signal_all(signal.SIGTERM)
+                    kill_at = now + (opts.grace if why == "timeout" else min(opts.grace, 1.0))
+            if kill_at is not None and now >= kill_at:
+                self._signal_all(signal.SIGKILL)
+                kill_at = now + 0.1
+            if now >= next_flush:
+                self.output.flush_to_log(self.backend, claim.job.id)
+                next_flush = now + 0.5
+            if why is None and now >= next_beat:
+                if not self._heartbeat(claim, deadline_kill):
+                    continue  # lost: the checks above end the run
+                next_beat = now + beat_every
+            wake = min(next_flush, next_beat, now + max(timeout_at - wall, 0.0))
+            if claim.lease_until is not None:
+                wake = min(wake, now + max(claim.lease_until - opts.grace - LEASE_SAFETY - wall, 0.0))
+            if kill_at is not None:
+                wake = min(wake, kill_at)
+            if self._wait(wake - now, pidfd):
+                return why
+
+    def _heartbeat(self, claim: Claim, deadline_kill: float) -> bool:
+        """Renew the lease and move the job process's kill timer with it; False if lost."""
+        renewer = self._renewer
+        if renewer is None:
+            renewer = self._renewer = self.supervisor_factory() if self.supervisor_factory else self.backend
+        before = _linux.boottime() - time.time()  # the wall clock's offset, read before the request
+        try:
+            ok = renewer.heartbeat(claim)
+        except QueueUnavailable:
+            return True  # the run is ended before the lease it has lapses
+        if not ok:
+            claim.lease_until = time.time()  # lost to another worker: end the run now
+            return False
+        if claim.lease_until is not None:
+            self.shared.kill_at = min(deadline_kill, claim.lease_until + before - LEASE_SAFETY)
+        return True
+
+    def _signal_all(self, sig: int) -> None:
+        """Signal the job process's group and every other process it started, in any session."""
+        for pid in _linux.descendants():
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, sig)
+
+    def _end_leftovers(self) -> None:
+        """End what a finished job left running (as systemd ends a unit's processes): SIGTERM,
+        up to a second's grace, then SIGKILL; reap them all (the worker is their subreaper)."""
+        left = _linux.descendants()
+        if not left:
+            return
+        self._signal_all(signal.SIGTERM)
+        end = time.monotonic() + min(self.options.grace, 1.0)
+        while True:
+            with contextlib.suppress(ChildProcessError):
+                while os.waitpid(-1, os.WNOHANG)[0]:
+                    pass
+            if not _linux.descendants():
+                return
+            if time.monotonic() >= end:
+                self._signal_all(signal.SIGKILL)
+            time.sleep(0.01)
+
+    # -- recording the outcome -----------------------------------------------------------------
 
     def record(self, claim: Claim, reply: dict[str, Any], started: float, info: dict[str, Any],
                *, tail: str, retry: bool) -> None:
@@ -105,276 +443,50 @@ class Worker:
             self.report("released", {**data, "retry_in": delay})
 
     def _durably(self, action: Callable[[], None]) -> None:
-        """Record an outcome, retrying through a store outage until it lands."""
+        """Record an outcome, retrying through a store outage or a full disk until it lands.
+
+        The claim stays held meanwhile (the lock stays open; a lease is not renewed, so on
+        Redis another worker recovers the job once it lapses and this record is refused)."""
         delay = 0.1
+        reported = False
         while True:
             try:
                 action()
+                if reported:
+                    self.report("backend_available", {})
                 return
-            except QueueUnavailable as exc:
+            except FileNotFoundError as exc:
+                # The claimed file is gone: recovered by another worker after the lease lapsed
+                # (this worker was stopped or frozen), or removed. Nothing of ours to record.
+                self.report("record_refused", {"error": _os_error(exc)})
+                return
+            except (QueueUnavailable, OSError) as exc:
                 if self._stop is StopReason.FORCED:
                     return  # the claim's lock or lease lapses; recovery records it later
-                self.report("backend_unavailable", {"error": str(exc), "retry_in": delay})
-                time.sleep(delay)
+                if not reported:  # once per outage, not once per retry
+                    error = str(exc) if isinstance(exc, QueueUnavailable) else _os_error(exc)
+                    self.report("record_failed", {"error": error, "retry_in": delay})
+                    reported = True
+                self._idle_sleep(delay)
                 delay = min(delay * 2, 10.0)
 
-    # -- signals ----------------------------------------------------------------------------
 
-    def _on_stop_signal(self, signum: int, frame: Any) -> None:
-        self._signals += 1
-        self._stop = StopReason.SIGNAL if self._signals == 1 else StopReason.FORCED
-
-    def _on_pause(self, signum: int, frame: Any) -> None:
-        # No output here: a handler must not write to a stream it may have interrupted.
-        self.shared.set_flag(PAUSE, signum == signal.SIGUSR2)
-
-    def install_signals(self) -> None:
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
-            signal.signal(sig, self._on_stop_signal)
-        signal.signal(signal.SIGUSR2, self._on_pause)
-        signal.signal(signal.SIGCONT, self._on_pause)
-        # The job process installs its own SIGUSR1 handler; until it has, ignore (not die of) it.
-        signal.signal(signal.SIGUSR1, signal.SIG_IGN)
-        signal.set_wakeup_fd(self._sig_w, warn_on_full_buffer=False)
-
-    # -- the supervisor loop ------------------------------------------------------------------
-
-    def run(self) -> StopReason:
-        opts = self.options
-        started = time.monotonic()
-        self.report("worker_started", {"queues": list(opts.queues), "name": opts.name, "pid": os.getpid()})
-        self.restart_seen = self._call(lambda: (self.backend.restart_requested_at(),))
-        next_maintenance = 0.0
-        next_flush = next_beat = 0.0
-        reason: StopReason | None = None
-        paused_reported = False
-        try:
-            while reason is None:
-                now = time.monotonic()
-                if now >= next_maintenance:
-                    counts = self._call(lambda: self.backend.maintain(opts.tries))
-                    if counts and any(counts.values()):
-                        self.report("maintenance", counts)
-                    next_maintenance = now + opts.maintenance_interval
-                if opts.max_time and now - started >= opts.max_time and self._stop is None:
-                    self._stop = StopReason.MAX_TIME
-                if self._stop is not None and not self.pid:
-                    reason = self._stop
-                    break
-                if self._stop is StopReason.FORCED:
-                    self._kill("forced")
-                elif self._stop is not None and not self.shared.flag(STOP):
-                    self.shared.set_flag(STOP, True)
-                    self._wake_job_process()
-                if not self.pid:
-                    if self._outage and not self._store_reachable():
-                        self._pause_for_outage()
-                        continue
-                    if time.monotonic() < self._respawn_at:
-                        self._wait(self._respawn_at - time.monotonic())
-                        continue
-                    self.shared.set_record(None)
-                    self.pid = spawn(self)
-                    self.pidfd = os.pidfd_open(self.pid)
-                if self.shared.flag(PAUSE) != paused_reported:
-                    paused_reported = self.shared.flag(PAUSE)
-                    self.report("paused" if paused_reported else "resumed", {})
-                record = self.shared.record()
-                wake = next_maintenance
-                if opts.max_time:
-                    wake = min(wake, started + opts.max_time)
-                running = bool(record and "id" in record)
-                if running:
-                    assert record is not None
-                    deadline = record["timeout_at"]
-                    now_wall = time.time()
-                    if now_wall >= deadline:
-                        self._kill("timeout")
-                        continue
-                    mono_offset = time.monotonic() - now_wall
-                    wake = min(wake, deadline + mono_offset, next_flush)
-                    if now >= next_flush:
-                        self.output.flush_to_log(self.backend, record["id"],
-                                                 still_running=functools.partial(self._running, record["id"]))
-                        next_flush = now + 0.5
-                    if record.get("lease_until") is not None:
-                        if self._lease[0] != record["ref"]:
-                            self._lease = (record["ref"], record["lease_until"])
-                        if now_wall >= self._lease[1] - opts.grace - 1.0:
-                            # The lease is about to lapse (renewals failed or were too slow):
-                            # another worker may take the job, so this run must end first.
-                            self._kill("lease")
-                            continue
-                        if now >= next_beat:
-                            self._heartbeat(record)
-                            next_beat = now + opts.heartbeat_interval
-                        wake = min(wake, next_beat)
-                # Poll the job record at least every 0.1 s: a job that starts while the worker
-                # sleeps must still have its timeout enforced (the job process never wakes us).
-                self._wait(min(max(wake - time.monotonic(), 0.0), 0.1))
-        finally:
-            if self.pid:
-                self._kill("forced")
-            self.backend.close()
-        self.report("worker_stopped", {"reason": str(reason), "jobs": self.shared.jobs_done})
-        return reason
-
-    def _call(self, fn: Callable[[], Any]) -> Any:
-        """Call the store; on an outage log it, remember it, and return None."""
-        try:
-            result = fn()
-        except QueueUnavailable as exc:
-            self._outage = min(max(self._outage * 2, 0.5), 10.0)
-            self.report("backend_unavailable", {"error": str(exc), "retry_in": self._outage})
-            return None
-        if self._outage:
-            self._outage = 0.0
-            self.report("backend_available", {})
-        return result
-
-    def _store_reachable(self) -> bool:
-        return self._call(lambda: self.backend.paused()) is not None
-
-    def _pause_for_outage(self) -> None:
-        self._wait(self._outage)
-
-    def _wait(self, timeout: float) -> None:
-        fds = [self._sig_r] + ([self.pidfd] if self.pidfd >= 0 else [])
-        with contextlib.suppress(InterruptedError):
-            ready, _, _ = select.select(fds, [], [], timeout)
-            if self._sig_r in ready:
-                with contextlib.suppress(BlockingIOError, OSError):
-                    while os.read(self._sig_r, 64):
-                        pass
-            if self.pidfd >= 0 and self.pidfd in ready:
-                self._reap()
-
-    def _wake_job_process(self) -> None:
-        if self.pid:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.pid, signal.SIGUSR1)
-
-    def _kill(self, why: str) -> None:
-        """End the job process's whole group: SIGTERM, up to the grace period, then SIGKILL."""
-        if not self.pid:
-            return
-        self._killed_for = why
-        grace = self.options.grace if why == "timeout" else min(self.options.grace, 1.0)
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.pid, signal.SIGTERM)
-        end = time.monotonic() + grace
-        while time.monotonic() < end and _group_alive(self.pid):
-            time.sleep(0.01)
-        self._reap()
-
-    def _reap(self) -> None:
-        """The job process ended (or is being ended): kill what is left of its group, wait
-        until it is gone (a forked descendant may hold the claim), then reap it and record its
-        running job's outcome, or learn why it stopped. Until it is reaped, the job process
-        keeps its group id ours, so the group signalled is never someone else's."""
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.pid, signal.SIGKILL)
-        end = time.monotonic() + 2.0
-        while time.monotonic() < end and _group_alive(self.pid):
-            time.sleep(0.005)
-        try:
-            _, status = os.waitpid(self.pid, 0)
-            code = os.waitstatus_to_exitcode(status)
-        except ChildProcessError:
-            code = 0
-        os.close(self.pidfd)
-        self.pid, self.pidfd = 0, -1
-        why, self._killed_for = self._killed_for, None
-        record = self.shared.record() or {}
-        self.shared.set_record(None)
-        if "id" in record:
-            self._adopt_and_record(record, code, why)
-            done = self.shared.add_job()
-            opts = self.options
-            if opts.once and self._stop is None:
-                self._stop = StopReason.ONCE
-            if opts.max_jobs and done >= opts.max_jobs and self._stop is None:
-                self._stop = StopReason.MAX_JOBS
-            return
-        exit_reason = record.get("exit")
-        if exit_reason is None and why is None:
-            # It died between jobs (a bug or a broken environment): do not respawn in a loop.
-            self._respawn_delay = min(max(self._respawn_delay * 2, 0.5), 30.0)
-            self.report("job_process_died", {"status": code, "retry_in": self._respawn_delay})
-            self._respawn_at = time.monotonic() + self._respawn_delay
-            return
-        self._respawn_delay = 0.0
-        if exit_reason in ("empty", "once", "max_jobs", "memory", "restart"):
-            if self._stop is None or self._stop is StopReason.SIGNAL and exit_reason != "signal":
-                self._stop = StopReason(exit_reason)
-        elif exit_reason == "signal" and self._stop is None:
-            self._stop = StopReason.SIGNAL  # the worker's parent went away
-
-    def _adopt_and_record(self, record: dict[str, Any], code: int, why: str | None) -> None:
-        claim = None
-        for _ in range(50):
-            try:
-                claim = self.backend.adopt(record["ref"])
-                break
-            except QueueUnavailable as exc:
-                self.report("backend_unavailable", {"error": str(exc), "retry_in": 0.2})
-                time.sleep(0.2)
-        tail = self.output.tail(2048) if self.output.size() else ""
-        if claim is None:  # finished or recovered meanwhile; or a descendant still holds it
-            self.output.flush_to_log(self.backend, record["id"], reset=True)
-            return
-        self.output.flush_to_log(self.backend, record["id"], reset=True)
-        info = {k: record[k] for k in ("command", "queue", "attempt")} | {
-            "job_id": record["id"],
-            "started": record["started"]}
-        if why == "forced":
-            self._durably(lambda: self.backend.release(claim, None, 0))
-            self.report("released", {**info, "reason": "interrupted", "counted": False})
-            return
-        if why == "timeout":
-            timeout = record["timeout_at"] - claim.claimed_at
-            reply = {"exit_code": -int(signal.SIGKILL), "reason": str(Reason.TIMEOUT),
-                     "error": f"timed out after {timeout:g} s"}
-        elif why == "lease":
-            reply = {"exit_code": -int(signal.SIGKILL), "reason": str(Reason.ABANDONED),
-                     "error": "lost the job's lease (queue server unreachable)"}
-        else:
-            desc = f"killed by signal {-code}" if code < 0 else f"exited with status {code}"
-            reply = {"exit_code": code or 1, "reason": str(Reason.EXIT_CODE), "error": f"job process {desc}"}
-        self.record(claim, reply, record["started"], info, tail=tail, retry=True)
-
-    def _running(self, job_id: str) -> bool:
-        return (self.shared.record() or {}).get("id") == job_id
-
-    def _heartbeat(self, record: dict[str, Any]) -> None:
-        """Renew the running job's lease; end the job at once if its claim was lost."""
-        ref = record["ref"]
-        try:
-            claim = self.backend.adopt(ref)
-            ok = claim is not None and self.backend.heartbeat(claim)
-        except QueueUnavailable:
-            return  # the loop kills the job before the lease it has lapses
-        if ok:
-            assert claim is not None
-            if claim.lease_until:
-                self._lease = (ref, claim.lease_until)
-        elif (self.shared.record() or {}).get("ref") == ref:  # lost, and not finished meanwhile
-            self._kill("lease")
+def _to_boot(wall: float) -> float:
+    """A wall-clock instant on CLOCK_BOOTTIME (which no clock step moves)."""
+    return wall - time.time() + _linux.boottime()
 
 
-def _group_alive(pgid: int) -> bool:
-    """Whether a live (not zombie) process is in process group ``pgid``."""
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/stat", "rb") as fh:
-                fields = fh.read().rsplit(b")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if fields[0] != b"Z" and int(fields[2]) == pgid:
-            return True
-    return False
+def _rss_mb() -> float:
+    try:
+        with open("/proc/self/statm", "rb") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1024 / 1024
+    except (OSError, ValueError, IndexError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _os_error(exc: OSError) -> str:
+    where = f" ({exc.filename})" if exc.filename else ""
+    return f"{exc.strerror or exc}{where}"
 
 
 __all__ = ["StopReason", "Worker", "WorkerOptions", "console_reporter", "parse_queues"]

@@ -10,7 +10,7 @@ from enum import StrEnum
 
 from .backends.base import KILL_GRACE
 from .config import validate_queue_name
-from .errors import EXIT_MEMORY, UsageError
+from .errors import EXIT_MEMORY, EXIT_UNAVAILABLE, UsageError
 
 
 class StopReason(StrEnum):
@@ -22,10 +22,12 @@ class StopReason(StrEnum):
     RESTART = "restart"
     SIGNAL = "signal"
     FORCED = "forced"
+    UNAVAILABLE = "unavailable"  # --once / --stop-when-empty could not read the queue
 
     @property
     def exit_code(self) -> int:
-        return {StopReason.MEMORY: EXIT_MEMORY, StopReason.FORCED: 1}.get(self, 0)
+        return {StopReason.MEMORY: EXIT_MEMORY, StopReason.FORCED: 1,
+                StopReason.UNAVAILABLE: EXIT_UNAVAILABLE}.get(self, 0)
 
 
 @dataclass(frozen=True)
@@ -45,7 +47,6 @@ class WorkerOptions:
     memory: int = 128
     name: str = ""
     grace: float = KILL_GRACE
-    recycle_after: int = 1000
     maintenance_interval: float = 2.0
     heartbeat_interval: float = 5.0
 

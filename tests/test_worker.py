@@ -84,6 +84,8 @@ def test_job_environment_and_literal_args(project: Path) -> None:
     assert record["job"] == job_id and record["args"] == hostile and record["queue"] == "default"
     assert record["attempt"] == 1
     env = json.loads(q.backend.read_log(env_id))
+    token = env.pop("FORGE_JOB_TOKEN")
+    assert token.isdigit() and int(token) > 0  # the fencing token: the claim's time in microseconds
     assert env == {"FORGE_JOB_ID": env_id, "FORGE_JOB_ATTEMPT": "1", "FORGE_QUEUE": "default"}
 
 
@@ -322,19 +324,23 @@ def test_job_process_crash_is_recorded_and_worker_goes_on(project: Path) -> None
     assert q.backend.find(fine).state == State.DONE
 
 
-def test_job_killing_only_the_supervisor_runs_at_most_twice(project: Path) -> None:
-    """The supervisor dies mid-job; its job process finishes the job and records it."""
+def test_job_dies_with_its_supervisor_and_runs_again_once(project: Path) -> None:
+    """The supervisor holds the claim: SIGKILL it mid-job and its job process dies with it
+    (nobody could record the outcome), so the next worker runs the job again, once, after."""
     q = CommandQueue()
-    job_id = q.dispatch(probe("--sleep", "0.5").with_max_attempts(3))
+    job_id = q.dispatch(probe("--sleep", "2").with_max_attempts(3))
     worker = start_worker("--sleep=0.1")
-    wait_for(lambda: ledger_lines(project))
+    (first,) = wait_for(lambda: [r for r in ledger_lines(project) if r["kind"] == "start"])
     os.kill(worker.pid, signal.SIGKILL)
     worker.wait()
-    wait_for(lambda: ends(project), timeout=10)
-    time.sleep(0.3)
-    run_worker("--stop-when-empty")
-    assert q.backend.find(job_id).state == State.DONE
-    assert len(ends(project)) == 1  # recorded by the job process: no rerun needed
+    wait_for(lambda: not os.path.exists(f"/proc/{first['pid']}"), timeout=10)
+    res = run_worker("--stop-when-empty", "--sleep=0.1")
+    assert res.returncode == 0, res.stderr
+    info = q.backend.find(job_id)
+    assert info.state == State.DONE and info.attempts == 2
+    runs = ledger_lines(project)
+    assert [r["kind"] for r in runs] == ["start", "start", "end"]
+    assert runs[1]["start"] > time.time() - 30 and runs[1]["pid"] != first["pid"]
 
 
 def test_a_chatty_long_job_does_not_keep_its_output_in_memory(project: Path) -> None:

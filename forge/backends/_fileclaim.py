@@ -194,7 +194,13 @@ class FileClaimer:
             if self.lock_mode == "lease":
                 os.close(fd)
                 raise
-        return Claim(job, attempt, now, deadline, None, [fd], (fd, q, reserved), f"{q.name}/{reserved}")
+        if self.lock_mode == "lease":
+            # The lease is the claim now. A worker that is stopped (or on a host whose locks
+            # this one cannot see) must not keep the job from the worker that recovers it once
+            # the lease lapses; the lock is taken again only to record the outcome.
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        return Claim(job, attempt, now, deadline, None, [fd], (fd, q, reserved), f"{q.name}/{reserved}",
+                     micros(now))
 
     def adopt(self, ref: str) -> Claim | None:
         queue, _, name = ref.partition("/")

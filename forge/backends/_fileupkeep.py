@@ -88,7 +88,7 @@ class FileUpkeep:
             claimed = [e for e in events if e.event == "claimed" and e.attempt == attempt]
             deadline = claimed[-1].deadline if claimed else None
             expired = deadline is None or deadline + LEASE_MARGIN < now
-            if not expired:
+            if not expired or not locked:  # not locked: its worker is recording it right now
                 os.close(fd)
                 return None
         elif not locked:

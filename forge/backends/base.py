@@ -26,8 +26,9 @@ class Claim:
     whose lifetime keeps the claim alive (the file backend's locked job file): the process
     that holds them keeps the job from being recovered while it runs. ``lease_until`` is
     set by lease-based backends; the worker must call ``heartbeat`` before it passes and kill
-    the job if it cannot. ``ref`` names the claim in a string, so that another process (the
-    worker supervising the job process) can ``adopt`` it.
+    the job if it cannot. ``ref`` names the claim in a string, so that another process can
+    ``adopt`` it. ``fence`` is the run's fencing token (``FORGE_JOB_TOKEN``): an integer that
+    grows with every claim of the job (the claim's time in microseconds, on the store's clock).
     """
 
     job: Job
@@ -38,6 +39,7 @@ class Claim:
     fds: list[int] = field(default_factory=list)
     handle: Any = None
     ref: str = ""
+    fence: int = 0
 
     @property
     def queue(self) -> str:

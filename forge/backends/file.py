@@ -39,6 +39,8 @@ directories are in ``_filenames``; small-file I/O helpers, flags and limits in `
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import os
 import select
 import stat
@@ -167,20 +169,52 @@ class FileBackend(FileWriter, FileClaimer, FileUpkeep, FileAdmin):
 
     def _finish(self, claim: Claim, event: Event | None, state: str | None, dest: str = "") -> None:
         """Record ``event`` in the claimed file, then move it to ``state``/``dest`` (or delete
-        it when ``state`` is None), and let go of it."""
+        it when ``state`` is None), and let go of it.
+
+        On an error (a full disk, EIO) the file is put back as it was and stays claimed (the
+        lock is kept), so the caller can call again until it lands: nothing is recorded twice.
+        """
         fd, q, reserved = claim.handle
+        size = os.fstat(fd).st_size
         try:
+            if self.lock_mode == "lease":
+                self._still_ours(fd, q, reserved)
             if event is not None:
-                os.write(fd, event.to_json())
+                data = event.to_json()
+                if os.write(fd, data) != len(data):
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), f"{q.reserved}/{reserved}")
             if state is None:
                 os.unlink(reserved, dir_fd=q.fds[1])
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(f"{self._root}/logs/{claim.job.id}.log")
             else:
                 os.rename(reserved, dest, src_dir_fd=q.fds[1], dst_dir_fd=q.dir_fd(state))
-        finally:
-            os.close(fd)
+        except FileNotFoundError:
+            os.close(fd)  # no longer ours: recovered after a lease lapsed, or already recorded
             claim.fds.clear()
+            raise
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, size)
+            if exc.filename is None:
+                exc.filename = f"{q.reserved}/{reserved}"
+            raise
+        os.close(fd)
+        claim.fds.clear()
+
+    def _still_ours(self, fd: int, q: QueueDirs, reserved: str) -> None:
+        """Lease mode: lock the claimed file again (as recovery does) and make sure it was not
+        recovered meanwhile, so a worker thawed after its lease lapsed records nothing."""
+        for _ in range(200):
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:  # another worker is looking at it this instant
+                time.sleep(0.005)
+        else:
+            raise OSError(errno.EAGAIN, "the claimed file stays locked by another process", reserved)
+        if os.stat(reserved, dir_fd=q.fds[1]).st_ino != os.fstat(fd).st_ino:
+            raise FileNotFoundError(errno.ENOENT, "recovered by another worker", reserved)
 
     def ack(self, claim: Claim, event: Event) -> None:
         if self.done_retention > 0:

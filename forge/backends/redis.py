@@ -95,7 +95,7 @@ class RedisBackend(RedisAdmin):
 
     def __init__(self, url: str, *, prefix: str = "forge", done_retention: float = 3600.0,
                  connect_timeout: float = 5.0, password: str | None = None,
-                 quick: bool = False) -> None:
+                 quick: bool = False, lease_window: float = LEASE_WINDOW) -> None:
         if _redis is None:
             raise ConfigError(
                 "The redis queue driver needs the Redis client: pip install 'forge[redis]'.",
@@ -110,6 +110,7 @@ class RedisBackend(RedisAdmin):
         self.url = url
         self.prefix = prefix
         self.done_retention = done_retention
+        self.lease_window = lease_window
         self._where = f"Redis at {mask_url(url)}"
         self._skew: float | None = None  # see _clock
         self._skew_at = 0.0
@@ -147,7 +148,7 @@ class RedisBackend(RedisAdmin):
         return cls(conn.url or "redis://127.0.0.1:6379/0", prefix=conn.prefix,
                    done_retention=done_retention,
                    connect_timeout=min(conn.connect_timeout, 1.0) if quick else conn.connect_timeout,
-                   password=password, quick=quick)
+                   password=password, quick=quick, lease_window=conn.lease)
 
     # -- plumbing -------------------------------------------------------------------------
 
@@ -234,7 +235,7 @@ class RedisBackend(RedisAdmin):
         token = os.urandom(12).hex()
         with self._io():
             reply = self._run("claim", json.dumps(worker), token, _us(timeout), _us(KILL_GRACE),
-                              _us(LEASE_MARGIN), _us(LEASE_WINDOW), *queues)
+                              _us(LEASE_MARGIN), _us(self.lease_window), *queues)
             if len(reply) > 1:
                 self._clock()
         if len(reply) == 1:
@@ -250,7 +251,7 @@ class RedisBackend(RedisAdmin):
                 error=f"corrupt job record: {exc}"), int(attempt), 0.0)
             return None
         return Claim(job, int(attempt), self._local(reply[0]), self._local(deadline),
-                     self._local(lease), [], token, f"{job.id}/{token}")
+                     self._local(lease), [], token, f"{job.id}/{token}", int(reply[0]))
 
     def adopt(self, ref: str) -> Claim | None:
         job_id, _, token = ref.partition("/")
@@ -272,7 +273,7 @@ class RedisBackend(RedisAdmin):
 
     def heartbeat(self, claim: Claim) -> bool:
         with self._io():
-            reply = self._run("heartbeat", claim.job.id, claim.handle, _us(LEASE_MARGIN), _us(LEASE_WINDOW))
+            reply = self._run("heartbeat", claim.job.id, claim.handle, _us(LEASE_MARGIN), _us(self.lease_window))
             if len(reply) == 1:
                 return False
             self._clock()

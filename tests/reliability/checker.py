@@ -33,6 +33,7 @@ class Run:
     end: float | None
     args: tuple[str, ...] = ()
     queue: str | None = None
+    ppid: int = 0  # the worker that ran it
 
 
 @dataclass
@@ -94,7 +95,8 @@ def runs_of(records: Iterable[Mapping[str, Any]]) -> list[Run]:
         end = ends.get(key)
         out.append(Run(job=str(rec.get("job")), attempt=int(rec.get("attempt") or 0), pid=int(rec.get("pid") or 0),
                        start=float(rec["start"]), end=float(end["end"]) if end else None,
-                       args=tuple(rec.get("args") or ()), queue=rec.get("queue")))
+                       args=tuple(rec.get("args") or ()), queue=rec.get("queue"),
+                       ppid=int(rec.get("ppid") or 0)))
     out.sort(key=lambda r: (r.start, r.job))
     return out
 
@@ -106,7 +108,8 @@ def check(ledger: str | Path | Iterable[Mapping[str, Any]], acknowledged: Iterab
 
     ``acknowledged``: ids whose dispatch returned success. ``dispatched``: every id that may
     legitimately run (default: the acknowledged ones; add ids whose dispatch was ambiguous).
-    ``killed_at``: pid -> time it was killed, ending that pid's unfinished runs. ``until``:
+    ``killed_at``: pid -> time it was killed, ending that pid's unfinished runs (a run's
+    process or the worker it ran under: a job process dies with its worker). ``until``:
     where other unfinished runs end (default: the ledger's last timestamp).
     """
     records = read_ledger(ledger) if isinstance(ledger, str | Path) else list(ledger)
@@ -131,7 +134,7 @@ def check(ledger: str | Path | Iterable[Mapping[str, Any]], acknowledged: Iterab
         for r in rs:
             end = r.end
             if end is None:
-                kill = killed_at.get(r.pid)
+                kill = killed_at.get(r.pid, killed_at.get(r.ppid))
                 end = kill if kill is not None and kill >= r.start else until
             spans.append((r.start, end))
         spans.sort()

@@ -146,6 +146,9 @@ class Kill:
     children: list[int]
     at: float
     gone_at: float | None = None  # when its job process was seen gone (None: it outlived the wait)
+    #: When the worker was reaped: its job process (which dies with it, PR_SET_PDEATHSIG) had
+    #: its SIGKILL pending by then, so it ran no more job code, even one forked after ``children``.
+    reaped_at: float = 0.0
 
 
 @dataclass
@@ -184,6 +187,7 @@ class Supervisor:
         p.kill()
         kill = Kill(p.pid, children, time.time())
         p.wait()
+        kill.reaped_at = time.time()
         # A signal takes effect a moment after kill() returns: until the job process is seen
         # gone, a run it started just after ``at`` may still be going.
         end = time.monotonic() + 2.0
@@ -297,8 +301,9 @@ def kill_storm(target: Target, *, workers: int = 4, jobs: int = 2000, seconds: f
     finally:
         sup.stop()
     elapsed = time.monotonic() - began
-    lease = target.kind == "redis"  # a lease-based worker's job process dies with it
-    killed_at = {c: k.gone_at for k in sup.kills for c in k.children if k.gone_at} if lease else {}
+    # A job process dies with its worker: its unfinished run ended when the worker was reaped.
+    killed_at = {k.worker: k.reaped_at for k in sup.kills}
+    killed_at.update({c: k.gone_at for k in sup.kills for c in k.children if k.gone_at})
     figures = check(target.ledger, ids, killed_at=killed_at)
     from .checker import read_ledger, runs_of
 

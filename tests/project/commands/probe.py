@@ -26,7 +26,8 @@ def _ledger(kind: str, payload: dict) -> None:
         return
     line = json.dumps({"kind": kind, "job": os.environ.get("FORGE_JOB_ID"),
                        "attempt": int(os.environ.get("FORGE_JOB_ATTEMPT", "0")),
-                       "queue": os.environ.get("FORGE_QUEUE"), "pid": os.getpid(), **payload})
+                       "queue": os.environ.get("FORGE_QUEUE"), "token": os.environ.get("FORGE_JOB_TOKEN"),
+                       "pid": os.getpid(), "ppid": os.getppid(), **payload})
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
     try:
         os.write(fd, (line + "\n").encode())
@@ -48,6 +49,13 @@ def run(
     print_mb: Annotated[int, typer.Option(help="Print this many MiB of numbered lines, then log 'printed'.")] = 0,
     ignore_chld: Annotated[bool, typer.Option("--ignore-chld", help="Leave SIGCHLD ignored.")] = False,
     run_false: Annotated[bool, typer.Option("--run-false", help="Exit with the code of `false` run as a child.")] = False,
+    close_fds: Annotated[bool, typer.Option("--close-fds", help="Close every inherited descriptor above 2.")] = False,
+    dup_stdout: Annotated[str | None, typer.Option(help="Point fds 1 and 2 at this file (and leave them so).")] = None,
+    mess: Annotated[bool, typer.Option("--mess", help="Change everything a job can change in its process.")] = False,
+    daemon: Annotated[str | None, typer.Option(help="Start a setsid() daemon ignoring SIGTERM; write its pid here.")] = None,
+    ignore_alrm: Annotated[bool, typer.Option("--ignore-alrm", help="Ignore SIGALRM.")] = False,
+    first_sleep: Annotated[float, typer.Option(help="Seconds to sleep on attempt 1 (instead of --sleep).")] = 0.0,
+    ticks: Annotated[str | None, typer.Option(help="While sleeping, append 'pid time' here every 50 ms.")] = None,
 ) -> int:
     """Record this run in the probe ledger, then do what the options say."""
     start = time.time()
@@ -70,17 +78,97 @@ def run(
                                   "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)"])
         with open(grandchild, "w") as fh:
             fh.write(str(child.pid))
+    if close_fds:
+        os.closerange(3, 65536)
+    if dup_stdout:
+        fd = os.open(dup_stdout, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+        print("printed after dup2", flush=True)
+    if mess:
+        _mess()
+    if daemon:
+        _start_daemon(daemon)
+    if ignore_alrm:
+        signal.signal(signal.SIGALRM, signal.SIG_IGN)
+    if first_sleep and os.environ.get("FORGE_JOB_ATTEMPT") == "1":
+        sleep = first_sleep
     if kill_worker:
         os.kill(os.getppid(), signal.SIGKILL)
         os.kill(os.getpid(), signal.SIGKILL)
     if crash:
         os.kill(os.getpid(), signal.SIGKILL)
-    if sleep:
+    if sleep and ticks:
+        end = time.time() + sleep
+        while time.time() < end:
+            with open(ticks, "a") as fh:
+                fh.write(f"{os.getpid()} {time.time()}\n")
+            time.sleep(0.05)
+    elif sleep:
         time.sleep(sleep)
     _ledger("end", {"start": start, "end": time.time(), "args": args or []})
     if fail:
         raise RuntimeError("probe failed on purpose")
     return exit_code
+
+
+def _mess() -> None:
+    """Change every piece of process state a job can change (the next job must see none of it)."""
+    import resource
+    import threading
+
+    os.chdir("/")
+    os.environ["FORGE_PROBE_MESS"] = "1"
+    os.umask(0o077)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1, signal.SIGINT})
+    resource.setrlimit(resource.RLIMIT_NOFILE, (64, 128))
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    threading.Thread(target=time.sleep, args=(3600,), daemon=False).start()
+    threading.current_thread().name = "messed"
+    sys.setrecursionlimit(77)
+    os.close(0)
+
+
+def _start_daemon(pidfile: str) -> None:
+    """Fork a daemon the classic way (fork, setsid, fork), ignoring SIGTERM; the job goes on."""
+    if os.fork() == 0:
+        os.setsid()
+        if os.fork() == 0:
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            with open(pidfile + ".tmp", "w") as fh:
+                fh.write(str(os.getpid()))
+            os.rename(pidfile + ".tmp", pidfile)
+            os.closerange(0, 65536)
+            time.sleep(600)
+        os._exit(0)
+    while not os.path.exists(pidfile):  # ready: as a daemonising program waits for its daemon
+        time.sleep(0.01)
+
+
+@command("probe:state")
+def state() -> None:
+    """Print the process state a job could have changed, as JSON."""
+    import resource
+    import threading
+
+    umask = os.umask(0)
+    os.umask(umask)
+    fds = {}
+    for fd in (0, 1, 2):
+        try:
+            fds[fd] = os.readlink(f"/proc/self/fd/{fd}").split(" (")[0].split(":[")[0]
+        except OSError:
+            fds[fd] = None
+    print(json.dumps({
+        "cwd": os.getcwd(), "mess": os.environ.get("FORGE_PROBE_MESS"), "umask": umask,
+        "sigterm": str(signal.getsignal(signal.SIGTERM)), "sigusr2": str(signal.getsignal(signal.SIGUSR2)),
+        "blocked": sorted(int(s) for s in signal.pthread_sigmask(signal.SIG_BLOCK, [])),
+        "nofile": resource.getrlimit(resource.RLIMIT_NOFILE), "core": resource.getrlimit(resource.RLIMIT_CORE),
+        "threads": threading.active_count(), "thread": threading.current_thread().name,
+        "recursion": sys.getrecursionlimit(), "fds": fds,
+    }))
 
 
 @command("probe:env")
