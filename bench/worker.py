@@ -148,22 +148,15 @@ def bench_backend(backend: str, jobs: int, redis_url: str, base: Path) -> dict[s
         q.dispatch_many([noop] * 50)
         wait_until(lambda: q.stats().pending == 0 and q.stats().reserved == 0)
         out["rss_after_50_kb"] = rss_kb(worker.pid)
-        job_proc = int(Path(f"/proc/{worker.pid}/task/{worker.pid}/children").read_text().split()[0])
-        out["job_process_rss_after_50_kb"] = rss_kb(job_proc)
         q.dispatch_many([noop] * jobs)
         wait_until(lambda: q.stats().pending == 0 and q.stats().reserved == 0)
         out["rss_after_n_kb"] = rss_kb(worker.pid)
         out["rss_growth_percent"] = (out["rss_after_n_kb"] / out["rss_after_50_kb"] - 1) * 100
-        # The job process is replaced every 1,000 jobs (recycle_after): measure the current one.
-        job_proc = int(Path(f"/proc/{worker.pid}/task/{worker.pid}/children").read_text().split()[0])
-        out["job_process_rss_after_n_kb"] = rss_kb(job_proc)
-        out["job_process_rss_growth_percent"] = (
-            out["job_process_rss_after_n_kb"] / out["job_process_rss_after_50_kb"] - 1) * 100
     finally:
         worker.terminate()
         worker.wait()
 
-    # One job in a fresh `forge` process, for comparison with the warm job process.
+    # One job in a fresh `forge` process, for comparison with a job process forked by the worker.
     runs = []
     for _ in range(10):
         t = time.perf_counter()
