@@ -7,6 +7,7 @@ A behaviour that differs between backends is a bug in one of them.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import signal
 import subprocess
@@ -26,6 +27,7 @@ from forge.job import Event, Job, Reason, State, new_id
 
 WORKER = "test-worker"
 TIMEOUT = 60.0
+PROBE_COMMANDS = Path(__file__).resolve().parent / "project" / "commands"
 
 
 def _redis_available() -> str | None:
@@ -99,6 +101,27 @@ def released(c: Claim) -> Event:
 
 def stats(b: Backend, queue: str = "default") -> Any:
     return b.stats([queue])[0]
+
+
+def cli_env(b: Any, tmp_path: Path) -> dict[str, str]:
+    """The environment of a ``forge`` process working on ``b``'s queue with the probe commands
+    (``tests/project/commands``), recording runs in ``tmp_path/ledger.jsonl``."""
+    spec = b.test_spec
+    if spec[0] == "file":
+        conn = f'[connections.file]\npath = "{spec[1]}"\n'
+    else:
+        conn = f'[connections.redis]\nurl = "{spec[1]}"\nprefix = "{spec[2]}"\n'
+    config = tmp_path / "cli-forge.toml"
+    config.write_text(f'[forge]\ncommands = ["{PROBE_COMMANDS}"]\n'
+                      f'[queue]\nconnection = "{spec[0]}"\ntries = 1\nbackoff = [0]\n{conn}')
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FORGE_")}
+    env.update(FORGE_CONFIG=str(config), FORGE_NO_PLUGINS="1", FORGE_PROBE_LEDGER=str(tmp_path / "ledger.jsonl"))
+    return env
+
+
+def forge_cli(env: dict[str, str], *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "forge", *args], env=env, capture_output=True, text=True,
+                          timeout=timeout)
 
 
 # -- push / claim ---------------------------------------------------------------------------
@@ -269,6 +292,57 @@ def test_retry_filters_by_queue(backend: Backend) -> None:
     fail_one(backend, job("b"))
     assert [i.id for i in backend.retry(None, queue="a")] == [a]
     assert stats(backend, "b").failed == 1
+
+
+def test_retry_all_retries_each_job_failed_at_its_start_once_while_workers_fail_them(
+        backend: Any, tmp_path: Path) -> None:
+    """Issue 11 item 7: ``queue:retry all`` retries the jobs that were failed when it started,
+    each once, and ends, while workers keep failing the retried jobs (``--tries=1``)."""
+    n = 300
+    ids = push(backend, *[job(command="probe:run", args=("--fail",)) for _ in range(n)])
+    for _ in range(n):
+        c = must_claim(backend)
+        backend.fail(c, failed(c))
+    env = cli_env(backend, tmp_path)
+    outs = [tmp_path / f"worker-{i}.jsonl" for i in range(4)]
+    workers = []
+    for out in outs:
+        with open(out, "wb") as fh:
+            workers.append(subprocess.Popen([sys.executable, "-m", "forge", "queue:work", "--json", "--sleep=0.1"],
+                                            env=env, stdin=subprocess.DEVNULL, stdout=fh,
+                                            stderr=subprocess.STDOUT))
+    try:
+        end = time.monotonic() + 60
+        while not all("worker_started" in out.read_text() for out in outs):
+            assert time.monotonic() < end and all(w.poll() is None for w in workers), \
+                [out.read_text() for out in outs]
+            time.sleep(0.05)
+        try:
+            res = forge_cli(env, "queue:retry", "all", timeout=60)
+        except subprocess.TimeoutExpired as exc:
+            pytest.fail(f"queue:retry all did not end in 60 s ({len((exc.stdout or b'').split())} retries)")
+    finally:
+        for w in workers:
+            w.terminate()
+        for w in workers:
+            try:
+                w.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                w.kill()
+                w.wait()
+    assert res.returncode == 0, res.stderr
+    printed = res.stdout.split()
+    assert len(printed) == n and set(printed) == set(ids)
+    for jid in ids:
+        info = backend.find(jid)
+        assert info is not None
+        assert [e.event for e in info.events].count("retried") == 1, (jid, info.events)
+    runs: dict[str, int] = {}
+    for line in (tmp_path / "ledger.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if record["kind"] == "start":
+            runs[record["job"]] = runs.get(record["job"], 0) + 1
+    assert max(runs.values(), default=0) <= 1, sorted(runs.values())[-5:]
 
 
 def test_forget(backend: Backend) -> None:

@@ -209,9 +209,14 @@ class FileAdmin:
                     if info is not None:
                         yield info
             return
+        # Only the jobs failed when this call started, each once: a failed name's key is the
+        # time it failed, so a job retried here that fails again meanwhile sorts after
+        # ``until`` and is left failed (as on Redis). Without the bound, workers failing the
+        # retried jobs feed the loop below forever.
+        until = key_str(micros(time.time()))
         for q in [queue] if queue else self.queues():
             fdir = f"{self._qdir(q)}/failed"
-            while True:
+            while True:  # again until a pass moves nothing: a scan may miss names moved meanwhile
                 moved = 0
                 try:
                     it = os.scandir(fdir)
@@ -219,7 +224,7 @@ class FileAdmin:
                     break
                 with it:
                     for entry in it:
-                        if not PENDING_RE.match(entry.name):
+                        if entry.name[:16] > until or not PENDING_RE.match(entry.name):
                             continue
                         info = self._retry_path(fdir, entry.name, reason=reason, command=command)
                         if info is not None:
