@@ -227,13 +227,17 @@ class FileWriter:
         return info.state in (State.PENDING, State.DELAYED, State.RESERVED)
 
     def _free_unique(self, job: Job) -> None:
+        """Give up ``job``'s unique key if it still holds it: compare and delete, under the
+        ``unique`` lock that every removal of a holder file takes. Without the lock a dispatch
+        could take the key over between the compare and the unlink, and lose it to the unlink."""
         if job.unique_key is None:
             return
         path = self._unique_path(job.unique_key)
-        holder = read_json(path)
-        if holder is not None and holder.get("job_id") == job.id:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
+        with self._global_lock("unique"):
+            holder = read_json(path)
+            if holder is not None and holder.get("job_id") == job.id:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
 
     @contextlib.contextmanager
     def _global_lock(self, name: str) -> Iterator[None]:
