@@ -22,7 +22,14 @@ import pytest
 from conftest import make_job as job
 
 from forge.backends.base import Backend, Claim
-from forge.errors import DispatchFailed, DuplicateJob, QueueError
+from forge.errors import (
+    EXIT_DUPLICATE,
+    EXIT_NOT_FOUND,
+    DispatchFailed,
+    DuplicateJob,
+    QueueError,
+    RetryBlocked,
+)
 from forge.job import Event, Job, Reason, State, new_id
 
 WORKER = "test-worker"
@@ -460,6 +467,71 @@ def test_clear_frees_unique_keys(backend: Backend) -> None:
     push(backend, job(unique="k"))
     assert backend.clear("default") == 1
     push(backend, job(unique="k"))
+
+
+def test_retry_leaves_a_unique_job_failed_while_a_live_job_holds_its_key(backend: Backend) -> None:
+    """Issue 11 item 13b: a unique key is held by at most one live job, retries included."""
+    old = fail_one(backend, job(unique="nightly"))  # failing freed the key
+    other = fail_one(backend, job())
+    (holder,) = push(backend, job(unique="nightly"))
+    got = list(backend.retry([old, other]))
+    assert [type(g) for g in got] == [RetryBlocked, type(backend.find(other))]
+    blocked = got[0]
+    assert isinstance(blocked, RetryBlocked) and isinstance(blocked, DuplicateJob)
+    assert (blocked.failed_id, blocked.key, blocked.job_id) == (old, "nightly", holder)
+    assert old in blocked.message and "nightly" in blocked.message and holder in blocked.message
+    assert backend.find(old).state == State.FAILED  # type: ignore[union-attr]
+    assert backend.find(other).state == State.PENDING  # type: ignore[union-attr]
+    assert [type(g) for g in backend.retry(None)] == [RetryBlocked]
+    with pytest.raises(DuplicateJob) as dup:
+        push(backend, job(unique="nightly"))
+    assert dup.value.job_id == holder
+    c = must_claim(backend)
+    assert c.job.id == holder
+    backend.ack(c, done(c))  # the key is free again: the retry takes it
+    assert [i.id for i in backend.retry([old])] == [old]  # type: ignore[union-attr]
+    with pytest.raises(DuplicateJob) as dup:
+        push(backend, job(unique="nightly"))
+    assert dup.value.job_id == old
+
+
+def test_retry_takes_back_a_unique_key_whose_ttl_passed_with_a_fresh_ttl(backend: Backend) -> None:
+    old = fail_one(backend, job(unique="k", ttl=0.6))
+    push(backend, job(unique="k", ttl=0.3))
+    assert [type(g) for g in backend.retry([old])] == [RetryBlocked]
+    time.sleep(0.35)  # the holder's ttl passed: the key is free although its job is pending
+    assert [i.id for i in backend.retry([old])] == [old]  # type: ignore[union-attr]
+    with pytest.raises(DuplicateJob) as dup:
+        push(backend, job(unique="k"))
+    assert dup.value.job_id == old
+    time.sleep(0.65)  # the retried job's ttl counts from the retry
+    push(backend, job(unique="k"))
+    assert stats(backend).pending == 3
+
+
+def test_queue_retry_cli_reports_a_job_whose_unique_key_is_taken_and_retries_the_rest(
+        backend: Any, tmp_path: Path) -> None:
+    old = fail_one(backend, job(unique="nightly"))
+    other = fail_one(backend, job())
+    (holder,) = push(backend, job(unique="nightly"))
+    env = cli_env(backend, tmp_path)
+    res = forge_cli(env, "queue:retry", old, other)
+    assert res.returncode == EXIT_DUPLICATE, res.stderr
+    assert res.stdout.split() == [other]
+    (line,) = res.stderr.splitlines()
+    assert old in line and '"nightly"' in line and holder in line, line
+    assert backend.find(old).state == State.FAILED  # type: ignore[union-attr]
+    res = forge_cli(env, "queue:retry", "all")
+    assert res.returncode == EXIT_DUPLICATE and res.stdout == "", res.stderr
+    assert old in res.stderr and len(res.stderr.splitlines()) == 1
+    res = forge_cli(env, "queue:retry", old, new_id())  # a missing id wins: exit 5
+    assert res.returncode == EXIT_NOT_FOUND and old in res.stderr and "not found" in res.stderr
+    c = must_claim(backend)
+    backend.ack(c, done(c))
+    res = forge_cli(env, "queue:retry", "all")
+    assert res.returncode == 0 and res.stdout.split() == [old], res.stderr
+    res = forge_cli(env, "queue:dispatch", "--unique-key=nightly", "probe:run")
+    assert res.returncode == EXIT_DUPLICATE and old in res.stderr
 
 
 # -- logs, stats, listing -------------------------------------------------------------------

@@ -522,6 +522,43 @@ def test_a_finishing_job_never_frees_the_key_its_successor_took(fb: FileBackend,
     assert fb.stats()[0].pending == 1
 
 
+@pytest.mark.skipif(STRACE is None, reason="strace is not installed (apt-get install strace)")
+def test_no_dispatch_takes_the_key_of_a_unique_job_while_it_is_retried(fb: FileBackend, qdir: Path,
+                                                                        tmp_path: Path) -> None:
+    """Issue 11 item 13b, the window: strace holds a real ``forge queue:retry`` 2 s just before
+    it moves the failed job back to pending/. A dispatch with the job's key in that window
+    is refused, naming the job: the key was taken back with the move, as one step."""
+    first = QueuedCommand("probe:run").with_unique_key("nightly").to_job("default")
+    fb.push([first])
+    claim = fb.claim(["default"], WORKER, 60)
+    assert claim is not None
+    fb.fail(claim, Event("failed", claim.attempt, time.time(), reason="exception", error="boom"))
+    (failed,) = (qdir / "q" / "default" / "failed").iterdir()
+    log = tmp_path / "strace.log"
+    env = {**os.environ, "FORGE_CONFIG": str(PROJECT), "FORGE_QUEUE_DIR": str(qdir)}
+    retry = subprocess.Popen(
+        [STRACE, "-qq", "-f", "-o", str(log), "-P", str(failed), "-e", "trace=rename,renameat,renameat2",
+         "-e", "signal=none", "-e", "inject=rename,renameat,renameat2:delay_enter=2000000",
+         sys.executable, "-m", "forge", "queue:retry", first.id],
+        env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        end = time.monotonic() + 60
+        while not (log.exists() and f'"{failed}"' in log.read_text()):  # inside the delayed rename
+            assert retry.poll() is None and time.monotonic() < end, retry.stderr.read()  # type: ignore[union-attr]
+            time.sleep(0.01)
+        with pytest.raises(DuplicateJob) as dup:
+            fb.push([QueuedCommand("probe:run").with_unique_key("nightly").to_job("default")])
+        out, err = retry.communicate(timeout=60)
+    finally:
+        if retry.poll() is None:
+            retry.kill()
+            retry.communicate()
+    assert dup.value.job_id == first.id
+    assert retry.returncode == 0 and out.split() == [first.id], err
+    assert fb.find(first.id).state == State.PENDING  # type: ignore[union-attr]
+    assert fb.stats()[0].pending == 1
+
+
 # -- a crash that kept a dispatch's temp name (ext4 without a journal) ----------------------
 
 
