@@ -25,6 +25,7 @@ __all__ = [
     "QueueManager",
     "QueueUnavailable",
     "QueuedCommand",
+    "RetryBlocked",
     "call",
     "command",
 ]
@@ -43,6 +44,7 @@ _LAZY = {
     "DispatchFailed": "forge.errors",
     "DuplicateJob": "forge.errors",
     "JobNotFound": "forge.errors",
+    "RetryBlocked": "forge.errors",
 }
 
 if TYPE_CHECKING:
@@ -54,6 +56,7 @@ if TYPE_CHECKING:
         JobNotFound,
         QueueError,
         QueueUnavailable,
+        RetryBlocked,
     )
     from .queue import CommandQueue, JobDispatch, QueuedCommand, QueueManager
     from .runner import CallResult, call

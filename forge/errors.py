@@ -109,6 +109,23 @@ class DuplicateJob(QueueError):
         )
 
 
+class RetryBlocked(DuplicateJob):
+    """A failed unique job left failed by a retry: another live job holds its unique key.
+
+    ``failed_id`` is the job left failed; ``job_id`` (as for ``DuplicateJob``) the live job
+    holding ``key``."""
+
+    def __init__(self, failed_id: str, key: str, job_id: str) -> None:
+        self.failed_id = failed_id
+        self.key = key
+        self.job_id = job_id
+        QueueError.__init__(
+            self,
+            f'Job {failed_id} not retried: its unique key "{key}" is held by live job {job_id}.',
+            hint=f"Retry it once job {job_id} has finished, or drop it with `forge queue:forget {failed_id}`.",
+        )
+
+
 class JobNotFound(QueueError, LookupError):
     """No job has this id."""
 

@@ -12,14 +12,14 @@ from __future__ import annotations
 
 import builtins
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from .argspec import accepts, describe
 from .config import Settings, load_settings
-from .errors import InvalidCommand, JobNotFound, UnknownQueuedCommand, UsageError
+from .errors import InvalidCommand, JobNotFound, RetryBlocked, UnknownQueuedCommand, UsageError
 from .job import Job, JobInfo, State, valid_id
 from .queued_command import QueuedCommand
 from .queued_command import queue_name as _queue_name
@@ -310,17 +310,40 @@ class QueueManager(_Connected):
         return list(self.jobs(queue=queue, state=State.FAILED, limit=limit))
 
     def iter_retry(self, job_ids: Sequence[str] | str | None = "all", *, queue: str | None = None,
-                   reason: str | None = None, command: str | None = None) -> Iterator[JobInfo]:
-        """Move failed jobs back to pending (attempts reset), one at a time, as iterated."""
+                   reason: str | None = None, command: str | None = None,
+                   on_blocked: Callable[[RetryBlocked], None] | None = None) -> Iterator[JobInfo]:
+        """Move failed jobs back to pending (attempts reset), one at a time, as iterated;
+        ``"all"`` retries the jobs failed when it started, each once.
+
+        A unique job whose key another live job holds stays failed: it goes to
+        ``on_blocked`` and the other jobs are still retried; without ``on_blocked``, the
+        first such job is raised as ``RetryBlocked`` once the others have been retried."""
         if isinstance(job_ids, str) and job_ids != "all":
             job_ids = [job_ids]
         ids = None if job_ids in (None, "all") else [_job_id(i) for i in job_ids]  # type: ignore[union-attr]
-        return self.backend.retry(ids, queue=queue, reason=reason, command=command)
+        return self._retried(self.backend.retry(ids, queue=queue, reason=reason, command=command), on_blocked)
+
+    @staticmethod
+    def _retried(stream: Iterator[JobInfo | RetryBlocked],
+                 on_blocked: Callable[[RetryBlocked], None] | None) -> Iterator[JobInfo]:
+        first: RetryBlocked | None = None
+        for item in stream:
+            if not isinstance(item, RetryBlocked):
+                yield item
+            elif on_blocked is not None:
+                on_blocked(item)
+            elif first is None:
+                first = item
+        if first is not None:
+            raise first
 
     def retry(self, job_ids: Sequence[str] | str | None = "all", *, queue: str | None = None,
-              reason: str | None = None, command: str | None = None) -> builtins.list[str]:
-        """Retry failed jobs (``"all"`` or a list of ids); returns the ids retried."""
-        return [i.id for i in self.iter_retry(job_ids, queue=queue, reason=reason, command=command)]
+              reason: str | None = None, command: str | None = None,
+              on_blocked: Callable[[RetryBlocked], None] | None = None) -> builtins.list[str]:
+        """Retry failed jobs (``"all"`` or a list of ids); returns the ids retried. A job
+        left failed because another live job holds its unique key: see ``iter_retry``."""
+        return [i.id for i in self.iter_retry(job_ids, queue=queue, reason=reason, command=command,
+                                              on_blocked=on_blocked)]
 
     def forget(self, job_id: str) -> bool:
         """Delete one failed job; False if no failed job has this id."""

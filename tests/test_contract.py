@@ -7,6 +7,7 @@ A behaviour that differs between backends is a bug in one of them.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import signal
 import subprocess
@@ -21,11 +22,19 @@ import pytest
 from conftest import make_job as job
 
 from forge.backends.base import Backend, Claim
-from forge.errors import DispatchFailed, DuplicateJob, QueueError
+from forge.errors import (
+    EXIT_DUPLICATE,
+    EXIT_NOT_FOUND,
+    DispatchFailed,
+    DuplicateJob,
+    QueueError,
+    RetryBlocked,
+)
 from forge.job import Event, Job, Reason, State, new_id
 
 WORKER = "test-worker"
 TIMEOUT = 60.0
+PROBE_COMMANDS = Path(__file__).resolve().parent / "project" / "commands"
 
 
 def _redis_available() -> str | None:
@@ -99,6 +108,27 @@ def released(c: Claim) -> Event:
 
 def stats(b: Backend, queue: str = "default") -> Any:
     return b.stats([queue])[0]
+
+
+def cli_env(b: Any, tmp_path: Path) -> dict[str, str]:
+    """The environment of a ``forge`` process working on ``b``'s queue with the probe commands
+    (``tests/project/commands``), recording runs in ``tmp_path/ledger.jsonl``."""
+    spec = b.test_spec
+    if spec[0] == "file":
+        conn = f'[connections.file]\npath = "{spec[1]}"\n'
+    else:
+        conn = f'[connections.redis]\nurl = "{spec[1]}"\nprefix = "{spec[2]}"\n'
+    config = tmp_path / "cli-forge.toml"
+    config.write_text(f'[forge]\ncommands = ["{PROBE_COMMANDS}"]\n'
+                      f'[queue]\nconnection = "{spec[0]}"\ntries = 1\nbackoff = [0]\n{conn}')
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FORGE_")}
+    env.update(FORGE_CONFIG=str(config), FORGE_NO_PLUGINS="1", FORGE_PROBE_LEDGER=str(tmp_path / "ledger.jsonl"))
+    return env
+
+
+def forge_cli(env: dict[str, str], *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "forge", *args], env=env, capture_output=True, text=True,
+                          timeout=timeout)
 
 
 # -- push / claim ---------------------------------------------------------------------------
@@ -271,6 +301,57 @@ def test_retry_filters_by_queue(backend: Backend) -> None:
     assert stats(backend, "b").failed == 1
 
 
+def test_retry_all_retries_each_job_failed_at_its_start_once_while_workers_fail_them(
+        backend: Any, tmp_path: Path) -> None:
+    """Issue 11 item 7: ``queue:retry all`` retries the jobs that were failed when it started,
+    each once, and ends, while workers keep failing the retried jobs (``--tries=1``)."""
+    n = 300
+    ids = push(backend, *[job(command="probe:run", args=("--fail",)) for _ in range(n)])
+    for _ in range(n):
+        c = must_claim(backend)
+        backend.fail(c, failed(c))
+    env = cli_env(backend, tmp_path)
+    outs = [tmp_path / f"worker-{i}.jsonl" for i in range(4)]
+    workers = []
+    for out in outs:
+        with open(out, "wb") as fh:
+            workers.append(subprocess.Popen([sys.executable, "-m", "forge", "queue:work", "--json", "--sleep=0.1"],
+                                            env=env, stdin=subprocess.DEVNULL, stdout=fh,
+                                            stderr=subprocess.STDOUT))
+    try:
+        end = time.monotonic() + 60
+        while not all("worker_started" in out.read_text() for out in outs):
+            assert time.monotonic() < end and all(w.poll() is None for w in workers), \
+                [out.read_text() for out in outs]
+            time.sleep(0.05)
+        try:
+            res = forge_cli(env, "queue:retry", "all", timeout=60)
+        except subprocess.TimeoutExpired as exc:
+            pytest.fail(f"queue:retry all did not end in 60 s ({len((exc.stdout or b'').split())} retries)")
+    finally:
+        for w in workers:
+            w.terminate()
+        for w in workers:
+            try:
+                w.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                w.kill()
+                w.wait()
+    assert res.returncode == 0, res.stderr
+    printed = res.stdout.split()
+    assert len(printed) == n and set(printed) == set(ids)
+    for jid in ids:
+        info = backend.find(jid)
+        assert info is not None
+        assert [e.event for e in info.events].count("retried") == 1, (jid, info.events)
+    runs: dict[str, int] = {}
+    for line in (tmp_path / "ledger.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if record["kind"] == "start":
+            runs[record["job"]] = runs.get(record["job"], 0) + 1
+    assert max(runs.values(), default=0) <= 1, sorted(runs.values())[-5:]
+
+
 def test_forget(backend: Backend) -> None:
     jid = fail_one(backend, job())
     (pending,) = push(backend, job())
@@ -386,6 +467,71 @@ def test_clear_frees_unique_keys(backend: Backend) -> None:
     push(backend, job(unique="k"))
     assert backend.clear("default") == 1
     push(backend, job(unique="k"))
+
+
+def test_retry_leaves_a_unique_job_failed_while_a_live_job_holds_its_key(backend: Backend) -> None:
+    """Issue 11 item 13b: a unique key is held by at most one live job, retries included."""
+    old = fail_one(backend, job(unique="nightly"))  # failing freed the key
+    other = fail_one(backend, job())
+    (holder,) = push(backend, job(unique="nightly"))
+    got = list(backend.retry([old, other]))
+    assert [type(g) for g in got] == [RetryBlocked, type(backend.find(other))]
+    blocked = got[0]
+    assert isinstance(blocked, RetryBlocked) and isinstance(blocked, DuplicateJob)
+    assert (blocked.failed_id, blocked.key, blocked.job_id) == (old, "nightly", holder)
+    assert old in blocked.message and "nightly" in blocked.message and holder in blocked.message
+    assert backend.find(old).state == State.FAILED  # type: ignore[union-attr]
+    assert backend.find(other).state == State.PENDING  # type: ignore[union-attr]
+    assert [type(g) for g in backend.retry(None)] == [RetryBlocked]
+    with pytest.raises(DuplicateJob) as dup:
+        push(backend, job(unique="nightly"))
+    assert dup.value.job_id == holder
+    c = must_claim(backend)
+    assert c.job.id == holder
+    backend.ack(c, done(c))  # the key is free again: the retry takes it
+    assert [i.id for i in backend.retry([old])] == [old]  # type: ignore[union-attr]
+    with pytest.raises(DuplicateJob) as dup:
+        push(backend, job(unique="nightly"))
+    assert dup.value.job_id == old
+
+
+def test_retry_takes_back_a_unique_key_whose_ttl_passed_with_a_fresh_ttl(backend: Backend) -> None:
+    old = fail_one(backend, job(unique="k", ttl=0.6))
+    push(backend, job(unique="k", ttl=0.3))
+    assert [type(g) for g in backend.retry([old])] == [RetryBlocked]
+    time.sleep(0.35)  # the holder's ttl passed: the key is free although its job is pending
+    assert [i.id for i in backend.retry([old])] == [old]  # type: ignore[union-attr]
+    with pytest.raises(DuplicateJob) as dup:
+        push(backend, job(unique="k"))
+    assert dup.value.job_id == old
+    time.sleep(0.65)  # the retried job's ttl counts from the retry
+    push(backend, job(unique="k"))
+    assert stats(backend).pending == 3
+
+
+def test_queue_retry_cli_reports_a_job_whose_unique_key_is_taken_and_retries_the_rest(
+        backend: Any, tmp_path: Path) -> None:
+    old = fail_one(backend, job(unique="nightly"))
+    other = fail_one(backend, job())
+    (holder,) = push(backend, job(unique="nightly"))
+    env = cli_env(backend, tmp_path)
+    res = forge_cli(env, "queue:retry", old, other)
+    assert res.returncode == EXIT_DUPLICATE, res.stderr
+    assert res.stdout.split() == [other]
+    (line,) = res.stderr.splitlines()
+    assert old in line and '"nightly"' in line and holder in line, line
+    assert backend.find(old).state == State.FAILED  # type: ignore[union-attr]
+    res = forge_cli(env, "queue:retry", "all")
+    assert res.returncode == EXIT_DUPLICATE and res.stdout == "", res.stderr
+    assert old in res.stderr and len(res.stderr.splitlines()) == 1
+    res = forge_cli(env, "queue:retry", old, new_id())  # a missing id wins: exit 5
+    assert res.returncode == EXIT_NOT_FOUND and old in res.stderr and "not found" in res.stderr
+    c = must_claim(backend)
+    backend.ack(c, done(c))
+    res = forge_cli(env, "queue:retry", "all")
+    assert res.returncode == 0 and res.stdout.split() == [old], res.stderr
+    res = forge_cli(env, "queue:dispatch", "--unique-key=nightly", "probe:run")
+    assert res.returncode == EXIT_DUPLICATE and old in res.stderr
 
 
 # -- logs, stats, listing -------------------------------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import shutil
 import signal
 import stat
 import subprocess
@@ -18,12 +19,14 @@ from reliability.harness import fill_disk
 from reliability.scripts import CLAIMER
 
 from forge.backends.file import FileBackend
-from forge.errors import DispatchFailed, QueueUnavailable, UsageError
+from forge.errors import DispatchFailed, DuplicateJob, QueueUnavailable, UsageError
 from forge.job import Event, Job, State
 from forge.queue import QueuedCommand
 
 NOBODY = 65534
 WORKER = "w"
+PROJECT = Path(__file__).resolve().parent / "project" / "forge.toml"
+STRACE = shutil.which("strace")
 
 
 def job(queue: str = "default", *args: str, **kw: object) -> Job:
@@ -476,6 +479,84 @@ def test_concurrent_dispatch_and_claim_lose_nothing_and_never_double_claim(qdir:
     fb = FileBackend(qdir)
     s = fb.stats()[0]
     assert (s.pending, s.reserved, s.done) == (0, 0, 2000)
+
+
+# -- unique keys ----------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(STRACE is None, reason="strace is not installed (apt-get install strace)")
+@pytest.mark.parametrize("outcome", ["done", "failed"])
+def test_a_finishing_job_never_frees_the_key_its_successor_took(fb: FileBackend, qdir: Path, tmp_path: Path,
+                                                                 outcome: str) -> None:
+    """Issue 11 item 13a. A real worker finishes the job holding a unique key while a dispatch
+    takes the key over; strace holds the worker inside its removal of the holder file (2 s),
+    after it read that the file names its job. The key must stay with the new job: it was
+    removed from under it, so a third dispatch got in and two pending jobs held one key."""
+    args = ["--fail"] if outcome == "failed" else []
+    first = QueuedCommand("probe:run").with_args(args).with_unique_key("nightly").to_job("default")
+    fb.push([first])
+    holder = str(fb._unique_path("nightly"))
+    log = tmp_path / "strace.log"
+    env = {**os.environ, "FORGE_CONFIG": str(PROJECT), "FORGE_QUEUE_DIR": str(qdir)}
+    worker = subprocess.Popen(
+        [STRACE, "-qq", "-f", "-o", str(log), "-P", holder, "-e", "trace=unlink,unlinkat", "-e", "signal=none",
+         "-e", "inject=unlink,unlinkat:delay_enter=2000000", sys.executable, "-m", "forge", "queue:work", "--once"],
+        env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        end = time.monotonic() + 60
+        while not (log.exists() and f'"{holder}"' in log.read_text()):  # inside the delayed unlink
+            assert worker.poll() is None and time.monotonic() < end, worker.stderr.read()  # type: ignore[union-attr]
+            time.sleep(0.01)
+        assert fb.find(first.id).state == State(outcome)  # type: ignore[union-attr]
+        second = QueuedCommand("probe:run").with_unique_key("nightly").to_job("default")
+        fb.push([second])  # the first job is finished: its key is free to take
+        _, err = worker.communicate(timeout=60)
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+            worker.communicate()
+    assert worker.returncode == 0, err
+    with pytest.raises(DuplicateJob) as dup:
+        fb.push([QueuedCommand("probe:run").with_unique_key("nightly").to_job("default")])
+    assert dup.value.job_id == second.id
+    assert fb.stats()[0].pending == 1
+
+
+@pytest.mark.skipif(STRACE is None, reason="strace is not installed (apt-get install strace)")
+def test_no_dispatch_takes_the_key_of_a_unique_job_while_it_is_retried(fb: FileBackend, qdir: Path,
+                                                                        tmp_path: Path) -> None:
+    """Issue 11 item 13b, the window: strace holds a real ``forge queue:retry`` 2 s just before
+    it moves the failed job back to pending/. A dispatch with the job's key in that window
+    is refused, naming the job: the key was taken back with the move, as one step."""
+    first = QueuedCommand("probe:run").with_unique_key("nightly").to_job("default")
+    fb.push([first])
+    claim = fb.claim(["default"], WORKER, 60)
+    assert claim is not None
+    fb.fail(claim, Event("failed", claim.attempt, time.time(), reason="exception", error="boom"))
+    (failed,) = (qdir / "q" / "default" / "failed").iterdir()
+    log = tmp_path / "strace.log"
+    env = {**os.environ, "FORGE_CONFIG": str(PROJECT), "FORGE_QUEUE_DIR": str(qdir)}
+    retry = subprocess.Popen(
+        [STRACE, "-qq", "-f", "-o", str(log), "-P", str(failed), "-e", "trace=rename,renameat,renameat2",
+         "-e", "signal=none", "-e", "inject=rename,renameat,renameat2:delay_enter=2000000",
+         sys.executable, "-m", "forge", "queue:retry", first.id],
+        env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        end = time.monotonic() + 60
+        while not (log.exists() and f'"{failed}"' in log.read_text()):  # inside the delayed rename
+            assert retry.poll() is None and time.monotonic() < end, retry.stderr.read()  # type: ignore[union-attr]
+            time.sleep(0.01)
+        with pytest.raises(DuplicateJob) as dup:
+            fb.push([QueuedCommand("probe:run").with_unique_key("nightly").to_job("default")])
+        out, err = retry.communicate(timeout=60)
+    finally:
+        if retry.poll() is None:
+            retry.kill()
+            retry.communicate()
+    assert dup.value.job_id == first.id
+    assert retry.returncode == 0 and out.split() == [first.id], err
+    assert fb.find(first.id).state == State.PENDING  # type: ignore[union-attr]
+    assert fb.stats()[0].pending == 1
 
 
 # -- a crash that kept a dispatch's temp name (ext4 without a journal) ----------------------

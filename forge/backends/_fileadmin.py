@@ -27,7 +27,7 @@ from itertools import repeat, takewhile
 from typing import TYPE_CHECKING
 
 from ..config import validate_queue_name
-from ..errors import UsageError
+from ..errors import DuplicateJob, RetryBlocked, UsageError
 from ..job import MAX_FILE_BYTES, CorruptJob, Event, Job, JobInfo, State, decode_file, valid_id
 from ._fileio import micros, read_whole
 from ._filenames import (
@@ -56,7 +56,9 @@ class FileAdmin:
         def _names(self, queue: str, state: str) -> list[str]: ...
         def _key(self, t: float) -> int: ...
         def _open_job(self, directory: str, name: str) -> int | None: ...
-        def _free_unique(self, job: Job) -> None: ...
+        def _free_unique(self, job: Job, *, locked: bool = False) -> None: ...
+        def _retake_unique(self, job: Job) -> None: ...
+        def _global_lock(self, name: str) -> contextlib.AbstractContextManager[None]: ...
 
     # -- inspection -----------------------------------------------------------------------
 
@@ -199,7 +201,7 @@ class FileAdmin:
     # -- management -----------------------------------------------------------------------
 
     def retry(self, job_ids: Sequence[str] | None, *, queue: str | None = None,
-              reason: str | None = None, command: str | None = None) -> Iterator[JobInfo]:
+              reason: str | None = None, command: str | None = None) -> Iterator[JobInfo | RetryBlocked]:
         if job_ids is not None:
             for job_id in job_ids:
                 loc = self._locate(job_id) if valid_id(job_id) else None
@@ -209,9 +211,15 @@ class FileAdmin:
                     if info is not None:
                         yield info
             return
+        # Only the jobs failed when this call started, each once: a failed name's key is the
+        # time it failed, so a job retried here that fails again meanwhile sorts after
+        # ``until`` and is left failed (as on Redis). Without the bound, workers failing the
+        # retried jobs feed the loop below forever.
+        until = key_str(micros(time.time()))
+        blocked: set[str] = set()  # names left failed (their key is held), reported once
         for q in [queue] if queue else self.queues():
             fdir = f"{self._qdir(q)}/failed"
-            while True:
+            while True:  # again until a pass moves nothing: a scan may miss names moved meanwhile
                 moved = 0
                 try:
                     it = os.scandir(fdir)
@@ -219,17 +227,21 @@ class FileAdmin:
                     break
                 with it:
                     for entry in it:
-                        if not PENDING_RE.match(entry.name):
+                        name = entry.name
+                        if name[:16] > until or name in blocked or not PENDING_RE.match(name):
                             continue
-                        info = self._retry_path(fdir, entry.name, reason=reason, command=command)
-                        if info is not None:
+                        info = self._retry_path(fdir, name, reason=reason, command=command)
+                        if isinstance(info, RetryBlocked):
+                            blocked.add(name)
+                        elif info is not None:
                             moved += 1
+                        if info is not None:
                             yield info
                 if not moved:
                     break
 
     def _retry_path(self, fdir: str, name: str, *, reason: str | None = None,
-                    command: str | None = None) -> JobInfo | None:
+                    command: str | None = None) -> JobInfo | RetryBlocked | None:
         fd = self._open_job(fdir, name)
         if fd is None:
             return None
@@ -240,16 +252,36 @@ class FileAdmin:
                 return None
             if reason and (failure is None or failure.reason != reason):
                 return None
-            now = time.time()
-            ev = Event("retried", 0, now)
-            os.write(fd, ev.to_json())
-            dest = f"{os.path.dirname(fdir)}/pending/{pending_name(self._key(now), job.id, 0)}"
-            os.rename(f"{fdir}/{name}", dest)
-            return JobInfo(job, State.PENDING, 0, (*events, ev), now)
+            if job.unique_key is None:
+                return self._move_back(fd, fdir, name, job, events)
+            # The key is taken back and the job moved under the lock that every removal of a
+            # holder file takes: no dispatch can find the key held by a job still failed and
+            # take it over before the job is pending again.
+            with self._global_lock("unique"):
+                if not os.path.lexists(f"{fdir}/{name}"):
+                    return None  # another retry moved it meanwhile
+                try:
+                    self._retake_unique(job)
+                except DuplicateJob as dup:
+                    return RetryBlocked(job.id, job.unique_key, dup.job_id)
+                try:
+                    return self._move_back(fd, fdir, name, job, events)
+                except BaseException:
+                    self._free_unique(job, locked=True)
+                    raise
         except (OSError, CorruptJob):
             return None
         finally:
             os.close(fd)
+
+    def _move_back(self, fd: int, fdir: str, name: str, job: Job, events: list[Event]) -> JobInfo:
+        """Record the retry in the failed file open at ``fd`` and move it back to pending/."""
+        now = time.time()
+        ev = Event("retried", 0, now)
+        os.write(fd, ev.to_json())
+        dest = f"{os.path.dirname(fdir)}/pending/{pending_name(self._key(now), job.id, 0)}"
+        os.rename(f"{fdir}/{name}", dest)
+        return JobInfo(job, State.PENDING, 0, (*events, ev), now)
 
     def forget(self, job_id: str) -> bool:
         loc = self._locate(job_id) if valid_id(job_id) else None

@@ -181,39 +181,74 @@ class FileWriter:
         return self.root / "unique" / (hashlib.sha256(key.encode()).hexdigest()[:40] + ".json")
 
     def _acquire_unique(self, job: Job) -> None:
+        """Take ``job``'s unique key for a dispatch; DuplicateJob if a live job holds it."""
         assert job.unique_key is not None
         path = self._unique_path(job.unique_key)
+        with self._holder_record(job) as tmp:
+            for _ in range(5):
+                if self._link_holder(tmp, path):
+                    return
+                holder = read_json(path)
+                if holder is not None and self._unique_live(holder, time.time()):
+                    raise DuplicateJob(job.unique_key, str(holder.get("job_id")))
+                with self._global_lock("unique"):
+                    self._drop_dead_holder(path, job.unique_key)
+            raise DispatchFailed(f"Could not take unique key {job.unique_key!r}: it keeps changing hands.")
+
+    def _retake_unique(self, job: Job) -> None:
+        """Take the unique key of a failed ``job`` that is being retried; DuplicateJob if
+        another live job holds it. The caller holds the ``unique`` lock until the job is back
+        in pending/, so no dispatch can judge the key dead in between."""
+        assert job.unique_key is not None
+        path = self._unique_path(job.unique_key)
+        with self._holder_record(job) as tmp:
+            for _ in range(5):
+                if self._link_holder(tmp, path):
+                    return
+                self._drop_dead_holder(path, job.unique_key)
+            raise DispatchFailed(f"Could not take unique key {job.unique_key!r}: it keeps changing hands.")
+
+    @contextlib.contextmanager
+    def _holder_record(self, job: Job) -> Iterator[Path]:
+        """A temp file holding ``job``'s holder record, written in full so that it can be
+        ``link()``ed into place: a reader never sees a half-written holder (which it would
+        take for a stale one). The key's ttl counts from now."""
         now = time.time()
         expires = now + job.unique_ttl if job.unique_ttl else None
         record = json.dumps({"key": job.unique_key, "job_id": job.id, "created_at": now,
                              "expires_at": expires}).encode()
-        # The record is written in full under a temp name and then link()ed into place: a
-        # reader never sees a half-written holder (which it would take for a stale one).
         tmp = self.root / "tmp" / f"unique-{job.id}.tmp"
         try:
             write_new(tmp, record)
         except OSError as exc:
             raise DispatchFailed(f"Could not record unique key in {tmp}: {exc.strerror}.") from None
         try:
-            for _ in range(5):
-                try:
-                    os.link(tmp, path)
-                    return
-                except FileExistsError:
-                    pass
-                except OSError as exc:
-                    raise DispatchFailed(f"Could not record unique key in {path}: {exc.strerror}.") from None
-                holder = read_json(path)
-                if holder is not None and self._unique_live(holder, now):
-                    raise DuplicateJob(job.unique_key, str(holder.get("job_id")))
-                with self._global_lock("unique"):
-                    if read_json(path) == holder:
-                        with contextlib.suppress(FileNotFoundError):
-                            os.unlink(path)
-            raise DispatchFailed(f"Could not take unique key {job.unique_key!r}: it keeps changing hands.")
+            yield tmp
         finally:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
+
+    @staticmethod
+    def _link_holder(tmp: Path, path: Path) -> bool:
+        """Put the holder record in place unless a holder is there already (False)."""
+        try:
+            os.link(tmp, path)
+            return True
+        except FileExistsError:
+            return False
+        except OSError as exc:
+            raise DispatchFailed(f"Could not record unique key in {path}: {exc.strerror}.") from None
+
+    def _drop_dead_holder(self, path: Path, key: str) -> None:
+        """Remove the holder file at ``path`` if the job it names is no longer live (or its
+        ttl has passed); DuplicateJob if it is. The caller holds the ``unique`` lock, which
+        every removal of a holder file and every retry takes: a verdict of dead cannot turn
+        stale before the unlink, and the file unlinked is the one judged."""
+        holder = read_json(path)
+        if holder is not None and self._unique_live(holder, time.time()):
+            raise DuplicateJob(key, str(holder.get("job_id")))
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
 
     def _unique_live(self, holder: dict, now: float) -> bool:
         expires = holder.get("expires_at")
@@ -226,14 +261,18 @@ class FileWriter:
             return isinstance(created, int | float) and now - created < UNIQUE_INFLIGHT
         return info.state in (State.PENDING, State.DELAYED, State.RESERVED)
 
-    def _free_unique(self, job: Job) -> None:
+    def _free_unique(self, job: Job, *, locked: bool = False) -> None:
+        """Give up ``job``'s unique key if it still holds it: compare and delete, under the
+        ``unique`` lock (``locked``: the caller holds it). Without the lock a dispatch could
+        take the key over between the compare and the unlink, and lose it to the unlink."""
         if job.unique_key is None:
             return
         path = self._unique_path(job.unique_key)
-        holder = read_json(path)
-        if holder is not None and holder.get("job_id") == job.id:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
+        with contextlib.nullcontext() if locked else self._global_lock("unique"):
+            holder = read_json(path)
+            if holder is not None and holder.get("job_id") == job.id:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
 
     @contextlib.contextmanager
     def _global_lock(self, name: str) -> Iterator[None]:

@@ -20,7 +20,7 @@ from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from ..config import validate_queue_name
-from ..errors import UsageError
+from ..errors import RetryBlocked, UsageError
 from ..job import CorruptJob, Event, JobInfo, State, decode_file, valid_id
 from ._redis_helpers import CHUNK, LOG_CAP
 from ._redis_helpers import us as _us
@@ -156,7 +156,7 @@ class RedisAdmin:
     # -- management -----------------------------------------------------------------------
 
     def retry(self, job_ids: Sequence[str] | None, *, queue: str | None = None,
-              reason: str | None = None, command: str | None = None) -> Iterator[JobInfo]:
+              reason: str | None = None, command: str | None = None) -> Iterator[JobInfo | RetryBlocked]:
         with self._io():
             if job_ids is not None:
                 for job_id in job_ids:
@@ -199,12 +199,17 @@ class RedisAdmin:
             yield [m for m, _ in page]
             low = f"({int(last)}"
 
-    def _retry_one(self, info: JobInfo) -> JobInfo | None:
+    def _retry_one(self, info: JobInfo) -> JobInfo | RetryBlocked | None:
         now = time.time()
         ev = Event("retried", 0, now)
-        if not self._run("retry", info.id, ev.to_json()):
+        job = info.job
+        ttl = str(max(1, _us(job.unique_ttl) // 1000)) if job.unique_key and job.unique_ttl else ""
+        reply = self._run("retry", info.id, ev.to_json(), ttl)
+        if isinstance(reply, list):  # ['dup', holder]: another live job holds the unique key
+            return RetryBlocked(info.id, job.unique_key or "", reply[1].decode())
+        if not reply:
             return None
-        return JobInfo(info.job, State.PENDING, 0, (*info.events, ev), now)
+        return JobInfo(job, State.PENDING, 0, (*info.events, ev), now)
 
     def forget(self, job_id: str) -> bool:
         if not valid_id(job_id):

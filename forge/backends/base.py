@@ -10,6 +10,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from ..errors import RetryBlocked
 from ..job import Event, Job, JobInfo, State
 
 #: Seconds between SIGTERM and SIGKILL when a job overruns its timeout.
@@ -137,9 +138,15 @@ class Backend(Protocol):
     def retry(
         self, job_ids: Sequence[str] | None, *, queue: str | None = None,
         reason: str | None = None, command: str | None = None,
-    ) -> Iterator[JobInfo]:
+    ) -> Iterator[JobInfo | RetryBlocked]:
         """Move failed jobs (these ids, or all matching the filters when None) back to
-        pending with attempts reset; yields each as it is retried (streaming)."""
+        pending with attempts reset; yields each as it is retried (streaming). With None,
+        only the jobs that were failed when the call started, each once.
+
+        A unique job takes its key back atomically with the move (the key's ttl counting
+        from the retry). If another live job holds the key (and its ttl has not passed), the
+        job stays failed and a ``RetryBlocked`` naming the holder is yielded in its place
+        (not raised): the other jobs are still retried."""
 
     def forget(self, job_id: str) -> bool:
         """Delete one failed job. False if there was none with this id."""

@@ -12,7 +12,7 @@ import typer
 
 from .. import output
 from ..config import validate_queue_name
-from ..errors import JobNotFound, UsageError
+from ..errors import EXIT_DUPLICATE, JobNotFound, RetryBlocked, UsageError
 from ..job import JobInfo, Reason
 from ..queue import CommandQueue, QueueManager
 from ._shared import Connection, JobId, QueueOpt, err_tty, manager
@@ -34,7 +34,9 @@ def retry(
     command: Annotated[str | None, typer.Option(help="With all: only jobs of this command.")] = None,
     connection: Connection = None,
 ) -> int:
-    """Move failed jobs back to pending with their attempts reset; print each id retried."""
+    """Move failed jobs back to pending with their attempts reset; print each id retried.
+
+    A unique job whose key another live job holds stays failed and is reported (exit 4)."""
     m = manager(connection)
     every = ids == ["all"]
     if "all" in ids and not every:
@@ -42,21 +44,28 @@ def retry(
     if not every and (queue or reason or command):
         raise UsageError("--queue, --reason and --command filter `retry all`; drop them when naming ids.")
     retried: set[str] = set()
+    blocked: set[str] = set()
+
+    def report_blocked(err: RetryBlocked) -> None:
+        output.error(err.message, err.hint)
+        blocked.add(err.failed_id)
+
     stream: Iterator[JobInfo] = m.iter_retry("all" if every else ids, queue=validate_queue_name(queue) if queue else None,
-                                             reason=str(reason) if reason else None, command=command)
+                                             reason=str(reason) if reason else None, command=command,
+                                             on_blocked=report_blocked)
     for info in stream:
         sys.stdout.write(info.id + "\n")
         sys.stdout.flush()
         retried.add(info.id)
-    missing = [i for i in dict.fromkeys(ids) if not every and i not in retried]
+    missing = [i for i in dict.fromkeys(ids) if not every and i not in retried and i not in blocked]
     for job_id in missing[1:]:
         err = _not_failed(m, job_id)
         output.error(err.message, err.hint)
     if missing:
         raise _not_failed(m, missing[0])
-    if err_tty() or not retried:
-        output.info(f"Retried {len(retried)} job(s)." if retried else "No failed jobs to retry.")
-    return 0
+    if err_tty() or not (retried or blocked):
+        output.info(f"Retried {len(retried)} job(s)." if retried or blocked else "No failed jobs to retry.")
+    return EXIT_DUPLICATE if blocked else 0
 
 
 def forget(job_id: JobId, connection: Connection = None) -> None:
