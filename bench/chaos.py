@@ -33,6 +33,8 @@ def main() -> int:
     p.add_argument("--interval", type=float, default=0.2, help="storm: mean seconds between kills")
     p.add_argument("--job-ms", type=int, default=10, help="storm: each job sleeps this long")
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--hostile", action="store_true",
+                   help="storm: add descriptor-closing jobs and SIGSTOPs of supervisors to the mix")
     p.add_argument("--json", metavar="FILE", help="also write the figures here")
     a = p.parse_args()
     with tempfile.TemporaryDirectory(prefix="forge-chaos-") as tmp:
@@ -40,11 +42,12 @@ def main() -> int:
         try:
             if a.scenario == "storm":
                 res = kill_storm(target, workers=a.workers, jobs=a.jobs, seconds=a.seconds,
-                                 interval=a.interval, job_ms=a.job_ms, seed=a.seed, drain_timeout=600)
+                                 interval=a.interval, job_ms=a.job_ms, seed=a.seed, drain_timeout=600,
+                                 hostile=a.hostile)
                 f = res.figures
                 ok = (res.drained and f.lost == f.concurrent == f.unexpected == 0
                       and f.extra_runs <= res.claims_hit and res.reserved_after == 0)
-                line = res.line(f"storm-{a.backend}", workers=a.workers)
+                line = res.line(f"storm-{a.backend}{'-hostile' if a.hostile else ''}", workers=a.workers)
             else:
                 res = contention(target, workers=a.workers, jobs=a.jobs)
                 f = res.figures

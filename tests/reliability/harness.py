@@ -5,6 +5,7 @@ the kill storm and the contention run. Figures come from :mod:`reliability.check
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import signal
@@ -162,6 +163,7 @@ class Supervisor:
     kills: list[Kill] = field(default_factory=list)
     crashes: list[tuple[int, int]] = field(default_factory=list)  # (pid, returncode) we did not cause
     started: int = 0
+    stops: int = 0
 
     def _spawn(self) -> subprocess.Popen:
         self.started += 1
@@ -198,6 +200,15 @@ class Supervisor:
         self.kills.append(kill)
         self.procs[i] = self._spawn()
         return kill
+
+    def stop_one(self, rng: random.Random, seconds: float) -> None:
+        """SIGSTOP a random worker's supervisor (not its job process) for ``seconds``."""
+        p = self.procs[rng.randrange(len(self.procs))]
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(p.pid, signal.SIGSTOP)
+            time.sleep(seconds)
+            os.kill(p.pid, signal.SIGCONT)
+        self.stops += 1
 
     def stop(self, timeout: float = 30.0) -> list[int | None]:
         for p in self.procs:
@@ -263,19 +274,23 @@ class StormResult:
     drained: bool
     seconds: float
     workers_started: int
+    stops: int = 0
 
     def line(self, scenario: str, **extra: Any) -> str:
         return self.figures.line(scenario, kills=self.kills, kills_hit_claim=self.claims_hit,
                                  kills_hit_run=self.runs_hit, worker_crashes=self.crashes,
                                  reserved_after=self.reserved_after, seconds=round(self.seconds, 1),
-                                 workers_started=self.workers_started, **extra)
+                                 workers_started=self.workers_started, supervisor_stops=self.stops, **extra)
 
 
 def kill_storm(target: Target, *, workers: int = 4, jobs: int = 2000, seconds: float = 10.0,
                interval: float = 0.2, job_ms: int = 10, drain_timeout: float = 120.0,
-               seed: int | None = None) -> StormResult:
+               seed: int | None = None, hostile: bool = False) -> StormResult:
     """SIGKILL a random worker every ~``interval`` s for ``seconds`` (or until the queue is
-    drained) while a supervisor restarts them; then drain and compute the figures."""
+    drained) while a supervisor restarts them; then drain and compute the figures.
+
+    ``hostile``: every fifth job closes all its inherited descriptors first, and one chaos
+    step in three SIGSTOPs a random worker (its supervisor only) for up to 2 s instead."""
     rng = random.Random(seed)
     # Redis recovers a dead worker's job when its lease lapses (timeout + grace + margin): keep
     # the timeout short there so the drain does not wait a minute per killed claim.
@@ -283,8 +298,11 @@ def kill_storm(target: Target, *, workers: int = 4, jobs: int = 2000, seconds: f
     cmd = (QueuedCommand("probe:tick").with_args([str(job_ms)]).with_max_attempts(100).with_timeout(timeout))
     q = target.queue()
     ids: list[str] = []
+    closer = (QueuedCommand("probe:run").with_args(["--close-fds", "--sleep", str(job_ms / 1000)])
+              .with_max_attempts(100).with_timeout(timeout))
     for i in range(0, jobs, 1000):
-        ids += q.dispatch_many([cmd] * min(1000, jobs - i))
+        n = min(1000, jobs - i)
+        ids += q.dispatch_many([closer if hostile and k % 5 == 0 else cmd for k in range(n)])
     sup = Supervisor(target, workers)
     began = time.monotonic()
     sup.start()
@@ -293,7 +311,10 @@ def kill_storm(target: Target, *, workers: int = 4, jobs: int = 2000, seconds: f
         while time.monotonic() - began < seconds:
             time.sleep(interval * rng.uniform(0.5, 1.5))
             sup.tend()
-            sup.kill_one(rng)
+            if hostile and rng.random() < 1 / 3:
+                sup.stop_one(rng, rng.uniform(0.2, 2.0))
+            else:
+                sup.kill_one(rng)
             (st,) = target.backend.stats(["default"])
             if st.done + st.failed >= jobs:
                 break
@@ -315,7 +336,7 @@ def kill_storm(target: Target, *, workers: int = 4, jobs: int = 2000, seconds: f
         r.start <= k.at and (r.end is None or r.end > k.at) for c in k.children for r in by_pid.get(c, ())))
     (st,) = target.backend.stats(["default"])
     return StormResult(figures, len(sup.kills), claims_hit(target, sup.kills), runs_hit, len(sup.crashes),
-                       st.reserved, drained, elapsed, sup.started)
+                       st.reserved, drained, elapsed, sup.started, sup.stops)
 
 
 @dataclass
