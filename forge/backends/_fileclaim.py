@@ -8,6 +8,7 @@ See ``file``'s module docstring for why a lock taken before the rename makes a c
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
 import stat
@@ -19,7 +20,16 @@ from typing import TYPE_CHECKING
 from .. import _linux
 from ..errors import UsageError
 from ..job import MAX_FILE_BYTES, CorruptJob, Event, decode_file, decode_job
-from ._fileio import O_READ, micros, open_error, read_whole, write_new
+from ._fileio import (
+    FILE_ERRNOS,
+    O_READ,
+    first_unwritable,
+    micros,
+    open_error,
+    read_whole,
+    unusable,
+    write_new,
+)
 from ._filenames import (
     PENDING_RE,
     RESERVED_RE,
@@ -67,7 +77,9 @@ class FileClaimer:
                     self._inotify.watch(q.pending, name)
                     self._watched.add(name)
                     q.listing.dirty = True
-        except OSError:
+        except OSError as exc:
+            if exc.errno in (errno.EACCES, errno.EPERM):  # the directory, not inotify, is at fault
+                raise unusable(exc, str(exc.filename or self._root), "watch") from None
             self._inotify_failed = True
             self._watched.clear()
             if self._inotify is not None:
@@ -103,7 +115,12 @@ class FileClaimer:
         except FileNotFoundError:
             self._forget_queue(q.name)
             q = self._queue(q.name)
-        names = os.listdir(q.pending)
+        except OSError as exc:
+            raise unusable(exc, q.pending, "list") from None
+        try:
+            names = os.listdir(q.pfd)
+        except OSError as exc:
+            raise unusable(exc, q.pending, "list") from None
         good = valid_pending(names)
         if len(good) != len(names):
             valid = set(good)
@@ -132,7 +149,11 @@ class FileClaimer:
                     q = self._relist(q)
                     relisted = True
                     continue
-                claim = self._claim_one(q, entry[0], worker, timeout, now)
+                try:
+                    claim = self._claim_one(q, entry[0], worker, timeout, now)
+                except BaseException:
+                    listing.dirty = True  # the name was taken off the listing: list it again
+                    raise
                 if claim is _TAKEN:
                     if entry[1]:  # lost the head to another worker: spread out
                         listing.skip(now_key)
@@ -155,6 +176,8 @@ class FileClaimer:
         except FileNotFoundError:
             return _TAKEN
         except OSError as exc:
+            if exc.errno not in FILE_ERRNOS:  # a read-only disk, I/O, no descriptors left
+                raise unusable(exc, q.pending, "claim jobs from") from None
             self._quarantine(q.pending, name, open_error(exc))
             return None
         st = self._job_stat(fd, name)
@@ -176,6 +199,9 @@ class FileClaimer:
         except FileNotFoundError:
             os.close(fd)
             return _TAKEN
+        except OSError as exc:
+            os.close(fd)
+            raise unusable(exc, first_unwritable(q.pending, q.reserved), "claim jobs from") from None
         try:
             job = decode_job(read_whole(fd, st.st_size))
             if job.id != job_id or job.queue != q.name:
@@ -268,6 +294,8 @@ class FileClaimer:
         except FileNotFoundError:
             return None
         except OSError as exc:
+            if exc.errno not in FILE_ERRNOS:
+                raise unusable(exc, directory, "read jobs in") from None
             self._quarantine(directory, name, open_error(exc))
             return None
         st = self._job_stat(fd, name)
@@ -279,13 +307,19 @@ class FileClaimer:
         return fd
 
     def _quarantine(self, directory: str, name: str, reason: str) -> None:
+        """Move ``name`` out of ``directory`` into quarantine/, with a ``.reason`` file. A file
+        that cannot be moved is an error (``QueueUnavailable``): left in place, it would be
+        refused again at every claim while the queue looked empty."""
         path = f"{directory}/{name}"
         queue = os.path.basename(os.path.dirname(directory))
-        dest = f"{self._root}/quarantine/{time.time_ns()}-{queue}-{name}"
+        quarantine = f"{self._root}/quarantine"
+        dest = f"{quarantine}/{time.time_ns()}-{queue}-{name}"
         try:
             os.rename(path, dest)
-        except OSError:
+        except FileNotFoundError:
             return
+        except OSError as exc:
+            raise unusable(exc, first_unwritable(directory, quarantine), "quarantine a file from") from None
         with contextlib.suppress(OSError):
             write_new(dest + ".reason", f"{path}: {reason}\n".encode())
         warnings.warn(f"Quarantined {name} ({reason}); see {dest}.", stacklevel=2)

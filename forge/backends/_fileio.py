@@ -12,6 +12,7 @@ import json
 import os
 from pathlib import Path
 
+from ..errors import QueueUnavailable
 from ..job import MAX_FILE_BYTES
 
 LOG_CAP = 1024 * 1024
@@ -20,6 +21,11 @@ UNIQUE_INFLIGHT = 60.0
 O_READ = os.O_RDWR | os.O_APPEND | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 O_NEW = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+#: Why opening an existing job file failed, when the reason is the file itself (a symlink, a
+#: directory, a FIFO, another user's file): it is quarantined. Any other error (a read-only
+#: disk, I/O, out of descriptors) is the directory's or the process's, and the file is left.
+FILE_ERRNOS = frozenset({errno.ELOOP, errno.EACCES, errno.EPERM, errno.EISDIR, errno.ENXIO,
+                         errno.ENODEV, errno.ETXTBSY, errno.EOVERFLOW})
 
 
 def micros(t: float) -> int:
@@ -42,6 +48,22 @@ def read_whole(fd: int, size: int | None = None) -> bytes:
 def open_error(exc: OSError) -> str:
     """Why a job file could not be opened, as a quarantine reason."""
     return "symbolic link" if exc.errno == errno.ELOOP else f"cannot open: {exc.strerror}"
+
+
+def unusable(exc: OSError, where: str, doing: str) -> QueueUnavailable:
+    """The error for a queue directory forge cannot write (permissions, a read-only disk, I/O):
+    it names the directory, the OS error and what to check."""
+    return QueueUnavailable(
+        f"Cannot {doing} {where}: {exc.strerror or exc}.",
+        hint=f"forge must be able to write there: check its owner and mode (ls -ld {where})"
+             " and that the disk is mounted read-write.",
+    )
+
+
+def first_unwritable(*dirs: str) -> str:
+    """The first of ``dirs`` this process cannot write (the one to name in an error), else the
+    first. Only called once something failed."""
+    return next((d for d in dirs if not os.access(d, os.W_OK)), dirs[0])
 
 
 def write_new(path: str | Path, data: bytes, *, sync: bool = False) -> None:

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 from .. import _linux
 from ..errors import UsageError
 from ..job import CorruptJob, Event, Reason, backoff_delay, decode_file, valid_id
-from ._fileio import LOG_CAP, TMP_MAX_AGE, read_whole, write_new
+from ._fileio import LOG_CAP, TMP_MAX_AGE, first_unwritable, read_whole, unusable, write_new
 from ._filenames import RESERVED_RE, QueueDirs
 from .base import LEASE_MARGIN, Claim
 
@@ -24,6 +24,7 @@ class FileUpkeep:
     """Maintenance, markers and logs of a job-file directory (mixed into ``FileBackend``)."""
 
     root: Path
+    _root: str
     _tmp: str
     lock_mode: str
     done_retention: float
@@ -44,19 +45,23 @@ class FileUpkeep:
     def maintain(self, default_tries: int = 1) -> dict[str, int]:
         counts = {"recovered": 0, "abandoned": 0, "pruned": 0, "temp_removed": 0}
         now = time.time()
-        for q in self.queues():
-            for name in self._names(q, "reserved"):
-                outcome = self._recover(q, name, now, default_tries)
-                if outcome:
-                    counts[outcome] += 1
-        if self.done_retention >= 0:
-            counts["pruned"] = self.prune_done(older_than=self.done_retention)
-        with os.scandir(self._tmp) as it:
-            for entry in it:
-                with contextlib.suppress(OSError):
-                    if now - entry.stat(follow_symlinks=False).st_mtime > TMP_MAX_AGE:
-                        os.unlink(entry.path)
-                        counts["temp_removed"] += 1
+        try:
+            for q in self.queues():
+                for name in self._names(q, "reserved"):
+                    outcome = self._recover(q, name, now, default_tries)
+                    if outcome:
+                        counts[outcome] += 1
+            if self.done_retention >= 0:
+                counts["pruned"] = self.prune_done(older_than=self.done_retention)
+            with os.scandir(self._tmp) as it:
+                for entry in it:
+                    with contextlib.suppress(OSError):
+                        if now - entry.stat(follow_symlinks=False).st_mtime > TMP_MAX_AGE:
+                            os.unlink(entry.path)
+                            counts["temp_removed"] += 1
+        except OSError as exc:  # a directory forge cannot write: not an empty queue
+            where = str(exc.filename) if exc.filename and os.path.isabs(str(exc.filename)) else self._root
+            raise unusable(exc, os.path.dirname(where) if os.path.isfile(where) else where, "maintain") from None
         return counts
 
     def _recover(self, queue: str, name: str, now: float, default_tries: int) -> str | None:
@@ -98,10 +103,13 @@ class FileUpkeep:
         exhausted = attempt >= (job.max_attempts or default_tries)
         event = Event("failed" if exhausted else "released", attempt, now,
                       reason=Reason.ABANDONED, error="the worker died during this attempt")
-        if exhausted:
-            self.fail(claim, event)
-            return "abandoned"
-        self.release(claim, event, backoff_delay(job.backoff, attempt))
+        try:
+            if exhausted:
+                self.fail(claim, event)
+                return "abandoned"
+            self.release(claim, event, backoff_delay(job.backoff, attempt))
+        except OSError as exc:
+            raise unusable(exc, first_unwritable(q.reserved, q.pending, q.done, q.failed), "recover jobs in") from None
         return "recovered"
 
     # -- pause, resume, restart -----------------------------------------------------------

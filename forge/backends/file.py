@@ -53,7 +53,7 @@ from ..errors import QueueUnavailable
 from ..job import Event
 from ._fileadmin import FileAdmin
 from ._fileclaim import FileClaimer
-from ._fileio import LOG_CAP, micros
+from ._fileio import LOG_CAP, micros, unusable
 from ._filenames import QueueDirs, pending_name, safe_queue
 from ._fileupkeep import FileUpkeep
 from ._filewrite import FileWriter
@@ -131,7 +131,7 @@ class FileBackend(FileWriter, FileClaimer, FileUpkeep, FileAdmin):
             try:
                 q = self._queues[name] = QueueDirs(self._root, name)
             except OSError as exc:
-                raise QueueUnavailable(f"Cannot create queue {name} in {self.root}: {exc.strerror}.") from None
+                raise unusable(exc, str(exc.filename or self.root), f"set up queue {name} in") from None
         return q
 
     def _forget_queue(self, name: str) -> None:
@@ -147,10 +147,13 @@ class FileBackend(FileWriter, FileClaimer, FileUpkeep, FileAdmin):
 
     def _names(self, queue: str, state: str) -> list[str]:
         """The names in a queue's ``state`` directory (none if the queue does not exist)."""
+        where = f"{self._qdir(queue)}/{state}"
         try:
-            return os.listdir(f"{self._qdir(queue)}/{state}")
+            return os.listdir(where)
         except FileNotFoundError:
             return []
+        except OSError as exc:
+            raise unusable(exc, where, "list") from None
 
     def _key(self, t: float) -> int:
         """The sort key for a job due at ``t``: FIFO among jobs this process files for the same
