@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import signal
@@ -202,6 +203,14 @@ def _foreign(pending: Path, outside: Path) -> Path:
     return p
 
 
+def _others_may_write(pending: Path, outside: Path) -> Path:
+    jid, blob = valid_blob()
+    p = pending / hostile_name(jid)
+    p.write_bytes(blob)
+    os.chmod(p, 0o666)  # anyone could have changed what it runs
+    return p
+
+
 def _mismatched(pending: Path, outside: Path) -> Path:
     _, blob = valid_blob()
     p = pending / hostile_name()  # a name whose id is not the record's
@@ -247,6 +256,7 @@ HOSTILE = {
     "hardlink": _hardlink,
     "fifo": _fifo,
     "other-owner": _foreign,
+    "others-may-write": _others_may_write,
     "pickle": _plain(pickle.dumps({"v": 1, "command": "demo:sleep"}) + b"\n"),
     "name-id-mismatch": _mismatched,
     "other-queue-record": _other_queue,
@@ -292,6 +302,118 @@ def test_hostile_file_in_reserved_is_quarantined_by_maintain(fb: FileBackend, qd
         fb.maintain()
     assert os.listdir(qdir / "q" / "default" / "reserved") == []
     assert len(list((qdir / "quarantine").glob("*.reason"))) == 2
+
+
+# -- another user (issue 11, item 12) ---------------------------------------------------------
+
+
+def foreign(p: Path, mode: int = 0o666) -> Path:
+    os.chmod(p, mode)
+    os.chown(p, NOBODY, NOBODY, follow_symlinks=False)
+    return p
+
+
+def test_a_log_file_another_user_planted_is_never_written_nor_read(fb: FileBackend, qdir: Path,
+                                                                     tmp_path: Path) -> None:
+    needs_root()
+    hers, link, target = str(uuid.uuid4()), str(uuid.uuid4()), tmp_path / "elsewhere"
+    (qdir / "logs" / f"{hers}.log").write_bytes(b"")
+    foreign(qdir / "logs" / f"{hers}.log")
+    target.write_bytes(b"")
+    (qdir / "logs" / f"{link}.log").symlink_to(target)
+    with pytest.warns(UserWarning, match="Quarantined"):
+        for job_id in (hers, link):
+            fb.append_log(job_id, b"password=hunter2\n")
+            fb.append_log(job_id, b"more\n")
+    for job_id in (hers, link):
+        log = qdir / "logs" / f"{job_id}.log"
+        assert log.read_bytes() == b"password=hunter2\nmore\n" and fb.read_log(job_id).startswith(b"password")
+        st = os.lstat(log)
+        assert st.st_uid == os.getuid() and stat.S_IMODE(st.st_mode) == 0o600 and st.st_nlink == 1
+    assert target.read_bytes() == b"" and len(list((qdir / "quarantine").glob("*.reason"))) == 2
+    shown = str(uuid.uuid4())  # her file, found by a reader: never shown as the job's output
+    (qdir / "logs" / f"{shown}.log").write_bytes(b"Job failed: re-enter your password at ...")
+    foreign(qdir / "logs" / f"{shown}.log")
+    with pytest.warns(UserWarning, match="Quarantined"):
+        assert fb.read_log(shown) == b""
+
+
+def test_markers_locks_and_holders_another_user_planted_count_for_nothing(fb: FileBackend, qdir: Path) -> None:
+    needs_root()
+    fb.push([job()])
+    paused = qdir / "q" / "default" / "paused"
+    paused.write_bytes(b"")
+    foreign(paused, 0o644)
+    (qdir / "restart").write_bytes(repr(time.time()).encode())
+    foreign(qdir / "restart", 0o644)
+    assert fb.paused() == set() and fb.restart_requested_at() is None
+    assert fb.claim(["default"], WORKER, 60) is not None  # her marker pauses nothing
+    with pytest.warns(UserWarning, match="Quarantined"):
+        fb.pause("default")  # ours replaces hers
+    assert fb.paused() == {"default"} and os.lstat(paused).st_uid == os.getuid()
+    # A unique-key lock file she owns could be held by her for ever: refused, naming it.
+    unique = QueuedCommand("demo:sleep").with_args(["0"]).with_unique_key("nightly")
+    holder = fb._unique_path("nightly")
+    holder.write_text(json.dumps({"key": "nightly", "job_id": str(uuid.uuid4()), "created_at": time.time()}))
+    foreign(holder, 0o644)
+    lock = qdir / ".unique.lock"
+    lock.write_bytes(b"")
+    foreign(lock)
+    with pytest.raises(QueueUnavailable, match="lock file") as err:
+        fb.push([unique.to_job("default")])
+    assert str(lock) in str(err.value) and f"rm {lock}" in (err.value.hint or "")
+    lock.unlink()
+    j = unique.to_job("default")
+    fb.push([j])  # her holder (a fresh one, naming a job of hers) did not block the key
+    assert os.lstat(holder).st_uid == os.getuid() and str(j.id) in holder.read_text()
+
+
+def test_a_finished_job_moved_back_is_never_run_again(fb: FileBackend, qdir: Path) -> None:
+    """What another user does once a queue directory is open to her (or a careless copy):
+    a done job's file moved back into pending/ or reserved/."""
+    base = qdir / "q" / "default"
+    a, b = job(), job()
+    fb.push([a, b])
+    assert sorted(drain(fb)) == sorted([a.id, b.id])
+    done = {n[17:53]: n for n in os.listdir(base / "done")}
+    os.rename(base / "done" / done[a.id], base / "pending" / f"{1:016d}-{a.id}-0.job")
+    os.rename(base / "done" / done[b.id], base / "reserved" / f"{b.id}-1.job")
+    with pytest.warns(UserWarning, match="has finished"):
+        assert fb.claim(["default"], WORKER, 60) is None
+    assert fb.maintain()["completed"] == 1  # filed as done again, not recovered to run again
+    assert fb.claim(["default"], WORKER, 60) is None
+    assert fb.find(b.id).state == State.DONE  # type: ignore[union-attr]
+    assert fb.find(a.id) is None and list((qdir / "quarantine").glob(f"*{a.id}*.reason"))
+
+
+@pytest.mark.parametrize("where", ["root-subdir", "queue-dir", "state-dir-symlink"])
+def test_a_directory_another_user_planted_is_refused(qdir: Path, tmp_path: Path, where: str) -> None:
+    needs_root()
+    FileBackend(qdir).close()
+    hers = tmp_path / "hers"
+    hers.mkdir(mode=0o777)
+    os.chown(hers, NOBODY, NOBODY)
+    if where == "root-subdir":
+        planted = qdir / "logs"
+        planted.rmdir()
+        planted.mkdir()
+        os.chown(planted, NOBODY, NOBODY)
+    elif where == "queue-dir":
+        planted = qdir / "q" / "emails"
+        planted.mkdir()
+        os.chown(planted, NOBODY, NOBODY)
+    else:
+        (qdir / "q" / "emails").mkdir(mode=0o700)
+        planted = qdir / "q" / "emails" / "done"
+        planted.symlink_to(hers)
+    fragment = "is a symbolic link" if where == "state-dir-symlink" else "belongs to uid 65534"
+    calls = [lambda b: b.push([job("emails")]), lambda b: b.claim(["emails"], WORKER, 60), lambda b: b.stats(),
+             lambda b: b.maintain()]
+    for call in calls:
+        with pytest.raises(QueueUnavailable, match=fragment) as err:
+            call(FileBackend(qdir))
+        assert f"{planted} " in str(err.value) and str(planted) in (err.value.hint or ""), err.value
+    assert os.listdir(hers) == []
 
 
 # -- an unusable queue directory (issue 11, item 8) ---------------------------------------

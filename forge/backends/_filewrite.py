@@ -22,7 +22,16 @@ from typing import TYPE_CHECKING
 from .. import _linux
 from ..errors import DispatchFailed, DuplicateJob, QueueError, QueueUnavailable, UsageError
 from ..job import MAX_PAYLOAD_BYTES, Job, JobInfo, State, valid_id
-from ._fileio import O_DIR, O_NEW, UNIQUE_INFLIGHT, first_unwritable, read_json, unusable, write_new
+from ._fileio import (
+    O_DIR,
+    O_NEW,
+    UNIQUE_INFLIGHT,
+    first_unwritable,
+    open_lock,
+    read_json,
+    unusable,
+    write_new,
+)
 from ._filenames import QueueDirs, pending_name
 
 
@@ -32,6 +41,7 @@ class FileWriter:
     root: Path
     _root: str
     _tmp: str
+    uid: int
     _dirfds: dict[str, int]
     _queues: dict[str, QueueDirs]
 
@@ -248,7 +258,7 @@ class FileWriter:
 
     @contextlib.contextmanager
     def _global_lock(self, name: str) -> Iterator[None]:
-        fd = os.open(self.root / f".{name}.lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        fd = open_lock(self.root / f".{name}.lock", self.uid)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield
