@@ -48,6 +48,7 @@ class FileAdmin:
     """Inspection and management of a job-file directory (mixed into ``FileBackend``)."""
 
     _root: str
+    uid: int
 
     if TYPE_CHECKING:  # provided by FileBackend
         def queues(self) -> list[str]: ...
@@ -69,8 +70,8 @@ class FileAdmin:
             return None
         try:
             st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode) or st.st_size > MAX_FILE_BYTES:
-                return None
+            if not stat.S_ISREG(st.st_mode) or st.st_uid != self.uid or st.st_size > MAX_FILE_BYTES:
+                return None  # what another user planted is never shown as a job
             job, events = decode_file(read_whole(fd))
         except (OSError, CorruptJob):
             return None

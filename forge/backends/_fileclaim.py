@@ -8,9 +8,10 @@ See ``file``'s module docstring for why a lock taken before the rename makes a c
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
+import json
 import os
-import stat
 import time
 import warnings
 from collections.abc import Sequence
@@ -19,7 +20,18 @@ from typing import TYPE_CHECKING
 from .. import _linux
 from ..errors import UsageError
 from ..job import MAX_FILE_BYTES, CorruptJob, Event, decode_file, decode_job
-from ._fileio import O_READ, micros, open_error, read_whole, write_new
+from ._fileio import (
+    FILE_ERRNOS,
+    O_READ,
+    distrust,
+    first_unwritable,
+    marker_set,
+    micros,
+    open_error,
+    read_whole,
+    unusable,
+    write_new,
+)
 from ._filenames import (
     PENDING_RE,
     RESERVED_RE,
@@ -34,6 +46,22 @@ from ._filenames import (
 from .base import KILL_GRACE, Claim
 
 _TAKEN = object()  # _claim_one: another claimer got there first
+#: How a job file's last line starts when the job has finished (events are written with
+#: their name first). forge never puts such a file in pending/: a retry adds "retried".
+_FINISHED = (b'{"event":"done"', b'{"event":"failed"')
+
+
+def finished_event(data: bytes) -> str | None:
+    """"done" or "failed" if the job file ``data`` ends with that event, else None."""
+    end = data.rstrip(b"\n")
+    last = end[end.rfind(b"\n") + 1:]
+    if not last.startswith(_FINISHED):
+        return None
+    try:
+        event = json.loads(last).get("event")
+    except (ValueError, AttributeError):
+        return None
+    return event if event in ("done", "failed") else None
 
 
 class FileClaimer:
@@ -67,7 +95,9 @@ class FileClaimer:
                     self._inotify.watch(q.pending, name)
                     self._watched.add(name)
                     q.listing.dirty = True
-        except OSError:
+        except OSError as exc:
+            if exc.errno in (errno.EACCES, errno.EPERM):  # the directory, not inotify, is at fault
+                raise unusable(exc, str(exc.filename or self._root), "watch") from None
             self._inotify_failed = True
             self._watched.clear()
             if self._inotify is not None:
@@ -103,7 +133,12 @@ class FileClaimer:
         except FileNotFoundError:
             self._forget_queue(q.name)
             q = self._queue(q.name)
-        names = os.listdir(q.pending)
+        except OSError as exc:
+            raise unusable(exc, q.pending, "list") from None
+        try:
+            names = os.listdir(q.pfd)
+        except OSError as exc:
+            raise unusable(exc, q.pending, "list") from None
         good = valid_pending(names)
         if len(good) != len(names):
             valid = set(good)
@@ -120,7 +155,7 @@ class FileClaimer:
         now_key = key_str(micros(now))
         for name in queues:
             q = self._queues.get(name) or self._queue(name)
-            if os.path.exists(q.paused):
+            if marker_set(q.paused, self.uid):
                 continue
             relisted = False
             while True:
@@ -132,7 +167,11 @@ class FileClaimer:
                     q = self._relist(q)
                     relisted = True
                     continue
-                claim = self._claim_one(q, entry[0], worker, timeout, now)
+                try:
+                    claim = self._claim_one(q, entry[0], worker, timeout, now)
+                except BaseException:
+                    listing.dirty = True  # the name was taken off the listing: list it again
+                    raise
                 if claim is _TAKEN:
                     if entry[1]:  # lost the head to another worker: spread out
                         listing.skip(now_key)
@@ -155,6 +194,8 @@ class FileClaimer:
         except FileNotFoundError:
             return _TAKEN
         except OSError as exc:
+            if exc.errno not in FILE_ERRNOS:  # a read-only disk, I/O, no descriptors left
+                raise unusable(exc, q.pending, "claim jobs from") from None
             self._quarantine(q.pending, name, open_error(exc))
             return None
         st = self._job_stat(fd, name)
@@ -176,10 +217,18 @@ class FileClaimer:
         except FileNotFoundError:
             os.close(fd)
             return _TAKEN
+        except OSError as exc:
+            os.close(fd)
+            raise unusable(exc, first_unwritable(q.pending, q.reserved), "claim jobs from") from None
         try:
-            job = decode_job(read_whole(fd, st.st_size))
+            data = read_whole(fd, st.st_size)
+            job = decode_job(data)
             if job.id != job_id or job.queue != q.name:
                 raise CorruptJob("file name does not match its contents")
+            last = finished_event(data)
+            if last is not None:
+                raise CorruptJob(f"the job has finished (its last event is {last}): something other"
+                                 " than forge moved it back into pending/")
         except CorruptJob as exc:
             self._quarantine(q.reserved, reserved, str(exc))
             os.close(fd)
@@ -257,15 +306,10 @@ class FileClaimer:
 
     def _refusal(self, st: os.stat_result) -> str | None:
         """Why a file with status ``st`` is not a job file forge will read, or None."""
-        if not stat.S_ISREG(st.st_mode):
-            return "not a regular file"
-        if st.st_uid != self.uid:
-            return f"owned by uid {st.st_uid}, not {self.uid}"
-        if st.st_nlink != 1:
-            return f"has {st.st_nlink} hard links"
-        if st.st_size > MAX_FILE_BYTES:
+        reason = distrust(st, self.uid)
+        if reason is None and st.st_size > MAX_FILE_BYTES:
             return f"{st.st_size} bytes, over the {MAX_FILE_BYTES}-byte cap"
-        return None
+        return reason
 
     def _open_job(self, directory: str, name: str) -> int | None:
         """Open a job file safely, or quarantine it with the reason; None if gone or refused."""
@@ -274,6 +318,8 @@ class FileClaimer:
         except FileNotFoundError:
             return None
         except OSError as exc:
+            if exc.errno not in FILE_ERRNOS:
+                raise unusable(exc, directory, "read jobs in") from None
             self._quarantine(directory, name, open_error(exc))
             return None
         st = self._job_stat(fd, name)
@@ -284,14 +330,21 @@ class FileClaimer:
             return None
         return fd
 
-    def _quarantine(self, directory: str, name: str, reason: str) -> None:
+    def _quarantine(self, directory: str, name: str, reason: str, *, label: str | None = None) -> None:
+        """Move ``name`` out of ``directory`` into quarantine/ (named after ``label``, by
+        default the queue), with a ``.reason`` file. A file that cannot be moved is an error
+        (``QueueUnavailable``): left in place, it would be refused again at every claim while
+        the queue looked empty."""
         path = f"{directory}/{name}"
-        queue = os.path.basename(os.path.dirname(directory))
-        dest = f"{self._root}/quarantine/{time.time_ns()}-{queue}-{name}"
+        label = label or os.path.basename(os.path.dirname(directory))
+        quarantine = f"{self._root}/quarantine"
+        dest = f"{quarantine}/{time.time_ns()}-{label}-{name}"
         try:
             os.rename(path, dest)
-        except OSError:
+        except FileNotFoundError:
             return
+        except OSError as exc:
+            raise unusable(exc, first_unwritable(directory, quarantine), "quarantine a file from") from None
         with contextlib.suppress(OSError):
             write_new(dest + ".reason", f"{path}: {reason}\n".encode())
         warnings.warn(f"Quarantined {name} ({reason}); see {dest}.", stacklevel=2)

@@ -18,7 +18,7 @@ from collections.abc import Iterable, Iterator
 
 from ..config import validate_queue_name
 from ..errors import UsageError
-from ._fileio import O_DIR
+from ._fileio import private_dir
 
 # ASCII digits and \Z (not \d and $, which also take other scripts' digits and a trailing
 # newline): a name forge did not write is quarantined, never parsed.
@@ -152,32 +152,28 @@ STATES = ("pending", "reserved", "done", "failed")
 
 class QueueDirs:
     """One queue's directories, set up once per backend: validated name, paths as strings,
-    open directory descriptors for ``*at`` calls, and the worker's cached pending listing."""
+    open directory descriptors for ``*at`` calls, and the worker's cached pending listing.
+    Each directory is created or checked as ``_fileio.private_dir`` does (ours, a real
+    directory, closed to others), the queue's own directory included."""
 
     __slots__ = ("name", "path", "pending", "reserved", "done", "failed", "paused", "fds", "listing")
 
-    def __init__(self, root: str, name: str) -> None:
+    def __init__(self, root: str, name: str, uid: int) -> None:
         self.name = validate_queue_name(name)
         self.path = f"{root}/q/{name}"
         self.pending, self.reserved, self.done, self.failed = (f"{self.path}/{s}" for s in STATES)
         self.paused = f"{self.path}/paused"
         self.listing = Listing()
-        try:
-            os.mkdir(self.path, 0o700)
-        except FileExistsError:
-            pass
-        for d in (self.pending, self.reserved, self.done, self.failed):
-            try:
-                os.mkdir(d, 0o700)
-            except FileExistsError:
-                pass
         self.fds: list[int] = []
+        qfd = private_dir(self.path, uid)
         try:
-            for d in (self.pending, self.reserved, self.done, self.failed):
-                self.fds.append(os.open(d, O_DIR))
-        except OSError:
+            for s in STATES:
+                self.fds.append(private_dir(f"{self.path}/{s}", uid, name=s, dir_fd=qfd))
+        except BaseException:
             self.close()
             raise
+        finally:
+            os.close(qfd)
 
     @property
     def pfd(self) -> int:

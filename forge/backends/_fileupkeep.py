@@ -1,6 +1,7 @@
-"""Keeping a job-file directory healthy, as a mixin of ``FileBackend``: ``maintain`` (jobs of
-dead workers recovered or failed as abandoned, done jobs pruned, temp leftovers removed),
-pause/resume and the restart marker, and the capped per-job output logs.
+"""Keeping a job-file directory healthy, as a mixin of ``FileBackend``: ``maintain`` (the tree's
+ownership and modes checked again, jobs of dead workers recovered or failed as abandoned, done
+jobs pruned, temp leftovers removed), pause/resume and the restart marker, and the capped
+per-job output logs.
 """
 
 from __future__ import annotations
@@ -14,9 +15,22 @@ from typing import TYPE_CHECKING
 
 from .. import _linux
 from ..errors import UsageError
-from ..job import CorruptJob, Event, Reason, backoff_delay, decode_file, valid_id
-from ._fileio import LOG_CAP, TMP_MAX_AGE, read_whole, write_new
-from ._filenames import RESERVED_RE, QueueDirs
+from ..job import CorruptJob, Event, Job, Reason, backoff_delay, decode_file, valid_id
+from ._fileio import (
+    FILE_ERRNOS,
+    LOG_CAP,
+    O_PEEK,
+    TMP_MAX_AGE,
+    distrust,
+    first_unwritable,
+    marker_set,
+    micros,
+    open_error,
+    read_whole,
+    unusable,
+    write_new,
+)
+from ._filenames import RESERVED_RE, QueueDirs, pending_name
 from .base import LEASE_MARGIN, Claim
 
 
@@ -24,17 +38,22 @@ class FileUpkeep:
     """Maintenance, markers and logs of a job-file directory (mixed into ``FileBackend``)."""
 
     root: Path
+    _root: str
     _tmp: str
+    uid: int
     lock_mode: str
     done_retention: float
 
-    if TYPE_CHECKING:  # provided by FileBackend, FileClaimer and FileAdmin
+    if TYPE_CHECKING:  # provided by FileBackend, FileClaimer, FileWriter and FileAdmin
+        def _check_layout(self) -> None: ...
+        def _finish(self, claim: Claim, event: Event | None, state: str | None, dest: str = "") -> None: ...
+        def _free_unique(self, job: Job) -> None: ...
         def queues(self) -> list[str]: ...
         def _qdir(self, queue: str) -> str: ...
         def _queue(self, name: str) -> QueueDirs: ...
         def _names(self, queue: str, state: str) -> list[str]: ...
         def _open_job(self, directory: str, name: str) -> int | None: ...
-        def _quarantine(self, directory: str, name: str, reason: str) -> None: ...
+        def _quarantine(self, directory: str, name: str, reason: str, *, label: str | None = None) -> None: ...
         def prune_done(self, *, older_than: float | None = None) -> int: ...
         def fail(self, claim: Claim, event: Event) -> None: ...
         def release(self, claim: Claim, event: Event | None, delay: float) -> None: ...
@@ -42,21 +61,26 @@ class FileUpkeep:
     # -- maintenance ----------------------------------------------------------------------
 
     def maintain(self, default_tries: int = 1) -> dict[str, int]:
-        counts = {"recovered": 0, "abandoned": 0, "pruned": 0, "temp_removed": 0}
+        counts = {"recovered": 0, "abandoned": 0, "completed": 0, "pruned": 0, "temp_removed": 0}
+        self._check_layout()
         now = time.time()
-        for q in self.queues():
-            for name in self._names(q, "reserved"):
-                outcome = self._recover(q, name, now, default_tries)
-                if outcome:
-                    counts[outcome] += 1
-        if self.done_retention >= 0:
-            counts["pruned"] = self.prune_done(older_than=self.done_retention)
-        with os.scandir(self._tmp) as it:
-            for entry in it:
-                with contextlib.suppress(OSError):
-                    if now - entry.stat(follow_symlinks=False).st_mtime > TMP_MAX_AGE:
-                        os.unlink(entry.path)
-                        counts["temp_removed"] += 1
+        try:
+            for q in self.queues():
+                for name in self._names(q, "reserved"):
+                    outcome = self._recover(q, name, now, default_tries)
+                    if outcome:
+                        counts[outcome] += 1
+            if self.done_retention >= 0:
+                counts["pruned"] = self.prune_done(older_than=self.done_retention)
+            with os.scandir(self._tmp) as it:
+                for entry in it:
+                    with contextlib.suppress(OSError):
+                        if now - entry.stat(follow_symlinks=False).st_mtime > TMP_MAX_AGE:
+                            os.unlink(entry.path)
+                            counts["temp_removed"] += 1
+        except OSError as exc:  # a directory forge cannot write: not an empty queue
+            where = str(exc.filename) if exc.filename and os.path.isabs(str(exc.filename)) else self._root
+            raise unusable(exc, os.path.dirname(where) if os.path.isfile(where) else where, "maintain") from None
         return counts
 
     def _recover(self, queue: str, name: str, now: float, default_tries: int) -> str | None:
@@ -95,26 +119,42 @@ class FileUpkeep:
             os.close(fd)
             return None
         claim = Claim(job, attempt, now, now, None, [fd], (fd, q, name))
-        exhausted = attempt >= (job.max_attempts or default_tries)
-        event = Event("failed" if exhausted else "released", attempt, now,
-                      reason=Reason.ABANDONED, error="the worker died during this attempt")
-        if exhausted:
-            self.fail(claim, event)
-            return "abandoned"
-        self.release(claim, event, backoff_delay(job.backoff, attempt))
+        last = events[-1].event if events else None
+        try:
+            if last in ("done", "failed"):
+                # Its outcome is recorded and only the move was lost (a crash between the two),
+                # or someone else moved a finished job here: file it, never run it again.
+                if last == "failed":
+                    state: str | None = "failed"
+                else:  # as ack: kept in done/ for the retention, or deleted at once
+                    state = "done" if self.done_retention > 0 else None
+                self._finish(claim, None, state, pending_name(micros(now), job.id, attempt))
+                self._free_unique(job)
+                return "completed"
+            exhausted = attempt >= (job.max_attempts or default_tries)
+            event = Event("failed" if exhausted else "released", attempt, now,
+                          reason=Reason.ABANDONED, error="the worker died during this attempt")
+            if exhausted:
+                self.fail(claim, event)
+                return "abandoned"
+            self.release(claim, event, backoff_delay(job.backoff, attempt))
+        except OSError as exc:
+            raise unusable(exc, first_unwritable(q.reserved, q.pending, q.done, q.failed), "recover jobs in") from None
         return "recovered"
 
     # -- pause, resume, restart -----------------------------------------------------------
 
     def pause(self, queue: str) -> None:
-        Path(self._queue(queue).paused).touch(mode=0o600)
+        q = self._queue(queue)
+        fd, _ = self._open_private(q.path, "paused", os.O_WRONLY, label=queue)
+        os.close(fd)
 
     def resume(self, queue: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(f"{self._qdir(queue)}/paused")
 
     def paused(self) -> set[str]:
-        return {q for q in self.queues() if os.path.exists(self.root / "q" / q / "paused")}
+        return {q for q in self.queues() if marker_set(f"{self._qdir(q)}/paused", self.uid)}
 
     def request_restart(self) -> float:
         now = time.time()
@@ -126,19 +166,50 @@ class FileUpkeep:
 
     def restart_requested_at(self) -> float | None:
         try:
-            return float((self.root / "restart").read_text())
+            fd = os.open(f"{self._root}/restart", O_PEEK)
+        except OSError:
+            return None
+        try:
+            if distrust(os.fstat(fd), self.uid):
+                return None  # planted by someone else: only ours counts (ours replaces it)
+            return float(os.read(fd, 64))
         except (OSError, ValueError):
             return None
+        finally:
+            os.close(fd)
 
-    # -- logs -----------------------------------------------------------------------------
+    # -- logs (and the marker files, which open the same way) -----------------------------
+
+    def _open_private(self, directory: str, name: str, flags: int, *, label: str) -> tuple[int, os.stat_result]:
+        """Open the file ``name`` that forge keeps in ``directory`` (a log, a marker), creating
+        it (0600), with its status. Whatever else is found under that name (planted by another
+        user while the directory was open to others: her file, a symlink, a FIFO, a hard link)
+        is quarantined and the file created afresh, exclusively."""
+        path = f"{directory}/{name}"
+        flags |= os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+        try:
+            fd = os.open(path, flags, 0o600)
+        except OSError as exc:
+            if exc.errno not in FILE_ERRNOS:
+                raise unusable(exc, directory, "write to") from None
+            reason = open_error(exc)
+        else:
+            st = os.fstat(fd)
+            found = distrust(st, self.uid)
+            if found is None:
+                return fd, st
+            os.close(fd)
+            reason = found
+        self._quarantine(directory, name, reason, label=label)
+        fd = os.open(path, flags | os.O_EXCL, 0o600)
+        return fd, os.fstat(fd)
 
     def append_log(self, job_id: str, data: bytes) -> None:
         if not valid_id(job_id) or not data:
             return
-        path = self.root / "logs" / f"{job_id}.log"
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        fd, st = self._open_private(f"{self._root}/logs", f"{job_id}.log", os.O_WRONLY | os.O_APPEND, label="logs")
         try:
-            room = LOG_CAP - os.fstat(fd).st_size
+            room = LOG_CAP - st.st_size
             if room > 0:
                 os.write(fd, data[:room])
         finally:
@@ -147,11 +218,21 @@ class FileUpkeep:
     def read_log(self, job_id: str, offset: int = 0) -> bytes:
         if not valid_id(job_id):
             raise UsageError(f"Invalid job id {job_id!r}.")
+        logs, name = f"{self._root}/logs", f"{job_id}.log"
         try:
-            fd = os.open(self.root / "logs" / f"{job_id}.log", os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            fd = os.open(f"{logs}/{name}", O_PEEK)
         except FileNotFoundError:
             return b""
+        except OSError as exc:
+            if exc.errno not in FILE_ERRNOS:
+                raise unusable(exc, logs, "read logs in") from None
+            self._quarantine(logs, name, open_error(exc), label="logs")
+            return b""
         try:
+            reason = distrust(os.fstat(fd), self.uid)
+            if reason is not None:  # never show what another user wrote as the job's output
+                self._quarantine(logs, name, reason, label="logs")
+                return b""
             return os.pread(fd, LOG_CAP, offset)
         finally:
             os.close(fd)

@@ -20,9 +20,18 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .. import _linux
-from ..errors import DispatchFailed, DuplicateJob, QueueUnavailable, UsageError
+from ..errors import DispatchFailed, DuplicateJob, QueueError, QueueUnavailable, UsageError
 from ..job import MAX_PAYLOAD_BYTES, Job, JobInfo, State, valid_id
-from ._fileio import O_DIR, O_NEW, UNIQUE_INFLIGHT, read_json, write_new
+from ._fileio import (
+    O_DIR,
+    O_NEW,
+    UNIQUE_INFLIGHT,
+    first_unwritable,
+    open_lock,
+    read_json,
+    unusable,
+    write_new,
+)
 from ._filenames import QueueDirs, pending_name
 
 
@@ -32,6 +41,7 @@ class FileWriter:
     root: Path
     _root: str
     _tmp: str
+    uid: int
     _dirfds: dict[str, int]
     _queues: dict[str, QueueDirs]
 
@@ -106,10 +116,17 @@ class FileWriter:
             except OSError as exc2:
                 raise self._dispatch_failed(exc2) from None
 
-    def _dispatch_failed(self, exc: OSError) -> DispatchFailed:
+    def _dispatch_failed(self, exc: OSError) -> QueueError:
+        """The error for a failed write: ``DispatchFailed`` (a full disk, an I/O error), or
+        ``QueueUnavailable`` (exit code 6) naming the directory when it may not be written
+        (permissions, a read-only disk)."""
         where = exc.filename or self.root
         if exc.filename and not os.path.isabs(str(exc.filename)):
             where = self.root / "tmp" / str(exc.filename)
+        if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            err = unusable(exc, str(where if os.path.isdir(where) else os.path.dirname(where)), "store jobs in")
+            err.hint = f"{err.hint} Nothing was queued."
+            return err
         return DispatchFailed(
             f"Could not store the job in {where}: {exc.strerror or exc}.",
             hint="Free disk space or fix the queue directory's permissions; nothing was queued.",
@@ -157,7 +174,11 @@ class FileWriter:
             for job, tmp in zip(jobs, temps, strict=True):
                 pfd = queues[job.queue].pfd
                 dest = pending_name(self._key(job.available_at), job.id, 0)
-                rename(tmp, dest, src_dir_fd=tfd, dst_dir_fd=pfd)
+                try:
+                    rename(tmp, dest, src_dir_fd=tfd, dst_dir_fd=pfd)
+                except OSError as exc:  # name the directory at fault, not the temp file
+                    exc.filename = first_unwritable(queues[job.queue].pending, self._tmp)
+                    raise
                 moved.append((dest, pfd))
                 dirs[pfd] = None
             if any(j.unique_key for j in jobs):
@@ -276,7 +297,7 @@ class FileWriter:
 
     @contextlib.contextmanager
     def _global_lock(self, name: str) -> Iterator[None]:
-        fd = os.open(self.root / f".{name}.lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        fd = open_lock(self.root / f".{name}.lock", self.uid)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield

@@ -26,6 +26,12 @@ due names at random (and retries them shortly), so FIFO among due jobs may be of
 The claim and acknowledge path works with names and directory descriptors (``*at`` calls),
 never with paths built per job.
 
+The tree is private to its owner, and that is checked on what is opened, not on paths looked
+up again (``_fileio``): every directory of the layout is opened without following a symlink
+and ``fstat``ed, when a process first uses it and again at each maintenance pass (one that
+another user owns is refused, one of ours open to others is closed again), and every file
+is checked on its open descriptor before it is read, written or run.
+
 What lives where: this module is the core (the backend object, the directory layout and its
 preparation, outcomes: ack, release, fail) and composes the rest, each a mixin working on the
 same state: ``FileWriter`` (``_filewrite``: dispatch and unique keys), ``FileClaimer``
@@ -43,25 +49,25 @@ import errno
 import fcntl
 import os
 import select
-import stat
 import time
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
 from .. import _linux
 from ..config import Connection, validate_queue_name
-from ..errors import QueueUnavailable
 from ..job import Event
 from ._fileadmin import FileAdmin
 from ._fileclaim import FileClaimer
-from ._fileio import LOG_CAP, micros
-from ._filenames import QueueDirs, pending_name, safe_queue
+from ._fileio import LOG_CAP, micros, private_dir, unusable
+from ._filenames import STATES, QueueDirs, pending_name, safe_queue
 from ._fileupkeep import FileUpkeep
 from ._filewrite import FileWriter
 from .base import Claim
 
 __all__ = ["LOG_CAP", "FileBackend"]
+
+#: The queue directory's fixed sub-directories, created (0700) and checked by every backend.
+SUBDIRS = ("tmp", "q", "unique", "logs", "quarantine")
 
 
 class FileBackend(FileWriter, FileClaimer, FileUpkeep, FileAdmin):
@@ -97,43 +103,36 @@ class FileBackend(FileWriter, FileClaimer, FileUpkeep, FileAdmin):
     # -- layout ---------------------------------------------------------------------------
 
     def _prepare_root(self) -> None:
+        """Create or check the queue directory and its fixed sub-directories (``private_dir``):
+        the root first, so that once it is closed to others nobody else can change its entries
+        while they are checked."""
+        fd = private_dir(self._root, self.uid, root=True)
         try:
-            self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
-            st = os.lstat(self.root)
-        except OSError as exc:
-            raise QueueUnavailable(
-                f"Cannot use queue directory {self.root}: {exc.strerror}.",
-                hint="Set [connections.file] path in forge.toml or FORGE_QUEUE_DIR.",
-            ) from None
-        if not stat.S_ISDIR(st.st_mode):
-            raise QueueUnavailable(f"Queue directory {self.root} is not a directory.")
-        if st.st_uid != self.uid:
-            raise QueueUnavailable(
-                f"Queue directory {self.root} belongs to uid {st.st_uid}, not to you (uid {self.uid});"
-                " refusing to use it."
-            )
-        if st.st_mode & 0o077:
-            os.chmod(self.root, 0o700)
-            warnings.warn(
-                f"Queue directory {self.root} was accessible to other users"
-                f" (mode {stat.S_IMODE(st.st_mode):o}); repaired to 700.",
-                stacklevel=3,
-            )
-        for sub in ("tmp", "q", "unique", "logs", "quarantine"):
-            (self.root / sub).mkdir(mode=0o700, exist_ok=True)
+            for sub in SUBDIRS:
+                os.close(private_dir(f"{self._root}/{sub}", self.uid, name=sub, dir_fd=fd))
+        finally:
+            os.close(fd)
+
+    def _check_layout(self) -> None:
+        """Check the whole tree again (a worker's maintenance does, every few seconds): a
+        directory made accessible to others since is closed again, one that another user
+        put in place of ours is refused."""
+        self._prepare_root()
+        for name in self.queues():
+            for state in STATES:
+                fd = self._state_fd(name, state)
+                if fd is not None:
+                    os.close(fd)
 
     def _qdir(self, queue: str) -> str:
         """A queue's directory (not created), after checking the name."""
         return f"{self._root}/q/{validate_queue_name(queue)}"
 
     def _queue(self, name: str) -> QueueDirs:
-        """The queue, its directories created and opened on first use in this process."""
+        """The queue, its directories created, checked and opened on first use in this process."""
         q = self._queues.get(name)
         if q is None:
-            try:
-                q = self._queues[name] = QueueDirs(self._root, name)
-            except OSError as exc:
-                raise QueueUnavailable(f"Cannot create queue {name} in {self.root}: {exc.strerror}.") from None
+            q = self._queues[name] = QueueDirs(self._root, name, self.uid)
         return q
 
     def _forget_queue(self, name: str) -> None:
@@ -147,12 +146,30 @@ class FileBackend(FileWriter, FileClaimer, FileUpkeep, FileAdmin):
         except FileNotFoundError:
             return []
 
+    def _state_fd(self, queue: str, state: str) -> int | None:
+        """A descriptor of a queue's ``state`` directory, it and the queue's own directory
+        checked as ``private_dir`` does; None if either does not exist."""
+        qdir = self._qdir(queue)
+        try:
+            qfd = private_dir(qdir, self.uid, create=False)
+            try:
+                return private_dir(f"{qdir}/{state}", self.uid, name=state, dir_fd=qfd, create=False)
+            finally:
+                os.close(qfd)
+        except FileNotFoundError:
+            return None
+
     def _names(self, queue: str, state: str) -> list[str]:
         """The names in a queue's ``state`` directory (none if the queue does not exist)."""
-        try:
-            return os.listdir(f"{self._qdir(queue)}/{state}")
-        except FileNotFoundError:
+        fd = self._state_fd(queue, state)
+        if fd is None:
             return []
+        try:
+            return os.listdir(fd)
+        except OSError as exc:
+            raise unusable(exc, f"{self._qdir(queue)}/{state}", "list") from None
+        finally:
+            os.close(fd)
 
     def _key(self, t: float) -> int:
         """The sort key for a job due at ``t``: FIFO among jobs this process files for the same
