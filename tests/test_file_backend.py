@@ -545,8 +545,6 @@ def test_stop_when_empty_worker_on_a_read_only_queue_directory_does_not_say_empt
     assert "Read-only file system" in text and str(qdir / "q" / "default" / "pending") in text, text
 
 
-@pytest.mark.xfail(reason="worker side of item 8 (exit 6 for --stop-when-empty) is in the worker rewrite",
-                   strict=False)
 def test_stop_when_empty_worker_on_a_read_only_queue_directory_exits_6(qdir: Path, read_only,
                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FORGE_QUEUE_DIR", str(qdir))
