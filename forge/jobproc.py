@@ -6,10 +6,10 @@ commands are loaded, so a job pays neither for Python start-up nor for importing
 modules, and it hands it a :class:`JobContext`: exactly what the run needs, nothing of the
 worker's. Before the job's code runs, the job process
 
-- closes every descriptor the fork copied (the store's sockets, the worker's watches) but
-  its copy of the claim's lock: the worker holds the claim with its own copy, so nothing the
-  job's code closes, replaces or execs away can release it or break the recording of the
-  outcome, and if the worker dies first the job's processes still hold it until they end;
+- closes every descriptor the fork copied (the claim's lock, the store's sockets, the
+  worker's watches): the worker alone holds the claim, so nothing the job's code closes,
+  unlocks, replaces or execs away can release it or break the recording of the outcome (a
+  copy of the lock's descriptor would share its lock: ``LOCK_UN`` on it frees the worker's);
 - dies with the worker (``PR_SET_PDEATHSIG``), since nobody could record its outcome;
 - arms a kernel timer that sends it SIGKILL when it must be dead (its timeout's backstop, or
   its lease's end, moved on by the worker after each renewal): a stopped or frozen worker
@@ -60,7 +60,7 @@ class JobContext:
     output_fd: int
     shared: SharedState
     supervisor: int  # the worker's pid
-    keep_fds: tuple[int, ...]  # the claim's lock (file backend)
+    keep_fds: tuple[int, ...]  # descriptors to keep (none: the claim's lock is the worker's)
     renew: bool  # whether the kill instant may move (a renewed lease)
 
 

@@ -25,7 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TextIO
 
-from . import _linux, jobproc
+from . import _linux, jobproc, runner
 from .backends.base import Claim
 from .errors import QueueUnavailable
 from .job import Event, Reason, backoff_delay
@@ -278,6 +278,7 @@ class Worker:
             self.record(claim, unknown, started, info, tail="", retry=False)
             return
         self.report("starting", info)
+        runner.click_command(spec)  # built once here, inherited by every job process
         timeout_at = claim.claimed_at + self.job_timeout(claim)
         deadline_kill = _to_boot(claim.deadline) + BACKSTOP
         lease_kill = _to_boot(claim.lease_until) - LEASE_SAFETY if claim.lease_until is not None else None
@@ -286,7 +287,7 @@ class Worker:
         env = {"FORGE_JOB_ID": job.id, "FORGE_JOB_ATTEMPT": str(claim.attempt), "FORGE_QUEUE": job.queue,
                "FORGE_JOB_TOKEN": str(claim.fence)}
         ctx = jobproc.JobContext(spec, tuple(job.args), env, self.cwd, self.output.fd, self.shared,
-                                 os.getpid(), tuple(claim.fds),
+                                 os.getpid(), (),
                                  renew=lease_kill is not None and lease_kill < deadline_kill)
         with contextlib.suppress(Exception):
             sys.stdout.flush()
@@ -380,8 +381,8 @@ class Worker:
         before = _linux.boottime() - time.time()  # the wall clock's offset, read before the request
         try:
             ok = renewer.heartbeat(claim)
-        except QueueUnavailable:
-            return True  # the run is ended before the lease it has lapses
+        except Exception:  # noqa: BLE001 - an outage: the run is ended before its lease lapses
+            return True
         if not ok:
             claim.lease_until = time.time()  # lost to another worker: end the run now
             return False
@@ -403,11 +404,16 @@ class Worker:
             return
         self._signal_all(signal.SIGTERM)
         end = time.monotonic() + min(self.options.grace, 1.0)
+        give_up = end + 5.0
         while True:
             with contextlib.suppress(ChildProcessError):
                 while os.waitpid(-1, os.WNOHANG)[0]:
                     pass
-            if not _linux.descendants():
+            left = _linux.descendants()
+            if not left:
+                return
+            if time.monotonic() >= give_up:  # not ours to kill (another uid), or stuck in the kernel
+                self.report("leftovers", {"pids": left})
                 return
             if time.monotonic() >= end:
                 self._signal_all(signal.SIGKILL)
