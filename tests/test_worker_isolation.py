@@ -102,11 +102,13 @@ def ticks(path: Path) -> list[tuple[int, float]]:
 # -- 1. a job that closes its inherited descriptors -------------------------------------------
 
 
-def test_job_closing_every_descriptor_keeps_its_claim(target: Target) -> None:
+@pytest.mark.parametrize("how", ["--close-fds", "--unlock-fds"])
+def test_job_closing_every_descriptor_keeps_its_claim(target: Target, how: str) -> None:
     """Before: the claim's flock was the job process's own descriptor, so closerange() dropped
     it and the second worker recovered and reran the job (three overlapping runs, then
-    failed/abandoned); on Redis the run was recorded as "exited with status 70"."""
-    job = dispatch(target, "--close-fds", "--sleep", "4", queue_opts=("--tries=3",))
+    failed/abandoned); on Redis the run was recorded as "exited with status 70". A job that
+    unlocks what it inherited must not free the worker's lock either (found in review)."""
+    job = dispatch(target, how, "--sleep", "4", queue_opts=("--tries=3",))
     a, b = start(target), start(target)
     try:
         wait_for(lambda: target.backend.find(job).state in (State.DONE, State.FAILED), timeout=60)

@@ -50,6 +50,7 @@ def run(
     ignore_chld: Annotated[bool, typer.Option("--ignore-chld", help="Leave SIGCHLD ignored.")] = False,
     run_false: Annotated[bool, typer.Option("--run-false", help="Exit with the code of `false` run as a child.")] = False,
     close_fds: Annotated[bool, typer.Option("--close-fds", help="Close every inherited descriptor above 2.")] = False,
+    unlock_fds: Annotated[bool, typer.Option("--unlock-fds", help="flock(LOCK_UN) every descriptor above 2.")] = False,
     dup_stdout: Annotated[str | None, typer.Option(help="Point fds 1 and 2 at this file (and leave them so).")] = None,
     mess: Annotated[bool, typer.Option("--mess", help="Change everything a job can change in its process.")] = False,
     daemon: Annotated[str | None, typer.Option(help="Start a setsid() daemon ignoring SIGTERM; write its pid here.")] = None,
@@ -78,6 +79,14 @@ def run(
                                   "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)"])
         with open(grandchild, "w") as fh:
             fh.write(str(child.pid))
+    if unlock_fds:
+        import fcntl
+
+        for fd in range(3, 1024):
+            try:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+            except OSError:
+                pass
     if close_fds:
         os.closerange(3, 65536)
     if dup_stdout:
