@@ -95,7 +95,7 @@ class RedisBackend(RedisAdmin):
 
     def __init__(self, url: str, *, prefix: str = "forge", done_retention: float = 3600.0,
                  connect_timeout: float = 5.0, password: str | None = None,
-                 quick: bool = False, lease_window: float = LEASE_WINDOW) -> None:
+                 quick: bool = False, lease_window: float | None = None) -> None:
         if _redis is None:
             raise ConfigError(
                 "The redis queue driver needs the Redis client: pip install 'forge[redis]'.",
@@ -110,7 +110,7 @@ class RedisBackend(RedisAdmin):
         self.url = url
         self.prefix = prefix
         self.done_retention = done_retention
-        self.lease_window = lease_window
+        self.lease_window = LEASE_WINDOW if lease_window is None else lease_window
         self._where = f"Redis at {mask_url(url)}"
         self._skew: float | None = None  # see _clock
         self._skew_at = 0.0
