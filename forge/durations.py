@@ -9,6 +9,10 @@ from .errors import UsageError
 
 _PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d|w)")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}
+#: The longest duration forge accepts anywhere (a delay, timeout, backoff step, ttl...): 100
+#: years. Longer ones are typos, and every time forge derives from one (a due time, a
+#: deadline, a lease) must stay representable by both backends (see ``forge.job.LATEST_DUE``).
+MAX_SECONDS = 100 * 365.25 * 86400
 
 
 def parse_duration(value: str | float | int | timedelta, *, what: str = "duration") -> float:
@@ -38,6 +42,8 @@ def parse_duration(value: str | float | int | timedelta, *, what: str = "duratio
         raise UsageError(f"Invalid {what} {value!r}: must be finite.")
     if seconds < 0:
         raise UsageError(f"Invalid {what} {value!r}: must not be negative.")
+    if seconds > MAX_SECONDS:
+        raise UsageError(f"Invalid {what} {value!r}: longer than 100 years, the longest forge accepts.")
     return seconds
 
 

@@ -22,6 +22,10 @@ FORMAT_VERSION = 1
 MAX_PAYLOAD_BYTES = 64 * 1024      # a dispatched job (command, args, metadata)
 MAX_FILE_BYTES = 4 * 1024 * 1024   # a job file with its event history
 MAX_OUTPUT_TAIL = 2048             # characters of output kept in a failure event
+#: A job must be due before this (2286-11-20T00:00:00Z): the file backend names a waiting job
+#: by its due time in 16 digits of microseconds, which end at 2286-11-20T17:46:39Z (a retry
+#: due later is filed at that last key). Redis scores (doubles of microseconds) reach further.
+LATEST_DUE = 9_999_936_000.0
 ID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 
 

@@ -206,8 +206,9 @@ class CommandQueue(_Connected):
 
     def push(self, cmd: QueuedCommand) -> JobDispatch:
         job = self._job(cmd, time.time())
+        record = _dispatch_record(job)  # before the write: nothing may fail once the job is stored
         self.backend.push([job])
-        return _dispatch_record(job)
+        return record
 
     async def adispatch(self, cmd: QueuedCommand) -> str:
         import asyncio  # not at module level: it costs 30 ms of every CLI start

@@ -10,13 +10,13 @@ import math
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from .config import validate_queue_name
-from .durations import parse_backoff, parse_duration
+from .durations import MAX_SECONDS, parse_backoff, parse_duration
 from .errors import InvalidCommand, UsageError
-from .job import MAX_PAYLOAD_BYTES, Job, new_id
+from .job import LATEST_DUE, MAX_PAYLOAD_BYTES, Job, new_id
 
 
 def queue_name(name: object) -> str:
@@ -105,6 +105,20 @@ class QueuedCommand:
             return self.run_at.timestamp() > time.time()
         return self.delay > 0
 
+    def _due(self, now: float) -> float:
+        """When the job becomes due (Unix time), refused unless both backends can store it."""
+        try:
+            due = self.run_at.timestamp() if self.run_at is not None else now + self.delay
+        except (OverflowError, OSError, ValueError):
+            due = math.inf
+        latest = min(now + MAX_SECONDS, LATEST_DUE)
+        if due > latest:
+            when = self.run_at.isoformat() if self.run_at is not None else f"in {self.delay:g} s"
+            limit = datetime.fromtimestamp(latest, UTC).strftime("%Y-%m-%d %H:%M UTC")
+            raise InvalidCommand(f"{self.command}: it would be due {when}, out of range: a job can be"
+                                 f" scheduled at most 100 years ahead (no later than {limit}).")
+        return due
+
     def to_job(self, queue: str, *, now: float | None = None) -> Job:
         """Validate and build the job record (raises :class:`InvalidCommand`)."""
         now = time.time() if now is None else now
@@ -125,16 +139,21 @@ class QueuedCommand:
             raise InvalidCommand(
                 f'{self.command}: on_queue("{self.queue}") contradicts the queue "{queue}" it is dispatched to.'
             )
-        for what, value in (("delay", self.delay), ("timeout", self.timeout)):
-            if value is not None and (not math.isfinite(value) or value < 0):
+        spans = [("delay", self.delay), ("timeout", self.timeout), ("unique key ttl", self.unique_ttl),
+                 *(("backoff", b) for b in self.backoff or ())]
+        for what, value in spans:
+            if value is not None and (not isinstance(value, int | float) or not math.isfinite(value) or value < 0):
                 raise InvalidCommand(f"{self.command}: {what} must not be negative, not {value!r}.")
+            if value is not None and value > MAX_SECONDS:
+                raise InvalidCommand(f"{self.command}: {what} of {value:g} s is longer than 100 years,"
+                                     " the longest forge accepts.")
         if self.timeout == 0:
             raise InvalidCommand(f"{self.command}: timeout must be more than 0 seconds.")
         if self.metadata and not all(isinstance(k, str) for k in self.metadata):
             raise InvalidCommand(f"{self.command}: metadata keys must be strings.")
         if self.unique_key is not None and (not isinstance(self.unique_key, str) or not self.unique_key):
             raise InvalidCommand(f"{self.command}: the unique key must be a non-empty string.")
-        available = self.run_at.timestamp() if self.run_at is not None else now + self.delay
+        available = self._due(now)
         job = Job(
             id=new_id(),
             command=self.command,

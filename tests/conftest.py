@@ -74,3 +74,38 @@ def make_job(queue: str = "default", command: str = "demo:sleep", args: tuple[st
         cmd = cmd.with_timeout(kw.pop("timeout"))
     assert not kw, kw
     return cmd.to_job(queue)
+
+
+@pytest.fixture(params=["file", "redis"])
+def queue_target(request: pytest.FixtureRequest, tmp_path: Path) -> Any:
+    """The probe project on a real file queue or Redis (``reliability.harness.Target``): a
+    forge.toml, the environment for ``forge`` subprocesses, and a backend to look with."""
+    from reliability.harness import make_target
+
+    url = os.environ.get("FORGE_TEST_REDIS_URL")
+    if request.param == "redis":
+        if not url:
+            pytest.skip("FORGE_TEST_REDIS_URL is not set")
+        import redis
+
+        redis.Redis.from_url(url, socket_connect_timeout=5).ping()  # set but down: a failure
+    target = make_target(request.param, tmp_path / "target", url)
+    try:
+        yield target
+    finally:
+        target.close()
+
+
+def stored_anything(target: Any) -> list[str]:
+    """Whatever a dispatch left in ``target``'s store: job files, temp files and unique-key
+    holders of the file backend, every key of the Redis prefix."""
+    if target.kind == "file":
+        q = target.queue_dir
+        return [str(p) for pattern in ("q/*/*/*", "tmp/*", "unique/*", "idem/*") for p in q.glob(pattern)]
+    import redis
+
+    client = redis.Redis.from_url(target.redis_url)
+    try:
+        return [k.decode() for k in client.scan_iter(match=f"{target.prefix}:*", count=1000)]
+    finally:
+        client.close()

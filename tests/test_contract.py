@@ -196,6 +196,18 @@ def test_release_with_delay(backend: Backend) -> None:
     assert must_claim(backend).job.id == jid
 
 
+def test_a_release_due_after_2286_keeps_the_job_delayed(backend: Backend) -> None:
+    """A retry due past the file backend's last key (2286-11-20) is filed at that key, never
+    under a name too long to be a job's (issue 11, item 4)."""
+    (jid,) = push(backend, job())
+    c = must_claim(backend)
+    backend.release(c, released(c), 9e9)
+    info = backend.find(jid)
+    assert info is not None and info.state == State.DELAYED and info.attempts == 1
+    assert claim(backend) is None
+    assert backend.maintain() is not None and backend.find(jid).state == State.DELAYED  # type: ignore[union-attr]
+
+
 # -- outcomes -------------------------------------------------------------------------------
 
 

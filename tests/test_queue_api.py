@@ -129,6 +129,31 @@ def test_negative_delay_and_timeout() -> None:
     assert_empty(q)
 
 
+def test_times_out_of_range_are_refused_before_anything_is_written() -> None:
+    """Issue 11, item 4: a time both backends cannot store (the file backend names a waiting
+    job by its due time in 16 digits of microseconds, which end in 2286) is refused up front,
+    and no check runs after the write."""
+    century = 100 * 365.25 * 86400
+    for build in (lambda: SLEEP.with_delay(century + 1), lambda: SLEEP.with_timeout(1e300),
+                  lambda: SLEEP.with_backoff([1, 1e15]), lambda: SLEEP.with_unique_key("k", ttl=1e20)):
+        with pytest.raises(InvalidCommand, match="100 years"):
+            build()
+    q = CommandQueue()
+    for bad in (SLEEP.at(datetime(9999, 12, 31, 23, 59)), SLEEP.at(datetime(2286, 11, 21, tzinfo=UTC)),
+                SLEEP.at(datetime.max.replace(tzinfo=UTC)), SLEEP.at(datetime.now(UTC) + timedelta(days=36600)),
+                QueuedCommand("demo:sleep", ("0",), delay=1e15), QueuedCommand("demo:sleep", ("0",), delay=1e12),
+                QueuedCommand("demo:sleep", ("0",), timeout=1e300),
+                QueuedCommand("demo:sleep", ("0",), backoff=(1.0, 1e300)),
+                QueuedCommand("demo:sleep", ("0",), unique_key="k", unique_ttl=1e300)):
+        for dispatch in (q.dispatch, q.push, lambda c: q.dispatch_many([SLEEP, c])):
+            with pytest.raises(InvalidCommand, match="100 years"):
+                dispatch(bad)
+    assert_empty(q)
+    ahead = q.push(SLEEP.with_delay(century - 86400))  # the longest delay is stored, runnable when due
+    assert parse_rfc3339(ahead.scheduled_at or "").year >= 2125
+    assert q.find(ahead.id).state == State.DELAYED
+
+
 @pytest.mark.parametrize("value", [object(), {1, 2}, float("nan"), b"bytes"])
 def test_non_json_metadata(value: object) -> None:
     q = CommandQueue()

@@ -15,9 +15,10 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
-from conftest import ROOT, forge_cmd
+from conftest import ROOT, forge_cmd, stored_anything
 
 from forge.builtins import BUILTINS
 from forge.cli import main
@@ -212,6 +213,12 @@ def test_wait_timeout(capsys: Capsys) -> None:
     assert valid_id(out.strip()) and "still pending" in err
 
 
+def test_a_bad_wait_timeout_is_refused_before_the_job_is_stored(capsys: Capsys) -> None:
+    code, out, err = cli(capsys, "queue:dispatch", "--wait", "--wait-timeout=soon", "email:send", "--user=1")
+    assert code == EXIT_USAGE and out == "" and "--wait-timeout" in err
+    assert sum(s.size for s in connect().stats()) == 0
+
+
 def test_from_file_dispatches_every_line(tmp_path: Path, users_csv: Path) -> None:
     lines = [
         {"command": "email:send", "args": ["--user=1"]},
@@ -270,6 +277,27 @@ def test_from_file_rejects_a_command_too(capsys: Capsys, tmp_path: Path) -> None
     assert code == EXIT_USAGE and "Cannot read" in err
     code, _, err = cli(capsys, "queue:dispatch")
     assert code == EXIT_USAGE and "Missing COMMAND" in err
+
+
+@pytest.mark.parametrize("when", ["--at=9999-12-31T23:59", "--at=2286-11-21T00:00", "--delay=1e15",
+                                  "--delay=1000000000000"])
+def test_dispatch_refuses_a_time_out_of_range_and_stores_nothing(queue_target: Any, when: str) -> None:
+    """Issue 11, item 4: exit 0 means stored and runnable when due, and a non-zero exit means
+    nothing stored. Times past 2286-11-20 overflowed the file backend's 16-digit names (exit
+    0, then the worker quarantined the job); a huge --delay failed after the write (exit 1)."""
+    env = queue_target.env
+    argv = [*forge_cmd(), "queue:dispatch", when, "probe:noop"]
+    full = {**env, "XDG_CACHE_HOME": "/proc/forge-no-cache"}  # no command cache: the Typer path
+    warm = subprocess.run([*forge_cmd(), "queue:dispatch", "--connection=file", "--queue=warm", "probe:noop"], env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert warm.returncode == 0, warm.stderr  # writes the command cache: the next run tries the fast path
+    for path_env in (env, full):
+        res = subprocess.run(argv, env=path_env, capture_output=True, text=True, timeout=60)
+        assert res.returncode == EXIT_USAGE, (res.returncode, res.stdout, res.stderr)
+        assert res.stdout == "" and "100 years" in res.stderr and len(res.stderr.strip().splitlines()) == 1
+        assert "Traceback" not in res.stderr
+        left = [k for k in stored_anything(queue_target) if "warm" not in k]
+        assert left == [], left
 
 
 # --- queue:list -------------------------------------------------------------------------------

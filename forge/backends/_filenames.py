@@ -38,8 +38,12 @@ def key_str(us: int) -> str:
     return f"{us:016d}"
 
 
+#: The largest key a name holds (2286-11-20T17:46:39.999999Z): a later time is filed at it.
+MAX_KEY = 10**16 - 1
+
+
 def pending_name(key: int, job_id: str, attempts: int) -> str:
-    return f"{key:016d}-{job_id}-{attempts}.job"
+    return f"{min(key, MAX_KEY):016d}-{job_id}-{attempts}.job"
 
 
 def reserved_name(job_id: str, attempt: int) -> str:

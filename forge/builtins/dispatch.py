@@ -75,6 +75,8 @@ def dispatch(
         if flag in job_args[: job_args.index("--") if "--" in job_args else None]:
             raise UsageError(f"{flag} after {command} would be queued as the job's argument.",
                              hint=f"Run `forge {command} --help` to see its usage.")
+    # Every check comes before the push: once the job is stored, the exit code must say so.
+    limit = parse_duration(wait_timeout, what="--wait-timeout") if wait and wait_timeout else None
     q = CommandQueue(queue, connection=connection, registry=default_registry())
     try:
         record = q.push(_build(command, job_args, opts))
@@ -92,7 +94,6 @@ def dispatch(
     fastdispatch.print_record(q, record, command, json_out=json_out)
     if not wait:
         return 0
-    limit = parse_duration(wait_timeout, what="--wait-timeout") if wait_timeout else None
     return _wait(q, record.id, limit)
 
 
