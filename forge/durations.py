@@ -23,6 +23,8 @@ def parse_duration(value: str | float | int | timedelta, *, what: str = "duratio
         raise UsageError(f"Invalid {what} {value!r}: expected a number of seconds.")
     elif isinstance(value, int | float):
         seconds = float(value)
+    elif not isinstance(value, str):
+        raise UsageError(f"Invalid {what} {value!r}: expected a number of seconds or a duration like 5m.")
     else:
         text = value.strip().lower().replace(" ", "")
         try:

@@ -22,6 +22,9 @@ FORMAT_VERSION = 1
 MAX_PAYLOAD_BYTES = 64 * 1024      # a dispatched job (command, args, metadata)
 MAX_FILE_BYTES = 4 * 1024 * 1024   # a job file with its event history
 MAX_OUTPUT_TAIL = 2048             # characters of output kept in a failure event
+#: Deepest nesting of a job's metadata: every process must decode a stored job, whatever the
+#: depth of its stack when it does (a worker's is deeper than a dispatcher's).
+MAX_JSON_DEPTH = 64
 #: A job must be due before this (2286-11-20T00:00:00Z): the file backend names a waiting job
 #: by its due time in 16 digits of microseconds, which end at 2286-11-20T17:46:39Z (a retry
 #: due later is filed at that last key). Redis scores (doubles of microseconds) reach further.
@@ -61,6 +64,17 @@ def new_id() -> str:
 
 
 _VARIANT = {c: "89ab"[int(c, 16) & 3] for c in "0123456789abcdef"}
+
+
+def json_depth(value: Any) -> int:
+    """How deeply ``value`` nests lists and dicts (a scalar: 0), found without recursion."""
+    depth, level = 0, [value]
+    while True:
+        containers = [x for x in level if isinstance(x, list | dict)]
+        if not containers:
+            return depth
+        depth += 1
+        level = [v for x in containers for v in (x.values() if isinstance(x, dict) else x)]
 
 
 def valid_id(job_id: object) -> bool:

@@ -16,7 +16,7 @@ from typing import Any
 from .config import validate_queue_name
 from .durations import MAX_SECONDS, parse_backoff, parse_duration
 from .errors import InvalidCommand, UsageError
-from .job import LATEST_DUE, MAX_PAYLOAD_BYTES, Job, new_id
+from .job import LATEST_DUE, MAX_JSON_DEPTH, MAX_PAYLOAD_BYTES, Job, json_depth, new_id
 
 
 def queue_name(name: object) -> str:
@@ -151,6 +151,9 @@ class QueuedCommand:
             raise InvalidCommand(f"{self.command}: timeout must be more than 0 seconds.")
         if self.metadata and not all(isinstance(k, str) for k in self.metadata):
             raise InvalidCommand(f"{self.command}: metadata keys must be strings.")
+        if self.metadata and json_depth(dict(self.metadata)) > MAX_JSON_DEPTH:
+            raise InvalidCommand(f"{self.command}: metadata nests deeper than {MAX_JSON_DEPTH} levels;"
+                                 " flatten it or pass it by reference.")
         if self.unique_key is not None and (not isinstance(self.unique_key, str) or not self.unique_key):
             raise InvalidCommand(f"{self.command}: the unique key must be a non-empty string.")
         available = self._due(now)

@@ -154,6 +154,19 @@ def test_times_out_of_range_are_refused_before_anything_is_written() -> None:
     assert q.find(ahead.id).state == State.DELAYED
 
 
+def test_metadata_nested_too_deeply() -> None:
+    """A job every process can decode: a worker's stack is deeper than the dispatcher's, so
+    metadata as deep as the recursion limit allows here could be quarantined there."""
+    q = CommandQueue()
+    deep: object = 1
+    for _ in range(64):
+        deep = [deep]
+    q.dispatch(SLEEP.with_metadata("ok", deep[0]))  # type: ignore[index]
+    with pytest.raises(InvalidCommand, match="64 levels"):
+        q.dispatch(SLEEP.with_metadata("x", deep))
+    assert q.size() == 1
+
+
 @pytest.mark.parametrize("value", [object(), {1, 2}, float("nan"), b"bytes"])
 def test_non_json_metadata(value: object) -> None:
     q = CommandQueue()

@@ -250,6 +250,12 @@ def test_from_file_dispatches_every_line(tmp_path: Path, users_csv: Path) -> Non
     ({"command": "email:send", "args": ["--user=1"], "colour": "red"}, EXIT_USAGE, "unknown key(s) colour"),
     ({"command": "email:send", "args": ["--user=1"], "delay": "soon"}, EXIT_USAGE, "Invalid --delay"),
     ("not json", EXIT_USAGE, "invalid JSON"),
+    # issue 11: these exited 1 (RecursionError, AttributeError) instead of naming the line
+    ("[" * 100_000 + "]" * 100_000, EXIT_USAGE, "nested too deeply"),
+    ('{"command": "email:send", "args": ["--user=1"], "meta": {"x": ' + "[" * 900 + "]" * 900 + "}}",
+     EXIT_USAGE, "nests deeper than 64 levels"),
+    ({"command": "email:send", "args": ["--user=1"], "backoff": [[1]]}, EXIT_USAGE, "Invalid --backoff"),
+    ({"command": "email:send", "args": ["--user=1"], "timeout": {}}, EXIT_USAGE, "Invalid --timeout"),
 ])
 def test_from_file_with_a_bad_line_dispatches_nothing(tmp_path: Path, users_csv: Path, bad: object,
                                                        code: int, needle: str) -> None:
@@ -260,6 +266,12 @@ def test_from_file_with_a_bad_line_dispatches_nothing(tmp_path: Path, users_csv:
     assert res.returncode == code
     assert res.stdout == ""
     assert "line 3" in res.stderr and needle in res.stderr and "Nothing was dispatched" in res.stderr
+    assert sum(s.size for s in connect().stats()) == 0
+
+
+def test_meta_nested_too_deeply_is_a_usage_error(capsys: Capsys) -> None:
+    code, out, err = cli(capsys, "queue:dispatch", "--meta", "x=" + "[" * 100_000, "email:send", "--user=1")
+    assert code == EXIT_USAGE and out == "" and "--meta x" in err
     assert sum(s.size for s in connect().stats()) == 0
 
 

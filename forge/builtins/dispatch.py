@@ -19,7 +19,7 @@ import typer
 from .. import output
 from ..durations import format_duration, parse_duration
 from ..errors import EXIT_JOB_FAILED, ForgeError, InvalidCommand, JobNotFound, UsageError
-from ..job import MAX_OUTPUT_TAIL, JobInfo, State
+from ..job import MAX_JSON_DEPTH, MAX_OUTPUT_TAIL, JobInfo, State
 from ..queue import CommandQueue, QueuedCommand
 from ..runner import default_registry
 from . import fastdispatch
@@ -140,6 +140,8 @@ def _parse_line(text: str, defaults: dict[str, Any]) -> tuple[str | None, Queued
         d = json.loads(text)
     except ValueError as exc:
         raise UsageError(f"invalid JSON ({exc})") from None
+    except RecursionError:
+        raise UsageError(f"invalid JSON: nested too deeply (metadata may nest {MAX_JSON_DEPTH} levels)") from None
     if not isinstance(d, dict):
         raise UsageError('expected a JSON object like {"command": "email:send", "args": ["--user=1"]}')
     unknown = sorted(set(d) - FILE_KEYS)

@@ -48,6 +48,8 @@ def parse_meta(items: Sequence[str]) -> dict[str, Any]:
             out[key] = json.loads(value)
         except ValueError:
             out[key] = value
+        except RecursionError:
+            raise UsageError(f"Invalid --meta {key}: its JSON value nests too deeply.") from None
     return out
 
 
