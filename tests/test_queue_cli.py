@@ -165,7 +165,7 @@ def test_dispatch_json_delay_and_at(capsys: Capsys) -> None:
     code, out, _ = cli(capsys, "queue:dispatch", "--json", "--delay", "5m", "email:send", "--user=1")
     assert code == 0
     record = json.loads(out)
-    assert set(record) == {"id", "command", "queue", "dispatched_at", "scheduled_at"}
+    assert set(record) == {"id", "command", "queue", "dispatched_at", "scheduled_at", "created"}
     assert record["command"] == "email:send" and record["queue"] == "default"
     assert record["scheduled_at"] and record["scheduled_at"].endswith("Z")
     info = connect().find(record["id"])

@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING
 
 from .. import _linux
 from ..errors import UsageError
-from ..job import MAX_FILE_BYTES, CorruptJob, Event, decode_file, decode_job
+from ..job import MAX_FILE_BYTES, CorruptJob, Event, decode_file, decode_job, is_idempotent_id
+from ._fileidem import IDEM_DIR, is_key_link
 from ._fileio import O_READ, micros, open_error, read_whole, write_new
 from ._filenames import (
     PENDING_RE,
@@ -158,7 +159,7 @@ class FileClaimer:
             self._quarantine(q.pending, name, open_error(exc))
             return None
         st = self._job_stat(fd, name)
-        reason = self._refusal(st)
+        reason = self._refusal(st, self._links(name, st))
         if reason:
             os.close(fd)
             self._quarantine(q.pending, name, reason)
@@ -222,7 +223,7 @@ class FileClaimer:
     def _job_stat(self, fd: int, name: str) -> os.stat_result:
         """The status of the open job file ``name``, after dropping a crash twin (see below)."""
         st = os.fstat(fd)
-        if st.st_nlink == 2:
+        if st.st_nlink >= 2:
             self._drop_crash_twin(name, st)
             st = os.fstat(fd)  # again in any case: another claimer may have dropped it
         return st
@@ -249,13 +250,29 @@ class FileClaimer:
         except OSError:
             pass
 
-    def _refusal(self, st: os.stat_result) -> str | None:
+    def _links(self, name: str, st: os.stat_result) -> int:
+        """How many hard links job file ``name`` (status ``st``) may have: 2 if the second is
+        its idempotency key's (``_fileidem``), else 1."""
+        if st.st_nlink != 2:
+            return 1
+        m = PENDING_RE.match(name) or RESERVED_RE.match(name)
+        if m is None:
+            return 1
+        job_id = m.group(2) if m.re is PENDING_RE else m.group(1)
+        if not is_idempotent_id(job_id):
+            return 1
+        try:
+            return 2 if is_key_link(self._dirfd(f"{self._root}/{IDEM_DIR}"), job_id, st) else 1
+        except OSError:
+            return 1
+
+    def _refusal(self, st: os.stat_result, links: int = 1) -> str | None:
         """Why a file with status ``st`` is not a job file forge will read, or None."""
         if not stat.S_ISREG(st.st_mode):
             return "not a regular file"
         if st.st_uid != self.uid:
             return f"owned by uid {st.st_uid}, not {self.uid}"
-        if st.st_nlink != 1:
+        if st.st_nlink != links:
             return f"has {st.st_nlink} hard links"
         if st.st_size > MAX_FILE_BYTES:
             return f"{st.st_size} bytes, over the {MAX_FILE_BYTES}-byte cap"
@@ -271,7 +288,7 @@ class FileClaimer:
             self._quarantine(directory, name, open_error(exc))
             return None
         st = self._job_stat(fd, name)
-        reason = self._refusal(st)
+        reason = self._refusal(st, self._links(name, st))
         if reason:
             os.close(fd)
             self._quarantine(directory, name, reason)

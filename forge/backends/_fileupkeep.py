@@ -1,5 +1,6 @@
 """Keeping a job-file directory healthy, as a mixin of ``FileBackend``: ``maintain`` (jobs of
-dead workers recovered or failed as abandoned, done jobs pruned, temp leftovers removed),
+dead workers recovered or failed as abandoned, done jobs pruned, temp leftovers and the
+idempotency keys of deleted jobs removed),
 pause/resume and the restart marker, and the capped per-job output logs.
 """
 
@@ -15,6 +16,8 @@ from typing import TYPE_CHECKING
 from .. import _linux
 from ..errors import UsageError
 from ..job import CorruptJob, Event, Reason, backoff_delay, decode_file, valid_id
+from ._fileidem import IDEM_DIR, SWEEP_EVERY
+from ._fileidem import sweep as idem_sweep
 from ._fileio import LOG_CAP, TMP_MAX_AGE, read_whole, write_new
 from ._filenames import RESERVED_RE, QueueDirs
 from .base import LEASE_MARGIN, Claim
@@ -27,6 +30,7 @@ class FileUpkeep:
     _tmp: str
     lock_mode: str
     done_retention: float
+    _swept_at: float
 
     if TYPE_CHECKING:  # provided by FileBackend, FileClaimer and FileAdmin
         def queues(self) -> list[str]: ...
@@ -38,11 +42,12 @@ class FileUpkeep:
         def prune_done(self, *, older_than: float | None = None) -> int: ...
         def fail(self, claim: Claim, event: Event) -> None: ...
         def release(self, claim: Claim, event: Event | None, delay: float) -> None: ...
+        def _global_lock(self, name: str, *, wait: bool = True) -> contextlib.AbstractContextManager[bool]: ...
 
     # -- maintenance ----------------------------------------------------------------------
 
     def maintain(self, default_tries: int = 1) -> dict[str, int]:
-        counts = {"recovered": 0, "abandoned": 0, "pruned": 0, "temp_removed": 0}
+        counts = {"recovered": 0, "abandoned": 0, "pruned": 0, "temp_removed": 0, "keys_removed": 0}
         now = time.time()
         for q in self.queues():
             for name in self._names(q, "reserved"):
@@ -57,6 +62,11 @@ class FileUpkeep:
                     if now - entry.stat(follow_symlinks=False).st_mtime > TMP_MAX_AGE:
                         os.unlink(entry.path)
                         counts["temp_removed"] += 1
+        if now - self._swept_at > SWEEP_EVERY:
+            with contextlib.suppress(OSError), self._global_lock("idem", wait=False) as locked:
+                if locked:  # a dispatcher holds it: next time
+                    self._swept_at = now
+                    counts["keys_removed"] = idem_sweep(f"{self.root}/{IDEM_DIR}")
         return counts
 
     def _recover(self, queue: str, name: str, now: float, default_tries: int) -> str | None:

@@ -9,6 +9,7 @@ Layout under the queue directory (0700, files 0600)::
     q/<queue>/failed/<time>-<id>-<n>.job    failed for good
     q/<queue>/paused                        marker: workers skip this queue
     unique/<hash>.json                      unique-key holders
+    idem/<id>.job                           idempotency keys: hard links to their jobs' files
     logs/<id>.log                           captured job output
     quarantine/                             files that were not valid jobs, with .reason files
     restart                                 queue:restart marker
@@ -28,7 +29,7 @@ never with paths built per job.
 
 What lives where: this module is the core (the backend object, the directory layout and its
 preparation, outcomes: ack, release, fail) and composes the rest, each a mixin working on the
-same state: ``FileWriter`` (``_filewrite``: dispatch and unique keys), ``FileClaimer``
+same state: ``FileWriter`` (``_filewrite``: dispatch, unique keys; idempotency keys in ``_fileidem``), ``FileClaimer``
 (``_fileclaim``: listings, claims, refusing and quarantining files), ``FileUpkeep``
 (``_fileupkeep``: maintenance and recovery, pause/resume/restart, logs) and ``FileAdmin``
 (``_fileadmin``: ``find``, ``jobs``, ``stats``, ``retry``, ``forget``, ``flush``,
@@ -82,6 +83,7 @@ class FileBackend(FileWriter, FileClaimer, FileUpkeep, FileAdmin):
         self._watched: set[str] = set()
         self._last_key = 0
         self._last_base = 0
+        self._swept_at = 0.0  # the last sweep of idem/ (FileUpkeep.maintain)
         self._dirfds: dict[str, int] = {}
         self._tmp = f"{self._root}/tmp"
         self._prepare_root()
@@ -117,7 +119,7 @@ class FileBackend(FileWriter, FileClaimer, FileUpkeep, FileAdmin):
                 f" (mode {stat.S_IMODE(st.st_mode):o}); repaired to 700.",
                 stacklevel=3,
             )
-        for sub in ("tmp", "q", "unique", "logs", "quarantine"):
+        for sub in ("tmp", "q", "unique", "idem", "logs", "quarantine"):
             (self.root / sub).mkdir(mode=0o700, exist_ok=True)
 
     def _qdir(self, queue: str) -> str:
