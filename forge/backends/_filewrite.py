@@ -3,9 +3,10 @@ written, made durable and renamed into pending/), idempotency keys (``_fileidem`
 keys.
 
 A dispatch makes its jobs durable before any of them becomes visible: temp files in tmp/,
-then an fsync (one job) or one ``syncfs`` (a batch), then the renames, then an fsync of each
-pending directory. Unique keys are small holder files in unique/, taken with ``link`` so that
-exactly one dispatch wins.
+then an fsync (one job) or one ``syncfs`` (a batch), then the idempotency keys' links and an
+fsync of idem/ (jobs with a key only), then the renames, then an fsync of each pending
+directory. Unique keys are small holder files in unique/, taken with ``link`` so that exactly
+one dispatch wins.
 """
 
 from __future__ import annotations
@@ -142,7 +143,9 @@ class FileWriter:
         """Write temp files, make them durable, rename them into pending/, fsync the dirs.
 
         One job: fsync the file. A batch: one ``syncfs`` makes every temp file durable at once
-        (instead of an fsync each) before any of them is renamed into view.
+        (instead of an fsync each) before any of them is renamed into view. A job with an
+        idempotency key gets its key's link in idem/ before that (``_fileidem``), made durable
+        first, so no crash leaves a visible job without its key.
 
         A batch's cost is mostly the kernel creating the temp files. On ext4 without a journal
         that cost jumps ~10x for a few minutes after many files of the same block group were
