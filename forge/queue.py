@@ -21,14 +21,14 @@ from .argspec import accepts, describe
 from .config import Settings, load_settings
 from .errors import InvalidCommand, JobNotFound, RetryBlocked, UnknownQueuedCommand, UsageError
 from .job import Job, JobInfo, State, valid_id
-from .queued_command import QueuedCommand
+from .queued_command import QueuedCommand, batch_key
 from .queued_command import queue_name as _queue_name
 
 if TYPE_CHECKING:
     from .backends.base import Backend, QueueStats
     from .registry import CommandRegistry
 
-__all__ = ["CommandQueue", "JobDispatch", "QueueManager", "QueuedCommand", "connect"]
+__all__ = ["CommandQueue", "JobDispatch", "QueueManager", "QueuedCommand", "batch_key", "connect"]
 
 
 def _job_id(job_id: object) -> str:
@@ -91,6 +91,9 @@ class JobDispatch:
     queue: str
     dispatched_at: str | None = None
     scheduled_at: str | None = None
+    #: False when the command's idempotency key had been used: nothing was stored, and the
+    #: record describes the job that holds the key (its times, when it could still be read).
+    created: bool = True
 
     @classmethod
     def new(cls, job_id: str, command: str, queue: str) -> JobDispatch:
@@ -192,34 +195,50 @@ class CommandQueue(_Connected):
         now = time.time()
         return [self._job(c, now) for c in cmds]
 
+    def store(self, jobs: Sequence[Job]) -> builtins.list[bool]:
+        """Store jobs that ``jobs_for`` built (and so validated) as one durable batch. True for
+        each job stored, False for each whose idempotency key had been used (nothing stored)."""
+        return list(self.backend.push(jobs)) if jobs else []
+
     def dispatch(self, cmd: QueuedCommand) -> str:
-        """Queue one command; returns the job id once the job is durably stored."""
+        """Queue one command; returns the job id once the job is durably stored (with an
+        idempotency key that was used already: the id of the job that holds it)."""
         job = self._job(cmd, time.time())
         self.backend.push([job])
         return job.id
 
-    def dispatch_many(self, cmds: Iterable[QueuedCommand]) -> list[str]:
-        """Validate every command, then store them all (one durable batch)."""
-        jobs = self.jobs_for(cmds)
+    def dispatch_many(self, cmds: Iterable[QueuedCommand], *, batch_id: str | None = None) -> builtins.list[str]:
+        """Validate every command, then store them all (one durable batch); returns their ids.
+
+        With ``batch_id``, command ``n`` (from 0) that has no idempotency key of its own gets
+        ``batch_key(batch_id, n)``: calling this again with the same commands, after an error
+        or a kill part-way, stores only those that are missing.
+        """
+        jobs = self.jobs_for(_in_batch(cmds, batch_id))
         self.backend.push(jobs)
         return [j.id for j in jobs]
 
     def push(self, cmd: QueuedCommand) -> JobDispatch:
+        """Queue one command; returns where and when (``created`` False: its idempotency key
+        had been used, nothing was stored, and the record is that of the job holding it)."""
         job = self._job(cmd, time.time())
         record = _dispatch_record(job)  # before the write: nothing may fail once the job is stored
-        self.backend.push([job])
-        return record
+        if self.backend.push([job])[0]:
+            return record
+        info = self.backend.find(job.id)
+        return replace(_dispatch_record(info.job) if info else record, created=False)
 
     async def adispatch(self, cmd: QueuedCommand) -> str:
         import asyncio  # not at module level: it costs 30 ms of every CLI start
 
         return await asyncio.to_thread(self.dispatch, cmd)
 
-    async def adispatch_many(self, cmds: Iterable[QueuedCommand]) -> list[str]:
+    async def adispatch_many(self, cmds: Iterable[QueuedCommand], *,
+                             batch_id: str | None = None) -> builtins.list[str]:
         import asyncio
 
         cmds = list(cmds)
-        return await asyncio.to_thread(self.dispatch_many, cmds)
+        return await asyncio.to_thread(self.dispatch_many, cmds, batch_id=batch_id)
 
     def size(self) -> int:
         """Jobs waiting in this queue (pending + delayed)."""
@@ -255,6 +274,16 @@ class CommandQueue(_Connected):
 
     def __repr__(self) -> str:
         return f"CommandQueue({self.name!r})"
+
+
+def _in_batch(cmds: Iterable[QueuedCommand], batch_id: str | None) -> Iterable[QueuedCommand]:
+    if batch_id is None:
+        return cmds
+    if not isinstance(batch_id, str) or not batch_id:
+        raise InvalidCommand(f"The batch id must be a non-empty string, not {batch_id!r}.")
+    return [c.with_idempotency_key(batch_key(batch_id, n))
+            if isinstance(c, QueuedCommand) and c.idempotency_key is None else c
+            for n, c in enumerate(cmds)]
 
 
 def _dispatch_record(job: Job) -> JobDispatch:

@@ -16,7 +16,16 @@ from typing import Any
 from .config import validate_queue_name
 from .durations import MAX_SECONDS, parse_backoff, parse_duration
 from .errors import InvalidCommand, UsageError
-from .job import LATEST_DUE, MAX_JSON_DEPTH, MAX_PAYLOAD_BYTES, Job, json_depth, new_id
+from .job import (
+    LATEST_DUE,
+    MAX_IDEMPOTENCY_KEY,
+    MAX_JSON_DEPTH,
+    MAX_PAYLOAD_BYTES,
+    Job,
+    idempotent_id,
+    json_depth,
+    new_id,
+)
 
 
 def queue_name(name: object) -> str:
@@ -25,6 +34,13 @@ def queue_name(name: object) -> str:
         return validate_queue_name(name)
     except UsageError as exc:
         raise InvalidCommand(exc.message) from None
+
+
+def batch_key(batch_id: str, n: int) -> str:
+    """The idempotency key of item ``n`` of batch ``batch_id`` (``dispatch_many(batch_id=...)``
+    numbers from 0, ``--from-file`` by line, from 1): one rule, so a batch sent again, or
+    resumed after a kill, stores only its missing items."""
+    return f"batch:{batch_id}:{n}"
 
 
 def _seconds(value: float | int | timedelta, what: str) -> float:
@@ -49,6 +65,7 @@ class QueuedCommand:
     metadata: Mapping[str, Any] = field(default_factory=dict)
     unique_key: str | None = None
     unique_ttl: float | None = None
+    idempotency_key: str | None = None
 
     @classmethod
     def new(cls, command: str) -> QueuedCommand:
@@ -99,6 +116,14 @@ class QueuedCommand:
     def with_unique_key(self, key: str, ttl: float | int | timedelta | None = None) -> QueuedCommand:
         """Refuse to dispatch while a job with this key is pending, delayed or running."""
         return replace(self, unique_key=key, unique_ttl=None if ttl is None else _seconds(ttl, "ttl"))
+
+    def with_idempotency_key(self, key: str) -> QueuedCommand:
+        """Dispatch this at most once per ``key``: the job's id is derived from the key
+        (``forge.job.idempotent_id``), and a dispatch whose key names a job that is still kept,
+        in any state, stores nothing and answers with that job (``JobDispatch.created`` False).
+        The key frees when that job is deleted (done jobs after the retention, failed ones when
+        flushed or forgotten, waiting ones when cleared)."""
+        return replace(self, idempotency_key=key)
 
     def is_delayed(self) -> bool:
         if self.run_at is not None:
@@ -156,9 +181,17 @@ class QueuedCommand:
                                  " flatten it or pass it by reference.")
         if self.unique_key is not None and (not isinstance(self.unique_key, str) or not self.unique_key):
             raise InvalidCommand(f"{self.command}: the unique key must be a non-empty string.")
+        key = self.idempotency_key
+        if key is not None and (not isinstance(key, str) or not key or len(key) > MAX_IDEMPOTENCY_KEY):
+            raise InvalidCommand(f"{self.command}: the idempotency key must be a string of 1 to"
+                                 f" {MAX_IDEMPOTENCY_KEY} characters.")
         available = self._due(now)
+        try:
+            job_id = new_id() if key is None else idempotent_id(key)
+        except UnicodeEncodeError:
+            raise InvalidCommand(f"{self.command}: idempotency key {key!r} is not valid Unicode text.") from None
         job = Job(
-            id=new_id(),
+            id=job_id,
             command=self.command,
             args=tuple(self.args),
             queue=queue_name(queue),

@@ -72,6 +72,8 @@ def make_job(queue: str = "default", command: str = "demo:sleep", args: tuple[st
         cmd = cmd.with_unique_key(kw.pop("unique"), ttl=kw.pop("ttl", None))
     if "timeout" in kw:
         cmd = cmd.with_timeout(kw.pop("timeout"))
+    if "idem" in kw:
+        cmd = cmd.with_idempotency_key(kw.pop("idem"))
     assert not kw, kw
     return cmd.to_job(queue)
 

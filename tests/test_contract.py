@@ -30,7 +30,7 @@ from forge.errors import (
     QueueError,
     RetryBlocked,
 )
-from forge.job import Event, Job, Reason, State, new_id
+from forge.job import Event, Job, Reason, State, idempotent_id, is_idempotent_id, new_id
 
 WORKER = "test-worker"
 TIMEOUT = 60.0
@@ -136,7 +136,7 @@ def forge_cli(env: dict[str, str], *args: str, timeout: float = 60) -> subproces
 
 def test_empty_queue_claims_nothing(backend: Backend) -> None:
     assert claim(backend) is None
-    assert backend.push([]) is None
+    assert backend.push([]) == []  # one flag per job stored
 
 
 def test_fifo_within_a_queue(backend: Backend) -> None:
@@ -547,6 +547,75 @@ def test_queue_retry_cli_reports_a_job_whose_unique_key_is_taken_and_retries_the
 
 
 # -- logs, stats, listing -------------------------------------------------------------------
+
+
+# -- idempotency keys (issue 11, item 5) ----------------------------------------------------
+
+
+def test_an_idempotency_key_stores_one_job_while_it_is_kept_in_any_state(backend: Backend) -> None:
+    first = job(idem="tick-1")
+    other = job(args=("9",), idem="tick-1")  # whatever its content, the dispatch holding the key wins
+    assert first.id == other.id == idempotent_id("tick-1") and is_idempotent_id(first.id)
+    assert backend.push([first]) == [True]
+
+    def refused(holder: Job, state: State) -> None:
+        for again in (first, other):
+            assert backend.push([again]) == [False]
+        info = backend.find(first.id)
+        assert info is not None and info.job.args == holder.args and info.state == state
+        assert len(list(backend.jobs())) == 1
+
+    refused(first, State.PENDING)
+    c = must_claim(backend)
+    assert c.job.id == first.id and c.attempt == 1  # the key's second name does not stop a claim
+    refused(first, State.RESERVED)
+    backend.release(c, released(c), 60)
+    refused(first, State.DELAYED)
+    assert backend.clear("default") == 1  # deleted: the key is free
+    assert backend.push([other]) == [True]
+    c = must_claim(backend)
+    backend.ack(c, done(c))
+    refused(other, State.DONE)  # kept for the retention
+    assert backend.prune_done() == 1
+    assert backend.push([first]) == [True]
+    c = must_claim(backend)
+    backend.fail(c, failed(c))
+    refused(first, State.FAILED)
+    assert [i.id for i in backend.retry([first.id])] == [first.id]
+    refused(first, State.PENDING)  # retried: the same job, still holding its key
+    c = must_claim(backend)
+    backend.fail(c, failed(c))
+    assert backend.forget(first.id) is True
+    assert backend.push([other]) == [True]
+    c = must_claim(backend)
+    backend.fail(c, failed(c))
+    assert backend.flush() == 1
+    assert backend.push([first]) == [True]
+    backend.maintain()
+    refused(first, State.PENDING)
+
+
+def test_an_idempotency_key_in_a_batch(backend: Backend) -> None:
+    a, b = job(idem="a"), job(idem="b")
+    assert backend.push([a, job(args=("1",), idem="a"), b]) == [True, False, True]  # twice in one batch: once
+    c = job(idem="c")
+    plain = job()
+    assert backend.push([a, plain, b, c]) == [False, True, False, True]
+    assert sorted(i.id for i in backend.jobs()) == sorted([a.id, b.id, c.id, plain.id])
+    assert backend.push([job(queue="other", idem="a")]) == [False]  # one key per connection, not per queue
+    assert backend.find(a.id).job.queue == "default"  # type: ignore[union-attr]
+    assert stats(backend, "other").size == 0
+
+
+def test_an_existing_idempotent_job_is_not_refused_for_its_unique_key(backend: Backend) -> None:
+    keyed = job(unique="nightly", idem="night-1")
+    assert backend.push([keyed]) == [True]
+    assert backend.push([job(unique="nightly", idem="night-1")]) == [False]  # the same dispatch again
+    with pytest.raises(DuplicateJob):
+        backend.push([job(unique="nightly", idem="night-2")])  # another one, while the key is held
+    with pytest.raises(DuplicateJob):
+        backend.push([job(idem="night-3"), job(unique="nightly")])  # all or nothing, as ever
+    assert backend.find(idempotent_id("night-3")) is None
 
 
 def test_logs_append_and_read(backend: Backend) -> None:

@@ -241,6 +241,19 @@ def test_every_dispatch_option_gives_the_same_job_both_ways(tmp_path: Path, caps
     assert one["args"] == ["--user=2"]
 
 
+def test_an_idempotency_key_is_honoured_on_both_paths(tmp_path: Path, capsys: Capsys) -> None:
+    args = ["--json", "--idempotency-key", "welcome-7", "email:send", "--user=7"]
+    assert main(["queue:dispatch", *args]) == 0  # no cache yet: the full Typer command
+    slow = json.loads(capsys.readouterr().out)
+    res, out = _dispatch_probe(tmp_path, *args)
+    assert res == {"code": 0, "typer": False}, out
+    fast = json.loads(out[: out.rindex("}") + 1])
+    assert slow["created"] is True and fast["created"] is False and fast["id"] == slow["id"]
+    res, out = _dispatch_probe(tmp_path, "--idempotency-key=welcome-8", "email:send", "--user=8")
+    assert res == {"code": 0, "typer": False}, out
+    assert sum(s.pending for s in connect().stats()) == 2
+
+
 @pytest.mark.parametrize(("args", "needle"), [
     (["email:send", "--user", "0"], "--user"),
     (["email:send", "--usr", "1"], "No such option"),

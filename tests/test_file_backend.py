@@ -884,3 +884,67 @@ def test_a_running_job_whose_temp_name_survived_a_crash_is_recovered(qdir: Path)
     assert again is not None and again.job.id == j.id and again.attempt == 2
     assert not list((qdir / "quarantine").iterdir()) and not list((qdir / "tmp").iterdir())
     b.close()
+
+
+# -- idempotency keys: a second name of the job file (issue 11, item 5) ----------------------
+
+
+def idem_job(key: str, queue: str = "default") -> Job:
+    return QueuedCommand("demo:sleep").with_args(["0"]).with_idempotency_key(key).to_job(queue)
+
+
+def test_the_key_of_an_idempotent_job_is_a_hard_link_to_its_file(fb: FileBackend, qdir: Path) -> None:
+    j = idem_job("tick-1")
+    assert fb.push([j]) == [True]
+    (pending,) = (qdir / "q" / "default" / "pending").iterdir()
+    key = qdir / "idem" / f"{j.id}.job"
+    assert os.stat(key).st_ino == os.stat(pending).st_ino and os.stat(key).st_nlink == 2
+    assert mode(key) == 0o600 and mode(qdir / "idem") == 0o700
+    claim = fb.claim(["default"], WORKER, 60)  # the key's link is the only second link accepted
+    assert claim is not None and claim.job.id == j.id
+    (reserved,) = (qdir / "q" / "default" / "reserved").iterdir()
+    assert os.stat(reserved).st_ino == os.stat(key).st_ino
+    fb.ack(claim, Event("done", claim.attempt, time.time()))
+    assert fb.push([idem_job("tick-1")]) == [False]
+    assert fb.prune_done() == 1
+    assert os.stat(key).st_nlink == 1  # the job is gone: the key is free, its name garbage
+    assert fb.maintain()["keys_removed"] == 1 and not key.exists()
+    assert not list((qdir / "quarantine").iterdir())
+
+
+def test_a_third_link_to_an_idempotent_job_is_still_refused(fb: FileBackend, qdir: Path, tmp_path: Path) -> None:
+    j = idem_job("tick-2")
+    fb.push([j])
+    (pending,) = (qdir / "q" / "default" / "pending").iterdir()
+    os.link(pending, tmp_path / "elsewhere")
+    with pytest.warns(UserWarning, match="3 hard links"):
+        assert fb.claim(["default"], WORKER, 60) is None
+    other = job()
+    fb.push([other])
+    (pending,) = (qdir / "q" / "default" / "pending").iterdir()
+    os.link(pending, qdir / "idem" / f"{other.id}.job")  # a key's name, for a job without a key
+    with pytest.warns(UserWarning, match="2 hard links"):
+        assert fb.claim(["default"], WORKER, 60) is None
+
+
+def test_maintenance_never_waits_for_a_dispatcher_holding_the_key_lock(fb: FileBackend, qdir: Path) -> None:
+    fb.push([idem_job("tick-3")])
+    c = fb.claim(["default"], WORKER, 60)
+    assert c is not None
+    fb.ack(c, Event("done", 1, time.time()))
+    fb.prune_done()
+    other = FileBackend(qdir)
+    try:
+        with fb._global_lock("idem"):  # a dispatch in progress (or a stopped one)
+            start = time.monotonic()
+            assert other.maintain()["keys_removed"] == 0
+            assert time.monotonic() - start < 2
+        assert other.maintain()["keys_removed"] == 1  # the next maintenance sweeps instead
+        fb.push([idem_job("tick-4")])
+        c = fb.claim(["default"], WORKER, 60)
+        assert c is not None
+        fb.ack(c, Event("done", 1, time.time()))
+        fb.prune_done()
+        assert other.maintain()["keys_removed"] == 0  # then not before SWEEP_EVERY
+    finally:
+        other.close()

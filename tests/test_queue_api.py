@@ -18,8 +18,8 @@ from forge.errors import (
     QueueUnavailable,
     UnknownQueuedCommand,
 )
-from forge.job import MAX_PAYLOAD_BYTES, Event, Reason, State
-from forge.queue import CommandQueue, JobDispatch, QueuedCommand, QueueManager
+from forge.job import MAX_PAYLOAD_BYTES, Event, Reason, State, idempotent_id
+from forge.queue import CommandQueue, JobDispatch, QueuedCommand, QueueManager, batch_key
 
 SLEEP = QueuedCommand("demo:sleep").with_args(["0"])
 
@@ -283,6 +283,46 @@ def test_dispatch_returns_uuid4_and_job_is_findable() -> None:
     assert info is not None and info.state == State.PENDING
     assert info.job.args == ("users.csv",) and info.job.max_attempts == 5
     assert CommandQueue("other").find(jid) is None  # another queue's job
+
+
+def test_an_idempotency_key_dispatches_once_and_answers_with_the_job() -> None:
+    """Issue 11, item 5: the primitive the scheduler builds on. The key's job id is the same
+    in every process (and on every backend); dispatching again stores nothing."""
+    q = CommandQueue("reports")
+    tick = QueuedCommand("report:generate").with_idempotency_key("report@2026-12-01T09:00")
+    assert tick.idempotency_key == "report@2026-12-01T09:00"
+    first = q.push(tick.with_delay(60))
+    assert first.created and first.id == idempotent_id("report@2026-12-01T09:00")
+    assert uuid.UUID(first.id).version == 8
+    again = q.push(tick.with_args(["--type", "users"]))  # content differs: the first dispatch holds the key
+    assert not again.created and again.id == first.id and again.scheduled_at == first.scheduled_at
+    assert again.dispatched_at == first.dispatched_at
+    assert q.dispatch(tick) == first.id
+    assert CommandQueue("other").push(tick).id == first.id  # one key per connection, not per queue
+    assert q.size() == 1 and CommandQueue("other").size() == 0
+    info = q.find(first.id)
+    assert info is not None and info.job.args == () and info.job.available_at > time.time() + 50
+    for bad in ("", 7, "x" * 1025, "\ud800"):
+        with pytest.raises(InvalidCommand, match="idempotency key"):
+            q.dispatch(QueuedCommand("report:generate").with_idempotency_key(bad))  # type: ignore[arg-type]
+
+
+def test_dispatch_many_with_a_batch_id_stores_only_what_is_missing() -> None:
+    q = CommandQueue()
+    cmds = [SLEEP.with_args([str(n)]) for n in range(5)]
+    first = q.dispatch_many(cmds[:3], batch_id="b1")  # as if killed after three
+    assert first == [idempotent_id(batch_key("b1", n)) for n in range(3)]
+    assert q.dispatch_many(cmds, batch_id="b1")[:3] == first
+    assert q.size() == 5
+    own = SLEEP.with_idempotency_key("mine")
+    ids = q.dispatch_many([own, SLEEP], batch_id="b2")
+    assert ids[0] == idempotent_id("mine") and ids[1] == idempotent_id(batch_key("b2", 1))
+    assert q.size() == 7
+    assert asyncio.run(q.adispatch_many(cmds, batch_id="b1")) == q.dispatch_many(cmds, batch_id="b1")
+    assert q.size() == 7
+    assert q.dispatch_many(cmds) != q.dispatch_many(cmds)  # without: every call queues anew
+    with pytest.raises(InvalidCommand, match="batch id"):
+        q.dispatch_many(cmds, batch_id="")
 
 
 def test_push_returns_rfc3339_dispatch() -> None:

@@ -165,7 +165,7 @@ def test_dispatch_json_delay_and_at(capsys: Capsys) -> None:
     code, out, _ = cli(capsys, "queue:dispatch", "--json", "--delay", "5m", "email:send", "--user=1")
     assert code == 0
     record = json.loads(out)
-    assert set(record) == {"id", "command", "queue", "dispatched_at", "scheduled_at"}
+    assert set(record) == {"id", "command", "queue", "dispatched_at", "scheduled_at", "created"}
     assert record["command"] == "email:send" and record["queue"] == "default"
     assert record["scheduled_at"] and record["scheduled_at"].endswith("Z")
     info = connect().find(record["id"])
@@ -281,6 +281,35 @@ def test_from_file_repeated_unique_key(tmp_path: Path, capsys: Capsys) -> None:
     (tmp_path / "jobs.jsonl").write_text(f"{line}\n{line}\n")
     code, out, err = cli(capsys, "queue:dispatch", "--from-file", str(tmp_path / "jobs.jsonl"))
     assert code == EXIT_USAGE and out == "" and "line 2" in err and "line 1" in err
+
+
+def test_from_file_run_again_queues_only_missing_lines(tmp_path: Path, capsys: Capsys) -> None:
+    lines = [json.dumps({"command": "email:send", "args": [f"--user={n}"]}) for n in range(1, 4)]
+    (tmp_path / "jobs.jsonl").write_text("\n".join(lines[:2]) + "\n")  # what a killed run had stored
+    code, first, err = cli(capsys, "queue:dispatch", "--batch-id=b", "--from-file", str(tmp_path / "jobs.jsonl"))
+    assert code == 0 and err == ""
+    (tmp_path / "jobs.jsonl").write_text("\n".join(lines) + "\n")
+    code, out, err = cli(capsys, "queue:dispatch", "--batch-id=b", "--from-file", str(tmp_path / "jobs.jsonl"))
+    assert code == 0 and out.split()[:2] == first.split() and len(out.split()) == 3
+    assert "2 of 3 lines were already queued" in err and "batch b" in err
+    assert sum(s.pending for s in connect().stats()) == 3
+    code, again, err = cli(capsys, "queue:dispatch", "--from-file", str(tmp_path / "jobs.jsonl"))
+    assert code == 0 and set(again.split()).isdisjoint(out.split()) and err == ""  # its own batch id
+    code, _, err = cli(capsys, "queue:dispatch", "--queue=other", "--from-file", str(tmp_path / "jobs.jsonl"))
+    assert code == 0 and err == ""  # other options: another batch
+    code, _, err = cli(capsys, "queue:dispatch", "--from-file", str(tmp_path / "jobs.jsonl"))
+    assert code == 0 and "3 of 3" in err
+    assert sum(s.pending for s in connect().stats()) == 9
+
+
+def test_batch_and_idempotency_options_are_checked(capsys: Capsys, tmp_path: Path) -> None:
+    code, _, err = cli(capsys, "queue:dispatch", "--batch-id=b", "email:send", "--user=1")
+    assert code == EXIT_USAGE and "--idempotency-key" in err
+    code, _, err = cli(capsys, "queue:dispatch", "--idempotency-key=k", "--from-file", str(tmp_path / "x"))
+    assert code == EXIT_USAGE and "--batch-id" in err
+    code, _, err = cli(capsys, "queue:dispatch", "--batch-id=", "--from-file", str(tmp_path / "x"))
+    assert code == EXIT_USAGE and "empty" in err
+    assert sum(s.size for s in connect().stats()) == 0
 
 
 def test_from_file_rejects_a_command_too(capsys: Capsys, tmp_path: Path) -> None:

@@ -19,7 +19,8 @@ from typing import TYPE_CHECKING
 
 from .. import _linux
 from ..errors import UsageError
-from ..job import MAX_FILE_BYTES, CorruptJob, Event, decode_file, decode_job
+from ..job import MAX_FILE_BYTES, CorruptJob, Event, decode_file, decode_job, is_idempotent_id
+from ._fileidem import IDEM_DIR, is_key_link
 from ._fileio import (
     FILE_ERRNOS,
     O_READ,
@@ -199,7 +200,7 @@ class FileClaimer:
             self._quarantine(q.pending, name, open_error(exc))
             return None
         st = self._job_stat(fd, name)
-        reason = self._refusal(st)
+        reason = self._refusal(st, self._links(name, st))
         if reason:
             os.close(fd)
             self._quarantine(q.pending, name, reason)
@@ -277,7 +278,7 @@ class FileClaimer:
     def _job_stat(self, fd: int, name: str) -> os.stat_result:
         """The status of the open job file ``name``, after dropping a crash twin (see below)."""
         st = os.fstat(fd)
-        if st.st_nlink == 2:
+        if st.st_nlink >= 2:
             self._drop_crash_twin(name, st)
             st = os.fstat(fd)  # again in any case: another claimer may have dropped it
         return st
@@ -304,9 +305,25 @@ class FileClaimer:
         except OSError:
             pass
 
-    def _refusal(self, st: os.stat_result) -> str | None:
+    def _links(self, name: str, st: os.stat_result) -> int:
+        """How many hard links job file ``name`` (status ``st``) may have: 2 if the second is
+        its idempotency key's (``_fileidem``), else 1."""
+        if st.st_nlink != 2:
+            return 1
+        m = PENDING_RE.match(name) or RESERVED_RE.match(name)
+        if m is None:
+            return 1
+        job_id = m.group(2) if m.re is PENDING_RE else m.group(1)
+        if not is_idempotent_id(job_id):
+            return 1
+        try:
+            return 2 if is_key_link(self._dirfd(f"{self._root}/{IDEM_DIR}"), job_id, st) else 1
+        except OSError:
+            return 1
+
+    def _refusal(self, st: os.stat_result, links: int = 1) -> str | None:
         """Why a file with status ``st`` is not a job file forge will read, or None."""
-        reason = distrust(st, self.uid)
+        reason = distrust(st, self.uid, links)
         if reason is None and st.st_size > MAX_FILE_BYTES:
             return f"{st.st_size} bytes, over the {MAX_FILE_BYTES}-byte cap"
         return reason
@@ -323,7 +340,7 @@ class FileClaimer:
             self._quarantine(directory, name, open_error(exc))
             return None
         st = self._job_stat(fd, name)
-        reason = self._refusal(st)
+        reason = self._refusal(st, self._links(name, st))
         if reason:
             os.close(fd)
             self._quarantine(directory, name, reason)

@@ -63,14 +63,14 @@ def open_error(exc: OSError) -> str:
     return "symbolic link" if exc.errno == errno.ELOOP else f"cannot open: {exc.strerror}"
 
 
-def distrust(st: os.stat_result, uid: int) -> str | None:
+def distrust(st: os.stat_result, uid: int, links: int = 1) -> str | None:
     """Why forge must not read or write the file it opened (status ``st``), or None: it is not a
     regular file, belongs to someone else, has another name somewhere, or others may write it."""
     if not stat.S_ISREG(st.st_mode):
         return "not a regular file"
     if st.st_uid != uid:
         return f"owned by uid {st.st_uid}, not {uid}"
-    if st.st_nlink != 1:
+    if st.st_nlink != links:
         return f"has {st.st_nlink} hard links"
     if st.st_mode & 0o022:
         return f"writable by other users (mode {stat.S_IMODE(st.st_mode):o})"

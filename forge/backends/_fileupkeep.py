@@ -1,7 +1,7 @@
 """Keeping a job-file directory healthy, as a mixin of ``FileBackend``: ``maintain`` (the tree's
 ownership and modes checked again, jobs of dead workers recovered or failed as abandoned, done
-jobs pruned, temp leftovers removed), pause/resume and the restart marker, and the capped
-per-job output logs.
+jobs pruned, temp leftovers and the idempotency keys of deleted jobs removed), pause/resume and
+the restart marker, and the capped per-job output logs.
 """
 
 from __future__ import annotations
@@ -14,8 +14,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .. import _linux
-from ..errors import UsageError
+from ..errors import QueueUnavailable, UsageError
 from ..job import CorruptJob, Event, Job, Reason, backoff_delay, decode_file, valid_id
+from ._fileidem import IDEM_DIR, SWEEP_EVERY
+from ._fileidem import sweep as idem_sweep
 from ._fileio import (
     FILE_ERRNOS,
     LOG_CAP,
@@ -43,6 +45,7 @@ class FileUpkeep:
     uid: int
     lock_mode: str
     done_retention: float
+    _swept_at: float
 
     if TYPE_CHECKING:  # provided by FileBackend, FileClaimer, FileWriter and FileAdmin
         def _check_layout(self) -> None: ...
@@ -57,11 +60,13 @@ class FileUpkeep:
         def prune_done(self, *, older_than: float | None = None) -> int: ...
         def fail(self, claim: Claim, event: Event) -> None: ...
         def release(self, claim: Claim, event: Event | None, delay: float) -> None: ...
+        def _global_lock(self, name: str, *, wait: bool = True) -> contextlib.AbstractContextManager[bool]: ...
 
     # -- maintenance ----------------------------------------------------------------------
 
     def maintain(self, default_tries: int = 1) -> dict[str, int]:
-        counts = {"recovered": 0, "abandoned": 0, "completed": 0, "pruned": 0, "temp_removed": 0}
+        counts = {"recovered": 0, "abandoned": 0, "completed": 0, "pruned": 0, "temp_removed": 0,
+                  "keys_removed": 0}
         self._check_layout()
         now = time.time()
         try:
@@ -81,6 +86,11 @@ class FileUpkeep:
         except OSError as exc:  # a directory forge cannot write: not an empty queue
             where = str(exc.filename) if exc.filename and os.path.isabs(str(exc.filename)) else self._root
             raise unusable(exc, os.path.dirname(where) if os.path.isfile(where) else where, "maintain") from None
+        if now - self._swept_at > SWEEP_EVERY:
+            with contextlib.suppress(OSError, QueueUnavailable), self._global_lock("idem", wait=False) as locked:
+                if locked:  # a dispatcher holds it: next time
+                    self._swept_at = now
+                    counts["keys_removed"] = idem_sweep(f"{self.root}/{IDEM_DIR}")
         return counts
 
     def _recover(self, queue: str, name: str, now: float, default_tries: int) -> str | None:

@@ -1,10 +1,12 @@
 """Writing jobs into the file backend, as a mixin of ``FileBackend``: ``push`` (a job's file
-written, made durable and renamed into pending/) and unique keys.
+written, made durable and renamed into pending/), idempotency keys (``_fileidem``) and unique
+keys.
 
 A dispatch makes its jobs durable before any of them becomes visible: temp files in tmp/,
-then an fsync (one job) or one ``syncfs`` (a batch), then the renames, then an fsync of each
-pending directory. Unique keys are small holder files in unique/, taken with ``link`` so that
-exactly one dispatch wins.
+then an fsync (one job) or one ``syncfs`` (a batch), then the idempotency keys' links and an
+fsync of idem/ (jobs with a key only), then the renames, then an fsync of each pending
+directory. Unique keys are small holder files in unique/, taken with ``link`` so that exactly
+one dispatch wins.
 """
 
 from __future__ import annotations
@@ -21,7 +23,10 @@ from typing import TYPE_CHECKING
 
 from .. import _linux
 from ..errors import DispatchFailed, DuplicateJob, QueueError, QueueUnavailable, UsageError
-from ..job import MAX_PAYLOAD_BYTES, Job, JobInfo, State, valid_id
+from ..job import MAX_PAYLOAD_BYTES, Job, JobInfo, State, is_idempotent_id, valid_id
+from ._fileidem import IDEM_DIR
+from ._fileidem import marker as idem_marker
+from ._fileidem import taken as idem_taken
 from ._fileio import (
     O_DIR,
     O_NEW,
@@ -54,24 +59,43 @@ class FileWriter:
 
     # -- dispatch -------------------------------------------------------------------------
 
-    def push(self, jobs: Sequence[Job]) -> None:
+    def push(self, jobs: Sequence[Job]) -> list[bool]:
         if not jobs:
-            return
-        blobs = []
+            return []
         for job in jobs:
             blob = job.to_json()
             if len(blob) > MAX_PAYLOAD_BYTES:
                 raise UsageError(f"Job {job.id} is {len(blob)} bytes, over the {MAX_PAYLOAD_BYTES}-byte cap.")
-            blobs.append(blob)
         for name in {job.queue for job in jobs}:
             self._queue(name)
+        if not any(is_idempotent_id(job.id) for job in jobs):
+            self._store(jobs)
+            return [True] * len(jobs)
+        try:
+            with self._global_lock("idem"):  # see _fileidem: checking a key and taking it are one step
+                mfd, tfd = self._dirfd(f"{self._root}/{IDEM_DIR}"), self._dirfd(self._tmp)
+                seen: set[str] = set()
+                stored = []
+                for job in jobs:
+                    keyed = is_idempotent_id(job.id)
+                    stored.append(not keyed or (job.id not in seen and not idem_taken(mfd, tfd, job.id)))
+                    seen.add(job.id)
+                self._store([job for job, new in zip(jobs, stored, strict=True) if new])
+        except OSError as exc:  # the lock or a key could not be read (_store raises queue errors)
+            raise self._dispatch_failed(exc) from None
+        return stored
+
+    def _store(self, jobs: Sequence[Job]) -> None:
+        """Take the jobs' unique keys, then write the jobs (see ``_write_jobs_once``)."""
+        if not jobs:
+            return
         held: list[Job] = []
         try:
             for job in jobs:
                 if job.unique_key is not None:
                     self._acquire_unique(job)
                     held.append(job)
-            self._write_jobs(jobs, blobs)
+            self._write_jobs(jobs, [job.to_json() for job in jobs])
         except BaseException:
             for job in held:
                 self._free_unique(job)
@@ -136,7 +160,9 @@ class FileWriter:
         """Write temp files, make them durable, rename them into pending/, fsync the dirs.
 
         One job: fsync the file. A batch: one ``syncfs`` makes every temp file durable at once
-        (instead of an fsync each) before any of them is renamed into view.
+        (instead of an fsync each) before any of them is renamed into view. A job with an
+        idempotency key gets its key's link in idem/ before that (``_fileidem``), made durable
+        first, so no crash leaves a visible job without its key.
 
         A batch's cost is mostly the kernel creating the temp files. On ext4 without a journal
         that cost jumps ~10x for a few minutes after many files of the same block group were
@@ -150,6 +176,7 @@ class FileWriter:
         tfd = self._dirfd(self._tmp)
         temps: list[str] = []
         moved: list[tuple[str, int]] = []
+        keys: list[str] = []
         single = len(jobs) == 1
         open_, write, close, rename = os.open, os.write, os.close, os.rename
         try:
@@ -169,6 +196,13 @@ class FileWriter:
                     close(fd)
             if not single:
                 _linux.syncfs(tfd)
+            keyed = [(job, tmp) for job, tmp in zip(jobs, temps, strict=True) if is_idempotent_id(job.id)]
+            if keyed:  # the keys, durable before any job is visible (see _fileidem)
+                mfd = self._dirfd(f"{self._root}/{IDEM_DIR}")
+                for job, tmp in keyed:
+                    os.link(tmp, idem_marker(job.id), src_dir_fd=tfd, dst_dir_fd=mfd, follow_symlinks=False)
+                    keys.append(idem_marker(job.id))
+                os.fsync(mfd)
             dirs: dict[int, None] = {}
             queues = self._queues
             for job, tmp in zip(jobs, temps, strict=True):
@@ -192,6 +226,9 @@ class FileWriter:
             for dest, pfd in moved:
                 with contextlib.suppress(OSError):
                     os.unlink(dest, dir_fd=pfd)
+            for name in keys:  # after the job's own names: a key never outlives its job's file
+                with contextlib.suppress(OSError):
+                    os.unlink(name, dir_fd=self._dirfd(f"{self._root}/{IDEM_DIR}"))
             raise
 
     # -- unique keys ----------------------------------------------------------------------
@@ -296,10 +333,16 @@ class FileWriter:
                     os.unlink(path)
 
     @contextlib.contextmanager
-    def _global_lock(self, name: str) -> Iterator[None]:
+    def _global_lock(self, name: str, *, wait: bool = True) -> Iterator[bool]:
+        """Hold the connection-wide lock ``name``; without ``wait``, yield False (not holding
+        it) if another process does."""
         fd = open_lock(self.root / f".{name}.lock", self.uid)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            yield
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                yield False
+                return
+            yield True
         finally:
             os.close(fd)

@@ -74,8 +74,18 @@ class Backend(Protocol):
     #: False when it is a lock held by the job's own process.
     lease_based: bool
 
-    def push(self, jobs: Sequence[Job]) -> None:
-        """Store every job durably before returning; all or nothing.
+    def push(self, jobs: Sequence[Job]) -> list[bool]:
+        """Store every job durably before returning. Returns, per job, True if this call
+        stored it. On an error nothing is stored; a process killed part-way may leave some
+        of a batch stored on the file backend (a Redis push is one script): a batch that must
+        survive a kill uses idempotent ids, and is pushed again.
+
+        A job whose id was derived from an idempotency key (``forge.job.is_idempotent_id``)
+        is stored only if no job with that id exists, in any state and any queue (or appears
+        earlier in ``jobs``); else it is False and nothing is stored for it, its unique key
+        is not checked, and the existing job is left as it is. The check and the creation
+        are one atomic step: a kill at any point leaves the id either taken by a job that
+        workers can see or free. Ids from ``new_id`` are always True.
 
         Raises ``DuplicateJob`` if a unique key is held (then nothing is stored),
         ``DispatchFailed`` on a storage error (nothing partial is visible to workers),

@@ -9,6 +9,7 @@ Layout under the queue directory (0700, files 0600)::
     q/<queue>/failed/<time>-<id>-<n>.job    failed for good
     q/<queue>/paused                        marker: workers skip this queue
     unique/<hash>.json                      unique-key holders
+    idem/<id>.job                           idempotency keys: hard links to their jobs' files
     logs/<id>.log                           captured job output
     quarantine/                             files that were not valid jobs, with .reason files
     restart                                 queue:restart marker
@@ -34,7 +35,7 @@ is checked on its open descriptor before it is read, written or run.
 
 What lives where: this module is the core (the backend object, the directory layout and its
 preparation, outcomes: ack, release, fail) and composes the rest, each a mixin working on the
-same state: ``FileWriter`` (``_filewrite``: dispatch and unique keys), ``FileClaimer``
+same state: ``FileWriter`` (``_filewrite``: dispatch, unique keys; idempotency keys in ``_fileidem``), ``FileClaimer``
 (``_fileclaim``: listings, claims, refusing and quarantining files), ``FileUpkeep``
 (``_fileupkeep``: maintenance and recovery, pause/resume/restart, logs) and ``FileAdmin``
 (``_fileadmin``: ``find``, ``jobs``, ``stats``, ``retry``, ``forget``, ``flush``,
@@ -67,7 +68,7 @@ from .base import Claim
 __all__ = ["LOG_CAP", "FileBackend"]
 
 #: The queue directory's fixed sub-directories, created (0700) and checked by every backend.
-SUBDIRS = ("tmp", "q", "unique", "logs", "quarantine")
+SUBDIRS = ("tmp", "q", "unique", "idem", "logs", "quarantine")
 
 
 class FileBackend(FileWriter, FileClaimer, FileUpkeep, FileAdmin):
@@ -90,6 +91,7 @@ class FileBackend(FileWriter, FileClaimer, FileUpkeep, FileAdmin):
         self._watched: set[str] = set()
         self._last_key = 0
         self._last_base = 0
+        self._swept_at = 0.0  # the last sweep of idem/ (FileUpkeep.maintain)
         self._dirfds: dict[str, int] = {}
         self._tmp = f"{self._root}/tmp"
         self._prepare_root()

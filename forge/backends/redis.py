@@ -23,6 +23,8 @@ supported: every key of one prefix must live on one server)::
     P:queues                SET     names of queues that hold or have held jobs
     P:paused                SET     paused queue names
     P:unique:<sha256[:40]>  STRING  id of the job holding a unique key (PX = the key's ttl)
+    (an idempotency key needs no key of its own: it is the job's id, ``forge.job.idempotent_id``,
+    taken while ``P:info:<id>`` exists, and freed when the job is deleted)
     P:log:<id>              STRING  captured job output, capped at 1 MiB
     P:restart               STRING  time of the last ``queue:restart``
 
@@ -60,6 +62,7 @@ from ..job import (
     Reason,
     backoff_delay,
     decode_file,
+    is_idempotent_id,
     valid_id,
 )
 from ._redis_helpers import CHUNK, LOG_CAP, load_scripts
@@ -193,9 +196,9 @@ class RedisBackend(RedisAdmin):
 
     # -- dispatch -------------------------------------------------------------------------
 
-    def push(self, jobs: Sequence[Job]) -> None:
+    def push(self, jobs: Sequence[Job]) -> list[bool]:
         if not jobs:
-            return
+            return []
         now = time.time()
         skew = self._clock_for_push(jobs, now)
         args: list[Any] = [len(jobs)]
@@ -217,6 +220,8 @@ class RedisBackend(RedisAdmin):
             reply = self._run("push", *args)
         if reply[0] == b"dup":
             raise DuplicateJob(keys.get(reply[1].decode(), reply[1].decode()), reply[2].decode())
+        # A random id that exists was stored by this very push, on a retry after a lost reply.
+        return [flag == "1" or not is_idempotent_id(job.id) for job, flag in zip(jobs, reply[2].decode(), strict=True)]
 
     def _clock_for_push(self, jobs: Sequence[Job], now: float) -> float:
         """Only delayed jobs need the server's clock (a due time is stored on it)."""

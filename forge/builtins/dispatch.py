@@ -19,8 +19,8 @@ import typer
 from .. import output
 from ..durations import format_duration, parse_duration
 from ..errors import EXIT_JOB_FAILED, ForgeError, InvalidCommand, JobNotFound, UsageError
-from ..job import MAX_JSON_DEPTH, MAX_OUTPUT_TAIL, JobInfo, State
-from ..queue import CommandQueue, QueuedCommand
+from ..job import MAX_JSON_DEPTH, MAX_OUTPUT_TAIL, Job, JobInfo, State
+from ..queue import CommandQueue, QueuedCommand, batch_key
 from ..runner import default_registry
 from . import fastdispatch
 from ._shared import Connection, err_tty
@@ -45,10 +45,12 @@ def dispatch(
     meta: Annotated[list[str] | None, typer.Option(metavar="KEY=VALUE", help="Metadata (repeatable); VALUE is parsed as JSON when it is JSON.")] = None,
     unique_key: Annotated[str | None, typer.Option(help="Refuse (exit 4) while a job with this key is queued or running.")] = None,
     unique_ttl: Annotated[str | None, typer.Option(help="Let the unique key lapse after this long.")] = None,
+    idempotency_key: Annotated[str | None, typer.Option(help="Queue this at most once per key: while the job dispatched with it is kept, in any state, print its id and store nothing.")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print the dispatch record as JSON.")] = False,
     wait: Annotated[bool, typer.Option("--wait", help="Block until the job is done (exit 0) or failed (exit 7).")] = False,
     wait_timeout: Annotated[str | None, typer.Option(help="With --wait: give up after this long (exit 1).")] = None,
-    from_file: Annotated[str | None, typer.Option(metavar="FILE|-", help="Dispatch one job per JSON line of FILE (- for stdin).")] = None,
+    from_file: Annotated[str | None, typer.Option(metavar="FILE|-", help="Dispatch one job per JSON line of FILE (- for stdin); run again, it queues only the lines missing.")] = None,
+    batch_id: Annotated[str | None, typer.Option(help="With --from-file: the batch's identity (default: a hash of the file and these options); line n is queued once per batch.")] = None,
 ) -> int:
     """Push a command onto a queue; print the job id.
 
@@ -65,7 +67,14 @@ def dispatch(
             raise UsageError("Pass COMMAND or --from-file, not both.")
         if wait:
             raise UsageError("--wait works with one job; it cannot be combined with --from-file.")
-        return _dispatch_file(from_file, queue, connection, opts)
+        if idempotency_key is not None:
+            raise UsageError("--idempotency-key names one job; give --from-file a --batch-id instead.")
+        if batch_id is not None and not batch_id:
+            raise UsageError("--batch-id must not be empty.")
+        return _dispatch_file(from_file, queue, connection, opts, batch_id)
+    if batch_id is not None:
+        raise UsageError("--batch-id works with --from-file.", hint="For one job, use --idempotency-key.")
+    opts["idempotency_key"] = idempotency_key
     if command is None:
         raise UsageError("Missing COMMAND.", hint="Usage: forge queue:dispatch [OPTIONS] COMMAND [ARGS]...")
     job_args = list(args or [])
@@ -125,14 +134,25 @@ def _print_failure(log: bytes, info: JobInfo) -> None:
                  f"Retry it with `forge queue:retry {info.id}`.")
 
 
-def _file_lines(source: str) -> list[str]:
+def _file_text(source: str) -> str:
     if source == "-":
-        return sys.stdin.read().splitlines()
+        return sys.stdin.read()
     try:
         with open(source, encoding="utf-8") as fh:
-            return fh.read().splitlines()
+            return fh.read()
     except OSError as exc:
         raise UsageError(f"Cannot read --from-file {source}: {exc.strerror}.") from None
+    except UnicodeDecodeError:
+        raise UsageError(f"Cannot read --from-file {source}: it is not UTF-8 text.") from None
+
+
+def _batch_of(text: str, queue: str | None, defaults: dict[str, Any]) -> str:
+    """The default batch id of a --from-file run: the same file with the same options is the
+    same batch, so running it again (after a kill, say) queues only the lines missing."""
+    import hashlib
+
+    h = hashlib.sha256(json.dumps([text, queue, defaults], sort_keys=True, default=str).encode())
+    return f"file-{h.hexdigest()[:32]}"
 
 
 def _parse_line(text: str, defaults: dict[str, Any]) -> tuple[str | None, QueuedCommand]:
@@ -159,19 +179,26 @@ def _parse_line(text: str, defaults: dict[str, Any]) -> tuple[str | None, Queued
     return d.get("queue"), _build(command, args, opts)
 
 
-def _dispatch_file(source: str, queue: str | None, connection: str | None, defaults: dict[str, Any]) -> int:
+def _dispatch_file(source: str, queue: str | None, connection: str | None, defaults: dict[str, Any],
+                   batch_id: str | None) -> int:
+    """Validate every line, then store the jobs 1,000 at a time. Line n's job id is derived
+    from (batch id, n) (``batch_key``), so a run killed part-way, run again, stores only the
+    lines that are missing; each line's id goes to stdout either way, in line order per queue."""
     registry = default_registry()
+    text = _file_text(source)
+    batch = batch_id or _batch_of(text, queue, defaults)
     queues: dict[str | None, CommandQueue] = {}
-    batches: dict[str, list[QueuedCommand]] = {}
+    batches: dict[str, tuple[CommandQueue, list[Job]]] = {}
     keys: dict[str, int] = {}
-    for n, text in enumerate(_file_lines(source), 1):
-        if not text.strip():
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
             continue
         try:
-            name, cmd = _parse_line(text, defaults)
+            name, cmd = _parse_line(line, defaults)
             name = name or queue
             q = queues.get(name) or queues.setdefault(name, CommandQueue(name, connection=connection, registry=registry))
-            q.jobs_for([cmd])  # validates the command, its arguments and the options
+            # Validates the command, its arguments and the options; stored as built, unchanged.
+            (job,) = q.jobs_for([cmd.with_idempotency_key(batch_key(batch, n))])
         except UsageError as exc:
             exc.args = (f"{source}, line {n}: {exc.message}",)
             exc.hint = "Nothing was dispatched."
@@ -179,24 +206,28 @@ def _dispatch_file(source: str, queue: str | None, connection: str | None, defau
         if cmd.unique_key is not None and keys.setdefault(cmd.unique_key, n) != n:
             raise UsageError(f'{source}, line {n}: unique key "{cmd.unique_key}" is also used on line {keys[cmd.unique_key]}.',
                              hint="Nothing was dispatched.")
-        batches.setdefault(q.name, []).append(cmd)
-    total, sent = sum(len(b) for b in batches.values()), 0
+        batches.setdefault(q.name, (q, []))[1].append(job)
+    total, sent, old = sum(len(b) for _, b in batches.values()), 0, 0
     with output.progress(total, "Dispatching") as advance:
-        for name, cmds in batches.items():
-            q = CommandQueue(name, connection=connection, registry=registry, check_args=False)
-            for i in range(0, len(cmds), 1000):
+        for q, jobs in batches.values():
+            for i in range(0, len(jobs), 1000):
+                chunk = jobs[i:i + 1000]
                 try:
-                    ids = q.dispatch_many(cmds[i:i + 1000])  # validated above; store in batches
+                    old += q.store(chunk).count(False)
                 except Exception:
                     if sent:
-                        output.warn(f"{sent} of {total} jobs were queued before this error (their ids are on stdout).")
+                        output.warn(f"{sent} of {total} lines are queued (their ids are on stdout); run the same"
+                                    " command again to queue the rest, each once.")
                     raise
-                sys.stdout.write("".join(f"{job_id}\n" for job_id in ids))
+                sys.stdout.write("".join(f"{job.id}\n" for job in chunk))
                 sys.stdout.flush()
-                sent += len(ids)
-                advance(len(ids))
+                sent += len(chunk)
+                advance(len(chunk))
+    if old:
+        output.info(f"{old} of {total} lines were already queued by an earlier run of batch {batch} and were"
+                    " not queued again; give another --batch-id to queue them anew.")
     if err_tty():
-        output.info(f"Queued {total} jobs from {'stdin' if source == '-' else source}.")
+        output.info(f"Queued {total - old} jobs from {'stdin' if source == '-' else source}.")
     return 0
 
 

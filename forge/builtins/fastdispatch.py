@@ -30,8 +30,8 @@ from ..queue import CommandQueue, JobDispatch, QueuedCommand
 #: The value options of queue:dispatch (``--meta`` may repeat) and its one flag this path takes.
 VALUE_OPTIONS = {"--queue": "queue", "--connection": "connection", "--delay": "delay", "--at": "at",
                  "--tries": "tries", "--timeout": "timeout", "--backoff": "backoff", "--meta": "meta",
-                 "--unique-key": "unique_key", "--unique-ttl": "unique_ttl"}
-DISPATCH_OPTIONS = {*VALUE_OPTIONS, "--json", "--wait", "--wait-timeout", "--from-file"}
+                 "--unique-key": "unique_key", "--unique-ttl": "unique_ttl", "--idempotency-key": "idempotency_key"}
+DISPATCH_OPTIONS = {*VALUE_OPTIONS, "--json", "--wait", "--wait-timeout", "--from-file", "--batch-id"}
 
 #: The fingerprint taken when the cache was missing or stale: the full path saves the cache
 #: under it once the dispatch succeeded (``forge.builtins.dispatch``).
@@ -78,6 +78,8 @@ def build(command: str, args: Sequence[str], o: dict[str, Any]) -> QueuedCommand
     if o.get("unique_key") is not None:
         ttl = o.get("unique_ttl")
         cmd = cmd.with_unique_key(o["unique_key"], None if ttl is None else parse_duration(ttl, what="--unique-ttl"))
+    if o.get("idempotency_key") is not None:
+        cmd = cmd.with_idempotency_key(o["idempotency_key"])
     return cmd
 
 
@@ -182,4 +184,7 @@ def print_record(q: CommandQueue, record: JobDispatch, command: str, *, json_out
         found = q.find(record.id) if record.scheduled_at else None
         at = found.job.available_at if found else None
         when = f", not before {datetime.fromtimestamp(at):%Y-%m-%d %H:%M:%S}" if at else ""
-        output.info(f"Queued {command} on {record.queue} as {record.id}{when}")
+        if record.created:
+            output.info(f"Queued {command} on {record.queue} as {record.id}{when}")
+        else:
+            output.info(f"Already queued on {record.queue} as {record.id} (this idempotency key was used); nothing was stored.")
