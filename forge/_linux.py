@@ -209,17 +209,27 @@ class KillTimer:
         self.at = at
 
 
-def descendants(pid: int | None = None) -> list[int]:
-    """Every live descendant of ``pid`` (default: this process), parents before children."""
+def descendants(pid: int | None = None, depth: int = 0) -> list[int]:
+    """Every descendant of ``pid`` (default: this process), zombies included, parents before
+    children; ``depth=1``: its children only."""
     root = os.getpid() if pid is None else pid
     found: list[int] = []
-    todo = [root]
-    while todo:
-        parent = todo.pop()
-        kids = _children(parent)
-        found.extend(kids)
-        todo.extend(kids)
+    level = [root]
+    while level:
+        level = [kid for parent in level for kid in _children(parent)]
+        found.extend(level)
+        if depth == 1:
+            break
     return found
+
+
+def is_zombie(pid: int) -> bool:
+    """Whether ``pid`` has ended (a zombie awaiting its reaper, or gone)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            return fh.read().rsplit(b")", 1)[1].split()[0] in (b"Z", b"X")
+    except (OSError, IndexError):
+        return True
 
 
 def _children(pid: int) -> list[int]:

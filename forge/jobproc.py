@@ -1,30 +1,34 @@
-"""The job process: a fresh child of the worker for every job, which runs the job's code only.
+"""The job process: a child of the worker that runs jobs' code, and nothing else.
 
-The worker (``forge.worker``) claims the job, holds the claim (the file backend's lock, a
+The worker (``forge.worker``) claims each job, holds the claim (the file backend's lock, a
 Redis lease), supervises the run and records its outcome. It forks this process once the
 commands are loaded, so a job pays neither for Python start-up nor for importing the command
-modules, and it hands it a :class:`JobContext`: exactly what the run needs, nothing of the
-worker's. Before the job's code runs, the job process
+modules, and hands it a :class:`JobContext`. Before any job's code runs, the job process
 
 - closes every descriptor the fork copied (the claim's lock, the store's sockets, the
-  worker's watches): the worker alone holds the claim, so nothing the job's code closes,
-  unlocks, replaces or execs away can release it or break the recording of the outcome (a
-  copy of the lock's descriptor would share its lock: ``LOCK_UN`` on it frees the worker's);
+  worker's watches) but its two control pipes: the worker alone holds the claim, so nothing a
+  job's code closes, unlocks, replaces or execs away can release it or lose the outcome (which
+  goes through a shared page, ``forge.jobshare``; a copy of the lock's descriptor would share
+  its lock, and ``LOCK_UN`` on it would free the worker's);
 - dies with the worker (``PR_SET_PDEATHSIG``), since nobody could record its outcome;
-- arms a kernel timer that sends it SIGKILL when it must be dead (its timeout's backstop, or
-  its lease's end, moved on by the worker after each renewal): a stopped or frozen worker
-  cannot let it run past its lease, and a run frozen past it dies on thaw.
+- keeps a kernel timer that sends it SIGKILL when the running job must be dead (its timeout's
+  backstop, or its lease's end, moved on by the worker after each renewal): a stopped or
+  frozen worker cannot let a job run past its lease, and a run frozen past it dies on thaw.
 
-Its outcome goes to a shared page (``forge.jobshare``), its output to a memfd the worker
-copies to the job's log. A fresh process per job means nothing one job changes in its process
-(descriptors, directory, environment, umask, signals, limits, threads, module state) reaches
-the next.
+It then runs one job per request from the worker. After each job it puts back what a job may
+change and can be put back exactly (working directory, environment, umask, signal handlers
+and mask, recursion limit) and checks the rest (descriptors 0-2 and its control pipes,
+resource limits, threads, the standard streams, tracing); if anything differs, it exits after
+reporting the outcome and the worker forks a fresh one for the next job. So nothing one job
+changes in its process reaches the next, and a trivial job costs no process start.
 """
 
 from __future__ import annotations
 
+import _signal
 import contextlib
 import os
+import resource
 import signal
 import sys
 import threading
@@ -37,47 +41,39 @@ from typing import TYPE_CHECKING, Any, NoReturn
 from . import _linux
 from .errors import EXIT_USAGE, ForgeError, UsageError
 from .job import Reason
-from .jobshare import SharedState
+from .jobshare import NEVER, OUTCOME, REQUEST, SharedState
 from .runner import invoke
 
 if TYPE_CHECKING:
-    from .registry import CommandSpec
+    from .registry import CommandRegistry, CommandSpec
 
 #: How often the job process's watcher moves its kill timer to the worker's latest instant.
 RENEW_POLL = 0.5
 #: The job process's exit status when its own set-up failed (EX_SOFTWARE).
 SETUP_FAILED = 70
+_ERROR_CAP = 4096
 
 
 @dataclass(frozen=True)
 class JobContext:
-    """What one run needs, handed from the worker to its job process."""
+    """What the job process needs, handed from the worker."""
 
-    spec: CommandSpec
-    args: tuple[str, ...]
-    env: Mapping[str, str]
+    registry: CommandRegistry
     cwd: str | None
     output_fd: int
     shared: SharedState
     supervisor: int  # the worker's pid
-    keep_fds: tuple[int, ...]  # descriptors to keep (none: the claim's lock is the worker's)
-    renew: bool  # whether the kill instant may move (a renewed lease)
+    go: int  # read end: the worker asks for a job (its request is in the shared page)
+    done: int  # write end: the job process says the outcome is in the shared page
+    renew: bool  # whether the kill instant may move while a job runs (a renewed lease)
 
 
 def run(ctx: JobContext) -> NoReturn:
     """The job process's whole life (called in the forked child; never returns)."""
     code = SETUP_FAILED
     try:
-        _setup(ctx)
-        reply = run_command(ctx.spec, list(ctx.args), ctx.env)
-        if os.getpid() == _me[0]:  # not a fork the job made and returned from
-            with contextlib.suppress(Exception):
-                sys.stdout.flush()
-                sys.stderr.flush()
-            ctx.shared.set_record(reply)
-            code = reply["exit_code"] & 0xFF
-        else:
-            code = 0
+        runner = _Runner(ctx)
+        code = runner.loop()
     except BaseException:  # noqa: BLE001 - nothing may escape a forked child
         with contextlib.suppress(Exception):
             traceback.print_exc(file=sys.__stderr__)
@@ -85,42 +81,177 @@ def run(ctx: JobContext) -> NoReturn:
         os._exit(code)
 
 
-_me = [0]
 _HANDLED = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2, signal.SIGCONT,
             signal.SIGHUP, signal.SIGALRM, signal.SIGCHLD)
+_SIGNALS = tuple(s for s in range(1, signal.NSIG) if s not in (signal.SIGKILL, signal.SIGSTOP, 32, 33))
+_LIMITS = tuple(getattr(resource, n) for n in dir(resource) if n.startswith("RLIMIT_"))
 _KEEP_ALIVE: list[Any] = []
 
 
-def _setup(ctx: JobContext) -> None:
-    _me[0] = os.getpid()
-    os.setpgid(0, 0)
-    _linux.set_parent_death_signal(signal.SIGKILL)
-    if os.getppid() != ctx.supervisor:  # the worker died before the line above
-        os._exit(SETUP_FAILED)
-    signal.set_wakeup_fd(-1)
-    for sig in _HANDLED:
-        signal.signal(sig, signal.SIG_DFL)
-    signal.signal(signal.SIGPIPE, signal.SIG_IGN)  # as Python starts
-    signal.pthread_sigmask(signal.SIG_SETMASK, ())
-    _KillWatch(ctx.shared, ctx.renew)
-    devnull = os.open(os.devnull, os.O_RDONLY)
-    os.dup2(devnull, 0)
-    os.dup2(ctx.output_fd, 1)
-    os.dup2(ctx.output_fd, 2)
-    _forget_inherited()
-    low = 3
-    for fd in sorted(ctx.keep_fds):  # close_range(2) around them: sockets, watches, pipes
-        os.closerange(low, fd)
-        low = fd + 1
-    os.closerange(low, 1 << 20)
-    from .runner import forget_tty
+class _Runner:
+    def __init__(self, ctx: JobContext) -> None:
+        self.ctx = ctx
+        self.me = os.getpid()
+        os.setpgid(0, 0)
+        _linux.set_parent_death_signal(signal.SIGKILL)
+        if os.getppid() != ctx.supervisor:  # the worker died before the line above
+            os._exit(SETUP_FAILED)
+        signal.set_wakeup_fd(-1)
+        for sig in _HANDLED:
+            signal.signal(sig, signal.SIG_DFL)
+        signal.signal(signal.SIGPIPE, signal.SIG_IGN)  # as Python starts
+        signal.pthread_sigmask(signal.SIG_SETMASK, ())
+        self.timer = _linux.KillTimer(NEVER)
+        self.running = False
+        devnull = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(devnull, 0)
+        os.dup2(ctx.output_fd, 1)
+        os.dup2(ctx.output_fd, 2)
+        _forget_inherited()
+        low = 3
+        for fd in sorted((ctx.go, ctx.done)):  # close_range(2) around them
+            os.closerange(low, fd)
+            low = fd + 1
+        os.closerange(low, 1 << 20)
+        from .runner import forget_tty
 
-    forget_tty()  # stdout is the same object, no longer the worker's terminal
-    with contextlib.suppress(Exception):
-        sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
-        sys.stderr.reconfigure(line_buffering=True)  # type: ignore[union-attr]
-    if ctx.cwd:
-        os.chdir(ctx.cwd)
+        forget_tty()  # stdout is the same object, no longer the worker's terminal
+        with contextlib.suppress(Exception):
+            sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
+            sys.stderr.reconfigure(line_buffering=True)  # type: ignore[union-attr]
+        if ctx.cwd:
+            os.chdir(ctx.cwd)
+        if ctx.renew:
+            threading.Thread(target=self._follow, name="forge-lease", daemon=True).start()
+        self.base = _State.read(self)
+
+    def _follow(self) -> None:
+        """Move the kill timer with the worker's renewals. Job code may hold this thread up
+        (the GIL): then the timer fires at the last instant the worker was sure of, which
+        errs on the safe side."""
+        while True:
+            time.sleep(RENEW_POLL)
+            at = self.ctx.shared.kill_at
+            if self.running and at != self.timer.at:
+                self.timer.set(at)
+
+    def loop(self) -> int:
+        ctx = self.ctx
+        while True:
+            try:
+                if not os.read(ctx.go, 1):
+                    return 0  # the worker closed the pipe: it is stopping
+            except OSError:
+                return 0
+            with contextlib.suppress(ChildProcessError):  # the last job's ended leftovers
+                while os.waitpid(-1, os.WNOHANG)[0]:
+                    pass
+            request = ctx.shared.record(REQUEST)
+            if request is None:
+                return SETUP_FAILED
+            reply = self._run(request)
+            if os.getpid() != self.me:  # a fork the job made and returned from: never go on
+                os._exit(0)
+            with contextlib.suppress(Exception):
+                sys.stdout.flush()
+                sys.stderr.flush()
+            fresh = self.base.restore(self)
+            reply["seq"] = request["seq"]
+            reply["recycle"] = not fresh
+            ctx.shared.set_record(reply, OUTCOME)
+            try:
+                os.write(ctx.done, b".")
+            except OSError:
+                return 0
+            if not fresh:
+                return 0
+
+    def _run(self, request: dict[str, Any]) -> dict[str, Any]:
+        spec = self.ctx.registry.get(request["command"])
+        if spec is None:
+            return {"exit_code": 1, "reason": str(Reason.UNKNOWN_COMMAND),
+                    "error": f'Command "{request["command"]}" is not defined.'}
+        self.running = True
+        self.timer.set(self.ctx.shared.kill_at)
+        try:
+            return run_command(spec, list(request["args"]), request["env"])
+        finally:
+            self.timer.set(NEVER)
+            self.running = False
+
+
+@dataclass
+class _State:
+    """What a job can change in its process, as the job process had it before the first job."""
+
+    cwd: str
+    environ: dict[bytes, bytes]
+    umask: int
+    handlers: list[Any]
+    fds: list[tuple[int, int]]
+    limits: list[tuple[int, int]]
+    threads: frozenset[int]
+    streams: tuple[int, int, int]
+    recursion: int
+
+    @classmethod
+    def read(cls, runner: _Runner) -> _State:
+        umask = os.umask(0)
+        os.umask(umask)
+        return cls(
+            cwd=os.getcwd(), environ=dict(os.environ._data), umask=umask,  # type: ignore[attr-defined]
+            handlers=[_signal.getsignal(s) for s in _SIGNALS],
+            fds=_fd_ids((0, 1, 2, runner.ctx.go, runner.ctx.done)),
+            limits=[resource.getrlimit(r) for r in _LIMITS],
+            threads=frozenset(t.ident or 0 for t in threading.enumerate()),
+            streams=(id(sys.stdin), id(sys.stdout), id(sys.stderr)),
+            recursion=sys.getrecursionlimit(),
+        )
+
+    def restore(self, runner: _Runner) -> bool:
+        """Put back what can be put back exactly; False if anything else differs (then the
+        job process must not run another job)."""
+        fresh = True
+        try:
+            if os.getcwd() != self.cwd:
+                os.chdir(self.cwd)
+        except OSError:
+            fresh = False
+        data = os.environ._data  # type: ignore[attr-defined]
+        if data != self.environ:
+            os.environ.clear()
+            os.environ.update({os.fsdecode(k): os.fsdecode(v) for k, v in self.environ.items()})
+        umask = os.umask(self.umask)
+        del umask
+        for sig, handler in zip(_SIGNALS, self.handlers, strict=True):
+            if _signal.getsignal(sig) != handler:
+                try:
+                    signal.signal(sig, handler)
+                except (OSError, ValueError, TypeError):
+                    fresh = False
+        if signal.pthread_sigmask(signal.SIG_BLOCK, ()):
+            signal.pthread_sigmask(signal.SIG_SETMASK, ())
+        if sys.getrecursionlimit() != self.recursion:
+            sys.setrecursionlimit(self.recursion)
+        if (_fd_ids((0, 1, 2, runner.ctx.go, runner.ctx.done)) != self.fds
+                or [resource.getrlimit(r) for r in _LIMITS] != self.limits
+                or frozenset(t.ident or 0 for t in threading.enumerate()) != self.threads
+                or (id(sys.stdin), id(sys.stdout), id(sys.stderr)) != self.streams
+                or threading.current_thread().name != "MainThread"
+                or sys.gettrace() is not None or sys.getprofile() is not None):
+            fresh = False
+        return fresh
+
+
+def _fd_ids(fds: tuple[int, ...]) -> list[tuple[int, int]]:
+    out = []
+    for fd in fds:
+        try:
+            st = os.fstat(fd)
+            out.append((st.st_dev, st.st_ino))
+        except OSError:
+            out.append((-1, -1))
+    return out
 
 
 def _forget_inherited() -> None:
@@ -134,45 +265,26 @@ def _forget_inherited() -> None:
         cached.clear()
 
 
-class _KillWatch:
-    """The job process's kill timer, and (under a renewed lease) the thread that follows the
-    worker's renewals. Job code may hold up the thread (the GIL): then the timer fires at the
-    last instant the worker was sure of, which errs on the safe side."""
-
-    def __init__(self, shared: SharedState, renew: bool) -> None:
-        self.shared = shared
-        self.timer = _linux.KillTimer(shared.kill_at)
-        _KEEP_ALIVE.append(self)
-        if renew:
-            threading.Thread(target=self._follow, name="forge-lease", daemon=True).start()
-
-    def _follow(self) -> None:
-        while True:
-            time.sleep(RENEW_POLL)
-            at = self.shared.kill_at
-            if at != self.timer.at:
-                self.timer.set(at)
-
-
 def run_command(spec: CommandSpec, args: list[str], env: Mapping[str, str]) -> dict[str, Any]:
     """Run one command in this process; returns ``{"exit_code", "reason"?, "error"?}``.
 
-    ``env`` is added to the (job process's own) environment.
+    ``env`` is added to the environment for the run (the job process puts it back after).
     """
     os.environ.update(env)
     try:
         code = invoke(spec, args)
     except UsageError as exc:
         print(f"Error: {exc.message}", file=sys.stderr)
-        return {"exit_code": EXIT_USAGE, "reason": str(Reason.EXIT_CODE), "error": exc.message}
+        return {"exit_code": EXIT_USAGE, "reason": str(Reason.EXIT_CODE), "error": exc.message[:_ERROR_CAP]}
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     except ForgeError as exc:
         print(f"Error: {exc.message}", file=sys.stderr)
-        return {"exit_code": exc.exit_code, "reason": str(Reason.EXCEPTION), "error": exc.message}
+        return {"exit_code": exc.exit_code, "reason": str(Reason.EXCEPTION), "error": exc.message[:_ERROR_CAP]}
     except BaseException as exc:  # noqa: BLE001 - report everything the job raised
         traceback.print_exc()
-        return {"exit_code": 1, "reason": str(Reason.EXCEPTION), "error": f"{type(exc).__name__}: {exc}"}
+        return {"exit_code": 1, "reason": str(Reason.EXCEPTION),
+                "error": f"{type(exc).__name__}: {exc}"[:_ERROR_CAP]}
     if code == 0:
         return {"exit_code": 0}
     return {"exit_code": code, "reason": str(Reason.EXIT_CODE), "error": f"exited with code {code}"}

@@ -27,11 +27,13 @@ class SharedState:
     """One page shared by the worker and its job process.
 
     Bytes 0-7: when the job process must be dead (CLOCK_BOOTTIME seconds, a double; the worker
-    writes it). 8: a sequence number, odd while the record at 16 (length, then JSON) is being
-    written (the job process writes it).
+    writes it). Then two slots, each a sequence number (odd while being written), a length and
+    JSON, so the reader never sees half a record: the job request (``REQUEST``, the worker
+    writes it) and the job's outcome (``OUTCOME``, the job process writes it).
     """
 
-    SIZE = 16384
+    SLOT = 256 * 1024  # a job's payload is at most 64 KiB
+    SIZE = 8 + 2 * SLOT
     _Q = struct.Struct("=Q")
     _D = struct.Struct("=d")
     _I = struct.Struct("=I")
@@ -47,28 +49,36 @@ class SharedState:
     def kill_at(self, value: float) -> None:
         self._D.pack_into(self.mm, 0, value)
 
-    def set_record(self, record: dict[str, Any] | None) -> None:
+    def set_record(self, record: dict[str, Any] | None, slot: int = 0) -> None:
+        base = 8 + slot * self.SLOT
         data = json.dumps(record).encode() if record is not None else b""
-        data = data[: self.SIZE - 24]
-        seq = self._Q.unpack_from(self.mm, 8)[0]
+        if len(data) > self.SLOT - 24:
+            raise ValueError("record too large for the shared page")
+        seq = self._Q.unpack_from(self.mm, base)[0]
         seq += seq & 1  # a writer killed mid-write left it odd: start again from even
-        self._Q.pack_into(self.mm, 8, seq + 1)
-        self._I.pack_into(self.mm, 16, len(data))
-        self.mm[20 : 20 + len(data)] = data
-        self._Q.pack_into(self.mm, 8, seq + 2)
+        self._Q.pack_into(self.mm, base, seq + 1)
+        self._I.pack_into(self.mm, base + 8, len(data))
+        self.mm[base + 12 : base + 12 + len(data)] = data
+        self._Q.pack_into(self.mm, base, seq + 2)
 
-    def record(self) -> dict[str, Any] | None:
+    def record(self, slot: int = 0) -> dict[str, Any] | None:
         """The record last written whole, or None (none, or its writer died mid-write)."""
-        seq = self._Q.unpack_from(self.mm, 8)[0]
+        base = 8 + slot * self.SLOT
+        seq = self._Q.unpack_from(self.mm, base)[0]
         if seq % 2:
             return None
-        n = self._I.unpack_from(self.mm, 16)[0]
-        data = bytes(self.mm[20 : 20 + n])
+        n = self._I.unpack_from(self.mm, base + 8)[0]
+        data = bytes(self.mm[base + 12 : base + 12 + n])
         try:
             value = json.loads(data) if data else None
         except ValueError:
             return None
         return value if isinstance(value, dict) else None
+
+
+OUTCOME, REQUEST = 0, 1
+#: A kill instant that never comes (the job process's timer while it is idle).
+NEVER = 1e12
 
 
 _KEEP = 64 * 1024

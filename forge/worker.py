@@ -29,13 +29,13 @@ from . import _linux, jobproc, runner
 from .backends.base import Claim
 from .errors import QueueUnavailable
 from .job import Event, Reason, backoff_delay
-from .jobshare import OutputBuffer, SharedState
+from .jobshare import NEVER, OUTCOME, REQUEST, OutputBuffer, SharedState
 from .reporting import Reporter, console_reporter
 from .worker_options import StopReason, WorkerOptions, parse_queues
 
 if TYPE_CHECKING:
     from .backends.base import Backend
-    from .registry import CommandRegistry
+    from .registry import CommandRegistry, CommandSpec
 
 #: The job process's own kill timer fires this long after the job's deadline (timeout + kill
 #: grace), in case the worker cannot kill it (stopped, frozen, or dead with its children left).
@@ -48,6 +48,16 @@ _TAIL = 2048
 
 def _no_report(event: str, data: dict[str, Any]) -> None:
     return None
+
+
+@dataclass(frozen=True)
+class _JobProcess:
+    """The worker's job process: its pid, a pidfd, and the two ends of its control pipes."""
+
+    pid: int
+    pidfd: int
+    go: int  # the worker writes a byte: a job request is in the shared page
+    done: int  # the job process writes a byte: its outcome is in the shared page
 
 
 class _Wakeup(Exception):
@@ -72,6 +82,8 @@ class Worker:
         self.report = self.make_reporter(sys.stdout)
         self.shared = SharedState()
         self.output = OutputBuffer()
+        self._proc: _JobProcess | None = None
+        self._seq = 0
         self.jobs_done = 0
         self.started_at = time.time()
         self._signals = 0
@@ -166,6 +178,10 @@ class Worker:
                 if opts.rest and self._stop is None:
                     self._idle_sleep(opts.rest)
         finally:
+            if self._proc is not None:
+                self._signal_all(signal.SIGKILL)
+                self._reap(self._proc)
+                self._end_leftovers()
             self.backend.close()
             if self._renewer is not None:
                 self._renewer.close()
@@ -250,19 +266,19 @@ class Worker:
         finally:
             self._idle = False
 
-    def _wait(self, timeout: float, pidfd: int = -1) -> bool:
-        """Sleep until a signal, ``pidfd`` (the job process ending) or ``timeout``; returns
-        whether the job process ended."""
-        fds = [self._sig_r] if pidfd < 0 else [self._sig_r, pidfd]
+    def _wait(self, timeout: float, *fds: int) -> list[int]:
+        """Sleep until a signal, one of ``fds`` is readable, or ``timeout``; returns the
+        readable ones of ``fds``."""
+        watch = [self._sig_r, *(fd for fd in fds if fd >= 0)]
         try:
-            ready, _, _ = select.select(fds, [], [], max(timeout, 0.0))
+            ready, _, _ = select.select(watch, [], [], max(timeout, 0.0))
         except InterruptedError:
-            return False
+            return []
         if self._sig_r in ready:
             with contextlib.suppress(BlockingIOError, OSError):
                 while os.read(self._sig_r, 64):
                     pass
-        return pidfd >= 0 and pidfd in ready
+        return [fd for fd in ready if fd != self._sig_r]
 
     # -- one job ------------------------------------------------------------------------------
 
@@ -278,38 +294,17 @@ class Worker:
             self.record(claim, unknown, started, info, tail="", retry=False)
             return
         self.report("starting", info)
-        runner.click_command(spec)  # built once here, inherited by every job process
         timeout_at = claim.claimed_at + self.job_timeout(claim)
         deadline_kill = _to_boot(claim.deadline) + BACKSTOP
         lease_kill = _to_boot(claim.lease_until) - LEASE_SAFETY if claim.lease_until is not None else None
-        self.shared.kill_at = min(deadline_kill, lease_kill) if lease_kill is not None else deadline_kill
-        self.shared.set_record(None)
+        kill_at = min(deadline_kill, lease_kill) if lease_kill is not None else deadline_kill
         env = {"FORGE_JOB_ID": job.id, "FORGE_JOB_ATTEMPT": str(claim.attempt), "FORGE_QUEUE": job.queue,
                "FORGE_JOB_TOKEN": str(claim.fence)}
-        ctx = jobproc.JobContext(spec, tuple(job.args), env, self.cwd, self.output.fd, self.shared,
-                                 os.getpid(), (),
-                                 renew=lease_kill is not None and lease_kill < deadline_kill)
-        with contextlib.suppress(Exception):
-            sys.stdout.flush()
-            sys.stderr.flush()
-        pid = os.fork()
-        if pid == 0:
-            jobproc.run(ctx)
-        with contextlib.suppress(OSError):
-            os.setpgid(pid, pid)  # also done in the child; whichever runs first wins
-        pidfd = os.pidfd_open(pid)
-        try:
-            why = self._supervise(claim, pid, pidfd, timeout_at, deadline_kill)
-            _, status = os.waitpid(pid, 0)
-        finally:
-            os.close(pidfd)
-        code = os.waitstatus_to_exitcode(status)
+        self._seq += 1
+        request = {"seq": self._seq, "command": job.command, "args": list(job.args), "env": env}
+        proc = self._hand_over(spec, request, kill_at)
+        why, reply, code = self._supervise(claim, proc, timeout_at, deadline_kill)
         self._end_leftovers()
-        killed_by_timer = why is None and code == -signal.SIGKILL and _linux.boottime() >= self.shared.kill_at - 0.05
-        if killed_by_timer:
-            # The job process's own timer ended it: the worker was stopped (or too slow) to.
-            why = "timeout" if self.shared.kill_at >= deadline_kill - 0.001 else "lease"
-        reply = self.shared.record()
         if why == "forced":
             self.output.flush_to_log(self.backend, job.id, reset=True)
             self._durably(lambda: self.backend.release(claim, None, 0))
@@ -321,7 +316,7 @@ class Worker:
         elif why == "lease":
             reply = {"exit_code": -int(signal.SIGKILL), "reason": str(Reason.ABANDONED),
                      "error": "lost the job's lease (the queue server was unreachable)"}
-        elif reply is None or "exit_code" not in reply:
+        elif reply is None:
             if code == 0:  # it exec'd, or called os._exit(0): its exit status is its outcome
                 reply = {"exit_code": 0}
             else:
@@ -331,10 +326,60 @@ class Worker:
         self.output.flush_to_log(self.backend, job.id, reset=True)
         self.record(claim, reply, started, info, tail=tail, retry=True)
 
-    def _supervise(self, claim: Claim, pid: int, pidfd: int, timeout_at: float, deadline_kill: float) -> str | None:
-        """Wait for the job process to end, enforcing the timeout and the lease, copying its
-        output and renewing its lease meanwhile; returns why it was killed, if it was."""
+    def _hand_over(self, spec: CommandSpec, request: dict[str, Any], kill_at: float) -> _JobProcess:
+        """Give the job to the job process (forking one first if there is none)."""
+        self.shared.kill_at = kill_at
+        self.shared.set_record(request, REQUEST)
+        for _ in range(2):
+            proc = self._proc or self._spawn(spec)
+            try:
+                os.write(proc.go, b".")
+                return proc
+            except OSError:  # it died between jobs (a leftover of the last job killed it)
+                self._reap(proc)
+        raise RuntimeError("cannot start a job process")  # pragma: no cover - fork would have failed
+
+    def _spawn(self, spec: CommandSpec) -> _JobProcess:
+        runner.click_command(spec)  # built once here, inherited by every job process
+        go_r, go_w = os.pipe2(os.O_CLOEXEC)
+        done_r, done_w = os.pipe2(os.O_CLOEXEC)
+        ctx = jobproc.JobContext(self.registry, self.cwd, self.output.fd, self.shared, os.getpid(),
+                                 go_r, done_w, renew=self.backend.lease_based)
+        with contextlib.suppress(Exception):
+            sys.stdout.flush()
+            sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:
+            jobproc.run(ctx)
+        os.close(go_r)
+        os.close(done_w)
+        with contextlib.suppress(OSError):
+            os.setpgid(pid, pid)  # also done in the child; whichever runs first wins
+        self._proc = _JobProcess(pid, os.pidfd_open(pid), go_w, done_r)
+        return self._proc
+
+    def _reap(self, proc: _JobProcess) -> int:
+        """Wait for the job process to end (it has, or is being killed); its exit code."""
+        try:
+            _, status = os.waitpid(proc.pid, 0)
+            code = os.waitstatus_to_exitcode(status)
+        except ChildProcessError:  # pragma: no cover - reaped elsewhere
+            code = 0
+        for fd in (proc.pidfd, proc.go, proc.done):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        if self._proc is proc:
+            self._proc = None
+        return code
+
+    def _supervise(self, claim: Claim, proc: _JobProcess, timeout_at: float,
+                   deadline_kill: float) -> tuple[str | None, dict[str, Any] | None, int]:
+        """Wait for the job to end, enforcing the timeout and the lease, copying its output
+        and renewing its lease meanwhile. Returns why the worker ended it (if it did), the
+        outcome the job process reported (if it did), and the job process's exit code (0
+        while it lives on)."""
         opts = self.options
+        seq = self._seq
         why: str | None = None
         kill_at: float | None = None  # monotonic: when SIGKILL follows the SIGTERM
         now = time.monotonic()
@@ -343,6 +388,7 @@ class Worker:
         if claim.lease_until is not None:  # six renewals a lease: one lost reply costs nothing
             beat_every = min(beat_every, max((claim.lease_until - claim.claimed_at) / 6, 0.2))
         next_beat = now + beat_every if claim.lease_until is not None else float("inf")
+        done_fd = proc.done
         while True:
             now, wall = time.monotonic(), time.time()
             if why is None:
@@ -370,8 +416,37 @@ class Worker:
                 wake = min(wake, now + max(claim.lease_until - opts.grace - LEASE_SAFETY - wall, 0.0))
             if kill_at is not None:
                 wake = min(wake, kill_at)
-            if self._wait(wake - now, pidfd):
-                return why
+            ready = self._wait(wake - now, proc.pidfd, done_fd)
+            if done_fd in ready:
+                try:
+                    got = os.read(done_fd, 64)
+                except OSError:
+                    got = b""
+                if not got:
+                    done_fd = -1  # closed: the job process is ending; wait for it
+                reply = self._outcome(seq)
+                if reply is not None and why is None:
+                    self.shared.kill_at = NEVER
+                    if reply.pop("recycle", False):
+                        self._reap(proc)  # it exits after a job that changed it
+                    return why, reply, 0
+                # A byte the job's own code wrote into the pipe: not an outcome; wait on.
+            if proc.pidfd in ready:
+                code = self._reap(proc)
+                job_kill_at, self.shared.kill_at = self.shared.kill_at, NEVER
+                reply = self._outcome(seq)
+                if why is None and reply is None and code == -signal.SIGKILL \
+                        and _linux.boottime() >= job_kill_at - 0.05:
+                    # The job process's own timer ended it: the worker was stopped (or too slow) to.
+                    why = "timeout" if job_kill_at >= deadline_kill - 0.001 else "lease"
+                return why, reply, code
+
+    def _outcome(self, seq: int) -> dict[str, Any] | None:
+        reply = self.shared.record(OUTCOME)
+        if reply is None or reply.get("seq") != seq or "exit_code" not in reply:
+            return None
+        reply.pop("seq")
+        return reply
 
     def _heartbeat(self, claim: Claim, deadline_kill: float) -> bool:
         """Renew the lease and move the job process's kill timer with it; False if lost."""
@@ -398,26 +473,46 @@ class Worker:
 
     def _end_leftovers(self) -> None:
         """End what a finished job left running (as systemd ends a unit's processes): SIGTERM,
-        up to a second's grace, then SIGKILL; reap them all (the worker is their subreaper)."""
-        left = _linux.descendants()
+        up to a second's grace, then SIGKILL; reap the orphans among them (the worker is their
+        subreaper). The job process itself stays, idle, for the next job."""
+        keep = self._proc.pid if self._proc is not None else 0
+        left = self._leftovers(keep)
         if not left:
             return
-        self._signal_all(signal.SIGTERM)
+        self._signal(left, signal.SIGTERM)
         end = time.monotonic() + min(self.options.grace, 1.0)
         give_up = end + 5.0
         while True:
-            with contextlib.suppress(ChildProcessError):
-                while os.waitpid(-1, os.WNOHANG)[0]:
-                    pass
-            left = _linux.descendants()
+            left = self._leftovers(keep)
             if not left:
                 return
             if time.monotonic() >= give_up:  # not ours to kill (another uid), or stuck in the kernel
                 self.report("leftovers", {"pids": left})
                 return
             if time.monotonic() >= end:
-                self._signal_all(signal.SIGKILL)
+                self._signal(left, signal.SIGKILL)
             time.sleep(0.01)
+
+    def _leftovers(self, keep: int) -> list[int]:
+        """Live processes under the worker but the job process ``keep``; reaps dead orphans."""
+        live = []
+        mine = set(_linux.descendants(os.getpid(), depth=1))
+        for pid in _linux.descendants():
+            if pid == keep:
+                continue
+            if _linux.is_zombie(pid):
+                if pid in mine:
+                    with contextlib.suppress(ChildProcessError):
+                        os.waitpid(pid, os.WNOHANG)
+                continue
+            live.append(pid)
+        return live
+
+    @staticmethod
+    def _signal(pids: list[int], sig: int) -> None:
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, sig)
 
     # -- recording the outcome -----------------------------------------------------------------
 
