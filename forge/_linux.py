@@ -223,6 +223,15 @@ def descendants(pid: int | None = None, depth: int = 0) -> list[int]:
     return found
 
 
+def main_thread_children(pid: int) -> list[int]:
+    """The children of ``pid``'s main thread (those a single-threaded process has)."""
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children", "rb") as fh:
+            return [int(k) for k in fh.read().split()]
+    except OSError:
+        return [-1]  # unknown: look closer
+
+
 def is_zombie(pid: int) -> bool:
     """Whether ``pid`` has ended (a zombie awaiting its reaper, or gone)."""
     try:

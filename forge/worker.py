@@ -476,6 +476,9 @@ class Worker:
         up to a second's grace, then SIGKILL; reap the orphans among them (the worker is their
         subreaper). The job process itself stays, idle, for the next job."""
         keep = self._proc.pid if self._proc is not None else 0
+        if _linux.main_thread_children(os.getpid()) == ([keep] if keep else []) and (
+                not keep or not _linux.main_thread_children(keep)):
+            return  # the usual case, in two reads: nothing but the idle job process
         left = self._leftovers(keep)
         if not left:
             return
