@@ -223,6 +223,37 @@ def descendants(pid: int | None = None, depth: int = 0) -> list[int]:
     return found
 
 
+def c_environ() -> tuple[bytes, ...]:
+    """The C library's environment (what a child gets), which ``os.putenv`` changes without
+    touching ``os.environ``."""
+    import ctypes
+
+    env = ctypes.POINTER(ctypes.c_char_p).in_dll(_lib(), "environ")
+    out = []
+    i = 0
+    while env[i]:
+        out.append(env[i])
+        i += 1
+    return tuple(out)
+
+
+def posix_timers() -> int:
+    """How many POSIX timers this process has (``/proc/self/timers``; -1 if unknown)."""
+    try:
+        with open("/proc/self/timers", "rb") as fh:
+            return fh.read().count(b"ID:")
+    except OSError:
+        return -1
+
+
+def process_name() -> bytes:
+    try:
+        with open("/proc/self/comm", "rb") as fh:
+            return fh.read()
+    except OSError:
+        return b""
+
+
 def main_thread_children(pid: int) -> list[int]:
     """The children of ``pid``'s main thread (those a single-threaded process has)."""
     try:

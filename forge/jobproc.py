@@ -66,6 +66,7 @@ class JobContext:
     go: int  # read end: the worker asks for a job (its request is in the shared page)
     done: int  # write end: the job process says the outcome is in the shared page
     renew: bool  # whether the kill instant may move while a job runs (a renewed lease)
+    fresh: bool = False  # one job per job process (queue:work --fresh-process)
 
 
 def run(ctx: JobContext) -> NoReturn:
@@ -155,7 +156,7 @@ class _Runner:
             with contextlib.suppress(Exception):
                 sys.stdout.flush()
                 sys.stderr.flush()
-            fresh = self.base.restore(self)
+            fresh = self.base.restore(self) and not ctx.fresh
             reply["seq"] = request["seq"]
             reply["recycle"] = not fresh
             ctx.shared.set_record(reply, OUTCOME)
@@ -180,50 +181,59 @@ class _Runner:
             self.running = False
 
 
+_ITIMERS = (signal.ITIMER_REAL, signal.ITIMER_VIRTUAL, signal.ITIMER_PROF)
+
+
 @dataclass
 class _State:
-    """What a job can change in its process, as the job process had it before the first job."""
+    """What a job can change in its process, as the job process had it before the first job.
 
-    cwd: str
-    environ: dict[bytes, bytes]
-    umask: int
-    handlers: list[Any]
-    fds: list[tuple[int, int]]
-    limits: list[tuple[int, int]]
-    threads: frozenset[int]
-    streams: tuple[int, int, int]
-    recursion: int
+    ``restore`` puts back what can be put back exactly and checks the rest. This guards against
+    what job code does by accident or through a library (daemonising, closing descriptors,
+    lowering limits, leaving timers or threads); code that sets out to tamper with forge's own
+    objects in its process is not contained by it (it runs as you: it could as well edit the
+    queue), and ``queue:work --fresh-process`` gives every job a new process instead.
+    """
+
+    put_back: dict[str, Any]
+    checked: tuple[Any, ...]
 
     @classmethod
     def read(cls, runner: _Runner) -> _State:
         umask = os.umask(0)
         os.umask(umask)
         return cls(
-            cwd=os.getcwd(), environ=dict(os.environ._data), umask=umask,  # type: ignore[attr-defined]
-            handlers=[_signal.getsignal(s) for s in _SIGNALS],
-            fds=_fd_ids((0, 1, 2, runner.ctx.go, runner.ctx.done)),
-            limits=[resource.getrlimit(r) for r in _LIMITS],
-            threads=frozenset(t.ident or 0 for t in threading.enumerate()),
-            streams=(id(sys.stdin), id(sys.stdout), id(sys.stderr)),
-            recursion=sys.getrecursionlimit(),
+            put_back={
+                "cwd": os.getcwd(), "environ": dict(os.environ._data),  # type: ignore[attr-defined]
+                "environ_str": dict(os.environ), "umask": umask,
+                "handlers": [_signal.getsignal(s) for s in _SIGNALS],
+                "recursion": sys.getrecursionlimit(), "path": list(sys.path),
+                "switch": sys.getswitchinterval(), "excepthook": sys.excepthook,
+                "thread_excepthook": threading.excepthook, "dlopen": sys.getdlopenflags(),
+                "int_digits": sys.get_int_max_str_digits(),
+            },
+            checked=_checked(runner),
         )
 
     def restore(self, runner: _Runner) -> bool:
         """Put back what can be put back exactly; False if anything else differs (then the
         job process must not run another job)."""
+        base = self.put_back
         fresh = True
         try:
-            if os.getcwd() != self.cwd:
-                os.chdir(self.cwd)
+            if os.getcwd() != base["cwd"]:
+                os.chdir(base["cwd"])
         except OSError:
             fresh = False
-        data = os.environ._data  # type: ignore[attr-defined]
-        if data != self.environ:
-            os.environ.clear()
-            os.environ.update({os.fsdecode(k): os.fsdecode(v) for k, v in self.environ.items()})
-        umask = os.umask(self.umask)
-        del umask
-        for sig, handler in zip(_SIGNALS, self.handlers, strict=True):
+        if os.environ._data != base["environ"]:  # type: ignore[attr-defined]
+            before = base["environ_str"]
+            for key in [k for k in os.environ if k not in before]:
+                del os.environ[key]
+            for key, value in before.items():
+                if os.environ.get(key) != value:
+                    os.environ[key] = value
+        os.umask(base["umask"])
+        for sig, handler in zip(_SIGNALS, base["handlers"], strict=True):
             if _signal.getsignal(sig) != handler:
                 try:
                     signal.signal(sig, handler)
@@ -231,16 +241,47 @@ class _State:
                     fresh = False
         if signal.pthread_sigmask(signal.SIG_BLOCK, ()):
             signal.pthread_sigmask(signal.SIG_SETMASK, ())
-        if sys.getrecursionlimit() != self.recursion:
-            sys.setrecursionlimit(self.recursion)
-        if (_fd_ids((0, 1, 2, runner.ctx.go, runner.ctx.done)) != self.fds
-                or [resource.getrlimit(r) for r in _LIMITS] != self.limits
-                or frozenset(t.ident or 0 for t in threading.enumerate()) != self.threads
-                or (id(sys.stdin), id(sys.stdout), id(sys.stderr)) != self.streams
-                or threading.current_thread().name != "MainThread"
-                or sys.gettrace() is not None or sys.getprofile() is not None):
-            fresh = False
-        return fresh
+        signal.set_wakeup_fd(-1)
+        for which in _ITIMERS:  # an alarm the job left must not go off in the next one
+            if signal.getitimer(which) != (0.0, 0.0):
+                signal.setitimer(which, 0)
+        _linux.set_parent_death_signal(signal.SIGKILL)  # a job may have cleared it
+        if os.getppid() != runner.ctx.supervisor:
+            os._exit(0)
+        sys.setrecursionlimit(base["recursion"])
+        if sys.path != base["path"]:
+            sys.path[:] = base["path"]
+        sys.setswitchinterval(base["switch"])
+        sys.excepthook = base["excepthook"]
+        threading.excepthook = base["thread_excepthook"]
+        sys.setdlopenflags(base["dlopen"])
+        sys.set_int_max_str_digits(base["int_digits"])
+        tempfile = sys.modules.get("tempfile")
+        if tempfile is not None:
+            tempfile.tempdir = None  # type: ignore[attr-defined]
+        return fresh and _checked(runner) == self.checked
+
+
+def _checked(runner: _Runner) -> tuple[Any, ...]:
+    """What cannot be put back exactly: if any of it changed, the job process is replaced."""
+    streams = tuple((id(f), f.closed, getattr(f, "encoding", None), getattr(f, "errors", None),
+                     getattr(f, "line_buffering", None)) for f in (sys.stdin, sys.stdout, sys.stderr))
+    faulthandler = sys.modules.get("faulthandler")
+    return (
+        _fd_ids((0, 1, 2, runner.ctx.go, runner.ctx.done)),
+        [resource.getrlimit(r) for r in _LIMITS],
+        frozenset(t.ident or 0 for t in threading.enumerate()),
+        threading.current_thread().name,
+        streams,
+        sys.gettrace(), sys.getprofile(),
+        frozenset(_linux.c_environ()),  # os.putenv() changes it behind os.environ's back
+        _linux.posix_timers(),  # timers made with timer_create besides the kill timer
+        os.getpriority(os.PRIO_PROCESS, 0),
+        os.sched_getaffinity(0),
+        _linux.process_name(),
+        os.getpgrp(), os.getsid(0),
+        bool(faulthandler and faulthandler.is_enabled()),  # type: ignore[attr-defined]
+    )
 
 
 def _fd_ids(fds: tuple[int, ...]) -> list[tuple[int, int]]:

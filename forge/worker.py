@@ -344,7 +344,8 @@ class Worker:
         go_r, go_w = os.pipe2(os.O_CLOEXEC)
         done_r, done_w = os.pipe2(os.O_CLOEXEC)
         ctx = jobproc.JobContext(self.registry, self.cwd, self.output.fd, self.shared, os.getpid(),
-                                 go_r, done_w, renew=self.backend.lease_based)
+                                 go_r, done_w, renew=self.backend.lease_based,
+                                 fresh=self.options.fresh_process)
         with contextlib.suppress(Exception):
             sys.stdout.flush()
             sys.stderr.flush()

@@ -47,6 +47,7 @@ class WorkerOptions:
     memory: int = 128
     name: str = ""
     grace: float = KILL_GRACE
+    fresh_process: bool = False  # a new job process for every job
     maintenance_interval: float = 2.0
     heartbeat_interval: float = 5.0
 

@@ -207,19 +207,26 @@ def test_job_pointing_its_stdout_elsewhere_does_not_take_the_next_jobs_output(ta
     assert target.backend.find(first).state == State.DONE
 
 
-def test_process_state_a_job_changes_does_not_reach_the_next(target: Target) -> None:
-    """cwd, environment, umask, signal dispositions and mask, rlimits, threads, interpreter
-    state and fds 0-2: a job that changes them all is followed by one that sees none of it."""
+@pytest.mark.parametrize("mess", ["--mess", "--mess-restorable"])
+def test_process_state_a_job_changes_does_not_reach_the_next(target: Target, mess: str) -> None:
+    """cwd, environment (os.environ and os.putenv), umask, signal dispositions and mask,
+    interval timers, the parent-death signal, rlimits, threads, nice, process name, standard
+    streams, interpreter state and fds 0-2: a job that changes them all is followed by one that
+    sees none of it. What the job process puts back, it puts back in place (the next job runs in
+    the same process); anything else gets the next job a fresh process."""
     q = target.queue()
     from forge.queue import QueuedCommand
 
     before = q.dispatch(QueuedCommand("probe:state"))
     assert drain(target).returncode == 0
-    q.dispatch(QueuedCommand("probe:run").with_args(["--mess"]))
+    q.dispatch(QueuedCommand("probe:run").with_args([mess]))
     after = q.dispatch(QueuedCommand("probe:state"))
     assert drain(target).returncode == 0
     base = json.loads(target.backend.read_log(before))
     seen = json.loads(target.backend.read_log(after))
+    (messer,) = [r for r in read_ledger(target.ledger) if r["kind"] == "start"]
+    assert (messer["pid"] == seen.pop("pid")) == (mess == "--mess-restorable")
+    base.pop("pid")
     assert seen == base
     assert base["mess"] is None and base["fds"]["0"] == "/dev/null" and base["thread"] == "MainThread"
 
@@ -376,3 +383,12 @@ def test_drainer_on_a_read_only_queue_exits_6_naming_the_directory(tmp_path: Pat
     finally:
         subprocess.run(["umount", "-l", str(qdir)], check=False)
         shutil.rmtree(qdir, ignore_errors=True)
+
+
+@pytest.mark.parametrize("fresh", [False, True])
+def test_jobs_share_a_job_process_unless_fresh_process_is_asked(target: Target, fresh: bool) -> None:
+    for i in range(3):
+        dispatch(target, str(i))
+    assert drain(target, *(["--fresh-process"] if fresh else [])).returncode == 0
+    pids = {r["pid"] for r in starts(target)}
+    assert len(pids) == (3 if fresh else 1)

@@ -27,6 +27,7 @@ def work(
     tries: Annotated[int | None, typer.Option(help="Attempts per job (default: queue.tries).", min=1)] = None,
     backoff: Annotated[str | None, typer.Option(help="Seconds before retries, e.g. 1,5,10 (default: queue.backoff).")] = None,
     memory: Annotated[int, typer.Option(help="Exit (code 12) when the worker uses more MB (0: no limit).", min=0)] = 128,
+    fresh_process: Annotated[bool, typer.Option("--fresh-process", help="Run every job in a new process (slower; nothing a job does in its process can reach the next).")] = False,
     name: Annotated[str | None, typer.Option(help="This worker's name in job records (default: host:pid).")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="One JSON object per event on stdout.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Also report maintenance.")] = False,
@@ -53,6 +54,7 @@ def work(
         tries=tries or settings.tries,
         backoff=parse_backoff(backoff, what="--backoff") if backoff else settings.backoff,
         memory=memory,
+        fresh_process=fresh_process,
         name=name or "",
     )
     from ..backends import open_backend

@@ -53,6 +53,7 @@ def run(
     unlock_fds: Annotated[bool, typer.Option("--unlock-fds", help="flock(LOCK_UN) every descriptor above 2.")] = False,
     dup_stdout: Annotated[str | None, typer.Option(help="Point fds 1 and 2 at this file (and leave them so).")] = None,
     mess: Annotated[bool, typer.Option("--mess", help="Change everything a job can change in its process.")] = False,
+    mess_restorable: Annotated[bool, typer.Option("--mess-restorable", help="Change what the job process puts back.")] = False,
     daemon: Annotated[str | None, typer.Option(help="Start a setsid() daemon ignoring SIGTERM; write its pid here.")] = None,
     ignore_alrm: Annotated[bool, typer.Option("--ignore-alrm", help="Ignore SIGALRM.")] = False,
     first_sleep: Annotated[float, typer.Option(help="Seconds to sleep on attempt 1 (instead of --sleep).")] = 0.0,
@@ -94,8 +95,8 @@ def run(
         os.dup2(fd, 1)
         os.dup2(fd, 2)
         print("printed after dup2", flush=True)
-    if mess:
-        _mess()
+    if mess or mess_restorable:
+        _mess(everything=mess)
     if daemon:
         _start_daemon(daemon)
     if ignore_alrm:
@@ -121,9 +122,12 @@ def run(
     return exit_code
 
 
-def _mess() -> None:
-    """Change every piece of process state a job can change (the next job must see none of it)."""
+def _mess(everything: bool) -> None:
+    """Change the process state a job can change (the next job must see none of it). Without
+    ``everything``, only what the job process puts back itself (it then stays for the next job)."""
+    import ctypes
     import resource
+    import tempfile
     import threading
 
     os.chdir("/")
@@ -132,11 +136,28 @@ def _mess() -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGUSR2, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1, signal.SIGINT})
+    sys.setrecursionlimit(77)
+    signal.setitimer(signal.ITIMER_REAL, 30)
+    signal.setitimer(signal.ITIMER_VIRTUAL, 30)
+    libc = ctypes.CDLL("libc.so.6")
+    libc.prctl(1, 0, 0, 0, 0)  # PR_SET_PDEATHSIG: none
+    sys.path.insert(0, "/nonexistent")
+    sys.setswitchinterval(0.5)
+    tempfile.tempdir = "/nonexistent"
+    sys.excepthook = print
+    if not everything:
+        return
+    import faulthandler
+
     resource.setrlimit(resource.RLIMIT_NOFILE, (64, 128))
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     threading.Thread(target=time.sleep, args=(3600,), daemon=False).start()
     threading.current_thread().name = "messed"
-    sys.setrecursionlimit(77)
+    libc.prctl(15, b"messed", 0, 0, 0)  # PR_SET_NAME
+    os.putenv("FORGE_PROBE_PUTENV", "1")
+    os.nice(1)
+    faulthandler.enable()
+    sys.stdout.reconfigure(encoding="ascii")
     os.close(0)
 
 
@@ -170,7 +191,20 @@ def state() -> None:
             fds[fd] = os.readlink(f"/proc/self/fd/{fd}").split(" (")[0].split(":[")[0]
         except OSError:
             fds[fd] = None
+    import ctypes
+    import faulthandler
+    import tempfile
+
+    pdeath = ctypes.c_int(-1)
+    ctypes.CDLL("libc.so.6").prctl(2, ctypes.byref(pdeath), 0, 0, 0)  # PR_GET_PDEATHSIG
+    child_env = subprocess.run(["env"], capture_output=True, text=True).stdout
     print(json.dumps({
+        "itimers": [signal.getitimer(signal.ITIMER_REAL), signal.getitimer(signal.ITIMER_VIRTUAL)],
+        "pdeathsig": pdeath.value, "comm": open("/proc/self/comm").read(),
+        "putenv": "FORGE_PROBE_PUTENV" in child_env, "path0": sys.path[0], "switch": sys.getswitchinterval(),
+        "tempdir": tempfile.tempdir, "nice": os.getpriority(os.PRIO_PROCESS, 0),
+        "excepthook": repr(sys.excepthook), "faulthandler": faulthandler.is_enabled(),
+        "encoding": sys.stdout.encoding, "pid": os.getpid(),
         "cwd": os.getcwd(), "mess": os.environ.get("FORGE_PROBE_MESS"), "umask": umask,
         "sigterm": str(signal.getsignal(signal.SIGTERM)), "sigusr2": str(signal.getsignal(signal.SIGUSR2)),
         "blocked": sorted(int(s) for s in signal.pthread_sigmask(signal.SIG_BLOCK, [])),
