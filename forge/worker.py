@@ -390,34 +390,8 @@ class Worker:
             beat_every = min(beat_every, max((claim.lease_until - claim.claimed_at) / 6, 0.2))
         next_beat = now + beat_every if claim.lease_until is not None else float("inf")
         done_fd = proc.done
+        ready: list[int] = []
         while True:
-            now, wall = time.monotonic(), time.time()
-            if why is None:
-                if self._stop is StopReason.FORCED:
-                    why = "forced"
-                elif wall >= timeout_at:
-                    why = "timeout"
-                elif claim.lease_until is not None and wall >= claim.lease_until - opts.grace - LEASE_SAFETY:
-                    why = "lease"  # renewals failed: the run must end before the lease does
-                if why is not None:
-                    self._signal_all(signal.SIGTERM)
-                    kill_at = now + (opts.grace if why == "timeout" else min(opts.grace, 1.0))
-            if kill_at is not None and now >= kill_at:
-                self._signal_all(signal.SIGKILL)
-                kill_at = now + 0.1
-            if now >= next_flush:
-                self.output.flush_to_log(self.backend, claim.job.id)
-                next_flush = now + 0.5
-            if why is None and now >= next_beat:
-                if not self._heartbeat(claim, deadline_kill):
-                    continue  # lost: the checks above end the run
-                next_beat = now + beat_every
-            wake = min(next_flush, next_beat, now + max(timeout_at - wall, 0.0))
-            if claim.lease_until is not None:
-                wake = min(wake, now + max(claim.lease_until - opts.grace - LEASE_SAFETY - wall, 0.0))
-            if kill_at is not None:
-                wake = min(wake, kill_at)
-            ready = self._wait(wake - now, proc.pidfd, done_fd)
             if done_fd in ready:
                 try:
                     got = os.read(done_fd, 64)
@@ -441,6 +415,41 @@ class Worker:
                     # The job process's own timer ended it: the worker was stopped (or too slow) to.
                     why = "timeout" if job_kill_at >= deadline_kill - 0.001 else "lease"
                 return why, reply, code
+            now, wall = time.monotonic(), time.time()
+            if why is None:
+                end: str | None = None
+                if self._stop is StopReason.FORCED:
+                    end = "forced"
+                elif wall >= timeout_at:
+                    end = "timeout"
+                elif claim.lease_until is not None and wall >= claim.lease_until - opts.grace - LEASE_SAFETY:
+                    end = "lease"  # renewals failed: the run must end before the lease does
+                if end is not None:
+                    # It may have finished while this worker was not looking (stopped, or
+                    # busy): an outcome already reported wins over a deadline seen late.
+                    ready = self._wait(0, proc.pidfd, done_fd)
+                    if ready and end != "forced":
+                        continue
+                    why = end
+                    self._signal_all(signal.SIGTERM)
+                    kill_at = now + (opts.grace if why == "timeout" else min(opts.grace, 1.0))
+            if kill_at is not None and now >= kill_at:
+                self._signal_all(signal.SIGKILL)
+                kill_at = now + 0.1
+            if now >= next_flush:
+                self.output.flush_to_log(self.backend, claim.job.id)
+                next_flush = now + 0.5
+            if why is None and now >= next_beat:
+                if not self._heartbeat(claim, deadline_kill):
+                    ready = []
+                    continue  # lost: the checks above end the run
+                next_beat = now + beat_every
+            wake = min(next_flush, next_beat, now + max(timeout_at - wall, 0.0))
+            if claim.lease_until is not None:
+                wake = min(wake, now + max(claim.lease_until - opts.grace - LEASE_SAFETY - wall, 0.0))
+            if kill_at is not None:
+                wake = min(wake, kill_at)
+            ready = self._wait(wake - now, proc.pidfd, done_fd)
 
     def _outcome(self, seq: int) -> dict[str, Any] | None:
         reply = self.shared.record(OUTCOME)

@@ -283,6 +283,26 @@ def test_timeout_while_the_supervisor_is_stopped_is_recorded_as_timeout(tmp_path
     t.close()
 
 
+def test_a_job_that_finished_while_its_worker_was_stopped_is_done_not_timed_out(target: Target) -> None:
+    """Found by the hostile soak: a worker stopped past a job's timeout, after the job had
+    reported its outcome, recorded ``timeout`` on waking (and the job ran again)."""
+    job = dispatch(target, "--sleep", "0.3", queue_opts=("--timeout=1s", "--tries=2"))
+    a = start(target, "--stop-when-empty")
+    try:
+        (first,) = wait_for(lambda: starts(target), timeout=30)
+        os.kill(a.pid, signal.SIGSTOP)
+        wait_for(lambda: [r for r in read_ledger(target.ledger) if r["kind"] == "end"])
+        while time.time() < first["start"] + 2.0:  # past the 1 s timeout, before the backstop
+            time.sleep(0.05)
+        os.kill(a.pid, signal.SIGCONT)
+        assert a.wait(timeout=30) == 0
+    finally:
+        stop(a)
+    info = target.backend.find(job)
+    assert info.state == State.DONE and info.attempts == 1, info.events
+    assert len(starts(target)) == 1
+
+
 def test_fencing_token_grows_with_every_claim(target: Target) -> None:
     dispatch(target, "--exit-code", "1", queue_opts=("--tries=3",))
     drain(target)
