@@ -65,9 +65,9 @@ def _run(args: list[str], verbose: bool) -> int:
         except ClickException as exc:
             output.error(exc.format_message(), _usage_hint(args))
             return exc.exit_code if exc.exit_code else EXIT_USAGE
-        if isinstance(rv, bool) or rv is None:
-            return 0
-        return rv if isinstance(rv, int) else 0
+        from .runner import exit_code_of
+
+        return exit_code_of(rv)
     except ForgeError as exc:
         if verbose:
             import traceback

@@ -92,11 +92,18 @@ def invoke(spec: CommandSpec, args: Sequence[str]) -> int:
         raise ForgeError(exc.format_message()) from None
     except Abort:
         return 1
-    if isinstance(rv, bool):
-        return 0 if rv or rv is None else 1
-    if isinstance(rv, int):
-        return rv
-    return 0
+    return exit_code_of(rv)
+
+
+def exit_code_of(rv: object) -> int:
+    """The exit code a command's return value means, the one rule for ``forge NAME``,
+    ``forge.call`` and the worker: ``None`` and ``True`` are success (0), ``False`` is
+    failure (1), an int is the code itself, anything else is success."""
+    if rv is None or rv is True:
+        return 0
+    if rv is False:
+        return 1
+    return rv if isinstance(rv, int) else 0
 
 
 _errors: list[Any] = []

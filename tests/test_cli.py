@@ -313,3 +313,51 @@ def test_init_refuses_to_clobber(tmp_path: Path, capsys: pytest.CaptureFixture[s
     code, _, err = forge_main(capsys, "init", str(tmp_path))
     assert code == 2 and "already exists" in err
     assert (tmp_path / "forge.toml").read_text() == "# mine\n"
+
+
+RETURNS = '''
+import typer
+from forge import command
+
+
+@command("ret:value")
+def value(kind: str) -> object:
+    """Return what KIND names."""
+    if kind == "exit3":
+        raise typer.Exit(3)
+    return {"none": None, "true": True, "false": False, "int5": 5, "zero": 0, "text": "ok"}[kind]
+'''
+
+
+@pytest.mark.parametrize(("kind", "code"), [("none", 0), ("true", 0), ("false", 1), ("int5", 5),
+                                            ("zero", 0), ("text", 0), ("exit3", 3)])
+def test_a_return_value_means_one_exit_code_everywhere(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                      kind: str, code: int) -> None:
+    """``forge NAME``, ``forge.call`` and the worker read a command's return value by one rule
+    (before, ``False`` exited 0 from the CLI but was a failure for forge.call and the worker)."""
+    import subprocess
+    import sys
+
+    from conftest import make_project
+
+    import forge
+    from forge.job import State
+    from forge.queue import CommandQueue, QueuedCommand
+
+    config = make_project(tmp_path / "p", {"ret.py": RETURNS})
+    monkeypatch.setenv("FORGE_CONFIG", str(config))
+    import forge.runner
+
+    forge.runner._default_registry = None
+    cli = subprocess.run([sys.executable, "-m", "forge", "ret:value", kind], capture_output=True, text=True,
+                         cwd=tmp_path / "p")
+    assert cli.returncode == code, cli.stderr
+    assert forge.call("ret:value", [kind]).exit_code == code
+    job = CommandQueue().dispatch(QueuedCommand("ret:value").with_args([kind]))
+    subprocess.run([sys.executable, "-m", "forge", "queue:work", "--stop-when-empty"], check=True,
+                   capture_output=True, cwd=tmp_path / "p")
+    info = CommandQueue().find(job)
+    assert info is not None
+    assert info.state == (State.DONE if code == 0 else State.FAILED)
+    if code:
+        assert info.failure is not None and info.failure.exit_code == code
