@@ -321,18 +321,24 @@ def _tmpfs(path: Path, size: str) -> None:
         pytest.skip(f"cannot mount a tmpfs: {res.stderr.strip()}")
 
 
+def _target_in(qdir: Path, tmp_path: Path) -> Target:
+    """A file-backend target whose queue directory is ``qdir`` (a tmpfs of the test's)."""
+    from forge.backends.file import FileBackend
+
+    t = make_target("file", tmp_path / "t")
+    config = Path(t.env["FORGE_CONFIG"])
+    config.write_text(config.read_text().replace(f'path = "{t.workdir / "queue"}"', f'path = "{qdir}"'))
+    t._backend = FileBackend(qdir)
+    return t
+
+
 def test_full_disk_when_recording_keeps_the_worker_up_and_the_job_recorded_once(tmp_path: Path) -> None:
     """Before: ENOSPC recording the outcome killed the worker with a traceback, every new
     worker died at start on the same file, and the finished job ran again once space came back."""
     qdir = tmp_path / "disk"
     _tmpfs(qdir, "1m")
     try:
-        t = make_target("file", tmp_path / "t")
-        config = Path(t.env["FORGE_CONFIG"])
-        config.write_text(config.read_text().replace(f'path = "{t.workdir / "queue"}"', f'path = "{qdir}"'))
-        from forge.backends.file import FileBackend
-
-        t._backend = FileBackend(qdir)
+        t = _target_in(qdir, tmp_path)
         # The outcome must need a new page of the full tmpfs: pad the job so that its file plus
         # the claimed event end just short of a page boundary, which the done event crosses.
         args = ("--first-sleep", "1.5", "--say", "y" * 100)
@@ -387,9 +393,7 @@ def test_drainer_on_a_read_only_queue_exits_6_naming_the_directory(tmp_path: Pat
     qdir = tmp_path / "disk"
     _tmpfs(qdir, "1m")
     try:
-        t = make_target("file", tmp_path / "t")
-        config = Path(t.env["FORGE_CONFIG"])
-        config.write_text(config.read_text().replace(f'path = "{t.workdir / "queue"}"', f'path = "{qdir}"'))
+        t = _target_in(qdir, tmp_path)
         job = dispatch(t, "x")
         subprocess.run(["mount", "-o", "remount,ro", str(qdir)], check=True)
         res = subprocess.run(worker_argv("--stop-when-empty"), env=t.env, capture_output=True, text=True,
