@@ -144,6 +144,13 @@ class _Connected:
         return self._settings
 
     @property
+    def location(self) -> str:
+        """Where the connection keeps its jobs, for people (``Connection.where``)."""
+        if self._connection is not None and not isinstance(self._connection, str):
+            return ""  # a backend object given directly: no configuration to describe
+        return self.settings.connection_config(self._connection).where()
+
+    @property
     def backend(self) -> Backend:
         if self._backend is None:
             name = self._connection if isinstance(self._connection, str) else None
@@ -186,7 +193,7 @@ class CommandQueue(_Connected):
         job = cmd.to_job(self.name, now=now)
         spec = self.registry.get(job.command)
         if spec is None:
-            raise UnknownQueuedCommand(job.command, self.registry.suggest(job.command))
+            raise self.registry.unknown(job.command, UnknownQueuedCommand)
         if self._check_args:
             _check_args(spec, job.args)
         return job

@@ -75,6 +75,8 @@ class Worker:
     cwd: str | None = None  # where jobs run: the project root
     #: A store client with short timeouts for lease renewals (default: the main one).
     supervisor_factory: Callable[[], Backend] | None = None
+    #: The connection's name and where its jobs are, for the start banner and the stop line.
+    where: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.backend = self.backend_factory()
@@ -92,6 +94,8 @@ class Worker:
         self._idle = False
         self._outage = 0.0
         self._sig_r, self._sig_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        if self.options.echo:
+            self.output.echo = _echo
 
     def job_timeout(self, claim: Claim) -> float:
         return claim.job.timeout if claim.job.timeout is not None else self.options.timeout
@@ -126,7 +130,8 @@ class Worker:
         _linux.preload()  # ctypes and libc now, not in every job process
         gc.freeze()  # the commands and forge, loaded once, are shared with job processes untouched
         started = time.monotonic()
-        self.report("worker_started", {"queues": list(opts.queues), "name": opts.name, "pid": os.getpid()})
+        self.report("worker_started", {"queues": list(opts.queues), "name": opts.name, "pid": os.getpid(),
+                                       **self.where})
         restart_seen = self._call(lambda: (self.backend.restart_requested_at(),))
         next_maintenance = next_restart_check = 0.0
         paused_reported = False
@@ -186,7 +191,7 @@ class Worker:
             if self._renewer is not None:
                 self._renewer.close()
         reason = self._stop
-        self.report("worker_stopped", {"reason": str(reason), "jobs": self.jobs_done})
+        self.report("worker_stopped", {"reason": str(reason), "jobs": self.jobs_done, **self.where})
         return reason
 
     def _claim(self) -> Claim | None:
@@ -390,8 +395,13 @@ class Worker:
             beat_every = min(beat_every, max((claim.lease_until - claim.claimed_at) / 6, 0.2))
         next_beat = now + beat_every if claim.lease_until is not None else float("inf")
         done_fd = proc.done
+        announced = False
         while True:
             now, wall = time.monotonic(), time.time()
+            if self._stop is StopReason.SIGNAL and not announced:
+                announced = True
+                self.report("stopping", {"job_id": claim.job.id, "command": claim.job.command,
+                                         "queue": claim.job.queue})
             if why is None:
                 if self._stop is StopReason.FORCED:
                     why = "forced"
@@ -574,6 +584,15 @@ class Worker:
                     reported = True
                 self._idle_sleep(delay)
                 delay = min(delay * 2, 10.0)
+
+
+def _echo(data: bytes) -> None:
+    """``queue:work --echo``: a job's output on the worker's console as well as in its log."""
+    sys.stdout.flush()
+    out = getattr(sys.stdout, "buffer", None)
+    if out is not None:
+        out.write(data)
+        out.flush()
 
 
 def _to_boot(wall: float) -> float:

@@ -64,7 +64,7 @@ def list_jobs(
                            "jobs": [j.to_dict() for j in jobs]})
         return
     if not stats:
-        output.info("No queues yet. Queue a job with `forge queue:dispatch COMMAND [ARGS]...`.")
+        output.info(f"No queues yet in {m.location}. Queue a job with `forge queue:dispatch COMMAND [ARGS]...`.")
         return
     now = time.time()
     output.table(["queue", "pending", "delayed", "reserved", "failed", "done", "oldest pending", "paused"],
@@ -145,12 +145,13 @@ def failed(
     connection: Connection = None,
 ) -> None:
     """List failed jobs, newest first, with the reason and error."""
-    jobs = manager(connection).failed(validate_queue_name(queue) if queue else None, limit)
+    m = manager(connection)
+    jobs = m.failed(validate_queue_name(queue) if queue else None, limit)
     if json_out:
         output.print_json({"version": JSON_VERSION, "jobs": [j.to_dict() for j in jobs]})
         return
     if not jobs:
-        output.info("No failed jobs.")
+        output.info(f"No failed jobs in {m.location}.")
         return
     rows = []
     for j in jobs:

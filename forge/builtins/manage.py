@@ -64,7 +64,7 @@ def retry(
     if missing:
         raise _not_failed(m, missing[0])
     if err_tty() or not (retried or blocked):
-        output.info(f"Retried {len(retried)} job(s)." if retried or blocked else "No failed jobs to retry.")
+        output.info(f"Retried {len(retried)} job(s)." if retried or blocked else f"No failed jobs to retry in {m.location}.")
     return EXIT_DUPLICATE if blocked else 0
 
 
