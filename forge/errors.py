@@ -138,5 +138,18 @@ class JobNotFound(QueueError, LookupError):
         super().__init__(f"Job {job_id} not found.", hint="Run `forge queue:list` to see the jobs.")
 
 
+class AmbiguousJobId(QueueError, UsageError):
+    """A job id prefix that matches more than one job."""
+
+    exit_code = EXIT_USAGE
+
+    def __init__(self, prefix: str, matches: list[str]) -> None:
+        self.prefix = prefix
+        self.matches = matches
+        shown = ", ".join(matches[:10]) + (" and more" if len(matches) > 10 else "")
+        super().__init__(f"Job id prefix {prefix!r} is ambiguous: it matches {shown}.",
+                         hint="Give more characters of the id.")
+
+
 class CorruptJob(QueueError, ValueError):
     """A stored job record that does not parse or does not validate."""

@@ -32,6 +32,7 @@ from .job import Event, Reason, backoff_delay
 from .jobshare import NEVER, OUTCOME, REQUEST, OutputBuffer, SharedState
 from .reporting import Reporter, console_reporter
 from .worker_options import StopReason, WorkerOptions, parse_queues
+from .worker_registry import Heartbeat, WorkerState
 
 if TYPE_CHECKING:
     from .backends.base import Backend
@@ -87,6 +88,7 @@ class Worker:
         self._proc: _JobProcess | None = None
         self._seq = 0
         self.jobs_done = 0
+        self.jobs_failed = 0
         self.started_at = time.time()
         self._signals = 0
         self._stop: StopReason | None = None
@@ -96,6 +98,8 @@ class Worker:
         self._sig_r, self._sig_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         if self.options.echo:
             self.output.echo = _echo
+        self.heartbeat = Heartbeat(self.backend, self.options.name, self.options.queues,
+                                   self.options.maintenance_interval)
 
     def job_timeout(self, claim: Claim) -> float:
         return claim.job.timeout if claim.job.timeout is not None else self.options.timeout
@@ -132,6 +136,7 @@ class Worker:
         started = time.monotonic()
         self.report("worker_started", {"queues": list(opts.queues), "name": opts.name, "pid": os.getpid(),
                                        **self.where})
+        self.heartbeat.update(state=WorkerState.IDLE)
         restart_seen = self._call(lambda: (self.backend.restart_requested_at(),))
         next_maintenance = next_restart_check = 0.0
         paused_reported = False
@@ -141,6 +146,7 @@ class Worker:
                 if now >= next_maintenance:
                     self._maintain()
                     next_maintenance = now + opts.maintenance_interval
+                self.heartbeat.beat()
                 if opts.max_time and now - started >= opts.max_time and self._stop is None:
                     self._stop = StopReason.MAX_TIME
                 if self._stop is not None:
@@ -148,6 +154,7 @@ class Worker:
                 if self._paused != paused_reported:
                     paused_reported = self._paused
                     self.report("paused" if paused_reported else "resumed", {})
+                    self.heartbeat.update(state=WorkerState.PAUSED if self._paused else WorkerState.IDLE)
                 if self._paused:
                     self._idle_sleep(min(next_maintenance - now, 1.0))
                     continue
@@ -187,6 +194,7 @@ class Worker:
                 self._signal_all(signal.SIGKILL)
                 self._reap(self._proc)
                 self._end_leftovers()
+            self.heartbeat.remove()
             self.backend.close()
             if self._renewer is not None:
                 self._renewer.close()
@@ -299,6 +307,7 @@ class Worker:
             self.record(claim, unknown, started, info, tail="", retry=False)
             return
         self.report("starting", info)
+        self.heartbeat.update(state=WorkerState.RUNNING, job_id=job.id, job_command=job.command, job_since=started)
         timeout_at = claim.claimed_at + self.job_timeout(claim)
         deadline_kill = _to_boot(claim.deadline) + BACKSTOP
         lease_kill = _to_boot(claim.lease_until) - LEASE_SAFETY if claim.lease_until is not None else None
@@ -308,8 +317,20 @@ class Worker:
         self._seq += 1
         request = {"seq": self._seq, "command": job.command, "args": list(job.args), "env": env}
         proc = self._hand_over(spec, request, kill_at)
-        why, reply, code = self._supervise(claim, proc, timeout_at, deadline_kill)
+        try:
+            why, reply, code = self._supervise(claim, proc, timeout_at, deadline_kill)
+        finally:
+            self.heartbeat.update(state=WorkerState.STOPPING if self._stop else WorkerState.IDLE,
+                                  job_id=None, job_command=None, job_since=None)
         self._end_leftovers()
+        if why == "cancelled":
+            self.output.flush_to_log(self.backend, job.id, reset=True)
+            reply = {"exit_code": code or -int(signal.SIGTERM), "reason": str(Reason.CANCELLED),
+                     "error": "cancelled while running (queue:cancel --running)"}
+            self.record(claim, reply, started, info, tail="", retry=False)
+            with contextlib.suppress(Exception):
+                self.backend.clear_cancel(job.id)
+            return
         if why == "forced":
             self.output.flush_to_log(self.backend, job.id, reset=True)
             self._durably(lambda: self.backend.release(claim, None, 0))
@@ -395,7 +416,7 @@ class Worker:
             beat_every = min(beat_every, max((claim.lease_until - claim.claimed_at) / 6, 0.2))
         next_beat = now + beat_every if claim.lease_until is not None else float("inf")
         done_fd = proc.done
-        announced = False
+        announced = cancel_asked = False
         while True:
             now, wall = time.monotonic(), time.time()
             if self._stop is StopReason.SIGNAL and not announced:
@@ -409,6 +430,8 @@ class Worker:
                     why = "timeout"
                 elif claim.lease_until is not None and wall >= claim.lease_until - opts.grace - LEASE_SAFETY:
                     why = "lease"  # renewals failed: the run must end before the lease does
+                elif cancel_asked:
+                    why = "cancelled"
                 if why is not None:
                     self._signal_all(signal.SIGTERM)
                     kill_at = now + (opts.grace if why == "timeout" else min(opts.grace, 1.0))
@@ -418,6 +441,9 @@ class Worker:
             if now >= next_flush:
                 self.output.flush_to_log(self.backend, claim.job.id)
                 next_flush = now + 0.5
+                with contextlib.suppress(QueueUnavailable, OSError):
+                    cancel_asked = cancel_asked or self.backend.cancel_requested(claim.job.id)
+                self.heartbeat.beat()
             if why is None and now >= next_beat:
                 if not self._heartbeat(claim, deadline_kill):
                     continue  # lost: the checks above end the run
@@ -542,6 +568,7 @@ class Worker:
                          duration=round(duration, 6))
             self._durably(lambda: self.backend.ack(claim, done))
             self.report("done", {**info, "duration_ms": ms})
+            self.heartbeat.update(done=self.heartbeat.record.done + 1)
             return
         final = not retry or claim.attempt >= (job.max_attempts or opts.tries)
         event = Event("failed" if final else "released", claim.attempt, time.time(), worker=opts.name,
@@ -552,6 +579,7 @@ class Worker:
         if final:
             self._durably(lambda: self.backend.fail(claim, event))
             self.report("failed", data)
+            self.heartbeat.update(failed=self.heartbeat.record.failed + 1)
         else:
             delay = backoff_delay(job.backoff if job.backoff is not None else opts.backoff, claim.attempt)
             self._durably(lambda: self.backend.release(claim, event, delay))
