@@ -425,7 +425,9 @@ def test_show(capsys: Capsys) -> None:
 def test_show_not_found_and_invalid(capsys: Capsys) -> None:
     code, out, err = cli(capsys, "queue:show", "00000000-0000-4000-8000-000000000000")
     assert code == EXIT_NOT_FOUND and out == "" and "not found" in err and err.count("\n") == 1
-    code, _, err = cli(capsys, "queue:show", "42")
+    code, _, err = cli(capsys, "queue:show", "42")  # a prefix of no job's id
+    assert code == EXIT_NOT_FOUND and "not found" in err
+    code, _, err = cli(capsys, "queue:show", "x42")
     assert code == EXIT_USAGE and "Invalid job id" in err
 
 
