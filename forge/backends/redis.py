@@ -104,7 +104,7 @@ class RedisBackend(RedisAdmin):
                  quick: bool = False, lease_window: float | None = None) -> None:
         if _redis is None:
             raise ConfigError(
-                "The redis queue driver needs the Redis client: pip install 'forge[redis]'.",
+                "The redis queue driver needs the Redis client: pip install 'forge-jobs[redis]'.",
                 hint="Or choose the file connection: [queue] connection = \"file\".",
             )
         if not isinstance(url, str) or not url.startswith(_SCHEMES):
