@@ -16,6 +16,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     verbose = "-v" in args[:1] or "--verbose" in args[:1] or os.environ.get("FORGE_VERBOSE") == "1"
     global _quick_exit
     _quick_exit = False
+    if verbose:
+        from . import runner
+
+        runner.strict_discovery = True
     code = _run(args, verbose)
     if argv is None:
         if sys.stdout is not None:

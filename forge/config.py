@@ -53,6 +53,13 @@ class Connection:
     lock: str = "flock"
     lease: float = 30.0  # Redis: how long a claim lives without a renewal
 
+    def where(self) -> str:
+        """Where the jobs are, for people: the queue directory, or the Redis URL (password
+        masked) and prefix."""
+        if self.driver == "file":
+            return str(self.path)
+        return f"{mask_url(self.url or '')} prefix {self.prefix}"
+
 
 @dataclass(frozen=True)
 class Settings:
@@ -68,6 +75,13 @@ class Settings:
     done_retention: float
     connections: Mapping[str, Connection]
     sources: Mapping[str, str] = field(default_factory=dict, compare=False)
+    #: ``[forge] name``: the project's identity for its default queue directory.
+    name: str | None = None
+    #: The project folder as it was reached (symlinks kept: ``/srv/app/current``), which
+    #: stays the same across releases; ``root`` is the resolved folder of this release.
+    project_path: Path | None = None
+    #: Where forge looked for forge.toml when it found none (the current folder and its parents).
+    searched: tuple[Path, ...] = ()
 
     def connection_config(self, name: str | None = None) -> Connection:
         """The named connection (default: ``queue.connection``), its file path resolved."""
@@ -83,8 +97,18 @@ class Settings:
         if conn.driver == "file" and conn.path is None:
             # Resolved here, not in load_settings: platformdirs and hashlib cost every command
             # several milliseconds, and most commands never touch the queue.
-            conn = _replace(conn, path=default_queue_dir(self.root))
+            conn = _replace(conn, path=default_queue_dir(self.project_path or self.root, self.name))
+            _warn_if_moved(conn.path, self.root)
         return conn
+
+    def no_config_note(self) -> str | None:
+        """"No forge.toml found (looked in ...)" when none was, else None."""
+        if self.config_file is not None:
+            return None
+        looked = [str(p) for p in self.searched] or [str(self.root)]
+        where = ", ".join(looked[:3]) + (f" and {len(looked) - 3} more parent folders" if len(looked) > 3 else "")
+        return (f"No forge.toml found (looked in {where}); using {self.root} as the project."
+                " cd into the project first, or set FORGE_CONFIG.")
 
     def as_dict(self) -> dict[str, Any]:
         """Effective settings as plain data (secrets in URLs masked)."""
@@ -102,6 +126,7 @@ class Settings:
         return {
             "config_file": str(self.config_file) if self.config_file else None,
             "root": str(self.root),
+            "forge.name": self.name,
             "forge.commands": [str(p) for p in self.command_paths],
             "forge.plugins": self.plugins,
             "queue.connection": self.connection,
@@ -122,7 +147,7 @@ def mask_url(url: str) -> str:
 def find_config(start: Path, env: Mapping[str, str]) -> Path | None:
     explicit = env.get("FORGE_CONFIG")
     if explicit:
-        path = Path(explicit).expanduser().resolve()
+        path = Path(os.path.abspath(Path(explicit).expanduser()))
         if not path.is_file():
             raise ConfigError(f"FORGE_CONFIG names {path}, which is not a file.")
         return path
@@ -133,9 +158,55 @@ def find_config(start: Path, env: Mapping[str, str]) -> Path | None:
     return None
 
 
-def default_queue_dir(root: Path) -> Path:
-    """Per user and per project, so two projects never share a queue."""
-    return user_dir("data") / "queues" / project_digest(root)
+def default_queue_dir(project: Path, name: str | None = None) -> Path:
+    """Per user and per project, so two projects never share a queue, and the same for one
+    project wherever and however it runs.
+
+    ``~/.local/share/forge/queues/<key>``, where ``~`` is the account's home directory in the
+    user database (not ``$HOME`` or ``$XDG_DATA_HOME``, which ``sudo -u``, cron and login shells
+    set differently), and the key is ``[forge] name`` if set, else the project folder's name and
+    a hash of its path as reached, symlinks kept (``/srv/app/current``, not the release it points
+    to, so a symlink-swap deploy keeps its queue).
+    """
+    return queues_base() / (name or project_digest(project))
+
+
+def queues_base() -> Path:
+    """Where default queue directories live: under the account's home, whatever the environment."""
+    if sys.platform.startswith("linux"):
+        return Path(account_home()) / ".local" / "share" / "forge" / "queues"
+    return user_dir("data") / "queues"  # pragma: no cover - other platforms
+
+
+def account_home() -> str:
+    """The effective user's home directory from the user database; ``$HOME`` only for an
+    account that has none (a container's arbitrary uid, a system user's ``/nonexistent``)."""
+    import pwd
+
+    try:
+        home = pwd.getpwuid(os.geteuid()).pw_dir
+    except KeyError:
+        home = ""
+    if os.path.isabs(home) and os.path.isdir(home):
+        return home
+    return _home()
+
+
+def _warn_if_moved(path: Path | None, root: Path) -> None:
+    """Point at a queue left where forge before 0.x kept it ($XDG_DATA_HOME or $HOME, keyed by
+    the resolved project path), once, while the new location does not exist yet."""
+    if path is None or os.path.lexists(path):
+        return
+    try:
+        old = user_dir("data") / "queues" / project_digest(root)
+    except ConfigError:
+        return
+    if old != path and os.path.isdir(old / "q"):
+        import warnings
+
+        warnings.warn(f"A queue directory from an older forge exists at {old}; this project's queue is now "
+                      f"{path} (stable across releases and environments). With no worker running: mv {old} {path}",
+                      stacklevel=3)
 
 
 def project_digest(root: Path) -> str:
@@ -185,7 +256,7 @@ def user_dir(kind: str) -> Path:
 
 
 _SCHEMA: dict[str, dict[str, type | tuple[type, ...]]] = {
-    "forge": {"commands": list, "plugins": bool},
+    "forge": {"commands": list, "plugins": bool, "name": str},
     "queue": {
         "connection": str,
         "default": str,
@@ -238,11 +309,14 @@ def load_settings(
 ) -> Settings:
     """Build the effective settings for the project around ``cwd``."""
     env = os.environ if env is None else env
-    cwd = (cwd or Path.cwd()).resolve()
-    config_file = find_config(cwd, env)
+    start = Path(os.path.abspath(cwd)) if cwd is not None else logical_cwd(env)
+    config_file = find_config(start, env)
     data: dict[str, Any] = _read_toml(config_file) if config_file else {}
+    project_path = config_file.parent if config_file else start
+    root = project_path.resolve()
+    if config_file is not None:
+        config_file = config_file.resolve()
     where = str(config_file)
-    root = config_file.parent if config_file else cwd
     sources: dict[str, str] = {}
 
     for section, table in data.items():
@@ -289,6 +363,10 @@ def load_settings(
     command_paths = tuple((root / c).resolve() for c in commands)
 
     plugins = pick("forge", "plugins", True)
+    project_name = pick("forge", "name", None)
+    if project_name is not None and (not QUEUE_NAME_RE.fullmatch(project_name) or project_name.startswith(".")):
+        raise ConfigError(f"{where}: forge.name must be 1-64 of A-Z a-z 0-9 _ . - (not starting with '.'),"
+                          f" not {project_name!r}.")
     if env.get("FORGE_NO_PLUGINS", "") not in ("", "0"):
         plugins, sources["forge.plugins"] = False, "env FORGE_NO_PLUGINS"
 
@@ -318,6 +396,7 @@ def load_settings(
                 known = ", ".join(_CONN_KEYS)
                 raise ConfigError(f"{where}: unknown key connections.{name}.{key} (known: {known}).")
             _check(f"connections.{name}.{key}", value, _CONN_KEYS[key], where)
+            sources[f"connections.{name}.{key}"] = where
         connections[name] = _connection(name, table, root, where)
     if "file" not in connections:
         connections["file"] = Connection("file", "file")
@@ -355,7 +434,24 @@ def load_settings(
         done_retention=retention,
         connections=final,
         sources=sources,
+        name=project_name,
+        project_path=project_path,
+        searched=() if config_file else (start, *start.parents),
     )
+
+
+def logical_cwd(env: Mapping[str, str]) -> Path:
+    """The current folder as the shell reached it (``$PWD``, symlinks kept, as ``pwd -L``
+    prints it) when ``$PWD`` names this folder; else the resolved one."""
+    physical = os.getcwd()
+    logical = env.get("PWD", "")
+    if os.path.isabs(logical) and logical != physical:
+        try:
+            if os.path.samestat(os.stat(logical), os.stat(physical)):
+                return Path(os.path.normpath(logical))
+        except OSError:
+            pass
+    return Path(physical)
 
 
 def _replace(conn: Connection, **changes: Any) -> Connection:

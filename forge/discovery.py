@@ -26,6 +26,10 @@ class PluginWarning(UserWarning):
     """A plugin failed to load; the rest of forge still works."""
 
 
+class DiscoveryWarning(UserWarning):
+    """A project command file failed to import; the rest of forge still works."""
+
+
 def builtin_specs() -> list[CommandSpec]:
     return [
         CommandSpec(name, "forge (built-in)", desc, target, hidden, builtin=True)
@@ -41,8 +45,12 @@ def _module_name(folder: Path, file: Path) -> str:
     return f"forge_project_{tag}." + ".".join(rel.parts)
 
 
-def project_specs(folders: tuple[Path, ...], root: Path | None = None) -> list[CommandSpec]:
-    """Import every ``*.py`` below each folder (not ``_private.py``) and collect its commands."""
+def project_specs(folders: tuple[Path, ...], root: Path | None = None,
+                  broken: list[str] | None = None) -> list[CommandSpec]:
+    """Import every ``*.py`` below each folder (not ``_private.py``) and collect its commands.
+
+    A file that fails to import raises ``DiscoveryError``; with ``broken`` given, it is added
+    there ("path: failed to import: ...") instead and the other files are still loaded."""
     specs: list[CommandSpec] = []
     for folder in folders:
         if not folder.is_dir():
@@ -63,6 +71,9 @@ def project_specs(folders: tuple[Path, ...], root: Path | None = None) -> list[C
                     spec.loader.exec_module(module)
                 except Exception as exc:
                     del sys.modules[name]
+                    if broken is not None:
+                        broken.append(f"{shown}: failed to import: {type(exc).__name__}: {exc}")
+                        continue
                     raise DiscoveryError(
                         f"{shown}: failed to import: {type(exc).__name__}: {exc}",
                         hint="Fix the error in that file (forge -v shows the traceback).",
@@ -113,8 +124,12 @@ def plugin_specs() -> list[CommandSpec]:
     return specs
 
 
-def build_registry(settings: Settings, *, plugins: bool | None = None) -> CommandRegistry:
-    """Built-ins and project commands now; plugins on the first miss or full listing."""
+def build_registry(settings: Settings, *, plugins: bool | None = None, strict: bool = True) -> CommandRegistry:
+    """Built-ins and project commands now; plugins on the first miss or full listing.
+
+    ``strict=False`` (the CLI, ``forge.call``): a command file that fails to import is a
+    warning naming it, and only its commands are missing (``registry.broken``), so an operator
+    can still look at the queue after a bad deploy; a worker is strict."""
     use_plugins = settings.plugins if plugins is None else plugins
 
     def load_plugins(registry: CommandRegistry) -> None:
@@ -122,6 +137,14 @@ def build_registry(settings: Settings, *, plugins: bool | None = None) -> Comman
             registry.add(spec)
 
     registry = CommandRegistry(builtin_specs(), fallback=load_plugins if use_plugins else None)
-    for spec in project_specs(settings.command_paths, settings.root):
+    broken: list[str] | None = None if strict else []
+    for spec in project_specs(settings.command_paths, settings.root, broken):
         registry.add(spec)
+    for problem in broken or ():
+        warnings.warn(f"{problem}. Its commands are unavailable; the others and the built-in ones work"
+                      " (forge -v shows the traceback).", DiscoveryWarning, stacklevel=2)
+    registry.broken = broken or []
+    note = settings.no_config_note()
+    if note:
+        registry.notes.append(note)
     return registry

@@ -53,7 +53,7 @@ class UnknownCommand(ForgeError, LookupError):
 
     exit_code = EXIT_UNKNOWN_COMMAND
 
-    def __init__(self, name: str, suggestions: list[str] | None = None) -> None:
+    def __init__(self, name: str, suggestions: list[str] | None = None, notes: list[str] | None = None) -> None:
         self.name = name
         self.suggestions = suggestions or []
         msg = f'Command "{name}" is not defined.'
@@ -63,6 +63,8 @@ class UnknownCommand(ForgeError, LookupError):
             msg += f" Did you mean {quoted}?"
         else:
             hint = "Run `forge list` to see the registered commands."
+        if notes:  # why it may be missing: a command file that failed to import, no forge.toml
+            hint = " ".join([*notes, *([hint] if hint else [])])
         super().__init__(msg, hint=hint)
 
 
@@ -81,8 +83,8 @@ class UnknownQueuedCommand(InvalidCommand, UnknownCommand):
 
     exit_code = EXIT_UNKNOWN_COMMAND
 
-    def __init__(self, name: str, suggestions: list[str] | None = None) -> None:
-        UnknownCommand.__init__(self, name, suggestions)
+    def __init__(self, name: str, suggestions: list[str] | None = None, notes: list[str] | None = None) -> None:
+        UnknownCommand.__init__(self, name, suggestions, notes)
 
 
 class QueueUnavailable(QueueError):
@@ -134,6 +136,19 @@ class JobNotFound(QueueError, LookupError):
     def __init__(self, job_id: str) -> None:
         self.job_id = job_id
         super().__init__(f"Job {job_id} not found.", hint="Run `forge queue:list` to see the jobs.")
+
+
+class AmbiguousJobId(QueueError, UsageError):
+    """A job id prefix that matches more than one job."""
+
+    exit_code = EXIT_USAGE
+
+    def __init__(self, prefix: str, matches: list[str]) -> None:
+        self.prefix = prefix
+        self.matches = matches
+        shown = ", ".join(matches[:10]) + (" and more" if len(matches) > 10 else "")
+        super().__init__(f"Job id prefix {prefix!r} is ambiguous: it matches {shown}.",
+                         hint="Give more characters of the id.")
 
 
 class CorruptJob(QueueError, ValueError):

@@ -49,6 +49,7 @@ class Reason(StrEnum):
     ABANDONED = "abandoned"
     UNKNOWN_COMMAND = "unknown_command"
     INTERRUPTED = "interrupted"
+    CANCELLED = "cancelled"  # queue:cancel: taken off the queue, or killed with --running
 
 
 #: ASCII-only output: faster to encode, and text that is not valid Unicode (lone surrogates)

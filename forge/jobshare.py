@@ -15,6 +15,7 @@ import json
 import mmap
 import os
 import struct
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from . import _linux
@@ -93,6 +94,8 @@ class OutputBuffer:
         self.fd = os.memfd_create("forge-job-output", os.MFD_CLOEXEC)
         self.copied = 0
         self.punched: tuple[str, int] = ("", 0)  # the job whose output was freed, up to where
+        #: Also given every chunk copied (``queue:work --echo``: the job's output on the console).
+        self.echo: Callable[[bytes], None] | None = None
 
     def flush_to_log(self, backend: Backend, job_id: str, *, reset: bool = False) -> None:
         """Append output not yet copied to ``job_id``'s log; ``reset`` empties the buffer.
@@ -107,6 +110,9 @@ class OutputBuffer:
                 break
             with contextlib.suppress(Exception):
                 backend.append_log(job_id, data)
+            if self.echo is not None:
+                with contextlib.suppress(Exception):
+                    self.echo(data)
             done += len(data)
         self.copied = done
         if reset:

@@ -11,6 +11,7 @@ stored durably (see the README's delivery contract).
 from __future__ import annotations
 
 import builtins
+import re
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
@@ -19,7 +20,19 @@ from typing import TYPE_CHECKING, Any
 
 from .argspec import accepts, describe
 from .config import Settings, load_settings
-from .errors import InvalidCommand, JobNotFound, RetryBlocked, UnknownQueuedCommand, UsageError
+from .errors import (
+    AmbiguousJobId,
+    DispatchFailed,
+    DuplicateJob,
+    ForgeError,
+    InvalidCommand,
+    JobNotFound,
+    QueueError,
+    QueueUnavailable,
+    RetryBlocked,
+    UnknownQueuedCommand,
+    UsageError,
+)
 from .job import Job, JobInfo, State, valid_id
 from .queued_command import QueuedCommand, batch_key
 from .queued_command import queue_name as _queue_name
@@ -27,8 +40,14 @@ from .queued_command import queue_name as _queue_name
 if TYPE_CHECKING:
     from .backends.base import Backend, QueueStats
     from .registry import CommandRegistry
+    from .worker_registry import WorkerRecord
 
-__all__ = ["CommandQueue", "JobDispatch", "QueueManager", "QueuedCommand", "batch_key", "connect"]
+__all__ = ["AmbiguousJobId", "CommandQueue", "DispatchFailed", "DuplicateJob", "ForgeError", "InvalidCommand",
+           "JobDispatch", "JobNotFound", "QueueError", "QueueManager", "QueueUnavailable", "QueuedCommand",
+           "RetryBlocked", "UnknownQueuedCommand", "batch_key", "connect"]  # the errors too, as the guide imports them
+
+
+_ID_PREFIX = re.compile(r"[0-9a-f-]{1,36}")
 
 
 def _job_id(job_id: object) -> str:
@@ -144,6 +163,13 @@ class _Connected:
         return self._settings
 
     @property
+    def location(self) -> str:
+        """Where the connection keeps its jobs, for people (``Connection.where``)."""
+        if self._connection is not None and not isinstance(self._connection, str):
+            return ""  # a backend object given directly: no configuration to describe
+        return self.settings.connection_config(self._connection).where()
+
+    @property
     def backend(self) -> Backend:
         if self._backend is None:
             name = self._connection if isinstance(self._connection, str) else None
@@ -186,7 +212,7 @@ class CommandQueue(_Connected):
         job = cmd.to_job(self.name, now=now)
         spec = self.registry.get(job.command)
         if spec is None:
-            raise UnknownQueuedCommand(job.command, self.registry.suggest(job.command))
+            raise self.registry.unknown(job.command, UnknownQueuedCommand)
         if self._check_args:
             _check_args(spec, job.args)
         return job
@@ -374,6 +400,60 @@ class QueueManager(_Connected):
         left failed because another live job holds its unique key: see ``iter_retry``."""
         return [i.id for i in self.iter_retry(job_ids, queue=queue, reason=reason, command=command,
                                               on_blocked=on_blocked)]
+
+    def resolve_id(self, text: str) -> str:
+        """The job id that ``text`` names: a whole id, or a unique prefix of one (as git and
+        docker take them). ``JobNotFound`` if none matches; ``AmbiguousJobId`` (a usage error
+        listing the matches) if several do."""
+        if valid_id(text):
+            return text
+        prefix = text.lower() if isinstance(text, str) else ""
+        if not prefix or not _ID_PREFIX.fullmatch(prefix):
+            _job_id(text)  # raises, with the usual message
+        matches = self.backend.ids_with_prefix(prefix, limit=11)
+        if not matches:
+            raise JobNotFound(text)
+        if len(matches) > 1:
+            raise AmbiguousJobId(text, matches)
+        return matches[0]
+
+    def cancel(self, job_id: str, *, running: bool = False, wait: float = 30.0) -> JobInfo:
+        """Take a pending or delayed job off its queue: it is failed with reason ``cancelled``.
+
+        With ``running``, a running job is killed by its worker (SIGTERM, then SIGKILL after
+        the kill grace) and failed with reason ``cancelled``; this waits up to ``wait``
+        seconds for that. ``JobNotFound`` for an unknown id; ``UsageError`` for a job that is
+        running (without ``running``) or finished."""
+        job_id = _job_id(job_id)
+        for _ in range(3):
+            info = self.backend.cancel(job_id)
+            if info is not None:
+                return info
+            now = self.find(job_id)
+            if now.state in (State.PENDING, State.DELAYED):
+                time.sleep(0.01)  # a worker was claiming it this instant: look again
+                continue
+            if now.state != State.RESERVED:
+                raise UsageError(f"Job {job_id} is {now.state}; only a waiting or running job can be cancelled.")
+            if not running:
+                raise UsageError(f"Job {job_id} is running.", hint=f"forge queue:cancel --running {job_id} kills it.")
+            self.backend.request_cancel(job_id)
+            until = time.monotonic() + wait
+            while time.monotonic() < until:
+                now = self.find(job_id)
+                if now.state != State.RESERVED:
+                    return now
+                time.sleep(0.1)
+            raise QueueError(f"Job {job_id} is still running after {wait:g} s: its worker has not acted on the"
+                             " cancel (stopped, or on a host that cannot reach the queue).",
+                             hint="It is killed when the worker next looks; `forge queue:workers` shows the workers.")
+        raise UsageError(f"Job {job_id} could not be cancelled: it keeps being claimed.")
+
+    def workers(self) -> builtins.list[WorkerRecord]:
+        """The live workers of this connection (``forge.worker_registry``)."""
+        from .worker_registry import live_workers
+
+        return live_workers(self.backend)
 
     def forget(self, job_id: str) -> bool:
         """Delete one failed job; False if no failed job has this id."""

@@ -98,6 +98,10 @@ class CommandRegistry:
     ) -> None:
         self._specs: dict[str, CommandSpec] = {}
         self._fallback = fallback
+        #: Command files that failed to import ("path: error"), when discovery was lenient.
+        self.broken: list[str] = []
+        #: Why a name may be missing, for the error that says it is (e.g. no forge.toml found).
+        self.notes: list[str] = []
         for spec in specs:
             self.add(spec)
 
@@ -126,8 +130,13 @@ class CommandRegistry:
     def resolve(self, name: str) -> CommandSpec:
         spec = self.get(name)
         if spec is None:
-            raise UnknownCommand(name, self.suggest(name))
+            raise self.unknown(name)
         return spec
+
+    def unknown(self, name: str, cls: type[UnknownCommand] = UnknownCommand) -> UnknownCommand:
+        """The error for a name that is not registered: suggestions, and what may explain it."""
+        notes = [f"{b} (a command defined there is unavailable until it is fixed)." for b in self.broken]
+        return cls(name, self.suggest(name), [*notes, *self.notes])
 
     def suggest(self, name: str) -> list[str]:
         import difflib

@@ -11,6 +11,11 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import Any, TextIO
 
+#: How the stop line says why a worker stopped.
+STOP_TEXT = {"empty": "the queues are empty", "once": "--once", "max_jobs": "--max-jobs reached",
+             "max_time": "--max-time reached", "memory": "over --memory", "restart": "queue:restart asked",
+             "signal": "asked to stop", "forced": "forced to stop", "unavailable": "the queue is unavailable"}
+
 #: Receives each worker event: its name and its data.
 Reporter = Callable[[str, dict[str, Any]], None]
 
@@ -53,29 +58,57 @@ def console_reporter(json_out: bool, verbose: bool = False) -> Callable[[TextIO]
                 stamp[:] = [second, datetime.fromtimestamp(second).strftime("%Y-%m-%d %H:%M:%S")]
             return str(stamp[1])
 
+        def job_name(data: dict[str, Any]) -> str:
+            return f"{str(data.get('job_id', ''))[:8]} {data.get('queue', '')} {data['command']}"
+
+        def now() -> str:
+            return when(time.time())
+
         def report_human(event: str, data: dict[str, Any]) -> None:
             if event == "starting":
-                status(when(data["started"]), data["command"], "RUNNING")
+                status(when(data["started"]), job_name(data), "RUNNING")
             elif event in ("done", "failed", "released"):
                 word = {"done": "DONE", "failed": "FAIL", "released": "RETRY"}[event]
                 detail = f"{data['duration_ms']:.0f} ms" if "duration_ms" in data else ""
-                status(when(time.time()), data["command"], word, detail)
+                status(now(), job_name(data), word, detail)
                 if event != "done" and data.get("error"):
                     emit(f"    {data.get('reason')}: {data['error']}")
+            elif event == "worker_started":
+                queues = ", ".join(data["queues"])
+                order = " (in this order)" if len(data["queues"]) > 1 else ""
+                where = f" on connection {data['connection']}: {data['location']}" if data.get("connection") else ""
+                emit(f"{now()} Processing jobs from queue{'s' if len(data['queues']) > 1 else ''} {queues}{order}{where}."
+                     f" Worker {data['name']}.")
+            elif event == "stopping":
+                # On a fresh line: a terminal has just echoed ^C after the last one.
+                emit(("\n" if tty else "") + f"{now()} Finishing {data['job_id'][:8]} {data['command']};"
+                     " press Ctrl-C again (or send another SIGTERM) to stop now.")
             elif event == "backend_unavailable":
                 retry = data.get("retry_in")
-                emit(f"Queue unavailable: {data['error']}" + (f" (retrying in {retry:.1f} s)" if retry else ""))
+                emit(f"{now()} Queue unavailable: {data['error']}" + (f" (retrying in {retry:.1f} s)" if retry else ""))
             elif event == "record_failed":
-                emit(f"Cannot record a job's outcome: {data['error']} (the job stays claimed; "
+                emit(f"{now()} Cannot record a job's outcome: {data['error']} (the job stays claimed; "
                      f"retrying until it lands)")
             elif event == "maintenance_failed":
-                emit(f"Queue maintenance failed: {data['error']} (retrying at the next round)")
+                emit(f"{now()} Queue maintenance failed: {data['error']} (retrying at the next round)")
             elif event == "backend_available":
-                emit("Queue available again.")
+                emit(f"{now()} Queue available again.")
+            elif event == "quarantined":
+                emit(f"{now()} {data['count']} job file{'s' if data['count'] != 1 else ''} in quarantine"
+                     f" ({data['where']}): see the .reason file beside each.")
             elif event == "worker_stopped":
-                emit(f"Worker stopped ({data['reason']}) after {data['jobs']} jobs.")
-            elif event in ("paused", "resumed") or (verbose and event in ("maintenance", "worker_started")):
-                emit(f"{event}: {data}")
+                jobs = data["jobs"]
+                where = f" ({data['location']})" if data.get("location") else ""
+                why = STOP_TEXT.get(data["reason"], data["reason"])
+                emit(f"{now()} Worker stopped: {why}, after {jobs} job{'' if jobs == 1 else 's'}{where}.")
+            elif event in ("paused", "resumed"):
+                emit(f"{now()} Worker {event}" + (" (SIGCONT resumes it)." if event == "paused" else "."))
+            elif verbose and event == "maintenance":
+                done = ", ".join(f"{k.replace('_', ' ')}: {v}" for k, v in data.items() if v)
+                emit(f"{now()} Maintenance: {done}.")
+            elif verbose:
+                detail = ", ".join(f"{k}={v}" for k, v in data.items())
+                emit(f"{now()} {event.replace('_', ' ')}" + (f": {detail}" if detail else ""))
 
         return report_human
 

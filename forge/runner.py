@@ -133,6 +133,9 @@ class CallResult:
 
 
 _default_registry: CommandRegistry | None = None
+#: Set by the CLI for ``forge -v``: a command file that fails to import is then an error with
+#: its traceback, not a warning.
+strict_discovery = False
 
 
 def default_registry() -> CommandRegistry:
@@ -141,7 +144,7 @@ def default_registry() -> CommandRegistry:
         from .config import load_settings
         from .discovery import build_registry
 
-        _default_registry = build_registry(load_settings())
+        _default_registry = build_registry(load_settings(), strict=strict_discovery)
     return _default_registry
 
 

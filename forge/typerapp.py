@@ -8,7 +8,7 @@ import typer
 from typer.core import TyperGroup
 
 from . import __version__
-from .errors import EXIT_ERROR, UnknownCommand
+from .errors import EXIT_ERROR
 from .registry import CommandRegistry
 from .runner import default_registry
 
@@ -42,9 +42,14 @@ class ForgeGroup(TyperGroup):
         name = args[0]
         cmd = self.get_command(ctx, name)
         if cmd is None and not ctx.resilient_parsing:
-            err = UnknownCommand(name, self._registry().suggest(name))
+            err = self._registry().unknown(name)
             err.exit_code = EXIT_ERROR  # artisan's exit code for an unknown name
             raise err
+        if name.startswith("queue:") and not ctx.resilient_parsing:
+            from . import output
+
+            for note in self._registry().notes:  # e.g. no forge.toml: which queue is this?
+                output.warn(note)
         return (cmd.name if cmd else None), cmd, args[1:]
 
     def format_help(self, ctx: Any, formatter: Any) -> None:

@@ -32,6 +32,7 @@ from .job import Event, Reason, backoff_delay
 from .jobshare import NEVER, OUTCOME, REQUEST, OutputBuffer, SharedState
 from .reporting import Reporter, console_reporter
 from .worker_options import StopReason, WorkerOptions, parse_queues
+from .worker_registry import Heartbeat, WorkerState
 
 if TYPE_CHECKING:
     from .backends.base import Backend
@@ -75,6 +76,8 @@ class Worker:
     cwd: str | None = None  # where jobs run: the project root
     #: A store client with short timeouts for lease renewals (default: the main one).
     supervisor_factory: Callable[[], Backend] | None = None
+    #: The connection's name and where its jobs are, for the start banner and the stop line.
+    where: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.backend = self.backend_factory()
@@ -85,6 +88,7 @@ class Worker:
         self._proc: _JobProcess | None = None
         self._seq = 0
         self.jobs_done = 0
+        self.jobs_failed = 0
         self.started_at = time.time()
         self._signals = 0
         self._stop: StopReason | None = None
@@ -92,6 +96,10 @@ class Worker:
         self._idle = False
         self._outage = 0.0
         self._sig_r, self._sig_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        if self.options.echo:
+            self.output.echo = _echo
+        self.heartbeat = Heartbeat(self.backend, self.options.name, self.options.queues,
+                                   self.options.maintenance_interval)
 
     def job_timeout(self, claim: Claim) -> float:
         return claim.job.timeout if claim.job.timeout is not None else self.options.timeout
@@ -126,7 +134,9 @@ class Worker:
         _linux.preload()  # ctypes and libc now, not in every job process
         gc.freeze()  # the commands and forge, loaded once, are shared with job processes untouched
         started = time.monotonic()
-        self.report("worker_started", {"queues": list(opts.queues), "name": opts.name, "pid": os.getpid()})
+        self.report("worker_started", {"queues": list(opts.queues), "name": opts.name, "pid": os.getpid(),
+                                       **self.where})
+        self.heartbeat.update(state=WorkerState.IDLE)
         restart_seen = self._call(lambda: (self.backend.restart_requested_at(),))
         next_maintenance = next_restart_check = 0.0
         paused_reported = False
@@ -136,6 +146,7 @@ class Worker:
                 if now >= next_maintenance:
                     self._maintain()
                     next_maintenance = now + opts.maintenance_interval
+                self.heartbeat.beat()
                 if opts.max_time and now - started >= opts.max_time and self._stop is None:
                     self._stop = StopReason.MAX_TIME
                 if self._stop is not None:
@@ -143,6 +154,7 @@ class Worker:
                 if self._paused != paused_reported:
                     paused_reported = self._paused
                     self.report("paused" if paused_reported else "resumed", {})
+                    self.heartbeat.update(state=WorkerState.PAUSED if self._paused else WorkerState.IDLE)
                 if self._paused:
                     self._idle_sleep(min(next_maintenance - now, 1.0))
                     continue
@@ -182,11 +194,12 @@ class Worker:
                 self._signal_all(signal.SIGKILL)
                 self._reap(self._proc)
                 self._end_leftovers()
+            self.heartbeat.remove()
             self.backend.close()
             if self._renewer is not None:
                 self._renewer.close()
         reason = self._stop
-        self.report("worker_stopped", {"reason": str(reason), "jobs": self.jobs_done})
+        self.report("worker_stopped", {"reason": str(reason), "jobs": self.jobs_done, **self.where})
         return reason
 
     def _claim(self) -> Claim | None:
@@ -294,6 +307,7 @@ class Worker:
             self.record(claim, unknown, started, info, tail="", retry=False)
             return
         self.report("starting", info)
+        self.heartbeat.update(state=WorkerState.RUNNING, job_id=job.id, job_command=job.command, job_since=started)
         timeout_at = claim.claimed_at + self.job_timeout(claim)
         deadline_kill = _to_boot(claim.deadline) + BACKSTOP
         lease_kill = _to_boot(claim.lease_until) - LEASE_SAFETY if claim.lease_until is not None else None
@@ -303,8 +317,20 @@ class Worker:
         self._seq += 1
         request = {"seq": self._seq, "command": job.command, "args": list(job.args), "env": env}
         proc = self._hand_over(spec, request, kill_at)
-        why, reply, code = self._supervise(claim, proc, timeout_at, deadline_kill)
+        try:
+            why, reply, code = self._supervise(claim, proc, timeout_at, deadline_kill)
+        finally:
+            self.heartbeat.update(state=WorkerState.STOPPING if self._stop else WorkerState.IDLE,
+                                  job_id=None, job_command=None, job_since=None)
         self._end_leftovers()
+        if why == "cancelled":
+            self.output.flush_to_log(self.backend, job.id, reset=True)
+            reply = {"exit_code": code or -int(signal.SIGTERM), "reason": str(Reason.CANCELLED),
+                     "error": "cancelled while running (queue:cancel --running)"}
+            self.record(claim, reply, started, info, tail="", retry=False)
+            with contextlib.suppress(Exception):
+                self.backend.clear_cancel(job.id)
+            return
         if why == "forced":
             self.output.flush_to_log(self.backend, job.id, reset=True)
             self._durably(lambda: self.backend.release(claim, None, 0))
@@ -391,6 +417,7 @@ class Worker:
         next_beat = now + beat_every if claim.lease_until is not None else float("inf")
         done_fd = proc.done
         ready: list[int] = []
+        announced = cancel_asked = False
         while True:
             if done_fd in ready:
                 try:
@@ -416,6 +443,10 @@ class Worker:
                     why = "timeout" if job_kill_at >= deadline_kill - 0.001 else "lease"
                 return why, reply, code
             now, wall = time.monotonic(), time.time()
+            if self._stop is StopReason.SIGNAL and not announced:
+                announced = True
+                self.report("stopping", {"job_id": claim.job.id, "command": claim.job.command,
+                                         "queue": claim.job.queue})
             if why is None:
                 end: str | None = None
                 if self._stop is StopReason.FORCED:
@@ -424,6 +455,8 @@ class Worker:
                     end = "timeout"
                 elif claim.lease_until is not None and wall >= claim.lease_until - opts.grace - LEASE_SAFETY:
                     end = "lease"  # renewals failed: the run must end before the lease does
+                elif cancel_asked:
+                    end = "cancelled"
                 if end is not None:
                     # It may have finished while this worker was not looking (stopped, or
                     # busy): an outcome already reported wins over a deadline seen late.
@@ -439,6 +472,9 @@ class Worker:
             if now >= next_flush:
                 self.output.flush_to_log(self.backend, claim.job.id)
                 next_flush = now + 0.5
+                with contextlib.suppress(QueueUnavailable, OSError):
+                    cancel_asked = cancel_asked or self.backend.cancel_requested(claim.job.id)
+                self.heartbeat.beat()
             if why is None and now >= next_beat:
                 if not self._heartbeat(claim, deadline_kill):
                     ready = []
@@ -541,6 +577,7 @@ class Worker:
                          duration=round(duration, 6))
             self._durably(lambda: self.backend.ack(claim, done))
             self.report("done", {**info, "duration_ms": ms})
+            self.heartbeat.update(done=self.heartbeat.record.done + 1)
             return
         final = not retry or claim.attempt >= (job.max_attempts or opts.tries)
         event = Event("failed" if final else "released", claim.attempt, time.time(), worker=opts.name,
@@ -551,6 +588,7 @@ class Worker:
         if final:
             self._durably(lambda: self.backend.fail(claim, event))
             self.report("failed", data)
+            self.heartbeat.update(failed=self.heartbeat.record.failed + 1)
         else:
             delay = backoff_delay(job.backoff if job.backoff is not None else opts.backoff, claim.attempt)
             self._durably(lambda: self.backend.release(claim, event, delay))
@@ -583,6 +621,15 @@ class Worker:
                     reported = True
                 self._idle_sleep(delay)
                 delay = min(delay * 2, 10.0)
+
+
+def _echo(data: bytes) -> None:
+    """``queue:work --echo``: a job's output on the worker's console as well as in its log."""
+    sys.stdout.flush()
+    out = getattr(sys.stdout, "buffer", None)
+    if out is not None:
+        out.write(data)
+        out.flush()
 
 
 def _to_boot(wall: float) -> float:

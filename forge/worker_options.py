@@ -48,6 +48,7 @@ class WorkerOptions:
     name: str = ""
     grace: float = KILL_GRACE
     fresh_process: bool = False  # a new job process for every job
+    echo: bool = False  # copy each job's output to the worker's stdout too (development)
     maintenance_interval: float = 2.0
     heartbeat_interval: float = 5.0
 

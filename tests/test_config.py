@@ -138,7 +138,7 @@ def test_default_queue_dir_is_per_project(tmp_path: Path) -> None:
     path_a, path_b = a.connection_config().path, b.connection_config().path
     assert path_a != path_b
     assert path_a == default_queue_dir(tmp_path / "a")  # stable for the same project
-    assert path_a is not None and path_a.is_relative_to(tmp_path / "xdg")  # platformdirs, per user
+    assert path_a is not None and not path_a.is_relative_to(tmp_path / "xdg")  # the account home, not $XDG_DATA_HOME
     assert a.sources["connections.file.path"] == "default"
 
 

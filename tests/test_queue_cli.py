@@ -356,7 +356,7 @@ def test_list_plain_and_json(capsys: Capsys) -> None:
     assert f"{a}  email:send --user=1 '--subject=hi there'  default  pending" in out
     code, out, _ = cli(capsys, "queue:list", "--json")
     data = json.loads(out)
-    assert data["version"] == 1
+    assert data["version"] == 2
     queues = {q["queue"]: q for q in data["queues"]}
     assert set(queues["default"]) == {"queue", "pending", "delayed", "reserved", "done", "failed",
                                       "oldest_pending_at", "paused", "size"}
@@ -387,7 +387,7 @@ def test_list_with_no_queues(capsys: Capsys) -> None:
     code, out, err = cli(capsys, "queue:list")
     assert code == 0 and out == "" and "No queues yet" in err
     code, out, _ = cli(capsys, "queue:list", "--json")
-    assert json.loads(out) == {"version": 1, "queues": [], "jobs": []}
+    assert json.loads(out) == {"version": 2, "queues": [], "jobs": []}
 
 
 def test_list_reads_only_limit_job_files(capsys: Capsys, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -416,7 +416,7 @@ def test_show(capsys: Capsys) -> None:
         assert needle in out, needle
     code, out, _ = cli(capsys, "queue:show", job_id, "--json")
     data = json.loads(out)
-    assert data["version"] == 1 and data["output_tail"] == "some output\nthe last line\n"
+    assert data["version"] == 2 and data["output_tail"] == "some output\nthe last line\n"
     assert data["job"]["id"] == job_id and data["job"]["state"] == "failed"
     assert [e["event"] for e in data["job"]["events"]] == ["claimed", "failed"]
     assert data["job"]["events"][-1]["reason"] == "exit_code"
@@ -425,7 +425,9 @@ def test_show(capsys: Capsys) -> None:
 def test_show_not_found_and_invalid(capsys: Capsys) -> None:
     code, out, err = cli(capsys, "queue:show", "00000000-0000-4000-8000-000000000000")
     assert code == EXIT_NOT_FOUND and out == "" and "not found" in err and err.count("\n") == 1
-    code, _, err = cli(capsys, "queue:show", "42")
+    code, _, err = cli(capsys, "queue:show", "42")  # a prefix of no job's id
+    assert code == EXIT_NOT_FOUND and "not found" in err
+    code, _, err = cli(capsys, "queue:show", "x42")
     assert code == EXIT_USAGE and "Invalid job id" in err
 
 
@@ -492,7 +494,7 @@ def test_monitor_threshold(capsys: Capsys) -> None:
     assert "queue mail holds 3 waiting jobs" in err and "default" not in err
     code, out, _ = cli(capsys, "queue:monitor", "default,mail", "--json", "--max", "2")
     data = json.loads(out)
-    assert code == EXIT_THRESHOLD and data["version"] == 1 and data["max"] == 2
+    assert code == EXIT_THRESHOLD and data["version"] == 2 and data["max"] == 2
     assert {q["queue"]: (q["size"], q["over"]) for q in data["queues"]} == {"default": (1, False), "mail": (3, True)}
     code, out, _ = cli(capsys, "queue:monitor", "quiet", "--json")
     assert json.loads(out)["queues"][0]["size"] == 0

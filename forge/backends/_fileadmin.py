@@ -28,7 +28,17 @@ from typing import TYPE_CHECKING
 
 from ..config import validate_queue_name
 from ..errors import DuplicateJob, RetryBlocked, UsageError
-from ..job import MAX_FILE_BYTES, CorruptJob, Event, Job, JobInfo, State, decode_file, valid_id
+from ..job import (
+    MAX_FILE_BYTES,
+    CorruptJob,
+    Event,
+    Job,
+    JobInfo,
+    Reason,
+    State,
+    decode_file,
+    valid_id,
+)
 from ._fileio import micros, read_whole
 from ._filenames import (
     PENDING_RE,
@@ -317,6 +327,50 @@ class FileAdmin:
 
     def prune_done(self, *, older_than: float | None = None) -> int:
         return self._delete_older("done", older_than)
+
+    def ids_with_prefix(self, prefix: str, limit: int = 100) -> list[str]:
+        found: set[str] = set()
+        for q in self.queues():
+            for name in self._names(q, "reserved"):
+                if name.startswith(prefix):
+                    found.add(name[:36])
+            for sdir in ("pending", "failed", "done"):
+                for name in self._names(q, sdir):
+                    if name[17:17 + len(prefix)] == prefix and PENDING_RE.match(name):
+                        found.add(name[17:53])
+                        if len(found) >= limit:
+                            return sorted(found)
+        return sorted(found)
+
+    def cancel(self, job_id: str) -> JobInfo | None:
+        """Fail a pending or delayed job with reason ``cancelled`` (see ``Backend.cancel``)."""
+        loc = self._locate(job_id) if valid_id(job_id) else None
+        if loc is None or loc[1] not in (State.PENDING, State.DELAYED):
+            return None
+        path, _, attempts, _ = loc
+        pdir, name = os.path.split(path)
+        fd = self._open_job(pdir, name)
+        if fd is None:
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a claimer holds it: it is starting
+            job, events = decode_file(read_whole(fd))
+            now = time.time()
+            ev = Event("failed", attempts, now, reason=str(Reason.CANCELLED), error="cancelled (queue:cancel)")
+            size = os.fstat(fd).st_size
+            os.write(fd, ev.to_json())
+            try:
+                os.rename(path, f"{os.path.dirname(pdir)}/failed/{pending_name(micros(now), job.id, attempts)}")
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.ftruncate(fd, size)
+                raise
+            self._free_unique(job)
+            return JobInfo(job, State.FAILED, attempts, (*events, ev), now)
+        except (BlockingIOError, FileNotFoundError, CorruptJob):
+            return None
+        finally:
+            os.close(fd)
 
     def clear(self, queue: str) -> int:
         removed = 0

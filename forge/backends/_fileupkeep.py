@@ -188,6 +188,61 @@ class FileUpkeep:
         finally:
             os.close(fd)
 
+    # -- the worker registry and cancel requests -------------------------------------------
+
+    def _put_small(self, directory: str, name: str, data: bytes) -> None:
+        """Replace ``directory/name`` with ``data`` atomically: a new file in tmp/, renamed."""
+        tmp = f"{self._tmp}/{directory}-{os.getpid()}-{time.monotonic_ns()}.tmp"
+        write_new(tmp, data)
+        try:
+            os.rename(tmp, f"{self._root}/{directory}/{name}")
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+
+    def _read_small(self, path: str) -> bytes | None:
+        """A small file of ours (a worker record, a cancel request); None if missing or not
+        a regular file of ours that only we may write (a planted one counts for nothing)."""
+        try:
+            fd = os.open(path, O_PEEK)
+        except OSError:
+            return None
+        try:
+            if distrust(os.fstat(fd), self.uid):
+                return None
+            return os.read(fd, 65536)
+        except OSError:
+            return None
+        finally:
+            os.close(fd)
+
+    def put_worker(self, name: str, record: bytes, ttl: float) -> None:
+        self._put_small("workers", _safe_file(name), record)
+
+    def drop_worker(self, name: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(f"{self._root}/workers/{_safe_file(name)}")
+
+    def worker_records(self) -> list[bytes]:
+        folder = f"{self._root}/workers"
+        try:
+            names = sorted(os.listdir(folder))
+        except FileNotFoundError:
+            return []
+        records = (self._read_small(f"{folder}/{n}") for n in names if n.endswith(".json"))
+        return [r for r in records if r]
+
+    def request_cancel(self, job_id: str) -> None:
+        self._put_small("cancel", f"{job_id}.json", repr(time.time()).encode())
+
+    def cancel_requested(self, job_id: str) -> bool:
+        return self._read_small(f"{self._root}/cancel/{job_id}.json") is not None
+
+    def clear_cancel(self, job_id: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(f"{self._root}/cancel/{job_id}.json")
+
     # -- logs (and the marker files, which open the same way) -----------------------------
 
     def _open_private(self, directory: str, name: str, flags: int, *, label: str) -> tuple[int, os.stat_result]:
@@ -246,3 +301,10 @@ class FileUpkeep:
             return os.pread(fd, LOG_CAP, offset)
         finally:
             os.close(fd)
+
+
+def _safe_file(name: str) -> str:
+    """A worker's name (``host:pid``, or anything --name gave) as a file name of its own."""
+    import base64
+
+    return base64.urlsafe_b64encode(name.encode()).decode().rstrip("=") + ".json"

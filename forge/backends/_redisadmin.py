@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..config import validate_queue_name
 from ..errors import RetryBlocked, UsageError
-from ..job import CorruptJob, Event, JobInfo, State, decode_file, valid_id
+from ..job import CorruptJob, Event, JobInfo, Reason, State, decode_file, valid_id
 from ._redis_helpers import CHUNK, LOG_CAP
 from ._redis_helpers import us as _us
 from .base import QueueStats
@@ -286,6 +286,67 @@ class RedisAdmin:
             return float(value) if value is not None else None
         except ValueError:
             return None
+
+    # -- cancelling, the worker registry ---------------------------------------------------
+
+    def ids_with_prefix(self, prefix: str, limit: int = 100) -> list[str]:
+        start = len(self._key("info", ""))
+        found: list[str] = []
+        with self._io():
+            for key in self._r.scan_iter(match=self._key("info", prefix) + "*", count=5000):
+                found.append(key.decode()[start:])
+                if len(found) >= limit:
+                    break
+        return sorted(found)
+
+    def cancel(self, job_id: str) -> JobInfo | None:
+        if not valid_id(job_id):
+            return None
+        with self._io():
+            info = self._fetch([job_id])[0]
+            if info is None or info.state not in (State.PENDING, State.DELAYED):
+                return None
+            event = Event("failed", info.attempts, time.time(), reason=str(Reason.CANCELLED),
+                          error="cancelled (queue:cancel)")
+            status, _ = self._run("cancel", job_id, event.to_json())
+            return self._fetch([job_id])[0] if status == b"ok" else None
+
+    def request_cancel(self, job_id: str) -> None:
+        with self._io():
+            self._r.set(self._key("cancel", job_id), repr(time.time()), ex=86400)
+
+    def cancel_requested(self, job_id: str) -> bool:
+        with self._io():
+            return bool(self._r.exists(self._key("cancel", job_id)))
+
+    def clear_cancel(self, job_id: str) -> None:
+        with self._io():
+            self._r.delete(self._key("cancel", job_id))
+
+    def put_worker(self, name: str, record: bytes, ttl: float) -> None:
+        with self._io():
+            pipe = self._r.pipeline(transaction=True)
+            pipe.set(self._key("worker", name), record, px=max(int(ttl * 1000), 1000))
+            pipe.zadd(self._key("workers"), {name: time.time() + ttl})
+            pipe.execute()
+
+    def drop_worker(self, name: str) -> None:
+        with self._io():
+            pipe = self._r.pipeline(transaction=True)
+            pipe.delete(self._key("worker", name))
+            pipe.zrem(self._key("workers"), name)
+            pipe.execute()
+
+    def worker_records(self) -> list[bytes]:
+        with self._io():
+            names = self._r.zrange(self._key("workers"), 0, -1)
+            if not names:
+                return []
+            records = self._r.mget([self._key("worker", n.decode()) for n in names])
+            gone = [n for n, r in zip(names, records, strict=True) if r is None]
+            if gone:  # expired: the worker died without removing its record
+                self._r.zrem(self._key("workers"), *gone)
+            return [r for r in records if r is not None]
 
     # -- logs -----------------------------------------------------------------------------
 

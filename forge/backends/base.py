@@ -181,6 +181,32 @@ class Backend(Protocol):
 
     def restart_requested_at(self) -> float | None: ...
 
+    def ids_with_prefix(self, prefix: str, limit: int = 100) -> list[str]:
+        """Ids of jobs (any state) starting with ``prefix`` (lowercase), sorted, at most ``limit``."""
+
+    def cancel(self, job_id: str) -> JobInfo | None:
+        """Fail a pending or delayed job with reason ``cancelled``, atomically (off its queue,
+        its unique key freed). Returns it as failed; None if it is not waiting (running,
+        finished, being claimed this instant, or unknown)."""
+
+    def request_cancel(self, job_id: str) -> None:
+        """Ask the worker running ``job_id`` to kill it and fail it with reason ``cancelled``."""
+
+    def cancel_requested(self, job_id: str) -> bool:
+        """Whether ``request_cancel`` was called for the job (cheap: a worker asks twice a second)."""
+
+    def clear_cancel(self, job_id: str) -> None: ...
+
+    def put_worker(self, name: str, record: bytes, ttl: float) -> None:
+        """Publish (replace) a worker's record (opaque JSON, ``forge.worker_registry``),
+        atomically; a Redis record expires after ``ttl``, a file's reader judges its age."""
+
+    def drop_worker(self, name: str) -> None:
+        """Remove a worker's record (on a clean exit); no error if there is none."""
+
+    def worker_records(self) -> list[bytes]:
+        """Every published worker record, stale ones included (the reader drops those)."""
+
     def append_log(self, job_id: str, data: bytes) -> None:
         """Append captured job output (capped)."""
 

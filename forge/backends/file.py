@@ -68,7 +68,7 @@ from .base import Claim
 __all__ = ["LOG_CAP", "FileBackend"]
 
 #: The queue directory's fixed sub-directories, created (0700) and checked by every backend.
-SUBDIRS = ("tmp", "q", "unique", "idem", "logs", "quarantine")
+SUBDIRS = ("tmp", "q", "unique", "idem", "logs", "quarantine", "workers", "cancel")
 
 
 class FileBackend(FileWriter, FileClaimer, FileUpkeep, FileAdmin):

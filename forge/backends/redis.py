@@ -27,6 +27,9 @@ supported: every key of one prefix must live on one server)::
     taken while ``P:info:<id>`` exists, and freed when the job is deleted)
     P:log:<id>              STRING  captured job output, capped at 1 MiB
     P:restart               STRING  time of the last ``queue:restart``
+    P:cancel:<id>           STRING  ``queue:cancel --running`` asked the job's worker to kill it (EX 1 day)
+    P:worker:<name>         STRING  a live worker's record (``forge.worker_registry``), PX = stale time
+    P:workers               ZSET    worker names, scored by when their record expires
 
 Due delayed jobs move from ``delayed`` to the tail of ``pending`` in due order whenever a job
 enters ``pending`` or a worker claims, so FIFO order is the order in which jobs became due.
@@ -101,7 +104,7 @@ class RedisBackend(RedisAdmin):
                  quick: bool = False, lease_window: float | None = None) -> None:
         if _redis is None:
             raise ConfigError(
-                "The redis queue driver needs the Redis client: pip install 'forge[redis]'.",
+                "The redis queue driver needs the Redis client: pip install 'forge-jobs[redis]'.",
                 hint="Or choose the file connection: [queue] connection = \"file\".",
             )
         if not isinstance(url, str) or not url.startswith(_SCHEMES):

@@ -8,7 +8,7 @@ from __future__ import annotations
 import shlex
 import sys
 from datetime import datetime
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -18,12 +18,18 @@ from ..job import JobInfo
 from ..queue import QueueManager
 from ..runner import default_registry
 
-JSON_VERSION = 1
+if TYPE_CHECKING:
+    from ..backends.base import QueueStats
+
+#: The version of the queue commands' JSON documents. 2: every time is an RFC 3339 string
+#: (``iso_time``), as ``queue:dispatch --json`` has always printed them; failed jobs carry
+#: ``reason``, ``error`` and ``failed_at`` at top level.
+JSON_VERSION = 2
 
 Connection = Annotated[str | None, typer.Option(help="The connection to use (default: queue.connection).")]
 Json = Annotated[bool, typer.Option("--json", help="Machine-readable output on stdout.")]
 QueueOpt = Annotated[str | None, typer.Option("--queue", help="Only this queue.")]
-JobId = Annotated[str, typer.Argument(metavar="ID", help="The job id (a UUID).")]
+JobId = Annotated[str, typer.Argument(metavar="ID", help="The job id, or a unique prefix of it.")]
 
 
 def manager(connection: str | None) -> QueueManager:
@@ -31,8 +37,48 @@ def manager(connection: str | None) -> QueueManager:
     return QueueManager(connection, registry=default_registry())
 
 
+def resolve_ids(m: QueueManager, ids: list[str]) -> list[str]:
+    """Whole job ids for ``ids``, each an id or a unique prefix (an ambiguous one: exit 2).
+    A prefix that matches nothing is kept as given, for the command's own not-found error."""
+    from ..errors import JobNotFound
+
+    out = []
+    for text in ids:
+        try:
+            out.append(m.resolve_id(text))
+        except JobNotFound:
+            out.append(text)
+    return out
+
+
 def fmt_time(t: float | None) -> str:
     return datetime.fromtimestamp(t).strftime("%Y-%m-%d %H:%M:%S") if t else ""
+
+
+def iso_time(t: float | None) -> str | None:
+    """The one time format of forge's JSON: RFC 3339 in UTC with milliseconds (as queue:dispatch --json)."""
+    from ..queue import rfc3339
+
+    return rfc3339(t)
+
+
+def job_json(info: JobInfo) -> dict[str, Any]:
+    """A job for the JSON of queue:list, queue:show and queue:failed: times in RFC 3339, and
+    a failed job's reason, error and time at top level."""
+    d = info.to_dict()
+    for key in ("dispatched_at", "available_at", "updated_at"):
+        d[key] = iso_time(d.get(key))
+    d["events"] = [{**e, **{k: iso_time(e[k]) for k in ("at", "deadline") if isinstance(e.get(k), (int, float))}}
+                   for e in d["events"]]
+    failure = info.failure if info.state == "failed" else None
+    d["reason"] = failure.reason if failure else None
+    d["error"] = failure.error if failure else None
+    d["failed_at"] = iso_time(failure.at) if failure else None
+    return d
+
+
+def stats_json(stats: QueueStats) -> dict[str, Any]:
+    return {**stats.to_dict(), "size": stats.size, "oldest_pending_at": iso_time(stats.oldest_pending_at)}
 
 
 def ago(t: float | None, now: float) -> str:

@@ -163,5 +163,5 @@ def config_show(
     for name, conn in data["connections"].items():
         for k, v in conn.items():
             full = f"connections.{name}.{k}"
-            rows.append([full, v, settings.sources.get(full, str(settings.config_file or "default"))])
+            rows.append([full, v, settings.sources.get(full, "default")])
     output.table(["setting", "value", "source"], rows)

@@ -132,6 +132,8 @@ def run(argv: Sequence[str]) -> int | None:
         settings = load_settings()
     except Exception:  # noqa: BLE001 - the full path reports it
         return None
+    if settings.config_file is None:
+        return None  # the full path says that no forge.toml was found
     fingerprint = cmdcache.fingerprint(settings)
     commands = cmdcache.load(settings, fingerprint)
     if commands is None:

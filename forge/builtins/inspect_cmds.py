@@ -19,9 +19,22 @@ from .. import output
 from ..config import validate_queue_name
 from ..durations import format_duration, parse_duration
 from ..errors import EXIT_JOB_FAILED, EXIT_THRESHOLD, UsageError
-from ..job import JobInfo, State
+from ..job import JobInfo, Reason, State
 from ..queue import QueueManager
-from ._shared import JSON_VERSION, Connection, JobId, Json, QueueOpt, ago, argv, fmt_time, manager
+from ._shared import (
+    JSON_VERSION,
+    Connection,
+    JobId,
+    Json,
+    QueueOpt,
+    ago,
+    argv,
+    fmt_time,
+    iso_time,
+    job_json,
+    manager,
+    stats_json,
+)
 
 TAIL_BYTES = 4096
 FINISHED = (State.DONE, State.FAILED)
@@ -60,11 +73,11 @@ def list_jobs(
     jobs = list(m.jobs(queue=queue, state=state, command=command, limit=limit)) if limit else []
     if json_out:
         output.print_json({"version": JSON_VERSION,
-                           "queues": [{**s.to_dict(), "size": s.size} for s in stats],
-                           "jobs": [j.to_dict() for j in jobs]})
+                           "queues": [stats_json(s) for s in stats],
+                           "jobs": [job_json(j) for j in jobs]})
         return
     if not stats:
-        output.info("No queues yet. Queue a job with `forge queue:dispatch COMMAND [ARGS]...`.")
+        output.info(f"No queues yet in {m.location}. Queue a job with `forge queue:dispatch COMMAND [ARGS]...`.")
         return
     now = time.time()
     output.table(["queue", "pending", "delayed", "reserved", "failed", "done", "oldest pending", "paused"],
@@ -86,10 +99,11 @@ def _tail(log: bytes) -> str:
 def show(job_id: JobId, json_out: Json = False, connection: Connection = None) -> None:
     """Show everything about one job: payload, metadata, attempts, worker and output tail."""
     m = manager(connection)
+    job_id = m.resolve_id(job_id)
     info = m.find(job_id)
     tail = _tail(m.read_log(job_id))
     if json_out:
-        output.print_json({"version": JSON_VERSION, "job": info.to_dict(), "output_tail": tail})
+        output.print_json({"version": JSON_VERSION, "job": job_json(info), "output_tail": tail})
         return
     job = info.job
     worker = next((e.worker for e in reversed(info.events) if e.worker), None)
@@ -122,6 +136,7 @@ def log(
 ) -> int:
     """Print a job's captured output; with --follow, until it finishes (exit 7 if it failed)."""
     m = manager(connection)
+    job_id = m.resolve_id(job_id)
     info = m.find(job_id)
     out = sys.stdout.buffer
     offset = 0
@@ -140,17 +155,31 @@ def log(
 
 def failed(
     queue: QueueOpt = None,
+    command: Annotated[str | None, typer.Option(help="Only jobs of this command.")] = None,
+    reason: Annotated[Reason | None, typer.Option(help="Only jobs that failed for this reason.")] = None,
+    since: Annotated[str | None, typer.Option(help="Only jobs that failed within this long, e.g. 1h.")] = None,
     limit: Annotated[int, typer.Option(help="Show at most this many jobs.", min=1)] = 50,
     json_out: Json = False,
     connection: Connection = None,
 ) -> None:
-    """List failed jobs, newest first, with the reason and error."""
-    jobs = manager(connection).failed(validate_queue_name(queue) if queue else None, limit)
+    """List failed jobs, newest first, with the reason and error (filters as queue:retry all)."""
+    m = manager(connection)
+    after = time.time() - parse_duration(since, what="--since") if since is not None else None
+    jobs = []
+    for j in m.jobs(queue=validate_queue_name(queue) if queue else None, state=State.FAILED, command=command):
+        f = j.failure
+        if after is not None and (j.updated_at or 0) < after:
+            break  # newest first: the rest are older
+        if reason is not None and (f is None or f.reason != reason):
+            continue
+        jobs.append(j)
+        if len(jobs) >= limit:
+            break
     if json_out:
-        output.print_json({"version": JSON_VERSION, "jobs": [j.to_dict() for j in jobs]})
+        output.print_json({"version": JSON_VERSION, "jobs": [job_json(j) for j in jobs]})
         return
     if not jobs:
-        output.info("No failed jobs.")
+        output.info(f"No failed jobs in {m.location}.")
         return
     rows = []
     for j in jobs:
@@ -172,8 +201,8 @@ def _sample(m: QueueManager, names: list[str] | None, max_size: int | None) -> t
 
 
 def _monitor_json(stats: Sequence[Any], over: list[str], max_size: int | None) -> dict[str, Any]:
-    return {"version": JSON_VERSION, "max": max_size, "at": time.time(),
-            "queues": [{**s.to_dict(), "size": s.size, "over": s.queue in over} for s in stats]}
+    return {"version": JSON_VERSION, "max": max_size, "at": iso_time(time.time()),
+            "queues": [{**stats_json(s), "over": s.queue in over} for s in stats]}
 
 
 def _monitor_rows(stats: Sequence[Any], over: list[str]) -> list[list[Any]]:
@@ -246,3 +275,25 @@ def _live_view(stats: Sequence[Any], over: list[str], max_size: int | None) -> t
     limit = "" if max_size is None else f", alert above {max_size}"
     styles = ["bold red" if s.queue in over else ("yellow" if s.paused else None) for s in stats]
     return _monitor_rows(stats, over), f"Queues at {fmt_time(time.time())}{limit} (Ctrl-C to stop)", styles
+
+
+def workers(json_out: Json = False, connection: Connection = None) -> None:
+    """List the live workers: host, pid, queues, state, current job, jobs done and failed, last heartbeat."""
+    m = manager(connection)
+    found = m.workers()
+    if json_out:
+        output.print_json({"version": JSON_VERSION, "workers": [
+            {"name": w.name, "host": w.host, "pid": w.pid, "queues": list(w.queues), "state": str(w.state),
+             "job_id": w.job_id, "job_command": w.job_command, "job_since": iso_time(w.job_since),
+             "started_at": iso_time(w.started_at), "heartbeat_at": iso_time(w.heartbeat_at),
+             "done": w.done, "failed": w.failed} for w in found]})
+        return
+    if not found:
+        output.info(f"No live workers on {m.location}. Start one with `forge queue:work`.")
+        return
+    now = time.time()
+    output.table(["name", "host", "pid", "queues", "state", "job", "since", "done", "failed", "heartbeat"],
+                 [[w.name, w.host, w.pid, ",".join(w.queues), str(w.state),
+                   f"{w.job_id[:8]} {w.job_command}" if w.job_id else "", ago(w.job_since, now),
+                   w.done, w.failed, f"{ago(w.heartbeat_at, now) or '0s'} ago"] for w in found],
+                 title="Workers")

@@ -15,7 +15,7 @@ from ..config import validate_queue_name
 from ..errors import EXIT_DUPLICATE, JobNotFound, RetryBlocked, UsageError
 from ..job import JobInfo, Reason
 from ..queue import CommandQueue, QueueManager
-from ._shared import Connection, JobId, QueueOpt, err_tty, manager
+from ._shared import Connection, JobId, QueueOpt, err_tty, manager, resolve_ids
 
 
 def _not_failed(m: QueueManager, job_id: str) -> JobNotFound:
@@ -39,6 +39,8 @@ def retry(
     A unique job whose key another live job holds stays failed and is reported (exit 4)."""
     m = manager(connection)
     every = ids == ["all"]
+    if not every:
+        ids = resolve_ids(m, [i for i in ids if i != "all"]) + (["all"] if "all" in ids else [])
     if "all" in ids and not every:
         raise UsageError('Pass job ids or "all", not both.')
     if not every and (queue or reason or command):
@@ -64,13 +66,39 @@ def retry(
     if missing:
         raise _not_failed(m, missing[0])
     if err_tty() or not (retried or blocked):
-        output.info(f"Retried {len(retried)} job(s)." if retried or blocked else "No failed jobs to retry.")
+        output.info(f"Retried {len(retried)} job(s)." if retried or blocked else f"No failed jobs to retry in {m.location}.")
     return EXIT_DUPLICATE if blocked else 0
+
+
+def cancel(
+    ids: Annotated[list[str], typer.Argument(metavar="ID...", help="Job ids (or unique prefixes).", show_default=False)],
+    running: Annotated[bool, typer.Option("--running", help="Also kill running jobs (their worker records them cancelled).")] = False,
+    connection: Connection = None,
+) -> int:
+    """Cancel waiting jobs (pending or delayed): they are failed with reason cancelled.
+
+    With --running, a running job is killed by its worker (SIGTERM, then SIGKILL) and
+    recorded cancelled too. Prints each id cancelled; exits 5 if an id names no job."""
+    m = manager(connection)
+    code = 0
+    for job_id in resolve_ids(m, ids):
+        try:
+            info = m.cancel(job_id, running=running)
+        except JobNotFound as err:
+            output.error(err.message, err.hint)
+            code = err.exit_code
+            continue
+        sys.stdout.write(info.id + "\n")
+        sys.stdout.flush()
+        if err_tty():
+            output.info(f"Cancelled job {info.id} ({info.job.command}).")
+    return code
 
 
 def forget(job_id: JobId, connection: Connection = None) -> None:
     """Delete one failed job (and its captured output)."""
     m = manager(connection)
+    job_id = m.resolve_id(job_id)
     if not m.forget(job_id):
         raise _not_failed(m, job_id)
     output.info(f"Deleted failed job {job_id}.")

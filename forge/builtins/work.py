@@ -28,9 +28,10 @@ def work(
     backoff: Annotated[str | None, typer.Option(help="Seconds before retries, e.g. 1,5,10 (default: queue.backoff).")] = None,
     memory: Annotated[int, typer.Option(help="Exit (code 12) when the worker uses more MB (0: no limit).", min=0)] = 128,
     fresh_process: Annotated[bool, typer.Option("--fresh-process", help="Run every job in a new process (slower; nothing a job does in its process can reach the next).")] = False,
+    echo: Annotated[bool, typer.Option("--echo", help="Also print each job's output here (while developing).")] = False,
     name: Annotated[str | None, typer.Option(help="This worker's name in job records (default: host:pid).")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="One JSON object per event on stdout.")] = False,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Also report maintenance.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Also report maintenance and other events.")] = False,
 ) -> int:
     """Process jobs from the queues until stopped (SIGTERM/SIGINT finish the current job first)."""
     from ..config import load_settings
@@ -55,6 +56,7 @@ def work(
         backoff=parse_backoff(backoff, what="--backoff") if backoff else settings.backoff,
         memory=memory,
         fresh_process=fresh_process,
+        echo=echo,
         name=name or "",
     )
     from ..backends import open_backend
@@ -64,7 +66,8 @@ def work(
     worker = Worker(lambda: open_backend(conn, done_retention=settings.done_retention), registry, options,
                     console_reporter(json_out, verbose), cwd=str(settings.root),
                     supervisor_factory=lambda: open_backend(conn, done_retention=settings.done_retention,
-                                                            quick=True))
+                                                            quick=True),
+                    where={"connection": conn.name, "location": conn.where()})
     worker.install_signals()
     reason = worker.run()
     return reason.exit_code
