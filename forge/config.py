@@ -250,9 +250,11 @@ def load_settings(
             if not isinstance(table, dict):
                 raise ConfigError(f"{where}: [connections] must be a table of tables.")
             continue
+        if section == "schedule":  # [[schedule]] tables: read and checked by forge.scheduler.load
+            continue
         if section not in _SCHEMA:
             raise ConfigError(
-                f"{where}: unknown section [{section}] (known: forge, queue, connections)."
+                f"{where}: unknown section [{section}] (known: forge, queue, connections, schedule)."
             )
         if not isinstance(table, dict):
             raise ConfigError(f"{where}: {section} must be a table.")

@@ -72,6 +72,9 @@ def console_reporter(json_out: bool, verbose: bool = False) -> Callable[[TextIO]
                 emit(f"Queue maintenance failed: {data['error']} (retrying at the next round)")
             elif event == "backend_available":
                 emit("Queue available again.")
+            elif event.startswith("schedule_"):  # queue:work --schedule
+                detail = data.get("job_id") or data.get("error") or ""
+                emit(f"Schedule {data.get('entry', '')} [{data.get('tick', '')}]: {event[9:]} {detail}".rstrip())
             elif event == "worker_stopped":
                 emit(f"Worker stopped ({data['reason']}) after {data['jobs']} jobs.")
             elif event in ("paused", "resumed") or (verbose and event in ("maintenance", "worker_started")):

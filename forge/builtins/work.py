@@ -30,6 +30,7 @@ def work(
     fresh_process: Annotated[bool, typer.Option("--fresh-process", help="Run every job in a new process (slower; nothing a job does in its process can reach the next).")] = False,
     name: Annotated[str | None, typer.Option(help="This worker's name in job records (default: host:pid).")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="One JSON object per event on stdout.")] = False,
+    schedule: Annotated[bool, typer.Option("--schedule", help="Also dispatch the project's scheduled commands when due (checked every 2 s between jobs).")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Also report maintenance.")] = False,
 ) -> int:
     """Process jobs from the queues until stopped (SIGTERM/SIGINT finish the current job first)."""
@@ -65,6 +66,10 @@ def work(
                     console_reporter(json_out, verbose), cwd=str(settings.root),
                     supervisor_factory=lambda: open_backend(conn, done_retention=settings.done_retention,
                                                             quick=True))
+    if schedule:
+        from ..scheduler.tick import worker_tick
+
+        worker.tick = worker_tick(settings, registry, connection, worker.report)
     worker.install_signals()
     reason = worker.run()
     return reason.exit_code
