@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import EXIT_NOT_FOUND, ForgeError
 from ..job import State
-from .entry import MAX_CATCH_UP, ON_TIME, CatchUp, Overlap, ScheduleEntry, ScheduleError, iso
+from .entry import FIRST_WINDOW, MAX_CATCH_UP, ON_TIME, CatchUp, Overlap, ScheduleEntry, ScheduleError, iso
 from .state import EntryState, ScheduleStore, store_for
 
 if TYPE_CHECKING:
@@ -72,7 +72,7 @@ def plan_entry(entry: ScheduleEntry, state: EntryState, now: float, previous_liv
     plan = _Plan()
     if state.paused:
         return plan
-    floor = state.last_tick if state.last_tick is not None else now - ON_TIME
+    floor = state.last_tick if state.last_tick is not None else now - FIRST_WINDOW
     horizon = now - (ON_TIME if entry.catch_up is CatchUp.NONE else max(entry.max_lateness, ON_TIME))
     start = floor
     if floor < horizon:  # ticks older than the horizon are missed, whatever the policy
