@@ -123,7 +123,7 @@ def list_(json_out: Json = False, connection: Connection = None) -> int:
     if json_out:
         output.print_json({"version": JSON_VERSION, "entries": rows,
                            "errors": [{"entry": e.entry, "error": e.message} for e in errors]})
-        return EXIT_USAGE if errors else 0
+        return _report_errors(errors)
     if not rows and not errors:
         output.info("No schedule entries: add [[schedule]] tables to forge.toml"
                     ' or @command(..., schedule="0 3 * * *").')

@@ -26,10 +26,9 @@ from ..durations import parse_backoff, parse_duration
 from ..errors import ConfigError, UsageError
 
 #: A tick is on time for this long: with ``catch_up = "none"`` a run dispatches it until then, so
-#: one cron run (every minute) that was skipped or killed is made up by the next one.
+#: one cron run (every minute) that was skipped or killed is made up by the next one. An entry
+#: that never ran starts with its latest on-time tick.
 ON_TIME = 90.0
-#: An entry never run before (no state) starts with the ticks of the last minute only.
-FIRST_WINDOW = 60.0
 #: Most ticks one entry dispatches in one run (catch_up = "all" with a long max_lateness).
 MAX_CATCH_UP = 10_000
 

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import EXIT_NOT_FOUND, ForgeError
 from ..job import State
-from .entry import FIRST_WINDOW, MAX_CATCH_UP, ON_TIME, CatchUp, Overlap, ScheduleEntry, ScheduleError, iso
+from .entry import MAX_CATCH_UP, ON_TIME, CatchUp, Overlap, ScheduleEntry, ScheduleError, iso
 from .state import EntryState, ScheduleStore, store_for
 
 if TYPE_CHECKING:
@@ -72,7 +72,7 @@ def plan_entry(entry: ScheduleEntry, state: EntryState, now: float, previous_liv
     plan = _Plan()
     if state.paused:
         return plan
-    floor = state.last_tick if state.last_tick is not None else now - FIRST_WINDOW
+    floor = state.last_tick if state.last_tick is not None else now - ON_TIME
     horizon = now - (ON_TIME if entry.catch_up is CatchUp.NONE else max(entry.max_lateness, ON_TIME))
     start = floor
     if floor < horizon:  # ticks older than the horizon are missed, whatever the policy
@@ -90,7 +90,9 @@ def plan_entry(entry: ScheduleEntry, state: EntryState, now: float, previous_liv
         if len(window) > MAX_CATCH_UP:
             plan.missed += 1
             plan.last_missed = window.pop(0)
-    if entry.catch_up is CatchUp.LATEST and len(window) > 1:
+    if state.last_tick is None:  # never run: its latest on-time tick only, nothing counted missed
+        window = window[-1:]
+    elif entry.catch_up is CatchUp.LATEST and len(window) > 1:
         plan.missed += len(window) - 1
         plan.last_missed = window[-2]
         window = window[-1:]
