@@ -22,10 +22,10 @@ from ._shared import JSON_VERSION, Connection, Json
 Name = Annotated[str, typer.Argument(metavar="NAME", help="The schedule entry's name (see schedule:list).")]
 
 
-def _load(connection: str | None) -> tuple[Any, list[Any]]:
+def _load(connection: str | None, *, check_args: bool = True) -> tuple[Any, list[Any]]:
     from ..scheduler import Scheduler
 
-    return Scheduler.load(connection=connection)
+    return Scheduler.load(connection=connection, check_args=check_args)
 
 
 def _report_errors(errors: list[Any]) -> int:
@@ -67,7 +67,7 @@ def run(
     --schedule processes run it, on any number of hosts."""
     if at is not None and not dry_run:
         raise UsageError("--at asks what would be due at a time: use it with --dry-run.")
-    sch, errors = _load(connection)
+    sch, errors = _load(connection, check_args=False)  # a due tick's arguments are checked as it is dispatched
     now = _parse_at(at) if at is not None else None
     actions = sch.plan(now) if dry_run else sch.run(now)
     for a in actions:
@@ -91,7 +91,7 @@ def work(
     from ..scheduler.loop import ScheduleLoop
 
     limit = parse_duration(max_time, what="--max-time")
-    sch, errors = _load(connection)
+    sch, errors = _load(connection, check_args=False)
     code = _report_errors(errors)
 
     def report(event: str, data: dict[str, Any]) -> None:

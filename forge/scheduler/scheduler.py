@@ -126,7 +126,7 @@ class Scheduler:
 
     @classmethod
     def load(cls, *, settings: Settings | None = None, registry: CommandRegistry | None = None,
-             **kwargs: Any) -> tuple[Scheduler, list[ScheduleError]]:
+             check_args: bool = True, **kwargs: Any) -> tuple[Scheduler, list[ScheduleError]]:
         """The project's scheduler and the errors of its invalid entries (``load_entries``)."""
         from ..config import load_settings
         from ..runner import default_registry
@@ -134,7 +134,7 @@ class Scheduler:
 
         settings = settings or load_settings()
         registry = registry or default_registry()
-        entries, errors = load_entries(settings, registry)
+        entries, errors = load_entries(settings, registry, check_args=check_args)
         return cls(entries, settings=settings, registry=registry, **kwargs), errors
 
     # -- parts ---------------------------------------------------------------------------------
