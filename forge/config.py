@@ -292,12 +292,22 @@ def _check(key: str, value: Any, expected: type | tuple[type, ...], where: str) 
         raise ConfigError(f"{where}: {key} must be {_type_name(expected)}, not {value!r}.")
 
 
+#: Parsed forge.toml files by (path, mtime, size): the scheduler reads [[schedule]] from the
+#: same file, and a schedule of 1,000 entries takes 130 ms to parse.
+_parsed: dict[tuple[str, int, int], dict[str, Any]] = {}
+
+
 def _read_toml(path: Path) -> dict[str, Any]:
     import tomllib
 
     try:
         with open(path, "rb") as fh:
-            return tomllib.load(fh)
+            st = os.fstat(fh.fileno())
+            key = (str(path), st.st_mtime_ns, st.st_size)
+            if key not in _parsed:
+                _parsed.clear()
+                _parsed[key] = tomllib.load(fh)
+            return _parsed[key]
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: invalid TOML: {exc}.") from None
     except OSError as exc:
@@ -324,9 +334,11 @@ def load_settings(
             if not isinstance(table, dict):
                 raise ConfigError(f"{where}: [connections] must be a table of tables.")
             continue
+        if section == "schedule":  # [[schedule]] tables: read and checked by forge.scheduler.load
+            continue
         if section not in _SCHEMA:
             raise ConfigError(
-                f"{where}: unknown section [{section}] (known: forge, queue, connections)."
+                f"{where}: unknown section [{section}] (known: forge, queue, connections, schedule)."
             )
         if not isinstance(table, dict):
             raise ConfigError(f"{where}: {section} must be a table.")

@@ -96,6 +96,9 @@ def console_reporter(json_out: bool, verbose: bool = False) -> Callable[[TextIO]
             elif event == "quarantined":
                 emit(f"{now()} {data['count']} job file{'s' if data['count'] != 1 else ''} in quarantine"
                      f" ({data['where']}): see the .reason file beside each.")
+            elif event.startswith("schedule_"):  # queue:work --schedule
+                detail = data.get("job_id") or data.get("error") or ""
+                emit(f"{now()} Schedule {data.get('entry', '')} [{data.get('tick', '')}]: {event[9:]} {detail}".rstrip())
             elif event == "worker_stopped":
                 jobs = data["jobs"]
                 where = f" ({data['location']})" if data.get("location") else ""

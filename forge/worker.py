@@ -78,6 +78,9 @@ class Worker:
     supervisor_factory: Callable[[], Backend] | None = None
     #: The connection's name and where its jobs are, for the start banner and the stop line.
     where: dict[str, str] = field(default_factory=dict)
+    #: Called at every maintenance pass (``queue:work --schedule``: dispatch due ticks); it
+    #: reports its own errors and must not raise.
+    tick: Callable[[], None] | None = None
 
     def __post_init__(self) -> None:
         self.backend = self.backend_factory()
@@ -145,6 +148,8 @@ class Worker:
                 now = time.monotonic()
                 if now >= next_maintenance:
                     self._maintain()
+                    if self.tick is not None:
+                        self.tick()
                     next_maintenance = now + opts.maintenance_interval
                 self.heartbeat.beat()
                 if opts.max_time and now - started >= opts.max_time and self._stop is None:
@@ -314,6 +319,8 @@ class Worker:
         kill_at = min(deadline_kill, lease_kill) if lease_kill is not None else deadline_kill
         env = {"FORGE_JOB_ID": job.id, "FORGE_JOB_ATTEMPT": str(claim.attempt), "FORGE_QUEUE": job.queue,
                "FORGE_JOB_TOKEN": str(claim.fence)}
+        if isinstance(job.metadata.get("scheduled_for"), str):  # dispatched by the scheduler
+            env["FORGE_SCHEDULED_FOR"] = job.metadata["scheduled_for"]
         self._seq += 1
         request = {"seq": self._seq, "command": job.command, "args": list(job.args), "env": env}
         proc = self._hand_over(spec, request, kill_at)

@@ -29,4 +29,10 @@ BUILTINS: dict[str, tuple[str, str, bool]] = {
     "queue:cancel": ("forge.builtins.manage:cancel", "Cancel waiting (or, with --running, running) jobs", False),
     "queue:workers": ("forge.builtins.inspect_cmds:workers", "List the live workers of the connection", False),
     "queue:restart": ("forge.builtins.manage:restart", "Make every worker exit after its current job", False),
+    "schedule:run": ("forge.builtins.schedule:run", "Dispatch the scheduled commands that are due (from cron)", False),
+    "schedule:work": ("forge.builtins.schedule:work", "Run the schedule in the foreground, waking at each tick", False),
+    "schedule:list": ("forge.builtins.schedule:list_", "List the schedule: next runs, last tick and its job", False),
+    "schedule:test": ("forge.builtins.schedule:test", "Dispatch one run of a schedule entry now", False),
+    "schedule:pause": ("forge.builtins.schedule:pause", "Stop dispatching a schedule entry", False),
+    "schedule:resume": ("forge.builtins.schedule:resume", "Dispatch a paused schedule entry again", False),
 }

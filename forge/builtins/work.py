@@ -31,6 +31,7 @@ def work(
     echo: Annotated[bool, typer.Option("--echo", help="Also print each job's output here (while developing).")] = False,
     name: Annotated[str | None, typer.Option(help="This worker's name in job records (default: host:pid).")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="One JSON object per event on stdout.")] = False,
+    schedule: Annotated[bool, typer.Option("--schedule", help="Also dispatch the project's scheduled commands when due (checked every 2 s between jobs).")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Also report maintenance and other events.")] = False,
 ) -> int:
     """Process jobs from the queues until stopped (SIGTERM/SIGINT finish the current job first)."""
@@ -68,6 +69,10 @@ def work(
                     supervisor_factory=lambda: open_backend(conn, done_retention=settings.done_retention,
                                                             quick=True),
                     where={"connection": conn.name, "location": conn.where()})
+    if schedule:
+        from ..scheduler.tick import worker_tick
+
+        worker.tick = worker_tick(settings, registry, connection, worker.report)
     worker.install_signals()
     reason = worker.run()
     return reason.exit_code

@@ -1,0 +1,77 @@
+"""Schedule state in the Redis backend: the hash ``P:schedule`` (entry name -> state JSON).
+
+A read-modify-write is an optimistic transaction (WATCH the hash, read, MULTI/EXEC the writes;
+retried if another host wrote meanwhile), so updates from many hosts never interleave, and
+with the server's persistence a stored state is as durable as a stored job.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Iterable
+from typing import Any
+
+from ..scheduler.state import EntryState, Updater
+from ._redis_helpers import translate
+
+
+class RedisScheduleStore:
+    """``ScheduleStore`` over a ``RedisBackend``'s server and prefix."""
+
+    def __init__(self, backend: Any) -> None:
+        self._r = backend._r
+        self.key = f"{backend.prefix}:schedule"
+        self._where = backend._where
+
+    def _call(self, fn: Any) -> Any:
+        from redis import exceptions as rx
+
+        try:
+            return fn()
+        except rx.RedisError as exc:
+            raise translate(exc, self._where, dispatch=False) from None
+
+    def read(self, names: Iterable[str] | None = None) -> dict[str, EntryState]:
+        if names is None:
+            raw = self._call(lambda: self._r.hgetall(self.key))
+            return {k.decode(): EntryState.from_dict(_json(v)) for k, v in raw.items()}
+        names = list(names)
+        if not names:
+            return {}
+        vals = self._call(lambda: self._r.hmget(self.key, names))
+        return {n: EntryState.from_dict(_json(v)) for n, v in zip(names, vals, strict=True) if v is not None}
+
+    def update(self, names: Iterable[str], fn: Updater) -> dict[str, EntryState]:
+        names = list(names)
+        out: dict[str, EntryState] = {}
+
+        def txn(pipe: Any) -> None:
+            vals = pipe.hmget(self.key, names) if names else []
+            cur = {n: EntryState.from_dict(_json(v)) for n, v in zip(names, vals, strict=True)}
+            new = fn(cur)
+            cur.update(new)
+            out.clear()
+            out.update(cur)
+            if new:
+                pipe.multi()
+                pipe.hset(self.key, mapping={n: json.dumps(s.to_dict(), separators=(",", ":"))
+                                             for n, s in new.items()})
+
+        self._call(lambda: self._r.transaction(txn, self.key))
+        return out
+
+    def session(self) -> Any:
+        return contextlib.nullcontext()
+
+    def close(self) -> None:
+        pass
+
+
+def _json(v: Any) -> Any:
+    if v is None:
+        return None
+    try:
+        return json.loads(v)
+    except ValueError:
+        return None

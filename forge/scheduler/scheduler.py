@@ -1,0 +1,388 @@
+"""``Scheduler``: decides which ticks are due and dispatches each exactly once.
+
+One run (``run``), from any process on any host, at any time:
+
+1. read the entries' states, and for ``overlap = "skip"`` entries whether the previous tick's
+   job is still pending, delayed or running;
+2. **mark** (one atomic ``ScheduleStore.update``): per entry, the ticks after ``last_tick`` up
+   to now are decided by ``catch_up`` (dispatched, or counted as missed) and ``overlap``
+   (skipped, counted); ``last_tick`` moves to the latest of them and the ticks to dispatch are
+   added to ``inflight``. An entry whose state changed since step 1 is left to the run that
+   changed it;
+3. **push** every ``inflight`` tick (this run's and any a killed run left) as a job whose id is
+   derived from the tick (``ScheduleEntry.key``): a tick already stored stores nothing;
+4. **commit** (another update): pushed ticks leave ``inflight``; the last job is recorded.
+
+A kill before 2 changes nothing; between 2 and 4 leaves ticks in ``inflight`` that the next run
+pushes (once: the key); after 4 nothing is left to do. A tick is never dispatched again once
+``last_tick`` passed it, even after its job (and so its key) is gone.
+
+The clock is injectable (``clock``, or ``now=`` per call) so tests need not wait for minutes.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from ..errors import EXIT_NOT_FOUND, ForgeError
+from ..job import State
+from .entry import MAX_CATCH_UP, ON_TIME, CatchUp, Overlap, ScheduleEntry, ScheduleError, iso
+from .state import EntryState, ScheduleStore, store_for
+
+if TYPE_CHECKING:
+    from ..backends.base import Backend
+    from ..config import Settings
+    from ..queue import JobDispatch
+    from ..registry import CommandRegistry
+
+LIVE = (State.PENDING, State.DELAYED, State.RESERVED)
+
+
+@dataclass(frozen=True)
+class TickAction:
+    """What a run did (or, dry, would do) with one tick."""
+
+    entry: str
+    tick: float
+    action: str  # dispatched | exists (stored before) | skipped | missed | error
+    job_id: str | None = None
+    lateness: float = 0.0
+    count: int = 1  # missed: how many ticks this line stands for
+    error: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"entry": self.entry, "tick": iso(self.tick), "action": self.action, "job_id": self.job_id,
+                "lateness": round(self.lateness, 3), "count": self.count, "error": self.error}
+
+
+@dataclass
+class _Plan:
+    dispatch: list[float] = field(default_factory=list)
+    skipped: list[float] = field(default_factory=list)
+    missed: int = 0
+    last_missed: float | None = None
+    last_tick: float | None = None
+
+
+def plan_entry(entry: ScheduleEntry, state: EntryState, now: float, previous_live: bool) -> _Plan:
+    """Decide the ticks of ``entry`` after ``state.last_tick`` up to ``now`` (pure)."""
+    plan = _Plan()
+    if state.paused:
+        return plan
+    floor = state.last_tick if state.last_tick is not None else now - ON_TIME
+    horizon = now - (ON_TIME if entry.catch_up is CatchUp.NONE else max(entry.max_lateness, ON_TIME))
+    start = floor
+    if floor < horizon:  # ticks older than the horizon are missed, whatever the policy
+        for n, t in enumerate(entry.ticks_after(floor)):
+            if t > horizon or n >= MAX_CATCH_UP:
+                break
+            plan.missed += 1
+            plan.last_missed = t
+        start = horizon
+    window: list[float] = []
+    for t in entry.ticks_after(start):
+        if t > now:
+            break
+        window.append(t)
+        if len(window) > MAX_CATCH_UP:
+            plan.missed += 1
+            plan.last_missed = window.pop(0)
+    if state.last_tick is None:  # never run: its latest on-time tick only, nothing counted missed
+        window = window[-1:]
+    elif entry.catch_up is CatchUp.LATEST and len(window) > 1:
+        plan.missed += len(window) - 1
+        plan.last_missed = window[-2]
+        window = window[-1:]
+    for t in window:
+        if entry.overlap is Overlap.SKIP and (previous_live or plan.dispatch):
+            plan.skipped.append(t)
+        else:
+            plan.dispatch.append(t)
+    handled = [x for x in (plan.last_missed, *window) if x is not None]
+    plan.last_tick = max(handled) if handled else None
+    return plan
+
+
+class Scheduler:
+    """The schedule of one project on one connection (see the module docstring)."""
+
+    def __init__(self, entries: Sequence[ScheduleEntry], *, settings: Settings | None = None,
+                 connection: str | None = None, backend: Backend | None = None,
+                 store: ScheduleStore | None = None, registry: CommandRegistry | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
+        from ..config import load_settings
+
+        self.entries = list(entries)
+        self.by_name = {e.name: e for e in self.entries}
+        self.settings = settings or load_settings()
+        self._connection = connection
+        self._backend = backend
+        self._store = store
+        self._registry = registry
+        self.clock = clock
+
+    @classmethod
+    def load(cls, *, settings: Settings | None = None, registry: CommandRegistry | None = None,
+             check_args: bool = True, **kwargs: Any) -> tuple[Scheduler, list[ScheduleError]]:
+        """The project's scheduler and the errors of its invalid entries (``load_entries``)."""
+        from ..config import load_settings
+        from ..runner import default_registry
+        from .load import load_entries
+
+        settings = settings or load_settings()
+        registry = registry or default_registry()
+        entries, errors = load_entries(settings, registry, check_args=check_args)
+        return cls(entries, settings=settings, registry=registry, **kwargs), errors
+
+    # -- parts ---------------------------------------------------------------------------------
+
+    @property
+    def backend(self) -> Backend:
+        if self._backend is None:
+            from ..queue import connect
+
+            self._backend = connect(self._connection, self.settings)
+        return self._backend
+
+    @property
+    def store(self) -> ScheduleStore:
+        if self._store is None:
+            self._store = store_for(self.backend)
+        return self._store
+
+    @property
+    def registry(self) -> CommandRegistry:
+        if self._registry is None:
+            from ..runner import default_registry
+
+            self._registry = default_registry()
+        return self._registry
+
+    def entry(self, name: str) -> ScheduleEntry:
+        try:
+            return self.by_name[name]
+        except KeyError:
+            import difflib
+
+            close = difflib.get_close_matches(name, self.by_name, n=1)
+            hint = f'Did you mean "{close[0]}"?' if close else "Run `forge schedule:list` to see the entries."
+            raise ScheduleNotFound(f'No schedule entry is named "{name}".', hint=hint) from None
+
+    def _queue_of(self, entry: ScheduleEntry) -> str:
+        return entry.queue or self.settings.default_queue
+
+    # -- running -------------------------------------------------------------------------------
+
+    def _previous_live(self, states: dict[str, EntryState]) -> dict[str, bool]:
+        live = {}
+        for e in self.entries:
+            s = states.get(e.name)
+            if e.overlap is not Overlap.SKIP or s is None:
+                continue
+            if s.inflight:
+                live[e.name] = True
+            elif s.last_job:
+                info = self.backend.find(s.last_job)
+                live[e.name] = info is not None and info.state in LIVE
+        return live
+
+    def plan(self, now: float | None = None) -> list[TickAction]:
+        """What ``run`` would do at ``now`` given the stored state, without changing anything."""
+        now = self.clock() if now is None else now
+        states = self.store.read([e.name for e in self.entries])
+        live = self._previous_live(states)
+        out: list[TickAction] = []
+        for e in self.entries:
+            s = states.get(e.name, EntryState())
+            p = plan_entry(e, s, now, live.get(e.name, False))
+            out += _actions(e, p, now, s.inflight)
+        return out
+
+    def run(self, now: float | None = None) -> list[TickAction]:
+        """Dispatch every due tick once (see the module docstring); returns what it did."""
+        now = self.clock() if now is None else now
+        names = [e.name for e in self.entries]
+        with self.store.session():
+            before = self.store.read(names)
+            live = self._previous_live(before)
+            plans: dict[str, _Plan] = {}
+
+            def mark(cur: dict[str, EntryState]) -> dict[str, EntryState]:
+                plans.clear()
+                new = {}
+                for e in self.entries:
+                    s = cur[e.name]
+                    if s != before.get(e.name, EntryState()):
+                        continue  # another run moved it meanwhile: it is that run's
+                    p = plan_entry(e, s, now, live.get(e.name, False))
+                    if p.last_tick is None:
+                        continue
+                    plans[e.name] = p
+                    new[e.name] = s.evolve(
+                        last_tick=max(p.last_tick, s.last_tick or p.last_tick),
+                        inflight=tuple(sorted({*s.inflight, *p.dispatch})),
+                        skipped=s.skipped + len(p.skipped),
+                        last_skipped=p.skipped[-1] if p.skipped else s.last_skipped,
+                        missed=s.missed + p.missed,
+                        last_missed=p.last_missed if p.last_missed is not None else s.last_missed)
+                return new
+
+            marked = self.store.update(names, mark) if self.entries else {}
+            out: list[TickAction] = []
+            for e in self.entries:
+                p = plans.get(e.name)
+                if p is not None:
+                    if p.missed:
+                        out.append(TickAction(e.name, p.last_missed or 0.0, "missed", count=p.missed))
+                    out += [TickAction(e.name, t, "skipped") for t in p.skipped]
+            out += self._push(marked, now)
+        return out
+
+    def _push(self, states: dict[str, EntryState], now: float) -> list[TickAction]:
+        from ..queue import CommandQueue
+
+        by_queue: dict[str, list[tuple[ScheduleEntry, float, Any]]] = {}
+        out: list[TickAction] = []
+        failed: dict[str, list[float]] = {}
+        for e in self.entries:
+            s = states.get(e.name)
+            for t in s.inflight if s else ():
+                by_queue.setdefault(self._queue_of(e), []).append((e, t, e.queued_command(t)))
+        pushed: dict[str, list[tuple[float, str, bool]]] = {}
+        for qname, items in by_queue.items():
+            queue = CommandQueue(qname, connection=self.backend, settings=self.settings, registry=self.registry)
+            jobs, kept = [], []
+            for e, t, cmd in items:
+                try:
+                    jobs.append(queue.jobs_for([cmd])[0])
+                    kept.append((e, t))
+                except ForgeError as exc:  # the command went away since: the tick cannot run
+                    failed.setdefault(e.name, []).append(t)
+                    out.append(TickAction(e.name, t, "error", error=exc.message))
+            created = queue.store(jobs)
+            for (e, t), job, new in zip(kept, jobs, created, strict=True):
+                pushed.setdefault(e.name, []).append((t, job.id, new))
+                out.append(TickAction(e.name, t, "dispatched" if new else "exists", job.id, now - t))
+        done = {n: [t for t, _, _ in v] for n, v in pushed.items()}
+        for n, ts in failed.items():
+            done.setdefault(n, []).extend(ts)
+        if done:
+            def commit(cur: dict[str, EntryState]) -> dict[str, EntryState]:
+                new = {}
+                for n, ticks in done.items():
+                    s = cur[n]
+                    changes: dict[str, Any] = {"inflight": tuple(t for t in s.inflight if t not in ticks)}
+                    for t, job_id, created in sorted(pushed.get(n, [])):
+                        if s.last_job_tick is None or t >= s.last_job_tick:
+                            changes.update(last_job=job_id, last_job_tick=t)
+                            if created:
+                                changes["last_dispatched_at"] = now
+                    changes["dispatched"] = s.dispatched + sum(1 for _, _, c in pushed.get(n, []) if c)
+                    new[n] = s.evolve(**changes)
+                return new
+
+            self.store.update(list(done), commit)
+        return out
+
+    def next_due(self, now: float | None = None) -> float | None:
+        """When the next tick of any entry that is not paused is due (now, if a tick waits)."""
+        now = self.clock() if now is None else now
+        states = self.store.read([e.name for e in self.entries])
+        best: float | None = None
+        for e in self.entries:
+            s = states.get(e.name, EntryState())
+            if s.paused:
+                continue
+            if s.inflight:
+                return now
+            nxt = e.next_runs(max(now, s.last_tick or now), 1)
+            if nxt and (best is None or nxt[0] < best):
+                best = nxt[0]
+        return best
+
+    # -- operating -----------------------------------------------------------------------------
+
+    def test(self, name: str) -> JobDispatch:
+        """Dispatch one run of entry ``name`` now (no idempotency key; the schedule's state is
+        not changed)."""
+        from dataclasses import replace
+
+        from ..queue import CommandQueue
+
+        e = self.entry(name)
+        now = self.clock()
+        cmd = replace(e.queued_command(now), idempotency_key=None, run_at=None)
+        cmd = cmd.with_metadata("schedule_test", True)
+        queue = CommandQueue(self._queue_of(e), connection=self.backend, settings=self.settings,
+                             registry=self.registry)
+        return queue.push(cmd)
+
+    def pause(self, name: str) -> EntryState:
+        self.entry(name)
+        now = self.clock()
+        return self.store.update([name], lambda cur: {name: cur[name].evolve(paused=True, paused_at=now)})[name]
+
+    def resume(self, name: str) -> EntryState:
+        """Resume ticking; ticks that fell while it was paused are not caught up."""
+        e = self.entry(name)
+        now = self.clock()
+
+        def fn(cur: dict[str, EntryState]) -> dict[str, EntryState]:
+            s = cur[name]
+            if not s.paused:
+                return {}
+            latest = e.latest_at_or_before(now)
+            last = max(x for x in (s.last_tick, latest, (s.paused_at or now)) if x is not None)
+            return {name: s.evolve(paused=False, paused_at=None, last_tick=last)}
+
+        return self.store.update([name], fn)[name]
+
+    def status(self, now: float | None = None) -> list[dict[str, Any]]:
+        """Per entry what ``schedule:list`` shows (times as RFC 3339 text)."""
+        from .entry import zone_name
+
+        now = self.clock() if now is None else now
+        states = self.store.read([e.name for e in self.entries])
+        rows = []
+        for e in self.entries:
+            s = states.get(e.name, EntryState())
+            last = None
+            if s.last_job:
+                info = self.backend.find(s.last_job)
+                lateness = (s.last_dispatched_at - s.last_job_tick
+                            if s.last_dispatched_at is not None and s.last_job_tick is not None else None)
+                last = {"tick": iso(s.last_job_tick, e.timezone) if s.last_job_tick is not None else None,
+                        "job_id": s.last_job, "state": str(info.state) if info else "gone",
+                        "lateness": None if lateness is None else round(max(lateness, 0.0), 3)}
+            rows.append({
+                "name": e.name, "command": e.command, "args": list(e.args), "expression": e.expression,
+                "description": e.describe(), "timezone": zone_name(e.timezone),
+                "queue": self._queue_of(e), "overlap": str(e.overlap), "catch_up": str(e.catch_up),
+                "max_lateness": e.max_lateness, "jitter": e.jitter,
+                "next_runs": [iso(t, e.timezone) for t in e.next_runs(max(now, s.last_tick or now), 3)],
+                "last": last, "last_tick": iso(s.last_tick, e.timezone) if s.last_tick is not None else None,
+                "dispatched": s.dispatched, "skipped": s.skipped,
+                "last_skipped": iso(s.last_skipped, e.timezone) if s.last_skipped is not None else None,
+                "missed": s.missed,
+                "last_missed": iso(s.last_missed, e.timezone) if s.last_missed is not None else None,
+                "inflight": [iso(t, e.timezone) for t in s.inflight], "paused": s.paused,
+                "source": e.source,
+            })
+        return rows
+
+
+def _actions(e: ScheduleEntry, p: _Plan, now: float, inflight: Iterable[float]) -> list[TickAction]:
+    out = [TickAction(e.name, t, "dispatch", None, now - t) for t in sorted({*inflight, *p.dispatch})]
+    out += [TickAction(e.name, t, "skip") for t in p.skipped]
+    if p.missed:
+        out.append(TickAction(e.name, p.last_missed or 0.0, "miss", count=p.missed))
+    return out
+
+
+class ScheduleNotFound(ForgeError, LookupError):
+    """No schedule entry has this name."""
+
+    exit_code = EXIT_NOT_FOUND

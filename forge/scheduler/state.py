@@ -1,0 +1,148 @@
+"""What the store keeps per schedule entry (``EntryState``), and the ``ScheduleStore`` seam.
+
+The state is small and versioned JSON, kept in the queue's store (a file under the queue
+directory, or a Redis hash under the prefix) so that every host and every way of driving the
+scheduler share it. Exactly-once per tick does not rest on it (the tick's idempotency key does:
+``ScheduleEntry.key``); it keeps what the key cannot:
+
+* ``last_tick``: the latest tick handled (dispatched, skipped or missed). A tick at or before it
+  is never dispatched again, even once its job (and so its key) is gone;
+* ``inflight``: ticks a run decided to dispatch and marked before pushing them. Any later run
+  pushes them again (the key makes that a no-op if the first push landed), so a run killed
+  between marking and pushing loses no tick whatever the catch-up policy;
+* the last dispatch (job id, when, whether this run created it), skipped and missed counts, and
+  whether the entry is paused.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any, Protocol
+
+STATE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class EntryState:
+    """One entry's schedule state (times are Unix seconds)."""
+
+    last_tick: float | None = None
+    last_job: str | None = None
+    last_job_tick: float | None = None
+    last_dispatched_at: float | None = None
+    inflight: tuple[float, ...] = ()
+    skipped: int = 0
+    last_skipped: float | None = None
+    missed: int = 0
+    last_missed: float | None = None
+    paused: bool = False
+    paused_at: float | None = None
+    dispatched: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["inflight"] = list(self.inflight)
+        d["v"] = STATE_VERSION
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Any) -> EntryState:
+        """A state read back; anything malformed reads as the fields that are well-formed."""
+        if not isinstance(d, dict):
+            return cls()
+        out: dict[str, Any] = {}
+        for name, kind in (("last_tick", float), ("last_job", str), ("last_job_tick", float),
+                           ("last_dispatched_at", float), ("last_skipped", float),
+                           ("last_missed", float), ("paused_at", float)):
+            v = d.get(name)
+            if kind is float and isinstance(v, int | float) and not isinstance(v, bool):
+                out[name] = float(v)
+            elif kind is str and isinstance(v, str):
+                out[name] = v
+        for name in ("skipped", "missed", "dispatched"):
+            v = d.get(name)
+            if isinstance(v, int) and not isinstance(v, bool):
+                out[name] = v
+        if isinstance(d.get("paused"), bool):
+            out["paused"] = d["paused"]
+        inflight = d.get("inflight")
+        if isinstance(inflight, list):
+            out["inflight"] = tuple(float(t) for t in inflight
+                                    if isinstance(t, int | float) and not isinstance(t, bool))
+        return cls(**out)
+
+    def evolve(self, **changes: Any) -> EntryState:
+        return replace(self, **changes)
+
+
+#: ``update``'s function: the current states of the names asked for (missing: ``EntryState()``)
+#: -> the states to write (only the names it returns are written).
+Updater = Callable[[dict[str, EntryState]], dict[str, EntryState]]
+
+
+class ScheduleStore(Protocol):
+    """Where schedule state lives: per connection, shared by every host that uses it."""
+
+    def read(self, names: Iterable[str] | None = None) -> dict[str, EntryState]:
+        """The states of ``names`` (all stored ones when None); a name never stored is absent."""
+
+    def update(self, names: Iterable[str], fn: Updater) -> dict[str, EntryState]:
+        """Atomically read the states of ``names``, apply ``fn`` and store what it returns,
+        durably before returning; returns the states now stored for ``names``. No concurrent
+        ``update`` of the same names interleaves with it (a file lock, or an optimistic Redis
+        transaction, in which case ``fn`` may be called more than once: it must be pure).
+        Raises ``QueueUnavailable`` when the store cannot be read or written."""
+
+    def session(self) -> Any:
+        """A context manager around one scheduler run. The file store holds its lock for the
+        whole run, so runs on one host take turns; the Redis store needs none (no-op)."""
+
+    def close(self) -> None: ...
+
+
+_STORES = {
+    "FileBackend": "forge.backends._fileschedule:FileScheduleStore",
+    "RedisBackend": "forge.backends._redisschedule:RedisScheduleStore",
+}
+
+
+def store_for(backend: Any) -> ScheduleStore:
+    """The schedule store over a queue backend's own storage (named in a static table)."""
+    import importlib
+
+    for cls in type(backend).__mro__:
+        target = _STORES.get(cls.__name__)
+        if target is not None:
+            module, _, attr = target.partition(":")
+            store: ScheduleStore = getattr(importlib.import_module(module), attr)(backend)
+            return store
+    from ..errors import ConfigError
+
+    raise ConfigError(f"The {type(backend).__name__} queue backend cannot keep schedule state.")
+
+
+@dataclass
+class MemoryScheduleStore:
+    """A store in this process's memory (for tests of the library and for ``--dry-run``)."""
+
+    states: dict[str, EntryState] = field(default_factory=dict)
+
+    def read(self, names: Iterable[str] | None = None) -> dict[str, EntryState]:
+        if names is None:
+            return dict(self.states)
+        return {n: self.states[n] for n in names if n in self.states}
+
+    def update(self, names: Iterable[str], fn: Updater) -> dict[str, EntryState]:
+        names = list(names)
+        cur = {n: self.states.get(n, EntryState()) for n in names}
+        self.states.update(fn(cur))
+        return {n: self.states.get(n, EntryState()) for n in names}
+
+    def session(self) -> Any:
+        import contextlib
+
+        return contextlib.nullcontext()
+
+    def close(self) -> None:
+        pass
