@@ -270,25 +270,6 @@ def test_release_without_event_uncounts_the_attempt(backend: Any) -> None:
     assert backend.claim(["default"], WORKER, 60).attempt == 1
 
 
-def test_adopt_takes_over_a_claim_by_its_ref(backend: Any, redis_url: str, prefix: str) -> None:
-    j = job(timeout=30)
-    backend.push([j])
-    c = backend.claim(["default"], WORKER, 60)
-    supervisor = RedisBackend(redis_url, prefix=prefix)  # another process, same claim
-    try:
-        adopted = supervisor.adopt(c.ref)
-        assert (adopted.job, adopted.attempt, adopted.ref) == (c.job, c.attempt, c.ref)
-        assert adopted.deadline == pytest.approx(c.deadline, abs=0.01)
-        assert supervisor.heartbeat(adopted) is True
-        supervisor.fail(adopted, failed(adopted))
-        assert supervisor.adopt(c.ref) is None  # finished meanwhile
-        assert backend.find(j.id).state == State.FAILED
-        with pytest.raises(UsageError):
-            supervisor.adopt("not-a-ref")
-    finally:
-        supervisor.close()
-
-
 # -- ordering -------------------------------------------------------------------------------
 
 def test_delayed_jobs_are_promoted_in_due_order(backend: Any) -> None:
@@ -480,7 +461,7 @@ def test_configuration(monkeypatch: pytest.MonkeyPatch, redis_url: str) -> None:
     assert (b.prefix, b.done_retention, b.lease_based) == ("p1", 7.0, True)
     b.close()
     monkeypatch.setattr(rb, "_redis", None)
-    with pytest.raises(ConfigError, match=r"pip install 'forge\[redis\]'"):
+    with pytest.raises(ConfigError, match=r"pip install 'forge-jobs\[redis\]'"):
         RedisBackend(redis_url)
 
 

@@ -1,5 +1,5 @@
 """Claiming jobs from the file backend, as a mixin of ``FileBackend``: the cached pending
-listings kept fresh by inotify, ``claim`` (open, ``flock``, rename to reserved/), ``adopt``,
+listings kept fresh by inotify, ``claim`` (open, ``flock``, rename to reserved/),
 and the checks that refuse and quarantine any file that is not a job forge wrote.
 
 See ``file``'s module docstring for why a lock taken before the rename makes a claim safe.
@@ -18,8 +18,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from .. import _linux
-from ..errors import UsageError
-from ..job import MAX_FILE_BYTES, CorruptJob, Event, decode_file, decode_job, is_idempotent_id
+from ..job import MAX_FILE_BYTES, CorruptJob, Event, decode_job, is_idempotent_id
 from ._fileidem import IDEM_DIR, is_key_link
 from ._fileio import (
     FILE_ERRNOS,
@@ -40,7 +39,6 @@ from ._filenames import (
     key_str,
     merge_names,
     reserved_name,
-    safe_queue,
     split_pending,
     valid_pending,
 )
@@ -251,29 +249,6 @@ class FileClaimer:
             fcntl.flock(fd, fcntl.LOCK_UN)
         return Claim(job, attempt, now, deadline, None, [fd], (fd, q, reserved), f"{q.name}/{reserved}",
                      micros(now))
-
-    def adopt(self, ref: str) -> Claim | None:
-        queue, _, name = ref.partition("/")
-        m = RESERVED_RE.match(name)
-        if m is None or not safe_queue(queue):
-            raise UsageError(f"Invalid claim reference {ref!r}.")
-        q = self._queue(queue)
-        fd = self._open_job(q.reserved, name)
-        if fd is None:
-            return None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            if os.stat(name, dir_fd=q.fds[1]).st_ino != os.fstat(fd).st_ino:
-                raise FileNotFoundError(name)
-            job, events = decode_file(read_whole(fd))
-        except (OSError, CorruptJob):
-            os.close(fd)
-            return None
-        attempt = int(m.group(2))
-        claimed = [e for e in events if e.event == "claimed" and e.attempt == attempt]
-        at = claimed[-1].at if claimed else time.time()
-        deadline = claimed[-1].deadline if claimed and claimed[-1].deadline else at
-        return Claim(job, attempt, at, deadline, None, [fd], (fd, q, name), ref)
 
     def _job_stat(self, fd: int, name: str) -> os.stat_result:
         """The status of the open job file ``name``, after dropping a crash twin (see below)."""

@@ -27,8 +27,8 @@ class Claim:
     whose lifetime keeps the claim alive (the file backend's locked job file): the process
     that holds them keeps the job from being recovered while it runs. ``lease_until`` is
     set by lease-based backends; the worker must call ``heartbeat`` before it passes and kill
-    the job if it cannot. ``ref`` names the claim in a string, so that another process can
-    ``adopt`` it. ``fence`` is the run's fencing token (``FORGE_JOB_TOKEN``): an integer that
+    the job if it cannot. ``ref`` names the claim in a string (in the worker's records).
+    ``fence`` is the run's fencing token (``FORGE_JOB_TOKEN``): an integer that
     grows with every claim of the job (the claim's time in microseconds, on the store's clock).
     """
 
@@ -103,11 +103,6 @@ class Backend(Protocol):
 
     def heartbeat(self, claim: Claim) -> bool:
         """Extend a lease (no-op for lock-based backends). False if the claim was lost."""
-
-    def adopt(self, ref: str) -> Claim | None:
-        """Take over the claim named ``ref`` (``Claim.ref``) from a process that is gone or
-        was killed, to record its outcome. None if the job was finished or recovered
-        meanwhile, or (lock-based) if a live process still holds it."""
 
     def ack(self, claim: Claim, event: Event) -> None:
         """The attempt succeeded: the job moves to done (kept for the retention), key freed."""

@@ -35,7 +35,7 @@ Due delayed jobs move from ``delayed`` to the tail of ``pending`` in due order w
 enters ``pending`` or a worker claims, so FIFO order is the order in which jobs became due.
 A claim is fenced by a random token: ``ack``/``release``/``fail``/``heartbeat`` act only if the
 job is still reserved under that token, so a claim recovered after its lease expired can never
-be finished twice; ``Claim.ref`` is ``<id>/<token>``, which is all ``adopt`` needs. Times handed
+be finished twice; ``Claim.ref`` is ``<id>/<token>``. Times handed
 back (``Claim`` deadlines and leases, ``next_due``, ``updated_at``) are on the local clock,
 converted with the offset measured from the server's ``TIME``; a delayed job's due time is
 stored on the server's clock.
@@ -50,7 +50,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 import time
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -66,7 +65,6 @@ from ..job import (
     backoff_delay,
     decode_file,
     is_idempotent_id,
-    valid_id,
 )
 from ._redis_helpers import CHUNK, LOG_CAP, load_scripts
 from ._redis_helpers import hash_key as _hash_key
@@ -260,24 +258,6 @@ class RedisBackend(RedisAdmin):
             return None
         return Claim(job, int(attempt), self._local(reply[0]), self._local(deadline),
                      self._local(lease), [], token, f"{job.id}/{token}", int(reply[0]))
-
-    def adopt(self, ref: str) -> Claim | None:
-        job_id, _, token = ref.partition("/")
-        if not valid_id(job_id) or not re.fullmatch(r"[0-9a-f]{24}", token):
-            raise UsageError(f"Invalid claim reference {ref!r}.")
-        with self._io():
-            reply = self._run("adopt", job_id, token)
-            if len(reply) > 1:
-                self._clock()
-        if len(reply) == 1:
-            return None  # finished, released or recovered meanwhile
-        _, record, attempts, claimed, deadline, lease = reply
-        try:
-            job, _ = decode_file(record)
-        except CorruptJob:
-            return None
-        return Claim(job, int(attempts), self._local(claimed), self._local(deadline),
-                     self._local(lease), [], token, ref)
 
     def heartbeat(self, claim: Claim) -> bool:
         with self._io():

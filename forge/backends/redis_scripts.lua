@@ -358,21 +358,6 @@ local room = tonumber(ARGV[4]) - redis.call('STRLEN', k)
 if room > 0 then redis.call('APPEND', k, string.sub(ARGV[3], 1, room)) end
 return 0
 
--- @script adopt
--- Look up a claim by its reference (id and token), to take it over from a process that is gone.
--- KEYS: none.
--- ARGV[1]: P; ARGV[2]: id; ARGV[3]: token.
--- Returns {now_us} when the claim no longer holds, else
---   {now_us, record, attempts, claimed_us, deadline_us, lease_us}.
-local id = ARGV[2]
-local now = now_us()
-local info = redis.call('HMGET', ik(id), 'state', 'token', 'queue', 'attempts', 'claimed', 'deadline')
-if info[1] ~= 'reserved' or info[2] ~= ARGV[3] then return {us(now)} end
-local lease = redis.call('ZSCORE', qk(info[3], 'reserved'), id)
-local rec = redis.call('GET', jk(id))
-if not lease or not rec then return {us(now)} end
-return {us(now), rec, info[4], info[5], info[6], lease}
-
 -- @script cancel
 -- Fail a waiting (pending or delayed) job with reason cancelled, in one step: off its queue,
 -- its unique key freed, into failed.
