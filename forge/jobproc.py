@@ -67,6 +67,7 @@ class JobContext:
     done: int  # write end: the job process says the outcome is in the shared page
     renew: bool  # whether the kill instant may move while a job runs (a renewed lease)
     fresh: bool = False  # one job per job process (queue:work --fresh-process)
+    memory: int = 0  # MB: past it, the job process is replaced after its job (0: no limit)
 
 
 def run(ctx: JobContext) -> NoReturn:
@@ -156,7 +157,7 @@ class _Runner:
             with contextlib.suppress(Exception):
                 sys.stdout.flush()
                 sys.stderr.flush()
-            fresh = self.base.restore(self) and not ctx.fresh
+            fresh = self.base.restore(self) and not ctx.fresh and not _over(ctx.memory)
             reply["seq"] = request["seq"]
             reply["recycle"] = not fresh
             ctx.shared.set_record(reply, OUTCOME)
@@ -282,6 +283,19 @@ def _checked(runner: _Runner) -> tuple[Any, ...]:
         os.getpgrp(), os.getsid(0),
         bool(faulthandler and faulthandler.is_enabled()),  # type: ignore[attr-defined]
     )
+
+
+def _over(memory_mb: int) -> bool:
+    """Whether this process's resident memory passed ``memory_mb`` (a job's leak must not
+    stay with the job process for ever)."""
+    if not memory_mb:
+        return False
+    try:
+        with open("/proc/self/statm", "rb") as fh:
+            pages = int(fh.read().split()[1])
+    except (OSError, ValueError, IndexError):
+        return False
+    return pages * os.sysconf("SC_PAGE_SIZE") >= memory_mb * 1024 * 1024
 
 
 def _fd_ids(fds: tuple[int, ...]) -> list[tuple[int, int]]:

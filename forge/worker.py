@@ -378,7 +378,7 @@ class Worker:
         done_r, done_w = os.pipe2(os.O_CLOEXEC)
         ctx = jobproc.JobContext(self.registry, self.cwd, self.output.fd, self.shared, os.getpid(),
                                  go_r, done_w, renew=self.backend.lease_based,
-                                 fresh=self.options.fresh_process)
+                                 fresh=self.options.fresh_process, memory=self.options.memory)
         with contextlib.suppress(Exception):
             sys.stdout.flush()
             sys.stderr.flush()

@@ -416,3 +416,13 @@ def test_jobs_share_a_job_process_unless_fresh_process_is_asked(target: Target, 
     assert drain(target, *(["--fresh-process"] if fresh else [])).returncode == 0
     pids = {r["pid"] for r in starts(target)}
     assert len(pids) == (3 if fresh else 1)
+
+
+def test_a_job_process_past_the_memory_limit_is_replaced(target: Target) -> None:
+    """A job that leaks (keeps memory in a module) leaves the job process past ``--memory``:
+    the next job gets a fresh one instead of the leak."""
+    dispatch(target, "--leak-mb", "80")
+    dispatch(target, "x")
+    assert drain(target, "--memory=60").returncode in (0, 12)
+    first, second = starts(target)
+    assert first["pid"] != second["pid"]

@@ -58,6 +58,7 @@ def run(
     ignore_alrm: Annotated[bool, typer.Option("--ignore-alrm", help="Ignore SIGALRM.")] = False,
     first_sleep: Annotated[float, typer.Option(help="Seconds to sleep on attempt 1 (instead of --sleep).")] = 0.0,
     ticks: Annotated[str | None, typer.Option(help="While sleeping, append 'pid time' here every 50 ms.")] = None,
+    leak_mb: Annotated[int, typer.Option(help="Keep this many MiB alive in the module after the run.")] = 0,
 ) -> int:
     """Record this run in the probe ledger, then do what the options say."""
     start = time.time()
@@ -88,6 +89,8 @@ def run(
                 fcntl.flock(fd, fcntl.LOCK_UN)
             except OSError:
                 pass
+    if leak_mb:
+        _LEAK.append(bytearray(b"x" * (leak_mb * 1024 * 1024)))
     if close_fds:
         os.closerange(3, 65536)
     if dup_stdout:
@@ -120,6 +123,9 @@ def run(
     if fail:
         raise RuntimeError("probe failed on purpose")
     return exit_code
+
+
+_LEAK: list[bytearray] = []
 
 
 def _mess(everything: bool) -> None:
