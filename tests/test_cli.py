@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -185,15 +184,7 @@ def test_help_for_unknown_command(capsys: pytest.CaptureFixture[str]) -> None:
     assert code == 1 and 'Did you mean "import:data"?' in err
 
 
-def _builtin(name: str) -> object:
-    module = BUILTINS[name][0].partition(":")[0]
-    missing = importlib.util.find_spec(module) is None  # the queue commands land separately
-    return pytest.param(
-        name, marks=pytest.mark.xfail(missing, reason=f"{module} is not written yet", strict=False)
-    )
-
-
-@pytest.mark.parametrize("name", [_builtin(n) for n in sorted(BUILTINS)])
+@pytest.mark.parametrize("name", sorted(BUILTINS))
 def test_every_builtin_help_runs(capsys: pytest.CaptureFixture[str], name: str) -> None:
     code, out, err = forge_main(capsys, name, "--help")
     assert code == 0, err

@@ -449,10 +449,14 @@ def test_unique_key_held_while_pending_and_reserved(backend: Backend) -> None:
 
 
 def test_unique_key_freed_after_fail(backend: Backend) -> None:
-    push(backend, job(unique="k"))
+    (first,) = push(backend, job(unique="k"))
     c = must_claim(backend)
     backend.fail(c, failed(c))
-    push(backend, job(unique="k"))
+    (second,) = push(backend, job(unique="k"))  # freed: this one takes it
+    with pytest.raises(DuplicateJob) as exc:
+        push(backend, job(unique="k"))
+    assert second in str(exc.value) and first not in str(exc.value)
+    assert backend.find(first).state == State.FAILED
 
 
 def test_unique_key_ttl_expires(backend: Backend) -> None:

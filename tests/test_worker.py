@@ -55,6 +55,26 @@ def run_worker(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=timeout)
 
 
+def started(worker: subprocess.Popen) -> subprocess.Popen:
+    """Wait for a ``--json`` worker's ``worker_started`` event (readiness, not a guessed sleep)."""
+    assert worker.stdout is not None
+    for line in worker.stdout:
+        if line.startswith("{") and json.loads(line)["event"] == "worker_started":
+            return worker
+    raise AssertionError("the worker ended before it started")
+
+
+def next_event(worker: subprocess.Popen, name: str) -> dict:
+    """Read the ``--json`` worker's events up to the first ``name``."""
+    assert worker.stdout is not None
+    for line in worker.stdout:
+        if line.startswith("{"):
+            event = json.loads(line)
+            if event["event"] == name:
+                return event
+    raise AssertionError(f"the worker ended before {name}")
+
+
 def json_events(stdout: str) -> list[dict]:
     return [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
 
@@ -227,8 +247,7 @@ def test_second_signal_stops_at_once_and_does_not_count_attempt(project: Path) -
 
 
 def test_restart_marker_stops_idle_worker(project: Path) -> None:
-    worker = start_worker("--sleep=0.5")
-    time.sleep(1.0)
+    worker = started(start_worker("--sleep=0.5", "--json"))
     assert worker.poll() is None
     res = subprocess.run([sys.executable, "-m", "forge", "queue:restart"], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
@@ -250,12 +269,11 @@ def test_pause_and_resume_queue(project: Path) -> None:
 
 def test_sigusr2_pauses_and_sigcont_resumes(project: Path) -> None:
     q = CommandQueue()
-    worker = start_worker("--sleep=0.1", "--json")
-    time.sleep(0.8)
+    worker = started(start_worker("--sleep=0.1", "--json"))
     worker.send_signal(signal.SIGUSR2)
-    time.sleep(0.3)
+    next_event(worker, "paused")
     job_id = q.dispatch(probe("x"))
-    time.sleep(1.0)
+    time.sleep(1.0)  # (a paused worker must leave it for a while: this is the claim)
     assert q.backend.find(job_id).state == State.PENDING
     worker.send_signal(signal.SIGCONT)
     wait_for(lambda: q.backend.find(job_id).state == State.DONE)
@@ -264,8 +282,8 @@ def test_sigusr2_pauses_and_sigcont_resumes(project: Path) -> None:
 
 
 def test_idle_worker_wakes_on_dispatch(project: Path) -> None:
-    worker = start_worker("--sleep=30")
-    time.sleep(1.0)
+    worker = started(start_worker("--sleep=30", "--json"))
+    time.sleep(0.2)  # into its idle wait (started is reported just before the first claim)
     q = CommandQueue()
     sent = time.time()
     q.dispatch(probe("x"))
