@@ -212,7 +212,7 @@ def test_schedule_list_human_and_json_and_an_invalid_entry(proj: Project) -> Non
     res = forge(proj, "schedule:list", "--json")
     assert res.returncode == 2
     doc = json.loads(res.stdout)
-    assert doc["version"] == 1 and [e["name"] for e in doc["entries"]] == ["daily", "often"]
+    assert doc["version"] == 2 and [e["name"] for e in doc["entries"]] == ["daily", "often"]
     daily = doc["entries"][0]
     assert daily["expression"] == "0 3 * * *" and daily["description"] == "At 03:00 every day"
     assert daily["timezone"] == "Europe/Berlin" and len(daily["next_runs"]) == 3
