@@ -354,3 +354,65 @@ def test_a_planted_state_file_is_refused(tmp_path: Path, monkeypatch: pytest.Mon
             p.scheduler().run(now=ts("2026-03-02T03:00:01"))
     finally:
         p.close()
+
+
+# -- the next-tick cache ----------------------------------------------------------------------
+
+
+def test_the_next_tick_cache_is_kept_and_a_changed_expression_or_zone_ignores_it(proj: Project) -> None:
+    """A run stores each cron entry's next tick; a later run trusts it only for the same
+    expression and zone, so editing an entry never hides a tick that is now due."""
+    proj.schedule(entry_toml("e", 'cron = "0 3 * * *"', timezone="UTC"))
+    t = ts("2026-03-01T02:00:00")
+    assert proj.scheduler().run(now=t) == []
+    s = proj.scheduler().store.read(["e"])["e"]
+    assert s.next_tick == ts("2026-03-01T03:00:00") and s.next_for == "0 3 * * *|UTC" and s.last_tick is None
+    proj.schedule(entry_toml("e", 'cron = "30 2 * * *"', timezone="UTC"))  # now due at 02:30
+    assert dispatched(proj.scheduler().run(now=t + 1830)) == [("e", ts("2026-03-01T02:30:00"))]
+    proj.schedule(entry_toml("e", 'cron = "30 2 * * *"', timezone="Europe/Berlin"))  # 01:30 UTC
+    assert proj.scheduler().store.read(["e"])["e"].next_for == "30 2 * * *|UTC"
+    assert dispatched(proj.scheduler().run(now=ts("2026-03-02T01:30:30"))) == [("e", ts("2026-03-02T01:30:00"))]
+
+
+def test_a_run_with_the_cache_decides_as_a_run_without_it(proj: Project) -> None:
+    """The cache only saves work: over a day of runs every 7 minutes (some late, some early),
+    dropping it before each run gives the same ticks."""
+    from dataclasses import replace
+
+    toml = "".join(entry_toml(f"e{i}", f'cron = "{c}"', timezone=z, catch_up=cu)
+                   for i, (c, z, cu) in enumerate([("*/5 * * * *", "UTC", "none"), ("0 3 * * *", "Europe/Berlin", "all"),
+                                                   ("17 */2 * * *", "UTC", "latest"), ("30 2 * * *", "Europe/Berlin", "none")]))
+    proj.schedule(toml)
+    from forge.scheduler.state import MemoryScheduleStore
+
+    with_cache, without = MemoryScheduleStore(), MemoryScheduleStore()
+    entries = proj.scheduler().entries
+    start = ts("2026-03-28T20:00:00")  # across the spring-forward night in Berlin
+    got: dict[str, list[Any]] = {"with": [], "without": []}
+    for k in range(0, 2 * 24 * 60, 7):
+        now = start + 60 * k + (k % 5) * 11
+        for label, store in (("with", with_cache), ("without", without)):
+            if label == "without":
+                store.states = {n: replace(s, next_tick=None, next_from=None, next_for=None) for n, s in store.states.items()}
+            sch = Scheduler(entries, settings=load_settings(), store=store, registry=build_registry(load_settings()),
+                            backend=proj.scheduler().backend)
+            got[label] += [(a.entry, a.tick, a.action) for a in sch.plan(now)]
+            # the run's mark step, without pushing
+            store.update([e.name for e in entries], lambda cur, sch=sch, now=now: _marked(sch, cur, now))
+    assert got["with"] == got["without"] and len(got["with"]) > 500
+
+
+def _marked(sch: Scheduler, cur: dict[str, EntryState], now: float) -> dict[str, EntryState]:
+    from forge.scheduler.scheduler import nothing_due, plan_entry, with_next
+
+    out = {}
+    for e in sch.entries:
+        s = cur[e.name]
+        if nothing_due(e, s, now):
+            continue
+        p = plan_entry(e, s, now, False)
+        if p.last_tick is None:
+            out[e.name] = with_next(e, s, now)
+            continue
+        out[e.name] = with_next(e, s.evolve(last_tick=max(p.last_tick, s.last_tick or p.last_tick)), now)
+    return out

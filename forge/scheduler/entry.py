@@ -204,6 +204,12 @@ class ScheduleEntry:
     def expression(self) -> str:
         return self.cron if self.cron is not None else f"every {_fmt_every(self.every or 0)}"
 
+    @property
+    def fingerprint(self) -> str:
+        """What an entry's ticks depend on (its expression and zone): the key of the next-tick
+        cache in its state (``EntryState.next_for``)."""
+        return f"{self.expression}|{zone_name(self.timezone)}"
+
     def describe(self) -> str:
         """A human description of when it runs, e.g. "At 03:00 every day"."""
         if self.cron is None:
