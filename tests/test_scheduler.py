@@ -416,3 +416,63 @@ def _marked(sch: Scheduler, cur: dict[str, EntryState], now: float) -> dict[str,
             continue
         out[e.name] = with_next(e, s.evolve(last_tick=max(p.last_tick, s.last_tick or p.last_tick)), now)
     return out
+
+
+def test_stored_times_out_of_range_read_as_absent_and_do_not_stop_a_run(proj: Project) -> None:
+    """A damaged state (1e300, a negative time, NaN) is malformed, not a crash of every run."""
+    assert EntryState.from_dict({"last_tick": 1e300, "inflight": [1e300, -5, float("nan"), 60.0],
+                                 "next_tick": float("inf"), "paused_at": -1}) == EntryState(inflight=(60.0,))
+    proj.schedule(entry_toml("often", 'cron = "* * * * *"', timezone="UTC"))
+    sch = proj.scheduler()
+    sch.store.update(["often"], lambda cur: {"often": EntryState()})
+    if proj.kind == "file":
+        path = Path(sch.store.path) / "state.json"  # type: ignore[attr-defined]
+        path.write_text('{"v": 1, "entries": {"often": {"last_tick": 1e300, "inflight": [1e18, -5]}}}')
+    else:
+        sch.store._r.hset(sch.store.key, "often", '{"last_tick": 1e300, "inflight": [1e18, -5]}')  # type: ignore[attr-defined]
+    t = ts("2026-03-01T03:00:00")
+    assert dispatched(proj.scheduler().run(now=t + 5)) == [("often", t)]
+
+
+def test_pausing_an_invalid_entry_names_its_error(project: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from forge.errors import ConfigError
+    from forge.scheduler.scheduler import ScheduleNotFound
+
+    config = write_project(tmp_path / "inv", "file", entry_toml("good", 'cron = "0 3 * * *"')
+                           + entry_toml("broken", 'cron = "0 25 * * *"'))
+    monkeypatch.setenv("FORGE_CONFIG", str(config))
+    settings = load_settings()
+    sch, errors = Scheduler.load(settings=settings, registry=build_registry(settings))
+    assert [e.entry for e in errors] == ["broken"]
+    with pytest.raises(ConfigError, match=r'Schedule "broken" .*Bad hour') as exc:
+        sch.pause("broken")
+    assert exc.value.exit_code == 2 and "schedule:list" in (exc.value.hint or "")
+    with pytest.raises(ScheduleNotFound, match='No schedule entry is named "goo"') as nf:
+        sch.pause("goo")
+    assert nf.value.exit_code == 5 and 'Did you mean "good"?' in (nf.value.hint or "")
+
+
+def test_a_run_that_only_refreshed_the_cache_does_not_take_a_due_tick(proj: Project) -> None:
+    """Two hosts a moment apart: run A (02:59:59, nothing due) writes the entry's next-tick
+    cache after run B (03:00:00.5) read the state; B must still dispatch 03:00, not leave it
+    to A (which did not dispatch it) and so a minute late."""
+    from forge.scheduler.state import MemoryScheduleStore
+
+    proj.schedule(entry_toml("daily", 'cron = "0 3 * * *"', timezone="UTC"))
+    shared = MemoryScheduleStore()
+    t = ts("2026-03-01T03:00:00")
+
+    class ReadBeforeA(MemoryScheduleStore):
+        def read(self, names: Any = None) -> dict[str, EntryState]:
+            got = shared.read(names)
+            Scheduler(entries, settings=settings, store=shared, backend=backend).run(now=t - 1)  # A
+            return got
+
+        def update(self, names: Any, fn: Any) -> dict[str, EntryState]:
+            return shared.update(names, fn)
+
+    base = proj.scheduler()
+    entries, settings, backend = base.entries, base.settings, base.backend
+    b = Scheduler(entries, settings=settings, store=ReadBeforeA(), backend=backend, registry=base.registry)
+    assert dispatched(b.run(now=t + 0.5)) == [("daily", t)]
+    assert t < (shared.states["daily"].next_tick or 0) <= t + 86400

@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from ..errors import EXIT_NOT_FOUND, ForgeError
+from ..errors import EXIT_NOT_FOUND, ConfigError, ForgeError
 from ..job import State
 from .entry import MAX_CATCH_UP, ON_TIME, CatchUp, Overlap, ScheduleEntry, ScheduleError, iso
 from .state import EntryState, ScheduleStore, store_for
@@ -131,6 +131,12 @@ def nothing_due(entry: ScheduleEntry, state: EntryState, now: float) -> bool:
             and state.next_tick > now)
 
 
+def _decided(state: EntryState) -> EntryState:
+    """``state`` without its next-tick cache: what a run decided. Another run that only
+    refreshed the cache (nothing was due at its time) has not taken this entry's ticks."""
+    return state.evolve(next_tick=None, next_from=None, next_for=None) if state.next_for is not None else state
+
+
 def with_next(entry: ScheduleEntry, state: EntryState, now: float) -> EntryState:
     """``state`` with its next-tick cache filled in (cron entries; intervals need none)."""
     if entry.cron is None:
@@ -163,6 +169,8 @@ class Scheduler:
         #: False when the caller has checked every entry's arguments (the Typer-free
         #: ``schedule:run``): a tick's job is then stored without loading its command.
         self.check_args = check_args
+        #: The entries that were declared but did not load, by name (``load`` fills it in).
+        self.invalid: dict[str, ScheduleError] = {}
 
     @classmethod
     def load(cls, *, settings: Settings | None = None, registry: CommandRegistry | None = None,
@@ -175,7 +183,9 @@ class Scheduler:
         settings = settings or load_settings()
         registry = registry or default_registry()
         entries, errors = load_entries(settings, registry, check_args=check_args)
-        return cls(entries, settings=settings, registry=registry, **kwargs), errors
+        sch = cls(entries, settings=settings, registry=registry, **kwargs)
+        sch.invalid = {e.entry: e for e in errors if e.entry not in sch.by_name}
+        return sch, errors
 
     # -- parts ---------------------------------------------------------------------------------
 
@@ -205,6 +215,10 @@ class Scheduler:
         try:
             return self.by_name[name]
         except KeyError:
+            bad = self.invalid.get(name)
+            if bad is not None:  # declared, but it does not load: say why, not "no such entry"
+                raise ConfigError(bad.message, hint="Fix the entry first; `forge schedule:list` shows"
+                                  " every entry's error.") from None
             import difflib
 
             close = difflib.get_close_matches(name, self.by_name, n=1)
@@ -255,7 +269,7 @@ class Scheduler:
                 new = {}
                 for e in self.entries:
                     s = cur[e.name]
-                    if s != before.get(e.name, EntryState()):
+                    if _decided(s) != _decided(before.get(e.name, EntryState())):
                         continue  # another run moved it meanwhile: it is that run's
                     if nothing_due(e, s, now):
                         continue

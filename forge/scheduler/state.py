@@ -64,18 +64,27 @@ class EntryState:
             if kind is None or isinstance(v, bool) is not (kind is bool):
                 continue
             if kind is float:
-                if isinstance(v, int | float):
+                if _instant(v):
                     out[name] = float(v)
             elif kind is tuple:
                 if isinstance(v, list):
-                    out[name] = tuple(float(t) for t in v
-                                      if isinstance(t, int | float) and not isinstance(t, bool))
+                    out[name] = tuple(float(t) for t in v if _instant(t))
             elif isinstance(v, kind):
                 out[name] = v
         return cls(**out)
 
     def evolve(self, **changes: Any) -> EntryState:
         return replace(self, **changes)
+
+
+#: The range of a stored time (Unix seconds): 1970 to forge's latest due time (year 2286).
+#: Anything else (a negative time, 1e300, NaN, a string) is malformed, read as absent, so
+#: that a damaged state never stops a run on a time no clock can show.
+LATEST = 9_999_936_000.0
+
+
+def _instant(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and 0 <= v <= LATEST
 
 
 _FIELDS: dict[str, type] = {
