@@ -57,10 +57,13 @@ def run(
     now = _parse_at(at) if at is not None else None
     actions = sch.plan(now) if dry_run else sch.run(now)
     fastschedule.print_actions(actions, json_out)
-    if stale is not None:  # let the next run skip Typer
+    if stale is not None:  # let the next run skip Typer (best effort)
+        import contextlib
+
         from .. import cmdcache
 
-        cmdcache.store(sch.settings, stale)
+        with contextlib.suppress(Exception):  # e.g. a command file that fails to import
+            cmdcache.store(sch.settings, stale)
     return _report_errors(errors)
 
 
