@@ -53,6 +53,12 @@ def _run(args: list[str], verbose: bool) -> int:
                 global _quick_exit
                 _quick_exit = True
                 return code
+        if args[:1] == ["schedule:run"]:
+            from .builtins.fastschedule import run as fast_schedule
+
+            code = fast_schedule(args[1:])
+            if code is not None:
+                return code
         from typer._click.exceptions import ClickException
         from typer.exceptions import Abort, Exit
 

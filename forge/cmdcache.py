@@ -16,7 +16,10 @@ The cache is keyed by what the specs depend on:
 - every other module of the project (under its root, outside the Python installation) that was
   imported when the cache was written, e.g. ``app/catalog.py`` imported by a command file.
 
-Any change there, and the cache is ignored and written again by the next full dispatch.
+Any change there, and the cache is ignored and written again by the next full dispatch (or
+full ``schedule:run``). Each command also keeps its ``@command(..., schedule=...)`` value, so
+``schedule:run`` can find the schedule without loading the command files
+(``forge.builtins.fastschedule``); a value JSON cannot keep exactly is marked unknown.
 Plugin and built-in commands are never cached: they always take the full path. The cache is
 trusted only if it is a regular file owned by the user, in a directory only they can write.
 """
@@ -33,7 +36,7 @@ from typing import Any
 from . import __version__
 from .config import Settings, project_digest, user_dir
 
-FORMAT = 2
+FORMAT = 3
 MAX_BYTES = 4 << 20
 
 
@@ -153,6 +156,7 @@ def store(settings: Settings, before: list[Any]) -> None:
     """
     from .argspec import describe
     from .discovery import project_specs
+    from .registry import SCHEDULE_MARKER
     from .runner import click_command
 
     if fingerprint(settings) != before:
@@ -164,7 +168,17 @@ def store(settings: Settings, before: list[Any]) -> None:
             json.dumps(args, allow_nan=False)
         except (TypeError, ValueError):
             args = None  # e.g. a range bound that is not a plain number: this command takes the full path
-        commands[spec.name] = {"source": spec.source, "args": args}
+        entry: dict[str, Any] = {"source": spec.source, "args": args}
+        marker = getattr(spec.target, SCHEDULE_MARKER, None) if callable(spec.target) else None
+        if marker is not None:
+            try:
+                if json.loads(json.dumps(marker, allow_nan=False)) == marker:
+                    entry["schedule"] = marker
+                else:
+                    entry["schedule_unknown"] = True
+            except (TypeError, ValueError, RecursionError):
+                entry["schedule_unknown"] = True
+        commands[spec.name] = entry
     blob = json.dumps({"fingerprint": before, "modules": _project_modules(settings), "commands": commands})
     folder = cache_dir()
     path = cache_file(settings)

@@ -295,6 +295,10 @@ def _check(key: str, value: Any, expected: type | tuple[type, ...], where: str) 
 #: Parsed forge.toml files by (path, mtime, size): the scheduler reads [[schedule]] from the
 #: same file, and a schedule of 1,000 entries takes 130 ms to parse.
 _parsed: dict[tuple[str, int, int], dict[str, Any]] = {}
+#: A forge.toml at least this large is parsed once per content: its parse is kept as JSON in the
+#: user's cache directory under the SHA-256 of its bytes (a schedule:run every minute need not
+#: parse 1,000 [[schedule]] tables every minute). Smaller files parse faster than a cache reads.
+PARSE_CACHE_MIN = 32 * 1024
 
 
 def _read_toml(path: Path) -> dict[str, Any]:
@@ -306,12 +310,77 @@ def _read_toml(path: Path) -> dict[str, Any]:
             key = (str(path), st.st_mtime_ns, st.st_size)
             if key not in _parsed:
                 _parsed.clear()
-                _parsed[key] = tomllib.load(fh)
+                raw = fh.read()
+                _parsed[key] = _parse_cached(raw) if len(raw) >= PARSE_CACHE_MIN else tomllib.loads(raw.decode())
             return _parsed[key]
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: invalid TOML: {exc}.") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: invalid TOML: {exc}.") from None
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror}.") from None
+
+
+def _parse_cached(raw: bytes) -> dict[str, Any]:
+    """``tomllib.loads(raw)``, from the parse cache when it holds this content (see
+    ``PARSE_CACHE_MIN``). Only a parse that JSON keeps exactly is cached (no dates or times),
+    only in a directory and file of the user's that nobody else can write, and the file must
+    name the content it was parsed from; anything else is parsed afresh."""
+    import hashlib
+    import json
+    import tomllib
+
+    from .cmdcache import _read, _trusted_dir
+
+    digest = hashlib.sha256(raw).hexdigest()
+    folder = user_dir("cache") / "toml"
+    path = folder / f"{digest}.json"
+    cached = _read(path)
+    if cached is not None:
+        try:
+            doc = json.loads(cached)
+            if isinstance(doc, dict) and doc.get("sha256") == digest and isinstance(doc.get("data"), dict):
+                data: dict[str, Any] = doc["data"]
+                return data
+        except (ValueError, RecursionError):
+            pass
+    data = tomllib.loads(raw.decode())
+    try:
+        blob = json.dumps({"sha256": digest, "data": data}, allow_nan=False)
+        if json.loads(blob)["data"] != data:
+            return data
+    except (TypeError, ValueError, RecursionError):
+        return data  # dates, times, inf or nan: not kept
+    tmp = folder / f".{digest}.{os.getpid()}.tmp"
+    try:
+        folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if not _trusted_dir(folder):
+            return data
+        for old in folder.glob("*.json"):  # one project's config changes now and then: keep few
+            if old != path and len(old.name) == 69:
+                with _suppress_os():
+                    if old.stat().st_mtime < _now() - 7 * 86400:
+                        old.unlink()
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        with os.fdopen(fd, "wb") as out:
+            out.write(blob.encode())
+        os.replace(tmp, path)
+    except OSError:
+        with _suppress_os():
+            os.unlink(tmp)
+    return data
+
+
+def _suppress_os() -> Any:
+    import contextlib
+
+    return contextlib.suppress(OSError)
+
+
+def _now() -> float:
+    import time
+
+    return time.time()
 
 
 def load_settings(

@@ -188,3 +188,40 @@ def test_config_errors_reach_the_cli_as_one_line(
     assert main(["list"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "queue.tries must be an integer" in err
+
+
+def test_a_large_config_is_parsed_once_per_content(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A forge.toml of 32 KiB or more is kept parsed (as JSON, under the SHA-256 of its bytes,
+    in the user's cache directory): an edit is a new key, a planted or tampered cache file is
+    ignored, and a file with dates is never cached."""
+    import hashlib
+
+    import forge.config as config
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    path = tmp_path / "forge.toml"
+    body = "".join(f'[[schedule]]\nname = "e{i}"\ncommand = "x:y"\ncron = "0 3 * * *"\n' for i in range(800))
+    path.write_text("[queue]\ndefault = \"one\"\n" + body)
+    assert len(body) > config.PARSE_CACHE_MIN
+    first = config._read_toml(path)
+    folder = tmp_path / "cache" / "forge" / "toml"
+    cached = folder / f"{hashlib.sha256(path.read_bytes()).hexdigest()}.json"
+    assert json.loads(cached.read_text())["data"] == first and oct(folder.stat().st_mode & 0o777) == "0o700"
+    config._parsed.clear()
+    assert config._read_toml(path) == first
+    doc = json.loads(cached.read_text())  # a cache that lies about its content is not believed
+    doc["data"]["queue"]["default"] = "planted"
+    doc["sha256"] = "0" * 64
+    cached.write_text(json.dumps(doc))
+    config._parsed.clear()
+    assert config._read_toml(path)["queue"]["default"] == "one"
+    cached.write_text(json.dumps({**doc, "sha256": cached.stem}))  # right name, but others may write it
+    os.chmod(cached, 0o666)
+    config._parsed.clear()
+    assert config._read_toml(path)["queue"]["default"] == "one"
+    path.write_text("[queue]\ndefault = \"two\"\n" + body)  # an edit: another key
+    assert config._read_toml(path)["queue"]["default"] == "two"
+    path.write_text("when = 2026-03-01T03:00:00Z\n" + body)
+    config._parsed.clear()
+    assert "when" in config._read_toml(path)
+    assert not (folder / f"{hashlib.sha256(path.read_bytes()).hexdigest()}.json").exists()

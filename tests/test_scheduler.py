@@ -354,3 +354,125 @@ def test_a_planted_state_file_is_refused(tmp_path: Path, monkeypatch: pytest.Mon
             p.scheduler().run(now=ts("2026-03-02T03:00:01"))
     finally:
         p.close()
+
+
+# -- the next-tick cache ----------------------------------------------------------------------
+
+
+def test_the_next_tick_cache_is_kept_and_a_changed_expression_or_zone_ignores_it(proj: Project) -> None:
+    """A run stores each cron entry's next tick; a later run trusts it only for the same
+    expression and zone, so editing an entry never hides a tick that is now due."""
+    proj.schedule(entry_toml("e", 'cron = "0 3 * * *"', timezone="UTC"))
+    t = ts("2026-03-01T02:00:00")
+    assert proj.scheduler().run(now=t) == []
+    s = proj.scheduler().store.read(["e"])["e"]
+    assert s.next_tick == ts("2026-03-01T03:00:00") and s.next_for == "0 3 * * *|UTC" and s.last_tick is None
+    proj.schedule(entry_toml("e", 'cron = "30 2 * * *"', timezone="UTC"))  # now due at 02:30
+    assert dispatched(proj.scheduler().run(now=t + 1830)) == [("e", ts("2026-03-01T02:30:00"))]
+    proj.schedule(entry_toml("e", 'cron = "30 2 * * *"', timezone="Europe/Berlin"))  # 01:30 UTC
+    assert proj.scheduler().store.read(["e"])["e"].next_for == "30 2 * * *|UTC"
+    assert dispatched(proj.scheduler().run(now=ts("2026-03-02T01:30:30"))) == [("e", ts("2026-03-02T01:30:00"))]
+
+
+def test_a_run_with_the_cache_decides_as_a_run_without_it(proj: Project) -> None:
+    """The cache only saves work: over a day of runs every 7 minutes (some late, some early),
+    dropping it before each run gives the same ticks."""
+    from dataclasses import replace
+
+    toml = "".join(entry_toml(f"e{i}", f'cron = "{c}"', timezone=z, catch_up=cu)
+                   for i, (c, z, cu) in enumerate([("*/5 * * * *", "UTC", "none"), ("0 3 * * *", "Europe/Berlin", "all"),
+                                                   ("17 */2 * * *", "UTC", "latest"), ("30 2 * * *", "Europe/Berlin", "none")]))
+    proj.schedule(toml)
+    from forge.scheduler.state import MemoryScheduleStore
+
+    with_cache, without = MemoryScheduleStore(), MemoryScheduleStore()
+    entries = proj.scheduler().entries
+    start = ts("2026-03-28T20:00:00")  # across the spring-forward night in Berlin
+    got: dict[str, list[Any]] = {"with": [], "without": []}
+    for k in range(0, 2 * 24 * 60, 7):
+        now = start + 60 * k + (k % 5) * 11
+        for label, store in (("with", with_cache), ("without", without)):
+            if label == "without":
+                store.states = {n: replace(s, next_tick=None, next_from=None, next_for=None) for n, s in store.states.items()}
+            sch = Scheduler(entries, settings=load_settings(), store=store, registry=build_registry(load_settings()),
+                            backend=proj.scheduler().backend)
+            got[label] += [(a.entry, a.tick, a.action) for a in sch.plan(now)]
+            # the run's mark step, without pushing
+            store.update([e.name for e in entries], lambda cur, sch=sch, now=now: _marked(sch, cur, now))
+    assert got["with"] == got["without"] and len(got["with"]) > 500
+
+
+def _marked(sch: Scheduler, cur: dict[str, EntryState], now: float) -> dict[str, EntryState]:
+    from forge.scheduler.scheduler import nothing_due, plan_entry, with_next
+
+    out = {}
+    for e in sch.entries:
+        s = cur[e.name]
+        if nothing_due(e, s, now):
+            continue
+        p = plan_entry(e, s, now, False)
+        if p.last_tick is None:
+            out[e.name] = with_next(e, s, now)
+            continue
+        out[e.name] = with_next(e, s.evolve(last_tick=max(p.last_tick, s.last_tick or p.last_tick)), now)
+    return out
+
+
+def test_stored_times_out_of_range_read_as_absent_and_do_not_stop_a_run(proj: Project) -> None:
+    """A damaged state (1e300, a negative time, NaN) is malformed, not a crash of every run."""
+    assert EntryState.from_dict({"last_tick": 1e300, "inflight": [1e300, -5, float("nan"), 60.0],
+                                 "next_tick": float("inf"), "paused_at": -1}) == EntryState(inflight=(60.0,))
+    proj.schedule(entry_toml("often", 'cron = "* * * * *"', timezone="UTC"))
+    sch = proj.scheduler()
+    sch.store.update(["often"], lambda cur: {"often": EntryState()})
+    if proj.kind == "file":
+        path = Path(sch.store.path) / "state.json"  # type: ignore[attr-defined]
+        path.write_text('{"v": 1, "entries": {"often": {"last_tick": 1e300, "inflight": [1e18, -5]}}}')
+    else:
+        sch.store._r.hset(sch.store.key, "often", '{"last_tick": 1e300, "inflight": [1e18, -5]}')  # type: ignore[attr-defined]
+    t = ts("2026-03-01T03:00:00")
+    assert dispatched(proj.scheduler().run(now=t + 5)) == [("often", t)]
+
+
+def test_pausing_an_invalid_entry_names_its_error(project: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from forge.errors import ConfigError
+    from forge.scheduler.scheduler import ScheduleNotFound
+
+    config = write_project(tmp_path / "inv", "file", entry_toml("good", 'cron = "0 3 * * *"')
+                           + entry_toml("broken", 'cron = "0 25 * * *"'))
+    monkeypatch.setenv("FORGE_CONFIG", str(config))
+    settings = load_settings()
+    sch, errors = Scheduler.load(settings=settings, registry=build_registry(settings))
+    assert [e.entry for e in errors] == ["broken"]
+    with pytest.raises(ConfigError, match=r'Schedule "broken" .*Bad hour') as exc:
+        sch.pause("broken")
+    assert exc.value.exit_code == 2 and "schedule:list" in (exc.value.hint or "")
+    with pytest.raises(ScheduleNotFound, match='No schedule entry is named "goo"') as nf:
+        sch.pause("goo")
+    assert nf.value.exit_code == 5 and 'Did you mean "good"?' in (nf.value.hint or "")
+
+
+def test_a_run_that_only_refreshed_the_cache_does_not_take_a_due_tick(proj: Project) -> None:
+    """Two hosts a moment apart: run A (02:59:59, nothing due) writes the entry's next-tick
+    cache after run B (03:00:00.5) read the state; B must still dispatch 03:00, not leave it
+    to A (which did not dispatch it) and so a minute late."""
+    from forge.scheduler.state import MemoryScheduleStore
+
+    proj.schedule(entry_toml("daily", 'cron = "0 3 * * *"', timezone="UTC"))
+    shared = MemoryScheduleStore()
+    t = ts("2026-03-01T03:00:00")
+
+    class ReadBeforeA(MemoryScheduleStore):
+        def read(self, names: Any = None) -> dict[str, EntryState]:
+            got = shared.read(names)
+            Scheduler(entries, settings=settings, store=shared, backend=backend).run(now=t - 1)  # A
+            return got
+
+        def update(self, names: Any, fn: Any) -> dict[str, EntryState]:
+            return shared.update(names, fn)
+
+    base = proj.scheduler()
+    entries, settings, backend = base.entries, base.settings, base.backend
+    b = Scheduler(entries, settings=settings, store=ReadBeforeA(), backend=backend, registry=base.registry)
+    assert dispatched(b.run(now=t + 0.5)) == [("daily", t)]
+    assert t < (shared.states["daily"].next_tick or 0) <= t + 86400

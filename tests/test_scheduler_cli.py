@@ -269,3 +269,35 @@ def test_queue_work_schedule_ticks_and_runs_the_job(proj: Project) -> None:
     finally:
         worker.send_signal(signal.SIGTERM)
         worker.wait(timeout=30)
+
+
+@needs_faketime
+def test_schedule_run_skips_typer_once_the_command_cache_is_saved(proj: Project) -> None:
+    """The first schedule:run takes the full command and saves the command cache; the next
+    ones dispatch the same way without importing Typer or the command files, and anything the
+    cache cannot vouch for (an invalid entry, --dry-run) takes the full command again."""
+    proj.schedule(entry_toml("often", 'cron = "* * * * *"', timezone="UTC")
+                  + entry_toml("daily", 'cron = "0 3 * * *"', timezone="UTC"))
+
+    def run(when: str, *args: str) -> tuple[subprocess.CompletedProcess, bool]:
+        res = subprocess.run([sys.executable, "-X", "importtime", "-m", "forge", "schedule:run", *args],
+                             capture_output=True, text=True, env=env_of(proj, **fake(when)), timeout=60)
+        typer = bool(re.search(r"\| +typer$", res.stderr, re.M))
+        res.stderr = "".join(x + "\n" for x in res.stderr.splitlines() if not x.startswith("import time:"))
+        return res, typer
+
+    first, typer = run("2026-03-01 03:00:05")
+    assert first.returncode == 0 and typer, first.stderr
+    assert first.stdout.count(" dispatched ") == 2
+    second, typer = run("2026-03-01 03:01:05", "--json")
+    assert second.returncode == 0 and not typer, second.stderr
+    [line] = [json.loads(x) for x in second.stdout.splitlines()]
+    assert line["entry"] == "often" and line["action"] == "dispatched" and line["tick"] == "2026-03-01T03:01:00Z"
+    third, typer = run("2026-03-01 03:02:05")
+    assert not typer and re.fullmatch(r"\S+ \S+ often \[2026-03-01T03:02:00Z\] dispatched \S+, 5\.\d s late\n",
+                                      third.stdout), third.stdout
+    dry, typer = run("2026-03-01 03:03:05", "--dry-run")
+    assert typer and "would dispatch" in dry.stdout and len(tick_jobs(proj)) == 4
+    proj.schedule(entry_toml("often", 'cron = "* * * * *"', timezone="UTC") + entry_toml("bad", 'cron = "0 25 * * *"'))
+    bad, typer = run("2026-03-01 03:03:05")
+    assert bad.returncode == 2 and typer and 'Schedule "bad"' in bad.stderr and bad.stdout.count(" dispatched ") == 1

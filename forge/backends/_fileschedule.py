@@ -41,6 +41,10 @@ class FileScheduleStore:
         self._dirfd: int | None = None
         self._lockfd: int | None = None
         self._depth = 0
+        #: The entries as last read or written while the lock is held (nobody else can change
+        #: them then): a run reads the file once, not once per step.
+        self._held: dict[str, Any] | None = None
+        self._parsed: dict[str, EntryState] = {}  # the states of _held, parsed
 
     # -- layout --------------------------------------------------------------------------------
 
@@ -72,12 +76,22 @@ class FileScheduleStore:
         finally:
             self._depth -= 1
             if self._depth == 0 and self._lockfd is not None:
+                self._held, self._parsed = None, {}
                 os.close(self._lockfd)  # releases the lock
                 self._lockfd = None
 
     # -- state ---------------------------------------------------------------------------------
 
     def _load(self) -> dict[str, Any]:
+        """The stored entries (name -> state dict); do not change the result in place."""
+        if self._held is not None and self._lockfd is not None:
+            return self._held
+        entries = self._read_file()
+        if self._lockfd is not None:
+            self._held, self._parsed = entries, {}
+        return entries
+
+    def _read_file(self) -> dict[str, Any]:
         dfd = self._dir()
         where = f"{self.path}/{STATE}"
         try:
@@ -124,27 +138,41 @@ class FileScheduleStore:
                 os.close(fd)
             os.rename(tmp, STATE, src_dir_fd=dfd, dst_dir_fd=dfd)
             os.fsync(dfd)
+            if self._lockfd is not None:
+                self._held = entries  # update() files the parsed states that it wrote
         except OSError as exc:
+            self._held, self._parsed = None, {}
             with contextlib.suppress(OSError):
                 os.unlink(tmp, dir_fd=dfd)
             raise unusable(exc, self.path, "write schedule state in") from None
 
+    def _state(self, entries: dict[str, Any], name: str) -> EntryState:
+        """The state of ``name`` in ``entries`` (parsed once while the lock is held)."""
+        if entries is not self._held:
+            return EntryState.from_dict(entries.get(name))
+        got = self._parsed.get(name)
+        if got is None:
+            got = self._parsed[name] = EntryState.from_dict(entries.get(name))
+        return got
+
     def read(self, names: Iterable[str] | None = None) -> dict[str, EntryState]:
         entries = self._load()
         wanted = entries if names is None else [n for n in names if n in entries]
-        return {n: EntryState.from_dict(entries[n]) for n in wanted}
+        return {n: self._state(entries, n) for n in wanted}
 
     def update(self, names: Iterable[str], fn: Updater) -> dict[str, EntryState]:
         names = list(names)
         with self.session():
-            entries = self._load()
-            cur = {n: EntryState.from_dict(entries.get(n)) for n in names}
+            held = self._load()
+            cur = {n: self._state(held, n) for n in names}
             new = fn(cur)
             if new:
+                entries = dict(held)
                 for n, s in new.items():
                     entries[n] = s.to_dict()
                 self._store(entries)
-            return {n: EntryState.from_dict(entries.get(n)) for n in names}
+                self._parsed = {**self._parsed, **new} if self._held is entries else {}
+            return {n: new.get(n, cur[n]) for n in names}
 
     def close(self) -> None:
         if self._lockfd is not None:

@@ -23,6 +23,18 @@ class RedisScheduleStore:
         self._r = backend._r
         self.key = f"{backend.prefix}:schedule"
         self._where = backend._where
+        #: The states last read, by their stored bytes: a value unchanged since (most of them,
+        #: from a run's first read to its update) is not parsed again.
+        self._seen: dict[bytes, EntryState] = {}
+
+    def _parse(self, raw: Any, keep: dict[bytes, EntryState]) -> EntryState:
+        if raw is None:
+            return EntryState()
+        got = self._seen.get(raw)
+        if got is None:
+            got = EntryState.from_dict(_json(raw))
+        keep[raw] = got
+        return got
 
     def _call(self, fn: Any) -> Any:
         from redis import exceptions as rx
@@ -33,14 +45,16 @@ class RedisScheduleStore:
             raise translate(exc, self._where, dispatch=False) from None
 
     def read(self, names: Iterable[str] | None = None) -> dict[str, EntryState]:
+        keep: dict[bytes, EntryState] = {}
         if names is None:
             raw = self._call(lambda: self._r.hgetall(self.key))
-            return {k.decode(): EntryState.from_dict(_json(v)) for k, v in raw.items()}
-        names = list(names)
-        if not names:
-            return {}
-        vals = self._call(lambda: self._r.hmget(self.key, names))
-        return {n: EntryState.from_dict(_json(v)) for n, v in zip(names, vals, strict=True) if v is not None}
+            out = {k.decode(): self._parse(v, keep) for k, v in raw.items()}
+        else:
+            names = list(names)
+            vals = self._call(lambda: self._r.hmget(self.key, names)) if names else []
+            out = {n: self._parse(v, keep) for n, v in zip(names, vals, strict=True) if v is not None}
+        self._seen = keep
+        return out
 
     def update(self, names: Iterable[str], fn: Updater) -> dict[str, EntryState]:
         names = list(names)
@@ -48,7 +62,9 @@ class RedisScheduleStore:
 
         def txn(pipe: Any) -> None:
             vals = pipe.hmget(self.key, names) if names else []
-            cur = {n: EntryState.from_dict(_json(v)) for n, v in zip(names, vals, strict=True)}
+            keep: dict[bytes, EntryState] = {}
+            cur = {n: self._parse(v, keep) for n, v in zip(names, vals, strict=True)}
+            self._seen = keep
             new = fn(cur)
             cur.update(new)
             out.clear()

@@ -16,8 +16,10 @@ from typing import Annotated, Any
 import typer
 
 from .. import output
-from ..errors import EXIT_USAGE, UsageError
+from ..errors import UsageError
 from ._shared import JSON_VERSION, Connection, Json
+from .fastschedule import line as _line
+from .fastschedule import report_errors as _report_errors
 
 Name = Annotated[str, typer.Argument(metavar="NAME", help="The schedule entry's name (see schedule:list).")]
 
@@ -28,31 +30,12 @@ def _load(connection: str | None, *, check_args: bool = True) -> tuple[Any, list
     return Scheduler.load(connection=connection, check_args=check_args)
 
 
-def _report_errors(errors: list[Any]) -> int:
-    for err in errors:
-        output.error(err.message)
-    return EXIT_USAGE if errors else 0
-
-
 def _parse_at(value: str) -> float:
     try:
         dt = datetime.fromisoformat(value)
     except ValueError:
         raise UsageError(f"--at must be a time like 2026-12-01T03:00 or 2026-12-01T03:00+01:00, not {value!r}.") from None
     return dt.timestamp()  # a naive time is local time
-
-
-def _line(a: Any) -> str:
-    d = a.to_dict()
-    stamp = datetime.fromtimestamp(time.time()).strftime("%Y-%m-%d %H:%M:%S")
-    what = {"dispatched": f"dispatched {a.job_id}", "exists": f"already dispatched {a.job_id}",
-            "skipped": "skipped (the previous run is still pending or running)",
-            "missed": f"missed {a.count} tick{'s' if a.count != 1 else ''} (catch_up)",
-            "error": f"not dispatched: {a.error}",
-            "dispatch": "would dispatch", "skip": "would skip (the previous run is still live)",
-            "miss": f"would miss {a.count} tick{'s' if a.count != 1 else ''} (catch_up)"}[a.action]
-    late = f", {a.lateness:.1f} s late" if a.action in ("dispatched", "dispatch") and a.lateness >= 1 else ""
-    return f"{stamp} {a.entry} [{d['tick']}] {what}{late}"
 
 
 def run(
@@ -67,15 +50,20 @@ def run(
     --schedule processes run it, on any number of hosts."""
     if at is not None and not dry_run:
         raise UsageError("--at asks what would be due at a time: use it with --dry-run.")
+    from . import fastschedule
+
+    stale, fastschedule.stale_fingerprint = fastschedule.stale_fingerprint, None
     sch, errors = _load(connection, check_args=False)  # a due tick's arguments are checked as it is dispatched
     now = _parse_at(at) if at is not None else None
     actions = sch.plan(now) if dry_run else sch.run(now)
-    for a in actions:
-        if json_out:
-            output.print_jsonl(a.to_dict())
-        else:
-            output.line(_line(a))
-    sys.stdout.flush()
+    fastschedule.print_actions(actions, json_out)
+    if stale is not None:  # let the next run skip Typer (best effort)
+        import contextlib
+
+        from .. import cmdcache
+
+        with contextlib.suppress(Exception):  # e.g. a command file that fails to import
+            cmdcache.store(sch.settings, stale)
     return _report_errors(errors)
 
 

@@ -178,8 +178,9 @@ class ScheduleEntry:
         try:
             tmo = None if timeout is None else parse_duration(timeout, what="timeout")
             bo = None if backoff is None else parse_backoff(backoff, what="backoff")
-            lateness = parse_duration(max_lateness, what="max_lateness")
-            jit = parse_duration(jitter, what="jitter")
+            # the defaults, without parsing them for each of 1,000 entries
+            lateness = 3600.0 if max_lateness == "1h" else parse_duration(max_lateness, what="max_lateness")
+            jit = 0.0 if type(jitter) is int and jitter == 0 else parse_duration(jitter, what="jitter")
         except UsageError as exc:
             raise bad(exc.message) from None
         if tmo == 0:
@@ -203,6 +204,12 @@ class ScheduleEntry:
     @property
     def expression(self) -> str:
         return self.cron if self.cron is not None else f"every {_fmt_every(self.every or 0)}"
+
+    @property
+    def fingerprint(self) -> str:
+        """What an entry's ticks depend on (its expression and zone): the key of the next-tick
+        cache in its state (``EntryState.next_for``)."""
+        return f"{self.expression}|{zone_name(self.timezone)}"
 
     def describe(self) -> str:
         """A human description of when it runs, e.g. "At 03:00 every day"."""

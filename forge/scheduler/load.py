@@ -52,16 +52,19 @@ def decorated(registry: CommandRegistry) -> list[tuple[str, str, Any]]:
     return out
 
 
-def load_entries(settings: Settings, registry: CommandRegistry, *, check_args: bool = True
+def load_entries(settings: Settings, registry: CommandRegistry, *, check_args: bool = True,
+                 marked: list[tuple[str, str, Any]] | None = None
                  ) -> tuple[list[ScheduleEntry], list[ScheduleError]]:
     """Every valid entry, and an error for each invalid one (in declaration order).
 
     Without ``check_args`` an entry's command must exist but its arguments are checked only
     when a tick is dispatched (``schedule:run`` with 1,000 entries need not parse 1,000
-    argument lists); ``schedule:list`` checks them all."""
+    argument lists); ``schedule:list`` checks them all. ``marked`` stands for
+    ``decorated(registry)`` when the caller knows it without loading the commands (the
+    command cache)."""
     tables, errors = toml_tables(settings.config_file)
     candidates: list[tuple[str, Any, str | None]] = [(where, t, None) for where, t in tables]
-    for where, name, item in decorated(registry):
+    for where, name, item in decorated(registry) if marked is None else marked:
         table = {"cron": item} if isinstance(item, str) else item
         candidates.append((where, table, name))
     entries: list[ScheduleEntry] = []

@@ -22,12 +22,13 @@ The clock is injectable (``clock``, or ``now=`` per call) so tests need not wait
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from ..errors import EXIT_NOT_FOUND, ForgeError
+from ..errors import EXIT_NOT_FOUND, ConfigError, ForgeError
 from ..job import State
 from .entry import MAX_CATCH_UP, ON_TIME, CatchUp, Overlap, ScheduleEntry, ScheduleError, iso
 from .state import EntryState, ScheduleStore, store_for
@@ -106,13 +107,55 @@ def plan_entry(entry: ScheduleEntry, state: EntryState, now: float, previous_liv
     return plan
 
 
+#: How long a cached next tick is trusted at most (spread over up to twice as long per entry):
+#: a change that its key cannot see (new tzdata rules, another /etc/localtime) is noticed then.
+CACHE_FOR = 6 * 3600.0
+
+
+def _floor(state: EntryState, now: float) -> float:
+    return state.last_tick if state.last_tick is not None else now - ON_TIME
+
+
+def nothing_due(entry: ScheduleEntry, state: EntryState, now: float) -> bool:
+    """True when ``plan_entry`` would surely find nothing to do (paused, or the cached next tick
+    of this expression and zone is still ahead), without computing a tick. The cache is a lower
+    bound of the first tick after ``next_from``, and every tick a plan looks at is after the
+    floor (``last_tick``, or the on-time window of an entry that never ran), which is at or
+    after ``next_from``: so none is at or before ``now``."""
+    if state.paused:
+        return True
+    if entry.every is not None:
+        return (_floor(state, now) // entry.every + 1) * entry.every > now
+    return (state.next_for == entry.fingerprint and state.next_tick is not None
+            and state.next_from is not None and _floor(state, now) >= state.next_from
+            and state.next_tick > now)
+
+
+def _decided(state: EntryState) -> EntryState:
+    """``state`` without its next-tick cache: what a run decided. Another run that only
+    refreshed the cache (nothing was due at its time) has not taken this entry's ticks."""
+    return state.evolve(next_tick=None, next_from=None, next_for=None) if state.next_for is not None else state
+
+
+def with_next(entry: ScheduleEntry, state: EntryState, now: float) -> EntryState:
+    """``state`` with its next-tick cache filled in (cron entries; intervals need none)."""
+    if entry.cron is None:
+        return state
+    floor = _floor(state, now)
+    nxt = entry.next_runs(floor, 1)
+    h = int(hashlib.sha256(entry.name.encode()).hexdigest()[:8], 16)
+    cap = now + CACHE_FOR * (1 + h / 2**32)
+    return state.evolve(next_tick=min(nxt[0], cap) if nxt else cap, next_from=floor,
+                        next_for=entry.fingerprint)
+
+
 class Scheduler:
     """The schedule of one project on one connection (see the module docstring)."""
 
     def __init__(self, entries: Sequence[ScheduleEntry], *, settings: Settings | None = None,
                  connection: str | None = None, backend: Backend | None = None,
                  store: ScheduleStore | None = None, registry: CommandRegistry | None = None,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, check_args: bool = True) -> None:
         from ..config import load_settings
 
         self.entries = list(entries)
@@ -123,6 +166,11 @@ class Scheduler:
         self._store = store
         self._registry = registry
         self.clock = clock
+        #: False when the caller has checked every entry's arguments (the Typer-free
+        #: ``schedule:run``): a tick's job is then stored without loading its command.
+        self.check_args = check_args
+        #: The entries that were declared but did not load, by name (``load`` fills it in).
+        self.invalid: dict[str, ScheduleError] = {}
 
     @classmethod
     def load(cls, *, settings: Settings | None = None, registry: CommandRegistry | None = None,
@@ -135,7 +183,9 @@ class Scheduler:
         settings = settings or load_settings()
         registry = registry or default_registry()
         entries, errors = load_entries(settings, registry, check_args=check_args)
-        return cls(entries, settings=settings, registry=registry, **kwargs), errors
+        sch = cls(entries, settings=settings, registry=registry, **kwargs)
+        sch.invalid = {e.entry: e for e in errors if e.entry not in sch.by_name}
+        return sch, errors
 
     # -- parts ---------------------------------------------------------------------------------
 
@@ -165,6 +215,10 @@ class Scheduler:
         try:
             return self.by_name[name]
         except KeyError:
+            bad = self.invalid.get(name)
+            if bad is not None:  # declared, but it does not load: say why, not "no such entry"
+                raise ConfigError(bad.message, hint="Fix the entry first; `forge schedule:list` shows"
+                                  " every entry's error.") from None
             import difflib
 
             close = difflib.get_close_matches(name, self.by_name, n=1)
@@ -176,11 +230,11 @@ class Scheduler:
 
     # -- running -------------------------------------------------------------------------------
 
-    def _previous_live(self, states: dict[str, EntryState]) -> dict[str, bool]:
+    def _previous_live(self, states: dict[str, EntryState], now: float) -> dict[str, bool]:
         live = {}
         for e in self.entries:
             s = states.get(e.name)
-            if e.overlap is not Overlap.SKIP or s is None:
+            if e.overlap is not Overlap.SKIP or s is None or nothing_due(e, s, now):
                 continue
             if s.inflight:
                 live[e.name] = True
@@ -193,11 +247,11 @@ class Scheduler:
         """What ``run`` would do at ``now`` given the stored state, without changing anything."""
         now = self.clock() if now is None else now
         states = self.store.read([e.name for e in self.entries])
-        live = self._previous_live(states)
+        live = self._previous_live(states, now)
         out: list[TickAction] = []
         for e in self.entries:
             s = states.get(e.name, EntryState())
-            p = plan_entry(e, s, now, live.get(e.name, False))
+            p = _Plan() if nothing_due(e, s, now) else plan_entry(e, s, now, live.get(e.name, False))
             out += _actions(e, p, now, s.inflight)
         return out
 
@@ -207,7 +261,7 @@ class Scheduler:
         names = [e.name for e in self.entries]
         with self.store.session():
             before = self.store.read(names)
-            live = self._previous_live(before)
+            live = self._previous_live(before, now)
             plans: dict[str, _Plan] = {}
 
             def mark(cur: dict[str, EntryState]) -> dict[str, EntryState]:
@@ -215,19 +269,23 @@ class Scheduler:
                 new = {}
                 for e in self.entries:
                     s = cur[e.name]
-                    if s != before.get(e.name, EntryState()):
+                    if _decided(s) != _decided(before.get(e.name, EntryState())):
                         continue  # another run moved it meanwhile: it is that run's
+                    if nothing_due(e, s, now):
+                        continue
                     p = plan_entry(e, s, now, live.get(e.name, False))
                     if p.last_tick is None:
+                        if e.cron is not None:  # nothing due: keep when to look again
+                            new[e.name] = with_next(e, s, now)
                         continue
                     plans[e.name] = p
-                    new[e.name] = s.evolve(
+                    new[e.name] = with_next(e, s.evolve(
                         last_tick=max(p.last_tick, s.last_tick or p.last_tick),
                         inflight=tuple(sorted({*s.inflight, *p.dispatch})),
                         skipped=s.skipped + len(p.skipped),
                         last_skipped=p.skipped[-1] if p.skipped else s.last_skipped,
                         missed=s.missed + p.missed,
-                        last_missed=p.last_missed if p.last_missed is not None else s.last_missed)
+                        last_missed=p.last_missed if p.last_missed is not None else s.last_missed), now)
                 return new
 
             marked = self.store.update(names, mark) if self.entries else {}
@@ -253,7 +311,8 @@ class Scheduler:
                 by_queue.setdefault(self._queue_of(e), []).append((e, t, e.queued_command(t)))
         pushed: dict[str, list[tuple[float, str, bool]]] = {}
         for qname, items in by_queue.items():
-            queue = CommandQueue(qname, connection=self.backend, settings=self.settings, registry=self.registry)
+            queue = CommandQueue(qname, connection=self.backend, settings=self.settings, registry=self.registry,
+                                 check_args=self.check_args)
             jobs, kept = [], []
             for e, t, cmd in items:
                 try:

@@ -11,7 +11,11 @@ scheduler share it. Exactly-once per tick does not rest on it (the tick's idempo
   pushes them again (the key makes that a no-op if the first push landed), so a run killed
   between marking and pushing loses no tick whatever the catch-up policy;
 * the last dispatch (job id, when, whether this run created it), skipped and missed counts, and
-  whether the entry is paused.
+  whether the entry is paused;
+* a cache of the entry's next tick (``next_tick``, the first tick strictly after ``next_from``
+  for the expression and zone ``next_for``, or an earlier time), so a run need not compute the
+  next tick of 1,000 cron expressions to learn that none is due: a lower bound, so trusting it
+  can only make a run look again, never skip a tick.
 """
 
 from __future__ import annotations
@@ -39,6 +43,9 @@ class EntryState:
     paused: bool = False
     paused_at: float | None = None
     dispatched: int = 0
+    next_tick: float | None = None
+    next_from: float | None = None
+    next_for: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -52,29 +59,40 @@ class EntryState:
         if not isinstance(d, dict):
             return cls()
         out: dict[str, Any] = {}
-        for name, kind in (("last_tick", float), ("last_job", str), ("last_job_tick", float),
-                           ("last_dispatched_at", float), ("last_skipped", float),
-                           ("last_missed", float), ("paused_at", float)):
-            v = d.get(name)
-            if kind is float and isinstance(v, int | float) and not isinstance(v, bool):
-                out[name] = float(v)
-            elif kind is str and isinstance(v, str):
+        for name, v in d.items():
+            kind = _FIELDS.get(name)
+            if kind is None or isinstance(v, bool) is not (kind is bool):
+                continue
+            if kind is float:
+                if _instant(v):
+                    out[name] = float(v)
+            elif kind is tuple:
+                if isinstance(v, list):
+                    out[name] = tuple(float(t) for t in v if _instant(t))
+            elif isinstance(v, kind):
                 out[name] = v
-        for name in ("skipped", "missed", "dispatched"):
-            v = d.get(name)
-            if isinstance(v, int) and not isinstance(v, bool):
-                out[name] = v
-        if isinstance(d.get("paused"), bool):
-            out["paused"] = d["paused"]
-        inflight = d.get("inflight")
-        if isinstance(inflight, list):
-            out["inflight"] = tuple(float(t) for t in inflight
-                                    if isinstance(t, int | float) and not isinstance(t, bool))
         return cls(**out)
 
     def evolve(self, **changes: Any) -> EntryState:
         return replace(self, **changes)
 
+
+#: The range of a stored time (Unix seconds): 1970 to forge's latest due time (year 2286).
+#: Anything else (a negative time, 1e300, NaN, a string) is malformed, read as absent, so
+#: that a damaged state never stops a run on a time no clock can show.
+LATEST = 9_999_936_000.0
+
+
+def _instant(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and 0 <= v <= LATEST
+
+
+_FIELDS: dict[str, type] = {
+    "last_tick": float, "last_job": str, "last_job_tick": float, "last_dispatched_at": float,
+    "inflight": tuple, "skipped": int, "last_skipped": float, "missed": int, "last_missed": float,
+    "paused": bool, "paused_at": float, "dispatched": int, "next_tick": float, "next_from": float,
+    "next_for": str,
+}
 
 #: ``update``'s function: the current states of the names asked for (missing: ``EntryState()``)
 #: -> the states to write (only the names it returns are written).
