@@ -480,7 +480,7 @@ def test_configuration(monkeypatch: pytest.MonkeyPatch, redis_url: str) -> None:
     assert (b.prefix, b.done_retention, b.lease_based) == ("p1", 7.0, True)
     b.close()
     monkeypatch.setattr(rb, "_redis", None)
-    with pytest.raises(ConfigError, match=r"pip install 'forge\[redis\]'"):
+    with pytest.raises(ConfigError, match=r"pip install 'forge-jobs\[redis\]'"):
         RedisBackend(redis_url)
 
 
