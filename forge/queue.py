@@ -19,7 +19,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from .argspec import accepts, describe
-from .config import Settings, load_settings
+from .config import Settings, load_settings, validate_queue_name
 from .errors import (
     AmbiguousJobId,
     DispatchFailed,
@@ -449,6 +449,17 @@ class QueueManager(_Connected):
                              hint="It is killed when the worker next looks; `forge queue:workers` shows the workers.")
         raise UsageError(f"Job {job_id} could not be cancelled: it keeps being claimed.")
 
+    def quarantined(self) -> int:
+        """Files the file backend set aside in quarantine/ (not jobs it could read); 0 on Redis."""
+        count = getattr(self.backend, "quarantined", None)
+        return int(count()) if callable(count) else 0
+
+    @property
+    def quarantine_dir(self) -> str | None:
+        """Where quarantined files are (file backend), else None."""
+        root = getattr(self.backend, "root", None)
+        return f"{root}/quarantine" if root is not None and callable(getattr(self.backend, "quarantined", None)) else None
+
     def workers(self) -> builtins.list[WorkerRecord]:
         """The live workers of this connection (``forge.worker_registry``)."""
         from .worker_registry import live_workers
@@ -474,6 +485,10 @@ class QueueManager(_Connected):
 
     def resume(self, queue: str) -> None:
         self.backend.resume(_queue_name(queue))
+
+    def forget_queue(self, queue: str) -> bool:
+        """Remove an empty queue (its name and pause marker); False if it holds any job."""
+        return bool(self.backend.forget_queue(validate_queue_name(queue)))  # type: ignore[attr-defined]
 
     def restart(self) -> float:
         """Ask every worker on this connection to exit after its current job."""

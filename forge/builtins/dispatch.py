@@ -106,14 +106,27 @@ def dispatch(
     return _wait(q, record.id, limit)
 
 
+#: With --wait on a terminal: after this long without the job starting, say what forge waits for.
+WAIT_NOTICE_AFTER = 1.0
+
+
 def _wait(q: CommandQueue, job_id: str, limit: float | None) -> int:
+    """Poll until the job is done (its output on stderr, exit 0) or failed (its output and the
+    failure on stderr, exit 7). On a terminal, a job nobody has claimed within a second gets a
+    line saying that forge is waiting, and for what."""
     start, pause = time.monotonic(), 0.05
+    told = not err_tty()
     while True:
         info = q.find(job_id)
         if info is None:
             raise JobNotFound(job_id)
         if info.state == State.DONE:
+            _print_output(q.backend.read_log(job_id))
             return 0
+        if not told and info.state in (State.PENDING, State.DELAYED) and time.monotonic() - start >= WAIT_NOTICE_AFTER:
+            told = True
+            output.info(f"Waiting for job {job_id[:8]} ({info.state} on queue {info.job.queue}): it runs when a worker"
+                        f" claims it (`forge queue:work --queue={info.job.queue}`). Ctrl-C stops waiting; the job stays queued.")
         if info.state == State.FAILED:
             _print_failure(q.backend.read_log(job_id), info)
             return EXIT_JOB_FAILED
@@ -124,11 +137,17 @@ def _wait(q: CommandQueue, job_id: str, limit: float | None) -> int:
         pause = min(pause * 1.5, 0.5)
 
 
-def _print_failure(log: bytes, info: JobInfo) -> None:
-    failure = info.failure
-    tail = log[-MAX_OUTPUT_TAIL:].decode(errors="replace") if log else (failure.output_tail if failure else "") or ""
+def _print_output(log: bytes, fallback: str = "") -> None:
+    """The tail of a job's captured output on stderr, as --wait prints it on success and failure."""
+    tail = log[-MAX_OUTPUT_TAIL:].decode(errors="replace") if log else fallback
     if tail:
         sys.stderr.write(tail if tail.endswith("\n") else tail + "\n")
+        sys.stderr.flush()
+
+
+def _print_failure(log: bytes, info: JobInfo) -> None:
+    failure = info.failure
+    _print_output(log, (failure.output_tail if failure else "") or "")
     why = f"{failure.reason}: {failure.error}" if failure and failure.error else (failure.reason if failure else "unknown")
     output.error(f"Job {info.id} ({info.job.command}) failed after {info.attempts} attempt(s): {why}.",
                  f"Retry it with `forge queue:retry {info.id}`.")

@@ -1,0 +1,172 @@
+"""Issue 13, operator experience (second part): steering the queue safely, honest messages.
+
+Every test runs the real ``forge`` CLI in subprocesses, as an operator would; "on a terminal"
+means stdin and stderr on a pseudo-terminal, as in tmux.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pty
+import select
+import subprocess
+import sys
+import time
+from typing import Any
+
+import pytest
+from test_operator import qforge, start_worker, stop_worker
+
+
+def on_terminal(target: Any, *args: str, answer: str | None = None, timeout: float = 30,
+                env: dict[str, str] | None = None) -> tuple[int, str, str]:
+    """``forge ARGS`` with stdin and stderr on a pseudo-terminal (stdout piped); ``answer`` is
+    typed once the first prompt (``?``) shows. Returns (exit code, stdout, the terminal's text)."""
+    master, slave = pty.openpty()
+    full = dict(target.env if env is None else env)
+    full.setdefault("TERM", "xterm")
+    proc = subprocess.Popen([sys.executable, "-m", "forge", *args], cwd=target.workdir, env=full,
+                            stdin=slave, stderr=slave, stdout=subprocess.PIPE, text=True)
+    os.close(slave)
+    seen = b""
+    deadline = time.monotonic() + timeout
+    answered = answer is None
+    try:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([master], [], [], 0.1)
+            if ready:
+                try:
+                    chunk = os.read(master, 4096)
+                except OSError:
+                    chunk = b""
+                if not chunk:
+                    break
+                seen += chunk
+                if not answered and b"?" in seen:
+                    os.write(master, (answer or "").encode() + b"\n")
+                    answered = True
+            elif proc.poll() is not None:
+                break
+        assert proc.stdout is not None
+        out = proc.stdout.read()
+        code = proc.wait(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        os.close(master)
+    return code, out, seen.decode(errors="replace").replace("\r\n", "\n")
+
+
+def failed_job(t: Any, *args: str, queue: str = "default") -> str:
+    """A job that has failed (worker --once, tries = 1), its id."""
+    job = qforge(t, "queue:dispatch", f"--queue={queue}", *args, "probe:run", "--fail").stdout.strip()
+    res = qforge(t, "queue:work", "--once", "--sleep=0.1", f"--queue={queue}")
+    assert res.returncode == 0, res.stderr
+    assert t.backend.find(job).state == "failed"
+    return job
+
+
+# -- item 1: steering the queue ------------------------------------------------------------
+
+def test_retry_dry_run_prints_what_it_would_retry_and_changes_nothing(queue_target: Any) -> None:
+    t = queue_target
+    one = failed_job(t)
+    two = failed_job(t, queue="other")
+    res = qforge(t, "queue:retry", "all", "--dry-run")
+    assert res.returncode == 0, res.stderr
+    assert sorted(res.stdout.split()) == sorted([one, two])
+    assert {t.backend.find(i).state for i in (one, two)} == {"failed"}
+    only = qforge(t, "queue:retry", "all", "--dry-run", "--queue=other")
+    assert only.stdout.split() == [two]
+    named = qforge(t, "queue:retry", "--dry-run", one[:8])
+    assert named.returncode == 0 and named.stdout.split() == [one]
+    pending = qforge(t, "queue:dispatch", "probe:run").stdout.strip()
+    refused = qforge(t, "queue:retry", "--dry-run", pending)
+    assert refused.returncode == 5 and "pending, not failed" in refused.stderr
+    assert t.backend.find(one).state == "failed"
+    real = qforge(t, "queue:retry", one)
+    assert real.stdout.split() == [one] and t.backend.find(one).state == "pending"
+
+
+def test_flush_asks_on_a_terminal_and_force_skips_the_question(queue_target: Any) -> None:
+    t = queue_target
+    job = failed_job(t)
+    code, _, screen = on_terminal(t, "queue:flush", answer="n")
+    assert code == 1 and "Delete the 1 failed job(s)" in screen and "Aborted" in screen
+    assert t.backend.find(job).state == "failed"
+    code, _, screen = on_terminal(t, "queue:flush", answer="y")
+    assert code == 0 and "Deleted 1 failed job(s)" in screen
+    assert t.backend.find(job) is None
+    again = failed_job(t)
+    code, _, screen = on_terminal(t, "queue:flush", "--force")
+    assert code == 0 and "?" not in screen and t.backend.find(again) is None
+    piped = qforge(t, "queue:flush")  # a script or cron: no terminal, no question
+    assert piped.returncode == 0 and "Deleted 0 failed job(s)" in piped.stderr
+
+
+def test_monitor_max_counts_due_jobs_not_delayed_ones(queue_target: Any) -> None:
+    t = queue_target
+    for _ in range(3):
+        qforge(t, "queue:dispatch", "--delay=1d", "probe:run")
+    qforge(t, "queue:dispatch", "probe:run")
+    due = qforge(t, "queue:monitor", "--max=2")
+    assert due.returncode == 0, due.stderr  # 1 due job; tomorrow's 3 do not count
+    doc = json.loads(qforge(t, "queue:monitor", "--max=2", "--json").stdout)
+    assert doc["max_counts"] == "pending" and doc["queues"][0]["over"] is False
+    waiting = qforge(t, "queue:monitor", "--max=2", "--count-delayed")
+    assert waiting.returncode == 8 and "holds 4 waiting (pending + delayed) jobs" in waiting.stderr
+    qforge(t, "queue:dispatch", "probe:run")
+    qforge(t, "queue:dispatch", "probe:run")
+    over = qforge(t, "queue:monitor", "--max=2")
+    assert over.returncode == 8 and "holds 3 due (pending) jobs" in over.stderr
+
+
+@pytest.mark.parametrize("queue_target", ["file"], indirect=True)
+def test_quarantined_files_are_counted_in_list_monitor_and_the_worker_log(queue_target: Any) -> None:
+    t = queue_target
+    qforge(t, "queue:dispatch", "probe:run")
+    pending = t.queue_dir / "q" / "default" / "pending"
+    (pending / "1700000000000000-not-a-job-0.job").write_text("garbage")
+    worker = qforge(t, "queue:work", "--once", "--sleep=0.1")
+    assert worker.returncode == 0, worker.stderr
+    assert "1 job file in quarantine" in worker.stdout + worker.stderr
+    listed = qforge(t, "queue:list")
+    assert "1 file in quarantine" in listed.stderr and str(t.queue_dir / "quarantine") in listed.stderr
+    assert json.loads(qforge(t, "queue:list", "--json").stdout)["quarantined"] == 1
+    mon = qforge(t, "queue:monitor")
+    assert mon.returncode == 0 and "1 file in quarantine" in mon.stderr
+    assert json.loads(qforge(t, "queue:monitor", "--json").stdout)["quarantined"] == 1
+
+
+def test_pausing_a_never_used_queue_warns_and_an_empty_queue_can_be_removed(queue_target: Any) -> None:
+    t = queue_target
+    qforge(t, "queue:dispatch", "probe:run")
+    typo = qforge(t, "queue:pause", "defualt")
+    assert typo.returncode == 0 and "was never used" in typo.stderr and "known queues: default" in typo.stderr
+    assert "queue:forget-queue defualt" in typo.stderr
+    listed = json.loads(qforge(t, "queue:list", "--json").stdout)["queues"]
+    assert [q["queue"] for q in listed] == ["default", "defualt"]
+    gone = qforge(t, "queue:forget-queue", "defualt")
+    assert gone.returncode == 0, gone.stderr
+    assert [q["queue"] for q in json.loads(qforge(t, "queue:list", "--json").stdout)["queues"]] == ["default"]
+    busy = qforge(t, "queue:forget-queue", "default")
+    assert busy.returncode == 2 and "still holds jobs" in busy.stderr
+    known = qforge(t, "queue:pause", "default")
+    assert known.returncode == 0 and "never used" not in known.stderr
+
+
+def test_wait_says_on_a_terminal_that_it_is_waiting_and_prints_the_output_on_success(queue_target: Any) -> None:
+    t = queue_target
+    code, out, screen = on_terminal(t, "queue:dispatch", "--wait", "--wait-timeout=3s", "probe:run")
+    assert code == 1 and "Waiting for job" in screen and "forge queue:work" in screen, screen
+    worker = start_worker(t)
+    try:
+        res = qforge(t, "queue:dispatch", "--wait", "--wait-timeout=30s", "probe:run", "--say=hello-from-job")
+        assert res.returncode == 0, res.stderr
+        assert "hello-from-job" in res.stderr and "Waiting" not in res.stderr  # not a terminal: no notice
+        bad = qforge(t, "queue:dispatch", "--wait", "--wait-timeout=30s", "probe:run", "--say=sad", "--fail")
+        assert bad.returncode == 7 and "sad" in bad.stderr
+    finally:
+        stop_worker(worker)
