@@ -47,8 +47,26 @@ def print_jsonl(data: Any) -> None:
     sys.stdout.flush()
 
 
+def sentence(text: str) -> str:
+    """``text`` ending as a sentence: one final stop (``.``, ``!``, ``?``, or a closing quote or
+    backtick after one); ``..`` from a detail that already had its stop becomes ``.``."""
+    text = text.rstrip()
+    while text.endswith(".."):
+        text = text[:-1]
+    if not text or text[-1] in ".!?:)" or text.endswith(('."', ".'", ".`")):
+        return text
+    return text + "."
+
+
 def error(message: str, hint: str | None = None) -> None:
-    line = f"{message} {hint}" if hint else message
+    # A hint is a second sentence: the message ends with a stop before it (never "..").
+    # (A parenthetical hint, such as "(run with -v ...)", belongs to the message's sentence.)
+    if not hint:
+        line = message
+    elif hint.startswith("("):
+        line = f"{message} {hint}"
+    else:
+        line = f"{sentence(message)} {sentence(hint)}"
     if is_tty(sys.stderr):
         from rich.markup import escape
 

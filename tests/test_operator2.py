@@ -10,13 +10,15 @@ import json
 import os
 import pty
 import select
+import socket
 import subprocess
 import sys
+import threading
 import time
 from typing import Any
 
 import pytest
-from test_operator import qforge, start_worker, stop_worker
+from test_operator import HELLO, qforge, start_worker, stop_worker
 
 
 def on_terminal(target: Any, *args: str, answer: str | None = None, timeout: float = 30,
@@ -170,3 +172,99 @@ def test_wait_says_on_a_terminal_that_it_is_waiting_and_prints_the_output_on_suc
         assert bad.returncode == 7 and "sad" in bad.stderr
     finally:
         stop_worker(worker)
+
+
+# -- item 2: messages ------------------------------------------------------------------------
+
+def test_errors_are_sentences_and_a_bad_tries_variable_says_what_it_wants(queue_target: Any) -> None:
+    t = queue_target
+    res = qforge(t, "-V")
+    assert res.returncode == 2 and "No such option: -V. Run `forge --help`." in res.stderr
+    env = {**t.env, "FORGE_QUEUE_TRIES": "abc"}
+    bad = subprocess.run([sys.executable, "-m", "forge", "queue:list"], cwd=t.workdir, env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "invalid literal" not in bad.stderr
+    assert "queue.tries (env FORGE_QUEUE_TRIES): expected a whole number such as 3, not 'abc'." in bad.stderr
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_redis_hints_name_where_the_url_came_from(tmp_path: Any) -> None:
+    from conftest import make_project
+
+    port = _free_port()
+    make_project(tmp_path, toml=f'[forge]\ncommands = ["commands"]\n[queue]\nconnection = "redis"\n'
+                                f'[connections.redis]\nurl = "redis://127.0.0.1:{port}/0"\n')
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FORGE_")} | {"FORGE_NO_PLUGINS": "1"}
+    run = lambda e: subprocess.run([sys.executable, "-m", "forge", "queue:list"], cwd=tmp_path, env=e,  # noqa: E731
+                                   capture_output=True, text=True, timeout=60)
+    from_file = run(env)
+    assert from_file.returncode == 6 and "Connection refused. Start the server" in from_file.stderr
+    assert ".." not in from_file.stderr and "fix the connection's url in forge.toml." in from_file.stderr
+    from_env = run({**env, "FORGE_REDIS_URL": f"redis://127.0.0.1:{port}/1"})
+    assert from_env.returncode == 6 and "fix the url in $FORGE_REDIS_URL." in from_env.stderr
+    assert "forge.toml" not in from_env.stderr
+
+
+def test_a_server_that_does_not_speak_redis_is_not_a_redis_server_exit_6(tmp_path: Any) -> None:
+    from conftest import make_project
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    port = listener.getsockname()[1]
+    stop = threading.Event()
+
+    def answer_garbage() -> None:
+        listener.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                continue
+            with conn:
+                try:
+                    conn.recv(4096)
+                    conn.sendall(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
+                except OSError:
+                    pass
+
+    thread = threading.Thread(target=answer_garbage, daemon=True)
+    thread.start()
+    try:
+        make_project(tmp_path, {"hello.py": HELLO})
+        env = {k: v for k, v in os.environ.items() if not k.startswith("FORGE_")}
+        env.update(FORGE_NO_PLUGINS="1", FORGE_REDIS_URL=f"redis://127.0.0.1:{port}/0")
+        for args in (["queue:list", "--connection=redis"], ["queue:dispatch", "--connection=redis", "hello:say"]):
+            res = subprocess.run([sys.executable, "-m", "forge", *args], cwd=tmp_path, env=env,
+                                 capture_output=True, text=True, timeout=60)
+            assert res.returncode == 6, (args, res.stderr)
+            assert f"Redis at redis://127.0.0.1:{port}/0 is not a Redis server" in res.stderr, res.stderr
+    finally:
+        stop.set()
+        thread.join()
+        listener.close()
+
+
+def test_dispatch_option_checks_from_file_json_empty_queue_past_at_zero_timeout(queue_target: Any) -> None:
+    t = queue_target
+    lines = '{"command": "probe:run"}\n{"command": "probe:run", "queue": "other"}\n'
+    res = subprocess.run([sys.executable, "-m", "forge", "queue:dispatch", "--json", "--from-file", "-"],
+                         cwd=t.workdir, env=t.env, input=lines, capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    records = [json.loads(line) for line in res.stdout.splitlines()]
+    assert [(r["queue"], r["command"], r["created"]) for r in records] == [("default", "probe:run", True),
+                                                                         ("other", "probe:run", True)]
+    assert all(t.backend.find(r["id"]) is not None for r in records)
+    empty = qforge(t, "queue:dispatch", "--queue=", "probe:run")
+    assert empty.returncode == 2 and "--queue must not be empty" in empty.stderr
+    past = qforge(t, "queue:dispatch", "--at=2020-01-01T09:00", "probe:run")
+    assert past.returncode == 0 and "--at 2020-01-01T09:00 is in the past" in past.stderr
+    assert t.backend.find(past.stdout.strip()).state == "pending"
+    zero = qforge(t, "queue:dispatch", "--timeout=0", "probe:run")
+    assert zero.returncode == 2 and zero.stderr.startswith("Error: --timeout must be more than 0"), zero.stderr
+    assert "probe:run" not in zero.stderr
