@@ -11,7 +11,10 @@ stored durably (see the README's delivery contract).
 from __future__ import annotations
 
 import builtins
+import contextlib
+import os
 import re
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
@@ -70,7 +73,39 @@ _arg_specs: dict[Any, Any] = {}
 _UNKNOWN = object()
 
 
-def _check_args(spec: Any, args: tuple[str, ...]) -> None:
+_cwd_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def _in_dir(path: str | None) -> Iterator[None]:
+    """Run the block with ``path`` as the current directory (then back): a job's path
+    arguments are checked where the worker will run it, the project root, not where the
+    dispatcher happens to stand. A no-op when already there (the usual case)."""
+    if path is None:
+        yield
+        return
+    with _cwd_lock:
+        try:
+            here = os.getcwd()
+        except OSError:
+            here = None
+        if here == path:
+            yield
+            return
+        os.chdir(path)
+        try:
+            yield
+        finally:
+            if here is not None:
+                os.chdir(here)
+
+
+def _check_args(spec: Any, args: tuple[str, ...], root: str | None = None) -> None:
+    with _in_dir(root):
+        _check_args_here(spec, args)
+
+
+def _check_args_here(spec: Any, args: tuple[str, ...]) -> None:
     fn = spec.load()
     described = _arg_specs.get(fn, _UNKNOWN)
     if described is _UNKNOWN:
@@ -214,7 +249,7 @@ class CommandQueue(_Connected):
         if spec is None:
             raise self.registry.unknown(job.command, UnknownQueuedCommand)
         if self._check_args:
-            _check_args(spec, job.args)
+            _check_args(spec, job.args, str(self.settings.root))
         return job
 
     def jobs_for(self, cmds: Iterable[QueuedCommand]) -> list[Job]:

@@ -268,3 +268,45 @@ def test_dispatch_option_checks_from_file_json_empty_queue_past_at_zero_timeout(
     zero = qforge(t, "queue:dispatch", "--timeout=0", "probe:run")
     assert zero.returncode == 2 and zero.stderr.startswith("Error: --timeout must be more than 0"), zero.stderr
     assert "probe:run" not in zero.stderr
+
+
+# -- item 3: path arguments are checked where the job runs -----------------------------------
+
+READER = '''from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from forge import command
+
+
+@command("sales:read")
+def read(src: Annotated[Path, typer.Argument(exists=True, dir_okay=False)]) -> None:
+    """Print the file's first line."""
+    print(src.read_text().splitlines()[0])
+'''
+
+
+def test_path_arguments_are_checked_in_the_project_root_where_the_job_runs(tmp_path: Any) -> None:
+    from conftest import make_project
+
+    root = tmp_path / "proj"
+    make_project(root, {"reader.py": READER}, toml='[forge]\ncommands = ["commands"]\n'
+                 f'[connections.file]\npath = "{tmp_path / "queue"}"\n')
+    (root / "sales.csv").write_text("from-the-root\n")
+    sub = root / "reports"
+    sub.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FORGE_")} | {"FORGE_NO_PLUGINS": "1"}
+
+    def forge_in(cwd: Any, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "forge", *args], cwd=cwd, env=env,
+                              capture_output=True, text=True, timeout=60)
+
+    for _ in range(2):  # the first run fills the command cache, the second takes the fast path
+        ok = forge_in(sub, "queue:dispatch", "sales:read", "sales.csv")
+        assert ok.returncode == 0, ok.stderr
+        wrong = forge_in(sub, "queue:dispatch", "sales:read", "../sales.csv")
+        assert wrong.returncode == 2 and "does not exist" in wrong.stderr, wrong.stderr
+    done = forge_in(sub, "queue:work", "--stop-when-empty", "--sleep=0.1", "--echo")
+    assert done.returncode == 0 and "from-the-root" in done.stdout + done.stderr
+    assert not json.loads(forge_in(sub, "queue:failed", "--json").stdout)["jobs"]

@@ -25,7 +25,7 @@ from typing import Any
 
 from ..durations import parse_backoff, parse_duration
 from ..errors import UsageError
-from ..queue import CommandQueue, JobDispatch, QueuedCommand
+from ..queue import CommandQueue, JobDispatch, QueuedCommand, _in_dir
 
 #: The value options of queue:dispatch (``--meta`` may repeat) and its one flag this path takes.
 VALUE_OPTIONS = {"--queue": "queue", "--connection": "connection", "--delay": "delay", "--at": "at",
@@ -149,8 +149,11 @@ def run(argv: Sequence[str]) -> int | None:
         return None
     entry = commands.get(command)
     try:
-        if not isinstance(entry, dict) or not isinstance(entry.get("args"), dict) or not accepts(entry["args"], args):
+        if not isinstance(entry, dict) or not isinstance(entry.get("args"), dict):
             return None
+        with _in_dir(str(settings.root)):  # path arguments: where the job will run
+            if not accepts(entry["args"], args):
+                return None
     except Exception:  # noqa: BLE001 - a malformed cache entry: the full path decides
         return None
     from ..registry import CommandRegistry, CommandSpec
