@@ -253,8 +253,20 @@ class CommandQueue(_Connected):
         return job
 
     def jobs_for(self, cmds: Iterable[QueuedCommand]) -> list[Job]:
+        """The jobs for ``cmds``, each checked; an error names the index of the bad command
+        (when there are several)."""
         now = time.time()
-        return [self._job(c, now) for c in cmds]
+        items = builtins.list(cmds)
+        if len(items) == 1:
+            return [self._job(items[0], now)]
+        jobs = []
+        for n, c in enumerate(items):
+            try:
+                jobs.append(self._job(c, now))
+            except UsageError as exc:
+                exc.args = (f"Item {n} (of {len(items)}): {exc.message}",)
+                raise
+        return jobs
 
     def store(self, jobs: Sequence[Job]) -> builtins.list[bool]:
         """Store jobs that ``jobs_for`` built (and so validated) as one durable batch. True for

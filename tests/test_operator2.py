@@ -310,3 +310,47 @@ def test_path_arguments_are_checked_in_the_project_root_where_the_job_runs(tmp_p
     done = forge_in(sub, "queue:work", "--stop-when-empty", "--sleep=0.1", "--echo")
     assert done.returncode == 0 and "from-the-root" in done.stdout + done.stderr
     assert not json.loads(forge_in(sub, "queue:failed", "--json").stdout)["jobs"]
+
+
+# -- item 5: forge init, dispatch_many -------------------------------------------------------
+
+def test_forge_init_makes_a_project_the_readme_commands_run_in(tmp_path: Any) -> None:
+    import tomllib
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FORGE_")} | {"FORGE_NO_PLUGINS": "1"}
+    proj = tmp_path / "app"
+    res = subprocess.run([sys.executable, "-m", "forge", "init", str(proj)], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert (proj / "storage").is_dir() and (proj / "commands").is_dir()
+    assert "storage/" in (proj / ".gitignore").read_text().splitlines()
+    text = (proj / "forge.toml").read_text()
+    assert text.count("#") >= 10 and 'commands = ["commands"]' in text and "backoff = [0]" in text
+    assert tomllib.loads(text)["queue"]["tries"] == 1
+    again = subprocess.run([sys.executable, "-m", "forge", "init", str(proj)], cwd=tmp_path, env=env,
+                           capture_output=True, text=True, timeout=60)
+    assert again.returncode != 0 and "already exists" in again.stderr
+    shown = subprocess.run([sys.executable, "-m", "forge", "config:show"], cwd=proj, env=env,
+                           capture_output=True, text=True, timeout=60)
+    assert shown.returncode == 0, shown.stderr
+
+
+def test_dispatch_many_names_the_index_of_a_bad_item_and_the_readme_example_works(tmp_path: Any) -> None:
+    from conftest import EXAMPLE_CONFIG
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FORGE_")}
+    env.update(FORGE_NO_PLUGINS="1", FORGE_CONFIG=str(EXAMPLE_CONFIG), FORGE_QUEUE_DIR=str(tmp_path / "q"))
+    script = (
+        "from forge.queue import CommandQueue, QueuedCommand, InvalidCommand\n"
+        "queue = CommandQueue()\n"
+        'ids = queue.dispatch_many([QueuedCommand("email:send").with_arg(f"--user={u}") for u in range(1, 101)])\n'
+        "assert len(ids) == 100\n"
+        "try:\n"
+        '    queue.dispatch_many([QueuedCommand("email:send").with_arg(f"--user={u}") for u in (1, 2, 0)])\n'
+        "except InvalidCommand as err:\n"
+        "    print(err)\n"
+    )
+    res = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.startswith("Item 2 (of 3): email:send"), res.stdout
