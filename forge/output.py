@@ -199,6 +199,15 @@ def _row_style(row: Sequence[str], columns: Sequence[str]) -> str | None:
     return None
 
 
+#: The options of ``forge`` itself, before the command name (listed by ``forge`` and ``forge --help``).
+GLOBAL_OPTIONS = (
+    ("-v, --verbose", "Show tracebacks and debug output (also FORGE_VERBOSE=1)"),
+    ("--version", "Print forge's version and exit"),
+    ("-h, --help", "Show this list; `forge help COMMAND` for a command's usage"),
+    ("--install-completion", "Install shell completion for forge (--show-completion prints it)"),
+)
+
+
 def command_list(specs: Sequence[Any], version: str, namespace: str | None = None) -> None:
     """Commands grouped by namespace, like ``php artisan list``."""
     width = max([len(s.name) for s in specs] + [10]) + 2
@@ -207,6 +216,8 @@ def command_list(specs: Sequence[Any], version: str, namespace: str | None = Non
     if namespace is None:
         out += [f"[green]forge[/] {version}" if tty else f"forge {version}", ""]
         out += ["[yellow]Usage:[/]" if tty else "Usage:", "  forge [-v] <command> [options] [arguments]", ""]
+        out += ["[yellow]Options:[/]" if tty else "Options:"]
+        out += [f"  {flag:<{width + 8}}{text}" for flag, text in GLOBAL_OPTIONS] + [""]
         out += ["[yellow]Available commands:[/]" if tty else "Available commands:"]
     else:
         out += [f"[yellow]Available commands for the \"{namespace}\" namespace:[/]" if tty

@@ -354,3 +354,13 @@ def test_dispatch_many_names_the_index_of_a_bad_item_and_the_readme_example_work
                          timeout=60)
     assert res.returncode == 0, res.stderr
     assert res.stdout.startswith("Item 2 (of 3): email:send"), res.stdout
+
+
+# -- item 4 (part): forge --help shows forge's own options -----------------------------------
+
+def test_forge_help_shows_the_global_options(queue_target: Any) -> None:
+    res = qforge(queue_target, "--help")
+    assert res.returncode == 0, res.stderr
+    head = res.stdout.split("Available commands:")[0]
+    for flag in ("-v, --verbose", "--version", "-h, --help", "--install-completion"):
+        assert flag in head, head
