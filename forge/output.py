@@ -98,6 +98,16 @@ def line(text: str = "") -> None:
     sys.stdout.write(text + "\n")
 
 
+#: A plain (piped) table cell longer than this is cut (``queue:show --json`` has the whole value).
+PLAIN_CELL_MAX = 120
+
+
+def _plain_cell(value: str) -> str:
+    """One line, at most PLAIN_CELL_MAX characters, ending in "..." when cut."""
+    value = value.replace("\n", "\\n")
+    return value if len(value) <= PLAIN_CELL_MAX else value[:PLAIN_CELL_MAX - 3] + "..."
+
+
 def table(
     columns: Sequence[str], rows: Iterable[Sequence[Any]], *, title: str | None = None,
     styles: dict[str, str] | None = None,
@@ -112,6 +122,8 @@ def table(
         return
     if title:
         line(title)
+    keep = [c == "id" for c in columns]  # ids are there to be copied: never shortened
+    rows = [[v if k else _plain_cell(v) for v, k in zip(row, keep, strict=True)] for row in rows]
     widths = [max([len(c)] + [len(r[i]) for r in rows]) for i, c in enumerate(columns)]
     line("  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)).rstrip())
     for row in rows:

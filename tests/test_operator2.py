@@ -364,3 +364,15 @@ def test_forge_help_shows_the_global_options(queue_target: Any) -> None:
     head = res.stdout.split("Available commands:")[0]
     for flag in ("-v, --verbose", "--version", "-h, --help", "--install-completion"):
         assert flag in head, head
+
+
+def test_plain_listings_cut_huge_arguments_but_never_ids(queue_target: Any) -> None:
+    t = queue_target
+    huge = "x" * 5000
+    job = qforge(t, "queue:dispatch", "probe:run", huge).stdout.strip()
+    listed = qforge(t, "queue:list")
+    assert listed.returncode == 0 and job in listed.stdout and huge not in listed.stdout
+    assert max(len(line) for line in listed.stdout.splitlines()) < 400
+    assert "..." in listed.stdout
+    doc = json.loads(qforge(t, "queue:list", "--json").stdout)
+    assert huge in json.dumps(doc)  # JSON keeps the whole value
