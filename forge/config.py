@@ -35,6 +35,15 @@ def validate_queue_name(name: object) -> str:
     return name
 
 
+def _whole_number(value: Any) -> int:
+    """An attempt count from forge.toml (an integer) or the environment (its digits)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str) and re.fullmatch(r"\s*[+-]?\d+\s*", value):
+        return int(value)
+    raise ValueError(f"expected a whole number such as 3, not {value!r}.")
+
+
 @dataclass(frozen=True)
 class Connection:
     """One named queue connection: ``driver`` is ``file`` or ``redis``.
@@ -455,7 +464,7 @@ def load_settings(
     default_queue = convert(
         "queue.default", validate_queue_name, pick("queue", "default", "default", "FORGE_QUEUE_DEFAULT")
     )
-    tries = convert("queue.tries", int, pick("queue", "tries", 1, "FORGE_QUEUE_TRIES"))
+    tries = convert("queue.tries", _whole_number, pick("queue", "tries", 1, "FORGE_QUEUE_TRIES"))
     if tries < 1:
         raise ConfigError(f"queue.tries ({sources['queue.tries']}) must be at least 1, not {tries}.")
     timeout = convert(

@@ -47,8 +47,26 @@ def print_jsonl(data: Any) -> None:
     sys.stdout.flush()
 
 
+def sentence(text: str) -> str:
+    """``text`` ending as a sentence: one final stop (``.``, ``!``, ``?``, or a closing quote or
+    backtick after one); ``..`` from a detail that already had its stop becomes ``.``."""
+    text = text.rstrip()
+    while text.endswith(".."):
+        text = text[:-1]
+    if not text or text[-1] in ".!?:)" or text.endswith(('."', ".'", ".`")):
+        return text
+    return text + "."
+
+
 def error(message: str, hint: str | None = None) -> None:
-    line = f"{message} {hint}" if hint else message
+    # A hint is a second sentence: the message ends with a stop before it (never "..").
+    # (A parenthetical hint, such as "(run with -v ...)", belongs to the message's sentence.)
+    if not hint:
+        line = message
+    elif hint.startswith("("):
+        line = f"{message} {hint}"
+    else:
+        line = f"{sentence(message)} {sentence(hint)}"
     if is_tty(sys.stderr):
         from rich.markup import escape
 
@@ -80,6 +98,16 @@ def line(text: str = "") -> None:
     sys.stdout.write(text + "\n")
 
 
+#: A plain (piped) table cell longer than this is cut (``queue:show --json`` has the whole value).
+PLAIN_CELL_MAX = 120
+
+
+def _plain_cell(value: str) -> str:
+    """One line, at most PLAIN_CELL_MAX characters, ending in "..." when cut."""
+    value = value.replace("\n", "\\n")
+    return value if len(value) <= PLAIN_CELL_MAX else value[:PLAIN_CELL_MAX - 3] + "..."
+
+
 def table(
     columns: Sequence[str], rows: Iterable[Sequence[Any]], *, title: str | None = None,
     styles: dict[str, str] | None = None,
@@ -94,6 +122,8 @@ def table(
         return
     if title:
         line(title)
+    keep = [c == "id" for c in columns]  # ids are there to be copied: never shortened
+    rows = [[v if k else _plain_cell(v) for v, k in zip(row, keep, strict=True)] for row in rows]
     widths = [max([len(c)] + [len(r[i]) for r in rows]) for i, c in enumerate(columns)]
     line("  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)).rstrip())
     for row in rows:
@@ -181,6 +211,15 @@ def _row_style(row: Sequence[str], columns: Sequence[str]) -> str | None:
     return None
 
 
+#: The options of ``forge`` itself, before the command name (listed by ``forge`` and ``forge --help``).
+GLOBAL_OPTIONS = (
+    ("-v, --verbose", "Show tracebacks and debug output (also FORGE_VERBOSE=1)"),
+    ("--version", "Print forge's version and exit"),
+    ("-h, --help", "Show this list; `forge help COMMAND` for a command's usage"),
+    ("--install-completion", "Install shell completion for forge (--show-completion prints it)"),
+)
+
+
 def command_list(specs: Sequence[Any], version: str, namespace: str | None = None) -> None:
     """Commands grouped by namespace, like ``php artisan list``."""
     width = max([len(s.name) for s in specs] + [10]) + 2
@@ -189,6 +228,8 @@ def command_list(specs: Sequence[Any], version: str, namespace: str | None = Non
     if namespace is None:
         out += [f"[green]forge[/] {version}" if tty else f"forge {version}", ""]
         out += ["[yellow]Usage:[/]" if tty else "Usage:", "  forge [-v] <command> [options] [arguments]", ""]
+        out += ["[yellow]Options:[/]" if tty else "Options:"]
+        out += [f"  {flag:<{width + 8}}{text}" for flag, text in GLOBAL_OPTIONS] + [""]
         out += ["[yellow]Available commands:[/]" if tty else "Available commands:"]
     else:
         out += [f"[yellow]Available commands for the \"{namespace}\" namespace:[/]" if tty

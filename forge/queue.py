@@ -11,7 +11,10 @@ stored durably (see the README's delivery contract).
 from __future__ import annotations
 
 import builtins
+import contextlib
+import os
 import re
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
@@ -19,7 +22,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from .argspec import accepts, describe
-from .config import Settings, load_settings
+from .config import Settings, load_settings, validate_queue_name
 from .errors import (
     AmbiguousJobId,
     DispatchFailed,
@@ -70,7 +73,39 @@ _arg_specs: dict[Any, Any] = {}
 _UNKNOWN = object()
 
 
-def _check_args(spec: Any, args: tuple[str, ...]) -> None:
+_cwd_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def _in_dir(path: str | None) -> Iterator[None]:
+    """Run the block with ``path`` as the current directory (then back): a job's path
+    arguments are checked where the worker will run it, the project root, not where the
+    dispatcher happens to stand. A no-op when already there (the usual case)."""
+    if path is None:
+        yield
+        return
+    with _cwd_lock:
+        try:
+            here = os.getcwd()
+        except OSError:
+            here = None
+        if here == path:
+            yield
+            return
+        os.chdir(path)
+        try:
+            yield
+        finally:
+            if here is not None:
+                os.chdir(here)
+
+
+def _check_args(spec: Any, args: tuple[str, ...], root: str | None = None) -> None:
+    with _in_dir(root):
+        _check_args_here(spec, args)
+
+
+def _check_args_here(spec: Any, args: tuple[str, ...]) -> None:
     fn = spec.load()
     described = _arg_specs.get(fn, _UNKNOWN)
     if described is _UNKNOWN:
@@ -214,12 +249,24 @@ class CommandQueue(_Connected):
         if spec is None:
             raise self.registry.unknown(job.command, UnknownQueuedCommand)
         if self._check_args:
-            _check_args(spec, job.args)
+            _check_args(spec, job.args, str(self.settings.root))
         return job
 
     def jobs_for(self, cmds: Iterable[QueuedCommand]) -> list[Job]:
+        """The jobs for ``cmds``, each checked; an error names the index of the bad command
+        (when there are several)."""
         now = time.time()
-        return [self._job(c, now) for c in cmds]
+        items = builtins.list(cmds)
+        if len(items) == 1:
+            return [self._job(items[0], now)]
+        jobs = []
+        for n, c in enumerate(items):
+            try:
+                jobs.append(self._job(c, now))
+            except UsageError as exc:
+                exc.args = (f"Item {n} (of {len(items)}): {exc.message}",)
+                raise
+        return jobs
 
     def store(self, jobs: Sequence[Job]) -> builtins.list[bool]:
         """Store jobs that ``jobs_for`` built (and so validated) as one durable batch. True for
@@ -449,6 +496,17 @@ class QueueManager(_Connected):
                              hint="It is killed when the worker next looks; `forge queue:workers` shows the workers.")
         raise UsageError(f"Job {job_id} could not be cancelled: it keeps being claimed.")
 
+    def quarantined(self) -> int:
+        """Files the file backend set aside in quarantine/ (not jobs it could read); 0 on Redis."""
+        count = getattr(self.backend, "quarantined", None)
+        return int(count()) if callable(count) else 0
+
+    @property
+    def quarantine_dir(self) -> str | None:
+        """Where quarantined files are (file backend), else None."""
+        root = getattr(self.backend, "root", None)
+        return f"{root}/quarantine" if root is not None and callable(getattr(self.backend, "quarantined", None)) else None
+
     def workers(self) -> builtins.list[WorkerRecord]:
         """The live workers of this connection (``forge.worker_registry``)."""
         from .worker_registry import live_workers
@@ -474,6 +532,10 @@ class QueueManager(_Connected):
 
     def resume(self, queue: str) -> None:
         self.backend.resume(_queue_name(queue))
+
+    def forget_queue(self, queue: str) -> bool:
+        """Remove an empty queue (its name and pause marker); False if it holds any job."""
+        return bool(self.backend.forget_queue(validate_queue_name(queue)))  # type: ignore[attr-defined]
 
     def restart(self) -> float:
         """Ask every worker on this connection to exit after its current job."""

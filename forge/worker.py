@@ -98,6 +98,7 @@ class Worker:
         self._paused = False
         self._idle = False
         self._outage = 0.0
+        self._quarantined = 0
         self._sig_r, self._sig_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         if self.options.echo:
             self.output.echo = _echo
@@ -204,6 +205,8 @@ class Worker:
             if self._renewer is not None:
                 self._renewer.close()
         reason = self._stop
+        with contextlib.suppress(QueueUnavailable):
+            self._report_quarantine()  # files set aside while it ran
         self.report("worker_stopped", {"reason": str(reason), "jobs": self.jobs_done, **self.where})
         return reason
 
@@ -237,6 +240,20 @@ class Worker:
             return
         if counts and any(counts.values()):
             self.report("maintenance", counts)
+        self._report_quarantine()
+
+    def _report_quarantine(self) -> None:
+        """Log the quarantine's size when it changes (and is not empty), so an operator learns of it."""
+        count_fn = getattr(self.backend, "quarantined", None)
+        if not callable(count_fn):
+            return
+        try:
+            count = int(count_fn())
+        except OSError:
+            return
+        if count and count != self._quarantined:
+            self.report("quarantined", {"count": count, "where": f"{getattr(self.backend, 'root', '')}/quarantine"})
+        self._quarantined = count
 
     def _call(self, fn: Callable[[], Any]) -> Any:
         """Call the store; on an outage log it and return None."""

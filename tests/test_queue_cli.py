@@ -387,7 +387,7 @@ def test_list_with_no_queues(capsys: Capsys) -> None:
     code, out, err = cli(capsys, "queue:list")
     assert code == 0 and out == "" and "No queues yet" in err
     code, out, _ = cli(capsys, "queue:list", "--json")
-    assert json.loads(out) == {"version": 2, "queues": [], "jobs": []}
+    assert json.loads(out) == {"version": 2, "queues": [], "jobs": [], "quarantined": 0}
 
 
 def test_list_reads_only_limit_job_files(capsys: Capsys, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -491,7 +491,7 @@ def test_monitor_threshold(capsys: Capsys) -> None:
     assert code == 0 and "mail" in out and err == ""
     code, out, err = cli(capsys, "queue:monitor", "--max", "2")
     assert code == EXIT_THRESHOLD
-    assert "queue mail holds 3 waiting jobs" in err and "default" not in err
+    assert "queue mail holds 3 due (pending) jobs" in err and "default" not in err
     code, out, _ = cli(capsys, "queue:monitor", "default,mail", "--json", "--max", "2")
     data = json.loads(out)
     assert code == EXIT_THRESHOLD and data["version"] == 2 and data["max"] == 2

@@ -7,6 +7,7 @@ the restart marker, and the capped per-job output logs.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
 import time
@@ -53,6 +54,7 @@ class FileUpkeep:
         def _free_unique(self, job: Job) -> None: ...
         def queues(self) -> list[str]: ...
         def _qdir(self, queue: str) -> str: ...
+        def _forget_queue(self, name: str) -> None: ...
         def _queue(self, name: str) -> QueueDirs: ...
         def _names(self, queue: str, state: str) -> list[str]: ...
         def _open_job(self, directory: str, name: str) -> int | None: ...
@@ -162,6 +164,31 @@ class FileUpkeep:
     def resume(self, queue: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(f"{self._qdir(queue)}/paused")
+
+    def forget_queue(self, queue: str) -> bool:
+        """Remove an empty queue's directory (and its pause marker); False if it holds any job.
+        Each state directory is removed with rmdir, which fails on a directory that is not
+        empty, so a job pushed meanwhile is never lost: the queue then stays."""
+        path = self._qdir(queue)
+        self._forget_queue(queue)
+        if not os.path.isdir(path):
+            return True
+        try:
+            for state in ("pending", "reserved", "failed", "done"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.rmdir(f"{path}/{state}")
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(f"{path}/paused")
+            for name in os.listdir(path):  # lock files and the like, never jobs
+                if name.endswith(".lock"):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(f"{path}/{name}")
+            os.rmdir(path)
+        except OSError as exc:
+            if exc.errno in (errno.ENOTEMPTY, errno.EEXIST):
+                return False
+            raise
+        return True
 
     def paused(self) -> set[str]:
         return {q for q in self.queues() if marker_set(f"{self._qdir(q)}/paused", self.uid)}

@@ -55,11 +55,20 @@ def load_scripts(promote_batch: int) -> dict[str, str]:
     return {name: prelude + body for name, body in bodies.items()}
 
 
-def translate(exc: Exception, where: str, dispatch: bool) -> QueueError:
-    """One line a user can act on; the URL's password never appears."""
+def translate(exc: Exception, where: str, dispatch: bool, url_from: str = "forge.toml") -> QueueError:
+    """One line a user can act on; the URL's password never appears. ``url_from`` says where
+    the URL came from (``forge.toml``, ``$FORGE_REDIS_URL``, ...), for the hint to fix it there."""
     from redis import exceptions as rx  # only ever called with a redis error in hand
 
-    detail = mask_url(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
+    detail = mask_url(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__).rstrip(".")
+    fix = f"fix the url in {url_from}" if url_from.startswith("$") else f"fix the connection's url in {url_from}"
+    if isinstance(exc, rx.InvalidResponse) or detail.startswith("Protocol Error"):
+        # Something answers at the URL, but not in Redis's protocol (an HTTP server, say).
+        answer = detail.split(":", 1)[1].strip() if detail.startswith("Protocol Error:") else detail
+        msg = f"{where} is not a Redis server (it answered {answer})."
+        if dispatch:
+            msg += " Nothing was queued."
+        return QueueUnavailable(msg, hint=f"Check the host and port, or {fix}.")
     if isinstance(exc, rx.TimeoutError):
         msg = f"{where} did not answer in time ({detail})."
         if dispatch:
@@ -67,7 +76,7 @@ def translate(exc: Exception, where: str, dispatch: bool) -> QueueError:
         return QueueUnavailable(msg, hint="Check the server's load, or raise connect_timeout.")
     if isinstance(exc, rx.ConnectionError):  # includes authentication and loading errors
         return QueueUnavailable(f"{where} is unavailable: {detail}.",
-                                hint="Start the server or fix the connection's url in forge.toml.")
+                                hint=f"Start the server or {fix}.")
     if isinstance(exc, rx.ResponseError) and str(exc).split(" ", 1)[0].upper() in _UNAVAILABLE_REPLIES:
         return QueueUnavailable(f"{where} cannot serve the queue now: {detail}.")
     if dispatch:

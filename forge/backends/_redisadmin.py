@@ -269,6 +269,29 @@ class RedisAdmin:
             pipe.ltrim(notify, -8, -1)
             pipe.execute()
 
+    def forget_queue(self, queue: str) -> bool:
+        """Remove an empty queue (its name and pause marker); False if it holds any job."""
+        validate_queue_name(queue)
+        import redis
+
+        keys = [self._key("q", queue, s) for s in ("pending", "delayed", "reserved", "done", "failed")]
+        with self._io():
+            with self._r.pipeline(transaction=True) as pipe:
+                while True:
+                    try:
+                        pipe.watch(*keys)
+                        if any(pipe.exists(k) for k in keys):
+                            pipe.unwatch()
+                            return False
+                        pipe.multi()
+                        pipe.srem(self._key("queues"), queue)
+                        pipe.srem(self._key("paused"), queue)
+                        pipe.delete(self._key("q", queue, "notify"))
+                        pipe.execute()
+                        return True
+                    except redis.WatchError:
+                        continue
+
     def paused(self) -> set[str]:
         with self._io():
             return {m.decode() for m in self._r.smembers(self._key("paused"))}

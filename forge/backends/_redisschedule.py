@@ -42,7 +42,7 @@ class RedisScheduleStore:
         try:
             return fn()
         except rx.RedisError as exc:
-            raise translate(exc, self._where, dispatch=False) from None
+            raise translate(exc, self._where, dispatch=False, url_from=getattr(self, "url_from", "forge.toml")) from None
 
     def read(self, names: Iterable[str] | None = None) -> dict[str, EntryState]:
         keep: dict[bytes, EntryState] = {}

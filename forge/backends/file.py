@@ -142,6 +142,13 @@ class FileBackend(FileWriter, FileClaimer, FileUpkeep, FileAdmin):
         if q is not None:
             q.close()
 
+    def quarantined(self) -> int:
+        """How many files are in quarantine/ (not counting their ``.reason`` files)."""
+        try:
+            return sum(1 for n in os.listdir(f"{self._root}/quarantine") if not n.endswith(".reason"))
+        except FileNotFoundError:
+            return 0
+
     def queues(self) -> list[str]:
         try:
             return sorted(n for n in os.listdir(f"{self._root}/q") if safe_queue(n))

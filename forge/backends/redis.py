@@ -116,6 +116,8 @@ class RedisBackend(RedisAdmin):
         self.done_retention = done_retention
         self.lease_window = LEASE_WINDOW if lease_window is None else lease_window
         self._where = f"Redis at {mask_url(url)}"
+        #: Where the URL came from, for the hint to fix it there (see from_connection).
+        self.url_from = "forge.toml"
         self._skew: float | None = None  # see _clock
         self._skew_at = 0.0
         options: dict[str, Any] = {
@@ -149,10 +151,13 @@ class RedisBackend(RedisAdmin):
                     f"Connection {conn.name!r} takes its Redis password from ${conn.password_env},"
                     " which is not set."
                 )
-        return cls(conn.url or "redis://127.0.0.1:6379/0", prefix=conn.prefix,
-                   done_retention=done_retention,
-                   connect_timeout=min(conn.connect_timeout, 1.0) if quick else conn.connect_timeout,
-                   password=password, quick=quick, lease_window=conn.lease)
+        backend = cls(conn.url or "redis://127.0.0.1:6379/0", prefix=conn.prefix,
+                      done_retention=done_retention,
+                      connect_timeout=min(conn.connect_timeout, 1.0) if quick else conn.connect_timeout,
+                      password=password, quick=quick, lease_window=conn.lease)
+        if conn.url is not None and conn.url == os.environ.get("FORGE_REDIS_URL"):
+            backend.url_from = "$FORGE_REDIS_URL"  # it overrides every Redis connection's url
+        return backend
 
     # -- plumbing -------------------------------------------------------------------------
 
@@ -162,7 +167,7 @@ class RedisBackend(RedisAdmin):
         try:
             yield
         except _rx.RedisError as exc:
-            raise _translate(exc, self._where, dispatch) from None
+            raise _translate(exc, self._where, dispatch, self.url_from) from None
 
     def _run(self, name: str, *args: Any) -> Any:
         """Run the server-side script ``name`` (see redis_scripts.lua) with ARGV = prefix, args."""

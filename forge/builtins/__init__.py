@@ -26,6 +26,7 @@ BUILTINS: dict[str, tuple[str, str, bool]] = {
     "queue:clear": ("forge.builtins.manage:clear", "Delete the pending and delayed jobs of a queue", False),
     "queue:pause": ("forge.builtins.manage:pause", "Stop workers claiming from a queue", False),
     "queue:resume": ("forge.builtins.manage:resume", "Let workers claim from a paused queue again", False),
+    "queue:forget-queue": ("forge.builtins.manage:forget_queue", "Remove an empty queue (a typo'd or retired name)", False),
     "queue:cancel": ("forge.builtins.manage:cancel", "Cancel waiting (or, with --running, running) jobs", False),
     "queue:workers": ("forge.builtins.inspect_cmds:workers", "List the live workers of the connection", False),
     "queue:restart": ("forge.builtins.manage:restart", "Make every worker exit after its current job", False),

@@ -69,26 +69,53 @@ def help_(command_name: Annotated[str, typer.Argument(metavar="COMMAND", help="T
 def init(
     directory: Annotated[Path, typer.Argument(help="Where to create the project.")] = Path("."),
 ) -> None:
-    """Create forge.toml and a commands/ folder (refuses to replace an existing forge.toml)."""
-    import tomli_w
-
+    """Create forge.toml (commented), commands/, storage/ and a .gitignore (refuses to replace
+    an existing forge.toml; an existing .gitignore is kept)."""
     directory = directory.resolve()
     config = directory / "forge.toml"
     if config.exists():
         raise ConfigError(f"{config} already exists; not overwriting it.")
     directory.mkdir(parents=True, exist_ok=True)
-    data = {
-        "forge": {"commands": ["commands"], "plugins": True},
-        "queue": {"connection": "file", "default": "default", "tries": 1, "timeout": "60s",
-                  "backoff": [0], "done_retention": "1h"},
-        "connections": {
-            "file": {"driver": "file"},
-            "redis": {"driver": "redis", "url": "redis://127.0.0.1:6379/0", "prefix": "forge"},
-        },
-    }
-    config.write_bytes(tomli_w.dumps(data).encode())
+    config.write_text(INIT_TOML)
     (directory / "commands").mkdir(exist_ok=True)
-    output.info(f"Created {config} and {directory / 'commands'}/. Next: forge make:command hello:world")
+    (directory / "storage").mkdir(exist_ok=True)  # the commands' files and logs (cron lines write here)
+    ignore = directory / ".gitignore"
+    if not ignore.exists():
+        ignore.write_text(INIT_GITIGNORE)
+    output.info(f"Created {config}, commands/, storage/ and .gitignore in {directory}. Next: forge make:command hello:world")
+
+
+#: The forge.toml that ``forge init`` writes: the defaults, each explained (as the example project's).
+INIT_TOML = """# forge settings for this project. `forge config:show` prints the effective values and their sources.
+
+[forge]
+commands = ["commands"]   # folders of command files, relative to this file
+plugins = true            # also load commands from installed plugins (FORGE_NO_PLUGINS=1 disables)
+# name = "myapp"          # names the default queue directory (default: this folder's name)
+
+[queue]
+connection = "file"       # "file" (a local directory of job files) or "redis"
+default = "default"       # the queue `queue:dispatch` uses without --queue
+tries = 1                 # attempts per job unless the job says otherwise
+timeout = "60s"           # a job running longer is killed (SIGTERM, then SIGKILL)
+backoff = [0]             # seconds before retry n; the last value repeats
+done_retention = "1h"     # how long finished jobs stay visible to queue:show
+
+[connections.file]
+driver = "file"
+# path = "/var/lib/myapp/queue"   # set one in production (default: a private per-user folder)
+
+[connections.redis]
+driver = "redis"
+url = "redis://127.0.0.1:6379/0"
+prefix = "forge"
+"""
+
+INIT_GITIGNORE = """# forge
+storage/
+__pycache__/
+.venv/
+"""
 
 
 TEMPLATE = '''"""The {name} command."""

@@ -12,6 +12,7 @@ import contextlib
 import json
 import sys
 import time
+from datetime import datetime
 from typing import Annotated, Any
 
 import typer
@@ -20,11 +21,11 @@ from .. import output
 from ..durations import format_duration, parse_duration
 from ..errors import EXIT_JOB_FAILED, ForgeError, InvalidCommand, JobNotFound, UsageError
 from ..job import MAX_JSON_DEPTH, MAX_OUTPUT_TAIL, Job, JobInfo, State
-from ..queue import CommandQueue, QueuedCommand, batch_key
+from ..queue import CommandQueue, QueuedCommand, _dispatch_record, batch_key
 from ..runner import default_registry
 from . import fastdispatch
 from ._shared import Connection, err_tty
-from .fastdispatch import DISPATCH_OPTIONS
+from .fastdispatch import DISPATCH_OPTIONS, in_past
 from .fastdispatch import build as _build
 from .fastdispatch import parse_at as _at
 from .fastdispatch import parse_meta as _meta
@@ -46,7 +47,7 @@ def dispatch(
     unique_key: Annotated[str | None, typer.Option(help="Refuse (exit 4) while a job with this key is queued or running.")] = None,
     unique_ttl: Annotated[str | None, typer.Option(help="Let the unique key lapse after this long.")] = None,
     idempotency_key: Annotated[str | None, typer.Option(help="Queue this at most once per key: while the job dispatched with it is kept, in any state, print its id and store nothing.")] = None,
-    json_out: Annotated[bool, typer.Option("--json", help="Print the dispatch record as JSON.")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the dispatch record as JSON (with --from-file: one record per line).")] = False,
     wait: Annotated[bool, typer.Option("--wait", help="Block until the job is done (exit 0) or failed (exit 7).")] = False,
     wait_timeout: Annotated[str | None, typer.Option(help="With --wait: give up after this long (exit 1).")] = None,
     from_file: Annotated[str | None, typer.Option(metavar="FILE|-", help="Dispatch one job per JSON line of FILE (- for stdin); run again, it queues only the lines missing.")] = None,
@@ -60,6 +61,10 @@ def dispatch(
             "backoff": backoff, "meta": _meta(meta or []), "unique_key": unique_key, "unique_ttl": unique_ttl}
     if delay is not None and at is not None:
         raise UsageError("Pass --delay or --at, not both.")
+    if queue is not None and not queue.strip():
+        raise UsageError("--queue must not be empty.", hint="Leave it out for queue.default, or name a queue.")
+    if isinstance(opts["at"], datetime) and in_past(opts["at"]):
+        output.warn(f"--at {at} is in the past: the job is due at once.")
     if unique_ttl is not None and unique_key is None:
         raise UsageError("--unique-ttl needs --unique-key.")
     if from_file is not None:
@@ -71,7 +76,7 @@ def dispatch(
             raise UsageError("--idempotency-key names one job; give --from-file a --batch-id instead.")
         if batch_id is not None and not batch_id:
             raise UsageError("--batch-id must not be empty.")
-        return _dispatch_file(from_file, queue, connection, opts, batch_id)
+        return _dispatch_file(from_file, queue, connection, opts, batch_id, json_out)
     if batch_id is not None:
         raise UsageError("--batch-id works with --from-file.", hint="For one job, use --idempotency-key.")
     opts["idempotency_key"] = idempotency_key
@@ -106,14 +111,27 @@ def dispatch(
     return _wait(q, record.id, limit)
 
 
+#: With --wait on a terminal: after this long without the job starting, say what forge waits for.
+WAIT_NOTICE_AFTER = 1.0
+
+
 def _wait(q: CommandQueue, job_id: str, limit: float | None) -> int:
+    """Poll until the job is done (its output on stderr, exit 0) or failed (its output and the
+    failure on stderr, exit 7). On a terminal, a job nobody has claimed within a second gets a
+    line saying that forge is waiting, and for what."""
     start, pause = time.monotonic(), 0.05
+    told = not err_tty()
     while True:
         info = q.find(job_id)
         if info is None:
             raise JobNotFound(job_id)
         if info.state == State.DONE:
+            _print_output(q.backend.read_log(job_id))
             return 0
+        if not told and info.state in (State.PENDING, State.DELAYED) and time.monotonic() - start >= WAIT_NOTICE_AFTER:
+            told = True
+            output.info(f"Waiting for job {job_id[:8]} ({info.state} on queue {info.job.queue}): it runs when a worker"
+                        f" claims it (`forge queue:work --queue={info.job.queue}`). Ctrl-C stops waiting; the job stays queued.")
         if info.state == State.FAILED:
             _print_failure(q.backend.read_log(job_id), info)
             return EXIT_JOB_FAILED
@@ -124,11 +142,17 @@ def _wait(q: CommandQueue, job_id: str, limit: float | None) -> int:
         pause = min(pause * 1.5, 0.5)
 
 
-def _print_failure(log: bytes, info: JobInfo) -> None:
-    failure = info.failure
-    tail = log[-MAX_OUTPUT_TAIL:].decode(errors="replace") if log else (failure.output_tail if failure else "") or ""
+def _print_output(log: bytes, fallback: str = "") -> None:
+    """The tail of a job's captured output on stderr, as --wait prints it on success and failure."""
+    tail = log[-MAX_OUTPUT_TAIL:].decode(errors="replace") if log else fallback
     if tail:
         sys.stderr.write(tail if tail.endswith("\n") else tail + "\n")
+        sys.stderr.flush()
+
+
+def _print_failure(log: bytes, info: JobInfo) -> None:
+    failure = info.failure
+    _print_output(log, (failure.output_tail if failure else "") or "")
     why = f"{failure.reason}: {failure.error}" if failure and failure.error else (failure.reason if failure else "unknown")
     output.error(f"Job {info.id} ({info.job.command}) failed after {info.attempts} attempt(s): {why}.",
                  f"Retry it with `forge queue:retry {info.id}`.")
@@ -180,7 +204,7 @@ def _parse_line(text: str, defaults: dict[str, Any]) -> tuple[str | None, Queued
 
 
 def _dispatch_file(source: str, queue: str | None, connection: str | None, defaults: dict[str, Any],
-                   batch_id: str | None) -> int:
+                   batch_id: str | None, json_out: bool = False) -> int:
     """Validate every line, then store the jobs 1,000 at a time. Line n's job id is derived
     from (batch id, n) (``batch_key``), so a run killed part-way, run again, stores only the
     lines that are missing; each line's id goes to stdout either way, in line order per queue."""
@@ -213,13 +237,19 @@ def _dispatch_file(source: str, queue: str | None, connection: str | None, defau
             for i in range(0, len(jobs), 1000):
                 chunk = jobs[i:i + 1000]
                 try:
-                    old += q.store(chunk).count(False)
+                    stored = q.store(chunk)
+                    old += stored.count(False)
                 except Exception:
                     if sent:
                         output.warn(f"{sent} of {total} lines are queued (their ids are on stdout); run the same"
                                     " command again to queue the rest, each once.")
                     raise
-                sys.stdout.write("".join(f"{job.id}\n" for job in chunk))
+                if json_out:  # one dispatch record per line (JSON Lines), as queue:dispatch --json prints one
+                    sys.stdout.write("".join(json.dumps({**_dispatch_record(job).to_dict(), "created": made},
+                                                        separators=(",", ":")) + "\n"
+                                             for job, made in zip(chunk, stored, strict=True)))
+                else:
+                    sys.stdout.write("".join(f"{job.id}\n" for job in chunk))
                 sys.stdout.flush()
                 sent += len(chunk)
                 advance(len(chunk))

@@ -25,7 +25,7 @@ from typing import Any
 
 from ..durations import parse_backoff, parse_duration
 from ..errors import UsageError
-from ..queue import CommandQueue, JobDispatch, QueuedCommand
+from ..queue import CommandQueue, JobDispatch, QueuedCommand, _in_dir
 
 #: The value options of queue:dispatch (``--meta`` may repeat) and its one flag this path takes.
 VALUE_OPTIONS = {"--queue": "queue", "--connection": "connection", "--delay": "delay", "--at": "at",
@@ -60,6 +60,11 @@ def parse_at(value: str) -> datetime:
         raise UsageError(f"Invalid --at {value!r}: use an ISO date/time, e.g. 2026-12-01T09:00.") from None
 
 
+def in_past(when: datetime) -> bool:
+    """True if --at names a time already gone (the job is then due at once)."""
+    return when.timestamp() < datetime.now().timestamp() - 1 if when.tzinfo is None else when < datetime.now(when.tzinfo)
+
+
 def build(command: str, args: Sequence[str], o: dict[str, Any]) -> QueuedCommand:
     """A QueuedCommand from dispatch options (the CLI's, or one --from-file line's)."""
     cmd = QueuedCommand(command).with_args(args)
@@ -70,7 +75,10 @@ def build(command: str, args: Sequence[str], o: dict[str, Any]) -> QueuedCommand
     if o.get("tries") is not None:
         cmd = cmd.with_max_attempts(o["tries"])
     if o.get("timeout") is not None:
-        cmd = cmd.with_timeout(parse_duration(o["timeout"], what="--timeout"))
+        seconds = parse_duration(o["timeout"], what="--timeout")
+        if seconds <= 0:
+            raise UsageError(f"--timeout must be more than 0 (got {o['timeout']!r}), e.g. 10m.")
+        cmd = cmd.with_timeout(seconds)
     if o.get("backoff") is not None:
         cmd = cmd.with_backoff(parse_backoff(o["backoff"], what="--backoff"))
     for key, value in (o.get("meta") or {}).items():
@@ -141,8 +149,11 @@ def run(argv: Sequence[str]) -> int | None:
         return None
     entry = commands.get(command)
     try:
-        if not isinstance(entry, dict) or not isinstance(entry.get("args"), dict) or not accepts(entry["args"], args):
+        if not isinstance(entry, dict) or not isinstance(entry.get("args"), dict):
             return None
+        with _in_dir(str(settings.root)):  # path arguments: where the job will run
+            if not accepts(entry["args"], args):
+                return None
     except Exception:  # noqa: BLE001 - a malformed cache entry: the full path decides
         return None
     from ..registry import CommandRegistry, CommandSpec
@@ -158,6 +169,8 @@ def run(argv: Sequence[str]) -> int | None:
         if (opts.get("delay") is not None and opts.get("at") is not None) or (
                 opts.get("unique_ttl") is not None and opts.get("unique_key") is None):
             return None
+        if opts.get("queue") == "" or (options["at"] is not None and in_past(options["at"])):
+            return None  # the full path refuses, or warns
         cmd = build(command, args, options)
         # The command is known from the cache; its function is never loaded here.
         registry = CommandRegistry([CommandSpec(command, str(entry.get("source", "")))])

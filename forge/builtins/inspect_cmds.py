@@ -74,8 +74,9 @@ def list_jobs(
     if json_out:
         output.print_json({"version": JSON_VERSION,
                            "queues": [stats_json(s) for s in stats],
-                           "jobs": [job_json(j) for j in jobs]})
+                           "jobs": [job_json(j) for j in jobs], "quarantined": m.quarantined()})
         return
+    _warn_quarantine(m)
     if not stats:
         output.info(f"No queues yet in {m.location}. Queue a job with `forge queue:dispatch COMMAND [ARGS]...`.")
         return
@@ -90,6 +91,14 @@ def list_jobs(
         output.info("No jobs match.")
     elif len(jobs) == limit:
         output.info(f"Showing the first {limit} jobs; use --limit, --state, --queue or --command for others.")
+
+
+def _warn_quarantine(m: QueueManager) -> None:
+    """A warning when files sit in quarantine (file backend): they are not jobs forge could read."""
+    count = m.quarantined()
+    if count:
+        output.warn(f"{count} file{'s' if count != 1 else ''} in quarantine ({m.quarantine_dir}): not jobs forge "
+                    "could read; see the .reason file beside each.")
 
 
 def _tail(log: bytes) -> str:
@@ -194,14 +203,22 @@ def _queue_names(queues: Sequence[str] | None) -> list[str] | None:
     return [validate_queue_name(n) for n in names] or None
 
 
-def _sample(m: QueueManager, names: list[str] | None, max_size: int | None) -> tuple[list[Any], list[str]]:
+def _counted(s: Any, delayed: bool) -> int:
+    """What --max compares: the due (pending) jobs, plus the delayed ones with --count-delayed."""
+    return int(s.size if delayed else s.pending)
+
+
+def _sample(m: QueueManager, names: list[str] | None, max_size: int | None,
+            delayed: bool = False) -> tuple[list[Any], list[str]]:
     stats = m.stats(names)
-    over = [s.queue for s in stats if max_size is not None and s.size > max_size]
+    over = [s.queue for s in stats if max_size is not None and _counted(s, delayed) > max_size]
     return stats, over
 
 
-def _monitor_json(stats: Sequence[Any], over: list[str], max_size: int | None) -> dict[str, Any]:
-    return {"version": JSON_VERSION, "max": max_size, "at": iso_time(time.time()),
+def _monitor_json(stats: Sequence[Any], over: list[str], max_size: int | None, delayed: bool = False,
+                  quarantined: int = 0) -> dict[str, Any]:
+    return {"version": JSON_VERSION, "max": max_size, "max_counts": "pending+delayed" if delayed else "pending",
+            "at": iso_time(time.time()), "quarantined": quarantined,
             "queues": [{**stats_json(s), "over": s.queue in over} for s in stats]}
 
 
@@ -215,59 +232,64 @@ MONITOR_COLUMNS = ["queue", "size", "pending", "delayed", "reserved", "failed", 
 
 def monitor(
     queues: Annotated[list[str] | None, typer.Argument(metavar="[QUEUES,...]", help="Queues to watch (default: all).", show_default=False)] = None,
-    max_size: Annotated[int | None, typer.Option("--max", help="Exit 8 when a queue holds more waiting jobs.", min=0)] = None,
+    max_size: Annotated[int | None, typer.Option("--max", help="Exit 8 when a queue holds more due (pending) jobs.", min=0)] = None,
+    count_delayed: Annotated[bool, typer.Option("--count-delayed", help="--max counts delayed jobs too (pending + delayed).")] = False,
     watch: Annotated[bool, typer.Option("--watch", help="Refresh until Ctrl-C.")] = False,
     interval: Annotated[str, typer.Option(help="Refresh interval for --watch.")] = "2s",
     json_out: Json = False,
     connection: Connection = None,
 ) -> int:
-    """Show queue sizes (pending + delayed); exit 8 when one holds more than --max."""
+    """Show queue sizes (pending + delayed); exit 8 when one holds more due (pending) jobs than
+    --max (with --count-delayed: more pending + delayed jobs)."""
     names = _queue_names(queues)
     every = parse_duration(interval, what="--interval")
     if every <= 0:
         raise UsageError("--interval must be more than 0, e.g. 2s.")
     m = manager(connection)
     if watch:
-        return _watch(m, names, max_size, every, json_out)
-    stats, over = _sample(m, names, max_size)
+        return _watch(m, names, max_size, every, json_out, count_delayed)
+    stats, over = _sample(m, names, max_size, count_delayed)
     if json_out:
-        output.print_json(_monitor_json(stats, over, max_size))
+        output.print_json(_monitor_json(stats, over, max_size, count_delayed, m.quarantined()))
     else:
+        _warn_quarantine(m)
         output.table(MONITOR_COLUMNS, _monitor_rows(stats, over))
-    return _alert(stats, over, max_size)
+    return _alert(stats, over, max_size, count_delayed)
 
 
-def _alert(stats: Sequence[Any], over: list[str], max_size: int | None) -> int:
+def _alert(stats: Sequence[Any], over: list[str], max_size: int | None, delayed: bool = False) -> int:
     if not over:
         return 0
-    sizes = {s.queue: s.size for s in stats}
-    what = ", ".join(f"queue {q} holds {sizes[q]} waiting jobs" for q in over)
+    sizes = {s.queue: _counted(s, delayed) for s in stats}
+    kind = "waiting (pending + delayed)" if delayed else "due (pending)"
+    what = ", ".join(f"queue {q} holds {sizes[q]} {kind} job{'s' if sizes[q] != 1 else ''}" for q in over)
     output.error(f"{what}: more than --max {max_size}.")
     return EXIT_THRESHOLD
 
 
-def _watch(m: QueueManager, names: list[str] | None, max_size: int | None, every: float, json_out: bool) -> int:
-    stats, over = _sample(m, names, max_size)
+def _watch(m: QueueManager, names: list[str] | None, max_size: int | None, every: float, json_out: bool,
+           delayed: bool = False) -> int:
+    stats, over = _sample(m, names, max_size, delayed)
     try:
         if json_out or not output.is_tty():
             while True:  # a stream for pipes: a JSON line, or a plain table, per sample
                 if json_out:
-                    output.print_jsonl(_monitor_json(stats, over, max_size))
+                    output.print_jsonl(_monitor_json(stats, over, max_size, delayed, m.quarantined()))
                 else:
                     output.table(MONITOR_COLUMNS, _monitor_rows(stats, over), title=f"{fmt_time(time.time())}")
                     sys.stdout.flush()
                 time.sleep(every)
-                stats, over = _sample(m, names, max_size)
+                stats, over = _sample(m, names, max_size, delayed)
         rows, title, styles = _live_view(stats, over, max_size)
         with output.LiveTable(MONITOR_COLUMNS, rows, title=title, row_styles=styles) as live:
             while True:
                 time.sleep(every)
-                stats, over = _sample(m, names, max_size)
+                stats, over = _sample(m, names, max_size, delayed)
                 rows, title, styles = _live_view(stats, over, max_size)
                 live.update(rows, title=title, row_styles=styles)
     except KeyboardInterrupt:
         pass
-    return _alert(stats, over, max_size)
+    return _alert(stats, over, max_size, delayed)
 
 
 def _live_view(stats: Sequence[Any], over: list[str], max_size: int | None) -> tuple[list[list[Any]], str, list[str | None]]:

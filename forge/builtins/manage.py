@@ -13,7 +13,7 @@ import typer
 from .. import output
 from ..config import validate_queue_name
 from ..errors import EXIT_DUPLICATE, JobNotFound, RetryBlocked, UsageError
-from ..job import JobInfo, Reason
+from ..job import JobInfo, Reason, State
 from ..queue import CommandQueue, QueueManager
 from ._shared import Connection, JobId, QueueOpt, err_tty, manager, resolve_ids
 
@@ -32,11 +32,13 @@ def retry(
     queue: Annotated[str | None, typer.Option(help="With all: only this queue.")] = None,
     reason: Annotated[Reason | None, typer.Option(help="With all: only jobs that failed for this reason.")] = None,
     command: Annotated[str | None, typer.Option(help="With all: only jobs of this command.")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the ids that would be retried; change nothing.")] = False,
     connection: Connection = None,
 ) -> int:
     """Move failed jobs back to pending with their attempts reset; print each id retried.
 
-    A unique job whose key another live job holds stays failed and is reported (exit 4)."""
+    A unique job whose key another live job holds stays failed and is reported (exit 4).
+    With --dry-run, print the ids that would be retried and change nothing."""
     m = manager(connection)
     every = ids == ["all"]
     if not every:
@@ -45,6 +47,9 @@ def retry(
         raise UsageError('Pass job ids or "all", not both.')
     if not every and (queue or reason or command):
         raise UsageError("--queue, --reason and --command filter `retry all`; drop them when naming ids.")
+    if dry_run:
+        return _retry_dry_run(m, ids, every, validate_queue_name(queue) if queue else None,
+                              str(reason) if reason else None, command)
     retried: set[str] = set()
     blocked: set[str] = set()
 
@@ -68,6 +73,28 @@ def retry(
     if err_tty() or not (retried or blocked):
         output.info(f"Retried {len(retried)} job(s)." if retried or blocked else f"No failed jobs to retry in {m.location}.")
     return EXIT_DUPLICATE if blocked else 0
+
+
+def _retry_dry_run(m: QueueManager, ids: list[str], every: bool, queue: str | None, reason: str | None,
+                   command: str | None) -> int:
+    """What ``retry`` would retry: the failed jobs it names or filters, printed, nothing moved."""
+    if every:
+        chosen = [j.id for j in m.jobs(queue=queue, state=State.FAILED, command=command)
+                  if reason is None or (j.failure is not None and j.failure.reason == reason)]
+    else:
+        chosen = []
+        for job_id in dict.fromkeys(ids):
+            info = m.backend.find(job_id)
+            if info is None or info.state != State.FAILED:
+                raise _not_failed(m, job_id)
+            chosen.append(job_id)
+    for job_id in chosen:
+        sys.stdout.write(job_id + "\n")
+    sys.stdout.flush()
+    if err_tty() or not chosen:
+        output.info(f"Would retry {len(chosen)} job(s) (dry run: nothing changed)." if chosen
+                    else f"No failed jobs to retry in {m.location}.")
+    return 0
 
 
 def cancel(
@@ -107,10 +134,22 @@ def forget(job_id: JobId, connection: Connection = None) -> None:
 def flush(
     hours: Annotated[float | None, typer.Option(help="Only jobs that failed more than this many hours ago.", min=0)] = None,
     queue: QueueOpt = None,
+    force: Annotated[bool, typer.Option("--force", help="Do not ask for confirmation on a terminal.")] = False,
     connection: Connection = None,
 ) -> None:
-    """Delete all failed jobs (or those older than --hours)."""
-    n = manager(connection).flush(hours, queue=validate_queue_name(queue) if queue else None)
+    """Delete all failed jobs (or those older than --hours).
+
+    On a terminal it asks first (as queue:clear does) unless --force; from a script or cron
+    (stdin not a terminal) it deletes without asking."""
+    m = manager(connection)
+    name = validate_queue_name(queue) if queue else None
+    if not force and output.is_tty(sys.stdin):
+        count = sum(s.failed for s in m.stats([name] if name else None))
+        what = f"the {count} failed job(s)" + (f" of queue {name}" if name else "") + f" in {m.location}"
+        if hours is not None:
+            what += f" (those older than {hours:g} h)"
+        typer.confirm(f"Delete {what}?", abort=True, err=True)
+    n = m.flush(hours, queue=name)
     output.info(f"Deleted {n} failed job(s)" + (f" older than {hours:g} h." if hours is not None else "."))
 
 
@@ -147,9 +186,39 @@ def clear(
 
 
 def pause(queue: Annotated[str, typer.Argument(metavar="QUEUE", help="The queue to pause.")], connection: Connection = None) -> None:
-    """Stop workers claiming from a queue (running jobs finish)."""
-    manager(connection).pause(queue)
+    """Stop workers claiming from a queue (running jobs finish).
+
+    Pausing a queue that was never used (a typo?) warns; `forge queue:forget-queue` removes it."""
+    m = manager(connection)
+    queue = validate_queue_name(queue)
+    known = m.list()
+    if queue not in known:
+        others = ", ".join(known) if known else "none yet"
+        output.warn(f"Queue {queue} has no jobs and was never used (known queues: {others}); pausing it anyway. "
+                    f"If it is a typo, remove it with `forge queue:forget-queue {queue}`.")
+    m.pause(queue)
     output.info(f"Paused queue {queue}: workers claim nothing from it until `forge queue:resume {queue}`.")
+
+
+def forget_queue(queue: Annotated[str, typer.Argument(metavar="QUEUE", help="The empty queue to remove.")],
+                 connection: Connection = None) -> None:
+    """Remove an empty queue: its name and pause marker (a typo'd or retired queue).
+
+    Refused (exit 2) while the queue holds any job, in any state, or a live worker serves it."""
+    m = manager(connection)
+    queue = validate_queue_name(queue)
+    if queue not in m.list():
+        output.info(f"No queue {queue} in {m.location}; nothing to remove.")
+        return
+    serving = [w.name for w in m.workers() if queue in w.queues]
+    if serving:
+        raise UsageError(f"Queue {queue} is served by live worker(s) {', '.join(serving)}; not removing it.",
+                         hint="Stop those workers (or restart them without this queue) first.")
+    if not m.forget_queue(queue):
+        raise UsageError(f"Queue {queue} still holds jobs; not removing it.",
+                         hint=f"See them with `forge queue:list --queue={queue}`; remove them with "
+                              f"`forge queue:clear --queue={queue}` and `forge queue:flush --queue={queue}`.")
+    output.info(f"Removed the empty queue {queue}.")
 
 
 def resume(queue: Annotated[str, typer.Argument(metavar="QUEUE", help="The queue to resume.")], connection: Connection = None) -> None:
