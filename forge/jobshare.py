@@ -82,6 +82,15 @@ OUTCOME, REQUEST = 0, 1
 NEVER = 1e12
 
 
+def cut_to_lines(text: str, chars: int) -> str:
+    """The last ``chars`` characters of ``text``, from the first line that starts within them."""
+    if len(text) <= chars:
+        return text
+    tail = text[-chars:]
+    cut = tail.find("\n")
+    return tail[cut + 1:] if 0 <= cut < len(tail) - 1 else tail
+
+
 _KEEP = 64 * 1024
 _PUNCH_FROM = 1024 * 1024
 _CHUNK = 1024 * 1024
@@ -96,6 +105,7 @@ class OutputBuffer:
         self.punched: tuple[str, int] = ("", 0)  # the job whose output was freed, up to where
         #: Also given every chunk copied (``queue:work --echo``: the job's output on the console).
         self.echo: Callable[[bytes], None] | None = None
+
 
     def flush_to_log(self, backend: Backend, job_id: str, *, reset: bool = False) -> None:
         """Append output not yet copied to ``job_id``'s log; ``reset`` empties the buffer.
@@ -129,9 +139,11 @@ class OutputBuffer:
                 _linux.punch_hole(self.fd, 0, upto)
 
     def tail(self, chars: int) -> str:
+        """The last ``chars`` characters of the output, starting at a line's beginning."""
         size = os.fstat(self.fd).st_size
         start = max(0, size - chars * 4)
-        return os.pread(self.fd, size - start, start).decode("utf-8", "replace")[-chars:]
+        text = os.pread(self.fd, size - start, start).decode("utf-8", "replace")
+        return cut_to_lines(text, chars)
 
     def size(self) -> int:
         return os.fstat(self.fd).st_size

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -426,3 +427,18 @@ def test_a_job_process_past_the_memory_limit_is_replaced(target: Target) -> None
     assert drain(target, "--memory=60").returncode in (0, 12)
     first, second = starts(target)
     assert first["pid"] != second["pid"]
+
+
+def test_queue_show_tail_has_whole_lines_and_no_framework_frames(target: Target) -> None:
+    """issue 13: the tail started mid-line and showed six forge/Typer frames per traceback."""
+    job = dispatch(target, "--lines", "60", "--fail", queue_opts=("--tries=2",))
+    drain(target)
+    res = subprocess.run([*worker_argv()[:-1], "queue:show", job], env=target.env, capture_output=True,
+                         text=True, timeout=30)
+    assert res.returncode == 0, res.stderr
+    tail = res.stdout.split("Output (tail):", 1)[1].strip("\n").splitlines()
+    log = target.backend.read_log(job).decode()
+    assert tail[0] in log.splitlines() or "frames of forge" in tail[0], tail[:2]  # a whole line
+    assert "RuntimeError: probe failed on purpose" in res.stdout
+    assert not [line for line in tail if re.search(r'File ".*/(forge|typer)/', line)]
+    assert any("frames of forge and Typer" in line for line in tail)

@@ -7,6 +7,7 @@ stdout, human messages on stderr.
 from __future__ import annotations
 
 import json
+import re
 import sys
 import time
 from collections.abc import Sequence
@@ -101,8 +102,31 @@ def _warn_quarantine(m: QueueManager) -> None:
                     "could read; see the .reason file beside each.")
 
 
+_FRAMEWORK = re.compile(r'^\s*File ".*/(forge|typer|click|_click)/[^"]*", line \d+')
+
+
 def _tail(log: bytes) -> str:
-    return log[-TAIL_BYTES:].decode(errors="replace")
+    """The end of a job's log for people: from a line's beginning, with the frames of forge's
+    and Typer's own code in tracebacks folded into one line (the log itself keeps them)."""
+    from ..jobshare import cut_to_lines
+
+    text = cut_to_lines(log[-TAIL_BYTES * 2:].decode(errors="replace"), TAIL_BYTES)
+    out: list[str] = []
+    lines = text.split("\n")
+    i = hidden = 0
+    while i < len(lines):
+        if _FRAMEWORK.match(lines[i]):
+            hidden += 1
+            i += 1
+            while i < len(lines) and lines[i].startswith("    ") and not lines[i].lstrip().startswith("File "):
+                i += 1  # its source line, and the carets under it
+            continue
+        if hidden:
+            out.append(f"  ... {hidden} frame{'s' if hidden != 1 else ''} of forge and Typer")
+            hidden = 0
+        out.append(lines[i])
+        i += 1
+    return "\n".join(out)
 
 
 def show(job_id: JobId, json_out: Json = False, connection: Connection = None) -> None:

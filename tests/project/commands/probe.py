@@ -59,6 +59,7 @@ def run(
     first_sleep: Annotated[float, typer.Option(help="Seconds to sleep on attempt 1 (instead of --sleep).")] = 0.0,
     ticks: Annotated[str | None, typer.Option(help="While sleeping, append 'pid time' here every 50 ms.")] = None,
     leak_mb: Annotated[int, typer.Option(help="Keep this many MiB alive in the module after the run.")] = 0,
+    lines: Annotated[int, typer.Option(help="Print this many numbered lines.")] = 0,
 ) -> int:
     """Record this run in the probe ledger, then do what the options say."""
     start = time.time()
@@ -89,6 +90,8 @@ def run(
                 fcntl.flock(fd, fcntl.LOCK_UN)
             except OSError:
                 pass
+    for i in range(lines):
+        print(f"{i:031d}")
     if leak_mb:
         _LEAK.append(bytearray(b"x" * (leak_mb * 1024 * 1024)))
     if close_fds:
