@@ -274,6 +274,9 @@ class Event:
     duration: float | None = None
     output_tail: str | None = None
     deadline: float | None = None
+    #: On a ``claimed`` event: the size of the job's log (bytes) when the attempt started, so
+    #: ``queue:show`` can tell one attempt's output from the next.
+    log_offset: int | None = None
 
     def to_json(self) -> bytes:
         """One line of compact ASCII JSON (an output tail holding lone surrogates still

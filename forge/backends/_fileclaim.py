@@ -235,7 +235,8 @@ class FileClaimer:
         effective = job.timeout if job.timeout is not None else timeout
         deadline = now + effective + KILL_GRACE
         try:
-            os.write(fd, Event("claimed", attempt, now, worker=worker, deadline=deadline).to_json())
+            os.write(fd, Event("claimed", attempt, now, worker=worker, deadline=deadline,
+                               log_offset=self._log_size(job_id)).to_json())
         except OSError:
             # With flock the event is history only (the rename counted the attempt), so a full
             # disk must not make an existing job unclaimable. A lease lives in this event.
@@ -249,6 +250,13 @@ class FileClaimer:
             fcntl.flock(fd, fcntl.LOCK_UN)
         return Claim(job, attempt, now, deadline, None, [fd], (fd, q, reserved), f"{q.name}/{reserved}",
                      micros(now))
+
+    def _log_size(self, job_id: str) -> int:
+        """Where this attempt's output will start in the job's log (its size now, in bytes)."""
+        try:
+            return os.stat(f"{self._root}/logs/{job_id}.log").st_size
+        except OSError:
+            return 0
 
     def _job_stat(self, fd: int, name: str) -> os.stat_result:
         """The status of the open job file ``name``, after dropping a crash twin (see below)."""

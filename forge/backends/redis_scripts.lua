@@ -146,7 +146,8 @@ for i = 8, #ARGV do
                    'claimed', us(now), 'deadline', us(deadline))
         redis.call('ZADD', qk(q, 'reserved'), us(lease), id)
         redis.call('APPEND', jk(id), '{"event":"claimed","attempt":' .. attempt .. ',"at":' ..
-                   secs(now) .. ',"worker":' .. ARGV[2] .. ',"deadline":' .. secs(deadline) .. '}\n')
+                   secs(now) .. ',"worker":' .. ARGV[2] .. ',"deadline":' .. secs(deadline) ..
+                   ',"log_offset":' .. redis.call('STRLEN', P .. ':log:' .. id) .. '}\n')
         return {us(now), id, redis.call('GET', jk(id)), attempt, us(deadline), us(lease)}
       end
     end

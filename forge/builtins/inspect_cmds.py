@@ -7,7 +7,6 @@ stdout, human messages on stderr.
 from __future__ import annotations
 
 import json
-import re
 import sys
 import time
 from collections.abc import Sequence
@@ -102,31 +101,53 @@ def _warn_quarantine(m: QueueManager) -> None:
                     "could read; see the .reason file beside each.")
 
 
-_FRAMEWORK = re.compile(r'^\s*File ".*/(forge|typer|click|_click)/[^"]*", line \d+')
-
-
 def _tail(log: bytes) -> str:
-    """The end of a job's log for people: from a line's beginning, with the frames of forge's
-    and Typer's own code in tracebacks folded into one line (the log itself keeps them)."""
-    from ..jobshare import cut_to_lines
+    """The end of a job's whole log, for people (see ``forge.attempts.readable``)."""
+    from ..attempts import readable
 
-    text = cut_to_lines(log[-TAIL_BYTES * 2:].decode(errors="replace"), TAIL_BYTES)
-    out: list[str] = []
-    lines = text.split("\n")
-    i = hidden = 0
-    while i < len(lines):
-        if _FRAMEWORK.match(lines[i]):
-            hidden += 1
-            i += 1
-            while i < len(lines) and lines[i].startswith("    ") and not lines[i].lstrip().startswith("File "):
-                i += 1  # its source line, and the carets under it
+    return readable(log, TAIL_BYTES)
+
+
+def _attempts(info: JobInfo, log: bytes) -> tuple[list[Any], list[bytes | None], int | None]:
+    """The job's attempts, each one's part of the log, and how many attempts it may make
+    (its own tries, else the attempt it finally failed at; None when neither is known)."""
+    from ..attempts import attempts, split
+
+    found = attempts(info, len(log))
+    most = info.job.max_attempts
+    if most is None and info.state == State.FAILED and found and found[-1].outcome == "failed":
+        most = found[-1].attempt
+    return found, split(log, found), most
+
+
+def _attempts_json(found: list[Any], parts: list[bytes | None], most: int | None) -> list[dict[str, Any]]:
+    from ..attempts import EARLIER_CHARS, LAST_CHARS, readable
+
+    return [{"run": a.run, "attempt": a.attempt, "max_attempts": most, "started_at": iso_time(a.started_at),
+             "worker": a.worker, "outcome": a.outcome, "ended_at": iso_time(a.ended_at), "reason": a.reason,
+             "exit_code": a.exit_code, "error": a.error, "duration": a.duration, "log_offset": a.log_start,
+             "log_bytes": len(part) if part is not None else None,
+             "output_tail": readable(part, LAST_CHARS if a is found[-1] else EARLIER_CHARS)
+             if part is not None else None}
+            for a, part in zip(found, parts, strict=True)]
+
+
+def _print_attempts(job_id: str, found: list[Any], parts: list[bytes | None], most: int | None) -> None:
+    """Each attempt's header (attempt N of M, when it started, where, how it ended) and the end
+    of its output; the output of attempts before the last few is left to ``queue:log``."""
+    from ..attempts import EARLIER_CHARS, LAST_CHARS, SHOWN_WITH_OUTPUT, header, readable
+
+    output.line("\nOutput (tail), by attempt:")
+    hidden = max(0, len(found) - SHOWN_WITH_OUTPUT)
+    for i, (a, part) in enumerate(zip(found, parts, strict=True)):
+        output.line(header(a, most, fmt_time(a.started_at)))
+        if i < hidden:
+            if i == hidden - 1:
+                output.line(f"  (output of the {hidden} earlier attempt{'s' if hidden != 1 else ''} not shown: "
+                            f"`forge queue:log {job_id}` prints all of it)")
             continue
-        if hidden:
-            out.append(f"  ... {hidden} frame{'s' if hidden != 1 else ''} of forge and Typer")
-            hidden = 0
-        out.append(lines[i])
-        i += 1
-    return "\n".join(out)
+        text = readable(part or b"", LAST_CHARS if i == len(found) - 1 else EARLIER_CHARS).rstrip("\n")
+        output.line(text if text else "  (no output)")
 
 
 def show(job_id: JobId, json_out: Json = False, connection: Connection = None) -> None:
@@ -134,9 +155,12 @@ def show(job_id: JobId, json_out: Json = False, connection: Connection = None) -
     m = manager(connection)
     job_id = m.resolve_id(job_id)
     info = m.find(job_id)
-    tail = _tail(m.read_log(job_id))
+    log = m.read_log(job_id)
+    tail = _tail(log)
+    found, parts, most = _attempts(info, log)
     if json_out:
-        output.print_json({"version": JSON_VERSION, "job": job_json(info), "output_tail": tail})
+        output.print_json({"version": JSON_VERSION, "job": job_json(info), "output_tail": tail,
+                           "attempts": _attempts_json(found, parts, most)})
         return
     job = info.job
     worker = next((e.worker for e in reversed(info.events) if e.worker), None)
@@ -157,7 +181,10 @@ def show(job_id: JobId, json_out: Json = False, connection: Connection = None) -
                      [[e.event, e.attempt, fmt_time(e.at), e.worker, e.reason, e.exit_code,
                        format_duration(e.duration) if e.duration is not None else "", e.error]
                       for e in info.events], title="History")
-    if tail:
+    if found and all(p is not None for p in parts):
+        if log:
+            _print_attempts(job.id, found, parts, most)
+    elif tail:  # claimed before attempts recorded where their output starts: one tail
         output.line("\nOutput (tail):")
         output.line(tail.rstrip("\n"))
 

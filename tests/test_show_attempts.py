@@ -1,0 +1,120 @@
+"""issue 13: ``queue:show`` splits a job's output by attempt, from the log offset each attempt's
+``claimed`` event records (file and Redis), without writing anything into the log itself."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from reliability.harness import Target, make_target, worker_argv
+
+REDIS_URL = os.environ.get("FORGE_TEST_REDIS_URL")
+
+FLAKY = '''
+import os
+from forge import command
+
+@command("flaky:run")
+def run() -> int:
+    """Print what this attempt is, then fail: raise on attempts 1 and 2, exit 3 on attempt 3."""
+    n = int(os.environ["FORGE_JOB_ATTEMPT"])
+    for i in range(3):
+        print(f"attempt-{n}-line-{i}")
+    if n < 3:
+        raise ValueError(f"boom on attempt {n}")
+    return 3
+'''
+
+
+@pytest.fixture(params=["file", "redis"])
+def target(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Target]:
+    if request.param == "redis" and not REDIS_URL:
+        pytest.skip("FORGE_TEST_REDIS_URL is not set")
+    t = make_target(request.param, tmp_path / "t", REDIS_URL)
+    commands = tmp_path / "commands"
+    commands.mkdir()
+    (commands / "flaky.py").write_text(FLAKY)
+    config = Path(t.env["FORGE_CONFIG"])
+    config.write_text(config.read_text().replace("commands = [", f'commands = ["{commands}", ', 1))
+    try:
+        yield t
+    finally:
+        t.close()
+
+
+def forge(t: Target, *args: str) -> subprocess.CompletedProcess:
+    res = subprocess.run([sys.executable, "-m", "forge", *args], env=t.env, capture_output=True, text=True,
+                         timeout=60)
+    assert res.returncode == 0, res.stderr
+    return res
+
+
+def failed_three_times(t: Target) -> str:
+    job = forge(t, "queue:dispatch", "--tries=3", "flaky:run").stdout.strip()
+    res = subprocess.run(worker_argv("--stop-when-empty", "--sleep=0.1", "--name=host-a:41"), env=t.env,
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    return job
+
+
+def test_show_has_a_header_and_the_output_of_each_attempt(target: Target) -> None:
+    job = failed_three_times(target)
+    log = target.backend.read_log(job).decode()
+    # The log is the job's output only, in order: queue:log prints nothing forge added.
+    assert forge(target, "queue:log", job).stdout == log
+    assert [ln for ln in log.splitlines() if ln.startswith("attempt-")] == \
+        [f"attempt-{n}-line-{i}" for n in (1, 2, 3) for i in range(3)]
+
+    shown = forge(target, "queue:show", job).stdout
+    part = shown.split("Output (tail), by attempt:\n", 1)[1]
+    headers = [ln for ln in part.splitlines() if ln.startswith("--- attempt")]
+    assert len(headers) == 3, part
+    for n, h in enumerate(headers, 1):
+        assert h.startswith(f"--- attempt {n} of 3, started "), h
+        assert re.search(r"started \d{4}-\d\d-\d\d \d\d:\d\d:\d\d, worker host-a:41: ", h), h
+    assert "failed, to be retried: exit code 1, exception after" in headers[0]
+    assert "failed, to be retried: exit code 1, exception after" in headers[1]
+    assert "failed: exit code 3, exit_code after" in headers[2]
+    sections = re.split(r"^--- attempt .*$\n", part, flags=re.M)[1:]
+    for n, text in enumerate(sections, 1):
+        own = [ln for ln in text.splitlines() if ln.startswith("attempt-")]
+        assert own == [f"attempt-{n}-line-{i}" for i in range(3)], (n, text)
+    assert "ValueError: boom on attempt 1" in sections[0] and "boom on attempt 2" not in sections[0]
+    assert "ValueError: boom on attempt 2" in sections[1]
+    assert "Traceback" not in sections[2]
+    assert "frames of forge and Typer" in sections[0]
+    assert not re.search(r'File ".*/forge/', part)
+
+    data = json.loads(forge(target, "queue:show", job, "--json").stdout)
+    attempts = data["attempts"]
+    assert [a["attempt"] for a in attempts] == [1, 2, 3]
+    assert [a["outcome"] for a in attempts] == ["released", "released", "failed"]
+    assert [a["exit_code"] for a in attempts] == [1, 1, 3]
+    assert [a["reason"] for a in attempts] == ["exception", "exception", "exit_code"]
+    assert all(a["max_attempts"] == 3 and a["worker"] == "host-a:41" for a in attempts)
+    assert all(a["started_at"].endswith("Z") and a["ended_at"] >= a["started_at"] for a in attempts)
+    offsets = [a["log_offset"] for a in attempts]
+    assert offsets[0] == 0 and offsets == sorted(offsets)
+    assert sum(a["log_bytes"] for a in attempts) == len(log.encode())
+    raw = log.encode()
+    for n, a in enumerate(attempts, 1):
+        chunk = raw[a["log_offset"]:a["log_offset"] + a["log_bytes"]].decode()
+        assert f"attempt-{n}-line-0" in chunk and f"attempt-{n % 3 + 1}-line-0" not in chunk
+        assert f"attempt-{n}-line-2" in a["output_tail"]
+    # The claimed events carry the offsets; the whole tail stays at top level as before.
+    claimed = [e for e in data["job"]["events"] if e["event"] == "claimed"]
+    assert [e["log_offset"] for e in claimed] == offsets
+    assert data["output_tail"].rstrip().endswith("attempt-3-line-2")
+
+
+def test_show_of_a_job_before_its_first_attempt_has_no_output_section(target: Target) -> None:
+    job = forge(target, "queue:dispatch", "flaky:run").stdout.strip()
+    shown = forge(target, "queue:show", job).stdout
+    assert "Output" not in shown
+    assert json.loads(forge(target, "queue:show", job, "--json").stdout)["attempts"] == []
