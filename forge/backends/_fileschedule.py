@@ -18,7 +18,7 @@ import contextlib
 import fcntl
 import json
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from ..errors import QueueUnavailable
@@ -173,6 +173,19 @@ class FileScheduleStore:
                 self._store(entries)
                 self._parsed = {**self._parsed, **new} if self._held is entries else {}
             return {n: new.get(n, cur[n]) for n in names}
+
+    def names(self) -> list[str]:
+        return list(self._load())
+
+    def drop(self, names: Iterable[str], fn: Callable[[EntryState], bool]) -> list[str]:
+        with self.session():
+            held = self._load()
+            gone = [n for n in names if n in held and fn(self._state(held, n))]
+            if gone:
+                entries = {n: v for n, v in held.items() if n not in gone}
+                self._store(entries)
+                self._parsed = {n: v for n, v in self._parsed.items() if n not in gone}
+            return gone
 
     def close(self) -> None:
         if self._lockfd is not None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from ..scheduler.state import EntryState, Updater
@@ -76,6 +76,24 @@ class RedisScheduleStore:
 
         self._call(lambda: self._r.transaction(txn, self.key))
         return out
+
+    def names(self) -> list[str]:
+        return [k.decode() for k in self._call(lambda: self._r.hkeys(self.key))]
+
+    def drop(self, names: Iterable[str], fn: Callable[[EntryState], bool]) -> list[str]:
+        names = list(names)
+        gone: list[str] = []
+
+        def txn(pipe: Any) -> None:
+            vals = pipe.hmget(self.key, names) if names else []
+            gone[:] = [n for n, v in zip(names, vals, strict=True)
+                       if v is not None and fn(EntryState.from_dict(_json(v)))]
+            if gone:
+                pipe.multi()
+                pipe.hdel(self.key, *gone)
+
+        self._call(lambda: self._r.transaction(txn, self.key))
+        return gone
 
     def session(self) -> Any:
         return contextlib.nullcontext()

@@ -108,11 +108,13 @@ def list_(json_out: Json = False, connection: Connection = None) -> int:
     """Show every schedule entry: when it runs, the next runs, the last tick and its job."""
     sch, errors = _load(connection)
     rows = sch.status()
+    removed = sch.removed()
     if json_out:
         output.print_json({"version": JSON_VERSION, "entries": rows,
-                           "errors": [{"entry": e.entry, "error": e.message} for e in errors]})
+                           "errors": [{"entry": e.entry, "error": e.message} for e in errors],
+                           "removed": removed})
         return _report_errors(errors)
-    if not rows and not errors:
+    if not rows and not errors and not removed:
         output.info("No schedule entries: add [[schedule]] tables to forge.toml"
                     ' or @command(..., schedule="0 3 * * *").')
     for r in rows:
@@ -130,6 +132,12 @@ def list_(json_out: Json = False, connection: Connection = None) -> int:
         skipped = f"{r['skipped']}" + (f" (last {r['last_skipped']})" if r["last_skipped"] else "")
         missed = f"{r['missed']}" + (f" (last {r['last_missed']})" if r["last_missed"] else "")
         output.line(f"  skipped: {skipped}  missed: {missed}  paused: {'yes' if r['paused'] else 'no'}")
+    if removed:
+        output.line("")
+        output.line("Removed from the schedule (their state is kept 7 days, then the next run drops it):")
+        for r in removed:
+            until = f"dropped after {r['drop_after']}" if r["drop_after"] else "dropped 7 days after the next run"
+            output.line(f"  {r['name']}  last tick {r['last_tick'] or 'never'}; {until}")
     return _report_errors(errors)
 
 

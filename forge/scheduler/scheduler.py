@@ -13,6 +13,12 @@ One run (``run``), from any process on any host, at any time:
    derived from the tick (``ScheduleEntry.key``): a tick already stored stores nothing;
 4. **commit** (another update): pushed ticks leave ``inflight``; the last job is recorded.
 
+A new entry (no state yet: added, or renamed, which forge cannot tell apart) starts after the
+previous run of the schedule (``LAST_RUN``, any entry's, recorded by every run that marks) and
+within the on-time window: it never dispatches a tick from before it existed, such as the one
+its old name dispatched a minute ago. The state of an entry that left the schedule is marked
+``orphaned_at`` and dropped ``ORPHAN_RETENTION`` later.
+
 A kill before 2 changes nothing; between 2 and 4 leaves ticks in ``inflight`` that the next run
 pushes (once: the key); after 4 nothing is left to do. A tick is never dispatched again once
 ``last_tick`` passed it, even after its job (and so its key) is gone.
@@ -31,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 from ..errors import EXIT_NOT_FOUND, ConfigError, ForgeError
 from ..job import State
 from .entry import MAX_CATCH_UP, ON_TIME, CatchUp, Overlap, ScheduleEntry, ScheduleError, iso
-from .state import EntryState, ScheduleStore, store_for
+from .state import LAST_RUN, ORPHAN_RETENTION, EntryState, ScheduleStore, store_for
 
 if TYPE_CHECKING:
     from ..backends.base import Backend
@@ -68,12 +74,25 @@ class _Plan:
     last_tick: float | None = None
 
 
-def plan_entry(entry: ScheduleEntry, state: EntryState, now: float, previous_live: bool) -> _Plan:
-    """Decide the ticks of ``entry`` after ``state.last_tick`` up to ``now`` (pure)."""
+def first_floor(last_run: float | None, now: float) -> float:
+    """Where the ticks of an entry seen for the first time start: after the previous run of
+    the schedule (a tick at or before it was that run's to dispatch, under whatever name the
+    entry had then), and never before the on-time window."""
+    return now - ON_TIME if last_run is None else max(last_run, now - ON_TIME)
+
+
+def _unseen(state: EntryState) -> bool:
+    return state.last_tick is None and state.since is None
+
+
+def plan_entry(entry: ScheduleEntry, state: EntryState, now: float, previous_live: bool,
+               first: float | None = None) -> _Plan:
+    """Decide the ticks of ``entry`` after ``state.last_tick`` up to ``now`` (pure); for an
+    entry never seen before, after ``first`` (``first_floor``; default: the on-time window)."""
     plan = _Plan()
     if state.paused:
         return plan
-    floor = state.last_tick if state.last_tick is not None else now - ON_TIME
+    floor = _floor(state, now) if first is None or not _unseen(state) else first
     horizon = now - (ON_TIME if entry.catch_up is CatchUp.NONE else max(entry.max_lateness, ON_TIME))
     start = floor
     if floor < horizon:  # ticks older than the horizon are missed, whatever the policy
@@ -91,7 +110,7 @@ def plan_entry(entry: ScheduleEntry, state: EntryState, now: float, previous_liv
         if len(window) > MAX_CATCH_UP:
             plan.missed += 1
             plan.last_missed = window.pop(0)
-    if state.last_tick is None:  # never run: its latest on-time tick only, nothing counted missed
+    if _unseen(state):  # never seen: its latest on-time tick only, nothing counted missed
         window = window[-1:]
     elif entry.catch_up is CatchUp.LATEST and len(window) > 1:
         plan.missed += len(window) - 1
@@ -113,7 +132,9 @@ CACHE_FOR = 6 * 3600.0
 
 
 def _floor(state: EntryState, now: float) -> float:
-    return state.last_tick if state.last_tick is not None else now - ON_TIME
+    if state.last_tick is not None:
+        return state.last_tick
+    return state.since if state.since is not None else now - ON_TIME
 
 
 def nothing_due(entry: ScheduleEntry, state: EntryState, now: float) -> bool:
@@ -124,6 +145,8 @@ def nothing_due(entry: ScheduleEntry, state: EntryState, now: float) -> bool:
     after ``next_from``: so none is at or before ``now``."""
     if state.paused:
         return True
+    if _unseen(state):
+        return False  # its first run records where its ticks start (``since``)
     if entry.every is not None:
         return (_floor(state, now) // entry.every + 1) * entry.every > now
     return (state.next_for == entry.fingerprint and state.next_tick is not None
@@ -132,9 +155,13 @@ def nothing_due(entry: ScheduleEntry, state: EntryState, now: float) -> bool:
 
 
 def _decided(state: EntryState) -> EntryState:
-    """``state`` without its next-tick cache: what a run decided. Another run that only
-    refreshed the cache (nothing was due at its time) has not taken this entry's ticks."""
-    return state.evolve(next_tick=None, next_from=None, next_for=None) if state.next_for is not None else state
+    """``state`` without its next-tick cache, first sighting and orphan mark: what a run
+    decided. Another run that only refreshed the cache (nothing was due at its time), saw the
+    entry for the first time with nothing due, or found it gone from its release's schedule,
+    has not taken this entry's ticks."""
+    if state.next_for is None and state.orphaned_at is None and state.since is None:
+        return state
+    return state.evolve(next_tick=None, next_from=None, next_for=None, orphaned_at=None, since=None)
 
 
 def with_next(entry: ScheduleEntry, state: EntryState, now: float) -> EntryState:
@@ -246,12 +273,13 @@ class Scheduler:
     def plan(self, now: float | None = None) -> list[TickAction]:
         """What ``run`` would do at ``now`` given the stored state, without changing anything."""
         now = self.clock() if now is None else now
-        states = self.store.read([e.name for e in self.entries])
+        states = self.store.read([*(e.name for e in self.entries), LAST_RUN])
+        first = first_floor(states[LAST_RUN].last_tick if LAST_RUN in states else None, now)
         live = self._previous_live(states, now)
         out: list[TickAction] = []
         for e in self.entries:
             s = states.get(e.name, EntryState())
-            p = _Plan() if nothing_due(e, s, now) else plan_entry(e, s, now, live.get(e.name, False))
+            p = _Plan() if nothing_due(e, s, now) else plan_entry(e, s, now, live.get(e.name, False), first)
             out += _actions(e, p, now, s.inflight)
         return out
 
@@ -267,28 +295,37 @@ class Scheduler:
             def mark(cur: dict[str, EntryState]) -> dict[str, EntryState]:
                 plans.clear()
                 new = {}
+                last_run = cur[LAST_RUN].last_tick
+                first = first_floor(last_run, now)
                 for e in self.entries:
                     s = cur[e.name]
                     if _decided(s) != _decided(before.get(e.name, EntryState())):
                         continue  # another run moved it meanwhile: it is that run's
+                    base = s.evolve(since=first) if _unseen(s) and not s.paused else s
+                    if base.orphaned_at is not None:  # back in the schedule (a revert)
+                        base = base.evolve(orphaned_at=None)
                     if nothing_due(e, s, now):
+                        if base is not s:
+                            new[e.name] = base
                         continue
-                    p = plan_entry(e, s, now, live.get(e.name, False))
+                    p = plan_entry(e, s, now, live.get(e.name, False), first)
                     if p.last_tick is None:
-                        if e.cron is not None:  # nothing due: keep when to look again
-                            new[e.name] = with_next(e, s, now)
+                        if e.cron is not None or base is not s:  # nothing due: keep when to look again
+                            new[e.name] = with_next(e, base, now)
                         continue
                     plans[e.name] = p
-                    new[e.name] = with_next(e, s.evolve(
+                    new[e.name] = with_next(e, base.evolve(
                         last_tick=max(p.last_tick, s.last_tick or p.last_tick),
                         inflight=tuple(sorted({*s.inflight, *p.dispatch})),
                         skipped=s.skipped + len(p.skipped),
                         last_skipped=p.skipped[-1] if p.skipped else s.last_skipped,
                         missed=s.missed + p.missed,
                         last_missed=p.last_missed if p.last_missed is not None else s.last_missed), now)
+                if new:  # a tick this run takes is at or before its time: no new entry takes it again
+                    new[LAST_RUN] = EntryState(last_tick=now if last_run is None else max(now, last_run))
                 return new
 
-            marked = self.store.update(names, mark) if self.entries else {}
+            marked = self.store.update([*names, LAST_RUN], mark) if self.entries else {}
             out: list[TickAction] = []
             for e in self.entries:
                 p = plans.get(e.name)
@@ -297,7 +334,37 @@ class Scheduler:
                         out.append(TickAction(e.name, p.last_missed or 0.0, "missed", count=p.missed))
                     out += [TickAction(e.name, t, "skipped") for t in p.skipped]
             out += self._push(marked, now)
+            self._tend_orphans(now)
         return out
+
+    def _orphans(self) -> list[str]:
+        """Names with a stored state but no entry (removed or renamed; not merely invalid now)."""
+        known = {*self.by_name, *self.invalid, LAST_RUN}
+        return [n for n in self.store.names() if n not in known]
+
+    def _tend_orphans(self, now: float) -> None:
+        """Mark the states of entries gone from the schedule, and drop those gone for longer
+        than ``ORPHAN_RETENTION`` (an entry that comes back meanwhile keeps its state)."""
+        gone = self._orphans()
+        if not gone:
+            return
+        self.store.update(gone, lambda cur: {n: s.evolve(orphaned_at=now) for n, s in cur.items()
+                                             if s.orphaned_at is None})
+        self.store.drop(gone, lambda s: s.orphaned_at is not None and now - s.orphaned_at >= ORPHAN_RETENTION)
+
+    def removed(self, now: float | None = None) -> list[dict[str, Any]]:
+        """The stored states of entries no longer in the schedule, for ``schedule:list``."""
+        now = self.clock() if now is None else now
+        gone = self._orphans()
+        states = self.store.read(gone)
+        rows = []
+        for n in sorted(gone):
+            s = states.get(n, EntryState())
+            rows.append({"name": n, "last_tick": iso(s.last_tick) if s.last_tick is not None else None,
+                         "last_job": s.last_job, "dispatched": s.dispatched,
+                         "orphaned_at": iso(s.orphaned_at) if s.orphaned_at is not None else None,
+                         "drop_after": iso(s.orphaned_at + ORPHAN_RETENTION) if s.orphaned_at is not None else None})
+        return rows
 
     def _push(self, states: dict[str, EntryState], now: float) -> list[TickAction]:
         from ..queue import CommandQueue

@@ -12,6 +12,11 @@ scheduler share it. Exactly-once per tick does not rest on it (the tick's idempo
   between marking and pushing loses no tick whatever the catch-up policy;
 * the last dispatch (job id, when, whether this run created it), skipped and missed counts, and
   whether the entry is paused;
+* ``since``: where a new entry's ticks start (set by the first run that sees it: the later of
+  the previous run of any entry, ``LAST_RUN``, and the on-time window), so a new or renamed
+  entry never dispatches a tick from before it existed, such as one its old name dispatched;
+* ``orphaned_at``: when a run first found the state's entry gone from the schedule; the state
+  is dropped ``ORPHAN_RETENTION`` later (``schedule:list`` shows it until then);
 * a cache of the entry's next tick (``next_tick``, the first tick strictly after ``next_from``
   for the expression and zone ``next_for``, or an earlier time), so a run need not compute the
   next tick of 1,000 cron expressions to learn that none is due: a lower bound, so trusting it
@@ -25,6 +30,12 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Protocol
 
 STATE_VERSION = 1
+#: The store's record of the last scheduler run (its ``last_tick``: the run's time). Entry names
+#: are stripped of spaces, so none can be this key.
+LAST_RUN = " last run"
+#: How long the state of an entry removed from the schedule is kept (a revert, or a host still
+#: on the previous release, finds it as it was); then a run drops it.
+ORPHAN_RETENTION = 7 * 86400.0
 
 
 @dataclass(frozen=True)
@@ -46,6 +57,8 @@ class EntryState:
     next_tick: float | None = None
     next_from: float | None = None
     next_for: str | None = None
+    since: float | None = None
+    orphaned_at: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -91,7 +104,7 @@ _FIELDS: dict[str, type] = {
     "last_tick": float, "last_job": str, "last_job_tick": float, "last_dispatched_at": float,
     "inflight": tuple, "skipped": int, "last_skipped": float, "missed": int, "last_missed": float,
     "paused": bool, "paused_at": float, "dispatched": int, "next_tick": float, "next_from": float,
-    "next_for": str,
+    "next_for": str, "since": float, "orphaned_at": float,
 }
 
 #: ``update``'s function: the current states of the names asked for (missing: ``EntryState()``)
@@ -111,6 +124,13 @@ class ScheduleStore(Protocol):
         ``update`` of the same names interleaves with it (a file lock, or an optimistic Redis
         transaction, in which case ``fn`` may be called more than once: it must be pure).
         Raises ``QueueUnavailable`` when the store cannot be read or written."""
+
+    def names(self) -> list[str]:
+        """The names of every stored state (``LAST_RUN`` included), without parsing them."""
+
+    def drop(self, names: Iterable[str], fn: Callable[[EntryState], bool]) -> list[str]:
+        """Atomically delete the states of ``names`` for which ``fn`` (pure) is true of the
+        current state; returns the names deleted."""
 
     def session(self) -> Any:
         """A context manager around one scheduler run. The file store holds its lock for the
@@ -156,6 +176,15 @@ class MemoryScheduleStore:
         cur = {n: self.states.get(n, EntryState()) for n in names}
         self.states.update(fn(cur))
         return {n: self.states.get(n, EntryState()) for n in names}
+
+    def names(self) -> list[str]:
+        return list(self.states)
+
+    def drop(self, names: Iterable[str], fn: Callable[[EntryState], bool]) -> list[str]:
+        gone = [n for n in names if n in self.states and fn(self.states[n])]
+        for n in gone:
+            del self.states[n]
+        return gone
 
     def session(self) -> Any:
         import contextlib
