@@ -37,6 +37,10 @@ _ALIASES = {"@yearly": "0 0 1 1 *", "@annually": "0 0 1 1 *", "@monthly": "0 0 1
             "@hourly": "0 * * * *"}
 
 
+#: The cron expressions this process has found valid (validity depends on the text alone).
+_VALID_CRON: set[str] = set()
+
+
 class ScheduleError(ConfigError):
     """An entry that cannot be scheduled (bad expression, zone, policy, option); names it."""
 
@@ -155,12 +159,14 @@ class ScheduleEntry:
             cron = _ALIASES.get(cron.strip().lower(), " ".join(cron.split()))
             if len(cron.split()) != 5:
                 raise bad(f'invalid cron expression "{cron}": expected 5 fields (minute hour day month weekday)')
-            from cronsim import CronSim, CronSimError
+            if cron not in _VALID_CRON:  # many entries share an expression: check each once
+                from cronsim import CronSim, CronSimError
 
-            try:
-                CronSim(cron, datetime.now(UTC))
-            except CronSimError as exc:
-                raise bad(f'invalid cron expression "{cron}": {exc}') from None
+                try:
+                    CronSim(cron, datetime.now(UTC))
+                except CronSimError as exc:
+                    raise bad(f'invalid cron expression "{cron}": {exc}') from None
+                _VALID_CRON.add(cron)
         else:
             try:
                 interval = parse_duration(every, what="every")

@@ -29,9 +29,10 @@ The clock is injectable (``clock``, or ``now=`` per call) so tests need not wait
 from __future__ import annotations
 
 import hashlib
+import operator
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any
 
 from ..errors import EXIT_NOT_FOUND, ConfigError, ForgeError
@@ -154,14 +155,12 @@ def nothing_due(entry: ScheduleEntry, state: EntryState, now: float) -> bool:
             and state.next_tick > now)
 
 
-def _decided(state: EntryState) -> EntryState:
-    """``state`` without its next-tick cache, first sighting and orphan mark: what a run
-    decided. Another run that only refreshed the cache (nothing was due at its time), saw the
-    entry for the first time with nothing due, or found it gone from its release's schedule,
-    has not taken this entry's ticks."""
-    if state.next_for is None and state.orphaned_at is None and state.since is None:
-        return state
-    return state.evolve(next_tick=None, next_from=None, next_for=None, orphaned_at=None, since=None)
+#: What a run decided about an entry: its state but the next-tick cache, the first sighting and
+#: the orphan mark. Another run that only refreshed the cache (nothing was due at its time), saw
+#: the entry for the first time with nothing due, or found it gone from its release's schedule,
+#: has not taken this entry's ticks.
+_decided = operator.attrgetter(*(f.name for f in fields(EntryState)
+                                 if f.name not in ("next_tick", "next_from", "next_for", "since", "orphaned_at")))
 
 
 def with_next(entry: ScheduleEntry, state: EntryState, now: float) -> EntryState:

@@ -26,7 +26,7 @@ scheduler share it. Exactly-once per tick does not rest on it (the tick's idempo
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 STATE_VERSION = 1
@@ -61,7 +61,8 @@ class EntryState:
     orphaned_at: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
+        # The fields that are set (an absent one reads back as None): flat values, no deep copy.
+        d = {k: v for k, v in self.__dict__.items() if v is not None}
         d["inflight"] = list(self.inflight)
         d["v"] = STATE_VERSION
         return d
@@ -72,22 +73,28 @@ class EntryState:
         if not isinstance(d, dict):
             return cls()
         out: dict[str, Any] = {}
-        for name, v in d.items():
+        for name, v in d.items():  # exact JSON types (bool is not an int here), checked inline
             kind = _FIELDS.get(name)
-            if kind is None or isinstance(v, bool) is not (kind is bool):
-                continue
+            t = type(v)
             if kind is float:
-                if _instant(v):
+                if (t is float or t is int) and 0 <= v <= LATEST:
                     out[name] = float(v)
-            elif kind is tuple:
-                if isinstance(v, list):
-                    out[name] = tuple(float(t) for t in v if _instant(t))
-            elif isinstance(v, kind):
+            elif kind is t and kind is not tuple:  # str, int, bool
                 out[name] = v
-        return cls(**out)
+            elif kind is tuple and t is list:
+                out[name] = tuple(float(x) for x in v if _instant(x))
+        new = object.__new__(cls)
+        new.__dict__.update(_DEFAULTS, **out)
+        return new
 
     def evolve(self, **changes: Any) -> EntryState:
-        return replace(self, **changes)
+        """A copy with ``changes`` (what ``dataclasses.replace`` does, at a third of its cost:
+        a run evolves thousands of states)."""
+        if not changes.keys() <= _FIELDS.keys():
+            raise TypeError(f"unknown EntryState field(s): {', '.join(sorted(changes.keys() - _FIELDS.keys()))}")
+        new = object.__new__(EntryState)
+        new.__dict__.update(self.__dict__, **changes)
+        return new
 
 
 #: The range of a stored time (Unix seconds): 1970 to forge's latest due time (year 2286).
@@ -106,6 +113,8 @@ _FIELDS: dict[str, type] = {
     "paused": bool, "paused_at": float, "dispatched": int, "next_tick": float, "next_from": float,
     "next_for": str, "since": float, "orphaned_at": float,
 }
+
+_DEFAULTS = dict(EntryState().__dict__)
 
 #: ``update``'s function: the current states of the names asked for (missing: ``EntryState()``)
 #: -> the states to write (only the names it returns are written).
