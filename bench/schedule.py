@@ -114,8 +114,13 @@ def bench_concurrent(kind: str, tmp: Path, url: str) -> None:
 
 
 def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """CPU time of ``pid`` in seconds: from schedstat (nanoseconds) where the kernel has it,
+    else utime + stime (clock ticks of 10 ms, too coarse for an idle process)."""
+    try:
+        return int(Path(f"/proc/{pid}/schedstat").read_text().split()[0]) / 1e9
+    except (OSError, ValueError, IndexError):
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def bench_work(kind: str, tmp: Path, url: str, idle: float) -> None:
