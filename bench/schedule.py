@@ -117,10 +117,13 @@ def cpu_seconds(pid: int) -> float:
     """CPU time of ``pid`` in seconds: from schedstat (nanoseconds) where the kernel has it,
     else utime + stime (clock ticks of 10 ms, too coarse for an idle process)."""
     try:
-        return int(Path(f"/proc/{pid}/schedstat").read_text().split()[0]) / 1e9
+        ns = int(Path(f"/proc/{pid}/schedstat").read_text().split()[0])
     except (OSError, ValueError, IndexError):
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        ns = 0
+    if ns:  # 0: a kernel that does not keep it (a process that ran has used some)
+        return ns / 1e9
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def bench_work(kind: str, tmp: Path, url: str, idle: float) -> None:
