@@ -180,7 +180,11 @@ def config_show(
     settings = load_settings()
     data = settings.as_dict()
     if json_out:
-        output.print_json({"version": 1, "settings": data, "sources": dict(settings.sources)})
+        sources = dict(settings.sources)
+        for name, conn in data["connections"].items():  # every connection key, as the table shows them
+            for k in conn:
+                sources.setdefault(f"connections.{name}.{k}", "default")
+        output.print_json({"version": 1, "settings": data, "sources": sources})
         return
     rows: list[list[Any]] = []
     for key, value in data.items():
