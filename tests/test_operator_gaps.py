@@ -9,6 +9,9 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
+
+from reliability.harness import worker_argv
 
 
 def _env(config: Path) -> dict[str, str]:
@@ -44,3 +47,45 @@ def test_the_error_classes_import_from_forge_queue_as_the_guide_writes_it(tmp_pa
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=tmp_path,
                          env=_env(tmp_path / "forge.toml"))
     assert res.returncode == 0 and res.stdout == "ok\n", res.stderr
+
+
+LIBFAKETIME = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1"
+
+
+def _forge(t: Any, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    res = subprocess.run([sys.executable, "-m", "forge", *args], env={**t.env, **(env or {})},
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    return res
+
+
+def test_queue_failed_filters_like_queue_retry_and_puts_the_failure_at_top_level(queue_target: Any) -> None:
+    t = queue_target
+    raised = _forge(t, "queue:dispatch", "probe:run", "--fail").stdout.strip()
+    exited = _forge(t, "queue:dispatch", "probe:run", "--exit-code=3").stdout.strip()
+    cancelled = _forge(t, "queue:dispatch", "--delay=1h", "probe:noop").stdout.strip()
+    _forge(t, "queue:cancel", cancelled)
+    drained = subprocess.run(worker_argv("--stop-when-empty", "--sleep=0.1"), env=t.env, capture_output=True,
+                             text=True, timeout=120)
+    assert drained.returncode == 0, drained.stderr
+
+    def ids(*args: str, env: dict[str, str] | None = None) -> list[str]:
+        return [j["id"] for j in json.loads(_forge(t, "queue:failed", "--json", *args, env=env).stdout)["jobs"]]
+
+    assert sorted(ids()) == sorted([raised, exited, cancelled])
+    assert ids("--reason=exit_code") == [exited]
+    assert ids("--reason=cancelled") == [cancelled]
+    assert sorted(ids("--command=probe:run")) == sorted([raised, exited])
+    assert ids("--command=probe:run", "--reason=exception") == [raised]
+    assert sorted(ids("--since=1h")) == sorted([raised, exited, cancelled])
+    if os.path.exists(LIBFAKETIME) and t.kind == "file":
+        # Two hours on, none failed within the last hour. (On Redis a job's times come from the
+        # server's clock, converted by its offset from this process's clock: a faked clock moves them too.)
+        assert ids("--since=1h", env={"LD_PRELOAD": LIBFAKETIME, "FAKETIME": "+2h"}) == []
+    jobs = {j["id"]: j for j in json.loads(_forge(t, "queue:failed", "--json").stdout)["jobs"]}
+    assert jobs[exited]["reason"] == "exit_code" and "3" in jobs[exited]["error"]
+    assert jobs[raised]["reason"] == "exception" and "probe failed on purpose" in jobs[raised]["error"]
+    assert all(j["failed_at"].endswith("Z") for j in jobs.values())
+    bad = subprocess.run([sys.executable, "-m", "forge", "queue:failed", "--reason=nope"], env=t.env,
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "nope" in bad.stderr
