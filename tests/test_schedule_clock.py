@@ -4,13 +4,16 @@
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from test_scheduler import REDIS_URL, Project, entry_toml
-from test_scheduler_cli import env_of, fake, forge, needs_faketime, tick_jobs
+from test_scheduler_cli import env_of, fake, forge, ledger, needs_faketime, tick_jobs, wait_for
 
 
 @pytest.fixture(params=["file", "redis"])
@@ -62,3 +65,33 @@ def test_dst_changes_and_catch_up_after_a_gap_with_a_faked_clock(proj: Project) 
     assert run(proj, "2026-10-25 01:30:05") == []  # 02:30 CET, the second pass: not again
     nights = sorted(k for k in tick_jobs(proj) if k.startswith("night@"))
     assert nights == ["night@2026-03-29T01:00:00Z", "night@2026-10-25T00:30:00Z"]
+
+
+@needs_faketime
+def test_the_three_drivers_at_once_dispatch_each_tick_once(proj: Project) -> None:
+    """schedule:work, a queue:work --schedule worker and two cron schedule:run at the same
+    (faked) minute: each of 12 due ticks is one job, which the worker runs once."""
+    proj.schedule("".join(entry_toml(f"e{i}", 'cron = "0 3 * * *"', timezone="UTC") for i in range(12)))
+    start = env_of(proj, **fake("2026-03-01 02:59:59"))
+    work = subprocess.Popen([sys.executable, "-m", "forge", "schedule:work", "--json"], env=start,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    worker = subprocess.Popen([sys.executable, "-m", "forge", "queue:work", "--schedule", "--sleep=0.2"], env=start,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        cron = [subprocess.Popen([sys.executable, "-m", "forge", "schedule:run", "--json"],
+                                 env=env_of(proj, **fake("2026-03-01 03:00:01")), stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True) for _ in range(2)]
+        for c in cron:
+            out, err = c.communicate(timeout=120)
+            assert c.returncode == 0, err
+        assert work.stdout is not None and json.loads(work.stdout.readline())["event"] == "scheduler_started"
+        runs = wait_for(lambda: len(ledger(proj)) >= 12 and ledger(proj), timeout=120, what="12 jobs to run")
+    finally:
+        for p in (work, worker):
+            p.send_signal(signal.SIGTERM)
+        for p in (work, worker):
+            p.wait(timeout=60)
+    jobs = tick_jobs(proj)
+    assert sorted(jobs) == sorted(f"e{i}@2026-03-01T03:00:00Z" for i in range(12))
+    assert all(len(ids) == 1 for ids in jobs.values()), jobs
+    assert sorted(r["label"] for r in runs) == sorted(f"e{i}" for i in range(12))  # each ran once
