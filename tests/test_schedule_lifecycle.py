@@ -9,6 +9,7 @@ found it gone."""
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,9 @@ import pytest
 from test_scheduler import REDIS_URL, Project, dispatched, entry_toml, ts
 from test_scheduler_cli import env_of, fake, forge, needs_faketime, tick_jobs
 
+from forge.config import load_settings
+from forge.discovery import DiscoveryWarning, build_registry
+from forge.scheduler.scheduler import Scheduler
 from forge.scheduler.state import LAST_RUN, ORPHAN_RETENTION
 
 MINUTELY = 'cron = "* * * * *"'
@@ -123,3 +127,34 @@ def test_rename_and_removal_through_the_commands(proj: Project) -> None:
     human = forge(proj, "schedule:list", env=env_of(proj, **fake("2026-03-01 12:02:30"))).stdout
     assert "Removed from the schedule" in human
     assert "sync  last tick 2026-03-01T12:01:00Z; dropped after 2026-03-08T12:01:32Z" in human
+
+
+NIGHTLY = '''from forge import command
+
+
+@command("nightly:report", schedule="0 3 * * *")
+def report() -> None:
+    """A report each night."""
+'''
+
+
+def test_entries_of_a_command_file_that_does_not_import_are_not_treated_as_removed(
+        proj: Project, tmp_path: Path) -> None:
+    extra = tmp_path / "cmds"
+    extra.mkdir()
+    (extra / "nightly.py").write_text(NIGHTLY)
+    proj.schedule("")
+    text = proj.config.read_text()
+    proj.config.write_text(text.replace("commands = [", f'commands = ["{extra}", ', 1))
+    t = ts("2026-03-01T03:00:00")
+    [name] = [a.entry for a in proj.scheduler().run(now=t + 5) if a.action == "dispatched"]
+    (extra / "nightly.py").write_text(NIGHTLY + "\nthis is not python\n")  # a bad deploy
+    for mod in [m for m, v in sys.modules.items() if str(getattr(v, "__file__", "")).startswith(str(extra))]:
+        del sys.modules[mod]  # a new process's view: the file is imported again
+    settings = load_settings()
+    with pytest.warns(DiscoveryWarning):
+        registry = build_registry(settings, strict=False)  # as the CLI loads commands
+    sch, _ = Scheduler.load(settings=settings, registry=registry)
+    assert registry.broken and name not in sch.by_name
+    sch.run(now=t + 65)
+    assert sch.store.read([name])[name].orphaned_at is None  # hidden by the broken file, not removed

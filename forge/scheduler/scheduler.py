@@ -344,6 +344,8 @@ class Scheduler:
     def _tend_orphans(self, now: float) -> None:
         """Mark the states of entries gone from the schedule, and drop those gone for longer
         than ``ORPHAN_RETENTION`` (an entry that comes back meanwhile keeps its state)."""
+        if self._registry is not None and getattr(self._registry, "broken", None):
+            return  # a command file that does not import hides its entries: not removed
         gone = self._orphans()
         if not gone:
             return
