@@ -95,11 +95,13 @@ def ending(a: Attempt) -> str:
     return what
 
 
-def header(a: Attempt, max_attempts: int | None, started: str) -> str:
-    """The line above an attempt's output in ``queue:show``."""
+def header(a: Attempt, max_attempts: int | None, started: str, *, runs: bool = False) -> str:
+    """The line above an attempt's output in ``queue:show``; ``runs``: also number the runs
+    (when attempt numbers repeat: after ``queue:retry``, or an interrupted attempt run again)."""
     of = f" of {max_attempts}" if max_attempts else ""
     who = f", worker {a.worker}" if a.worker else ""
-    return f"--- attempt {a.attempt}{of}, started {started}{who}: {ending(a)} ---"
+    run = f"run {a.run}, " if runs else ""
+    return f"--- {run}attempt {a.attempt}{of}, started {started}{who}: {ending(a)} ---"
 
 
 _FRAMEWORK = re.compile(r'^\s*File ".*/(forge|typer|click|_click)/[^"]*", line \d+')

@@ -118,3 +118,26 @@ def test_show_of_a_job_before_its_first_attempt_has_no_output_section(target: Ta
     shown = forge(target, "queue:show", job).stdout
     assert "Output" not in shown
     assert json.loads(forge(target, "queue:show", job, "--json").stdout)["attempts"] == []
+
+
+def test_after_queue_retry_the_runs_are_numbered_and_each_keeps_its_output(target: Target) -> None:
+    job = failed_three_times(target)
+    forge(target, "queue:retry", job)
+    res = subprocess.run(worker_argv("--stop-when-empty", "--sleep=0.1", "--name=host-b:7"), env=target.env,
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    data = json.loads(forge(target, "queue:show", job, "--json").stdout)
+    runs = [(a["run"], a["attempt"], a["worker"], a["outcome"]) for a in data["attempts"]]
+    assert runs[:3] == [(1, 1, "host-a:41", "released"), (2, 2, "host-a:41", "released"),
+                        (3, 3, "host-a:41", "failed")]
+    assert runs[3] == (4, 1, "host-b:7", "released")  # the retry starts again at attempt 1
+    assert "attempt-1-line-0" in data["attempts"][3]["output_tail"]
+    shown = forge(target, "queue:show", job).stdout
+    headers = [ln for ln in shown.splitlines() if ln.startswith("--- ")]
+    assert len(headers) == 6 and headers[3].startswith("--- run 4, attempt 1 of 3, started ")
+    assert "worker host-b:7: failed, to be retried" in headers[3]
+    # Only the last five attempts' output is shown; queue:log has all of it, as written.
+    part = shown.split("Output (tail), by attempt:\n", 1)[1]
+    first = part.split(headers[0] + "\n", 1)[1].split(headers[1], 1)[0]
+    assert first.strip() == f"(output of the 1 earlier attempt not shown: `forge queue:log {job}` prints all of it)"
+    assert forge(target, "queue:log", job).stdout.count("attempt-1-line-0") == 2

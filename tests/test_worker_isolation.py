@@ -437,7 +437,7 @@ def test_queue_show_tail_has_whole_lines_and_no_framework_frames(target: Target)
                          text=True, timeout=30)
     assert res.returncode == 0, res.stderr
     tail = [line for line in res.stdout.split("Output (tail), by attempt:", 1)[1].strip("\n").splitlines()
-            if not line.startswith("--- attempt ")]  # each attempt's header (tests/test_show_attempts.py)
+            if not line.startswith(("--- attempt ", "--- run "))]  # each attempt's header (tests/test_show_attempts.py)
     log = target.backend.read_log(job).decode()
     assert tail[0] in log.splitlines() or "frames of forge" in tail[0], tail[:2]  # a whole line
     assert "RuntimeError: probe failed on purpose" in res.stdout

@@ -139,8 +139,9 @@ def _print_attempts(job_id: str, found: list[Any], parts: list[bytes | None], mo
 
     output.line("\nOutput (tail), by attempt:")
     hidden = max(0, len(found) - SHOWN_WITH_OUTPUT)
+    runs = any(a.run != a.attempt for a in found)
     for i, (a, part) in enumerate(zip(found, parts, strict=True)):
-        output.line(header(a, most, fmt_time(a.started_at)))
+        output.line(header(a, most, fmt_time(a.started_at), runs=runs))
         if i < hidden:
             if i == hidden - 1:
                 output.line(f"  (output of the {hidden} earlier attempt{'s' if hidden != 1 else ''} not shown: "
