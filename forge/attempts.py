@@ -40,6 +40,7 @@ class Attempt:
     exit_code: int | None = None
     error: str | None = None
     duration: float | None = None
+    tries: int | None = None    # how many attempts the job may make, as its worker counted them
 
 
 def attempts(info: JobInfo, log_size: int) -> list[Attempt]:
@@ -67,7 +68,7 @@ def attempts(info: JobInfo, log_size: int) -> list[Attempt]:
             log_start=start, log_end=stop, outcome=outcome,
             ended_at=end.at if end else None, reason=end.reason if end else None,
             exit_code=end.exit_code if end else None, error=end.error if end else None,
-            duration=end.duration if end else None,
+            duration=end.duration if end else None, tries=end.tries if end else None,
         ))
     return found
 
@@ -98,7 +99,8 @@ def ending(a: Attempt) -> str:
 def header(a: Attempt, max_attempts: int | None, started: str, *, runs: bool = False) -> str:
     """The line above an attempt's output in ``queue:show``; ``runs``: also number the runs
     (when attempt numbers repeat: after ``queue:retry``, or an interrupted attempt run again)."""
-    of = f" of {max_attempts}" if max_attempts else ""
+    most = a.tries or max_attempts
+    of = f" of {most}" if most else ""
     who = f", worker {a.worker}" if a.worker else ""
     run = f"run {a.run}, " if runs else ""
     return f"--- {run}attempt {a.attempt}{of}, started {started}{who}: {ending(a)} ---"

@@ -277,6 +277,9 @@ class Event:
     #: On a ``claimed`` event: the size of the job's log (bytes) when the attempt started, so
     #: ``queue:show`` can tell one attempt's output from the next.
     log_offset: int | None = None
+    #: On the event that ends an attempt: how many attempts the job may make, as its worker
+    #: counted them (the job's own tries, else the worker's), for "attempt 2 of 3".
+    tries: int | None = None
 
     def to_json(self) -> bytes:
         """One line of compact ASCII JSON (an output tail holding lone surrogates still

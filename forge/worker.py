@@ -598,7 +598,7 @@ class Worker:
         code = reply.get("exit_code", 1)
         if code == 0:
             done = Event("done", claim.attempt, time.time(), worker=opts.name, exit_code=0,
-                         duration=round(duration, 6))
+                         duration=round(duration, 6), tries=job.max_attempts or opts.tries)
             self._durably(lambda: self.backend.ack(claim, done))
             self.report("done", {**info, "duration_ms": ms})
             self.heartbeat.update(done=self.heartbeat.record.done + 1)
@@ -606,7 +606,7 @@ class Worker:
         final = not retry or claim.attempt >= (job.max_attempts or opts.tries)
         event = Event("failed" if final else "released", claim.attempt, time.time(), worker=opts.name,
                       reason=reply.get("reason"), error=reply.get("error"), exit_code=code,
-                      duration=round(duration, 6), output_tail=tail or None)
+                      duration=round(duration, 6), output_tail=tail or None, tries=job.max_attempts or opts.tries)
         data = {**info, "duration_ms": ms, "reason": reply.get("reason"), "error": reply.get("error"),
                 "exit_code": code}
         if final:

@@ -141,3 +141,14 @@ def test_after_queue_retry_the_runs_are_numbered_and_each_keeps_its_output(targe
     first = part.split(headers[0] + "\n", 1)[1].split(headers[1], 1)[0]
     assert first.strip() == f"(output of the 1 earlier attempt not shown: `forge queue:log {job}` prints all of it)"
     assert forge(target, "queue:log", job).stdout.count("attempt-1-line-0") == 2
+
+
+def test_attempt_n_of_m_counts_the_workers_tries_when_the_job_has_none(target: Target) -> None:
+    job = forge(target, "queue:dispatch", "flaky:run").stdout.strip()  # no --tries: the worker's
+    res = subprocess.run(worker_argv("--stop-when-empty", "--sleep=0.1", "--tries=2"), env=target.env,
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    headers = [ln for ln in forge(target, "queue:show", job).stdout.splitlines() if ln.startswith("--- ")]
+    assert [h.split(",")[0] for h in headers] == ["--- attempt 1 of 2", "--- attempt 2 of 2"]
+    attempts = json.loads(forge(target, "queue:show", job, "--json").stdout)["attempts"]
+    assert [(a["max_attempts"], a["outcome"]) for a in attempts] == [(2, "released"), (2, "failed")]

@@ -110,11 +110,13 @@ def _tail(log: bytes) -> str:
 
 def _attempts(info: JobInfo, log: bytes) -> tuple[list[Any], list[bytes | None], int | None]:
     """The job's attempts, each one's part of the log, and how many attempts it may make
-    (its own tries, else the attempt it finally failed at; None when neither is known)."""
+    (its own tries, else what the last attempt's worker counted; None when neither is known)."""
     from ..attempts import attempts, split
 
     found = attempts(info, len(log))
     most = info.job.max_attempts
+    if most is None:
+        most = next((a.tries for a in reversed(found) if a.tries), None)
     if most is None and info.state == State.FAILED and found and found[-1].outcome == "failed":
         most = found[-1].attempt
     return found, split(log, found), most
@@ -123,7 +125,7 @@ def _attempts(info: JobInfo, log: bytes) -> tuple[list[Any], list[bytes | None],
 def _attempts_json(found: list[Any], parts: list[bytes | None], most: int | None) -> list[dict[str, Any]]:
     from ..attempts import EARLIER_CHARS, LAST_CHARS, readable
 
-    return [{"run": a.run, "attempt": a.attempt, "max_attempts": most, "started_at": iso_time(a.started_at),
+    return [{"run": a.run, "attempt": a.attempt, "max_attempts": a.tries or most, "started_at": iso_time(a.started_at),
              "worker": a.worker, "outcome": a.outcome, "ended_at": iso_time(a.ended_at), "reason": a.reason,
              "exit_code": a.exit_code, "error": a.error, "duration": a.duration, "log_offset": a.log_start,
              "log_bytes": len(part) if part is not None else None,
