@@ -80,20 +80,19 @@ def split(log: bytes, found: Sequence[Attempt]) -> list[bytes | None]:
 
 
 def ending(a: Attempt) -> str:
-    """How an attempt ended, for a person: ``failed: exit code 1 (exception), after 0.3 s``."""
+    """How an attempt ended, for a person: ``failed (exit code 1, exception) after 0.3 s; retried``."""
     if a.outcome == "running":
         return "running"
     if a.outcome == "interrupted":
         return "ended without an outcome (its worker was stopped; not counted)"
-    if a.outcome == "done":
-        what = "done"
-    else:
-        what = "failed, to be retried" if a.outcome == "released" else "failed"
-        detail = [f"exit code {a.exit_code}" if a.exit_code is not None else "", a.reason or ""]
-        what += ": " + ", ".join(d for d in detail if d) if any(detail) else ""
+    what = "done" if a.outcome == "done" else "failed"
+    detail = ", ".join(d for d in (f"exit code {a.exit_code}" if a.exit_code is not None and a.outcome != "done"
+                                   else "", a.reason or "") if d)
+    if detail:
+        what += f" ({detail})"
     if a.duration is not None:
         what += f" after {a.duration:.1f} s"
-    return what
+    return what + ("; to be retried" if a.outcome == "released" else "")
 
 
 def header(a: Attempt, max_attempts: int | None, started: str, *, runs: bool = False) -> str:

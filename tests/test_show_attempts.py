@@ -78,9 +78,9 @@ def test_show_has_a_header_and_the_output_of_each_attempt(target: Target) -> Non
     for n, h in enumerate(headers, 1):
         assert h.startswith(f"--- attempt {n} of 3, started "), h
         assert re.search(r"started \d{4}-\d\d-\d\d \d\d:\d\d:\d\d, worker host-a:41: ", h), h
-    assert "failed, to be retried: exit code 1, exception after" in headers[0]
-    assert "failed, to be retried: exit code 1, exception after" in headers[1]
-    assert "failed: exit code 3, exit_code after" in headers[2]
+    assert re.search(r": failed \(exit code 1, exception\) after \d+\.\d s; to be retried ---$", headers[0]), headers[0]
+    assert re.search(r": failed \(exit code 1, exception\) after \d+\.\d s; to be retried ---$", headers[1]), headers[1]
+    assert re.search(r": failed \(exit code 3, exit_code\) after \d+\.\d s ---$", headers[2]), headers[2]
     sections = re.split(r"^--- attempt .*$\n", part, flags=re.M)[1:]
     for n, text in enumerate(sections, 1):
         own = [ln for ln in text.splitlines() if ln.startswith("attempt-")]
@@ -135,7 +135,7 @@ def test_after_queue_retry_the_runs_are_numbered_and_each_keeps_its_output(targe
     shown = forge(target, "queue:show", job).stdout
     headers = [ln for ln in shown.splitlines() if ln.startswith("--- ")]
     assert len(headers) == 6 and headers[3].startswith("--- run 4, attempt 1 of 3, started ")
-    assert "worker host-b:7: failed, to be retried" in headers[3]
+    assert "worker host-b:7: failed (exit code 1, exception)" in headers[3] and headers[3].endswith("; to be retried ---")
     # Only the last five attempts' output is shown; queue:log has all of it, as written.
     part = shown.split("Output (tail), by attempt:\n", 1)[1]
     first = part.split(headers[0] + "\n", 1)[1].split(headers[1], 1)[0]
