@@ -80,7 +80,7 @@ def split(log: bytes, found: Sequence[Attempt]) -> list[bytes | None]:
 
 
 def ending(a: Attempt) -> str:
-    """How an attempt ended, for a person: ``failed (exit code 1, exception) after 0.3 s; retried``."""
+    """How an attempt ended, for a person: ``failed (exit code 1, exception) after 300 ms; to be retried``."""
     if a.outcome == "running":
         return "running"
     if a.outcome == "interrupted":
@@ -91,7 +91,9 @@ def ending(a: Attempt) -> str:
     if detail:
         what += f" ({detail})"
     if a.duration is not None:
-        what += f" after {a.duration:.1f} s"
+        from .durations import format_duration
+
+        what += f" after {format_duration(a.duration)}"
     return what + ("; to be retried" if a.outcome == "released" else "")
 
 
