@@ -78,9 +78,9 @@ def test_show_has_a_header_and_the_output_of_each_attempt(target: Target) -> Non
     for n, h in enumerate(headers, 1):
         assert h.startswith(f"--- attempt {n} of 3, started "), h
         assert re.search(r"started \d{4}-\d\d-\d\d \d\d:\d\d:\d\d, worker host-a:41: ", h), h
-    assert re.search(r": failed \(exit code 1, exception\) after \d+\.\d s; to be retried ---$", headers[0]), headers[0]
-    assert re.search(r": failed \(exit code 1, exception\) after \d+\.\d s; to be retried ---$", headers[1]), headers[1]
-    assert re.search(r": failed \(exit code 3, exit_code\) after \d+\.\d s ---$", headers[2]), headers[2]
+    assert re.search(r": failed \(exit code 1, exception\) after [\d.]+ m?s; to be retried ---$", headers[0]), headers[0]
+    assert re.search(r": failed \(exit code 1, exception\) after [\d.]+ m?s; to be retried ---$", headers[1]), headers[1]
+    assert re.search(r": failed \(exit code 3, exit_code\) after [\d.]+ m?s ---$", headers[2]), headers[2]
     sections = re.split(r"^--- attempt .*$\n", part, flags=re.M)[1:]
     for n, text in enumerate(sections, 1):
         own = [ln for ln in text.splitlines() if ln.startswith("attempt-")]
