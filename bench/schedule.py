@@ -2,9 +2,10 @@
 1,000 due ticks, schedule:work's idle CPU and the lateness of a due tick.
 
     python bench/schedule.py --backend both --idle-seconds 60
-    python bench/schedule.py --backend file --parts run --python /work/wt/base/.venv/bin/python   # a baseline
+    python bench/schedule.py --backend both --parts run --baseline /work/wt/base/.venv/bin/python
 
-``--python`` runs forge with another interpreter (another tree's venv: a same-run baseline);
+``--python`` runs forge with another interpreter (another tree's venv); ``--baseline`` runs a
+second one's forge alternately with it, run by run (a same-run baseline on a busy machine);
 ``--parts`` picks measurements. Bytecode caches are written and warm before anything is timed
 (``PYTHONDONTWRITEBYTECODE`` is dropped: with it every run compiles forge afresh, which cron's
 environment and an installed package never do).
@@ -65,28 +66,40 @@ def cleanup(kind: str, env: dict[str, str], url: str) -> None:
 PYTHON = sys.executable
 
 
-def forge(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([PYTHON, "-m", "forge", *args], env=env, capture_output=True, text=True, timeout=300)
+def forge(env: dict[str, str], *args: str, python: str | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([python or PYTHON, "-m", "forge", *args], env=env, capture_output=True, text=True,
+                          timeout=300)
 
 
-def bench_one_run(kind: str, tmp: Path, url: str) -> None:
+def bench_one_run(kind: str, tmp: Path, url: str, baseline: str | None = None) -> None:
+    """Eleven timed runs, one a (faked) minute; with ``baseline``, that interpreter's forge runs
+    the same project beside it, alternating process by process (the fairest comparison on a
+    busy machine). Prints wall time and CPU time (user + system) per run."""
+    import resource
+
     toml = "".join(entry(f"due{i}", "* * * * *") for i in range(50))
     toml += "".join(entry(f"idle{i}", f"{i % 60} {i % 24} 15 * *") for i in range(950))
-    env = project(tmp / f"one-{kind}", kind, toml, url)
-    forge(fake(env, "2026-03-01 02:00:05"), "schedule:run")  # warm the command cache, the state and .pyc files
-    forge(fake(env, "2026-03-01 02:01:05"), "schedule:run")
-    times = []
-    for m in range(2, 13):
+    pythons = [PYTHON] + ([baseline] if baseline else [])
+    envs = [project(tmp / f"one-{kind}-{n}", kind, toml, url) for n in range(len(pythons))]
+    walls: list[list[float]] = [[] for _ in pythons]
+    cpus: list[list[float]] = [[] for _ in pythons]
+    for m in range(13):  # the first two warm the command cache, the state and .pyc files
         when = f"2026-03-01 02:{m:02d}:05"
-        start = time.perf_counter()
-        res = forge(fake(env, when), "schedule:run")
-        times.append(time.perf_counter() - start)
-        assert res.returncode == 0, res.stderr
-        assert res.stdout.count("dispatched") == 50, res.stdout[-500:]
-    cleanup(kind, env, url)
-    print(f"FIGURES bench=schedule-run backend={kind} python={PYTHON} entries=1000 due=50 runs={len(times)} "
-          f"median_ms={statistics.median(times) * 1000:.0f} min_ms={min(times) * 1000:.0f} "
-          f"max_ms={max(times) * 1000:.0f}", flush=True)
+        for i, (py, env) in enumerate(zip(pythons, envs, strict=True)):
+            r0, start = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
+            res = forge(fake(env, when), "schedule:run", python=py)
+            wall, r1 = time.perf_counter() - start, resource.getrusage(resource.RUSAGE_CHILDREN)
+            assert res.returncode == 0, res.stderr
+            if m >= 2:
+                assert res.stdout.count("dispatched") == 50, res.stdout[-500:]
+                walls[i].append(wall)
+                cpus[i].append(r1.ru_utime - r0.ru_utime + r1.ru_stime - r0.ru_stime)
+    for env in envs:
+        cleanup(kind, env, url)
+    for py, times, cpu in zip(pythons, walls, cpus, strict=True):
+        print(f"FIGURES bench=schedule-run backend={kind} python={py} entries=1000 due=50 runs={len(times)} "
+              f"median_ms={statistics.median(times) * 1000:.0f} min_ms={min(times) * 1000:.0f} "
+              f"max_ms={max(times) * 1000:.0f} cpu_median_ms={statistics.median(cpu) * 1000:.0f}", flush=True)
 
 
 def bench_concurrent(kind: str, tmp: Path, url: str) -> None:
@@ -152,6 +165,8 @@ def main() -> None:
     ap.add_argument("--redis-url", default=os.environ.get("FORGE_TEST_REDIS_URL", "redis://127.0.0.1:6379/0"))
     ap.add_argument("--python", default=sys.executable, help="The interpreter that runs forge (default: this one).")
     ap.add_argument("--parts", default="run,concurrent,work", help="Comma-separated: run, concurrent, work.")
+    ap.add_argument("--baseline", help="Another interpreter (another tree's venv) whose forge runs the same"
+                                       " schedule:run project alternately with this one's: a same-run baseline.")
     a = ap.parse_args()
     global PYTHON
     PYTHON = a.python
@@ -160,7 +175,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as d:
         for kind in kinds:
             if "run" in parts:
-                bench_one_run(kind, Path(d), a.redis_url)
+                bench_one_run(kind, Path(d), a.redis_url, a.baseline)
             if "concurrent" in parts:
                 bench_concurrent(kind, Path(d), a.redis_url)
             if "work" in parts:
