@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from datetime import timedelta
+from typing import Any
 
 from .errors import UsageError
 
@@ -49,17 +50,12 @@ def parse_duration(value: str | float | int | timedelta, *, what: str = "duratio
     return seconds
 
 
-def parse_backoff(value: str | float | int | list | tuple, *, what: str = "backoff") -> tuple[float, ...]:
-    """``"1,5,10"`` or ``[1, 5, 10]`` -> ``(1.0, 5.0, 10.0)``; retry n waits the n-th, the last repeats."""
-    if isinstance(value, str):
-        parts: list = [p for p in value.split(",") if p.strip()]
-    elif isinstance(value, list | tuple):
-        parts = list(value)
-    else:
-        parts = [value]
-    if not parts:
-        raise UsageError(f"Invalid {what} {value!r}: give at least one delay, e.g. 1,5,10.")
-    return tuple(parse_duration(p, what=what) for p in parts)
+def parse_backoff(value: Any, *, what: str = "backoff") -> Any:
+    """``"1,5,10"`` or ``[1, 5, 10]`` -> ``(1.0, 5.0, 10.0)`` (retry n waits the n-th, the last
+    repeats); ``"exp:2s..10m,jitter=full"`` -> an exponential backoff: see ``forge.retry.backoff``."""
+    from .retry.backoff import parse
+
+    return parse(value, what=what)
 
 
 def format_duration(seconds: float) -> str:

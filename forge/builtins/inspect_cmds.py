@@ -22,6 +22,7 @@ from ..durations import format_duration, parse_duration
 from ..errors import EXIT_JOB_FAILED, EXIT_THRESHOLD, UsageError
 from ..job import JobInfo, Reason, State
 from ..queue import QueueManager
+from ..retry.backoff import describe as describe_backoff
 from ._shared import (
     JSON_VERSION,
     Connection,
@@ -135,8 +136,11 @@ def show(job_id: JobId, json_out: Json = False, connection: Connection = None) -
     job_id = m.resolve_id(job_id)
     info = m.find(job_id)
     tail = _tail(m.read_log(job_id))
+    from ..retry.show import schedule_json, schedule_lines
+
     if json_out:
-        output.print_json({"version": JSON_VERSION, "job": job_json(info), "output_tail": tail})
+        output.print_json({"version": JSON_VERSION, "job": job_json(info), "output_tail": tail,
+                           "retry": schedule_json(info, m.settings)})
         return
     job = info.job
     worker = next((e.worker for e in reversed(info.events) if e.worker), None)
@@ -146,7 +150,7 @@ def show(job_id: JobId, json_out: Json = False, connection: Connection = None) -
         ["dispatched", fmt_time(job.dispatched_at)], ["available", fmt_time(job.available_at)],
         ["updated", fmt_time(info.updated_at)],
         ["timeout", format_duration(job.timeout) if job.timeout else "the worker default"],
-        ["backoff", ",".join(f"{b:g}" for b in job.backoff) if job.backoff else "the worker default"],
+        ["backoff", describe_backoff(job.backoff) if job.backoff else "the worker default"],
         ["unique key", job.unique_key or ""], ["metadata", json.dumps(dict(job.metadata)) if job.metadata else ""],
         ["worker", worker or ""],
     ]
@@ -157,6 +161,8 @@ def show(job_id: JobId, json_out: Json = False, connection: Connection = None) -
                      [[e.event, e.attempt, fmt_time(e.at), e.worker, e.reason, e.exit_code,
                        format_duration(e.duration) if e.duration is not None else "", e.error]
                       for e in info.events], title="History")
+    output.line()
+    output.line("\n".join(schedule_lines(info, m.settings)))
     if tail:
         output.line("\nOutput (tail):")
         output.line(tail.rstrip("\n"))
