@@ -52,10 +52,23 @@ def parse_duration(value: str | float | int | timedelta, *, what: str = "duratio
 
 def parse_backoff(value: Any, *, what: str = "backoff") -> Any:
     """``"1,5,10"`` or ``[1, 5, 10]`` -> ``(1.0, 5.0, 10.0)`` (retry n waits the n-th, the last
-    repeats); ``"exp:2s..10m,jitter=full"`` -> an exponential backoff: see ``forge.retry.backoff``."""
-    from .retry.backoff import parse
+    repeats); ``"exp:2s..10m,jitter=full"`` (or its JSON object) -> an exponential backoff, see
+    ``forge.retry.backoff`` (imported only for that form: ``forge.toml``'s list is read on
+    every dispatch)."""
+    if isinstance(value, str) and value.strip().lower().startswith("exp") or not isinstance(
+            value, str | int | float | list | tuple):
+        from .retry.backoff import parse
 
-    return parse(value, what=what)
+        return parse(value, what=what)
+    if isinstance(value, str):
+        parts: list = [p for p in value.split(",") if p.strip()]
+    elif isinstance(value, list | tuple):
+        parts = list(value)
+    else:
+        parts = [value]
+    if not parts:
+        raise UsageError(f"Invalid {what} {value!r}: give at least one delay, e.g. 1,5,10, or exp:1s..10m.")
+    return tuple(parse_duration(p, what=what) for p in parts)
 
 
 def format_duration(seconds: float) -> str:

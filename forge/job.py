@@ -14,12 +14,13 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import CorruptJob, UsageError
-from .retry.backoff import Backoff, Exponential
-from .retry.backoff import delay as backoff_delay  # noqa: F401 - the one rule, re-exported
-from .retry.rules import RetryRules
+
+if TYPE_CHECKING:  # imported when a record has them: a plain dispatch needs neither
+    from .retry.backoff import Backoff
+    from .retry.rules import RetryRules
 
 FORMAT_VERSION = 1
 MAX_PAYLOAD_BYTES = 64 * 1024      # a dispatched job (command, args, metadata)
@@ -142,8 +143,7 @@ class Job:
             "queue": self.queue,
             "max_attempts": self.max_attempts,
             "timeout": self.timeout,
-            "backoff": (self.backoff.to_json() if isinstance(self.backoff, Exponential)
-                        else list(self.backoff) if self.backoff is not None else None),
+            "backoff": _backoff_json(self.backoff),
             "metadata": dict(self.metadata),
             "dispatched_at": self.dispatched_at,
             "available_at": self.available_at,
@@ -191,7 +191,7 @@ class Job:
                 available_at=_num(d, "available_at"),
                 unique_key=_opt(d, "unique_key", str),
                 unique_ttl=_opt_num(d, "unique_ttl"),
-                retry=RetryRules.from_json(d["retry"]) if d.get("retry") is not None else None,
+                retry=_retry_of(d),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise CorruptJob(f"invalid job record: {exc}") from None
@@ -239,11 +239,31 @@ def _from_v1_dict(cls: type[Job], d: dict[str, Any]) -> Job | None:
     return job
 
 
+def _backoff_json(backoff: Any) -> Any:
+    """A list of seconds, or an exponential backoff's object."""
+    if backoff is None:
+        return None
+    return backoff.to_json() if hasattr(backoff, "to_json") else list(backoff)
+
+
+def _retry_of(d: Mapping[str, Any]) -> RetryRules | None:
+    if d.get("retry") is None:
+        return None
+    from .retry.rules import RetryRules
+
+    try:
+        return RetryRules.from_json(d["retry"])
+    except UsageError as exc:
+        raise ValueError(exc.message) from None
+
+
 def _backoff_of(d: Mapping[str, Any]) -> Backoff | None:
     value = d.get("backoff")
     if value is None:
         return None
     if isinstance(value, dict):
+        from .retry.backoff import Exponential
+
         try:
             return Exponential.from_json(value)
         except UsageError as exc:

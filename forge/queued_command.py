@@ -11,7 +11,7 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .config import validate_queue_name
 from .durations import MAX_SECONDS, parse_duration
@@ -26,8 +26,10 @@ from .job import (
     json_depth,
     new_id,
 )
-from .retry import backoff as _backoff
-from .retry.rules import JobDefaults, RetryRules, deadline
+
+if TYPE_CHECKING:
+    from .retry.backoff import Backoff, Exponential
+    from .retry.rules import JobDefaults
 
 
 def queue_name(name: object) -> str:
@@ -63,7 +65,7 @@ class QueuedCommand:
     max_attempts: int | None = None
     queue: str | None = None
     timeout: float | None = None
-    backoff: _backoff.Backoff | None = None
+    backoff: Backoff | None = None
     metadata: Mapping[str, Any] = field(default_factory=dict)
     unique_key: str | None = None
     unique_ttl: float | None = None
@@ -106,7 +108,7 @@ class QueuedCommand:
     def with_timeout(self, timeout: float | int | timedelta) -> QueuedCommand:
         return replace(self, timeout=_seconds(timeout, "timeout"))
 
-    def with_backoff(self, backoff: float | int | str | timedelta | Sequence[float | int] | _backoff.Exponential,
+    def with_backoff(self, backoff: float | int | str | timedelta | Sequence[float | int] | Exponential,
                      ) -> QueuedCommand:
         """Seconds before each retry: ``[1, 5, 10]`` waits 1 s, then 5 s, then 10 s thereafter;
         ``"exp:2s..10m,jitter=full"`` doubles from 2 s up to 10 m, with full jitter
@@ -114,13 +116,17 @@ class QueuedCommand:
         try:
             if isinstance(backoff, timedelta):
                 return replace(self, backoff=(backoff.total_seconds(),))
-            return replace(self, backoff=_backoff.parse(backoff))
+            from .retry.backoff import parse
+
+            return replace(self, backoff=parse(backoff))
         except UsageError as exc:
             raise InvalidCommand(exc.message) from None
 
     def with_retry_until(self, until: float | int | str | timedelta | datetime) -> QueuedCommand:
         """Start no retry after this: a duration after dispatch (``"2h"``) or a datetime. With
         it and no max attempts (here or declared), attempts are not limited: the deadline is."""
+        from .retry.rules import deadline
+
         if not isinstance(until, datetime):
             try:
                 deadline(until, 0.0)
@@ -232,12 +238,16 @@ class QueuedCommand:
             raise InvalidCommand(f"{self.command}: the idempotency key must be a string of 1 to"
                                  f" {MAX_IDEMPOTENCY_KEY} characters.")
         available = self._due(now)
-        try:
-            rules = RetryRules(
-                until=None if self.retry_until is None else deadline(self.retry_until, now),
-                max_exceptions=self.max_exceptions, max_releases=self.max_releases)
-        except UsageError as exc:
-            raise InvalidCommand(f"{self.command}: {exc.message}") from None
+        rules = None
+        if self.retry_until is not None or self.max_exceptions is not None or self.max_releases is not None:
+            from .retry.rules import RetryRules, deadline
+
+            try:
+                rules = RetryRules(
+                    until=None if self.retry_until is None else deadline(self.retry_until, now),
+                    max_exceptions=self.max_exceptions, max_releases=self.max_releases)
+            except UsageError as exc:
+                raise InvalidCommand(f"{self.command}: {exc.message}") from None
         try:
             job_id = new_id() if key is None else idempotent_id(key)
         except UnicodeEncodeError:

@@ -7,11 +7,14 @@ import socket
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import TYPE_CHECKING
 
 from .backends.base import KILL_GRACE
 from .config import validate_queue_name
 from .errors import EXIT_MEMORY, EXIT_UNAVAILABLE, UsageError
-from .retry.backoff import Backoff
+
+if TYPE_CHECKING:
+    from .retry.backoff import Backoff
 
 
 class StopReason(StrEnum):

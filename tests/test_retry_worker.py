@@ -94,7 +94,13 @@ def test_outcomes_and_bounds_under_a_real_worker(queue_target: Any) -> None:
             cmd = getattr(cmd, key)(value)
         return q.dispatch(cmd)
 
-    ids = {
+    ids = {}
+    for name, args in (("until", ["--retry-until=4s", "--backoff=0.5"]),  # first: it needs its time
+                       ("exp", ["--tries=4", "--backoff=exp:0.2s..0.4s"])):
+        res = _forge(queue_target, "queue:dispatch", *args, "rw:flaky", str(work / name))
+        assert res.returncode == 0, res.stderr
+        ids[name] = res.stdout.strip()
+    ids |= {
         "exit75": job("a", "--first=2", "--mode=exit75"),
         "retry": job("b", "--first=2", "--mode=retry"),
         "always75": job("c", "--mode=exit75", with_max_releases=3),
@@ -103,11 +109,6 @@ def test_outcomes_and_bounds_under_a_real_worker(queue_target: Any) -> None:
         "max_exc": job("f", "--mode=raise", with_max_attempts=10, with_max_exceptions=2),
         "declared": q.dispatch(QueuedCommand("rw:declared").with_args([str(work / "g")])),
     }
-    for name, args in (("exp", ["--tries=4", "--backoff=exp:0.2s..0.4s"]),
-                       ("until", ["--retry-until=1.5s", "--backoff=0.3"])):
-        res = _forge(queue_target, "queue:dispatch", *args, "rw:flaky", str(work / name))
-        assert res.returncode == 0, res.stderr
-        ids[name] = res.stdout.strip()
     worker = subprocess.Popen([sys.executable, "-m", "forge", "queue:work", "--sleep=0.05", "--tries=1"],
                               env=queue_target.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -151,7 +152,8 @@ def test_outcomes_and_bounds_under_a_real_worker(queue_target: Any) -> None:
     assert failure("exp") == (State.FAILED, 4, "exception")
     gaps = _gaps(infos["exp"])
     assert len(gaps) == 3 and gaps[0] >= 0.18 and gaps[1] >= 0.38 and gaps[2] >= 0.38, gaps
-    # retry_until with no tries: retried until the next retry would start after the deadline.
+    # retry_until with no tries (the worker's --tries=1 does not apply): retried until the next
+    # retry would start after the deadline.
     until = infos["until"]
     assert until.job.retry is not None and until.job.retry.until is not None
     assert failure("until")[0::2] == (State.FAILED, "retry_until") and until.attempts >= 2
@@ -184,3 +186,45 @@ def test_queue_show_gives_the_next_attempt_and_the_delays_after_it(queue_target:
     data = json.loads(_forge(queue_target, "queue:show", "--json", job_id).stdout)["retry"]
     assert data["next_attempt"] == 1 and data["next_attempt_at"].endswith("Z")
     assert data["then"][0] == {"after_attempt": 1, "retry": True, "delay_min": 30.0, "delay_max": 60.0}
+
+
+def test_a_release_not_counted_keeps_its_event_and_the_attempt(queue_target: Any) -> None:
+    """The backend contract the outcome protocol needs: ``release(counted=False)`` records the
+    event and gives the attempt back; the next claim is the same attempt again."""
+    from forge.job import Event
+
+    _project(queue_target)
+    job_id = queue_target.queue().dispatch(QueuedCommand("rw:flaky").with_args(["x"]))
+    backend = queue_target.backend
+    claim = backend.claim(["default"], "w1", 60)
+    assert claim is not None and claim.attempt == 1
+    backend.release(claim, Event("released", 1, claim.claimed_at, reason="retry_later"), 0, counted=False)
+    info = backend.find(job_id)
+    assert info is not None and info.state == State.PENDING and info.attempts == 0
+    assert [(e.event, e.reason) for e in info.events][-1] == ("released", "retry_later")
+    again = backend.claim(["default"], "w1", 60)
+    assert again is not None and again.attempt == 1
+    backend.release(again, Event("released", 1, again.claimed_at, reason="exception"), 0)
+    assert backend.find(job_id).attempts == 1  # type: ignore[union-attr]
+
+
+def test_a_retry_claimed_after_its_deadline_does_not_run(queue_target: Any) -> None:
+    import time
+
+    from forge.job import Event
+
+    _project(queue_target)
+    counter = queue_target.workdir / "late"
+    job_id = queue_target.queue().dispatch(QueuedCommand("rw:flaky").with_args([str(counter)])
+                                           .with_retry_until(0.5))
+    backend = queue_target.backend
+    claim = backend.claim(["default"], "w1", 60)  # attempt 1 fails; its retry is due at once...
+    backend.release(claim, Event("released", 1, time.time(), reason="exception"), 0)
+    until = backend.find(job_id).job.retry.until  # type: ignore[union-attr]
+    wait_for(lambda: time.time() > until + 0.05, timeout=10)  # ... but no worker takes it in time
+    res = subprocess.run([sys.executable, "-m", "forge", "queue:work", "--once"], env=queue_target.env,
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    info = backend.find(job_id)
+    assert info is not None and info.state == State.FAILED and info.failure.reason == "retry_until"  # type: ignore[union-attr]
+    assert not counter.exists()  # the command never ran

@@ -17,7 +17,6 @@ from typing import TYPE_CHECKING
 from .. import _linux
 from ..errors import QueueUnavailable, UsageError
 from ..job import CorruptJob, Event, Job, Reason, decode_file, valid_id
-from ..retry.policy import recovery
 from ._fileidem import IDEM_DIR, SWEEP_EVERY
 from ._fileidem import sweep as idem_sweep
 from ._fileio import (
@@ -144,6 +143,8 @@ class FileUpkeep:
                 self._finish(claim, None, state, pending_name(micros(now), job.id, attempt))
                 self._free_unique(job)
                 return "completed"
+            from ..retry.policy import recovery  # here: recovering is rare
+
             exhausted, delay = recovery(job, attempt, default_tries, now)
             event = Event("failed" if exhausted else "released", attempt, now,
                           reason=Reason.ABANDONED, error="the worker died during this attempt")

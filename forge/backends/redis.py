@@ -65,7 +65,6 @@ from ..job import (
     decode_file,
     is_idempotent_id,
 )
-from ..retry.policy import recovery
 from ._redis_helpers import CHUNK, LOG_CAP, load_scripts
 from ._redis_helpers import hash_key as _hash_key
 from ._redis_helpers import translate as _translate
@@ -349,6 +348,8 @@ class RedisBackend(RedisAdmin):
             job: Job | None = decode_file(record)[0]
         except CorruptJob:
             job = None
+        from ..retry.policy import recovery  # here: recovering is rare
+
         exhausted, delay = (True, 0.0) if job is None else recovery(job, attempt, default_tries)
         event = Event("failed" if exhausted else "released", attempt, time.time(),
                       reason=Reason.ABANDONED, error="the worker died during this attempt")

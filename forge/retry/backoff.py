@@ -136,15 +136,11 @@ def parse(value: Any, *, what: str = "backoff") -> Backoff:
             return Exponential.from_json(value)
         except ValueError as exc:
             raise UsageError(f"Invalid {what} {value!r}: {exc}.") from None
-    if isinstance(value, str):
-        parts: list[Any] = [p for p in value.split(",") if p.strip()]
-    elif isinstance(value, list | tuple):
-        parts = list(value)
-    else:
-        parts = [value]
-    if not parts:
-        raise UsageError(f"Invalid {what} {value!r}: give at least one delay, e.g. 1,5,10, or exp:1s..10m.")
-    return tuple(parse_duration(p, what=what) for p in parts)
+    if not isinstance(value, str | int | float | list | tuple):
+        raise UsageError(f"Invalid {what} {value!r}: a list of delays (1,5,10) or exp:BASE..CAP.")
+    from ..durations import parse_backoff  # the list form
+
+    return parse_backoff(value, what=what)  # type: ignore[no-any-return]
 
 
 def _parse_exp(text: str, what: str) -> Exponential:
