@@ -310,15 +310,23 @@ def test_bad_dispatch_options_exit_2(retry_project: Path, capsys: Capsys) -> Non
     assert sum(s.size for s in connect().stats()) == 0
 
 
-def test_the_scheduler_uses_the_declared_queue(retry_project: Path) -> None:
+def test_the_scheduler_uses_the_declaration_on_both_paths(retry_project: Path) -> None:
     from forge.scheduler.entry import ScheduleEntry
     from forge.scheduler.scheduler import Scheduler
 
     entry = ScheduleEntry.create("nightly", "imp:data", ["n.csv"], every="1h")
-    sch = Scheduler([entry])
-    record = sch.test("nightly")
+    record = Scheduler([entry]).test("nightly")  # the full path: the command's module loaded
     info = connect().find(record.id)
-    assert info is not None and info.job.queue == "imports" and info.job.max_attempts == 5
+    assert info is not None and (info.job.queue, info.job.max_attempts) == ("imports", 5)
+    # The Typer-free schedule:run takes the declaration from the command cache.
+    config = retry_project / "forge.toml"
+    config.write_text(config.read_text() + '[[schedule]]\ncommand = "imp:data"\nargs = ["t.csv"]\nevery = "1m"\n')
+    assert _dispatch(retry_project, "imp:plain")[0]["code"] == 0  # saves the command cache
+    res = subprocess.run([sys.executable, "-c", PROBE, "schedule:run"], cwd=retry_project, env=dict(os.environ),
+                         capture_output=True, text=True, timeout=120)
+    assert json.loads(res.stdout.splitlines()[-1]) == {"code": 0, "typer": False}, res.stderr
+    (tick,) = [i.job for i in connect().jobs() if i.job.args == ("t.csv",)]
+    assert (tick.queue, tick.max_attempts, tick.timeout, tick.backoff) == ("imports", 5, 600.0, info.job.backoff)
 
 
 # -- forge.call and forge NAME ---------------------------------------------------------------------

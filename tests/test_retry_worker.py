@@ -132,7 +132,8 @@ def test_outcomes_and_bounds_under_a_real_worker(queue_target: Any) -> None:
         info = infos[name]
         assert (info.state, info.attempts) == (State.DONE, 1), name
         released = [e for e in info.events if e.event == "released"]
-        assert [(e.attempt, e.reason) for e in released] == [(1, "retry_later")] * 2
+        assert [(e.attempt, e.reason, e.exit_code) for e in released] == [(1, "retry_later", 75)] * 2
+        assert released[0].error == ("the API said 429" if name == "retry" else "asked to be retried later")
         assert all(g >= wait - 0.02 for g in _gaps(info)), (name, _gaps(info))
     assert (work / "a").read_text() == "3" and (work / "b").read_text() == "3"
     # Always 75: bounded by max_releases (3 releases, then failed), still one attempt.
@@ -165,6 +166,7 @@ def test_outcomes_and_bounds_under_a_real_worker(queue_target: Any) -> None:
     assert "asked to be retried later (not counted)" in shown.stdout and "done: no further attempts" in shown.stdout
     shown = _forge(queue_target, "queue:show", "--json", ids["until"])
     retry = json.loads(shown.stdout)["retry"]
+    assert json.loads(shown.stdout)["job"]["retry"]["until"] == retry["policy"]["retry_until"]
     assert retry["policy"]["tries"] is None and retry["policy"]["retry_until"].endswith("Z")
     assert retry["no_more_retries"] == "its retry-until deadline passed"
     assert [a["outcome"] for a in retry["attempts"]][-1] == "failed"

@@ -24,7 +24,7 @@ def work(
     sleep: Annotated[str, typer.Option(help="Longest idle wait between checks (wakes early on new jobs).")] = "3",
     rest: Annotated[str, typer.Option(help="Pause after each job.")] = "0",
     timeout: Annotated[str | None, typer.Option(help="Kill a job running longer (default: queue.timeout).")] = None,
-    tries: Annotated[int | None, typer.Option(help="Attempts per job (default: queue.tries).", min=1)] = None,
+    tries: Annotated[int | None, typer.Option(help="Attempts per job that neither it nor its command sets (default: queue.tries).", min=1)] = None,
     backoff: Annotated[str | None, typer.Option(help="Seconds before retries, e.g. 1,5,10, or exp:2s..10m,jitter=full (default: queue.backoff).")] = None,
     memory: Annotated[int, typer.Option(help="Exit (code 12) when the worker uses more MB (0: no limit).", min=0)] = 128,
     fresh_process: Annotated[bool, typer.Option("--fresh-process", help="Run every job in a new process (slower; nothing a job does in its process can reach the next).")] = False,

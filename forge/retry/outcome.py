@@ -71,7 +71,8 @@ class Fail(ForgeError):
 def reply_of(exc: Retry | Fail) -> dict[str, Any]:
     """What the job process reports for one of them (``forge.jobproc``)."""
     if isinstance(exc, Retry):
-        out: dict[str, Any] = {"exit_code": EXIT_RETRY, "reason": "retry_later", "error": exc.message}
+        out: dict[str, Any] = {"exit_code": EXIT_RETRY, "reason": "retry_later",
+                               "error": exc.reason or "asked to be retried later"}
         if exc.after is not None:
             out["retry_after"] = exc.after
         return out

@@ -126,7 +126,7 @@ def decide(policy: Policy, attempt: int, reply: dict[str, Any], tail: str,
                             error=f"asked to be retried in {format_duration(after)}, after its retry-until"
                                   f" deadline {_when(rules.until)}")
         return Decision(True, after, counted=False, reason="retry_later",
-                        error=error if reason == "retry_later" and error else f"retry later, in {format_duration(after)}")
+                        error=error if reason == "retry_later" and error else "asked to be retried later")
     if policy.tries is not None and attempt >= policy.tries:
         return Decision(False, reason=reason, error=error)
     if rules.max_exceptions is not None and reason in EXCEPTION_REASONS:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from ..durations import format_duration
@@ -18,9 +18,9 @@ def _policy(info: Any, settings: Any) -> Policy:
 
 
 def _iso(t: float | None) -> str | None:
-    if t is None:
-        return None
-    return datetime.fromtimestamp(t, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    from ..queue import rfc3339  # the one time format of forge's JSON
+
+    return rfc3339(t)
 
 
 def schedule_json(info: Any, settings: Any) -> dict[str, Any]:
