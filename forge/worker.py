@@ -616,7 +616,7 @@ class Worker:
             decision = retry_policy.Decision(False, reason=reply.get("reason"), error=reply.get("error"))
         event = Event("released" if decision.release else "failed", claim.attempt, time.time(), worker=opts.name,
                       reason=decision.reason, error=decision.error, exit_code=code,
-                      duration=round(duration, 6), output_tail=tail or None)
+                      duration=round(duration, 6), output_tail=(tail or None) if decision.counted else None)
         data = {**info, "duration_ms": ms, "reason": decision.reason, "error": decision.error,
                 "exit_code": code}
         if not decision.release:

@@ -56,6 +56,17 @@ def later(after: str = "", fail: str = "") -> None:
 '''
 
 
+@pytest.fixture(autouse=True)
+def _close_backends() -> Any:
+    """Close the backends ``connect()`` cached (their descriptors would outlive the test)."""
+    yield
+    from forge import queue
+
+    for backend in queue._backends.values():
+        backend.close()
+    queue._backends.clear()
+
+
 @pytest.fixture
 def retry_project(project: Path) -> Path:
     (project / "commands" / "imp.py").write_text(COMMANDS)
@@ -149,7 +160,15 @@ def test_max_releases_bounds_retry_later_and_defaults_to_100() -> None:
     assert decide(_policy(max_releases=3), 1, {"exit_code": 75}, "", lambda: history).release
     d = decide(_policy(max_releases=2), 1, {"exit_code": 75}, "", lambda: history)
     assert not d.release and d.reason == "max_releases"
-    assert _policy().max_releases == 100 and _policy(until=time.time() + 60).max_releases is None
+    assert _policy().max_releases == 100 and _policy(until=time.time() + 60).max_releases == 100
+    with pytest.raises(UsageError, match="at most 1000"):
+        QueuedCommand("a:b").with_max_releases(1001).to_job("default")
+
+
+def test_a_deadline_alone_allows_many_attempts_but_not_unbounded() -> None:
+    p = _policy(tries=None, backoff=(0.0,), until=time.time() + 3600)
+    assert decide(p, 999, {"exit_code": 1, "reason": "exception"}, "", list).release
+    assert not decide(p, 1000, {"exit_code": 1, "reason": "exception"}, "", list).release
 
 
 def test_max_exceptions_counts_only_exceptions_and_failing_exits() -> None:
@@ -373,3 +392,26 @@ def test_from_file_lines_take_the_policy_keys(retry_project: Path, tmp_path: Pat
     assert info.job.backoff == bo.Exponential(1, 60)
     assert info.job.retry is not None and (info.job.retry.max_exceptions, info.job.retry.max_releases) == (2, 0)
     assert info.job.retry.until == pytest.approx(info.job.dispatched_at + 3600)
+
+
+@given(backoff=st.one_of(
+           st.lists(st.floats(0, 1e6), min_size=1, max_size=5),
+           st.builds(bo.Exponential, st.floats(0.001, 1000), st.none() | st.floats(1000, 1e6),
+                     st.floats(1, 10), st.sampled_from(list(bo.Jitter)))),
+       until=st.none() | st.floats(0, 9e9), max_exceptions=st.none() | st.integers(1, 10**6),
+       max_releases=st.none() | st.integers(0, 1000))
+def test_job_records_with_any_policy_round_trip(backoff: Any, until: float | None, max_exceptions: int | None,
+                                                max_releases: int | None) -> None:
+    cmd = QueuedCommand("a:b").with_backoff(backoff)
+    if max_exceptions is not None:
+        cmd = cmd.with_max_exceptions(max_exceptions)
+    if max_releases is not None:
+        cmd = cmd.with_max_releases(max_releases)
+    job = cmd.to_job("default")
+    if until is not None:
+        from dataclasses import replace
+
+        job = replace(job, retry=RetryRules(until, max_exceptions, max_releases))
+    again = decode_job(job.to_json())
+    assert again == job and again.retry == job.retry and again.backoff == job.backoff
+    assert decode_job(again.to_json()) == again

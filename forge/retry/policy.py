@@ -19,7 +19,7 @@ from typing import Any
 from ..durations import format_duration
 from . import backoff as _backoff
 from .outcome import EXIT_FAIL, EXIT_RETRY, MIN_RETRY_AFTER, directives
-from .rules import DEFAULT_MAX_RELEASES, JobDefaults, RetryRules
+from .rules import DEFAULT_MAX_RELEASES, MAX_RUNS, JobDefaults, RetryRules
 
 #: Reasons of attempts that count towards ``max_exceptions``: the job's own failures (not a
 #: timeout, a dead worker or a retry-later).
@@ -35,10 +35,13 @@ class Policy:
     rules: RetryRules
 
     @property
-    def max_releases(self) -> int | None:
-        if self.rules.max_releases is not None:
-            return self.rules.max_releases
-        return None if self.rules.until is not None else DEFAULT_MAX_RELEASES
+    def max_releases(self) -> int:
+        return self.rules.max_releases if self.rules.max_releases is not None else DEFAULT_MAX_RELEASES
+
+    @property
+    def attempts(self) -> int:
+        """The last attempt there may be: ``tries``, or with a deadline alone ``MAX_RUNS``."""
+        return self.tries if self.tries is not None else MAX_RUNS
 
     def to_json(self) -> dict[str, Any]:
         return {"tries": self.tries, "backoff": _backoff.to_json(self.backoff),
@@ -116,18 +119,17 @@ def decide(policy: Policy, attempt: int, reply: dict[str, Any], tail: str,
         if after is None:
             after = max(_backoff.delay(policy.backoff, attempt), MIN_RETRY_AFTER)
         limit = policy.max_releases
-        if limit is not None:
-            used = sum(1 for e in history() if e.event == "released" and e.reason == "retry_later")
-            if used >= limit:
-                return Decision(False, reason="max_releases",
-                                error=f"asked to be retried later {used + 1} times; max_releases is {limit}")
+        used = sum(1 for e in history() if e.event == "released" and e.reason == "retry_later")
+        if used >= limit:
+            return Decision(False, reason="max_releases",
+                            error=f"asked to be retried later {used + 1} times; max_releases is {limit}")
         if rules.until is not None and now + after > rules.until:
             return Decision(False, reason="retry_until",
                             error=f"asked to be retried in {format_duration(after)}, after its retry-until"
                                   f" deadline {_when(rules.until)}")
         return Decision(True, after, counted=False, reason="retry_later",
                         error=error if reason == "retry_later" and error else "asked to be retried later")
-    if policy.tries is not None and attempt >= policy.tries:
+    if attempt >= policy.attempts:
         return Decision(False, reason=reason, error=error)
     if rules.max_exceptions is not None and reason in EXCEPTION_REASONS:
         seen = 1 + sum(1 for e in history() if e.event in ("released", "failed") and e.reason in EXCEPTION_REASONS)
@@ -151,7 +153,7 @@ def expired(policy: Policy, attempt: int, now: float | None = None) -> bool:
 def recovery(job: Any, attempt: int, default_tries: int, now: float | None = None) -> tuple[bool, float]:
     """For a backend recovering ``job`` whose worker died during ``attempt``: (exhausted, delay)."""
     p = policy_of(job, None, default_tries)
-    if p.tries is not None and attempt >= p.tries:
+    if attempt >= p.attempts:
         return True, 0.0
     delay = _backoff.delay(p.backoff, attempt)
     if p.rules.until is not None and (time.time() if now is None else now) + delay > p.rules.until:
@@ -189,8 +191,8 @@ def schedule(info: Any, policy: Policy, now: float | None = None, rows: int = 5)
         first = done
     until = policy.rules.until
     for n in range(first, first + rows):
-        if policy.tries is not None and n >= policy.tries:
-            out["then"].append({"after_attempt": n, "retry": False, "why": f"attempt {n} is the last of {policy.tries}"})
+        if n >= policy.attempts:
+            out["then"].append({"after_attempt": n, "retry": False, "why": f"attempt {n} is the last of {policy.attempts}"})
             break
         lo, hi = _backoff.bounds(policy.backoff, n)
         row = {"after_attempt": n, "retry": True, "delay_min": lo, "delay_max": hi}
@@ -213,4 +215,4 @@ def _why_failed(failure: Any, policy: Policy, attempts: int) -> str:
         return "it asked to be retried later too often (max_releases)"
     if reason in ("cancelled", "unknown_command"):
         return f"{reason.replace('_', ' ')}"
-    return f"attempts used up ({attempts} of {policy.tries if policy.tries is not None else attempts})"
+    return f"attempts used up ({attempts} of {policy.attempts})"

@@ -22,16 +22,21 @@ from ..durations import MAX_SECONDS, parse_duration
 from ..errors import UsageError
 from . import backoff as _backoff
 
-#: Retry-later releases (exit 75, ``forge.Retry``) a job may take when neither ``max_releases``
-#: nor ``retry_until`` bounds them: a job that always asks to be retried stops after this many.
+#: Retry-later releases (exit 75, ``forge.Retry``) a job may take unless ``max_releases`` says:
+#: a job that always asks to be retried stops after this many, deadline or not.
 DEFAULT_MAX_RELEASES = 100
+#: The most ``max_releases`` may be, and the most attempts of a job bounded only by its deadline:
+#: a job's history keeps a line per attempt and release, and a job file holds at most 4 MiB.
+MAX_RUNS = 1000
 
 
-def _count(value: Any, what: str, *, least: int = 1) -> int | None:
+def _count(value: Any, what: str, *, least: int = 1, most: int | None = None) -> int | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int) or value < least:
         raise UsageError(f"Invalid {what} {value!r}: a whole number of at least {least}.")
+    if most is not None and value > most:
+        raise UsageError(f"Invalid {what} {value!r}: at most {most} (the job's history keeps each one).")
     return value
 
 
@@ -48,7 +53,7 @@ class RetryRules:
                                        or not math.isfinite(self.until)):
             raise UsageError(f"Invalid retry-until {self.until!r}: a time.")
         _count(self.max_exceptions, "max exceptions")
-        _count(self.max_releases, "max releases", least=0)
+        _count(self.max_releases, "max releases", least=0, most=MAX_RUNS)
 
     def __bool__(self) -> bool:
         return any(getattr(self, f.name) is not None for f in fields(self))
@@ -102,7 +107,7 @@ class JobDefaults:
                    backoff=None if backoff is None else _backoff.parse(backoff),
                    retry_until=None if retry_until is None else relative_deadline(_no_datetime(retry_until)),
                    max_exceptions=_count(max_exceptions, "max_exceptions"),
-                   max_releases=_count(max_releases, "max_releases", least=0))
+                   max_releases=_count(max_releases, "max_releases", least=0, most=MAX_RUNS))
 
     def __bool__(self) -> bool:
         return any(getattr(self, f.name) is not None for f in fields(self))

@@ -47,14 +47,13 @@ def schedule_lines(info: Any, settings: Any) -> list[str]:
     """The schedule for a person: attempts so far, the next one (or why none), then the delays."""
     p = _policy(info, settings)
     s = schedule(info, p)
-    head = [f"tries {p.tries}" if p.tries is not None else "tries unlimited (until the deadline)",
+    head = [f"tries {p.tries}" if p.tries is not None else f"tries until the deadline (at most {p.attempts})",
             f"backoff {_backoff.describe(p.backoff) or '0'}"]
     if p.rules.until is not None:
         head.append(f"retry until {_clock(p.rules.until)}")
     if p.rules.max_exceptions is not None:
         head.append(f"max exceptions {p.rules.max_exceptions}")
-    if p.max_releases is not None:
-        head.append(f"max releases {p.max_releases}")
+    head.append(f"max releases {p.max_releases}")
     lines = [f"Retry schedule ({', '.join(head)}):"]
     for a in s["attempts"]:
         if a["outcome"] == "retry later":
