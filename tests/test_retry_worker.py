@@ -108,8 +108,10 @@ def test_outcomes_and_bounds_under_a_real_worker(queue_target: Any) -> None:
         "program65": job("e", "--mode=program65", with_max_attempts=5),
         "max_exc": job("f", "--mode=raise", with_max_attempts=10, with_max_exceptions=2),
         "declared": q.dispatch(QueuedCommand("rw:declared").with_args([str(work / "g")])),
+        "worker": job("h", "--mode=raise"),  # leaves tries and backoff to the worker
     }
-    worker = subprocess.Popen([sys.executable, "-m", "forge", "queue:work", "--sleep=0.05", "--tries=1"],
+    worker = subprocess.Popen([sys.executable, "-m", "forge", "queue:work", "--sleep=0.05", "--tries=2",
+                               "--backoff=exp:0.25s..1m"],
                               env=queue_target.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         def finished() -> dict[str, JobInfo] | None:
@@ -146,14 +148,16 @@ def test_outcomes_and_bounds_under_a_real_worker(queue_target: Any) -> None:
     assert infos["program65"].failure.error == "no such tenant"  # type: ignore[union-attr]
     # max_exceptions: 2 of 10 tries.
     assert failure("max_exc") == (State.FAILED, 2, "max_exceptions")
-    # The declaration gave tries and backoff, over the worker's --tries=1.
+    # The declaration gave tries and backoff, over the worker's; a job without either takes the worker's.
     assert failure("declared") == (State.FAILED, 3, "exception")
-    assert all(g >= 0.08 for g in _gaps(infos["declared"]))
+    assert (infos["declared"].job.max_attempts, str(infos["declared"].job.backoff)) == (3, "exp:0.1s..0.2s")
+    assert all(0.08 <= g for g in _gaps(infos["declared"]))
+    assert failure("worker") == (State.FAILED, 2, "exception") and _gaps(infos["worker"])[0] >= 0.24
     # Exponential backoff: 0.2 s, then 0.4 s (the cap), then 0.4 s.
     assert failure("exp") == (State.FAILED, 4, "exception")
     gaps = _gaps(infos["exp"])
     assert len(gaps) == 3 and gaps[0] >= 0.18 and gaps[1] >= 0.38 and gaps[2] >= 0.38, gaps
-    # retry_until with no tries (the worker's --tries=1 does not apply): retried until the next
+    # retry_until with no tries (the worker's --tries=2 does not apply): retried until the next
     # retry would start after the deadline.
     until = infos["until"]
     assert until.job.retry is not None and until.job.retry.until is not None
