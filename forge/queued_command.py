@@ -129,7 +129,7 @@ class QueuedCommand:
 
         if not isinstance(until, datetime):
             try:
-                deadline(until, 0.0)
+                deadline(until, time.time())  # validated now: a bad value fails here, not at dispatch
             except UsageError as exc:
                 raise InvalidCommand(exc.message) from None
             if isinstance(until, str) and ("-" in until or "T" in until):
