@@ -188,6 +188,10 @@ def test_retry_until_stops_a_retry_that_would_start_after_it() -> None:
     assert decide(p, 7, {"exit_code": 1, "reason": "exception"}, "", list, now=now - 15).release
     d = decide(p, 1, {"exit_code": 75}, "::forge-retry-after 1m\n", list, now=now)
     assert not d.release and d.reason == "retry_until"
+    from forge.retry.policy import expired
+
+    # A retry past the deadline does not start; a first attempt (or one after queue:retry) does.
+    assert expired(p, 2, now=now + 21) and not expired(p, 1, now=now + 21) and not expired(p, 2, now=now)
 
 
 def test_precedence_job_then_declaration_then_worker() -> None:
