@@ -15,6 +15,7 @@ __version__ = "0.1.0"
 __all__ = [
     "CallResult",
     "CommandQueue",
+    "Fail",
     "DispatchFailed",
     "DuplicateJob",
     "ForgeError",
@@ -25,6 +26,7 @@ __all__ = [
     "QueueManager",
     "QueueUnavailable",
     "QueuedCommand",
+    "Retry",
     "RetryBlocked",
     "call",
     "command",
@@ -45,6 +47,8 @@ _LAZY = {
     "DuplicateJob": "forge.errors",
     "JobNotFound": "forge.errors",
     "RetryBlocked": "forge.errors",
+    "Retry": "forge.retry.outcome",
+    "Fail": "forge.retry.outcome",
 }
 
 if TYPE_CHECKING:
@@ -59,6 +63,7 @@ if TYPE_CHECKING:
         RetryBlocked,
     )
     from .queue import CommandQueue, JobDispatch, QueuedCommand, QueueManager
+    from .retry.outcome import Fail, Retry
     from .runner import CallResult, call
 
 

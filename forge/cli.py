@@ -83,6 +83,9 @@ def _run(args: list[str], verbose: bool) -> int:
             import traceback
 
             traceback.print_exc()
+        directive = getattr(exc, "directive", None)  # forge.Retry(after=...): the delay, for a caller
+        if directive:
+            sys.stderr.write(directive + "\n")
         output.error(exc.message, exc.hint)
         return exc.exit_code
     except KeyboardInterrupt:

@@ -19,7 +19,9 @@ The cache is keyed by what the specs depend on:
 Any change there, and the cache is ignored and written again by the next full dispatch (or
 full ``schedule:run``). Each command also keeps its ``@command(..., schedule=...)`` value, so
 ``schedule:run`` can find the schedule without loading the command files
-(``forge.builtins.fastschedule``); a value JSON cannot keep exactly is marked unknown.
+(``forge.builtins.fastschedule``); a value JSON cannot keep exactly is marked unknown. It also
+keeps the job defaults its ``@command`` declares (``queue``, ``tries``, ``backoff``...: see
+``forge.retry.rules.JobDefaults``), so a fast dispatch applies them as a full one does.
 Plugin and built-in commands are never cached: they always take the full path. The cache is
 trusted only if it is a regular file owned by the user, in a directory only they can write.
 """
@@ -36,7 +38,7 @@ from typing import Any
 from . import __version__
 from .config import Settings, project_digest, user_dir
 
-FORMAT = 3
+FORMAT = 4  # 4: entries keep the command's declared job defaults
 MAX_BYTES = 4 << 20
 
 
@@ -178,6 +180,8 @@ def store(settings: Settings, before: list[Any]) -> None:
                     entry["schedule_unknown"] = True
             except (TypeError, ValueError, RecursionError):
                 entry["schedule_unknown"] = True
+        if spec.defaults:
+            entry["defaults"] = spec.defaults.to_json()
         commands[spec.name] = entry
     blob = json.dumps({"fingerprint": before, "modules": _project_modules(settings), "commands": commands})
     folder = cache_dir()
@@ -196,3 +200,16 @@ def store(settings: Settings, before: list[Any]) -> None:
             os.unlink(tmp)
         except OSError:
             pass
+
+
+def spec_of(name: str, entry: dict[str, Any]) -> Any:
+    """The ``CommandSpec`` a cache entry stands for: its source and declared job defaults (its
+    function is never loaded). ValueError or UsageError if the entry is malformed."""
+    from .registry import CommandSpec
+
+    defaults = None
+    if entry.get("defaults") is not None:
+        from .retry.rules import JobDefaults
+
+        defaults = JobDefaults.from_json(entry["defaults"])
+    return CommandSpec(name, str(entry.get("source", "")), defaults=defaults)

@@ -80,7 +80,7 @@ class Settings:
     default_queue: str
     tries: int
     timeout: float
-    backoff: tuple[float, ...]
+    backoff: Any  # forge.retry.backoff.Backoff: seconds per retry, or exponential
     done_retention: float
     connections: Mapping[str, Connection]
     sources: Mapping[str, str] = field(default_factory=dict, compare=False)
@@ -142,7 +142,7 @@ class Settings:
             "queue.default": self.default_queue,
             "queue.tries": self.tries,
             "queue.timeout": self.timeout,
-            "queue.backoff": list(self.backoff),
+            "queue.backoff": _backoff_json(self.backoff),
             "queue.done_retention": self.done_retention,
             "connections": conns,
         }
@@ -581,3 +581,9 @@ def _connection(name: str, table: Mapping[str, Any], root: Path, where: str) -> 
         lock=lock,
         lease=lease,
     )
+
+
+def _backoff_json(backoff: Any) -> Any:
+    from .retry.backoff import to_json
+
+    return to_json(backoff)

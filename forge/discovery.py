@@ -17,7 +17,15 @@ from pathlib import Path
 from .builtins import BUILTINS
 from .config import Settings
 from .errors import DiscoveryError
-from .registry import MARKER, CommandRegistry, CommandSpec, first_line, specs_in_module, valid_name
+from .registry import (
+    JOB_MARKER,
+    MARKER,
+    CommandRegistry,
+    CommandSpec,
+    first_line,
+    specs_in_module,
+    valid_name,
+)
 
 ENTRY_POINT_GROUP = "forge.commands"
 
@@ -112,7 +120,8 @@ def plugin_specs() -> list[CommandSpec]:
                 name, hidden = getattr(obj, MARKER)
                 if not valid_name(name):
                     raise DiscoveryError(f"invalid command name {name!r}")
-                specs.append(CommandSpec(name, source, first_line(obj.__doc__), obj, hidden))
+                specs.append(CommandSpec(name, source, first_line(obj.__doc__), obj, hidden,
+                                         defaults=getattr(obj, JOB_MARKER, None)))
             else:
                 raise DiscoveryError("entry point is neither a module nor an @command function")
         except Exception as exc:  # a broken plugin must not break forge

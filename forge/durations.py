@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from datetime import timedelta
+from typing import Any
 
 from .errors import UsageError
 
@@ -49,8 +50,16 @@ def parse_duration(value: str | float | int | timedelta, *, what: str = "duratio
     return seconds
 
 
-def parse_backoff(value: str | float | int | list | tuple, *, what: str = "backoff") -> tuple[float, ...]:
-    """``"1,5,10"`` or ``[1, 5, 10]`` -> ``(1.0, 5.0, 10.0)``; retry n waits the n-th, the last repeats."""
+def parse_backoff(value: Any, *, what: str = "backoff") -> Any:
+    """``"1,5,10"`` or ``[1, 5, 10]`` -> ``(1.0, 5.0, 10.0)`` (retry n waits the n-th, the last
+    repeats); ``"exp:2s..10m,jitter=full"`` (or its JSON object) -> an exponential backoff, see
+    ``forge.retry.backoff`` (imported only for that form: ``forge.toml``'s list is read on
+    every dispatch)."""
+    if isinstance(value, str) and value.strip().lower().startswith("exp") or not isinstance(
+            value, str | int | float | list | tuple):
+        from .retry.backoff import parse
+
+        return parse(value, what=what)
     if isinstance(value, str):
         parts: list = [p for p in value.split(",") if p.strip()]
     elif isinstance(value, list | tuple):
@@ -58,7 +67,7 @@ def parse_backoff(value: str | float | int | list | tuple, *, what: str = "backo
     else:
         parts = [value]
     if not parts:
-        raise UsageError(f"Invalid {what} {value!r}: give at least one delay, e.g. 1,5,10.")
+        raise UsageError(f"Invalid {what} {value!r}: give at least one delay, e.g. 1,5,10, or exp:1s..10m.")
     return tuple(parse_duration(p, what=what) for p in parts)
 
 

@@ -14,9 +14,13 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .errors import CorruptJob
+from .errors import CorruptJob, UsageError
+
+if TYPE_CHECKING:  # imported when a record has them: a plain dispatch needs neither
+    from .retry.backoff import Backoff
+    from .retry.rules import RetryRules
 
 FORMAT_VERSION = 1
 MAX_PAYLOAD_BYTES = 64 * 1024      # a dispatched job (command, args, metadata)
@@ -50,6 +54,11 @@ class Reason(StrEnum):
     UNKNOWN_COMMAND = "unknown_command"
     INTERRUPTED = "interrupted"
     CANCELLED = "cancelled"  # queue:cancel: taken off the queue, or killed with --running
+    RETRY_LATER = "retry_later"  # exit 75 / forge.Retry: released, the attempt not counted
+    NO_RETRY = "no_retry"  # exit 65 / forge.Fail: failed at once
+    RETRY_UNTIL = "retry_until"  # the retry-until deadline passed: no retry starts
+    MAX_EXCEPTIONS = "max_exceptions"  # max_exceptions attempts ended in an exception or exit
+    MAX_RELEASES = "max_releases"  # retry-later releases used up
 
 
 #: ASCII-only output: faster to encode, and text that is not valid Unicode (lone surrogates)
@@ -107,7 +116,8 @@ class Job:
     """A dispatched command. Times are Unix seconds (float).
 
     ``max_attempts``, ``timeout`` and ``backoff`` are ``None`` when the job leaves them to
-    the worker (its options, else the configured defaults).
+    the worker (its options, else the configured defaults). ``retry`` holds the bounds on its
+    retries besides attempts (``forge.retry.rules``); the record has the key only when set.
     """
 
     id: str
@@ -116,15 +126,16 @@ class Job:
     queue: str
     max_attempts: int | None
     timeout: float | None
-    backoff: tuple[float, ...] | None
+    backoff: Backoff | None
     metadata: Mapping[str, Any]
     dispatched_at: float
     available_at: float
     unique_key: str | None = None
     unique_ttl: float | None = None
+    retry: RetryRules | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        d = {
             "v": FORMAT_VERSION,
             "id": self.id,
             "command": self.command,
@@ -132,13 +143,16 @@ class Job:
             "queue": self.queue,
             "max_attempts": self.max_attempts,
             "timeout": self.timeout,
-            "backoff": list(self.backoff) if self.backoff is not None else None,
+            "backoff": _backoff_json(self.backoff),
             "metadata": dict(self.metadata),
             "dispatched_at": self.dispatched_at,
             "available_at": self.available_at,
             "unique_key": self.unique_key,
             "unique_ttl": self.unique_ttl,
         }
+        if self.retry:
+            d["retry"] = self.retry.to_json()
+        return d
 
     def to_json(self) -> bytes:
         """One line of compact JSON, newline-terminated (computed once per record)."""
@@ -160,7 +174,7 @@ class Job:
             raise CorruptJob("job record is not a JSON object")
         if d.get("v") != FORMAT_VERSION:
             raise CorruptJob(f"unsupported job format version {d.get('v')!r}")
-        unknown = d.keys() - _FIELDS
+        unknown = d.keys() - _FIELDS - {"retry"}
         if unknown:  # a newer format bumps "v"; v1 records hold exactly these fields
             raise CorruptJob(f"unknown field(s) {', '.join(sorted(map(str, unknown)))}")
         try:
@@ -171,14 +185,15 @@ class Job:
                 queue=_typed(d, "queue", str),
                 max_attempts=_opt(d, "max_attempts", int),
                 timeout=_opt_num(d, "timeout"),
-                backoff=tuple(_num_list(d, "backoff")) if d.get("backoff") is not None else None,
+                backoff=_backoff_of(d),
                 metadata=_typed(d, "metadata", dict),
                 dispatched_at=_num(d, "dispatched_at"),
                 available_at=_num(d, "available_at"),
                 unique_key=_opt(d, "unique_key", str),
                 unique_ttl=_opt_num(d, "unique_ttl"),
+                retry=_retry_of(d),
             )
-        except (KeyError, TypeError) as exc:
+        except (KeyError, TypeError, ValueError) as exc:
             raise CorruptJob(f"invalid job record: {exc}") from None
         if not valid_id(job.id):
             raise CorruptJob(f"invalid job id {job.id!r}")
@@ -222,6 +237,38 @@ def _from_v1_dict(cls: type[Job], d: dict[str, Any]) -> Job | None:
         unique_ttl=None if d["unique_ttl"] is None else float(d["unique_ttl"]),
     )
     return job
+
+
+def _backoff_json(backoff: Any) -> Any:
+    """A list of seconds, or an exponential backoff's object."""
+    if backoff is None:
+        return None
+    return backoff.to_json() if hasattr(backoff, "to_json") else list(backoff)
+
+
+def _retry_of(d: Mapping[str, Any]) -> RetryRules | None:
+    if d.get("retry") is None:
+        return None
+    from .retry.rules import RetryRules
+
+    try:
+        return RetryRules.from_json(d["retry"])
+    except UsageError as exc:
+        raise ValueError(exc.message) from None
+
+
+def _backoff_of(d: Mapping[str, Any]) -> Backoff | None:
+    value = d.get("backoff")
+    if value is None:
+        return None
+    if isinstance(value, dict):
+        from .retry.backoff import Exponential
+
+        try:
+            return Exponential.from_json(value)
+        except UsageError as exc:
+            raise ValueError(exc.message) from None
+    return tuple(_num_list(d, "backoff"))
 
 
 def _typed(d: Mapping[str, Any], key: str, t: type) -> Any:
@@ -385,9 +432,3 @@ class JobInfo:
                  events=[e.to_dict() for e in self.events])
         return d
 
-
-def backoff_delay(backoff: Sequence[float] | None, attempt: int) -> float:
-    """Delay before retry after ``attempt`` (1-based): the attempt-th value, the last repeats."""
-    if not backoff:
-        return 0.0
-    return float(backoff[min(attempt, len(backoff)) - 1])

@@ -42,6 +42,7 @@ from . import _linux
 from .errors import EXIT_USAGE, ForgeError, UsageError
 from .job import Reason
 from .jobshare import NEVER, OUTCOME, REQUEST, SharedState
+from .retry.outcome import Fail, Retry, reply_of
 from .runner import invoke
 
 if TYPE_CHECKING:
@@ -333,6 +334,9 @@ def run_command(spec: CommandSpec, args: list[str], env: Mapping[str, str]) -> d
         return {"exit_code": EXIT_USAGE, "reason": str(Reason.EXIT_CODE), "error": exc.message[:_ERROR_CAP]}
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    except (Retry, Fail) as exc:  # the outcome protocol (forge.retry.outcome)
+        print(exc.message, file=sys.stderr)
+        return reply_of(exc)
     except ForgeError as exc:
         print(f"Error: {exc.message}", file=sys.stderr)
         return {"exit_code": exc.exit_code, "reason": str(Reason.EXCEPTION), "error": exc.message[:_ERROR_CAP]}

@@ -226,6 +226,8 @@ class CommandQueue(_Connected):
     ) -> None:
         super().__init__(connection, settings)
         self.name = _queue_name(name or self.settings.default_queue)
+        #: Whether the queue was named: if not, a command's declared queue wins (@command(queue=)).
+        self._named = bool(name)
         self._registry = registry
         self._check_args = check_args
 
@@ -244,8 +246,13 @@ class CommandQueue(_Connected):
     def _job(self, cmd: QueuedCommand, now: float) -> Job:
         if not isinstance(cmd, QueuedCommand):
             raise InvalidCommand(f"Expected a QueuedCommand, not {type(cmd).__name__}.")
-        job = cmd.to_job(self.name, now=now)
-        spec = self.registry.get(job.command)
+        spec = self.registry.get(cmd.command) if isinstance(cmd.command, str) else None
+        queue = self.name
+        if spec is not None and spec.defaults:  # dispatch option > declared on @command > worker
+            cmd = cmd.with_defaults(spec.defaults)
+            if not self._named and cmd.queue is None and spec.defaults.queue:
+                queue = spec.defaults.queue
+        job = cmd.to_job(queue, now=now)
         if spec is None:
             raise self.registry.unknown(job.command, UnknownQueuedCommand)
         if self._check_args:

@@ -11,10 +11,10 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .config import validate_queue_name
-from .durations import MAX_SECONDS, parse_backoff, parse_duration
+from .durations import MAX_SECONDS, parse_duration
 from .errors import InvalidCommand, UsageError
 from .job import (
     LATEST_DUE,
@@ -26,6 +26,10 @@ from .job import (
     json_depth,
     new_id,
 )
+
+if TYPE_CHECKING:
+    from .retry.backoff import Backoff, Exponential
+    from .retry.rules import JobDefaults
 
 
 def queue_name(name: object) -> str:
@@ -61,11 +65,15 @@ class QueuedCommand:
     max_attempts: int | None = None
     queue: str | None = None
     timeout: float | None = None
-    backoff: tuple[float, ...] | None = None
+    backoff: Backoff | None = None
     metadata: Mapping[str, Any] = field(default_factory=dict)
     unique_key: str | None = None
     unique_ttl: float | None = None
     idempotency_key: str | None = None
+    #: No retry starts after this: seconds after dispatch, or a datetime (``with_retry_until``).
+    retry_until: float | datetime | None = None
+    max_exceptions: int | None = None
+    max_releases: int | None = None
 
     @classmethod
     def new(cls, command: str) -> QueuedCommand:
@@ -100,14 +108,58 @@ class QueuedCommand:
     def with_timeout(self, timeout: float | int | timedelta) -> QueuedCommand:
         return replace(self, timeout=_seconds(timeout, "timeout"))
 
-    def with_backoff(self, backoff: float | int | timedelta | Sequence[float | int]) -> QueuedCommand:
-        """Seconds before each retry: ``[1, 5, 10]`` waits 1 s, then 5 s, then 10 s thereafter."""
+    def with_backoff(self, backoff: float | int | str | timedelta | Sequence[float | int] | Exponential,
+                     ) -> QueuedCommand:
+        """Seconds before each retry: ``[1, 5, 10]`` waits 1 s, then 5 s, then 10 s thereafter;
+        ``"exp:2s..10m,jitter=full"`` doubles from 2 s up to 10 m, with full jitter
+        (``forge.retry.backoff``)."""
         try:
             if isinstance(backoff, timedelta):
                 return replace(self, backoff=(backoff.total_seconds(),))
-            return replace(self, backoff=parse_backoff(backoff))  # type: ignore[arg-type]
+            from .retry.backoff import parse
+
+            return replace(self, backoff=parse(backoff))
         except UsageError as exc:
             raise InvalidCommand(exc.message) from None
+
+    def with_retry_until(self, until: float | int | str | timedelta | datetime) -> QueuedCommand:
+        """Start no retry after this: a duration after dispatch (``"2h"``) or a datetime. With
+        it and no max attempts (here or declared), attempts are not limited: the deadline is."""
+        from .retry.rules import deadline
+
+        if not isinstance(until, datetime):
+            try:
+                deadline(until, time.time())  # validated now: a bad value fails here, not at dispatch
+            except UsageError as exc:
+                raise InvalidCommand(exc.message) from None
+            if isinstance(until, str) and ("-" in until or "T" in until):
+                until = datetime.fromisoformat(until)
+            else:
+                until = parse_duration(until, what="retry-until")
+        return replace(self, retry_until=until)
+
+    def with_max_exceptions(self, count: int) -> QueuedCommand:
+        """Fail once this many attempts ended in an exception or a failing exit, tries left or not."""
+        return replace(self, max_exceptions=count)
+
+    def with_max_releases(self, count: int) -> QueuedCommand:
+        """Allow this many retry-later releases (exit 75, ``forge.Retry``); default 100."""
+        return replace(self, max_releases=count)
+
+    def with_defaults(self, defaults: JobDefaults | None) -> QueuedCommand:
+        """Fill what this command leaves unset from its command's declared defaults."""
+        if not defaults:
+            return self
+        d = defaults
+        return replace(
+            self,
+            max_attempts=self.max_attempts if self.max_attempts is not None else d.tries,
+            timeout=self.timeout if self.timeout is not None else d.timeout,
+            backoff=self.backoff if self.backoff is not None else d.backoff,
+            retry_until=self.retry_until if self.retry_until is not None else d.retry_until,
+            max_exceptions=self.max_exceptions if self.max_exceptions is not None else d.max_exceptions,
+            max_releases=self.max_releases if self.max_releases is not None else d.max_releases,
+        )
 
     def with_metadata(self, key: str, value: Any) -> QueuedCommand:
         """Attach a JSON value under ``key`` (checked at dispatch)."""
@@ -165,7 +217,7 @@ class QueuedCommand:
                 f'{self.command}: on_queue("{self.queue}") contradicts the queue "{queue}" it is dispatched to.'
             )
         spans = [("delay", self.delay), ("timeout", self.timeout), ("unique key ttl", self.unique_ttl),
-                 *(("backoff", b) for b in self.backoff or ())]
+                 *(("backoff", b) for b in (self.backoff if isinstance(self.backoff, tuple) else ()))]
         for what, value in spans:
             if value is not None and (not isinstance(value, int | float) or not math.isfinite(value) or value < 0):
                 raise InvalidCommand(f"{self.command}: {what} must not be negative, not {value!r}.")
@@ -186,6 +238,16 @@ class QueuedCommand:
             raise InvalidCommand(f"{self.command}: the idempotency key must be a string of 1 to"
                                  f" {MAX_IDEMPOTENCY_KEY} characters.")
         available = self._due(now)
+        rules = None
+        if self.retry_until is not None or self.max_exceptions is not None or self.max_releases is not None:
+            from .retry.rules import RetryRules, deadline
+
+            try:
+                rules = RetryRules(
+                    until=None if self.retry_until is None else deadline(self.retry_until, now),
+                    max_exceptions=self.max_exceptions, max_releases=self.max_releases)
+            except UsageError as exc:
+                raise InvalidCommand(f"{self.command}: {exc.message}") from None
         try:
             job_id = new_id() if key is None else idempotent_id(key)
         except UnicodeEncodeError:
@@ -203,6 +265,7 @@ class QueuedCommand:
             available_at=max(available, now),
             unique_key=self.unique_key,
             unique_ttl=self.unique_ttl,
+            retry=rules or None,
         )
         try:
             size = len(job.to_json())  # encoded once here; the backend stores these bytes

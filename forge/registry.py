@@ -19,13 +19,14 @@ F = TypeVar("F", bound=Callable[..., Any])
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]*(:[a-z0-9][a-z0-9_-]*)?$")
 MARKER = "__forge_command__"
 SCHEDULE_MARKER = "__forge_schedule__"  # read by forge.scheduler.load
+JOB_MARKER = "__forge_job_defaults__"  # a forge.retry.rules.JobDefaults
 
 
 def valid_name(name: str) -> bool:
     return bool(NAME_RE.fullmatch(name)) and len(name) <= 100
 
 
-def command(name: str, *, hidden: bool = False, schedule: Any = None) -> Callable[[F], F]:
+def command(name: str, *, hidden: bool = False, schedule: Any = None, **job: Any) -> Callable[[F], F]:
     """Mark a function as the forge command ``name`` (``namespace:action`` or a bare name).
 
     The function's signature defines its arguments and options the way Typer does; its
@@ -33,10 +34,25 @@ def command(name: str, *, hidden: bool = False, schedule: Any = None) -> Callabl
     invalid one is reported with the file it is in. ``schedule`` runs it on a schedule: a cron
     expression (``"0 3 * * *"``), a table of ``[[schedule]]`` keys (``{"every": "5m",
     "overlap": "skip"}``), or a list of them (see ``forge.scheduler``).
+
+    The other keywords are the defaults of its jobs, which a dispatch option overrides:
+    ``queue``, ``tries``, ``timeout``, ``backoff``, ``retry_until``, ``max_exceptions`` and
+    ``max_releases`` (``forge.retry.rules.JobDefaults``).
     """
+    defaults = None
+    if job:
+        from .retry.rules import JobDefaults
+
+        try:
+            defaults = JobDefaults.declare(**job)
+        except TypeError:
+            known = "queue, tries, timeout, backoff, retry_until, max_exceptions, max_releases"
+            raise TypeError(f"@command({name!r}): unknown option(s) {', '.join(sorted(job))}; known: {known}") from None
 
     def mark(fn: F) -> F:
         setattr(fn, MARKER, (name, hidden))
+        if defaults:
+            setattr(fn, JOB_MARKER, defaults)
         if schedule is not None:
             setattr(fn, SCHEDULE_MARKER, schedule)
         return fn
@@ -61,6 +77,8 @@ class CommandSpec:
     target: Callable[..., Any] | str = field(default="", compare=False)
     hidden: bool = False
     builtin: bool = False
+    #: Its declared job options (``@command(..., tries=5)``), a ``JobDefaults``, or None.
+    defaults: Any = field(default=None, compare=False)
 
     @property
     def namespace(self) -> str:
@@ -85,7 +103,8 @@ def specs_in_module(module: Any, source: str) -> list[CommandSpec]:
                 f"{source}: invalid command name {name!r} on {value.__name__}(): use"
                 " namespace:action with lowercase letters, digits, '-' and '_'."
             )
-        found.append(CommandSpec(name, source, first_line(value.__doc__), value, hidden))
+        found.append(CommandSpec(name, source, first_line(value.__doc__), value, hidden,
+                                 defaults=getattr(value, JOB_MARKER, None)))
     return found
 
 

@@ -11,6 +11,8 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import Any, TextIO
 
+from .durations import format_duration
+
 #: How the stop line says why a worker stopped.
 STOP_TEXT = {"empty": "the queues are empty", "once": "--once", "max_jobs": "--max-jobs reached",
              "max_time": "--max-time reached", "memory": "over --memory", "restart": "queue:restart asked",
@@ -72,7 +74,10 @@ def console_reporter(json_out: bool, verbose: bool = False) -> Callable[[TextIO]
                 detail = f"{data['duration_ms']:.0f} ms" if "duration_ms" in data else ""
                 status(now(), job_name(data), word, detail)
                 if event != "done" and data.get("error"):
-                    emit(f"    {data.get('reason')}: {data['error']}")
+                    again = data.get("retry_in")
+                    later = "" if again is None else f" (runs again in {format_duration(again)}" + (
+                        ", this attempt not counted)" if data.get("counted") is False else ")")
+                    emit(f"    {data.get('reason')}: {data['error']}{later}")
             elif event == "worker_started":
                 queues = ", ".join(data["queues"])
                 order = " (in this order)" if len(data["queues"]) > 1 else ""

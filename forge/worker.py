@@ -28,9 +28,10 @@ from typing import TYPE_CHECKING, Any, TextIO
 from . import _linux, jobproc, runner
 from .backends.base import Claim
 from .errors import QueueUnavailable
-from .job import Event, Reason, backoff_delay
+from .job import Event, Reason
 from .jobshare import NEVER, OUTCOME, REQUEST, OutputBuffer, SharedState
 from .reporting import Reporter, console_reporter
+from .retry import policy as retry_policy
 from .worker_options import StopReason, WorkerOptions, parse_queues
 from .worker_registry import Heartbeat, WorkerState
 
@@ -328,6 +329,11 @@ class Worker:
                        "error": f'Command "{job.command}" is not defined (renamed or removed since dispatch).'}
             self.record(claim, unknown, started, info, tail="", retry=False)
             return
+        if claim.attempt > 1 and (job.retry or spec.defaults) and retry_policy.expired(self._policy(job), claim.attempt):
+            late = {"exit_code": 1, "reason": str(Reason.RETRY_UNTIL),
+                    "error": "not started: its retry-until deadline passed while it waited"}
+            self.record(claim, late, started, info, tail="", retry=False)
+            return
         self.report("starting", info)
         self.heartbeat.update(state=WorkerState.RUNNING, job_id=job.id, job_command=job.command, job_since=started)
         timeout_at = claim.claimed_at + self.job_timeout(claim)
@@ -603,20 +609,40 @@ class Worker:
             self.report("done", {**info, "duration_ms": ms})
             self.heartbeat.update(done=self.heartbeat.record.done + 1)
             return
-        final = not retry or claim.attempt >= (job.max_attempts or opts.tries)
-        event = Event("failed" if final else "released", claim.attempt, time.time(), worker=opts.name,
-                      reason=reply.get("reason"), error=reply.get("error"), exit_code=code,
-                      duration=round(duration, 6), output_tail=tail or None, tries=job.max_attempts or opts.tries)
-        data = {**info, "duration_ms": ms, "reason": reply.get("reason"), "error": reply.get("error"),
+        pol = self._policy(job)
+        if retry:
+            decision = retry_policy.decide(pol, claim.attempt, reply, tail,
+                                           lambda: self._history(job.id))
+        else:
+            decision = retry_policy.Decision(False, reason=reply.get("reason"), error=reply.get("error"))
+        event = Event("released" if decision.release else "failed", claim.attempt, time.time(), worker=opts.name,
+                      reason=decision.reason, error=decision.error, exit_code=code,
+                      duration=round(duration, 6), output_tail=(tail or None) if decision.counted else None,
+                      tries=pol.tries)
+        data = {**info, "duration_ms": ms, "reason": decision.reason, "error": decision.error,
                 "exit_code": code}
-        if final:
+        if not decision.release:
             self._durably(lambda: self.backend.fail(claim, event))
             self.report("failed", data)
             self.heartbeat.update(failed=self.heartbeat.record.failed + 1)
         else:
-            delay = backoff_delay(job.backoff if job.backoff is not None else opts.backoff, claim.attempt)
-            self._durably(lambda: self.backend.release(claim, event, delay))
-            self.report("released", {**data, "retry_in": delay})
+            delay, counted = decision.delay, decision.counted
+            self._durably(lambda: self.backend.release(claim, event, delay, counted=counted))
+            self.report("released", {**data, "retry_in": delay, **({} if counted else {"counted": False})})
+
+    def _policy(self, job: Any) -> retry_policy.Policy:
+        """The job's retry policy: its own, its command's declaration, this worker's options."""
+        spec = self.registry.get(job.command)
+        return retry_policy.policy_of(job, spec.defaults if spec is not None else None,
+                                      self.options.tries, self.options.backoff)
+
+    def _history(self, job_id: str) -> list[Event]:
+        """The job's events so far (read only when a retry bound counts them)."""
+        try:
+            info = self.backend.find(job_id)
+        except (QueueUnavailable, OSError):
+            return []
+        return list(info.events) if info is not None else []
 
     def _durably(self, action: Callable[[], None]) -> None:
         """Record an outcome, retrying through a store outage or a full disk until it lands.

@@ -7,10 +7,14 @@ import socket
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import TYPE_CHECKING
 
 from .backends.base import KILL_GRACE
 from .config import validate_queue_name
 from .errors import EXIT_MEMORY, EXIT_UNAVAILABLE, UsageError
+
+if TYPE_CHECKING:
+    from .retry.backoff import Backoff
 
 
 class StopReason(StrEnum):
@@ -43,7 +47,7 @@ class WorkerOptions:
     rest: float = 0.0
     timeout: float = 60.0
     tries: int = 1
-    backoff: tuple[float, ...] = (0.0,)
+    backoff: Backoff = (0.0,)
     memory: int = 128
     name: str = ""
     grace: float = KILL_GRACE

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 from .. import _linux
 from ..errors import QueueUnavailable, UsageError
-from ..job import CorruptJob, Event, Job, Reason, backoff_delay, decode_file, valid_id
+from ..job import CorruptJob, Event, Job, Reason, decode_file, valid_id
 from ._fileidem import IDEM_DIR, SWEEP_EVERY
 from ._fileidem import sweep as idem_sweep
 from ._fileio import (
@@ -61,7 +61,7 @@ class FileUpkeep:
         def _quarantine(self, directory: str, name: str, reason: str, *, label: str | None = None) -> None: ...
         def prune_done(self, *, older_than: float | None = None) -> int: ...
         def fail(self, claim: Claim, event: Event) -> None: ...
-        def release(self, claim: Claim, event: Event | None, delay: float) -> None: ...
+        def release(self, claim: Claim, event: Event | None, delay: float, *, counted: bool = True) -> None: ...
         def _global_lock(self, name: str, *, wait: bool = True) -> contextlib.AbstractContextManager[bool]: ...
 
     # -- maintenance ----------------------------------------------------------------------
@@ -143,13 +143,15 @@ class FileUpkeep:
                 self._finish(claim, None, state, pending_name(micros(now), job.id, attempt))
                 self._free_unique(job)
                 return "completed"
-            exhausted = attempt >= (job.max_attempts or default_tries)
+            from ..retry.policy import recovery  # here: recovering is rare
+
+            exhausted, delay = recovery(job, attempt, default_tries, now)
             event = Event("failed" if exhausted else "released", attempt, now,
                           reason=Reason.ABANDONED, error="the worker died during this attempt")
             if exhausted:
                 self.fail(claim, event)
                 return "abandoned"
-            self.release(claim, event, backoff_delay(job.backoff, attempt))
+            self.release(claim, event, delay)
         except OSError as exc:
             raise unusable(exc, first_unwritable(q.reserved, q.pending, q.done, q.failed), "recover jobs in") from None
         return "recovered"

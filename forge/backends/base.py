@@ -107,8 +107,9 @@ class Backend(Protocol):
     def ack(self, claim: Claim, event: Event) -> None:
         """The attempt succeeded: the job moves to done (kept for the retention), key freed."""
 
-    def release(self, claim: Claim, event: Event | None, delay: float) -> None:
-        """Back to pending after ``delay`` seconds. ``event=None`` un-counts the attempt."""
+    def release(self, claim: Claim, event: Event | None, delay: float, *, counted: bool = True) -> None:
+        """Back to pending after ``delay`` seconds. ``event=None`` or ``counted=False`` un-counts
+        the attempt (the event, when given, is still recorded: a retry-later release)."""
 
     def fail(self, claim: Claim, event: Event) -> None:
         """The job moves to failed with the event's reason; its unique key is freed."""

@@ -250,8 +250,8 @@ class FileBackend(FileWriter, FileClaimer, FileUpkeep, FileAdmin):
         if claim.job.unique_key is not None:
             self._free_unique(claim.job)
 
-    def release(self, claim: Claim, event: Event | None, delay: float) -> None:
-        attempts = claim.attempt if event is not None else claim.attempt - 1
+    def release(self, claim: Claim, event: Event | None, delay: float, *, counted: bool = True) -> None:
+        attempts = claim.attempt if event is not None and counted else claim.attempt - 1
         key = self._key(time.time() + delay)
         self._finish(claim, event, "pending", pending_name(key, claim.job.id, attempts))
 

@@ -62,7 +62,6 @@ from ..job import (
     Event,
     Job,
     Reason,
-    backoff_delay,
     decode_file,
     is_idempotent_id,
 )
@@ -306,8 +305,8 @@ class RedisBackend(RedisAdmin):
     def ack(self, claim: Claim, event: Event) -> None:
         self._finish(claim.handle, claim.job.id, "done", event, claim.attempt, 0.0)
 
-    def release(self, claim: Claim, event: Event | None, delay: float) -> None:
-        attempts = claim.attempt if event is not None else claim.attempt - 1
+    def release(self, claim: Claim, event: Event | None, delay: float, *, counted: bool = True) -> None:
+        attempts = claim.attempt if event is not None and counted else claim.attempt - 1
         self._finish(claim.handle, claim.job.id, "release", event, attempts, delay)
 
     def fail(self, claim: Claim, event: Event) -> None:
@@ -349,10 +348,11 @@ class RedisBackend(RedisAdmin):
             job: Job | None = decode_file(record)[0]
         except CorruptJob:
             job = None
-        exhausted = job is None or attempt >= (job.max_attempts or default_tries)
+        from ..retry.policy import recovery  # here: recovering is rare
+
+        exhausted, delay = (True, 0.0) if job is None else recovery(job, attempt, default_tries)
         event = Event("failed" if exhausted else "released", attempt, time.time(),
                       reason=Reason.ABANDONED, error="the worker died during this attempt")
-        delay = 0.0 if job is None else backoff_delay(job.backoff, attempt)
         mode = "failed" if exhausted else "release"
         if not self._finish(token.decode(), job_id, mode, event, attempt, delay, only_expired=True):
             return None

@@ -68,6 +68,8 @@ def job_json(info: JobInfo) -> dict[str, Any]:
     d = info.to_dict()
     for key in ("dispatched_at", "available_at", "updated_at"):
         d[key] = iso_time(d.get(key))
+    if isinstance(d.get("retry"), dict) and d["retry"].get("until") is not None:
+        d["retry"] = {**d["retry"], "until": iso_time(d["retry"]["until"])}  # retry_until
     d["events"] = [{**e, **{k: iso_time(e[k]) for k in ("at", "deadline") if isinstance(e.get(k), (int, float))}}
                    for e in d["events"]]
     failure = info.failure if info.state == "failed" else None

@@ -98,7 +98,7 @@ connection = "file"       # "file" (a local directory of job files) or "redis"
 default = "default"       # the queue `queue:dispatch` uses without --queue
 tries = 1                 # attempts per job unless the job says otherwise
 timeout = "60s"           # a job running longer is killed (SIGTERM, then SIGKILL)
-backoff = [0]             # seconds before retry n; the last value repeats
+backoff = [0]             # seconds before retry n (the last repeats), or "exp:2s..10m,jitter=full"
 done_retention = "1h"     # how long finished jobs stay visible to queue:show
 
 [connections.file]

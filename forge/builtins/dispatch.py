@@ -30,7 +30,8 @@ from .fastdispatch import build as _build
 from .fastdispatch import parse_at as _at
 from .fastdispatch import parse_meta as _meta
 
-FILE_KEYS = {"command", "args", "queue", "delay", "tries", "timeout", "backoff", "meta", "unique_key", "unique_ttl"}
+FILE_KEYS = {"command", "args", "queue", "delay", "tries", "timeout", "backoff", "meta", "unique_key", "unique_ttl",
+             "retry_until", "max_exceptions", "max_releases"}
 
 
 def dispatch(
@@ -42,7 +43,10 @@ def dispatch(
     at: Annotated[str | None, typer.Option(help="Run no earlier than this local time, e.g. 2026-12-01T09:00.")] = None,
     tries: Annotated[int | None, typer.Option(help="Attempts before the job fails (default: the worker's).", min=1)] = None,
     timeout: Annotated[str | None, typer.Option(help="Kill an attempt running longer, e.g. 10m.")] = None,
-    backoff: Annotated[str | None, typer.Option(help="Seconds before each retry, e.g. 1,5,10.")] = None,
+    backoff: Annotated[str | None, typer.Option(help="Seconds before each retry, e.g. 1,5,10, or exp:2s..10m,jitter=full.")] = None,
+    retry_until: Annotated[str | None, typer.Option(help="Start no retry after this: a duration from now (2h) or a local time (2026-12-01T09:00).")] = None,
+    max_exceptions: Annotated[int | None, typer.Option(help="Fail after this many attempts end in an exception or a failing exit, tries left or not.", min=1)] = None,
+    max_releases: Annotated[int | None, typer.Option(help="Retry-later releases (exit 75) allowed (default 100).", min=0)] = None,
     meta: Annotated[list[str] | None, typer.Option(metavar="KEY=VALUE", help="Metadata (repeatable); VALUE is parsed as JSON when it is JSON.")] = None,
     unique_key: Annotated[str | None, typer.Option(help="Refuse (exit 4) while a job with this key is queued or running.")] = None,
     unique_ttl: Annotated[str | None, typer.Option(help="Let the unique key lapse after this long.")] = None,
@@ -58,7 +62,8 @@ def dispatch(
     Options go before COMMAND; everything after it (options included) is the job's.
     """
     opts = {"delay": delay, "at": _at(at) if at else None, "tries": tries, "timeout": timeout,
-            "backoff": backoff, "meta": _meta(meta or []), "unique_key": unique_key, "unique_ttl": unique_ttl}
+            "backoff": backoff, "meta": _meta(meta or []), "unique_key": unique_key, "unique_ttl": unique_ttl,
+            "retry_until": retry_until, "max_exceptions": max_exceptions, "max_releases": max_releases}
     if delay is not None and at is not None:
         raise UsageError("Pass --delay or --at, not both.")
     if queue is not None and not queue.strip():

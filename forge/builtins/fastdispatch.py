@@ -30,7 +30,9 @@ from ..queue import CommandQueue, JobDispatch, QueuedCommand, _in_dir
 #: The value options of queue:dispatch (``--meta`` may repeat) and its one flag this path takes.
 VALUE_OPTIONS = {"--queue": "queue", "--connection": "connection", "--delay": "delay", "--at": "at",
                  "--tries": "tries", "--timeout": "timeout", "--backoff": "backoff", "--meta": "meta",
-                 "--unique-key": "unique_key", "--unique-ttl": "unique_ttl", "--idempotency-key": "idempotency_key"}
+                 "--unique-key": "unique_key", "--unique-ttl": "unique_ttl", "--idempotency-key": "idempotency_key",
+                 "--retry-until": "retry_until", "--max-exceptions": "max_exceptions",
+                 "--max-releases": "max_releases"}
 DISPATCH_OPTIONS = {*VALUE_OPTIONS, "--json", "--wait", "--wait-timeout", "--from-file", "--batch-id"}
 
 #: The fingerprint taken when the cache was missing or stale: the full path saves the cache
@@ -81,6 +83,12 @@ def build(command: str, args: Sequence[str], o: dict[str, Any]) -> QueuedCommand
         cmd = cmd.with_timeout(seconds)
     if o.get("backoff") is not None:
         cmd = cmd.with_backoff(parse_backoff(o["backoff"], what="--backoff"))
+    if o.get("retry_until") is not None:
+        cmd = cmd.with_retry_until(o["retry_until"])
+    if o.get("max_exceptions") is not None:
+        cmd = cmd.with_max_exceptions(_count(o["max_exceptions"], "--max-exceptions", 1))
+    if o.get("max_releases") is not None:
+        cmd = cmd.with_max_releases(_count(o["max_releases"], "--max-releases", 0))
     for key, value in (o.get("meta") or {}).items():
         cmd = cmd.with_metadata(key, value)
     if o.get("unique_key") is not None:
@@ -89,6 +97,16 @@ def build(command: str, args: Sequence[str], o: dict[str, Any]) -> QueuedCommand
     if o.get("idempotency_key") is not None:
         cmd = cmd.with_idempotency_key(o["idempotency_key"])
     return cmd
+
+
+def _count(value: Any, what: str, least: int) -> int:
+    if isinstance(value, int) and not isinstance(value, bool):
+        n: int | None = value
+    else:
+        n = int(value) if isinstance(value, str) and value.strip().isdigit() else None
+    if n is None or n < least:
+        raise UsageError(f"Invalid {what} {value!r}: a whole number of at least {least}.")
+    return n
 
 
 def _split(argv: Sequence[str]) -> tuple[dict[str, Any], str, list[str]] | None:
@@ -156,7 +174,7 @@ def run(argv: Sequence[str]) -> int | None:
                 return None
     except Exception:  # noqa: BLE001 - a malformed cache entry: the full path decides
         return None
-    from ..registry import CommandRegistry, CommandSpec
+    from ..registry import CommandRegistry
 
     try:
         tries = opts.get("tries")
@@ -173,7 +191,7 @@ def run(argv: Sequence[str]) -> int | None:
             return None  # the full path refuses, or warns
         cmd = build(command, args, options)
         # The command is known from the cache; its function is never loaded here.
-        registry = CommandRegistry([CommandSpec(command, str(entry.get("source", "")))])
+        registry = CommandRegistry([cmdcache.spec_of(command, entry)])
         q = CommandQueue(opts.get("queue"), connection=opts.get("connection"), settings=settings,
                          registry=registry, check_args=False)
     except Exception:  # noqa: BLE001 - the full path reports it, word for word

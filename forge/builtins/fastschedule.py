@@ -98,7 +98,7 @@ def run(argv: Sequence[str]) -> int | None:
     if commands is None:
         stale_fingerprint = fingerprint
         return None
-    from ..registry import CommandRegistry, CommandSpec
+    from ..registry import CommandRegistry
     from ..scheduler.load import load_entries
     from ..scheduler.scheduler import Scheduler
 
@@ -110,7 +110,7 @@ def run(argv: Sequence[str]) -> int | None:
             value = entry.get("schedule")
             for item in value if isinstance(value, list) else [] if value is None else [value]:
                 marked.append((str(entry.get("source", "")), name, item))
-        registry = CommandRegistry([CommandSpec(n, str(e.get("source", ""))) for n, e in commands.items()])
+        registry = CommandRegistry([cmdcache.spec_of(n, e) for n, e in commands.items()])
         entries, errors = load_entries(settings, registry, check_args=False, marked=marked)
         if errors:
             return None

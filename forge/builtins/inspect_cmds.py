@@ -21,6 +21,7 @@ from ..durations import format_duration, parse_duration
 from ..errors import EXIT_JOB_FAILED, EXIT_THRESHOLD, UsageError
 from ..job import JobInfo, Reason, State
 from ..queue import QueueManager
+from ..retry.backoff import describe as describe_backoff
 from ._shared import (
     JSON_VERSION,
     Connection,
@@ -161,9 +162,12 @@ def show(job_id: JobId, json_out: Json = False, connection: Connection = None) -
     log = m.read_log(job_id)
     tail = _tail(log)
     found, parts, most = _attempts(info, log)
+    from ..retry.show import schedule_json, schedule_lines
+
     if json_out:
         output.print_json({"version": JSON_VERSION, "job": job_json(info), "output_tail": tail,
-                           "attempts": _attempts_json(found, parts, most)})
+                           "attempts": _attempts_json(found, parts, most),
+                           "retry": schedule_json(info, m.settings)})
         return
     job = info.job
     worker = next((e.worker for e in reversed(info.events) if e.worker), None)
@@ -173,7 +177,7 @@ def show(job_id: JobId, json_out: Json = False, connection: Connection = None) -
         ["dispatched", fmt_time(job.dispatched_at)], ["available", fmt_time(job.available_at)],
         ["updated", fmt_time(info.updated_at)],
         ["timeout", format_duration(job.timeout) if job.timeout else "the worker default"],
-        ["backoff", ",".join(f"{b:g}" for b in job.backoff) if job.backoff else "the worker default"],
+        ["backoff", describe_backoff(job.backoff) if job.backoff else "the worker default"],
         ["unique key", job.unique_key or ""], ["metadata", json.dumps(dict(job.metadata)) if job.metadata else ""],
         ["worker", worker or ""],
     ]
@@ -184,6 +188,8 @@ def show(job_id: JobId, json_out: Json = False, connection: Connection = None) -
                      [[e.event, e.attempt, fmt_time(e.at), e.worker, e.reason, e.exit_code,
                        format_duration(e.duration) if e.duration is not None else "", e.error]
                       for e in info.events], title="History")
+    output.line()
+    output.line("\n".join(schedule_lines(info, m.settings)))
     if found and all(p is not None for p in parts):
         if log:
             _print_attempts(job.id, found, parts, most)

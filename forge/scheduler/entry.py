@@ -106,7 +106,7 @@ class ScheduleEntry:
     queue: str | None = None
     tries: int | None = None
     timeout: float | None = None
-    backoff: tuple[float, ...] | None = None
+    backoff: Any = None  # forge.retry.backoff.Backoff
     meta: Mapping[str, Any] = field(default_factory=dict)
     overlap: Overlap = Overlap.ALLOW
     catch_up: CatchUp = CatchUp.NONE
@@ -294,7 +294,7 @@ class ScheduleEntry:
         if self.timeout is not None:
             cmd = cmd.with_timeout(self.timeout)
         if self.backoff is not None:
-            cmd = cmd.with_backoff(list(self.backoff))
+            cmd = cmd.with_backoff(self.backoff)
         delay = self.jitter_for(tick)
         if delay:
             cmd = cmd.at(datetime.fromtimestamp(tick + delay, UTC))

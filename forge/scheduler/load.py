@@ -97,7 +97,7 @@ def _check_command(entry: ScheduleEntry, settings: Settings, registry: CommandRe
         return
 
     try:
-        queue = CommandQueue(entry.queue or settings.default_queue, settings=settings, registry=registry,
+        queue = CommandQueue(entry.queue, settings=settings, registry=registry,
                              check_args=check_args, connection=_NO_BACKEND)
         queue.jobs_for([entry.queued_command(0.0)])
     except ForgeError as exc:

@@ -252,7 +252,11 @@ class Scheduler:
             raise ScheduleNotFound(f'No schedule entry is named "{name}".', hint=hint) from None
 
     def _queue_of(self, entry: ScheduleEntry) -> str:
-        return entry.queue or self.settings.default_queue
+        if entry.queue:
+            return entry.queue
+        spec = self.registry.get(entry.command)
+        declared = spec.defaults.queue if spec is not None and spec.defaults else None
+        return declared or self.settings.default_queue
 
     # -- running -------------------------------------------------------------------------------
 
