@@ -90,6 +90,16 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def group_cpu_seconds(pids: Iterable[int]) -> float:
+    """CPU time of ``pids`` and of their reaped children (utime, stime, cutime, cstime)."""
+    total = 0
+    for pid in pids:
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += sum(int(v) for v in fields[11:15])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
 def machine_busy_seconds() -> tuple[float, float]:
     """(busy, total) CPU seconds of the whole machine so far (``/proc/stat``)."""
     values = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
@@ -329,6 +339,10 @@ class Host:
 
     def alive(self, pids: Iterable[int]) -> list[int]:
         return list(self.request("alive", pids=list(pids))["alive"])
+
+    def pids(self) -> list[int]:
+        """Every process of the host, by its pid in the root namespace."""
+        return [p for p in _all_pids() if _pid_ns(p) == self.pid_ns] if self.up else []
 
     def outside(self, inner: str) -> Path:
         """The root namespace's path of the host's ``/tmp/...`` path ``inner``."""
