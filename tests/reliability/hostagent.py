@@ -24,7 +24,6 @@ import os
 import select
 import signal
 import socket
-import sys
 import time
 from typing import Any
 
@@ -155,4 +154,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -545,8 +545,11 @@ class HostWorker:
             self.host.signal(self.pid, sig)
 
     def wait(self, timeout: float = 60.0) -> int:
-        return wait_for(lambda: self.exit_code() is not None, timeout, 0.05, f"{self.name} exits") and \
-            self.exit_code()  # type: ignore[return-value]
+        """Its exit code once it exits (-9 if its host died); AssertionError after ``timeout``."""
+        wait_for(lambda: self.exit_code() is not None, timeout, 0.05, f"{self.name} exits")
+        code = self.exit_code()
+        assert code is not None
+        return code
 
 
 class Deploy:
