@@ -36,10 +36,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
+from reliability.deploy import Deploy, HostWorker  # noqa: E402
 from reliability.hosts import (  # noqa: E402
-    Deploy,
     Host,
-    HostWorker,
     Lab,
     cpu_seconds,
     group_cpu_seconds,

@@ -17,7 +17,8 @@ import time
 from typing import Any
 
 import pytest
-from reliability.hosts import Deploy, Lab, unavailable, wait_for
+from reliability.deploy import Deploy
+from reliability.hosts import Lab, unavailable, wait_for
 
 from forge.errors import QueueUnavailable
 from forge.job import Event, State, idempotent_id
