@@ -263,6 +263,7 @@ class Worker:
         except (QueueUnavailable, OSError) as exc:
             error = str(exc) if isinstance(exc, QueueUnavailable) else _os_error(exc)
             self.report("backend_unavailable", {"error": error, "retry_in": 0.1})
+            self._outage = max(self._outage, 0.1)  # the next claim that gets through says so
             return None
 
     def _idle_wait(self, next_maintenance: float, started: float) -> None:
@@ -288,6 +289,7 @@ class Worker:
         except (QueueUnavailable, OSError) as exc:
             error = str(exc) if isinstance(exc, QueueUnavailable) else _os_error(exc)
             self.report("backend_unavailable", {"error": error, "retry_in": timeout})
+            self._outage = max(self._outage, timeout)  # the next claim that gets through says so
             self._idle_sleep(timeout)
         finally:
             self._idle = False

@@ -28,6 +28,8 @@ supported: every key of one prefix must live on one server)::
     P:log:<id>              STRING  captured job output, capped at 1 MiB
     P:restart               STRING  time of the last ``queue:restart``
     P:cancel:<id>           STRING  ``queue:cancel --running`` asked the job's worker to kill it (EX 1 day)
+    P:claim:<token>         STRING  the id a claim took (PX = its first lease), so a claim re-sent
+                                    after a lost reply gets that job back
     P:worker:<name>         STRING  a live worker's record (``forge.worker_registry``), PX = stale time
     P:workers               ZSET    worker names, scored by when their record expires
 
@@ -127,8 +129,8 @@ class RedisBackend(RedisAdmin):
             "socket_keepalive": True,
             "health_check_interval": 30,
             # A few quick reconnects, then the caller hears QueueUnavailable. Every script is
-            # safe to re-run after a lost reply: push is idempotent per job id, and the
-            # outcome scripts are fenced by the claim token.
+            # safe to re-run after a lost reply: push is idempotent per job id, a claim answers
+            # again with the job its token took, and the outcome scripts are fenced by the token.
             "retry": Retry(ExponentialWithJitterBackoff(base=0.05, cap=0.5), 0 if quick else 2),
         }
         if password is not None:
@@ -138,6 +140,7 @@ class RedisBackend(RedisAdmin):
         except ValueError as exc:
             raise ConfigError(f"Invalid Redis URL {mask_url(url)!r}: {mask_url(str(exc))}") from None
         self._s: dict[str, Any] = {}  # script name -> registered Script, filled in by _run
+        self._claim_token: str | None = None  # a claim's token until its reply arrives
 
     @classmethod
     def from_connection(cls, conn: Connection, *, done_retention: float = 3600.0,
@@ -242,10 +245,14 @@ class RedisBackend(RedisAdmin):
             return None
         for q in queues:
             validate_queue_name(q)
-        token = os.urandom(12).hex()
+        # A claim whose reply was lost (the server died after running it) is asked for again
+        # with the same token, by the client's retry or by the next claim: it answers with the
+        # job it took instead of orphaning it until its lease lapses (which costs an attempt).
+        token = self._claim_token = self._claim_token or os.urandom(12).hex()
         with self._io():
             reply = self._run("claim", json.dumps(worker), token, _us(timeout), _us(KILL_GRACE),
                               _us(LEASE_MARGIN), _us(self.lease_window), *queues)
+            self._claim_token = None
             if len(reply) > 1:
                 self._clock()
         if len(reply) == 1:

@@ -128,7 +128,18 @@ return {'ok', stored, table.concat(flags)}
 -- ARGV[1]: P; ARGV[2]: worker (a JSON string); ARGV[3]: token; ARGV[4]: default_timeout_us;
 --   ARGV[5]: grace_us; ARGV[6]: margin_us; ARGV[7]: window_us; ARGV[8..]: queue names.
 -- Returns {now_us} when nothing is due, else {now_us, id, record, attempt, deadline_us, lease_us}.
+-- A claim sent again with its token (its reply was lost) answers with the job it took, if held.
 local now = now_us()
+local ck = P .. ':claim:' .. ARGV[3]
+local held = redis.call('GET', ck)
+if held then
+  local h = redis.call('HMGET', ik(held), 'state', 'token', 'attempts', 'deadline', 'queue')
+  if h[1] == 'reserved' and h[2] == ARGV[3] then
+    return {us(now), held, redis.call('GET', jk(held)), tonumber(h[3]), h[4],
+            redis.call('ZSCORE', qk(h[5], 'reserved'), held)}
+  end
+  return {us(now)}
+end
 for i = 8, #ARGV do
   local q = ARGV[i]
   if redis.call('SISMEMBER', P .. ':paused', q) == 0 then
@@ -145,6 +156,7 @@ for i = 8, #ARGV do
         redis.call('HSET', ik(id), 'state', 'reserved', 'token', ARGV[3],
                    'claimed', us(now), 'deadline', us(deadline))
         redis.call('ZADD', qk(q, 'reserved'), us(lease), id)
+        redis.call('SET', ck, id, 'PX', math.max(1, math.floor((lease - now) / 1000)))
         redis.call('APPEND', jk(id), '{"event":"claimed","attempt":' .. attempt .. ',"at":' ..
                    secs(now) .. ',"worker":' .. ARGV[2] .. ',"deadline":' .. secs(deadline) ..
                    ',"log_offset":' .. redis.call('STRLEN', P .. ':log:' .. id) .. '}\n')
