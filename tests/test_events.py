@@ -507,3 +507,51 @@ def test_schedule_ticks_raise_one_event_each_however_many_runs(proj: Proj, monke
     assert [(e["event"], e["tick"]) for e in events] == [("schedule.tick_dispatched", "2026-03-01T03:00:00.000Z"),
                                                          ("schedule.tick_skipped", "2026-03-01T03:01:00.000Z")]
     assert events[0]["entry"] == "tick" and events[0]["job_id"]
+
+
+# -- timeouts and running cancels; plugins --------------------------------------------------------
+
+
+def test_a_timeout_and_a_running_cancel_raise_their_events(proj: Proj) -> None:
+    proj.write(LISTEN_ALL.replace('"job.*"', '["job.timed_out", "job.cancelled", "job.failed"]'))
+    mark, go = proj.root / "mark", proj.root / "go"
+    slow = proj.dispatch("--sleep=60", opts=("--timeout=1s",))
+    w = proj.worker("--queue=default,events")
+    wait_for(lambda: proj.backend.find(slow).state == State.FAILED, what="timed out")
+    held = proj.dispatch(f"--mark={mark}", f"--go={go}")
+    wait_for(mark.exists, what="job running")
+    res = subprocess.run([sys.executable, "-m", "forge", "queue:cancel", "--running", held], env=proj.env,
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    wait_for(lambda: len(proj.events()) >= 4, what="listener jobs ran")
+    w.send_signal(signal.SIGTERM)
+    assert exited([w]) == [0]
+    got = sorted((e["job_id"] == slow, e["event"], e["reason"]) for e in proj.events())
+    assert got == [(False, "job.cancelled", "cancelled"), (False, "job.failed", "cancelled"),
+                   (True, "job.failed", "timeout"), (True, "job.timed_out", "timeout")]
+
+
+def test_a_plugins_listeners_load_through_the_entry_point_group(tmp_path: Path) -> None:
+    """A package installed with an entry point in forge.listeners: its @forge.on function runs
+    in the worker; a plugin that fails to import is a warning, and the worker still runs."""
+    site = tmp_path / "site"
+    (site / "evplugin-1.0.dist-info").mkdir(parents=True)
+    (site / "evplugin-1.0.dist-info" / "METADATA").write_text("Metadata-Version: 2.1\nName: evplugin\nVersion: 1.0\n")
+    (site / "evplugin-1.0.dist-info" / "entry_points.txt").write_text(
+        "[forge.listeners]\nevp = evplugin\nbroken = evbroken\n")
+    (site / "evplugin.py").write_text(
+        "import os\nimport forge\n\n\n@forge.on('job.succeeded')\ndef seen(event):\n"
+        "    with open(os.environ['EV_PLUGIN'], 'a') as fh:\n        fh.write(event['job_id'] + '\\n')\n")
+    (site / "evbroken.py").write_text("raise ImportError('no such thing')\n")
+    proj = Proj("file", tmp_path / "p")
+    try:
+        job_id = proj.dispatch()
+        seen = tmp_path / "seen"
+        env = {"PYTHONPATH": str(site), "FORGE_NO_PLUGINS": "", "EV_PLUGIN": str(seen)}
+        res = subprocess.run([sys.executable, "-m", "forge", "queue:work", "--stop-when-empty"],
+                             env={**proj.env, **env}, capture_output=True, text=True, timeout=60)
+        assert res.returncode == 0, res.stderr
+        assert seen.read_text().split() == [job_id]
+        assert "evplugin" in res.stderr and "failed to load its listeners" in res.stderr and "no such thing" in res.stderr
+    finally:
+        proj.close()
