@@ -276,8 +276,11 @@ class CommandQueue(_Connected):
         return created
 
     def _dispatched(self, jobs: Sequence[Job], created: Sequence[bool]) -> None:
-        """``job.dispatched`` for the jobs stored (``forge.events``; nothing without [[listeners]])."""
-        if self.settings.listeners:
+        """``job.dispatched`` for the jobs stored (``forge.events``): for forge.toml's [[listeners]],
+        or a worker's listeners in a worker (it loaded forge.events); else nothing to do."""
+        import sys
+
+        if self.settings.listeners or "forge.events.hooks" in sys.modules:
             from .events.hooks import dispatched
 
             dispatched(self.settings, self.backend, jobs, created)

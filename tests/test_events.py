@@ -555,3 +555,23 @@ def test_a_plugins_listeners_load_through_the_entry_point_group(tmp_path: Path) 
         assert "evplugin" in res.stderr and "failed to load its listeners" in res.stderr and "no such thing" in res.stderr
     finally:
         proj.close()
+
+
+def test_a_dead_workers_job_raises_its_outcome_from_the_worker_that_recovers_it(proj: Proj) -> None:
+    """SIGKILL a worker mid-job (tries 1): the worker that recovers the claim fails it with reason
+    abandoned and raises job.failed for it, once."""
+    proj.write(LISTEN_ALL.replace('"job.*"', '["job.failed", "job.released"]'))
+    mark = proj.root / "mark"
+    w1 = proj.worker("--queue=default,events", "--name=first", out="w1.out")
+    job_id = proj.dispatch(f"--mark={mark}", "--sleep=60", opts=("--timeout=2s",))
+    wait_for(mark.exists, what="job running")
+    w1.kill()
+    w1.wait(10)
+    w2 = proj.worker("--queue=default,events", "--name=second", out="w2.out")
+    wait_for(lambda: proj.events(), timeout=60, what="job.failed ran")
+    wait_for(lambda: proj.backend.stats(["events"])[0].size == 0, what="events drained")
+    w2.send_signal(signal.SIGTERM)
+    assert exited([w2]) == [0]
+    (ev,) = proj.events()
+    assert ev["event"] == "job.failed" and ev["job_id"] == job_id and ev["reason"] == "abandoned"
+    assert ev["worker"] == "second" and ev["attempt"] == 1

@@ -59,6 +59,7 @@ class WorkerEvents:
         self.default_tries = default_tries
         self.started_at = time.time()
         self._stopping = False
+        self._recovered: list[tuple[Job, int, Any]] = []
         self._watch: Any = None
         if self.thresholds.any_queue_threshold:
             from .thresholds import ThresholdWatch
@@ -111,14 +112,39 @@ class WorkerEvents:
         self._once([self._event("worker.stopped", self._worker_data(reason=reason, jobs=jobs),
                                 self.name, os.getpid(), self.started_at)])
 
+    def on_recovered(self, job: Job, attempt: int, record: Any) -> None:
+        """The backend's hook (``on_recovered``): this worker's maintenance recovered a dead
+        worker's claim, released or failed with reason ``abandoned`` (``record``: its event)."""
+        self._recovered.append((job, attempt, record))
+
     def upkeep(self, backend: Backend) -> None:
-        """At each maintenance pass: the queue thresholds."""
+        """At each maintenance pass (after it): the jobs it recovered, the queue thresholds."""
+        recovered, self._recovered = self._recovered, []
+        if recovered:
+            self._once([e for job, attempt, record in recovered for e in self._abandoned(job, attempt, record)])
         if self._watch is None:
             return
         try:
             self._watch.check(backend)
         except Exception as exc:  # noqa: BLE001 - an outage or a full disk: next pass
             self.report("events_failed", {"event_name": "thresholds", "error": str(exc)})
+
+    def _abandoned(self, job: Job, attempt: int, record: Any) -> list[Event]:
+        failed = record.event == "failed"
+        data = {**job_data(job, attempt), "worker": self.name, "started_at": None, "finished_at": rfc3339(record.at),
+                "duration_ms": None, "exit_code": None, "reason": str(record.reason), "error": record.error}
+        names = ["job.failed"] if failed else ["job.released"]
+        if failed:
+            data["failed_at"] = rfc3339(record.at)
+        else:
+            data.update(counted=True, retry_at=None)
+            if attempt == int(self.thresholds.for_queue("retried_many", job.queue)):
+                names.append("job.retried_many")
+        out = []
+        for n in names:
+            extra = {"retries": attempt, "threshold": attempt} if n == "job.retried_many" else {}
+            out.append(self._event(n, {**data, **extra}, job.id, "abandoned", attempt))
+        return out
 
     # -- its jobs ------------------------------------------------------------------------------
 
@@ -188,8 +214,10 @@ def for_worker(settings: Any, registry: Any, *, name: str, queues: Sequence[str]
     from .hooks import activate
 
     activate(bus)
-    return WorkerEvents(bus, backend=backend, name=name, queues=queues, report=report, durably=durably,
-                        thresholds=cfg.thresholds, default_tries=default_tries)
+    events = WorkerEvents(bus, backend=backend, name=name, queues=queues, report=report, durably=durably,
+                          thresholds=cfg.thresholds, default_tries=default_tries)
+    backend().on_recovered = events.on_recovered  # type: ignore[attr-defined]
+    return events
 
 
 def check_listeners(bus: EventBus, registry: Any, settings: Any) -> None:
