@@ -40,7 +40,7 @@ def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Any]:
     try:
         yield b
     finally:
-        keys = list(b._r.scan_iter(match=f"{prefix}:*", count=1000))
+        keys = list(b._r.scan_iter(match=f"{prefix}:*", count=10000))
         if keys:
             b._r.delete(*keys)
         b.close()

@@ -11,8 +11,10 @@ import json
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
+
+from ..queue import rfc3339  # times as forge's JSON outputs print them
 
 #: Every event forge raises, with what it means. ``job.*`` payloads carry the job's
 #: ``job_id, command, args, queue, attempt, max_attempts, dispatched_at``; see the README.
@@ -50,13 +52,6 @@ def _host() -> str:
 
         _HOST.append(socket.gethostname())
     return _HOST[0]
-
-
-def rfc3339(t: float | None) -> str | None:
-    """Unix seconds as forge's JSON outputs print them (UTC, milliseconds, ``Z``)."""
-    if t is None:
-        return None
-    return datetime.fromtimestamp(t, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def event_id(name: str, *about: object) -> str:
