@@ -105,10 +105,8 @@ class EventBus:
                     signal.setitimer(signal.ITIMER_REAL, 0)
         except ListenerTimeout:
             cut = True
-        except Exception as exc:  # noqa: BLE001 - a listener's exception never changes an outcome
+        except BaseException as exc:  # noqa: BLE001 - even SystemExit: a listener never stops the worker
             error = f"{type(exc).__name__}: {exc}"
-        except SystemExit as exc:
-            error = f"SystemExit: {exc.code}"
         finally:
             if timer and old is not None:
                 with contextlib.suppress(Exception):
