@@ -5,7 +5,8 @@ same drain by the forge at --base (the commit before events), in one run.
 
     python bench/events.py --backend both --jobs 2000 --rounds 3 --base /work/wt/base/.venv/bin/python
 
-Prints the median rate of each case (jobs/s, including the worker's start-up) and JSON.
+Prints the median rate of each case (jobs/s, including the worker's start-up), the median CPU
+time the worker and its job processes spent per job, and JSON.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -60,15 +62,21 @@ def project(base: Path, backend: str, redis_url: str, case: str) -> dict[str, st
     return env
 
 
-def drain(python: str, env: dict[str, str], jobs: int) -> float:
-    """Dispatch ``jobs`` with this checkout's forge, then time one worker of ``python`` draining them."""
+def drain(python: str, env: dict[str, str], jobs: int) -> tuple[float, float]:
+    """Dispatch ``jobs`` with this checkout's forge, then time one worker of ``python`` draining
+    them: its rate (jobs/s, wall clock) and the CPU it and its job processes used per job (ms),
+    which a loaded machine disturbs less than the wall clock."""
     code = ("import sys; from forge.queue import CommandQueue, QueuedCommand;"
             "q = CommandQueue(); q.dispatch_many([QueuedCommand('bench:noop')] * int(sys.argv[1]))")
     subprocess.run([sys.executable, "-c", code, str(jobs)], env=env, check=True)
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     subprocess.run([python, "-m", "forge", "queue:work", "--stop-when-empty", "--memory=0"], env=env, check=True,
                    stdout=subprocess.DEVNULL)
-    return jobs / (time.perf_counter() - start)
+    wall = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return jobs / wall, cpu / jobs * 1000
 
 
 def cleanup(env: dict[str, str], redis_url: str) -> None:
@@ -97,18 +105,23 @@ def main() -> None:
     with tempfile.TemporaryDirectory(dir=os.path.expanduser("~")) as tmp:
         for backend in backends:
             rates: dict[str, list[float]] = {c: [] for c, _ in cases}
+            cpus: dict[str, list[float]] = {c: [] for c, _ in cases}
             for r in range(args.rounds):
                 for case, python in cases:
                     env = project(Path(tmp) / f"{backend}-{case}-{r}", backend, redis_url,
                                   "none" if case == "base" else case)
                     try:
-                        rates[case].append(drain(python, env, args.jobs))
+                        rate, cpu = drain(python, env, args.jobs)
+                        rates[case].append(rate)
+                        cpus[case].append(cpu)
                     finally:
                         if backend == "redis":
                             cleanup(env, redis_url)
-            results[backend] = {c: round(statistics.median(v), 1) for c, v in rates.items()}
+            results[backend] = {c: {"jobs_per_s": round(statistics.median(v), 1),
+                                    "cpu_ms_per_job": round(statistics.median(cpus[c]), 3)} for c, v in rates.items()}
             for c, v in rates.items():
-                print(f"{backend:6} {c:11} {statistics.median(v):8.1f} jobs/s  (runs: {', '.join(f'{x:.0f}' for x in v)})")
+                print(f"{backend:6} {c:11} {statistics.median(v):8.1f} jobs/s  {statistics.median(cpus[c]):6.3f} ms CPU/job"
+                      f"  (runs: {', '.join(f'{x:.0f}' for x in v)})")
     print(json.dumps({"jobs": args.jobs, "rounds": args.rounds, "results": results}))
 
 
