@@ -154,7 +154,7 @@ def test_every_event_reaches_each_listener_once_with_several_workers(proj: Proj)
     """3 workers drain 12 jobs (8 succeed, 4 fail twice, with tries 2) and the listener jobs:
     the durable listener ran once per event, with the documented payload; the in-process
     listener ran once per event in a worker's own process (never in a job process)."""
-    proj.write(LISTEN_ALL + '[[listeners]]\nevent = "worker.started"\ncommand = "ev:record"\n'
+    proj.write(LISTEN_ALL + '[[listeners]]\nevent = "worker.*"\ncommand = "ev:record"\n'
                'args = ["--tag=w"]\nqueue = "events"\n')
     good = [proj.dispatch() for _ in range(8)]
     bad = [proj.dispatch("--code=3", opts=("--tries=2",)) for _ in range(4)]
@@ -162,10 +162,18 @@ def test_every_event_reaches_each_listener_once_with_several_workers(proj: Proj)
                for _ in range(3)]
     assert exited(workers) == [0, 0, 0]
 
+    # A worker's stopping and stopped events are stored as it exits: the last ones stay queued.
+    left = [j.job.metadata["forge_event"] for j in proj.backend.jobs(queue="events", state=State.PENDING)]
+    assert {e["event"] for e in left} <= {"worker.stopping", "worker.stopped"}
     events = proj.events()
+    by_worker = Counter(e["event"] for e in events + left if e["event"].startswith("worker."))
+    assert by_worker == {"worker.started": 3, "worker.stopping": 3, "worker.stopped": 3}
+    assert {e["reason"] for e in events + left if e["event"] == "worker.stopped"} == {"empty"}
+    events = [e for e in events if e["event"] not in ("worker.stopping", "worker.stopped")]
     ids = Counter(e["id"] for e in events)
     assert all(n == 1 for n in ids.values()), [i for i, n in ids.items() if n > 1]
     assert len({e["listener_job"] for e in events}) == len(events)  # one listener job per event
+    assert len({e["id"] for e in events + left}) == len(events) + len(left)
     per_job = Counter((e["job_id"], e["event"]) for e in events if "job_id" in e)
     for j in good:
         assert [per_job[j, n] for n in ("job.dispatched", "job.started", "job.succeeded")] == [1, 1, 1]
@@ -192,7 +200,8 @@ def test_every_event_reaches_each_listener_once_with_several_workers(proj: Proj)
     assert {x["pid"] for x in local} <= worker_pids
     durable_ids = {e["id"] for e in events if e["event"].startswith("job.") and e["event"] != "job.dispatched"}
     assert durable_ids <= {x["id"] for x in local}
-    assert len(local) == len(durable_ids) + 2 * len(events)  # + each listener job's started and succeeded
+    ran = len(proj.events())  # listener jobs run, worker.stopping/stopped ones included
+    assert len(local) == len(durable_ids) + 2 * ran  # + each listener job's started and succeeded
 
 
 # -- in-process listeners: failing, slow -------------------------------------------------------
@@ -581,3 +590,18 @@ def test_a_dead_workers_job_raises_its_outcome_from_the_worker_that_recovers_it(
         assert ev["worker"] == "second" and ev["attempt"] == 1
     finally:
         proj.close()
+
+
+def test_events_list_shows_every_listener(proj: Proj) -> None:
+    proj.write('[events]\nbudget = "250ms"\n' + LISTEN_ALL)
+    res = subprocess.run([sys.executable, "-m", "forge", "events:list", "--json"], env=proj.env,
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    doc = json.loads(res.stdout)
+    assert {e["event"] for e in doc["events"]} >= {"job.failed", "worker.stopped", "queue.too_long"}
+    kinds = {(x["kind"], x.get("command") or x.get("function")) for x in doc["listeners"]}
+    assert ("durable", "ev:record") in kinds and ("in-process", "local_slow") in kinds
+    assert doc["budget"] == 0.25
+    res = subprocess.run([sys.executable, "-m", "forge", "events:list"], env=proj.env,
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0 and "job ev:record on events" in res.stdout and "local_fail" in res.stdout
