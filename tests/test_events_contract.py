@@ -121,3 +121,26 @@ def test_a_crossing_whose_raiser_died_before_sending_is_sent_by_another(backend:
     assert marks.read("too_long.held")[1]
     watch.check(backend)
     assert len(sent) == 1
+
+
+def test_in_process_listeners_are_cut_off_at_their_budget_and_a_total() -> None:
+    """Budgets in this (the main) thread: each listener is cut off at its own, and all of one
+    call together at ``total`` (what a worker gives job.started's listeners)."""
+    import time
+
+    calls: list[str] = []
+
+    def hang(event: Event) -> None:
+        calls.append(event.id)
+        time.sleep(30)
+
+    reports: list[Any] = []
+    bus = _bus(Listener(("job.started",), "a", fn=hang, budget=1.0), Listener(("job.started",), "b", fn=hang),
+               reports=reports)
+    start = time.monotonic()
+    bus.run_local([Event("job.started", "e1", 0.0, {})], total=0.3)
+    took = time.monotonic() - start
+    assert calls == ["e1", "e1"] and took < 0.9, took  # 0.3 and a margin, not 1.0 + 0.1, nor 30
+    slow = [d for name, d in reports if name == "listener_slow"]
+    assert [d["listener"] for d in slow] == ["a", "b"] and all(d["cut_off"] for d in slow)
+    assert slow[0]["budget_ms"] == 300

@@ -70,17 +70,21 @@ class EventBus:
         jobs = self.jobs_for(events)
         return sum(backend.push(jobs)) if jobs else 0
 
-    def run_local(self, events: Sequence[Event]) -> None:
-        """Call every in-process listener that wants each event, each within its budget. An
-        exception or an overrun is reported (``listener_failed``, ``listener_slow``), never raised."""
+    def run_local(self, events: Sequence[Event], *, total: float | None = None) -> None:
+        """Call every in-process listener that wants each event, each within its budget (and
+        all of them within ``total`` seconds, when given). An exception or an overrun is
+        reported (``listener_failed``, ``listener_slow``), never raised."""
+        end = time.monotonic() + total if total is not None else None
         for ev in events:
             for lst in self.local:
                 if lst.wants(ev):
-                    self._call(lst, ev)
+                    self._call(lst, ev, None if end is None else end - time.monotonic())
 
-    def _call(self, lst: Listener, ev: Event) -> None:
+    def _call(self, lst: Listener, ev: Event, left: float | None = None) -> None:
         assert lst.fn is not None
         budget = lst.budget if lst.budget is not None else self.budget
+        if left is not None:
+            budget = min(budget, max(left, 0.001))
         state = {"armed": True}
 
         def alarm(signum: int, frame: Any) -> None:

@@ -36,6 +36,8 @@ from .listeners import Listener
 from .model import valid_pattern
 
 DEFAULT_BUDGET = 0.1
+#: The longest budget of an in-process listener (the worker waits for it between two jobs).
+MAX_BUDGET = 5.0
 _LISTENER_KEYS = {"event", "command", "args", "queue", "tries", "timeout", "backoff", "match", "name"}
 _EVENTS_KEYS = {"budget", "thresholds"}
 _THRESHOLD_KEYS = {"waiting_too_long", "too_long", "retried_many"}
@@ -107,8 +109,8 @@ def parse(data: Mapping[str, Any], where: str) -> EventsConfig:
     budget = DEFAULT_BUDGET
     if "budget" in ev:
         budget = _duration(ev["budget"], "events.budget", where)
-        if not 0 < budget <= 60:
-            raise ConfigError(f"{where}: events.budget must be more than 0 and at most 60s, not {ev['budget']!r}.")
+        if not 0 < budget <= MAX_BUDGET:
+            raise ConfigError(f"{where}: events.budget must be more than 0 and at most 5s, not {ev['budget']!r}.")
     return EventsConfig(listeners, budget, _thresholds(ev.get("thresholds", {}), where))
 
 

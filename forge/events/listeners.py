@@ -129,6 +129,8 @@ def on(event: str | Iterable[str], *, queue: str | None = None, args: Iterable[s
     ``forge.events.current()``. ``match`` keeps only events whose payload has these values
     (a string may be a glob; a list means any of them), e.g. ``{"queue": "imports"}``.
     """
+    if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int | float) or not 0 < budget <= 5):
+        raise ConfigError(f"@forge.on: budget must be more than 0 and at most 5 seconds, not {budget!r}.")
     patterns = (event,) if isinstance(event, str) else tuple(event)
     for p in patterns:
         if not isinstance(p, str) or not valid_pattern(p):

@@ -32,6 +32,11 @@ if TYPE_CHECKING:
     from ..job import Job
 
 
+#: All the in-process listeners of one ``job.started`` together take at most this long: the claim
+#: is held meanwhile, and its lease (at least 10 s) must be renewed in time.
+STARTED_TOTAL = 2.0
+
+
 def job_data(job: Job, attempt: int) -> dict[str, Any]:
     """The payload every ``job.*`` event carries."""
     data = {"job_id": job.id, "command": job.command, "args": list(job.args), "queue": job.queue,
@@ -154,7 +159,7 @@ class WorkerEvents:
         data = {**job_data(claim.job, claim.attempt), "worker": self.name, "started_at": rfc3339(started)}
         ev = self._event("job.started", data, claim.job.id, claim.fence)
         self.durably(lambda: self._deliver([ev], local=False))
-        self.bus.run_local([ev])
+        self.bus.run_local([ev], total=STARTED_TOTAL)
 
     def outcome(self, claim: Claim, kind: str, reply: dict[str, Any], started: float, *,
                 retry_in: float | None = None, counted: bool = True) -> list[Event]:
