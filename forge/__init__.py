@@ -30,10 +30,12 @@ __all__ = [
     "RetryBlocked",
     "call",
     "command",
+    "on",
 ]
 
 _LAZY = {
     "call": "forge.runner",
+    "on": "forge.events.listeners",
     "CallResult": "forge.runner",
     "QueuedCommand": "forge.queue",
     "CommandQueue": "forge.queue",
@@ -62,12 +64,17 @@ if TYPE_CHECKING:
         QueueUnavailable,
         RetryBlocked,
     )
+    from .events.listeners import on
     from .queue import CommandQueue, JobDispatch, QueuedCommand, QueueManager
     from .retry.outcome import Fail, Retry
     from .runner import CallResult, call
 
 
 def __getattr__(name: str) -> Any:
+    if name == "events":  # the subpackage: forge.events.current(), forge.events.Event
+        import importlib
+
+        return importlib.import_module("forge.events")
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'forge' has no attribute {name!r}")

@@ -91,6 +91,8 @@ class Settings:
     project_path: Path | None = None
     #: Where forge looked for forge.toml when it found none (the current folder and its parents).
     searched: tuple[Path, ...] = ()
+    #: Whether forge.toml has [[listeners]] (``forge.events``): a dispatch without them pays nothing.
+    listeners: bool = False
 
     def connection_config(self, name: str | None = None) -> Connection:
         """The named connection (default: ``queue.connection``), its file path resolved."""
@@ -414,9 +416,11 @@ def load_settings(
             continue
         if section == "schedule":  # [[schedule]] tables: read and checked by forge.scheduler.load
             continue
+        if section in ("listeners", "events"):  # read and checked by forge.events.config
+            continue
         if section not in _SCHEMA:
             raise ConfigError(
-                f"{where}: unknown section [{section}] (known: forge, queue, connections, schedule)."
+                f"{where}: unknown section [{section}] (known: forge, queue, connections, schedule, listeners, events)."
             )
         if not isinstance(table, dict):
             raise ConfigError(f"{where}: {section} must be a table.")
@@ -425,6 +429,11 @@ def load_settings(
                 known = ", ".join(_SCHEMA[section])
                 raise ConfigError(f"{where}: unknown key {section}.{key} (known: {known}).")
             _check(f"{section}.{key}", value, _SCHEMA[section][key], where)
+
+    if "listeners" in data or "events" in data:  # checked now: a dispatch must not fail after its write
+        from .events.config import events_config_of
+
+        events_config_of(data, where)
 
     def pick(section: str, key: str, default: Any, env_name: str | None = None) -> Any:
         full = f"{section}.{key}"
@@ -527,6 +536,7 @@ def load_settings(
         name=project_name,
         project_path=project_path,
         searched=() if config_file else (start, *start.parents),
+        listeners=bool(data.get("listeners")),
     )
 
 

@@ -278,13 +278,25 @@ class CommandQueue(_Connected):
     def store(self, jobs: Sequence[Job]) -> builtins.list[bool]:
         """Store jobs that ``jobs_for`` built (and so validated) as one durable batch. True for
         each job stored, False for each whose idempotency key had been used (nothing stored)."""
-        return list(self.backend.push(jobs)) if jobs else []
+        created = list(self.backend.push(jobs)) if jobs else []
+        self._dispatched(jobs, created)
+        return created
+
+    def _dispatched(self, jobs: Sequence[Job], created: Sequence[bool]) -> None:
+        """``job.dispatched`` for the jobs stored (``forge.events``): for forge.toml's [[listeners]],
+        or a worker's listeners in a worker (it loaded forge.events); else nothing to do."""
+        import sys
+
+        if self.settings.listeners or "forge.events.hooks" in sys.modules:
+            from .events.hooks import dispatched
+
+            dispatched(self.settings, self.backend, jobs, created)
 
     def dispatch(self, cmd: QueuedCommand) -> str:
         """Queue one command; returns the job id once the job is durably stored (with an
         idempotency key that was used already: the id of the job that holds it)."""
         job = self._job(cmd, time.time())
-        self.backend.push([job])
+        self._dispatched([job], self.backend.push([job]))
         return job.id
 
     def dispatch_many(self, cmds: Iterable[QueuedCommand], *, batch_id: str | None = None) -> builtins.list[str]:
@@ -295,7 +307,7 @@ class CommandQueue(_Connected):
         or a kill part-way, stores only those that are missing.
         """
         jobs = self.jobs_for(_in_batch(cmds, batch_id))
-        self.backend.push(jobs)
+        self._dispatched(jobs, self.backend.push(jobs))
         return [j.id for j in jobs]
 
     def push(self, cmd: QueuedCommand) -> JobDispatch:
@@ -303,7 +315,9 @@ class CommandQueue(_Connected):
         had been used, nothing was stored, and the record is that of the job holding it)."""
         job = self._job(cmd, time.time())
         record = _dispatch_record(job)  # before the write: nothing may fail once the job is stored
-        if self.backend.push([job])[0]:
+        created = self.backend.push([job])
+        self._dispatched([job], created)
+        if created[0]:
             return record
         info = self.backend.find(job.id)
         return replace(_dispatch_record(info.job) if info else record, created=False)
@@ -482,6 +496,10 @@ class QueueManager(_Connected):
         for _ in range(3):
             info = self.backend.cancel(job_id)
             if info is not None:
+                if self.settings.listeners:
+                    from .events.hooks import cancelled
+
+                    cancelled(self.settings, self.backend, info)
                 return info
             now = self.find(job_id)
             if now.state in (State.PENDING, State.DELAYED):

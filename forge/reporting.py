@@ -101,6 +101,14 @@ def console_reporter(json_out: bool, verbose: bool = False) -> Callable[[TextIO]
             elif event == "quarantined":
                 emit(f"{now()} {data['count']} job file{'s' if data['count'] != 1 else ''} in quarantine"
                      f" ({data['where']}): see the .reason file beside each.")
+            elif event in ("listener_failed", "listener_slow", "events_failed"):  # forge.events
+                if event == "listener_slow":
+                    what = (f"took {data['ms']:.0f} ms, over its {data['budget_ms']:.0f} ms budget"
+                            + ("; cut off" if data.get("cut_off") else ""))
+                else:
+                    what = f"failed: {data.get('error')}"
+                who = f"Listener {data['listener']}" if data.get("listener") else "Storing listener jobs"
+                emit(f"{now()} {who} for {data.get('event_name')} {what} (the job's outcome is unchanged).")
             elif event.startswith("schedule_"):  # queue:work --schedule
                 detail = data.get("job_id") or data.get("error") or ""
                 emit(f"{now()} Schedule {data.get('entry', '')} [{data.get('tick', '')}]: {event[9:]} {detail}".rstrip())

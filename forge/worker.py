@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 from . import _linux, jobproc, runner
 from .backends.base import Claim
 from .errors import QueueUnavailable
+from .events.model import META_KEY, job_env
 from .job import Event, Reason
 from .jobshare import NEVER, OUTCOME, REQUEST, OutputBuffer, SharedState
 from .reporting import Reporter, console_reporter
@@ -82,6 +83,8 @@ class Worker:
     #: Called at every maintenance pass (``queue:work --schedule``: dispatch due ticks); it
     #: reports its own errors and must not raise.
     tick: Callable[[], None] | None = None
+    #: The project's listeners (``forge.events.worker.WorkerEvents``), or None when there are none.
+    events: Any = None
 
     def __post_init__(self) -> None:
         self.backend = self.backend_factory()
@@ -141,6 +144,8 @@ class Worker:
         started = time.monotonic()
         self.report("worker_started", {"queues": list(opts.queues), "name": opts.name, "pid": os.getpid(),
                                        **self.where})
+        if self.events is not None:
+            self.events.worker_started()
         self.heartbeat.update(state=WorkerState.IDLE)
         restart_seen = self._call(lambda: (self.backend.restart_requested_at(),))
         next_maintenance = next_restart_check = 0.0
@@ -201,6 +206,8 @@ class Worker:
                 self._signal_all(signal.SIGKILL)
                 self._reap(self._proc)
                 self._end_leftovers()
+            if self.events is not None:
+                self.events.worker_stopped(str(self._stop), self.jobs_done)
             self.heartbeat.remove()
             self.backend.close()
             if self._renewer is not None:
@@ -242,6 +249,8 @@ class Worker:
         if counts and any(counts.values()):
             self.report("maintenance", counts)
         self._report_quarantine()
+        if self.events is not None:
+            self.events.upkeep(self.backend)
 
     def _report_quarantine(self) -> None:
         """Log the quarantine's size when it changes (and is not empty), so an operator learns of it."""
@@ -346,6 +355,10 @@ class Worker:
                "FORGE_JOB_TOKEN": str(claim.fence)}
         if isinstance(job.metadata.get("scheduled_for"), str):  # dispatched by the scheduler
             env["FORGE_SCHEDULED_FOR"] = job.metadata["scheduled_for"]
+        if META_KEY in job.metadata:  # a listener job: its event in FORGE_EVENT
+            env.update(job_env(job.metadata))
+        if self.events is not None:  # stored before the job's code runs
+            self.events.job_started(claim, started)
         self._seq += 1
         request = {"seq": self._seq, "command": job.command, "args": list(job.args), "env": env}
         proc = self._hand_over(spec, request, kill_at)
@@ -365,8 +378,12 @@ class Worker:
             return
         if why == "forced":
             self.output.flush_to_log(self.backend, job.id, reset=True)
+            evs = self.events.outcome(claim, "released", {"reason": str(Reason.INTERRUPTED)}, started,
+                                      retry_in=0, counted=False) if self.events is not None else []
             self._durably(lambda: self.backend.release(claim, None, 0))
             self.report("released", {**info, "reason": "interrupted", "counted": False})
+            if evs:
+                self.events.after(evs)
             return
         if why == "timeout":
             reply = {"exit_code": -int(signal.SIGKILL), "reason": str(Reason.TIMEOUT),
@@ -479,6 +496,8 @@ class Worker:
                 announced = True
                 self.report("stopping", {"job_id": claim.job.id, "command": claim.job.command,
                                          "queue": claim.job.queue})
+                if self.events is not None:
+                    self.events.worker_stopping(str(self._stop))
             if why is None:
                 end: str | None = None
                 if self._stop is StopReason.FORCED:
@@ -604,12 +623,16 @@ class Worker:
         duration = time.time() - started
         ms = round(duration * 1000, 1)
         code = reply.get("exit_code", 1)
+        events = self.events
         if code == 0:
             done = Event("done", claim.attempt, time.time(), worker=opts.name, exit_code=0,
                          duration=round(duration, 6), tries=job.max_attempts or opts.tries)
+            evs = events.outcome(claim, "done", reply, started) if events is not None else []
             self._durably(lambda: self.backend.ack(claim, done))
             self.report("done", {**info, "duration_ms": ms})
             self.heartbeat.update(done=self.heartbeat.record.done + 1)
+            if evs:
+                events.after(evs)
             return
         pol = self._policy(job)
         if retry:
@@ -621,16 +644,21 @@ class Worker:
                       reason=decision.reason, error=decision.error, exit_code=code,
                       duration=round(duration, 6), output_tail=(tail or None) if decision.counted else None,
                       tries=pol.tries)
-        data = {**info, "duration_ms": ms, "reason": decision.reason, "error": decision.error,
-                "exit_code": code}
+        verdict = {"reason": decision.reason, "error": decision.error}
+        data = {**info, "duration_ms": ms, **verdict, "exit_code": code}
         if not decision.release:
+            evs = events.outcome(claim, "failed", {**reply, **verdict}, started) if events is not None else []
             self._durably(lambda: self.backend.fail(claim, event))
             self.report("failed", data)
             self.heartbeat.update(failed=self.heartbeat.record.failed + 1)
         else:
             delay, counted = decision.delay, decision.counted
+            evs = (events.outcome(claim, "released", {**reply, **verdict}, started, retry_in=delay, counted=counted)
+                   if events is not None else [])
             self._durably(lambda: self.backend.release(claim, event, delay, counted=counted))
             self.report("released", {**data, "retry_in": delay, **({} if counted else {"counted": False})})
+        if evs:
+            events.after(evs)
 
     def _policy(self, job: Any) -> retry_policy.Policy:
         """The job's retry policy: its own, its command's declaration, this worker's options."""

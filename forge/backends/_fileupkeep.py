@@ -150,11 +150,14 @@ class FileUpkeep:
                           reason=Reason.ABANDONED, error="the worker died during this attempt")
             if exhausted:
                 self.fail(claim, event)
-                return "abandoned"
-            self.release(claim, event, delay)
+            else:
+                self.release(claim, event, delay)
         except OSError as exc:
             raise unusable(exc, first_unwritable(q.reserved, q.pending, q.done, q.failed), "recover jobs in") from None
-        return "recovered"
+        hook = getattr(self, "on_recovered", None)  # forge.events: the worker's job events
+        if hook is not None:
+            hook(job, attempt, event)
+        return "abandoned" if exhausted else "recovered"
 
     # -- pause, resume, restart -----------------------------------------------------------
 

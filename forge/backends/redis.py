@@ -363,6 +363,9 @@ class RedisBackend(RedisAdmin):
         mode = "failed" if exhausted else "release"
         if not self._finish(token.decode(), job_id, mode, event, attempt, delay, only_expired=True):
             return None
+        hook = getattr(self, "on_recovered", None)  # forge.events: the worker's job events
+        if hook is not None and job is not None:
+            hook(job, attempt, event)
         return "abandoned" if exhausted else "recovered"
 
     def close(self) -> None:

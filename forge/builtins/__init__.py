@@ -30,6 +30,7 @@ BUILTINS: dict[str, tuple[str, str, bool]] = {
     "queue:cancel": ("forge.builtins.manage:cancel", "Cancel waiting (or, with --running, running) jobs", False),
     "queue:workers": ("forge.builtins.inspect_cmds:workers", "List the live workers of the connection", False),
     "queue:restart": ("forge.builtins.manage:restart", "Make every worker exit after its current job", False),
+    "events:list": ("forge.builtins.events:list_", "List the events forge raises and the project's listeners", False),
     "schedule:run": ("forge.builtins.schedule:run", "Dispatch the scheduled commands that are due (from cron)", False),
     "schedule:work": ("forge.builtins.schedule:work", "Run the schedule in the foreground, waking at each tick", False),
     "schedule:list": ("forge.builtins.schedule:list_", "List the schedule: next runs, last tick and its job", False),

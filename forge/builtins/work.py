@@ -69,6 +69,10 @@ def work(
                     supervisor_factory=lambda: open_backend(conn, done_retention=settings.done_retention,
                                                             quick=True),
                     where={"connection": conn.name, "location": conn.where()})
+    from ..events.worker import for_worker
+
+    worker.events = for_worker(settings, registry, name=options.name, queues=options.queues, report=worker.report,
+                               backend=lambda: worker.backend, durably=worker._durably, default_tries=options.tries)
     if schedule:
         from ..scheduler.tick import worker_tick
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import hashlib
 import operator
+import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, fields
@@ -336,6 +337,7 @@ class Scheduler:
                     if p.missed:
                         out.append(TickAction(e.name, p.last_missed or 0.0, "missed", count=p.missed))
                     out += [TickAction(e.name, t, "skipped") for t in p.skipped]
+            self._events(out)
             out += self._push(marked, now)
             self._tend_orphans(now)
         return out
@@ -397,6 +399,7 @@ class Scheduler:
             for (e, t), job, new in zip(kept, jobs, created, strict=True):
                 pushed.setdefault(e.name, []).append((t, job.id, new))
                 out.append(TickAction(e.name, t, "dispatched" if new else "exists", job.id, now - t))
+        self._events(out)  # before the commit: a run killed before it pushes the ticks (and events) again
         done = {n: [t for t, _, _ in v] for n, v in pushed.items()}
         for n, ts in failed.items():
             done.setdefault(n, []).extend(ts)
@@ -417,6 +420,14 @@ class Scheduler:
 
             self.store.update(list(done), commit)
         return out
+
+    def _events(self, actions: list[TickAction]) -> None:
+        """``schedule.tick_dispatched`` / ``tick_skipped`` (``forge.events``): for forge.toml's
+        [[listeners]], or a worker's listeners (``queue:work --schedule``; it loaded forge.events)."""
+        if actions and (self.settings.listeners or "forge.events.hooks" in sys.modules):
+            from ..events.hooks import ticks
+
+            ticks(self.settings, self.backend, actions)
 
     def next_due(self, now: float | None = None) -> float | None:
         """When the next tick of any entry that is not paused is due (now, if a tick waits)."""
