@@ -225,19 +225,12 @@ class Forge:
             stop(proc)
             self.q.backend.prune_done()
 
-    def cli_dispatch(self, runs: int) -> float:
+    def cli_command(self) -> functools.partial:
         cmd = [sys.executable, "-m", "forge", "queue:dispatch", f"--connection={self.backend_name}", "probe:noop"]
         run = functools.partial(subprocess.run, cmd, env=self.env, check=True, stdout=subprocess.DEVNULL,
                                 cwd=self.base)  # not this checkout: `python -m` imports from the cwd
         run()  # saves the command cache
-        times = []
-        for _ in range(runs):
-            t = time.perf_counter()
-            run()
-            times.append((time.perf_counter() - t) * 1000)
-        self._activate()
-        self.q.clear()
-        return statistics.median(times)
+        return run
 
     def cleanup(self) -> None:
         self._activate()
@@ -258,13 +251,22 @@ def stop(proc: subprocess.Popen) -> None:
             proc.wait()
 
 
-def python_pass(runs: int) -> float:
-    times = []
+def cli_dispatch(runs: int, forges: dict[str, Forge], res: dict[str, dict[str, float]]) -> None:
+    """One CLI dispatch process per backend, and ``python -c pass``, interleaved (the load of a
+    shared machine drifts): the median of each."""
+    commands = {name: f.cli_command() for name, f in forges.items()}
+    commands["limit"] = functools.partial(subprocess.run, [sys.executable, "-c", "pass"], check=True)
+    times: dict[str, list[float]] = {name: [] for name in commands}
     for _ in range(runs):
-        t = time.perf_counter()
-        subprocess.run([sys.executable, "-c", "pass"], check=True)
-        times.append((time.perf_counter() - t) * 1000)
-    return statistics.median(times)
+        for name, run in commands.items():
+            t = time.perf_counter()
+            run()
+            times[name].append((time.perf_counter() - t) * 1000)
+    for name, ts in times.items():
+        res[name]["cli_dispatch_ms"] = statistics.median(ts)
+    for f in forges.values():
+        f._activate()
+        f.q.clear()
 
 
 def one_round(jobs: int, cli_runs: int, redis_url: str, parent: Path) -> dict[str, dict[str, float]]:
@@ -296,8 +298,7 @@ def one_round(jobs: int, cli_runs: int, redis_url: str, parent: Path) -> dict[st
                 res[name].update(latency_p50_ms=p50, latency_p99_ms=p99)
             for name, f in forges.items():
                 res[name]["dispatch_many_per_s"] = f.dispatch_many(jobs)
-                res[name]["cli_dispatch_ms"] = f.cli_dispatch(cli_runs)
-            res["limit"]["cli_dispatch_ms"] = python_pass(cli_runs)  # python -c pass
+            cli_dispatch(cli_runs, forges, res)
         finally:
             huey.cleanup()
             for f in forges.values():
@@ -332,7 +333,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--jobs", type=int, default=5000)
     ap.add_argument("--rounds", type=int, default=1)
-    ap.add_argument("--cli-runs", type=int, default=15)
+    ap.add_argument("--cli-runs", type=int, default=21)
     ap.add_argument("--dir", type=Path, default=None, help="where the file queue lives (default: under $HOME)")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
