@@ -43,6 +43,11 @@ back (``Claim`` deadlines and leases, ``next_due``, ``updated_at``) are on the l
 converted with the offset measured from the server's ``TIME``; a delayed job's due time is
 stored on the server's clock.
 
+The hot path (dispatch, claim, ``ack_claim``, heartbeats, the idle wait, the worker's record)
+goes through ``forge.backends._resp``, forge's own RESP client: one round trip a call, scripts
+run by SHA, and no redis-py import (80-150 ms) for a dispatch or a worker. Listings and the
+other management operations use redis-py (``_r``), imported on first use.
+
 Durability is the server's: an acknowledged dispatch survives a Redis restart with
 ``appendonly yes`` (``appendfsync always`` for a crash of the machine; ``everysec`` loses up to
 one second), and only up to the last snapshot with RDB alone.

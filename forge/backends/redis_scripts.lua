@@ -29,8 +29,7 @@ local function ik(id) return P .. ':info:' .. id end
 local function jk(id) return P .. ':job:' .. id end
 local function notify(q)
   local k = qk(q, 'notify')
-  redis.call('RPUSH', k, '1')
-  redis.call('LTRIM', k, -8, -1)
+  if redis.call('LLEN', k) < 8 then redis.call('RPUSH', k, '1') end
 end
 local function promote(q, now)
   local dk = qk(q, 'delayed')
@@ -44,14 +43,15 @@ local function promote(q, now)
   end
   return #due
 end
-local function enqueue(id, q, now, delay)
+local function enqueue(id, q, now, delay, ...)
+  -- ...: more field, value pairs for the job's info hash, set in the same HSET.
   if delay <= 0 then
     promote(q, now)
     redis.call('RPUSH', qk(q, 'pending'), id)
-    redis.call('HSET', ik(id), 'state', 'pending', 'avail', us(now))
+    redis.call('HSET', ik(id), 'state', 'pending', 'avail', us(now), ...)
   else
     redis.call('ZADD', qk(q, 'delayed'), us(now + delay), id)
-    redis.call('HSET', ik(id), 'state', 'delayed', 'avail', us(now + delay))
+    redis.call('HSET', ik(id), 'state', 'delayed', 'avail', us(now + delay), ...)
   end
   notify(q)
 end
@@ -177,7 +177,6 @@ for i = 0, n - 1 do
   flags[i + 1] = fresh[i] and '1' or '0'
   if fresh[i] then
     redis.call('SET', jk(id), ARGV[o + 3])
-    redis.call('HSET', ik(id), 'queue', q, 'attempts', '0', 'timeout', ARGV[o + 5], 'ukey', uk)
     if uk ~= '' then
       if ttl ~= '' then
         redis.call('SET', P .. ':unique:' .. uk, id, 'PX', ttl)
@@ -186,7 +185,8 @@ for i = 0, n - 1 do
       end
     end
     redis.call('SADD', P .. ':queues', q)
-    enqueue(id, q, now, tonumber(ARGV[o + 4]) - now)
+    enqueue(id, q, now, tonumber(ARGV[o + 4]) - now, 'queue', q, 'attempts', '0', 'timeout', ARGV[o + 5],
+            'ukey', uk)
     stored = stored + 1
   end
 end
