@@ -22,7 +22,8 @@ process):
 - dispatch-to-start latency p50/p99 (ms) with one idle worker: a job appends its start time to
   a ledger file; 200 samples;
 - one CLI dispatch process (ms, median of --cli-runs): ``forge queue:dispatch
-  --connection=redis`` and ``--connection=file``, beside ``python -c pass``;
+  --connection=redis`` and ``--connection=file``, beside ``python -c pass``; and one worker's
+  start and stop on an empty queue (``forge queue:work --stop-when-empty``); all interleaved;
 - dispatch_many of N jobs (jobs/s), forge only.
 
 With --rounds > 1 the table shows each figure's median over the rounds (the machine is
@@ -225,8 +226,8 @@ class Forge:
             stop(proc)
             self.q.backend.prune_done()
 
-    def cli_command(self) -> functools.partial:
-        cmd = [sys.executable, "-m", "forge", "queue:dispatch", f"--connection={self.backend_name}", "probe:noop"]
+    def cli_command(self, *args: str) -> functools.partial:
+        cmd = [sys.executable, "-m", "forge", *args]
         run = functools.partial(subprocess.run, cmd, env=self.env, check=True, stdout=subprocess.DEVNULL,
                                 cwd=self.base)  # not this checkout: `python -m` imports from the cwd
         run()  # saves the command cache
@@ -254,16 +255,26 @@ def stop(proc: subprocess.Popen) -> None:
 def cli_dispatch(runs: int, forges: dict[str, Forge], res: dict[str, dict[str, float]]) -> None:
     """One CLI dispatch process per backend, and ``python -c pass``, interleaved (the load of a
     shared machine drifts): the median of each."""
-    commands = {name: f.cli_command() for name, f in forges.items()}
-    commands["limit"] = functools.partial(subprocess.run, [sys.executable, "-c", "pass"], check=True)
-    times: dict[str, list[float]] = {name: [] for name in commands}
+    commands = {(name, "cli_dispatch_ms"): f.cli_command("queue:dispatch", f"--connection={f.backend_name}",
+                                                         "probe:noop") for name, f in forges.items()}
+    for name, f in forges.items():
+        f._activate()
+        f.q.clear()
+        # a worker's start and stop on an empty queue (its record written and removed)
+        commands[(name, "worker_start_ms")] = f.cli_command("queue:work", f.backend_name, "--stop-when-empty")
+    commands[("limit", "cli_dispatch_ms")] = functools.partial(subprocess.run, [sys.executable, "-c", "pass"],
+                                                               check=True)
+    times: dict[tuple[str, str], list[float]] = {key: [] for key in commands}
     for _ in range(runs):
-        for name, run in commands.items():
+        for key, run in commands.items():
+            if key[1] == "cli_dispatch_ms" and key[0] != "limit":
+                forges[key[0]]._activate()
+                forges[key[0]].q.clear()  # the worker's run must find the queue empty
             t = time.perf_counter()
             run()
-            times[name].append((time.perf_counter() - t) * 1000)
-    for name, ts in times.items():
-        res[name]["cli_dispatch_ms"] = statistics.median(ts)
+            times[key].append((time.perf_counter() - t) * 1000)
+    for (name, figure), ts in times.items():
+        res[name][figure] = statistics.median(ts)
     for f in forges.values():
         f._activate()
         f.q.clear()
@@ -307,7 +318,7 @@ def one_round(jobs: int, cli_runs: int, redis_url: str, parent: Path) -> dict[st
 
 
 FIGURES = ["enqueue_per_s", "drain_1w_per_s", "drain_2w_per_s", "latency_p50_ms", "latency_p99_ms",
-           "cli_dispatch_ms", "dispatch_many_per_s"]
+           "cli_dispatch_ms", "worker_start_ms", "dispatch_many_per_s"]
 COLUMNS = ["huey", "forge-redis", "forge-file", "limit"]
 
 
