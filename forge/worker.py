@@ -340,7 +340,6 @@ class Worker:
                        "error": f'Command "{job.command}" is not defined (renamed or removed since dispatch).'}
             self.record(claim, unknown, started, info, tail="", retry=False)
             return
-        self.report("starting", info)
         timeout_at = claim.claimed_at + self.job_timeout(claim)
         deadline_kill = _to_boot(claim.deadline) + BACKSTOP
         lease_kill = _to_boot(claim.lease_until) - LEASE_SAFETY if claim.lease_until is not None else None
@@ -352,7 +351,9 @@ class Worker:
         self._seq += 1
         request = {"seq": self._seq, "command": job.command, "args": list(job.args), "env": env}
         proc = self._hand_over(spec, request, kill_at)
-        # Published once the job runs: a round trip on Redis, not on the way to the job's start.
+        # Reported and published once the job runs (a write and, on Redis, a round trip), not
+        # on the way to the job's start.
+        self.report("starting", info)
         self.heartbeat.update(state=WorkerState.RUNNING, job_id=job.id, job_command=job.command, job_since=started)
         try:
             why, reply, code = self._supervise(claim, proc, timeout_at, deadline_kill)
