@@ -10,7 +10,7 @@ document its KEYS and ARGV and are not sent to the server, and every script is s
 from __future__ import annotations
 
 import functools
-import hashlib
+import os
 import re
 
 from ..config import mask_url
@@ -32,6 +32,8 @@ def us(seconds: float) -> int:
 
 def hash_key(key: str) -> str:
     """The name of a unique key inside Redis (``P:unique:<this>``)."""
+    import hashlib  # only a dispatch with a unique key needs it (2 ms to import)
+
     return hashlib.sha256(key.encode()).hexdigest()[:40]
 
 
@@ -39,9 +41,13 @@ def hash_key(key: str) -> str:
 def load_scripts(promote_batch: int) -> dict[str, str]:
     """Script name -> the Lua source to register (prelude, then the script's body), read once
     from ``redis_scripts.lua``. ``PROMOTE_BATCH`` in the prelude becomes ``promote_batch``."""
-    from importlib import resources
+    try:  # a plain file next to this module (importlib.resources costs milliseconds to import)
+        with open(os.path.join(os.path.dirname(__file__), SCRIPTS_FILE), encoding="utf-8") as fh:
+            text = fh.read()
+    except OSError:  # installed as a zip, say
+        from importlib import resources
 
-    text = resources.files(__package__).joinpath(SCRIPTS_FILE).read_text(encoding="utf-8")
+        text = resources.files(__package__).joinpath(SCRIPTS_FILE).read_text(encoding="utf-8")
     parts = _MARKER.split(text)
     bodies: dict[str, str] = {}
     for name, section in zip(parts[1::2], parts[2::2], strict=True):

@@ -25,9 +25,7 @@ URLs it takes: ``redis://[[user]:password@]host[:port][/db]`` and
 
 from __future__ import annotations
 
-import hashlib
 import os
-import random
 import socket
 import time
 from collections.abc import Sequence
@@ -134,7 +132,9 @@ class _Conn:
                     sock.close()
                     raise
             else:
-                sock = socket.create_connection((addr.host, addr.port), timeout=connect_timeout)
+                # bytes: a str host is IDNA-encoded first, which imports two modules
+                host = addr.host.encode() if addr.host.isascii() else addr.host
+                sock = socket.create_connection((host, addr.port), timeout=connect_timeout)  # type: ignore[arg-type]
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
         except TimeoutError:
@@ -260,6 +260,8 @@ class Client:
                 if attempt >= self.retries:
                     raise
                 attempt += 1
+                import random
+
                 time.sleep(random.uniform(0, min(0.5, 0.05 * 2 ** attempt)))
                 continue
             except BaseException:  # a protocol error, or a signal mid-reply: the stream is unusable
@@ -276,9 +278,20 @@ class Client:
         return reply
 
     def script(self, source: str, *args: Any) -> Any:
-        """Run a Lua script by its SHA (EVALSHA), loading it once per server (on NOSCRIPT)."""
+        """Run a Lua script by its SHA (EVALSHA), loading it once per server (on NOSCRIPT).
+
+        A script's first call in this process is an EVAL (which the server caches too): a
+        one-shot process, such as a CLI dispatch, then never imports hashlib (2 ms)."""
         sha = self._shas.get(source)
         if sha is None:
+            self._shas[source] = ""
+            reply = self.pipeline([("EVAL", source, 0, *args)])[0]
+            if isinstance(reply, ReplyError):
+                raise reply
+            return reply
+        if not sha:
+            import hashlib
+
             sha = self._shas[source] = hashlib.sha1(source.encode()).hexdigest()
         reply = self.pipeline([("EVALSHA", sha, 0, *args)])[0]
         if isinstance(reply, ReplyError) and str(reply).startswith("NOSCRIPT"):
