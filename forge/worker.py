@@ -103,6 +103,8 @@ class Worker:
         self._idle = False
         self._outage = 0.0
         self._quarantined = 0
+        #: A successful claim whose ack waits to go with the next claim (``Backend.ack_claim``).
+        self._unacked: tuple[Claim, Event, dict[str, Any], list[Any]] | None = None
         self._sig_r, self._sig_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         if self.options.echo:
             self.output.echo = _echo
@@ -154,20 +156,23 @@ class Worker:
             while True:
                 now = time.monotonic()
                 if now >= next_maintenance:
+                    self._flush_ack()
                     self._maintain()
                     if self.tick is not None:
                         self.tick()
                     next_maintenance = now + opts.maintenance_interval
-                self.heartbeat.beat()
                 if opts.max_time and now - started >= opts.max_time and self._stop is None:
                     self._stop = StopReason.MAX_TIME
                 if self._stop is not None:
+                    self._flush_ack()
                     break
                 if self._paused != paused_reported:
                     paused_reported = self._paused
                     self.report("paused" if paused_reported else "resumed", {})
                     self.heartbeat.update(state=WorkerState.PAUSED if self._paused else WorkerState.IDLE)
                 if self._paused:
+                    self._flush_ack()
+                    self.heartbeat.beat()
                     self._idle_sleep(min(next_maintenance - now, 1.0))
                     continue
                 if now >= next_restart_check:  # a stat or a round trip: not before every job
@@ -177,6 +182,7 @@ class Worker:
                             # The store was down at start: a marker set after we started counts.
                             restart_seen = (None,) if (marker[0] or 0) > self.started_at else marker
                         if marker != restart_seen:
+                            self._flush_ack()
                             self._stop = StopReason.RESTART
                             continue
                     next_restart_check = now + 0.1
@@ -186,6 +192,7 @@ class Worker:
                         if opts.once or opts.stop_when_empty:
                             self._stop = StopReason.EMPTY
                         else:
+                            self.heartbeat.beat()  # before the wait, not on the way to the next job
                             self._idle_wait(next_maintenance, started)
                     continue
                 if self._stop is not None:  # asked to stop while claiming: hand it back, uncounted
@@ -200,8 +207,10 @@ class Worker:
                 if opts.memory and _rss_mb() >= opts.memory and self._stop is None:
                     self._stop = StopReason.MEMORY
                 if opts.rest and self._stop is None:
+                    self._flush_ack()
                     self._idle_sleep(opts.rest)
         finally:
+            self._flush_ack()
             if self._proc is not None:
                 self._signal_all(signal.SIGKILL)
                 self._reap(self._proc)
@@ -221,7 +230,10 @@ class Worker:
     def _claim(self) -> Claim | None:
         opts = self.options
         try:
-            claim = self.backend.claim(opts.queues, opts.name, opts.timeout)
+            if self._unacked is not None:
+                claim = self._ack_claim()
+            else:
+                claim = self.backend.claim(opts.queues, opts.name, opts.timeout)
         except (QueueUnavailable, OSError) as exc:
             error = str(exc) if isinstance(exc, QueueUnavailable) else _os_error(exc)
             if opts.once or opts.stop_when_empty:
@@ -345,8 +357,6 @@ class Worker:
                     "error": "not started: its retry-until deadline passed while it waited"}
             self.record(claim, late, started, info, tail="", retry=False)
             return
-        self.report("starting", info)
-        self.heartbeat.update(state=WorkerState.RUNNING, job_id=job.id, job_command=job.command, job_since=started)
         timeout_at = claim.claimed_at + self.job_timeout(claim)
         deadline_kill = _to_boot(claim.deadline) + BACKSTOP
         lease_kill = _to_boot(claim.lease_until) - LEASE_SAFETY if claim.lease_until is not None else None
@@ -362,6 +372,10 @@ class Worker:
         self._seq += 1
         request = {"seq": self._seq, "command": job.command, "args": list(job.args), "env": env}
         proc = self._hand_over(spec, request, kill_at)
+        # Reported and published once the job runs (a write and, on Redis, a round trip), not
+        # on the way to the job's start.
+        self.report("starting", info)
+        self.heartbeat.update(state=WorkerState.RUNNING, job_id=job.id, job_command=job.command, job_since=started)
         try:
             why, reply, code = self._supervise(claim, proc, timeout_at, deadline_kill)
         finally:
@@ -628,6 +642,9 @@ class Worker:
             done = Event("done", claim.attempt, time.time(), worker=opts.name, exit_code=0,
                          duration=round(duration, 6), tries=job.max_attempts or opts.tries)
             evs = events.outcome(claim, "done", reply, started) if events is not None else []
+            if getattr(self.backend, "ack_claim", None) is not None:
+                self._unacked = (claim, done, {**info, "duration_ms": ms}, evs)  # sent with the next claim
+                return
             self._durably(lambda: self.backend.ack(claim, done))
             self.report("done", {**info, "duration_ms": ms})
             self.heartbeat.update(done=self.heartbeat.record.done + 1)
@@ -673,6 +690,37 @@ class Worker:
         except (QueueUnavailable, OSError):
             return []
         return list(info.events) if info is not None else []
+
+    def _ack_claim(self) -> Claim | None:
+        """Acknowledge the last job and claim the next in one call (see ``record``)."""
+        assert self._unacked is not None
+        claim, done, data, evs = self._unacked
+        opts = self.options
+        try:
+            nxt = self.backend.ack_claim(claim, done, opts.queues, opts.name, opts.timeout)  # type: ignore[attr-defined]
+        except (QueueUnavailable, OSError):
+            # As without ack_claim: the ack retried until it lands (fenced: never twice), then a claim.
+            self._flush_ack()
+            return self.backend.claim(opts.queues, opts.name, opts.timeout)
+        self._unacked = None
+        self._acked(data, evs)
+        return nxt
+
+    def _flush_ack(self) -> None:
+        """Send an ack still waiting for the next claim, now (the worker will not claim next)."""
+        if self._unacked is None:
+            return
+        claim, done, data, evs = self._unacked
+        self._durably(lambda: self.backend.ack(claim, done))
+        self._unacked = None
+        self._acked(data, evs)
+
+    def _acked(self, data: dict[str, Any], evs: list[Any]) -> None:
+        """A deferred ack has landed: report it, then the in-process listeners of its events."""
+        self.report("done", data)
+        self.heartbeat.update(done=self.heartbeat.record.done + 1)
+        if evs and self.events is not None:
+            self.events.after(evs)
 
     def _durably(self, action: Callable[[], None]) -> None:
         """Record an outcome, retrying through a store outage or a full disk until it lands.

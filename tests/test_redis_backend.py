@@ -108,7 +108,7 @@ def wait_for(predicate: Any, within: float = 5.0) -> None:
 
 KEY_RE = re.compile(
     r"^(job|info|log):[0-9a-f-]{36}$|^q:[A-Za-z0-9_.-]+:(pending|delayed|reserved|done|failed|notify)$"
-    r"|^unique:[0-9a-f]{40}$|^claim:[0-9a-f]{24}$|^(queues|paused|restart)$"
+    r"|^unique:[0-9a-f]{40}$|^(queues|paused|restart)$|^wclaim:\"[^\"]+\"$"
 )
 
 

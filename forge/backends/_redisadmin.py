@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import heapq
+import json
 import time
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
@@ -26,11 +27,16 @@ from ._redis_helpers import CHUNK, LOG_CAP
 from ._redis_helpers import us as _us
 from .base import QueueStats
 
+#: How long the restart marker read with a wait's wake-up stands for a fresh read (seconds).
+RESTART_FRESH = 0.05
+
 
 class RedisAdmin:
     """Inspection and management of a Redis queue (mixed into ``RedisBackend``)."""
 
-    _r: Any
+    _r: Any  # redis-py's client (imported on first use)
+    _c: Any  # the hot path's client (forge.backends._resp, or redis-py's calls for TLS)
+    _restart_cache: tuple[float, Any] | None  # (monotonic time, value of P:restart) read by wait
 
     if TYPE_CHECKING:  # provided by RedisBackend
         def _io(self, dispatch: bool = False) -> contextlib.AbstractContextManager[None]: ...
@@ -151,7 +157,7 @@ class RedisAdmin:
 
     def queues(self) -> list[str]:
         with self._io():
-            return sorted(m.decode() for m in self._r.smembers(self._key("queues")))
+            return sorted(m.decode() for m in self._c.call("SMEMBERS", self._key("queues")))
 
     # -- management -----------------------------------------------------------------------
 
@@ -226,7 +232,7 @@ class RedisAdmin:
             for q in [validate_queue_name(queue)] if queue else self.queues():
                 key = self._key("q", q, state)
                 while True:
-                    ids = self._r.zrangebyscore(key, "-inf", cutoff, start=0, num=500)
+                    ids = self._c.call("ZRANGEBYSCORE", key, "-inf", cutoff, "LIMIT", 0, 500)
                     if not ids:
                         break
                     deleted = self._run("delete", state, *ids)
@@ -298,13 +304,18 @@ class RedisAdmin:
 
     def request_restart(self) -> float:
         now = time.time()
+        self._restart_cache = None
         with self._io():
             self._r.set(self._key("restart"), repr(now))
         return now
 
     def restart_requested_at(self) -> float | None:
-        with self._io():
-            value = self._r.get(self._key("restart"))
+        cached = self._restart_cache
+        if cached is not None and time.monotonic() - cached[0] < RESTART_FRESH:
+            value = cached[1]  # read with the wake-up of a wait just now
+        else:
+            with self._io():
+                value = self._c.call("GET", self._key("restart"))
         try:
             return float(value) if value is not None else None
         except ValueError:
@@ -340,25 +351,23 @@ class RedisAdmin:
 
     def cancel_requested(self, job_id: str) -> bool:
         with self._io():
-            return bool(self._r.exists(self._key("cancel", job_id)))
+            return bool(self._c.call("EXISTS", self._key("cancel", job_id)))
 
     def clear_cancel(self, job_id: str) -> None:
         with self._io():
-            self._r.delete(self._key("cancel", job_id))
+            self._c.call("DEL", self._key("cancel", job_id))
 
     def put_worker(self, name: str, record: bytes, ttl: float) -> None:
         with self._io():
-            pipe = self._r.pipeline(transaction=True)
-            pipe.set(self._key("worker", name), record, px=max(int(ttl * 1000), 1000))
-            pipe.zadd(self._key("workers"), {name: time.time() + ttl})
-            pipe.execute()
+            _raise_first(self._c.pipeline([
+                ("MULTI",), ("SET", self._key("worker", name), record, "PX", max(int(ttl * 1000), 1000)),
+                ("ZADD", self._key("workers"), repr(time.time() + ttl), name), ("EXEC",)]))
 
     def drop_worker(self, name: str) -> None:
         with self._io():
-            pipe = self._r.pipeline(transaction=True)
-            pipe.delete(self._key("worker", name))
-            pipe.zrem(self._key("workers"), name)
-            pipe.execute()
+            _raise_first(self._c.pipeline([("MULTI",), ("DEL", self._key("worker", name),
+                                                         self._key("wclaim", json.dumps(name))),
+                                           ("ZREM", self._key("workers"), name), ("EXEC",)]))
 
     def worker_records(self) -> list[bytes]:
         with self._io():
@@ -385,3 +394,11 @@ class RedisAdmin:
         with self._io():
             offset = max(0, offset)
             return self._r.getrange(self._key("log", job_id), offset, offset + LOG_CAP - 1) or b""
+
+
+def _raise_first(replies: list[Any]) -> list[Any]:
+    """A pipeline's replies, or its first error reply raised."""
+    for r in replies:
+        if isinstance(r, Exception):
+            raise r
+    return replies

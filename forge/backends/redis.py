@@ -28,9 +28,10 @@ supported: every key of one prefix must live on one server)::
     P:log:<id>              STRING  captured job output, capped at 1 MiB
     P:restart               STRING  time of the last ``queue:restart``
     P:cancel:<id>           STRING  ``queue:cancel --running`` asked the job's worker to kill it (EX 1 day)
-    P:claim:<token>         STRING  the id a claim took (PX = its first lease), so a claim re-sent
-                                    after a lost reply gets that job back
     P:worker:<name>         STRING  a live worker's record (``forge.worker_registry``), PX = stale time
+    P:wclaim:<worker>       STRING  "<token> <id>" of the worker's last claim (worker as its JSON
+                                    string), so a claim retried after a lost reply gets that job
+                                    back instead of leaving it reserved until its lease lapses (EX 1 day)
     P:workers               ZSET    worker names, scored by when their record expires
 
 Due delayed jobs move from ``delayed`` to the tail of ``pending`` in due order whenever a job
@@ -42,6 +43,11 @@ back (``Claim`` deadlines and leases, ``next_due``, ``updated_at``) are on the l
 converted with the offset measured from the server's ``TIME``; a delayed job's due time is
 stored on the server's clock.
 
+The hot path (dispatch, claim, ``ack_claim``, heartbeats, the idle wait, the worker's record)
+goes through ``forge.backends._resp``, forge's own RESP client: one round trip a call, scripts
+run by SHA, and no redis-py import (80-150 ms) for a dispatch or a worker. Listings and the
+other management operations use redis-py (``_r``), imported on first use.
+
 Durability is the server's: an acknowledged dispatch survives a Redis restart with
 ``appendonly yes`` (``appendfsync always`` for a crash of the machine; ``everysec`` loses up to
 one second), and only up to the last snapshot with RDB alone.
@@ -52,6 +58,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import sys
 import time
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -67,6 +74,7 @@ from ..job import (
     decode_file,
     is_idempotent_id,
 )
+from . import _resp
 from ._redis_helpers import CHUNK, LOG_CAP, load_scripts
 from ._redis_helpers import hash_key as _hash_key
 from ._redis_helpers import translate as _translate
@@ -74,13 +82,19 @@ from ._redis_helpers import us as _us
 from ._redisadmin import RedisAdmin
 from .base import KILL_GRACE, LEASE_MARGIN, Claim
 
-try:
-    import redis as _redis
-    from redis import exceptions as _rx
-    from redis.backoff import ExponentialWithJitterBackoff
-    from redis.retry import Retry
-except ImportError:  # pragma: no cover - exercised by monkeypatching _redis
-    _redis = None  # type: ignore[assignment]
+
+def _find_redis() -> Any:
+    """redis-py's module spec, or None if it is not installed. It is imported only when a call
+    needs it (see ``RedisBackend._r``): the hot path speaks RESP itself (``_resp``)."""
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec("redis")
+    except (ImportError, ValueError):  # pragma: no cover
+        return None
+
+
+_redis: Any = _find_redis()
 
 #: Longest a lease runs without a heartbeat (it is shorter when the job's deadline is nearer).
 LEASE_WINDOW = 30.0
@@ -121,26 +135,50 @@ class RedisBackend(RedisAdmin):
         self.url_from = "forge.toml"
         self._skew: float | None = None  # see _clock
         self._skew_at = 0.0
-        options: dict[str, Any] = {
-            "socket_connect_timeout": connect_timeout,
-            # ``quick``: for a caller that must never block long (the worker's supervisor, which
-            # has to kill a job before its lease lapses); it never calls ``wait``.
-            "socket_timeout": 1.0 if quick else max(BLOCK_CAP + 5.0, 2 * connect_timeout),
-            "socket_keepalive": True,
-            "health_check_interval": 30,
-            # A few quick reconnects, then the caller hears QueueUnavailable. Every script is
-            # safe to re-run after a lost reply: push is idempotent per job id, a claim answers
-            # again with the job its token took, and the outcome scripts are fenced by the token.
-            "retry": Retry(ExponentialWithJitterBackoff(base=0.05, cap=0.5), 0 if quick else 2),
-        }
-        if password is not None:
-            options["password"] = password
-        try:
-            self._r: Any = _redis.Redis.from_url(url, **options)
-        except ValueError as exc:
-            raise ConfigError(f"Invalid Redis URL {mask_url(url)!r}: {mask_url(str(exc))}") from None
-        self._s: dict[str, Any] = {}  # script name -> registered Script, filled in by _run
-        self._claim_token: str | None = None  # a claim's token until its reply arrives
+        self._quick = quick
+        self._connect_timeout = connect_timeout
+        self._password = password
+        self._redispy: Any = None  # redis-py's client, made on first use (see _r)
+        self._retry_token: str | None = None  # see _token
+        self._restart_cache: tuple[float, Any] | None = None  # (when, P:restart) read by wait
+        addr = _resp.parse_url(url, password)
+        if addr is None:  # TLS or options only redis-py knows: it makes every call
+            self._c: Any = _PyClient(self._r)
+        else:
+            self._c = _resp.Client(addr, connect_timeout=connect_timeout, timeout=self._socket_timeout,
+                                   retries=0 if quick else 2)
+
+    @property
+    def _socket_timeout(self) -> float:
+        # ``quick``: for a caller that must never block long (the worker's supervisor, which
+        # has to kill a job before its lease lapses); it never calls ``wait``.
+        return 1.0 if self._quick else max(BLOCK_CAP + 5.0, 2 * self._connect_timeout)
+
+    @property
+    def _r(self) -> Any:
+        """redis-py's client, for the operations outside the hot path (imported on first use)."""
+        if self._redispy is None:
+            import redis
+            from redis.backoff import ExponentialWithJitterBackoff
+            from redis.retry import Retry
+
+            options: dict[str, Any] = {
+                "socket_connect_timeout": self._connect_timeout,
+                "socket_timeout": self._socket_timeout,
+                "socket_keepalive": True,
+                "health_check_interval": 30,
+                # A few quick reconnects, then the caller hears QueueUnavailable. Every script is
+                # safe to re-run after a lost reply: push is idempotent per job id, and the
+                # outcome scripts are fenced by the claim token.
+                "retry": Retry(ExponentialWithJitterBackoff(base=0.05, cap=0.5), 0 if self._quick else 2),
+            }
+            if self._password is not None:
+                options["password"] = self._password
+            try:
+                self._redispy = redis.Redis.from_url(self.url, **options)
+            except ValueError as exc:
+                raise ConfigError(f"Invalid Redis URL {mask_url(self.url)!r}: {mask_url(str(exc))}") from None
+        return self._redispy
 
     @classmethod
     def from_connection(cls, conn: Connection, *, done_retention: float = 3600.0,
@@ -168,15 +206,17 @@ class RedisBackend(RedisAdmin):
         """Turn Redis client errors into forge's queue errors (password masked)."""
         try:
             yield
-        except _rx.RedisError as exc:
+        except _resp.RespError as exc:
             raise _translate(exc, self._where, dispatch, self.url_from) from None
+        except Exception as exc:
+            if _is_redispy_error(exc):
+                raise _translate(exc, self._where, dispatch, self.url_from) from None
+            raise
 
     def _run(self, name: str, *args: Any) -> Any:
-        """Run the server-side script ``name`` (see redis_scripts.lua) with ARGV = prefix, args."""
-        script = self._s.get(name)
-        if script is None:  # registered on first use: computes the SHA, no round trip
-            script = self._s[name] = self._r.register_script(load_scripts(PROMOTE_BATCH)[name])
-        return script(keys=[], args=[self.prefix, *args])
+        """Run the server-side script ``name`` (see redis_scripts.lua) with ARGV = prefix, args:
+        by its SHA, loaded into the server on its first NOSCRIPT."""
+        return self._c.script(load_scripts(PROMOTE_BATCH)[name], self.prefix, *args)
 
     def _key(self, *parts: str) -> str:
         return ":".join((self.prefix, *parts))
@@ -189,9 +229,9 @@ class RedisBackend(RedisAdmin):
             samples = []
             for _ in range(3):
                 before = time.time()
-                sec, usec = self._r.time()
+                sec, usec = self._c.call("TIME")
                 after = time.time()
-                samples.append((after - before, sec + usec / 1e6 - (before + after) / 2))
+                samples.append((after - before, int(sec) + int(usec) / 1e6 - (before + after) / 2))
             self._skew, self._skew_at = min(samples)[1], time.monotonic()
         return self._skew
 
@@ -243,20 +283,45 @@ class RedisBackend(RedisAdmin):
     def claim(self, queues: Sequence[str], worker: str, timeout: float) -> Claim | None:
         if not queues:
             return None
+        token = self._token()
+        with self._io():
+            reply = self._run("claim", *self._claim_args(queues, worker, token, timeout))
+        self._retry_token = None
+        return self._claimed(reply, token)
+
+    def ack_claim(self, claim: Claim, event: Event, queues: Sequence[str], worker: str,
+                  timeout: float) -> Claim | None:
+        """``ack(claim, event)``, then ``claim(queues, worker, timeout)``, in one round trip
+        (one script: a worker draining a queue pays one call per job). The ack is fenced as
+        ``ack``'s is; the next claim is made whether or not it held."""
+        token = self._token()
+        with self._io():
+            reply = self._run("ack_claim", claim.job.id, claim.handle, event.to_json(), claim.attempt,
+                              "1" if self.done_retention > 0 else "0",
+                              *self._claim_args(queues, worker, token, timeout))
+        self._retry_token = None
+        return self._claimed(reply[1:], token)
+
+    def _token(self) -> str:
+        """A new claim token; or, after a claim whose reply was lost, that claim's token again
+        (until a claim succeeds): the server then hands back the job it had claimed with it
+        (``P:wclaim:<worker>``), which would otherwise wait reserved for its lease to lapse."""
+        if self._retry_token is None:
+            self._retry_token = os.urandom(12).hex()
+        return self._retry_token
+
+    def _claim_args(self, queues: Sequence[str], worker: str, token: str, timeout: float) -> list[Any]:
         for q in queues:
             validate_queue_name(q)
-        # A claim whose reply was lost (the server died after running it) is asked for again
-        # with the same token, by the client's retry or by the next claim: it answers with the
-        # job it took instead of orphaning it until its lease lapses (which costs an attempt).
-        token = self._claim_token = self._claim_token or os.urandom(12).hex()
-        with self._io():
-            reply = self._run("claim", json.dumps(worker), token, _us(timeout), _us(KILL_GRACE),
-                              _us(LEASE_MARGIN), _us(self.lease_window), *queues)
-            self._claim_token = None
-            if len(reply) > 1:
-                self._clock()
+        return [json.dumps(worker), token, _us(timeout), _us(KILL_GRACE), _us(LEASE_MARGIN),
+                _us(self.lease_window), *queues]
+
+    def _claimed(self, reply: list[Any], token: str) -> Claim | None:
+        """The Claim of a claim script's reply (None: nothing was due)."""
         if len(reply) == 1:
             return None
+        with self._io():
+            self._clock()
         _, job_id, record, attempt, deadline, lease = reply
         try:
             job, _ = decode_file(record)
@@ -281,10 +346,13 @@ class RedisBackend(RedisAdmin):
 
     def next_due(self, queues: Sequence[str]) -> float | None:
         with self._io():
-            pipe = self._r.pipeline(transaction=False)
-            for q in queues:
-                pipe.zrange(self._key("q", validate_queue_name(q), "delayed"), 0, 0, withscores=True)
-            heads = [r[0][1] for r in pipe.execute() if r]
+            replies = self._c.pipeline([("ZRANGE", self._key("q", validate_queue_name(q), "delayed"), 0, 0,
+                                         "WITHSCORES") for q in queues])
+            for r in replies:
+                if isinstance(r, Exception):
+                    raise r
+            # [member, score], or [[member, score]] as redis-py parses WITHSCORES
+            heads = [float(r[0][1] if isinstance(r[0], list | tuple) else r[1]) for r in replies if r]
             return self._local(min(heads)) if heads else None
 
     def wait(self, queues: Sequence[str], timeout: float) -> None:
@@ -296,8 +364,15 @@ class RedisBackend(RedisAdmin):
         if timeout <= 0.001:
             return
         keys = [self._key("q", q, "notify") for q in queues]
+        block = min(timeout, BLOCK_CAP)
         with self._io():
-            self._r.blpop(keys, timeout=min(timeout, BLOCK_CAP))
+            # The restart marker comes with the wake-up: a worker checks it before its next claim.
+            woke, marker = self._c.pipeline([("BLPOP", *keys, f"{block:.3f}"), ("GET", self._key("restart"))],
+                                            timeout=block + self._socket_timeout)
+            if isinstance(woke, Exception):
+                raise woke
+            if not isinstance(marker, Exception):
+                self._restart_cache = (time.monotonic(), marker)
 
     # -- outcomes -------------------------------------------------------------------------
 
@@ -329,8 +404,8 @@ class RedisBackend(RedisAdmin):
                 seen: set[bytes] = set()
                 while True:
                     now_us = _us(self._server_now())
-                    expired = self._r.zrangebyscore(self._key("q", q, "reserved"), "-inf", now_us,
-                                                    start=0, num=CHUNK)
+                    expired = self._c.call("ZRANGEBYSCORE", self._key("q", q, "reserved"), "-inf", now_us,
+                                           "LIMIT", 0, CHUNK)
                     fresh = [i for i in expired if i not in seen]
                     if not fresh:
                         break
@@ -344,10 +419,12 @@ class RedisBackend(RedisAdmin):
         return counts
 
     def _recover(self, job_id: str, default_tries: int) -> str | None:
-        pipe = self._r.pipeline(transaction=True)
-        pipe.get(self._key("job", job_id))
-        pipe.hmget(self._key("info", job_id), "state", "token", "attempts")
-        record, (state, token, attempts) = pipe.execute()
+        replies = self._c.pipeline([("MULTI",), ("GET", self._key("job", job_id)),
+                                    ("HMGET", self._key("info", job_id), "state", "token", "attempts"), ("EXEC",)])
+        for r in replies:
+            if isinstance(r, Exception):
+                raise r
+        record, (state, token, attempts) = replies[-1]
         if state != b"reserved" or token is None:
             return None
         attempt = int(attempts or 0)
@@ -370,5 +447,43 @@ class RedisBackend(RedisAdmin):
 
     def close(self) -> None:
         with contextlib.suppress(Exception):
-            self._r.close()
+            self._c.close()
+        if self._redispy is not None:
+            with contextlib.suppress(Exception):
+                self._redispy.close()
+
+
+def _is_redispy_error(exc: Exception) -> bool:
+    rx = sys.modules.get("redis.exceptions")
+    return rx is not None and isinstance(exc, rx.RedisError)
+
+
+class _PyClient:
+    """The hot path's calls made by redis-py, for URLs ``_resp`` does not take (``rediss://``,
+    other options): the same replies as ``_resp.Client`` (raw, no response callbacks)."""
+
+    def __init__(self, client: Any) -> None:
+        import redis
+
+        self._r = redis.Redis(connection_pool=client.connection_pool)
+        self._r.response_callbacks.clear()  # raw replies, as RESP gives them
+        self._scripts: dict[str, Any] = {}
+
+    def call(self, *args: Any, timeout: float | None = None) -> Any:
+        return self._r.execute_command(*args)
+
+    def pipeline(self, cmds: Sequence[Sequence[Any]], timeout: float | None = None) -> list[Any]:
+        pipe = self._r.pipeline(transaction=False)
+        for c in cmds:
+            pipe.execute_command(*c)
+        return list(pipe.execute(raise_on_error=False))
+
+    def script(self, source: str, *args: Any) -> Any:
+        script = self._scripts.get(source)
+        if script is None:
+            script = self._scripts[source] = self._r.register_script(source)
+        return script(keys=[], args=list(args))
+
+    def close(self) -> None:
+        pass  # the pool is the backend's redis-py client's, closed with it
 

@@ -29,8 +29,7 @@ local function ik(id) return P .. ':info:' .. id end
 local function jk(id) return P .. ':job:' .. id end
 local function notify(q)
   local k = qk(q, 'notify')
-  redis.call('RPUSH', k, '1')
-  redis.call('LTRIM', k, -8, -1)
+  if redis.call('LLEN', k) < 8 then redis.call('RPUSH', k, '1') end
 end
 local function promote(q, now)
   local dk = qk(q, 'delayed')
@@ -44,14 +43,15 @@ local function promote(q, now)
   end
   return #due
 end
-local function enqueue(id, q, now, delay)
+local function enqueue(id, q, now, delay, ...)
+  -- ...: more field, value pairs for the job's info hash, set in the same HSET.
   if delay <= 0 then
     promote(q, now)
     redis.call('RPUSH', qk(q, 'pending'), id)
-    redis.call('HSET', ik(id), 'state', 'pending', 'avail', us(now))
+    redis.call('HSET', ik(id), 'state', 'pending', 'avail', us(now), ...)
   else
     redis.call('ZADD', qk(q, 'delayed'), us(now + delay), id)
-    redis.call('HSET', ik(id), 'state', 'delayed', 'avail', us(now + delay))
+    redis.call('HSET', ik(id), 'state', 'delayed', 'avail', us(now + delay), ...)
   end
   notify(q)
 end
@@ -64,6 +64,77 @@ local function free_unique(id)
 end
 local function drop(id)
   redis.call('DEL', jk(id), ik(id), P .. ':log:' .. id)
+end
+
+local function finish_job(now, id, token, mode, event, attempts, delay, keep_done, only_expired)
+  -- End the claim (id, token) as mode (done|release|failed); 1 if it held, else 0. See finish.
+  local info = redis.call('HMGET', ik(id), 'state', 'token', 'queue')
+  if info[1] ~= 'reserved' or info[2] ~= token then return 0 end
+  local q = info[3]
+  local rk = qk(q, 'reserved')
+  if only_expired == '1' then
+    local lease = tonumber(redis.call('ZSCORE', rk, id))
+    if lease and lease > now then return 0 end
+  end
+  redis.call('ZREM', rk, id)
+  redis.call('HDEL', ik(id), 'token', 'claimed', 'deadline')
+  if event ~= '' then redis.call('APPEND', jk(id), event) end
+  if mode == 'release' then
+    redis.call('HSET', ik(id), 'attempts', attempts)
+    enqueue(id, q, now, delay)
+    return 1
+  end
+  free_unique(id)
+  if mode == 'done' and keep_done ~= '1' then
+    drop(id)
+    return 1
+  end
+  redis.call('ZADD', qk(q, mode), us(now), id)
+  redis.call('HSET', ik(id), 'state', mode, 'at', us(now))
+  return 1
+end
+local function claim_next(now, worker, token, default_timeout, grace, margin, window, first)
+  -- Claim the first due job of the queues ARGV[first..]; see claim for the reply. A claim
+  -- sent again with its token (its reply was lost: a crash, a timeout) gets the same job back.
+  local wk = P .. ':wclaim:' .. worker
+  local last = redis.call('GET', wk)
+  if last and string.sub(last, 1, #token + 1) == token .. ' ' then
+    local id = string.sub(last, #token + 2)
+    local info = redis.call('HMGET', ik(id), 'state', 'token', 'queue', 'attempts', 'claimed', 'deadline')
+    if info[1] == 'reserved' and info[2] == token then
+      local lease = redis.call('ZSCORE', qk(info[3], 'reserved'), id)
+      if lease then
+        return {info[5], id, redis.call('GET', jk(id)), tonumber(info[4]), info[6], us(tonumber(lease))}
+      end
+    end
+  end
+  for i = first, #ARGV do
+    local q = ARGV[i]
+    if redis.call('SISMEMBER', P .. ':paused', q) == 0 then
+      promote(q, now)
+      local pk = qk(q, 'pending')
+      while true do
+        local id = redis.call('LPOP', pk)
+        if not id then break end
+        local info = redis.call('HMGET', ik(id), 'state', 'timeout')
+        if info[1] == 'pending' then
+          local attempt = redis.call('HINCRBY', ik(id), 'attempts', 1)
+          local eff = tonumber(info[2]) or default_timeout
+          local deadline = now + eff + grace
+          local lease = now + math.min(window, deadline - now + margin)
+          redis.call('HSET', ik(id), 'state', 'reserved', 'token', token,
+                     'claimed', us(now), 'deadline', us(deadline))
+          redis.call('ZADD', qk(q, 'reserved'), us(lease), id)
+          redis.call('SET', wk, token .. ' ' .. id, 'EX', 86400)
+          redis.call('APPEND', jk(id), '{"event":"claimed","attempt":' .. attempt .. ',"at":' ..
+                     secs(now) .. ',"worker":' .. worker .. ',"deadline":' .. secs(deadline) ..
+                     ',"log_offset":' .. redis.call('STRLEN', P .. ':log:' .. id) .. '}\n')
+          return {us(now), id, redis.call('GET', jk(id)), attempt, us(deadline), us(lease)}
+        end
+      end
+    end
+  end
+  return {us(now)}
 end
 
 -- @script push
@@ -107,7 +178,6 @@ for i = 0, n - 1 do
   flags[i + 1] = fresh[i] and '1' or '0'
   if fresh[i] then
     redis.call('SET', jk(id), ARGV[o + 3])
-    redis.call('HSET', ik(id), 'queue', q, 'attempts', '0', 'timeout', ARGV[o + 5], 'ukey', uk)
     if uk ~= '' then
       if ttl ~= '' then
         redis.call('SET', P .. ':unique:' .. uk, id, 'PX', ttl)
@@ -116,7 +186,8 @@ for i = 0, n - 1 do
       end
     end
     redis.call('SADD', P .. ':queues', q)
-    enqueue(id, q, now, tonumber(ARGV[o + 4]) - now)
+    enqueue(id, q, now, tonumber(ARGV[o + 4]) - now, 'queue', q, 'attempts', '0', 'timeout', ARGV[o + 5],
+            'ukey', uk)
     stored = stored + 1
   end
 end
@@ -128,44 +199,8 @@ return {'ok', stored, table.concat(flags)}
 -- ARGV[1]: P; ARGV[2]: worker (a JSON string); ARGV[3]: token; ARGV[4]: default_timeout_us;
 --   ARGV[5]: grace_us; ARGV[6]: margin_us; ARGV[7]: window_us; ARGV[8..]: queue names.
 -- Returns {now_us} when nothing is due, else {now_us, id, record, attempt, deadline_us, lease_us}.
--- A claim sent again with its token (its reply was lost) answers with the job it took, if held.
-local now = now_us()
-local ck = P .. ':claim:' .. ARGV[3]
-local held = redis.call('GET', ck)
-if held then
-  local h = redis.call('HMGET', ik(held), 'state', 'token', 'attempts', 'deadline', 'queue')
-  if h[1] == 'reserved' and h[2] == ARGV[3] then
-    return {us(now), held, redis.call('GET', jk(held)), tonumber(h[3]), h[4],
-            redis.call('ZSCORE', qk(h[5], 'reserved'), held)}
-  end
-  return {us(now)}
-end
-for i = 8, #ARGV do
-  local q = ARGV[i]
-  if redis.call('SISMEMBER', P .. ':paused', q) == 0 then
-    promote(q, now)
-    local pk = qk(q, 'pending')
-    while true do
-      local id = redis.call('LPOP', pk)
-      if not id then break end
-      if redis.call('HGET', ik(id), 'state') == 'pending' then
-        local attempt = redis.call('HINCRBY', ik(id), 'attempts', 1)
-        local eff = tonumber(redis.call('HGET', ik(id), 'timeout')) or tonumber(ARGV[4])
-        local deadline = now + eff + tonumber(ARGV[5])
-        local lease = now + math.min(tonumber(ARGV[7]), deadline - now + tonumber(ARGV[6]))
-        redis.call('HSET', ik(id), 'state', 'reserved', 'token', ARGV[3],
-                   'claimed', us(now), 'deadline', us(deadline))
-        redis.call('ZADD', qk(q, 'reserved'), us(lease), id)
-        redis.call('SET', ck, id, 'PX', math.max(1, math.floor((lease - now) / 1000)))
-        redis.call('APPEND', jk(id), '{"event":"claimed","attempt":' .. attempt .. ',"at":' ..
-                   secs(now) .. ',"worker":' .. ARGV[2] .. ',"deadline":' .. secs(deadline) ..
-                   ',"log_offset":' .. redis.call('STRLEN', P .. ':log:' .. id) .. '}\n')
-        return {us(now), id, redis.call('GET', jk(id)), attempt, us(deadline), us(lease)}
-      end
-    end
-  end
-end
-return {us(now)}
+return claim_next(now_us(), ARGV[2], ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5]),
+                  tonumber(ARGV[6]), tonumber(ARGV[7]), 8)
 
 -- @script heartbeat
 -- Extend a claim's lease (never past its deadline plus the margin, never shortening it).
@@ -191,31 +226,8 @@ return {us(now), us(lease)}
 --   ('1': keep done jobs for the retention); ARGV[9]: only_expired ('1': only if the lease
 --   has run out, for recovering abandoned claims).
 -- Returns 1 if the claim held and was finished, else 0.
-local id = ARGV[2]
-local info = redis.call('HMGET', ik(id), 'state', 'token', 'queue')
-if info[1] ~= 'reserved' or info[2] ~= ARGV[3] then return 0 end
-local q, now, mode = info[3], now_us(), ARGV[4]
-local rk = qk(q, 'reserved')
-if ARGV[9] == '1' then
-  local lease = tonumber(redis.call('ZSCORE', rk, id))
-  if lease and lease > now then return 0 end
-end
-redis.call('ZREM', rk, id)
-redis.call('HDEL', ik(id), 'token', 'claimed', 'deadline')
-if ARGV[5] ~= '' then redis.call('APPEND', jk(id), ARGV[5]) end
-if mode == 'release' then
-  redis.call('HSET', ik(id), 'attempts', ARGV[6])
-  enqueue(id, q, now, tonumber(ARGV[7]))
-  return 1
-end
-free_unique(id)
-if mode == 'done' and ARGV[8] ~= '1' then
-  drop(id)
-  return 1
-end
-redis.call('ZADD', qk(q, mode), us(now), id)
-redis.call('HSET', ik(id), 'state', mode, 'at', us(now))
-return 1
+return finish_job(now_us(), ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], tonumber(ARGV[7]), ARGV[8],
+                  ARGV[9])
 
 -- @script fetch
 -- Read jobs for inspection in one atomic step.
@@ -392,3 +404,18 @@ free_unique(id)
 redis.call('ZADD', qk(q, 'failed'), us(now), id)
 redis.call('HSET', ik(id), 'state', 'failed', 'at', us(now))
 return {'ok', st}
+
+-- @script ack_claim
+-- Acknowledge a claim (finish's 'done') and claim the next job, in one step: a worker draining
+-- a queue makes one round trip per job. The claim is made whether or not the ack held.
+-- KEYS: none.
+-- ARGV[1]: P; ARGV[2]: id; ARGV[3]: token; ARGV[4]: the done event line; ARGV[5]: attempts;
+--   ARGV[6]: keep_done ('1': keep done jobs for the retention); ARGV[7..12]: claim's ARGV[2..7]
+--   (worker, new token, default_timeout_us, grace_us, margin_us, window_us); ARGV[13..]: queues.
+-- Returns {acked (1|0), then claim's reply}.
+local now = now_us()
+local acked = finish_job(now, ARGV[2], ARGV[3], 'done', ARGV[4], ARGV[5], 0, ARGV[6], '0')
+local reply = claim_next(now, ARGV[7], ARGV[8], tonumber(ARGV[9]), tonumber(ARGV[10]),
+                         tonumber(ARGV[11]), tonumber(ARGV[12]), 13)
+table.insert(reply, 1, acked)
+return reply
