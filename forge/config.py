@@ -414,9 +414,11 @@ def load_settings(
             continue
         if section == "schedule":  # [[schedule]] tables: read and checked by forge.scheduler.load
             continue
+        if section == "limits":  # [limits]: read and checked by forge.limits.spec
+            continue
         if section not in _SCHEMA:
             raise ConfigError(
-                f"{where}: unknown section [{section}] (known: forge, queue, connections, schedule)."
+                f"{where}: unknown section [{section}] (known: forge, queue, connections, schedule, limits)."
             )
         if not isinstance(table, dict):
             raise ConfigError(f"{where}: {section} must be a table.")

@@ -30,6 +30,7 @@ from .backends.base import Claim
 from .errors import QueueUnavailable
 from .job import Event, Reason, backoff_delay
 from .jobshare import NEVER, OUTCOME, REQUEST, OutputBuffer, SharedState
+from .limits import LIMITS_KEY
 from .reporting import Reporter, console_reporter
 from .worker_options import StopReason, WorkerOptions, parse_queues
 from .worker_registry import Heartbeat, WorkerState
@@ -81,6 +82,8 @@ class Worker:
     #: Called at every maintenance pass (``queue:work --schedule``: dispatch due ticks); it
     #: reports its own errors and must not raise.
     tick: Callable[[], None] | None = None
+    #: Claims through ``[limits]`` (``forge.limits.gate``); None: the plain claim path.
+    gate: Any = None
 
     def __post_init__(self) -> None:
         self.backend = self.backend_factory()
@@ -177,15 +180,17 @@ class Worker:
                 claim = self._claim()
                 if claim is None:
                     if self._stop is None and not self._outage:
-                        if opts.once or opts.stop_when_empty:
+                        if (opts.once or opts.stop_when_empty) and not (self.gate and self.gate.blocked):
                             self._stop = StopReason.EMPTY
                         else:
                             self._idle_wait(next_maintenance, started)
                     continue
                 if self._stop is not None:  # asked to stop while claiming: hand it back, uncounted
                     self._durably(functools.partial(self.backend.release, claim, None, 0))
+                    self._let_go(claim)
                     break
                 self._run_job(claim)
+                self._let_go(claim)
                 self.jobs_done += 1
                 if opts.once and self._stop is None:
                     self._stop = StopReason.ONCE
@@ -213,7 +218,15 @@ class Worker:
     def _claim(self) -> Claim | None:
         opts = self.options
         try:
-            claim = self.backend.claim(opts.queues, opts.name, opts.timeout)
+            if self.gate is None:
+                claim = self.backend.claim(opts.queues, opts.name, opts.timeout)
+                if claim is not None and LIMITS_KEY in claim.job.metadata:  # limits of its own
+                    from .limits.gate import switch_on
+
+                    self.gate = switch_on(None, self.backend, claim)
+                    claim = self.gate.claim(self.backend, opts.queues, opts.name, opts.timeout)
+            else:
+                claim = self.gate.claim(self.backend, opts.queues, opts.name, opts.timeout)
         except (QueueUnavailable, OSError) as exc:
             error = str(exc) if isinstance(exc, QueueUnavailable) else _os_error(exc)
             if opts.once or opts.stop_when_empty:
@@ -274,6 +287,8 @@ class Worker:
             due = self.backend.next_due(opts.queues)
             if due is not None:
                 timeout = min(timeout, max(due - time.time(), 0.001))
+            if self.gate is not None:  # a held job's rate frees a token then
+                timeout = self.gate.wait_for(timeout)
             if self.backend.lease_based:
                 # A signal must not interrupt a server call mid-reply: wait in short steps.
                 timeout = min(timeout, 1.0)
@@ -533,6 +548,10 @@ class Worker:
             return False
         if claim.lease_until is not None:
             self.shared.kill_at = min(deadline_kill, claim.lease_until + before - LEASE_SAFETY)
+        if claim.holds is not None:
+            from .limits.gate import renew
+
+            renew(renewer, claim)
         return True
 
     def _signal_all(self, sig: int) -> None:
@@ -617,6 +636,13 @@ class Worker:
             delay = backoff_delay(job.backoff if job.backoff is not None else opts.backoff, claim.attempt)
             self._durably(lambda: self.backend.release(claim, event, delay))
             self.report("released", {**data, "retry_in": delay})
+
+    def _let_go(self, claim: Claim) -> None:
+        """Free the limits' slots the claim held, once its outcome is recorded."""
+        if claim.holds is not None:
+            from .limits.gate import release
+
+            self._durably(lambda: release(self.backend, claim))
 
     def _durably(self, action: Callable[[], None]) -> None:
         """Record an outcome, retrying through a store outage or a full disk until it lands.

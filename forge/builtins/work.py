@@ -69,6 +69,9 @@ def work(
                     supervisor_factory=lambda: open_backend(conn, done_retention=settings.done_retention,
                                                             quick=True),
                     where={"connection": conn.name, "location": conn.where()})
+    from ..limits.gate import for_worker
+
+    worker.gate = for_worker(settings)  # None unless forge.toml has [limits]: the plain claim path
     if schedule:
         from ..scheduler.tick import worker_tick
 
