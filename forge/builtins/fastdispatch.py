@@ -30,8 +30,11 @@ from ..queue import CommandQueue, JobDispatch, QueuedCommand, _in_dir
 #: The value options of queue:dispatch (``--meta`` may repeat) and its one flag this path takes.
 VALUE_OPTIONS = {"--queue": "queue", "--connection": "connection", "--delay": "delay", "--at": "at",
                  "--tries": "tries", "--timeout": "timeout", "--backoff": "backoff", "--meta": "meta",
-                 "--unique-key": "unique_key", "--unique-ttl": "unique_ttl", "--idempotency-key": "idempotency_key"}
-DISPATCH_OPTIONS = {*VALUE_OPTIONS, "--json", "--wait", "--wait-timeout", "--from-file", "--batch-id"}
+                 "--unique-key": "unique_key", "--unique-ttl": "unique_ttl", "--idempotency-key": "idempotency_key",
+                 "--concurrency-key": "concurrency_key", "--concurrency": "concurrency", "--rate-key": "rate_key",
+                 "--rate": "rate", "--burst": "burst"}
+DISPATCH_OPTIONS = {*VALUE_OPTIONS, "--json", "--wait", "--wait-timeout", "--from-file", "--batch-id", "--isolated",
+                    "--on-busy"}
 
 #: The fingerprint taken when the cache was missing or stale: the full path saves the cache
 #: under it once the dispatch succeeded (``forge.builtins.dispatch``).
@@ -88,7 +91,16 @@ def build(command: str, args: Sequence[str], o: dict[str, Any]) -> QueuedCommand
         cmd = cmd.with_unique_key(o["unique_key"], None if ttl is None else parse_duration(ttl, what="--unique-ttl"))
     if o.get("idempotency_key") is not None:
         cmd = cmd.with_idempotency_key(o["idempotency_key"])
+    if any(o.get(k) is not None for k in _LIMIT_OPTIONS):
+        from ..limits.isolation import options_meta
+
+        limits = options_meta(o)
+        if limits:
+            cmd = cmd.with_metadata("forge.limits", limits)
     return cmd
+
+
+_LIMIT_OPTIONS = ("concurrency_key", "concurrency", "rate_key", "rate", "burst", "isolated", "on_busy")
 
 
 def _split(argv: Sequence[str]) -> tuple[dict[str, Any], str, list[str]] | None:
@@ -149,7 +161,7 @@ def run(argv: Sequence[str]) -> int | None:
         return None
     entry = commands.get(command)
     try:
-        if not isinstance(entry, dict) or not isinstance(entry.get("args"), dict):
+        if not isinstance(entry, dict) or not isinstance(entry.get("args"), dict) or entry.get("isolated"):
             return None
         with _in_dir(str(settings.root)):  # path arguments: where the job will run
             if not accepts(entry["args"], args):
