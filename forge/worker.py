@@ -288,6 +288,10 @@ class Worker:
             if due is not None:
                 timeout = min(timeout, max(due - time.time(), 0.001))
             if self.gate is not None:  # a held job's rate frees a token then
+                soon = self.gate.soon(timeout)
+                if soon is not None:
+                    self._idle_sleep(soon)
+                    return
                 timeout = self.gate.wait_for(timeout)
             if self.backend.lease_based:
                 # A signal must not interrupt a server call mid-reply: wait in short steps.

@@ -294,7 +294,7 @@ class FileLimiter:
                     continue
                 name = entry[0]
                 own = cache.get(name[17:53], _TAKEN)
-                if own is not _TAKEN and blocked and any(n.scope in blocked for n in cfg.needs(q.name, own)):
+                if own is not _TAKEN and blocked and any(n.scope in blocked and not n.drop for n in cfg.needs(q.name, own)):
                     aside.append(name)
                     continue
                 try:

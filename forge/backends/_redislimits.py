@@ -106,7 +106,9 @@ class RedisLimiter:
         return True
 
     def hand_back(self, claim: Claim) -> None:
-        self.release(claim, None, 0.0)
+        """Put a job a plain claim took back at the head of its queue, its attempt un-counted."""
+        with self._io():
+            self._run("limits", "handback", claim.job.id, claim.handle)
 
     # -- a direct run's isolation lock -------------------------------------------------------
 

@@ -396,6 +396,7 @@ return {'ok', st}
 --            Returns {now} (nothing due), {now, 'blocked', wake_us or ''} (due jobs held back),
 --            or {now, id, record, attempt, deadline_us, lease_us, scopes (JSON), dropped (JSON)}.
 --   release: holder, scopes...  Frees the slots and notifies one waiting worker per queue.
+--   handback: id, token.  Puts a claimed job back at the head of its queue, attempt un-counted.
 --   renew:   holder, lease_us, scopes...  Moves the slots' leases on (only those still held).
 --   lock:    holder, lease_us (from now), scope, max.  Returns {1} or {0, holders...}.
 --   state:   scopes...  Returns per scope: {holders (JSON: [member, lease_us]...), tat_us or ''}.
@@ -418,6 +419,20 @@ if op == 'release' then
       redis.call('DEL', wk(ARGV[i]))
     end
   end
+  return 1
+end
+
+if op == 'handback' then
+  -- A job a plain claim took, put back at the head of its queue with its attempt un-counted.
+  local id, tok = ARGV[3], ARGV[4]
+  local info = redis.call('HMGET', ik(id), 'state', 'token', 'queue')
+  if info[1] ~= 'reserved' or info[2] ~= tok then return 0 end
+  redis.call('ZREM', qk(info[3], 'reserved'), id)
+  redis.call('HDEL', ik(id), 'token', 'claimed', 'deadline')
+  redis.call('HINCRBY', ik(id), 'attempts', -1)
+  redis.call('LPUSH', qk(info[3], 'pending'), id)
+  redis.call('HSET', ik(id), 'state', 'pending')
+  notify(info[3])
   return 1
 end
 
@@ -568,7 +583,7 @@ for i = 11, #ARGV do
           local ns = needs(q, own_limits(id))
           local skip = false
           for _, n in ipairs(ns) do
-            if blocked[n[2]] then skip = true; break end
+            if blocked[n[2]] and not n[6] then skip = true; break end
           end
           if not skip then
             local why = check(ns)

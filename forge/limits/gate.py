@@ -15,6 +15,9 @@ from typing import Any
 from ..backends.base import Backend, Claim
 from .spec import LimitsConfig
 
+#: A held job's token freeing sooner than this is waited for by the worker's own sleep.
+SOON = 0.25
+
 
 class Gate:
     """Claims through ``cfg`` on one backend; remembers when a blocked job may start."""
@@ -34,6 +37,15 @@ class Gate:
         self.wake_at = getattr(backend, "limits_wake_at", None) if claim is None else None
         self.blocked = bool(getattr(backend, "limits_blocked", False)) if claim is None else False
         return claim
+
+    def soon(self, timeout: float) -> float | None:
+        """How long until a held job's rate frees a token, when that is sooner than both
+        ``timeout`` and ``SOON``: the worker then sleeps that long itself, as a store's own
+        blocking wait may be coarser (Redis times a BLPOP out at its ``hz``: 100 ms)."""
+        if self.wake_at is None:
+            return None
+        left = self.wake_at - time.time()
+        return max(left, 0.001) if left < min(timeout, SOON) else None
 
     def wait_for(self, timeout: float) -> float:
         """``timeout`` cut short to the time a held job's rate frees a token."""
