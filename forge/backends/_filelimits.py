@@ -6,8 +6,8 @@ Layout under the queue directory::
                             process holds an flock on its file; the file names the holder
     limits/rates/<h>        a rate's theoretical arrival time (microseconds), changed under flock
     limits/names/<h>        the scope's name, for queue:limits
-    limits/wake/            a file appears (and goes) here when a slot frees: blocked workers
-                            watch it with inotify
+    limits/wait/<h>.<pid>/  a worker waiting for a slot of scope h (watched with inotify): a
+                            release creates ``w`` in one of them, so one waiting worker wakes
 
 A slot is held by the process that claimed the job, the worker (a direct run's isolation lock:
 the ``forge`` process running the command), never by the job's own process, which has no
@@ -17,7 +17,11 @@ blocking, rates last), then renames the file to reserved/: a job whose holds are
 left pending, untouched, with its attempts unchanged, and the claimer goes on to the next due
 job, so jobs of other keys behind it are not held up. Blocked jobs are set aside for the rest of
 the pass and tried again at the next one; the worker sleeps until the earliest time a rate
-frees a token, a slot frees (``limits/wake``) or a job arrives.
+frees a token, a job arrives, or a release wakes it: each release wakes one of the workers
+registered as waiting for that scope (``limits/wait``), not all of them. A waiting worker
+registers before it looks once more, so a release cannot slip between its look and its sleep.
+A slot freed by its holder's death wakes nobody: waiting workers find it at their next look
+(``queue:work --sleep``, 3 s by default, or when the dead worker's job is recovered).
 """
 
 from __future__ import annotations
@@ -146,22 +150,62 @@ class FileLimiter:
             finally:
                 os.close(fd)
 
-    def watch_limits(self) -> None:
-        """Let ``wait`` wake when a slot frees (a file appearing in limits/wake/)."""
-        if self._inotify is None or self.__dict__.get("_lim_watched"):
-            return
-        self._lim_fd("wake")
-        with contextlib.suppress(OSError):
-            self._inotify.watch(f"{self._root}/limits/wake", "\0limits")
-            self.__dict__["_lim_watched"] = True
+    def _waiting(self, scopes: set[str]) -> bool:
+        """Be registered as waiting for exactly ``scopes`` (``limits/wait/<h>.<pid>``, each
+        watched by this worker's inotify); True if one was added (then look once more)."""
+        mine: dict[str, str] = self.__dict__.setdefault("_lim_waits", {})
+        if self._inotify is None:
+            return False
+        wait = self._lim_fd("wait")
+        added = False
+        for scope in scopes - mine.keys():
+            name = f"{scope_hash(scope)}.{os.getpid()}"
+            try:
+                with contextlib.suppress(FileExistsError):
+                    os.mkdir(name, 0o700, dir_fd=wait)
+                self._inotify.watch(f"{self._root}/limits/wait/{name}", "\0limits")
+            except OSError:
+                continue
+            mine[scope] = name
+            added = True
+        for scope in mine.keys() - scopes:
+            _remove_waiter(wait, mine.pop(scope))
+        for name in mine.values():  # a wake-up seen: clear it, so the next one is seen too
+            with contextlib.suppress(OSError):
+                os.unlink(f"{name}/w", dir_fd=wait)
+        return added
 
-    def _wake(self) -> None:
-        """Wake the workers waiting for a slot: a file appears in limits/wake/ (and goes)."""
-        with contextlib.suppress(OSError):
-            wake = self._lim_fd("wake")
-            name = f"{os.getpid()}-{time.monotonic_ns()}"
-            os.close(os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600, dir_fd=wake))
-            os.unlink(name, dir_fd=wake)
+    def drop_waits(self) -> None:
+        """No longer wait for any slot (a worker's backend closing)."""
+        mine: dict[str, str] = self.__dict__.get("_lim_waits", {})
+        if mine:
+            wait = self._lim_fd("wait")
+            for name in mine.values():
+                _remove_waiter(wait, name)
+            mine.clear()
+
+    def _wake(self, scopes: Sequence[str]) -> None:
+        """Wake one worker waiting for each of ``scopes`` (a live one: the dead are removed)."""
+        try:
+            wait = self._lim_fd("wait")
+            names = os.listdir(wait)
+        except OSError:
+            return
+        for scope in scopes:
+            h = scope_hash(scope) + "."
+            for name in sorted(n for n in names if n.startswith(h)):
+                pid = name[len(h):]
+                if not pid.isdigit() or int(pid) == os.getpid():
+                    continue
+                if not _alive(int(pid)):
+                    _remove_waiter(wait, name)
+                    continue
+                try:
+                    os.close(os.open(f"{name}/w", os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
+                                     dir_fd=wait))
+                    break
+                except OSError:
+                    continue
 
     # -- holds ------------------------------------------------------------------------------
 
@@ -247,7 +291,7 @@ class FileLimiter:
             with contextlib.suppress(OSError):
                 os.close(fd)
         if fds and wake:
-            self._wake()
+            self._wake(holds.scopes)
 
     def renew_holds(self, claim: Claim) -> bool:
         return True  # an flock needs no renewal
@@ -258,26 +302,29 @@ class FileLimiter:
         """``claim`` through the limits: the first due job, in priority and FIFO order, whose
         holds are free; jobs that must wait stay pending, their attempts untouched."""
         self._watch(queues)
-        self._refresh()
-        self.limits_wake_at, self.limits_blocked = None, False
-        now = time.time()
-        now_key = key_str(micros(now))
-        parked: dict[str, list[str]] = self.__dict__.setdefault("_lim_parked", {})
-        for name in queues:
-            q = self._queues.get(name) or self._queue(name)
-            for n in parked.pop(name, ()):  # set aside by the last pass: try them again
-                q.listing.add(n)
-            if marker_set(q.paused, self.uid):
-                continue
-            claim = self._claim_limited_queue(q, worker, timeout, cfg, now, now_key, parked)
-            if claim is not None:
-                return claim
-        if self.limits_blocked:
-            self.watch_limits()
+        for again in (True, False):
+            self._refresh()
+            self.limits_wake_at, self.limits_blocked = None, False
+            now = time.time()
+            now_key = key_str(micros(now))
+            parked: dict[str, list[str]] = self.__dict__.setdefault("_lim_parked", {})
+            slots: set[str] = set()  # the slot scopes that held a job back
+            for name in queues:
+                q = self._queues.get(name) or self._queue(name)
+                for n in parked.pop(name, ()):  # set aside by the last pass: try them again
+                    q.listing.add(n)
+                if marker_set(q.paused, self.uid):
+                    continue
+                claim = self._claim_limited_queue(q, worker, timeout, cfg, now, now_key, parked, slots)
+                if claim is not None:
+                    self._waiting(set())
+                    return claim
+            if not (self._waiting(slots) and again):
+                break  # registered for every scope it waits on before this look: sleep
         return None
 
     def _claim_limited_queue(self, q: QueueDirs, worker: str, timeout: float, cfg: LimitsConfig, now: float,
-                             now_key: str, parked: dict[str, list[str]]) -> Claim | None:
+                             now_key: str, parked: dict[str, list[str]], slots: set[str]) -> Claim | None:
         cache: dict[str, Any] = self.__dict__.setdefault("_lim_cache", {})
         blocked: set[str] = set()
         aside: list[str] = []
@@ -298,7 +345,7 @@ class FileLimiter:
                     aside.append(name)
                     continue
                 try:
-                    got = self._claim_limited_one(q, name, worker, timeout, now, cfg, cache, blocked)
+                    got = self._claim_limited_one(q, name, worker, timeout, now, cfg, cache, blocked, slots)
                 except BaseException:
                     q.listing.dirty = True
                     raise
@@ -316,7 +363,7 @@ class FileLimiter:
         return None
 
     def _claim_limited_one(self, q: QueueDirs, name: str, worker: str, timeout: float, now: float,
-                           cfg: LimitsConfig, cache: dict[str, Any], blocked: set[str]) -> Any:
+                           cfg: LimitsConfig, cache: dict[str, Any], blocked: set[str], slots: set[str]) -> Any:
         """``_claim_one`` with the job's holds taken between locking the file and renaming it."""
         pfd = q.fds[0]
         try:
@@ -366,6 +413,8 @@ class FileLimiter:
                 holds, block = self.take_holds(needs, {"job": job_id, "queue": q.name, "worker": worker}, now)
                 if block is not None:
                     blocked.add(block.need.scope)
+                    if block.until is None and not block.need.drop:
+                        slots.add(block.need.scope)
                     if block.until is not None:
                         self.limits_wake_at = min(self.limits_wake_at or block.until, block.until)
                     if not block.need.drop:
@@ -471,6 +520,23 @@ class FileLimiter:
         """Take a slot for a run outside any worker (``forge NAME --isolated``), or None."""
         holds, _ = self.take_holds([need], holder, time.time())
         return holds
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove_waiter(wait: int, name: str) -> None:
+    with contextlib.suppress(OSError):
+        os.unlink(f"{name}/w", dir_fd=wait)
+    with contextlib.suppress(OSError):
+        os.rmdir(name, dir_fd=wait)
 
 
 def _read_int(fd: int) -> int:

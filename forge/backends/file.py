@@ -272,6 +272,7 @@ class FileBackend(FileWriter, FileClaimer, FileUpkeep, FileAdmin, FileLimiter):
             select.select([self._inotify], [], [], timeout)
 
     def close(self) -> None:
+        self.drop_waits()
         self._drop_dirfds()
         if self._inotify is not None:
             self._inotify.close()
