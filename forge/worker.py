@@ -555,7 +555,8 @@ class Worker:
         if claim.holds is not None:
             from .limits.gate import renew
 
-            renew(renewer, claim)
+            with contextlib.suppress(Exception):  # an outage: the job's own lease ends the run first
+                renew(renewer, claim)
         return True
 
     def _signal_all(self, sig: int) -> None:

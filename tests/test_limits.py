@@ -145,8 +145,10 @@ def test_held_job_stays_pending_spends_no_attempt_and_blocks_no_other_key(queue_
     first = dispatch("tenant:1", "--sleep=4")
     held = dispatch("tenant:1")
     other = dispatch("tenant:2")
-    for _ in range(2):
-        start(queue_target, workers, "--sleep=10")  # a slot's release must wake it, not its sleep
+    start(queue_target, workers, "--sleep=10")  # a slot's release must wake it, not its sleep
+    # (the first worker first: two plain workers meeting keyed jobs at once may swap first and held)
+    wait_for(lambda: state(queue_target, first) == State.RESERVED, timeout=60)
+    start(queue_target, workers, "--sleep=10")
     wait_for(lambda: state(queue_target, other) == State.DONE, timeout=60)
     assert state(queue_target, first) == State.RESERVED
     assert state(queue_target, held) == State.PENDING and info(queue_target, held).attempts == 0
@@ -247,6 +249,8 @@ def test_rates_parse_and_bad_ones_are_refused() -> None:
     assert parse_rate("20/s").interval == pytest.approx(0.05)
     assert parse_rate("5/10s").interval == pytest.approx(2.0)
     assert parse_rate("1000/hour").interval == pytest.approx(3.6)
+    assert parse_rate("5/500ms").interval == pytest.approx(0.1)
+    assert parse_rate("3/minutes").interval == pytest.approx(20.0)
     assert parse_rate("10/m", burst=5).burst == 5
     for bad in ("100", "0/s", "10/0s", "ten/s", "5/banana", ""):
         with pytest.raises(ValueError, match="Invalid rate"):

@@ -60,6 +60,8 @@ if TYPE_CHECKING:
 
 _BLOCKED = object()
 _O_SLOT = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+#: A slot file's holder record, padded with spaces to this size (longer ones are cut by readers).
+_HOLDER_BYTES = 512
 #: Job ids whose own limits a worker remembers (a job's first line never changes).
 _CACHE_MAX = 100_000
 
@@ -81,8 +83,16 @@ class Block:
     until: float | None = None  # a rate: when its next token frees
 
 
+_hashes: dict[str, str] = {}
+
+
 def scope_hash(scope: str) -> str:
-    return hashlib.sha256(scope.encode()).hexdigest()[:32]
+    h = _hashes.get(scope)
+    if h is None:
+        if len(_hashes) >= 4096:
+            _hashes.clear()
+        h = _hashes[scope] = hashlib.sha256(scope.encode()).hexdigest()[:32]
+    return h
 
 
 class FileLimiter:
@@ -188,6 +198,8 @@ class FileLimiter:
         """Wake one worker waiting for each of ``scopes`` (a live one: the dead are removed)."""
         try:
             wait = self._lim_fd("wait")
+            if os.fstat(wait).st_nlink <= 2:  # no sub-directory: nobody waits
+                return
             names = os.listdir(wait)
         except OSError:
             return
@@ -247,9 +259,8 @@ class FileLimiter:
             except BaseException:
                 os.close(fd)
                 raise
-            with contextlib.suppress(OSError):
-                os.ftruncate(fd, 0)
-                os.pwrite(fd, info, 0)
+            with contextlib.suppress(OSError):  # padded, not truncated: ftruncate may wait for the disk
+                os.pwrite(fd, info.ljust(_HOLDER_BYTES), 0)
             return fd
         return None
 
@@ -494,7 +505,7 @@ class FileLimiter:
                 if (os.major(st.st_dev), os.minor(st.st_dev), st.st_ino) not in locked:
                     continue
                 try:
-                    info = json.loads(os.pread(fd, 4096, 0) or b"{}")
+                    info = json.loads(os.pread(fd, _HOLDER_BYTES, 0).strip() or b"{}")
                 except ValueError:
                     info = {}
                 out.append({"slot": int(n) if n.isdigit() else n, **(info if isinstance(info, dict) else {})})

@@ -48,10 +48,11 @@ class Gate:
         return max(left, 0.001) if left < min(timeout, SOON) else None
 
     def wait_for(self, timeout: float) -> float:
-        """``timeout`` cut short to the time a held job's rate frees a token."""
+        """``timeout`` cut short to a little (``SOON``) before a held job's rate frees a token:
+        the store's wait may be coarse, and the last stretch is slept by ``soon``."""
         if self.wake_at is None:
             return timeout
-        return min(timeout, max(self.wake_at - time.time(), 0.001))
+        return min(timeout, max(self.wake_at - time.time() - SOON, 0.001))
 
 
 def release(backend: Backend, claim: Claim) -> None:

@@ -25,7 +25,7 @@ from ..durations import parse_duration
 from ..errors import ConfigError, UsageError
 
 _RATE_RE = re.compile(r"^\s*(\d+)\s*/\s*([0-9.]*)\s*([a-z]*)\s*$")
-_UNIT_WORDS = {"s": "s", "sec": "s", "second": "s", "m": "m", "min": "m", "minute": "m", "h": "h",
+_UNIT_WORDS = {"ms": "ms", "s": "s", "sec": "s", "second": "s", "m": "m", "min": "m", "minute": "m", "h": "h",
                "hour": "h", "d": "d", "day": "d"}
 #: A limit key: printable ASCII without spaces, like a queue name but with ``:``, ``/``, ``@``.
 KEY_RE = re.compile(r"^[!-~]{1,200}$")
