@@ -315,3 +315,36 @@ def test_queue_limits_with_nothing_configured(queue_target: Target) -> None:
     out = forge(queue_target, "queue:limits", "--json")
     assert out.returncode == 0 and json.loads(out.stdout) == {"version": 2, "limits": []}
     assert "No limits configured" in forge(queue_target, "queue:limits").stderr
+
+
+def test_forge_call_holds_the_lock_too(project: Path, tmp_path: Path) -> None:
+    import forge
+
+    (project / "commands" / "iso.py").write_text(
+        "import os, time\nfrom forge import command\n\n@command('iso:run', isolated=True)\n"
+        "def iso(sleep: float = 0.0, mark: str = '') -> None:\n"
+        "    if mark:\n        open(mark, 'w').close()\n    time.sleep(sleep)\n")
+    mark = tmp_path / "started"
+    holder = subprocess.Popen([sys.executable, "-m", "forge", "iso:run", "--sleep=60", f"--mark={mark}"])
+    try:
+        wait_for(mark.exists, timeout=60)
+        busy = forge.call("iso:run")
+        assert busy.exit_code == 9 and 'isolation lock "iso:run"' in (busy.error or "")
+        holder.kill()
+        holder.wait()
+        assert forge.call("iso:run").exit_code == 0  # the flock died with the holder
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+            holder.wait()
+
+
+def test_from_file_lines_carry_limits(queue_target: Target) -> None:
+    lines = queue_target.workdir / "jobs.jsonl"
+    lines.write_text('{"command": "probe:noop", "concurrency_key": "tenant:5", "concurrency": 3}\n'
+                     '{"command": "probe:isolated", "args": ["acme"], "on_busy": "drop"}\n')
+    out = forge(queue_target, "queue:dispatch", "--from-file", str(lines))
+    assert out.returncode == 0, out.stderr
+    first, second = out.stdout.split()
+    assert info(queue_target, first).job.metadata[LIMITS_KEY] == {"concurrency_key": "tenant:5", "concurrency": 3}
+    assert info(queue_target, second).job.metadata[LIMITS_KEY] == {"isolation": "probe:acme", "on_busy": "drop"}
