@@ -13,6 +13,9 @@ machine's load falls on each alike, medians printed:
 - ``one limit``: this forge with ``[limits.queues.default] parallel = 100`` (never binding, so
   it measures the limited claim path's own cost).
 
+Claims (``--claims``): the claim path alone, in one process per set-up: N jobs pushed, then
+claimed and acknowledged one by one (no worker, no job process), the same three set-ups.
+
 Soak: 4 workers drain a queue limited to ``rate = "20/s"`` for 10 s; the starts the jobs
 themselves recorded are counted over the 10 s window, and the busiest second is reported.
 """
@@ -56,6 +59,34 @@ q = CommandQueue("default")
 n = int(sys.argv[1])
 for i in range(0, n, 1000):
     q.dispatch_many([QueuedCommand(sys.argv[2]).with_args(sys.argv[3:])] * min(1000, n - i))
+"""
+
+CLAIMS = """
+import sys, tempfile, time, uuid
+from forge.queue import QueuedCommand
+kind, n, limited = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1"
+if kind == "file":
+    from forge.backends.file import FileBackend
+    b = FileBackend(tempfile.mkdtemp(dir=sys.argv[4]) + "/q")
+else:
+    from forge.backends.redis import RedisBackend
+    b = RedisBackend(sys.argv[4], prefix="forge-bench-" + uuid.uuid4().hex[:8])
+from forge.job import Event
+b.push([QueuedCommand("probe:noop").to_job("default") for _ in range(n)])
+if limited:
+    from forge.limits.gate import Gate, release
+    from forge.limits.spec import LimitsConfig, QueueLimits
+    g = Gate(LimitsConfig(queues={"default": QueueLimits(parallel=100)}))
+t = time.perf_counter()
+for _ in range(n):
+    c = g.claim(b, ["default"], "w", 60) if limited else b.claim(["default"], "w", 60)
+    b.ack(c, Event("done", c.attempt, time.time()))
+    if limited:
+        release(b, c)
+print(n / (time.perf_counter() - t))
+if kind == "redis":
+    for k in list(b._r.scan_iter(b.prefix + ":*", count=1000)):
+        b._r.delete(k)
 """
 
 COUNT = """
@@ -113,6 +144,20 @@ def bench_drain(backend: str, args: argparse.Namespace, redis_url: str, tmp: Pat
     return {name: {f"drain_{w}w_per_s": statistics.median(v) for w, v in by.items()} for name, by in samples.items()}
 
 
+def bench_claims(backend: str, args: argparse.Namespace, redis_url: str, tmp: Path) -> dict[str, float]:
+    base_py = str(Path(args.base) / ".venv" / "bin" / "python")
+    setups = {"base": (base_py, "0"), "no limits": (sys.executable, "0"), "one limit": (sys.executable, "1")}
+    samples: dict[str, list[float]] = {name: [] for name in setups}
+    where = redis_url if backend == "redis" else str(tmp)
+    for r in range(args.rounds):
+        for name, (python, limited) in setups.items():
+            out = subprocess.run([python, "-c", CLAIMS, backend, str(args.jobs), limited, where], check=True,
+                                 capture_output=True, text=True, cwd=str(tmp)).stdout
+            samples[name].append(float(out))
+            print(f"  {backend} round {r + 1} {name:9} {samples[name][-1]:8.0f} claims/s", file=sys.stderr)
+    return {name: statistics.median(v) for name, v in samples.items()}
+
+
 def soak(backend: str, redis_url: str, tmp: Path, seconds: float) -> dict[str, float]:
     env = project(tmp / "soak", backend, redis_url, '[limits.queues.default]\nrate = "20/s"\n')
     try:
@@ -141,11 +186,17 @@ def main() -> None:
     ap.add_argument("--base", default="/work/wt/base", help="a checkout of forge before limits, with its own .venv")
     ap.add_argument("--soak", action="store_true", help="run the 10 s rate soak instead of the drain")
     ap.add_argument("--seconds", type=float, default=10.0)
+    ap.add_argument("--claims", action="store_true", help="measure the claim path alone (claim + ack in one process)")
     args = ap.parse_args()
     redis_url = os.environ.get("FORGE_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
     backends = ["file", "redis"] if args.backend == "both" else [args.backend]
     for b in backends:
         with tempfile.TemporaryDirectory(prefix="forge-bench-limits-", dir=Path.home()) as d:
+            if args.claims:
+                res3 = bench_claims(b, args, redis_url, Path(d))
+                print(f"{b} claim + ack, median of {args.rounds} ({args.jobs} jobs): "
+                      + ", ".join(f"{name} {v:.0f} /s" for name, v in res3.items()))
+                continue
             if args.soak:
                 res = soak(b, redis_url, Path(d), args.seconds)
                 print(f"{b}: {res['starts_in_window']} starts in {args.seconds:g} s at 20/s"
