@@ -274,7 +274,8 @@ class FileLimiter:
                 self._name_scope(h, need.scope)
                 fd = os.open(h, _O_SLOT, 0o600, dir_fd=rdir)
                 fds.append((need, fd, 0))
-                fcntl.flock(fd, fcntl.LOCK_EX)
+                if not _lock_briefly(fd):  # its holder is stopped mid-update: count it as held back
+                    return Block(need, until=now + 0.1)
             now_us = micros(now)
             new = []
             for need, fd, _ in fds:
@@ -531,6 +532,20 @@ class FileLimiter:
         """Take a slot for a run outside any worker (``forge NAME --isolated``), or None."""
         holds, _ = self.take_holds([need], holder, time.time())
         return holds
+
+
+def _lock_briefly(fd: int, patience: float = 1.0) -> bool:
+    """flock ``fd``, waiting at most ``patience`` seconds (a rate's update takes microseconds;
+    a holder that takes longer is stopped, and must not stop every other worker)."""
+    end = time.monotonic() + patience
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if time.monotonic() >= end:
+                return False
+            time.sleep(0.001)
 
 
 def _alive(pid: int) -> bool:
