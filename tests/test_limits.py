@@ -350,3 +350,40 @@ def test_from_file_lines_carry_limits(queue_target: Target) -> None:
     first, second = out.stdout.split()
     assert info(queue_target, first).job.metadata[LIMITS_KEY] == {"concurrency_key": "tenant:5", "concurrency": 3}
     assert info(queue_target, second).job.metadata[LIMITS_KEY] == {"isolation": "probe:acme", "on_busy": "drop"}
+
+
+def test_a_release_wakes_one_waiting_worker_and_forgets_dead_ones(tmp_path: Path) -> None:
+    """File backend: each worker waiting for a scope has its own watched directory; a release
+    creates the wake-up file in one live waiter's only (the others sleep on), and a dead
+    waiter's directory is removed on the way."""
+    from forge.backends._filelimits import scope_hash
+    from forge.backends.file import FileBackend
+    from forge.limits.spec import Need
+
+    b = FileBackend(tmp_path / "q")
+    sleepers = [subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"]) for _ in range(3)]
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    try:
+        need = Need("slot", "c:tenant:1", "concurrency tenant:1", 1)
+        holds = b.lock_scope(need, {"job": "x"})
+        assert holds is not None and b.lock_scope(need, {"job": "y"}) is None
+        b._lim_fd("wait")  # the directory waiters register in (made on first use)
+        wait = tmp_path / "q" / "limits" / "wait"
+        h = scope_hash("c:tenant:1")
+        (wait / f"{h}.{dead.pid}").mkdir(mode=0o700)
+        b.release_holds(holds)
+        assert not (wait / f"{h}.{dead.pid}").exists() and not list(wait.glob("*/w"))  # the dead: removed
+        holds = b.lock_scope(need, {"job": "z"})  # the slot was free again
+        assert holds is not None
+        for p in sleepers:
+            (wait / f"{h}.{p.pid}").mkdir(mode=0o700)
+        (wait / f"{scope_hash('c:other')}.{sleepers[0].pid}").mkdir(mode=0o700)
+        b.release_holds(holds)
+        woken = [p.parent.name for p in wait.glob("*/w")]
+        assert len(woken) == 1 and woken[0].startswith(h), woken  # one of the three, not all
+    finally:
+        for p in sleepers:
+            p.kill()
+            p.wait()
+        b.close()
