@@ -171,6 +171,8 @@ def store(settings: Settings, before: list[Any]) -> None:
         except (TypeError, ValueError):
             args = None  # e.g. a range bound that is not a plain number: this command takes the full path
         entry: dict[str, Any] = {"source": spec.source, "args": args}
+        if callable(spec.target) and getattr(spec.target, "__forge_isolated__", None) is not None:
+            entry["isolated"] = True  # its lock key needs the command: the full path dispatches it
         marker = getattr(spec.target, SCHEDULE_MARKER, None) if callable(spec.target) else None
         if marker is not None:
             try:

@@ -418,9 +418,11 @@ def load_settings(
             continue
         if section in ("listeners", "events"):  # read and checked by forge.events.config
             continue
+        if section == "limits":  # [limits]: read and checked by forge.limits.spec
+            continue
         if section not in _SCHEMA:
             raise ConfigError(
-                f"{where}: unknown section [{section}] (known: forge, queue, connections, schedule, listeners, events)."
+                f"{where}: unknown section [{section}] (known: forge, queue, connections, schedule, listeners, events, limits)."
             )
         if not isinstance(table, dict):
             raise ConfigError(f"{where}: {section} must be a table.")

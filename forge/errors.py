@@ -15,6 +15,7 @@ EXIT_NOT_FOUND = 5
 EXIT_UNAVAILABLE = 6
 EXIT_JOB_FAILED = 7
 EXIT_THRESHOLD = 8
+EXIT_ISOLATED = 9  # an isolated run found its lock held: it did not run (forge.limits.isolation)
 EXIT_MEMORY = 12
 
 

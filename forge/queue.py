@@ -257,6 +257,10 @@ class CommandQueue(_Connected):
             raise self.registry.unknown(job.command, UnknownQueuedCommand)
         if self._check_args:
             _check_args(spec, job.args, str(self.settings.root))
+        if "forge.limits" in job.metadata or getattr(spec.target, "__forge_isolated__", None) is not None:
+            from .limits.isolation import stamp  # limits of its own, or an isolated command
+
+            job = stamp(job, spec, self.settings)
         return job
 
     def jobs_for(self, cmds: Iterable[QueuedCommand]) -> list[Job]:

@@ -169,6 +169,23 @@ class QueuedCommand:
         """Refuse to dispatch while a job with this key is pending, delayed or running."""
         return replace(self, unique_key=key, unique_ttl=None if ttl is None else _seconds(ttl, "ttl"))
 
+    def with_limits(self, *, concurrency_key: str | None = None, concurrency: int | None = None,
+                    rate_key: str | None = None, rate: str | None = None, burst: int | None = None,
+                    isolated: bool = False, on_busy: str | None = None) -> QueuedCommand:
+        """Run under limits of its own (``forge.limits``): at most ``concurrency`` jobs with
+        ``concurrency_key`` at once, ``rate`` (``"100/m"``) starts for ``rate_key``, or the
+        command's isolation lock (``on_busy``: ``"wait"`` or ``"drop"``); a key without its
+        number takes it from ``[limits.keys]``. Checked here and at dispatch."""
+        from .limits.isolation import options_meta
+
+        try:
+            meta = options_meta({"concurrency_key": concurrency_key, "concurrency": concurrency,
+                                 "rate_key": rate_key, "rate": rate, "burst": burst,
+                                 "isolated": isolated or None, "on_busy": on_busy})
+        except UsageError as exc:
+            raise InvalidCommand(f"{self.command}: {exc.message}") from None
+        return self if meta is None else self.with_metadata("forge.limits", meta)
+
     def with_idempotency_key(self, key: str) -> QueuedCommand:
         """Dispatch this at most once per ``key``: the job's id is derived from the key
         (``forge.job.idempotent_id``), and a dispatch whose key names a job that is still kept,

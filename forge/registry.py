@@ -20,20 +20,24 @@ NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]*(:[a-z0-9][a-z0-9_-]*)?$")
 MARKER = "__forge_command__"
 SCHEDULE_MARKER = "__forge_schedule__"  # read by forge.scheduler.load
 JOB_MARKER = "__forge_job_defaults__"  # a forge.retry.rules.JobDefaults
+ISOLATED_MARKER = "__forge_isolated__"  # read by forge.limits.isolation
 
 
 def valid_name(name: str) -> bool:
     return bool(NAME_RE.fullmatch(name)) and len(name) <= 100
 
 
-def command(name: str, *, hidden: bool = False, schedule: Any = None, **job: Any) -> Callable[[F], F]:
+def command(name: str, *, hidden: bool = False, schedule: Any = None, isolated: Any = None,
+            **job: Any) -> Callable[[F], F]:
     """Mark a function as the forge command ``name`` (``namespace:action`` or a bare name).
 
     The function's signature defines its arguments and options the way Typer does; its
     docstring is the help text. The name is checked when the command is discovered, so an
     invalid one is reported with the file it is in. ``schedule`` runs it on a schedule: a cron
     expression (``"0 3 * * *"``), a table of ``[[schedule]]`` keys (``{"every": "5m",
-    "overlap": "skip"}``), or a list of them (see ``forge.scheduler``).
+    "overlap": "skip"}``), or a list of them (see ``forge.scheduler``). ``isolated`` lets one
+    run at a time hold its lock: ``True`` (one per command), a key template of its parameters
+    (``"import:{tenant}"``) or a function of them returning the key (see ``forge.limits.isolation``).
 
     The other keywords are the defaults of its jobs, which a dispatch option overrides:
     ``queue``, ``tries``, ``timeout``, ``backoff``, ``retry_until``, ``max_exceptions`` and
@@ -55,6 +59,8 @@ def command(name: str, *, hidden: bool = False, schedule: Any = None, **job: Any
             setattr(fn, JOB_MARKER, defaults)
         if schedule is not None:
             setattr(fn, SCHEDULE_MARKER, schedule)
+        if isolated is not None and isolated is not False:
+            setattr(fn, ISOLATED_MARKER, isolated)
         return fn
 
     return mark

@@ -76,12 +76,13 @@ def check_args(spec: CommandSpec, args: Sequence[str]) -> None:
         raise UsageError(f"{spec.name}: {exc.format_message()}") from None
 
 
-def invoke(spec: CommandSpec, args: Sequence[str]) -> int:
-    """Run the command; return its exit code. Usage errors raise :class:`UsageError`.
+def invoke(spec: CommandSpec, args: Sequence[str], cmd: Any = None) -> int:
+    """Run the command (``cmd``: its Click command, if not the usual one); return its exit
+    code. Usage errors raise :class:`UsageError`.
 
     Exceptions raised by the command itself propagate to the caller.
     """
-    cmd = click_command(spec)
+    cmd = cmd or click_command(spec)
     ClickException, Abort = _click_errors()  # noqa: N806 - classes
     try:
         rv = cmd.main(list(args), prog_name=f"forge {spec.name}", standalone_mode=False)
@@ -162,7 +163,13 @@ def call(name: str, args: Sequence[str] = (), *, registry: CommandRegistry | Non
     sys.stdout = sys.stderr = buf
     error: str | None = None
     try:
-        code = invoke(spec, [str(a) for a in args])
+        argv = [str(a) for a in args]
+        wrapped = None
+        if "--isolated" in argv or getattr(spec.target, "__forge_isolated__", None) is not None:
+            from .limits.isolation import wrap_direct  # hold its isolation lock while it runs
+
+            wrapped, argv = wrap_direct(spec, click_command(spec), argv)
+        code = invoke(spec, argv, wrapped)
     except ForgeError as exc:
         code, error = exc.exit_code, exc.message
     except SystemExit as exc:

@@ -50,7 +50,15 @@ class ForgeGroup(TyperGroup):
 
             for note in self._registry().notes:  # e.g. no forge.toml: which queue is this?
                 output.warn(note)
-        return (cmd.name if cmd else None), cmd, args[1:]
+        rest = args[1:]
+        if cmd is not None and not ctx.resilient_parsing:
+            spec = self._registry().get(name)
+            if spec is not None and not spec.builtin and (
+                    "--isolated" in rest or getattr(spec.target, "__forge_isolated__", None) is not None):
+                from .limits.isolation import wrap_direct
+
+                cmd, rest = wrap_direct(spec, cmd, rest)  # holds the isolation lock while it runs
+        return (cmd.name if cmd else None), cmd, rest
 
     def format_help(self, ctx: Any, formatter: Any) -> None:
         from .builtins.core import render_list

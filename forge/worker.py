@@ -31,6 +31,7 @@ from .errors import QueueUnavailable
 from .events.model import META_KEY, job_env
 from .job import Event, Reason
 from .jobshare import NEVER, OUTCOME, REQUEST, OutputBuffer, SharedState
+from .limits import LIMITS_KEY
 from .reporting import Reporter, console_reporter
 from .retry import policy as retry_policy
 from .worker_options import StopReason, WorkerOptions, parse_queues
@@ -85,6 +86,8 @@ class Worker:
     tick: Callable[[], None] | None = None
     #: The project's listeners (``forge.events.worker.WorkerEvents``), or None when there are none.
     events: Any = None
+    #: Claims through ``[limits]`` (``forge.limits.gate``); None: the plain claim path.
+    gate: Any = None
 
     def __post_init__(self) -> None:
         self.backend = self.backend_factory()
@@ -189,7 +192,7 @@ class Worker:
                 claim = self._claim()
                 if claim is None:
                     if self._stop is None and not self._outage:
-                        if opts.once or opts.stop_when_empty:
+                        if (opts.once or opts.stop_when_empty) and not (self.gate and self.gate.blocked):
                             self._stop = StopReason.EMPTY
                         else:
                             self.heartbeat.beat()  # before the wait, not on the way to the next job
@@ -197,8 +200,10 @@ class Worker:
                     continue
                 if self._stop is not None:  # asked to stop while claiming: hand it back, uncounted
                     self._durably(functools.partial(self.backend.release, claim, None, 0))
+                    self._let_go(claim)
                     break
                 self._run_job(claim)
+                self._let_go(claim)
                 self.jobs_done += 1
                 if opts.once and self._stop is None:
                     self._stop = StopReason.ONCE
@@ -230,10 +235,19 @@ class Worker:
     def _claim(self) -> Claim | None:
         opts = self.options
         try:
-            if self._unacked is not None:
-                claim = self._ack_claim()
+            if self.gate is None:
+                if self._unacked is not None:
+                    claim = self._ack_claim()
+                else:
+                    claim = self.backend.claim(opts.queues, opts.name, opts.timeout)
+                if claim is not None and LIMITS_KEY in claim.job.metadata:  # limits of its own
+                    from .limits.gate import switch_on
+
+                    self.gate = switch_on(None, self.backend, claim)
+                    claim = self.gate.claim(self.backend, opts.queues, opts.name, opts.timeout)
             else:
-                claim = self.backend.claim(opts.queues, opts.name, opts.timeout)
+                self._flush_ack()  # the limits' claim is a call of its own
+                claim = self.gate.claim(self.backend, opts.queues, opts.name, opts.timeout)
         except (QueueUnavailable, OSError) as exc:
             error = str(exc) if isinstance(exc, QueueUnavailable) else _os_error(exc)
             if opts.once or opts.stop_when_empty:
@@ -297,6 +311,12 @@ class Worker:
             due = self.backend.next_due(opts.queues)
             if due is not None:
                 timeout = min(timeout, max(due - time.time(), 0.001))
+            if self.gate is not None:  # a held job's rate frees a token then
+                soon = self.gate.soon(timeout)
+                if soon is not None:
+                    self._idle_sleep(soon)
+                    return
+                timeout = self.gate.wait_for(timeout)
             if self.backend.lease_based:
                 # A signal must not interrupt a server call mid-reply: wait in short steps.
                 timeout = min(timeout, 1.0)
@@ -574,6 +594,11 @@ class Worker:
             return False
         if claim.lease_until is not None:
             self.shared.kill_at = min(deadline_kill, claim.lease_until + before - LEASE_SAFETY)
+        if claim.holds is not None:
+            from .limits.gate import renew
+
+            with contextlib.suppress(Exception):  # an outage: the job's own lease ends the run first
+                renew(renewer, claim)
         return True
 
     def _signal_all(self, sig: int) -> None:
@@ -721,6 +746,13 @@ class Worker:
         self.heartbeat.update(done=self.heartbeat.record.done + 1)
         if evs and self.events is not None:
             self.events.after(evs)
+
+    def _let_go(self, claim: Claim) -> None:
+        """Free the limits' slots the claim held, once its outcome is recorded."""
+        if claim.holds is not None:
+            from .limits.gate import release
+
+            self._durably(lambda: release(self.backend, claim))
 
     def _durably(self, action: Callable[[], None]) -> None:
         """Record an outcome, retrying through a store outage or a full disk until it lands.

@@ -41,6 +41,9 @@ class Claim:
     handle: Any = None
     ref: str = ""
     fence: int = 0
+    #: What a claim through limits holds besides the job (``forge.limits``: slots), freed by
+    #: the worker once the outcome is recorded; None for a plain claim.
+    holds: Any = None
 
     @property
     def queue(self) -> str:

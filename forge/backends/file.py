@@ -60,6 +60,7 @@ from ..job import Event
 from ._fileadmin import FileAdmin
 from ._fileclaim import FileClaimer
 from ._fileio import LOG_CAP, micros, private_dir, unusable
+from ._filelimits import FileLimiter
 from ._filenames import STATES, QueueDirs, pending_name, safe_queue
 from ._fileupkeep import FileUpkeep
 from ._filewrite import FileWriter
@@ -71,7 +72,7 @@ __all__ = ["LOG_CAP", "FileBackend"]
 SUBDIRS = ("tmp", "q", "unique", "idem", "logs", "quarantine", "workers", "cancel")
 
 
-class FileBackend(FileWriter, FileClaimer, FileUpkeep, FileAdmin):
+class FileBackend(FileWriter, FileClaimer, FileUpkeep, FileAdmin, FileLimiter):
     """The ``Backend`` over a job-file directory (see the module docstring); inspection and
     management (find, jobs, stats, retry, forget, flush, prune_done, clear) come from
     ``FileAdmin``."""
@@ -271,6 +272,7 @@ class FileBackend(FileWriter, FileClaimer, FileUpkeep, FileAdmin):
             select.select([self._inotify], [], [], timeout)
 
     def close(self) -> None:
+        self.drop_waits()
         self._drop_dirfds()
         if self._inotify is not None:
             self._inotify.close()

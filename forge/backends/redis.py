@@ -80,6 +80,7 @@ from ._redis_helpers import hash_key as _hash_key
 from ._redis_helpers import translate as _translate
 from ._redis_helpers import us as _us
 from ._redisadmin import RedisAdmin
+from ._redislimits import RedisLimiter
 from .base import KILL_GRACE, LEASE_MARGIN, Claim
 
 
@@ -107,7 +108,7 @@ _SCHEMES = ("redis://", "rediss://", "unix://")
 __all__ = ["LOG_CAP", "RedisBackend"]
 
 
-class RedisBackend(RedisAdmin):
+class RedisBackend(RedisLimiter, RedisAdmin):
     """A queue in one Redis server (or primary), shared by any number of hosts."""
 
     lease_based = True

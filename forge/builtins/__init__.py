@@ -28,6 +28,7 @@ BUILTINS: dict[str, tuple[str, str, bool]] = {
     "queue:resume": ("forge.builtins.manage:resume", "Let workers claim from a paused queue again", False),
     "queue:forget-queue": ("forge.builtins.manage:forget_queue", "Remove an empty queue (a typo'd or retired name)", False),
     "queue:cancel": ("forge.builtins.manage:cancel", "Cancel waiting (or, with --running, running) jobs", False),
+    "queue:limits": ("forge.builtins.limits_cmd:limits", "Show the limits: slots in use, holders, rate tokens", False),
     "queue:workers": ("forge.builtins.inspect_cmds:workers", "List the live workers of the connection", False),
     "queue:restart": ("forge.builtins.manage:restart", "Make every worker exit after its current job", False),
     "events:list": ("forge.builtins.events:list_", "List the events forge raises and the project's listeners", False),

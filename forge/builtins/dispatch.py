@@ -31,7 +31,8 @@ from .fastdispatch import parse_at as _at
 from .fastdispatch import parse_meta as _meta
 
 FILE_KEYS = {"command", "args", "queue", "delay", "tries", "timeout", "backoff", "meta", "unique_key", "unique_ttl",
-             "retry_until", "max_exceptions", "max_releases"}
+             "retry_until", "max_exceptions", "max_releases",
+             "concurrency_key", "concurrency", "rate_key", "rate", "burst", "isolated", "on_busy"}
 
 
 def dispatch(
@@ -56,6 +57,13 @@ def dispatch(
     wait_timeout: Annotated[str | None, typer.Option(help="With --wait: give up after this long (exit 1).")] = None,
     from_file: Annotated[str | None, typer.Option(metavar="FILE|-", help="Dispatch one job per JSON line of FILE (- for stdin); run again, it queues only the lines missing.")] = None,
     batch_id: Annotated[str | None, typer.Option(help="With --from-file: the batch's identity (default: a hash of the file and these options); line n is queued once per batch.")] = None,
+    concurrency_key: Annotated[str | None, typer.Option(help="At most --concurrency jobs with this key run at once, e.g. tenant:42.")] = None,
+    concurrency: Annotated[int | None, typer.Option(help="With --concurrency-key: how many may run at once (default: [limits.keys] in forge.toml).", min=1)] = None,
+    rate_key: Annotated[str | None, typer.Option(help="Start jobs with this key at most at --rate, e.g. api:stripe.")] = None,
+    rate: Annotated[str | None, typer.Option(help="With --rate-key: COUNT/PERIOD, e.g. 100/m (default: [limits.keys] in forge.toml).")] = None,
+    burst: Annotated[int | None, typer.Option(help="With --rate: how many may start at once after a quiet spell (default 1).", min=1)] = None,
+    isolated: Annotated[bool, typer.Option("--isolated", help="Run only while no other run holds the command's isolation lock.")] = False,
+    on_busy: Annotated[str | None, typer.Option(help="An isolated job whose lock is held: wait (stay pending, the default) or drop (fail it, reason isolated).")] = None,
 ) -> int:
     """Push a command onto a queue; print the job id.
 
@@ -64,6 +72,9 @@ def dispatch(
     opts = {"delay": delay, "at": _at(at) if at else None, "tries": tries, "timeout": timeout,
             "backoff": backoff, "meta": _meta(meta or []), "unique_key": unique_key, "unique_ttl": unique_ttl,
             "retry_until": retry_until, "max_exceptions": max_exceptions, "max_releases": max_releases}
+    limits = {"concurrency_key": concurrency_key, "concurrency": concurrency, "rate_key": rate_key, "rate": rate,
+              "burst": burst, "isolated": isolated or None, "on_busy": on_busy}
+    opts.update({k: v for k, v in limits.items() if v is not None})  # absent when unused (batch ids stay)
     if delay is not None and at is not None:
         raise UsageError("Pass --delay or --at, not both.")
     if queue is not None and not queue.strip():

@@ -32,8 +32,11 @@ VALUE_OPTIONS = {"--queue": "queue", "--connection": "connection", "--delay": "d
                  "--tries": "tries", "--timeout": "timeout", "--backoff": "backoff", "--meta": "meta",
                  "--unique-key": "unique_key", "--unique-ttl": "unique_ttl", "--idempotency-key": "idempotency_key",
                  "--retry-until": "retry_until", "--max-exceptions": "max_exceptions",
-                 "--max-releases": "max_releases"}
-DISPATCH_OPTIONS = {*VALUE_OPTIONS, "--json", "--wait", "--wait-timeout", "--from-file", "--batch-id"}
+                 "--max-releases": "max_releases",
+                 "--concurrency-key": "concurrency_key", "--concurrency": "concurrency", "--rate-key": "rate_key",
+                 "--rate": "rate", "--burst": "burst"}
+DISPATCH_OPTIONS = {*VALUE_OPTIONS, "--json", "--wait", "--wait-timeout", "--from-file", "--batch-id", "--isolated",
+                    "--on-busy"}
 
 #: The fingerprint taken when the cache was missing or stale: the full path saves the cache
 #: under it once the dispatch succeeded (``forge.builtins.dispatch``).
@@ -96,6 +99,12 @@ def build(command: str, args: Sequence[str], o: dict[str, Any]) -> QueuedCommand
         cmd = cmd.with_unique_key(o["unique_key"], None if ttl is None else parse_duration(ttl, what="--unique-ttl"))
     if o.get("idempotency_key") is not None:
         cmd = cmd.with_idempotency_key(o["idempotency_key"])
+    if any(o.get(k) is not None for k in _LIMIT_OPTIONS):
+        from ..limits.isolation import options_meta
+
+        limits = options_meta(o)
+        if limits:
+            cmd = cmd.with_metadata("forge.limits", limits)
     return cmd
 
 
@@ -107,6 +116,9 @@ def _count(value: Any, what: str, least: int) -> int:
     if n is None or n < least:
         raise UsageError(f"Invalid {what} {value!r}: a whole number of at least {least}.")
     return n
+
+
+_LIMIT_OPTIONS = ("concurrency_key", "concurrency", "rate_key", "rate", "burst", "isolated", "on_busy")
 
 
 def _split(argv: Sequence[str]) -> tuple[dict[str, Any], str, list[str]] | None:
@@ -167,7 +179,7 @@ def run(argv: Sequence[str]) -> int | None:
         return None
     entry = commands.get(command)
     try:
-        if not isinstance(entry, dict) or not isinstance(entry.get("args"), dict):
+        if not isinstance(entry, dict) or not isinstance(entry.get("args"), dict) or entry.get("isolated"):
             return None
         with _in_dir(str(settings.root)):  # path arguments: where the job will run
             if not accepts(entry["args"], args):

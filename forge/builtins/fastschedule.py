@@ -116,8 +116,8 @@ def run(argv: Sequence[str]) -> int | None:
             return None
         for e in entries:
             spec = commands[e.command].get("args")
-            if not isinstance(spec, dict) or not accepts(spec, list(e.args)):
-                return None
+            if not isinstance(spec, dict) or not accepts(spec, list(e.args)) or commands[e.command].get("isolated"):
+                return None  # (an isolated command's lock key needs the command: the full path)
     except Exception:  # noqa: BLE001 - the full path reports it, word for word
         return None
     sch = Scheduler(entries, settings=settings, registry=registry, connection=opts["connection"],

@@ -72,10 +72,12 @@ def list_jobs(
     m = manager(connection)
     stats = m.stats([validate_queue_name(queue)] if queue else None)
     jobs = list(m.jobs(queue=queue, state=state, command=command, limit=limit)) if limit else []
+    blocked = _blocked(m, jobs)  # {id: "blocked by ..."} for due jobs a limit holds back
     if json_out:
         output.print_json({"version": JSON_VERSION,
                            "queues": [stats_json(s) for s in stats],
-                           "jobs": [job_json(j) for j in jobs], "quarantined": m.quarantined()})
+                           "jobs": [{**job_json(j), "blocked_by": blocked.get(j.id, "")[11:] or None} for j in jobs],
+                           "quarantined": m.quarantined()})
         return
     _warn_quarantine(m)
     if not stats:
@@ -85,13 +87,27 @@ def list_jobs(
     output.table(["queue", "pending", "delayed", "reserved", "failed", "done", "oldest pending", "paused"],
                  _stats_rows(stats, now), title="Queues")
     output.line()
-    output.table(["id", "command", "queue", "state", "attempts", "available / since"],
-                 [[j.id, argv(j), j.job.queue, str(j.state), j.attempts, _when(j, now)] for j in jobs],
+    output.table(["id", "command", "queue", "state", "attempts", "available / since", *(["waits"] if blocked else [])],
+                 [[j.id, argv(j), j.job.queue, str(j.state), j.attempts, _when(j, now),
+                   *([blocked.get(j.id, "")] if blocked else [])] for j in jobs],
                  title="Jobs")
     if not jobs:
         output.info("No jobs match.")
     elif len(jobs) == limit:
         output.info(f"Showing the first {limit} jobs; use --limit, --state, --queue or --command for others.")
+
+
+def _blocked(m: QueueManager, jobs: list[JobInfo]) -> dict[str, str]:
+    """Why each due job waits, when limits are in play (nothing is read otherwise)."""
+    from ..limits import LIMITS_KEY
+    from ..limits.spec import load
+
+    cfg = load(m.settings)
+    if not cfg.queues and not any(LIMITS_KEY in j.job.metadata for j in jobs):
+        return {}
+    from ..limits.inspect import waiting_reasons
+
+    return waiting_reasons(m.backend, cfg, jobs)
 
 
 def _warn_quarantine(m: QueueManager) -> None:

@@ -69,10 +69,13 @@ def work(
                     supervisor_factory=lambda: open_backend(conn, done_retention=settings.done_retention,
                                                             quick=True),
                     where={"connection": conn.name, "location": conn.where()})
-    from ..events.worker import for_worker
+    from ..events.worker import for_worker as events_for_worker
+    from ..limits.gate import for_worker as gate_for_worker
 
-    worker.events = for_worker(settings, registry, name=options.name, queues=options.queues, report=worker.report,
-                               backend=lambda: worker.backend, durably=worker._durably, default_tries=options.tries)
+    worker.events = events_for_worker(settings, registry, name=options.name, queues=options.queues,
+                                      report=worker.report, backend=lambda: worker.backend, durably=worker._durably,
+                                      default_tries=options.tries)
+    worker.gate = gate_for_worker(settings)  # None unless forge.toml has [limits]: the plain claim path
     if schedule:
         from ..scheduler.tick import worker_tick
 

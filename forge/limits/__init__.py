@@ -1,0 +1,22 @@
+"""Run-time controls enforced when a job is claimed: isolation locks, per-queue parallelism,
+rate limits and per-key concurrency (``[limits]`` in forge.toml, or per dispatch).
+
+- ``spec``: the limits as data: rates, a job's own limits (kept in its metadata under
+  ``forge.limits``), the configured table, and the holds a job needs before it may start.
+- ``gate``: the worker's side: claims through the limits, holds released when a run ends.
+- ``isolation``: the lock key of an isolated command and the lock a direct run holds.
+- ``inspect``: why a job waits, and the state of every limit (``queue:limits``).
+
+Each backend keeps the holds in its own store (``backends/_filelimits.py``: files and flock;
+``backends/_redislimits.py``: one Lua script per step). Nothing here is imported on the plain
+claim path: a worker with no limits configured claims exactly as before.
+"""
+
+from __future__ import annotations
+
+#: The job metadata key that carries a job's own limits (written by dispatch).
+LIMITS_KEY = "forge.limits"
+#: The reason recorded on a job dropped because its isolation lock was held (``on_busy="drop"``).
+REASON_ISOLATED = "isolated"
+
+__all__ = ["LIMITS_KEY", "REASON_ISOLATED"]

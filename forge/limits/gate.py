@@ -1,0 +1,85 @@
+"""The worker's side of the limits: claims through them, and lets go of the holds after a run.
+
+A worker gets a ``Gate`` only when ``[limits]`` configures something; without one it claims as
+it always did (the plain claim path, untouched) and checks each job it claims for limits of
+its own (one dictionary lookup). The first such job is handed back, its attempt un-counted,
+and from then on the worker claims through a ``Gate`` (see :func:`switch_on`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from ..backends.base import Backend, Claim
+from .spec import LimitsConfig
+
+#: A held job's token freeing sooner than this is waited for by the worker's own sleep.
+SOON = 0.25
+
+
+class Gate:
+    """Claims through ``cfg`` on one backend; remembers when a blocked job may start."""
+
+    def __init__(self, cfg: LimitsConfig) -> None:
+        self.cfg = cfg
+        #: After a claim that found nothing: the earliest time a rate frees a token for a held
+        #: job (Unix time), else None; and whether any due job was held back.
+        self.wake_at: float | None = None
+        self.blocked = False
+
+    def claim(self, backend: Backend, queues: Sequence[str], worker: str, timeout: float) -> Claim | None:
+        limited = getattr(backend, "claim_limited", None)
+        if limited is None:  # a backend without limits support: claim plainly
+            return backend.claim(queues, worker, timeout)
+        claim = limited(queues, worker, timeout, self.cfg)
+        self.wake_at = getattr(backend, "limits_wake_at", None) if claim is None else None
+        self.blocked = bool(getattr(backend, "limits_blocked", False)) if claim is None else False
+        return claim
+
+    def soon(self, timeout: float) -> float | None:
+        """How long until a held job's rate frees a token, when that is sooner than both
+        ``timeout`` and ``SOON``: the worker then sleeps that long itself, as a store's own
+        blocking wait may be coarser (Redis times a BLPOP out at its ``hz``: 100 ms)."""
+        if self.wake_at is None:
+            return None
+        left = self.wake_at - time.time()
+        return max(left, 0.001) if left < min(timeout, SOON) else None
+
+    def wait_for(self, timeout: float) -> float:
+        """``timeout`` cut short to a little (``SOON``) before a held job's rate frees a token:
+        the store's wait may be coarse, and the last stretch is slept by ``soon``."""
+        if self.wake_at is None:
+            return timeout
+        return min(timeout, max(self.wake_at - time.time() - SOON, 0.001))
+
+
+def release(backend: Backend, claim: Claim) -> None:
+    """Free the slots a claim held (after its outcome is recorded); safe to call twice."""
+    holds, claim.holds = claim.holds, None
+    if holds is not None:
+        backend.release_holds(holds)  # type: ignore[attr-defined]
+
+
+def renew(backend: Backend, claim: Claim) -> None:
+    """Extend the holds' leases with the job's (Redis); nothing to do on the file backend."""
+    if claim.holds is not None:
+        renew_fn: Any = getattr(backend, "renew_holds", None)
+        if renew_fn is not None:
+            renew_fn(claim)
+
+
+def for_worker(settings: Any) -> Gate | None:
+    """The worker's gate: None when forge.toml configures no limits (the plain claim path)."""
+    from .spec import load
+
+    cfg = load(settings)
+    return Gate(cfg) if cfg else None
+
+
+def switch_on(gate: Gate | None, backend: Backend, claim: Claim) -> Gate:
+    """A plain claim took a job with limits of its own: hand it back (attempt un-counted,
+    nothing else changed) and return the gate to claim through from now on."""
+    backend.hand_back(claim)  # type: ignore[attr-defined]
+    return gate or Gate(LimitsConfig())
