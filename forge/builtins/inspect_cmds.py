@@ -179,6 +179,8 @@ def log(
     m = manager(connection)
     job_id = m.resolve_id(job_id)
     info = m.find(job_id)
+    if follow and output.is_tty(sys.stdout) and info.state not in FINISHED:
+        return _follow_with_bar(m, job_id, info)
     out = sys.stdout.buffer
     offset = 0
     while True:
@@ -192,6 +194,28 @@ def log(
             return EXIT_JOB_FAILED if follow and info.state == State.FAILED else 0
         time.sleep(0.2)
         info = m.find(job_id)
+
+
+def _follow_with_bar(m: QueueManager, job_id: str, info: JobInfo) -> int:
+    """``queue:log --follow`` on a terminal: the output as it comes, without its progress
+    lines, and a progress bar under it while the job reports progress."""
+    from ..jobprogress.view import LineFilter, ProgressView
+
+    lines = LineFilter()
+    offset = 0
+    with ProgressView(f"job {job_id[:8]}", stream=sys.stdout) as view:
+        while True:
+            data = m.read_log(job_id, offset)
+            if data:
+                offset += len(data)
+                view.write(lines.feed(data.decode(errors="replace")))
+                continue
+            view.update(info.progress)
+            if info.state in FINISHED:
+                view.write(lines.flush())
+                return EXIT_JOB_FAILED if info.state == State.FAILED else 0
+            time.sleep(0.2)
+            info = m.find(job_id)
 
 
 def failed(

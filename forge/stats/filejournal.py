@@ -18,6 +18,7 @@ import fcntl
 import json
 import os
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -37,8 +38,11 @@ def minute_name(t: float) -> str:
 
 
 class FileJournal:
-    def __init__(self, root: str, uid: int, retention: float) -> None:
+    def __init__(self, root: str, uid: int, retention: float,
+                 on_new_minute: Callable[[str], None] | None = None) -> None:
         self.root = root
+        #: Called (errors ignored) by the process that opens a minute's file first.
+        self.on_new_minute = on_new_minute
         self.dir = f"{root}/stats"
         self.uid = uid
         self.retention = retention
@@ -88,6 +92,9 @@ class FileJournal:
         if created:  # the first record of a minute: fold closed minutes and prune, if nobody is
             with contextlib.suppress(OSError, ValueError):
                 self.totals(block=False)
+            if self.on_new_minute is not None:
+                with contextlib.suppress(Exception):
+                    self.on_new_minute(name)
         return fd
 
     # -- reading -------------------------------------------------------------------------

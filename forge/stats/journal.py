@@ -59,7 +59,14 @@ def journal_for(backend: Backend) -> Journal:
         elif hasattr(backend, "_root"):
             from .filejournal import FileJournal
 
-            j = FileJournal(backend._root, backend.uid, retention())  # type: ignore[attr-defined]
+            def every_ten_minutes(name: str) -> None:
+                if name.endswith("0"):  # progress records of deleted jobs (Redis ones expire)
+                    from ..jobprogress.store import sweep
+
+                    sweep(backend)
+
+            j = FileJournal(backend._root, backend.uid, retention(),  # type: ignore[attr-defined]
+                            on_new_minute=every_ten_minutes)
         else:
             raise TypeError(f"no stats journal for {type(backend).__name__}")
         backend._forge_stats_journal = j  # type: ignore[attr-defined]
