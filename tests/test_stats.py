@@ -119,7 +119,7 @@ def test_real_jobs_through_a_worker(queue_target: Any) -> None:
     doc = json.loads(r.stdout)
     assert doc["version"] == 2
     t = doc["stats"]["totals"]
-    assert (t["done"], t["failed"], t["retried"]) == (3, 1, 1)
+    assert (t["done"], t["failed"], t["retried"]) == (3, 1, 1), (t, w.stdout)
     assert t["runtime"]["count"] == 5 and t["wait"]["count"] == 4 and t["wait"]["p50"] >= 0
     assert [g["command"] for g in json.loads(run(queue_target, "queue:stats", "--by=command", "--json").stdout)
             ["stats"]["groups"]] == ["probe:run"]
@@ -174,3 +174,38 @@ def test_redis_journal_keys_expire(queue_target: Any) -> None:
     write_record(b, time.time(), "default", "a:x", "done", 1, 0.1, 0.2)
     keys = [k.decode() for k in b._r.scan_iter(match=f"{queue_target.prefix}:stats:m:*")]
     assert len(keys) == 1 and 0 < b._r.ttl(keys[0]) <= 7 * 86400 + 120
+
+
+def test_metrics_without_the_client_library_names_the_extra(queue_target: Any) -> None:
+    code = ("import sys; sys.modules['prometheus_client'] = None; sys.argv = ['forge', 'queue:metrics']\n"
+            "from forge.cli import main; sys.exit(main())")
+    r = subprocess.run([sys.executable, "-c", code], env=queue_target.env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "pip install 'forge-jobs[metrics]'" in r.stderr and r.stdout == ""
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_each_outcome_is_journaled_once_and_only_if_it_took_effect(queue_target: Any) -> None:
+    """Through the backend's own API: ack, release and fail journal their outcome; an ack of
+    a claim that no longer holds (done already) journals nothing."""
+    import contextlib
+
+    from forge.job import Event
+    from forge.stats import journal_for
+
+    b = queue_target.backend
+    b.push([make_job("default", "probe:run", max_attempts=2), make_job("default", "probe:run")])
+    first = b.claim(["default"], "w", 60.0)
+    b.release(first, Event("released", 1, time.time(), reason="exit_code", exit_code=1, duration=0.5), 0.0)
+    second = b.claim(["default"], "w", 60.0)
+    done = Event("done", second.attempt, time.time(), exit_code=0, duration=0.25)
+    b.ack(second, done)
+    with contextlib.suppress(Exception):  # the file backend raises, Redis refuses quietly
+        b.ack(second, done)
+    third = b.claim(["default"], "w", 60.0)
+    b.fail(third, Event("failed", third.attempt, time.time(), reason="exit_code", exit_code=1, duration=2.0))
+    totals = journal_for(b).totals()["default"]
+    assert (totals.done, totals.released, totals.failed) == (1, 1, 1)
+    assert totals.runtime.count == 3 and totals.runtime.sum == pytest.approx(2.75)
+    assert totals.wait.count == 2  # the two first attempts; the retry's wait is its backoff
+    s = compute_stats(QueueManager(b), since=600)["totals"]
+    assert (s["done"], s["retried"], s["failed"]) == (1, 1, 1)

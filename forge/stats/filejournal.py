@@ -50,6 +50,7 @@ class FileJournal:
         self._fd_name = ""
         self._fd_pid = 0
         self._ready = False
+        self._minute, self._minute_name = -1, ""
 
     def _prepare(self) -> None:
         if not self._ready:
@@ -60,7 +61,10 @@ class FileJournal:
 
     def write(self, line: bytes, record: rec.Record | None = None) -> None:
         """Append one record to the current minute's file (best effort: stats never block a job)."""
-        name = minute_name(time.time())
+        minute = int(time.time() // 60)
+        if minute != self._minute:
+            self._minute, self._minute_name = minute, minute_name(minute * 60.0)
+        name = self._minute_name
         fd = self._minute_fd(name)
         if os.fstat(fd).st_size + len(line) <= MAX_MINUTE_BYTES:
             os.write(fd, line)

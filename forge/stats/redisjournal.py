@@ -10,7 +10,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from . import records as rec
@@ -27,22 +29,46 @@ class RedisJournal:
     def _minute_key(self, minute: int) -> str:
         return self.backend._key("stats", "m", str(minute))
 
+    def args(self, line: bytes, record: rec.Record, job_id: str = "", token: str = "") -> list[Any]:
+        """The ``stats_journal`` script's arguments after P (see redis_scripts.lua)."""
+        q, out = record[1], []
+        for name, value in (("wait", record[5]), ("runtime", record[6])):
+            if value is None:
+                out += ["", ""]
+            else:
+                out += [f"{q}|{name}|{rec.bucket_index(float(value))}", repr(float(value))]
+        return [str(int(time.time() // 60)), line, MAX_MINUTE_RECORDS, int(self.retention) + 120,
+                f"{q}|{record[3]}", *out, job_id, token]
+
     def write(self, line: bytes, record: rec.Record) -> None:
+        """Record unconditionally (one script run, one round trip)."""
+        with self.backend._io():
+            self.backend._run("stats_journal", *self.args(line, record))
+
+    def finish_and_write(self, finish_args: Sequence[Any], job_id: str, token: str,
+                         line: bytes, record: rec.Record) -> bool:
+        """Journal the outcome and run the backend's ``finish`` script in one round trip: the
+        journal script goes first and records only if the claim still holds, so the outcome
+        is recorded once, and only if the finish takes effect (short of a lease lapsing between
+        the two). Returns what ``finish`` returned."""
+        from redis.exceptions import NoScriptError
+
         b = self.backend
-        key = self._minute_key(int(time.time() // 60))
-        totals = b._key("stats", "totals")
-        q = record[1]
+        journal_args = self.args(line, record, job_id, token)
+        journal, finish = b._script("stats_journal"), b._script("finish")
         with b._io():
-            pipe = b._r.pipeline(transaction=True)
-            pipe.rpush(key, line)
-            pipe.ltrim(key, -MAX_MINUTE_RECORDS, -1)
-            pipe.expire(key, int(self.retention) + 120)
-            pipe.hincrby(totals, f"{q}|{record[3]}", 1)
-            for name, value in (("wait", record[5]), ("runtime", record[6])):
-                if value is not None:
-                    pipe.hincrby(totals, f"{q}|{name}|{rec.bucket_index(float(value))}", 1)
-                    pipe.hincrbyfloat(totals, f"{q}|{name}|sum", float(value))
-            pipe.execute()
+            pipe = b._r.pipeline(transaction=False)
+            pipe.evalsha(journal.sha, 0, b.prefix, *journal_args)
+            pipe.evalsha(finish.sha, 0, b.prefix, *finish_args)
+            recorded, done = pipe.execute(raise_on_error=False)
+            if isinstance(recorded, NoScriptError):  # a fresh (or flushed) server: load it
+                with contextlib.suppress(Exception):  # best effort, as every journal write
+                    journal(keys=[], args=[b.prefix, *journal_args])
+            if isinstance(done, NoScriptError):
+                done = finish(keys=[], args=[b.prefix, *finish_args])
+            elif isinstance(done, Exception):
+                raise done
+        return bool(done)
 
     def read(self, since: float, until: float) -> list[rec.Record]:
         b = self.backend
