@@ -66,12 +66,12 @@ def decode_lines(data: bytes) -> list[Record]:
                 rows.append(json.loads(line))
             except ValueError:
                 continue
-    return [r for r in rows if _valid(r)]
+    outcomes, number = _OUTCOME_SET, (int, float)
+    return [r for r in rows if type(r) is list and len(r) == 7 and r[3] in outcomes
+            and type(r[0]) in number and type(r[1]) is str and type(r[2]) is str]
 
 
-def _valid(r: Any) -> bool:
-    return (type(r) is list and len(r) == 7 and type(r[0]) in (int, float) and type(r[1]) is str
-            and type(r[2]) is str and r[3] in OUTCOMES)
+_OUTCOME_SET = frozenset(OUTCOMES)
 
 
 def bucket_index(seconds: float) -> int:
