@@ -58,7 +58,7 @@ def stats(
 ) -> None:
     """Throughput, failure rate, runtime and wait percentiles, retries and the oldest pending job's age.
 
-    Computed from the recorded outcome of every attempt (kept 7 days; FORGE_STATS_RETENTION
+    Computed from the recorded outcome of every attempt (kept 24 hours; FORGE_STATS_RETENTION
     in seconds changes it), so it reaches past done_retention and survives restarts.
     """
     from ..stats import compute_stats

@@ -61,13 +61,17 @@ class RedisJournal:
             pipe.evalsha(journal.sha, 0, b.prefix, *journal_args)
             pipe.evalsha(finish.sha, 0, b.prefix, *finish_args)
             recorded, done = pipe.execute(raise_on_error=False)
-            if isinstance(recorded, NoScriptError):  # a fresh (or flushed) server: load it
-                with contextlib.suppress(Exception):  # best effort, as every journal write
-                    journal(keys=[], args=[b.prefix, *journal_args])
-            if isinstance(done, NoScriptError):
+            if isinstance(done, NoScriptError):  # a fresh (or flushed) server: load, run in order
+                if isinstance(recorded, NoScriptError):
+                    with contextlib.suppress(Exception):  # best effort, as every journal write
+                        journal(keys=[], args=[b.prefix, *journal_args])
                 done = finish(keys=[], args=[b.prefix, *finish_args])
             elif isinstance(done, Exception):
                 raise done
+            elif isinstance(recorded, NoScriptError) and done:
+                # The finish took effect, so its claim no longer holds: record without the check.
+                with contextlib.suppress(Exception):
+                    journal(keys=[], args=[b.prefix, *journal_args[:-2], "", ""])
         return bool(done)
 
     def read(self, since: float, until: float) -> list[rec.Record]:
