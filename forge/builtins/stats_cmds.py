@@ -50,7 +50,7 @@ def _queues(values: list[str] | None) -> list[str] | None:
 
 
 def stats(
-    since: Annotated[str, typer.Option(help="The window: the last 15m, 1h, 24h, 7d...")] = "1h",
+    since: Annotated[str, typer.Option(help="The window: the last 15m, 1h, 24h...")] = "1h",
     queue: Annotated[list[str] | None, typer.Option("--queue", help="Only these queues (repeat, or a,b).")] = None,
     by: Annotated[str, typer.Option(help="Group by queue or by command.")] = "queue",
     json_out: Json = False,

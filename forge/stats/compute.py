@@ -7,6 +7,7 @@ a restart loses nothing.
 
 from __future__ import annotations
 
+import gc
 import math
 import time
 from collections.abc import Sequence
@@ -90,13 +91,26 @@ def compute_stats(manager: QueueManager | str | None, *, since: float, queues: l
     runtime_p50; ``oldest_pending_age`` (seconds) is per queue (also with ``by="command"``, in
     ``queues``). Raises ``UsageError`` for a bad window, grouping or queue name.
     """
-    from ..queue import rfc3339
 
     if by not in GROUPINGS:
         raise UsageError(f"Invalid grouping {by!r}: use queue or command.")
     if not isinstance(since, int | float) or not since > 0 or math.isinf(since):
         raise UsageError(f"Invalid window {since!r}: a positive number of seconds, e.g. 3600.")
     names = [validate_queue_name(q) for q in queues] if queues else None
+    # 100,000 records are 100,000 small lists: the cyclic collector would scan them again and
+    # again while they are built (40% of the time) and can free none of them (no cycles).
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        return _compute(manager, since, names, by, now)
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def _compute(manager: Any, since: float, names: list[str] | None, by: str, now: float | None) -> dict[str, Any]:
+    from ..queue import rfc3339
+
     m = _manager(manager)
     backend = m.backend
     now = time.time() if now is None else float(now)
