@@ -382,9 +382,10 @@ return {'ok', st}
 
 -- @script stats_journal
 -- Journal one attempt's outcome (forge/stats/redisjournal.py): the record onto its minute's
--- list (newest ARGV[4] kept, expiring after ARGV[5] seconds), and the running totals. Sent in
--- the same round trip as, and just before, the `finish` it describes: with a job id, it records
--- only if that finish will take effect (the job is reserved under the claim's token ARGV[12]).
+-- list (newest ARGV[4] kept, expiring after ARGV[5] seconds), and the running totals. With a
+-- job id it records only while the job is reserved under the claim's token ARGV[12]: run just
+-- before `finish` in one script (forge/stats/redisjournal.py builds it from the two), that is
+-- exactly when the finish takes effect.
 -- KEYS: none.
 -- ARGV[1]: P; ARGV[2]: minute (Unix time // 60); ARGV[3]: the record line; ARGV[4]: cap;
 --   ARGV[5]: ttl seconds; ARGV[6]: totals field of the outcome ('<queue>|done');

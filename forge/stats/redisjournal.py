@@ -10,7 +10,7 @@
 
 from __future__ import annotations
 
-import contextlib
+import functools
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -19,6 +19,28 @@ from . import records as rec
 
 #: Records kept per minute (the newest): about 100,000 a minute, bounded in memory.
 MAX_MINUTE_RECORDS = 100_000
+
+
+@functools.cache
+def finish_journaled_source() -> str:
+    """One script made of two in redis_scripts.lua, each run as a function: ``stats_journal``
+    (which records only while the claim holds, so exactly when ``finish`` will take effect),
+    then ``finish``. ARGV: P, the eight of ``finish``, then the eleven of ``stats_journal``."""
+    from importlib import resources
+
+    from ..backends import _redis_helpers as h
+    from ..backends.redis import PROMOTE_BATCH
+
+    text = resources.files("forge.backends").joinpath(h.SCRIPTS_FILE).read_text(encoding="utf-8")
+    parts = h._MARKER.split(text)
+    bodies = {name: "".join(x for x in body.splitlines(keepends=True) if not x.startswith("--"))
+              for name, body in zip(parts[1::2], parts[2::2], strict=True)}
+    prelude = bodies["prelude"].replace("PROMOTE_BATCH", str(PROMOTE_BATCH))
+    return (prelude
+            + "\nlocal function finish_body()\n" + bodies["finish"] + "\nend\n"
+            + "local function journal_body(ARGV)\n" + bodies["stats_journal"] + "\nend\n"
+            + "local J = {ARGV[1]}\nfor i = 10, #ARGV do J[#J + 1] = ARGV[i] end\n"
+            + "journal_body(J)\nreturn finish_body()\n")
 
 
 class RedisJournal:
@@ -47,32 +69,15 @@ class RedisJournal:
 
     def finish_and_write(self, finish_args: Sequence[Any], job_id: str, token: str,
                          line: bytes, record: rec.Record) -> bool:
-        """Journal the outcome and run the backend's ``finish`` script in one round trip: the
-        journal script goes first and records only if the claim still holds, so the outcome
-        is recorded once, and only if the finish takes effect (short of a lease lapsing between
-        the two). Returns what ``finish`` returned."""
-        from redis.exceptions import NoScriptError
-
+        """Run the backend's ``finish`` script and journal its outcome in one atomic script
+        (``finish_journaled``): recorded once, and only if the finish takes effect. Returns
+        what ``finish`` returned."""
         b = self.backend
-        journal_args = self.args(line, record, job_id, token)
-        journal, finish = b._script("stats_journal"), b._script("finish")
+        script = getattr(b, "_forge_finish_journaled", None)
+        if script is None:
+            script = b._forge_finish_journaled = b._r.register_script(finish_journaled_source())
         with b._io():
-            pipe = b._r.pipeline(transaction=False)
-            pipe.evalsha(journal.sha, 0, b.prefix, *journal_args)
-            pipe.evalsha(finish.sha, 0, b.prefix, *finish_args)
-            recorded, done = pipe.execute(raise_on_error=False)
-            if isinstance(done, NoScriptError):  # a fresh (or flushed) server: load, run in order
-                if isinstance(recorded, NoScriptError):
-                    with contextlib.suppress(Exception):  # best effort, as every journal write
-                        journal(keys=[], args=[b.prefix, *journal_args])
-                done = finish(keys=[], args=[b.prefix, *finish_args])
-            elif isinstance(done, Exception):
-                raise done
-            elif isinstance(recorded, NoScriptError) and done:
-                # The finish took effect, so its claim no longer holds: record without the check.
-                with contextlib.suppress(Exception):
-                    journal(keys=[], args=[b.prefix, *journal_args[:-2], "", ""])
-        return bool(done)
+            return bool(script(keys=[], args=[b.prefix, *finish_args, *self.args(line, record, job_id, token)]))
 
     def read(self, since: float, until: float) -> list[rec.Record]:
         b = self.backend
