@@ -1,8 +1,9 @@
 """The outcome journal of a Redis connection: a list per minute, running totals in a hash.
 
-- ``<prefix>:stats:m:<minute>`` (minute = Unix time // 60, the recording host's clock): the
-  minute's records (``forge.stats.records``), newest ``MAX_MINUTE_RECORDS`` kept, expiring
-  after the retention;
+- ``<prefix>:stats:m:<minute>`` (minute = Unix time // 60, the recording host's clock): a
+  string of the minute's records (``forge.stats.records``, one a line), which stops growing at
+  ``MAX_MINUTE_BYTES`` (as a file journal's minute does) and expires after the retention; a
+  string rather than a list, so a window of 100,000 records is a few replies, not 100,000;
 - ``<prefix>:stats:totals``: the counters behind the Prometheus metrics, ``<queue>|done``,
   ``<queue>|runtime|<bucket>``, ``<queue>|runtime|sum`` and so on (``|`` is not allowed in a
   queue name), incremented with the record in one pipeline.
@@ -17,8 +18,8 @@ from typing import Any
 
 from . import records as rec
 
-#: Records kept per minute (the newest): about 100,000 a minute, bounded in memory.
-MAX_MINUTE_RECORDS = 100_000
+#: A minute's records stop here (about 100,000 records), as in the file journal.
+MAX_MINUTE_BYTES = 12 * 1024 * 1024
 
 
 @functools.cache
@@ -59,7 +60,7 @@ class RedisJournal:
                 out += ["", ""]
             else:
                 out += [f"{q}|{name}|{rec.bucket_index(float(value))}", repr(float(value))]
-        return [str(int(time.time() // 60)), line, MAX_MINUTE_RECORDS, int(self.retention) + 120,
+        return [str(int(time.time() // 60)), line, MAX_MINUTE_BYTES, int(self.retention) + 120,
                 f"{q}|{record[3]}", *out, job_id, token]
 
     def write(self, line: bytes, record: rec.Record) -> None:
@@ -86,10 +87,10 @@ class RedisJournal:
         with b._io():
             pipe = b._r.pipeline(transaction=False)
             for m in minutes:
-                pipe.lrange(self._minute_key(m), 0, -1)
-            for lines in pipe.execute():
-                if lines:
-                    out += [r for r in rec.decode_lines(b"\n".join(lines)) if since <= r[0] <= until]
+                pipe.get(self._minute_key(m))
+            for data in pipe.execute():
+                if data:
+                    out += [r for r in rec.decode_lines(data) if since <= r[0] <= until]
         return out
 
     def totals(self) -> dict[str, rec.QueueTotals]:
