@@ -403,8 +403,8 @@ local tk = P .. ':stats:totals'
 local len = redis.pcall('STRLEN', mk)
 if type(len) == 'number' and len + #ARGV[3] <= tonumber(ARGV[4]) then
   redis.pcall('APPEND', mk, ARGV[3])
+  if len == 0 then redis.pcall('EXPIRE', mk, ARGV[5]) end  -- the minute's first record
 end
-redis.pcall('EXPIRE', mk, ARGV[5])
 redis.pcall('HINCRBY', tk, ARGV[6], 1)
 for i = 7, 9, 2 do
   if ARGV[i] ~= '' then
