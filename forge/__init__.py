@@ -31,6 +31,7 @@ __all__ = [
     "call",
     "command",
     "on",
+    "progress",
 ]
 
 _LAZY = {
@@ -51,6 +52,7 @@ _LAZY = {
     "RetryBlocked": "forge.errors",
     "Retry": "forge.retry.outcome",
     "Fail": "forge.retry.outcome",
+    "progress": "forge.jobprogress",
 }
 
 if TYPE_CHECKING:
@@ -65,6 +67,7 @@ if TYPE_CHECKING:
         RetryBlocked,
     )
     from .events.listeners import on
+    from .jobprogress import progress
     from .queue import CommandQueue, JobDispatch, QueuedCommand, QueueManager
     from .retry.outcome import Fail, Retry
     from .runner import CallResult, call

@@ -30,6 +30,7 @@ from .backends.base import Claim
 from .errors import QueueUnavailable
 from .events.model import META_KEY, job_env
 from .job import Event, Reason
+from .jobprogress.tracker import ProgressTracker
 from .jobshare import NEVER, OUTCOME, REQUEST, OutputBuffer, SharedState
 from .limits import LIMITS_KEY
 from .reporting import Reporter, console_reporter
@@ -111,6 +112,8 @@ class Worker:
         self._sig_r, self._sig_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         if self.options.echo:
             self.output.echo = _echo
+        self.progress = ProgressTracker(self.backend)  # ::forge-progress lines -> the job's record
+        self.output.scan = self.progress.feed
         self.heartbeat = Heartbeat(self.backend, self.options.name, self.options.queues,
                                    self.options.maintenance_interval)
 
@@ -391,6 +394,7 @@ class Worker:
             self.events.job_started(claim, started)
         self._seq += 1
         request = {"seq": self._seq, "command": job.command, "args": list(job.args), "env": env}
+        self.progress.start(job.id, claim.attempt, started)
         proc = self._hand_over(spec, request, kill_at)
         # Reported and published once the job runs (a write and, on Redis, a round trip), not
         # on the way to the job's start.
@@ -404,6 +408,7 @@ class Worker:
         self._end_leftovers()
         if why == "cancelled":
             self.output.flush_to_log(self.backend, job.id, reset=True)
+            self.progress.finish()
             reply = {"exit_code": code or -int(signal.SIGTERM), "reason": str(Reason.CANCELLED),
                      "error": "cancelled while running (queue:cancel --running)"}
             self.record(claim, reply, started, info, tail="", retry=False)
@@ -412,6 +417,7 @@ class Worker:
             return
         if why == "forced":
             self.output.flush_to_log(self.backend, job.id, reset=True)
+            self.progress.finish()
             evs = self.events.outcome(claim, "released", {"reason": str(Reason.INTERRUPTED)}, started,
                                       retry_in=0, counted=False) if self.events is not None else []
             self._durably(lambda: self.backend.release(claim, None, 0))
@@ -433,6 +439,7 @@ class Worker:
                 reply = {"exit_code": code, "reason": str(Reason.EXIT_CODE), "error": f"job process {desc}"}
         tail = self.output.tail(_TAIL) if reply["exit_code"] != 0 and self.output.size() else ""
         self.output.flush_to_log(self.backend, job.id, reset=True)
+        self.progress.finish()
         self.record(claim, reply, started, info, tail=tail, retry=True)
 
     def _hand_over(self, spec: CommandSpec, request: dict[str, Any], kill_at: float) -> _JobProcess:

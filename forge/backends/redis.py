@@ -74,6 +74,7 @@ from ..job import (
     decode_file,
     is_idempotent_id,
 )
+from ..stats.journal import ack_claim_with_outcome, finish_with_outcome, record_outcome
 from . import _resp
 from ._redis_helpers import CHUNK, LOG_CAP, load_scripts
 from ._redis_helpers import hash_key as _hash_key
@@ -296,10 +297,9 @@ class RedisBackend(RedisLimiter, RedisAdmin):
         (one script: a worker draining a queue pays one call per job). The ack is fenced as
         ``ack``'s is; the next claim is made whether or not it held."""
         token = self._token()
-        with self._io():
-            reply = self._run("ack_claim", claim.job.id, claim.handle, event.to_json(), claim.attempt,
-                              "1" if self.done_retention > 0 else "0",
-                              *self._claim_args(queues, worker, token, timeout))
+        args = (claim.job.id, claim.handle, event.to_json(), claim.attempt,
+                "1" if self.done_retention > 0 else "0", *self._claim_args(queues, worker, token, timeout))
+        reply = ack_claim_with_outcome(self, args, claim, event)  # the outcome journaled in the same script
         self._retry_token = None
         return self._claimed(reply[1:], token)
 
@@ -378,22 +378,25 @@ class RedisBackend(RedisLimiter, RedisAdmin):
     # -- outcomes -------------------------------------------------------------------------
 
     def _finish(self, token: str, job_id: str, mode: str, event: Event | None, attempts: int,
-                delay: float, only_expired: bool = False) -> bool:
+                delay: float, only_expired: bool = False, claim: Claim | None = None) -> bool:
+        """Run ``finish``; with ``claim``, journal the outcome in the same round trip (forge.stats)."""
+        line = event.to_json() if event else b""
+        args = (job_id, token, mode, line, attempts, max(0, _us(delay)), "1" if self.done_retention > 0 else "0",
+                "1" if only_expired else "0")
+        if claim is not None and event is not None:
+            return finish_with_outcome(self, args, claim, event)
         with self._io():
-            done = self._run("finish", job_id, token, mode, event.to_json() if event else b"",
-                             attempts, max(0, _us(delay)), "1" if self.done_retention > 0 else "0",
-                             "1" if only_expired else "0")
-        return bool(done)
+            return bool(self._run("finish", *args))
 
     def ack(self, claim: Claim, event: Event) -> None:
-        self._finish(claim.handle, claim.job.id, "done", event, claim.attempt, 0.0)
+        self._finish(claim.handle, claim.job.id, "done", event, claim.attempt, 0.0, claim=claim)
 
     def release(self, claim: Claim, event: Event | None, delay: float, *, counted: bool = True) -> None:
         attempts = claim.attempt if event is not None and counted else claim.attempt - 1
-        self._finish(claim.handle, claim.job.id, "release", event, attempts, delay)
+        self._finish(claim.handle, claim.job.id, "release", event, attempts, delay, claim=claim)
 
     def fail(self, claim: Claim, event: Event) -> None:
-        self._finish(claim.handle, claim.job.id, "failed", event, claim.attempt, 0.0)
+        self._finish(claim.handle, claim.job.id, "failed", event, claim.attempt, 0.0, claim=claim)
 
     # -- maintenance ----------------------------------------------------------------------
 
@@ -444,6 +447,8 @@ class RedisBackend(RedisLimiter, RedisAdmin):
         hook = getattr(self, "on_recovered", None)  # forge.events: the worker's job events
         if hook is not None and job is not None:
             hook(job, attempt, event)
+        if job is not None:
+            record_outcome(self, Claim(job, attempt, event.at, event.at), event)
         return "abandoned" if exhausted else "recovered"
 
     def close(self) -> None:
