@@ -1,0 +1,161 @@
+"""One page of a queue's jobs in one state, at any depth, cheaply on both backends.
+
+``Backend.jobs`` reads every record it yields, so skipping to job 90,000 through it would read
+90,000 records. A page is found from what each store keeps sorted without reading records:
+
+* the file backend names every waiting, failed and done job file ``<key>-<id>-<n>.job``, so a
+  directory listing (one ``listdir``) sorted by name is the listing order; only the page's own
+  files are opened;
+* Redis keeps ``pending`` as a list and ``delayed``/``failed``/``done``/``reserved`` as sorted
+  sets: ``LRANGE``/``ZRANGE`` take an offset directly; only the page's records are fetched.
+
+Pages are by offset in that order (page 3 of pending is jobs 100-149 from the head). A
+``command`` filter has to read records: it scans forward from the offset, at most
+``SCAN_BUDGET`` records per page, and says where it stopped (``next_offset``).
+"""
+
+from __future__ import annotations
+
+import heapq
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from ..job import JobInfo, State
+
+#: Records a filtered page reads at most before it returns what it found.
+SCAN_BUDGET = 2000
+#: The states a job list shows, in the order of its tabs.
+STATES = (State.RESERVED, State.PENDING, State.DELAYED, State.FAILED, State.DONE)
+
+
+@dataclass(frozen=True)
+class Page:
+    """Jobs ``offset`` .. of one queue and state; ``next_offset`` None on the last page."""
+
+    jobs: list[JobInfo]
+    total: int
+    offset: int
+    limit: int
+    next_offset: int | None
+    scanned: int = 0
+
+    @property
+    def prev_offset(self) -> int | None:
+        return None if self.offset == 0 else max(0, self.offset - self.limit)
+
+
+def page(backend: Any, queue: str, state: State, *, offset: int = 0, limit: int = 50,
+         command: str | None = None) -> Page:
+    """The page of ``queue``'s jobs in ``state`` starting at ``offset`` (listing order: reserved,
+    pending and delayed oldest first, failed and done newest first)."""
+    kind = type(backend).__name__
+    if kind == "FileBackend":
+        return _file_page(backend, queue, state, offset, limit, command)
+    if kind == "RedisBackend":
+        return _redis_page(backend, queue, state, offset, limit, command)
+    return _generic_page(backend, queue, state, offset, limit, command)
+
+
+def _pick(names: list[str], offset: int, n: int, newest_first: bool) -> list[str]:
+    """``names[offset:offset+n]`` of the sorted order, without sorting all when the page is near the top."""
+    if offset + n <= len(names) // 8:
+        top = (heapq.nlargest if newest_first else heapq.nsmallest)(offset + n, names)
+        return top[offset:]
+    return sorted(names, reverse=newest_first)[offset:offset + n]
+
+
+def _matches(info: JobInfo | None, state: State, command: str | None) -> bool:
+    return info is not None and info.state == state and (not command or info.job.command == command)
+
+
+def _file_page(b: Any, queue: str, state: State, offset: int, limit: int, command: str | None) -> Page:
+    from ..backends._fileio import micros
+    from ..backends._filenames import PENDING_RE, due_bound, key_str
+
+    qdir = b._qdir(queue)
+    if state == State.RESERVED:
+        entries = b._reserved_by_claim_time([queue])
+        return _scan(entries, len(entries), offset, limit, command,
+                     lambda e: b._info(e[0], state, e[1], e[2]), state)
+    sdir = "pending" if state in (State.PENDING, State.DELAYED) else str(state)
+    names = b._names(queue, sdir)
+    bound = due_bound(key_str(micros(time.time())))
+    if state == State.PENDING:
+        names = [n for n in names if n < bound and n.endswith(".job")]
+    elif state == State.DELAYED:
+        names = [n for n in names if n > bound and n.endswith(".job")]
+    else:
+        names = [n for n in names if n.endswith(".job")]
+    newest_first = state in (State.FAILED, State.DONE)
+
+    def read(name: str) -> JobInfo | None:
+        m = PENDING_RE.match(name)
+        if not m:
+            return None
+        updated = int(m.group(1)) / 1e6 if newest_first else None
+        return b._info(f"{qdir}/{sdir}/{name}", state, int(m.group(3)), updated)
+
+    if not command:
+        chosen = _pick(names, offset, limit, newest_first)
+        jobs = [i for i in map(read, chosen) if i is not None]
+        nxt = offset + limit if offset + limit < len(names) else None
+        return Page(jobs, len(names), offset, limit, nxt, len(chosen))
+    ordered = sorted(names, reverse=newest_first)
+    return _scan(ordered, len(names), offset, limit, command, read, state)
+
+
+def _scan(entries: Any, total: int, offset: int, limit: int, command: str | None, read: Any,
+          state: State) -> Page:
+    """Read ``entries`` from ``offset`` until ``limit`` match (or the scan budget is spent)."""
+    jobs: list[JobInfo] = []
+    pos = offset
+    budget = SCAN_BUDGET if command else limit
+    while pos < total and len(jobs) < limit and pos - offset < budget:
+        info = read(entries[pos])
+        pos += 1
+        if _matches(info, state, command):
+            jobs.append(info)
+    return Page(jobs, total, offset, limit, pos if pos < total else None, pos - offset)
+
+
+def _redis_page(b: Any, queue: str, state: State, offset: int, limit: int, command: str | None) -> Page:
+    from ..backends._redis_helpers import us
+
+    with b._io():
+        now_us = us(b._server_now())
+        key = b._key("q", queue, "")
+        r = b._r
+        if state == State.PENDING:
+            total = r.llen(key + "pending") + r.zcount(key + "delayed", "-inf", now_us)
+        elif state == State.DELAYED:
+            total = r.zcount(key + "delayed", f"({now_us}", "+inf")
+        else:
+            total = r.zcard(key + str(state))
+        jobs: list[JobInfo] = []
+        pos = offset
+        budget = SCAN_BUDGET if command else limit
+        while len(jobs) < limit and pos < total and pos - offset < budget:
+            n = limit if not command else min(200, budget - (pos - offset))
+            if state == State.RESERVED:  # scored by lease expiry: claim order is close to it
+                ids = r.zrange(key + "reserved", pos, pos + n - 1)
+            else:
+                ids = b._ids(queue, state, now_us, pos, n)
+            if not ids:
+                break
+            for found in b._fetch_keyed(ids):
+                pos += 1
+                info = found[1] if found else None
+                if _matches(info, state, command) and len(jobs) < limit:
+                    jobs.append(info)  # type: ignore[arg-type]
+            if not command:
+                break
+    return Page(jobs, total, offset, limit, pos if pos < total else None, pos - offset)
+
+
+def _generic_page(b: Any, queue: str, state: State, offset: int, limit: int, command: str | None) -> Page:
+    """Another backend: through ``Backend.jobs`` (reads every record up to the page)."""
+    jobs = list(b.jobs(queue=queue, state=state, command=command, limit=offset + limit + 1))
+    more = len(jobs) > offset + limit
+    total = next((getattr(s, str(state), 0) for s in b.stats([queue])), len(jobs))
+    return Page(jobs[offset:offset + limit], total, offset, limit, offset + limit if more else None)
