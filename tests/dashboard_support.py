@@ -89,6 +89,7 @@ class Dashboard:
     base: str
     token: str
     stderr: list[str] = field(default_factory=list)
+    reader: threading.Thread | None = None
 
     @property
     def port(self) -> int:
@@ -102,6 +103,8 @@ class Dashboard:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        if self.reader is not None:
+            self.reader.join(timeout=10)
 
 
 def start_dashboard(env: dict[str, str], *args: str, timeout: float = 60) -> Dashboard:
@@ -119,7 +122,8 @@ def start_dashboard(env: dict[str, str], *args: str, timeout: float = 60) -> Das
         if m:
             d = Dashboard(proc, f"{m.group(1)}/?token={m.group(2)}", m.group(1), m.group(2))
             # Keep reading its stderr (a full pipe would stall it); the tests show it on failure.
-            threading.Thread(target=d.stderr.extend, args=(proc.stderr,), daemon=True).start()
+            d.reader = threading.Thread(target=d.stderr.extend, args=(proc.stderr,), daemon=True)
+            d.reader.start()
             return d
     proc.kill()
     err = proc.stderr.read() if proc.stderr else ""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 from typing import Annotated
 
 import typer
@@ -26,7 +26,12 @@ def dashboard(
     it. Read-only unless --allow-actions."""
     from ..dashboard import INSTALL, REQUIRED
 
-    missing = [m for m in REQUIRED if importlib.util.find_spec(m) is None]
+    missing = []
+    for name in REQUIRED:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            missing.append(name)
     if missing:
         raise ForgeError(f"The dashboard needs {', '.join(missing)}, which {'is' if len(missing) == 1 else 'are'}"
                          " not installed.", hint=f"Install it with: {INSTALL}")

@@ -144,11 +144,14 @@ def _redis_page(b: Any, queue: str, state: State, offset: int, limit: int, comma
             if not ids:
                 break
             for found in b._fetch_keyed(ids):
+                if len(jobs) >= limit:
+                    break  # the page is full: the next one starts here
                 pos += 1
                 info = found[1] if found else None
-                if _matches(info, state, command) and len(jobs) < limit:
+                if _matches(info, state, command):
                     jobs.append(info)  # type: ignore[arg-type]
             if not command:
+                pos = max(pos, offset + len(ids))
                 break
     return Page(jobs, total, offset, limit, pos if pos < total else None, pos - offset)
 
