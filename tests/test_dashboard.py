@@ -122,3 +122,23 @@ def test_start_up_says_where_it_listens_and_warns_off_loopback(tmp_path: Path) -
     wide = start_dashboard(env, "--listen=0.0.0.0:0")  # start_dashboard adds --listen 127.0.0.1:0 first
     wide.stop()
     assert "Warning" in "".join(wide.stderr) and "every interface" in "".join(wide.stderr)
+
+
+def test_file_listings_match_the_backend_and_see_every_change(queue_target: Any) -> None:
+    if queue_target.kind != "file":
+        pytest.skip("the file backend's reusable listings")
+    b = queue_target.backend
+    ids = _fill(queue_target, 30)
+    q = queue_target.queue("paging")
+    q.dispatch(QueuedCommand("probe:run").with_delay(3600))
+    from forge.queue import QueueManager
+
+    QueueManager(b).cancel(ids[0])
+    dirs = listing.Listings(b)
+    dirs.SETTLED = 0.0  # reuse every listing: what a quiet queue gets after a second
+    assert dirs.stats() == b.stats()
+    assert dirs.stats() == b.stats()  # from the cache
+    new = q.dispatch(QueuedCommand("probe:run"))
+    assert dirs.stats() == b.stats() and dirs.stats()[0].pending == 30
+    last = listing.page(b, "paging", State.PENDING, offset=29, limit=5, dirs=dirs)
+    assert [j.id for j in last.jobs] == [new]

@@ -16,7 +16,6 @@ Pages are by offset in that order (page 3 of pending is jobs 100-149 from the he
 
 from __future__ import annotations
 
-import heapq
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -46,48 +45,44 @@ class Page:
 
 
 def page(backend: Any, queue: str, state: State, *, offset: int = 0, limit: int = 50,
-         command: str | None = None) -> Page:
+         command: str | None = None, dirs: Listings | None = None) -> Page:
     """The page of ``queue``'s jobs in ``state`` starting at ``offset`` (listing order: reserved,
-    pending and delayed oldest first, failed and done newest first)."""
+    pending and delayed oldest first, failed and done newest first). ``dirs``: the file
+    backend's reusable listings (a dashboard keeps one)."""
     kind = type(backend).__name__
     if kind == "FileBackend":
-        return _file_page(backend, queue, state, offset, limit, command)
+        return _file_page(backend, queue, state, offset, limit, command, dirs)
     if kind == "RedisBackend":
         return _redis_page(backend, queue, state, offset, limit, command)
     return _generic_page(backend, queue, state, offset, limit, command)
-
-
-def _pick(names: list[str], offset: int, n: int, newest_first: bool) -> list[str]:
-    """``names[offset:offset+n]`` of the sorted order, without sorting all when the page is near the top."""
-    if offset + n <= len(names) // 8:
-        top = (heapq.nlargest if newest_first else heapq.nsmallest)(offset + n, names)
-        return top[offset:]
-    return sorted(names, reverse=newest_first)[offset:offset + n]
 
 
 def _matches(info: JobInfo | None, state: State, command: str | None) -> bool:
     return info is not None and info.state == state and (not command or info.job.command == command)
 
 
-def _file_page(b: Any, queue: str, state: State, offset: int, limit: int, command: str | None) -> Page:
-    from ..backends._fileio import micros
-    from ..backends._filenames import PENDING_RE, due_bound, key_str
+def _file_page(b: Any, queue: str, state: State, offset: int, limit: int, command: str | None,
+               dirs: Listings | None = None) -> Page:
+    from ..backends._filenames import PENDING_RE
 
     qdir = b._qdir(queue)
     if state == State.RESERVED:
         entries = b._reserved_by_claim_time([queue])
         return _scan(entries, len(entries), offset, limit, command,
                      lambda e: b._info(e[0], state, e[1], e[2]), state)
+    dirs = dirs or Listings(b)
     sdir = "pending" if state in (State.PENDING, State.DELAYED) else str(state)
-    names = b._names(queue, sdir)
-    bound = due_bound(key_str(micros(time.time())))
-    if state == State.PENDING:
-        names = [n for n in names if n < bound and n.endswith(".job")]
-    elif state == State.DELAYED:
-        names = [n for n in names if n > bound and n.endswith(".job")]
-    else:
-        names = [n for n in names if n.endswith(".job")]
+    names = dirs.sorted(queue, sdir)  # ascending by key
     newest_first = state in (State.FAILED, State.DONE)
+    if state in (State.PENDING, State.DELAYED):
+        due = dirs.due_count(names)
+        lo, hi = (0, due) if state == State.PENDING else (due, len(names))
+    else:
+        lo, hi = 0, len(names)
+    total = hi - lo
+
+    def at(pos: int) -> str:  # the pos-th name of this state in listing order
+        return names[hi - 1 - pos] if newest_first else names[lo + pos]
 
     def read(name: str) -> JobInfo | None:
         m = PENDING_RE.match(name)
@@ -97,12 +92,94 @@ def _file_page(b: Any, queue: str, state: State, offset: int, limit: int, comman
         return b._info(f"{qdir}/{sdir}/{name}", state, int(m.group(3)), updated)
 
     if not command:
-        chosen = _pick(names, offset, limit, newest_first)
+        chosen = [at(p) for p in range(offset, min(offset + limit, total))]
         jobs = [i for i in map(read, chosen) if i is not None]
-        nxt = offset + limit if offset + limit < len(names) else None
-        return Page(jobs, len(names), offset, limit, nxt, len(chosen))
-    ordered = sorted(names, reverse=newest_first)
-    return _scan(ordered, len(names), offset, limit, command, read, state)
+        nxt = offset + limit if offset + limit < total else None
+        return Page(jobs, total, offset, limit, nxt, len(chosen))
+    return _scan(_Positions(at, total), total, offset, limit, command, read, state)
+
+
+class _Positions:
+    """``entries[pos]`` for ``_scan`` without building the list."""
+
+    def __init__(self, at: Any, n: int) -> None:
+        self.at, self.n = at, n
+
+    def __getitem__(self, pos: int) -> str:
+        return str(self.at(pos))
+
+    def __len__(self) -> int:
+        return self.n
+
+
+class Listings:
+    """Sorted listings of a file backend's job directories, reused while a directory is
+    unchanged: same inode and mtime, checked with one ``fstat`` on the descriptor the backend
+    opens (and checks for ownership) anyway. A dashboard looks at the same directories every
+    couple of seconds; listing and sorting 100,000 names costs tens of milliseconds, an
+    ``fstat`` microseconds. A listing is kept only if the directory had not changed for
+    ``SETTLED`` seconds when it was made: a later change then gets a later mtime, even on a
+    clock of coarse ticks. Pending names sort by due time, so the due ones are a prefix."""
+
+    SETTLED = 1.0
+
+    def __init__(self, backend: Any) -> None:
+        self.b = backend
+        self._cache: dict[tuple[str, str], tuple[int, int, list[str]]] = {}
+
+    def sorted(self, queue: str, sdir: str) -> list[str]:
+        """The valid job-file names of ``queue``'s ``sdir`` directory, ascending (do not modify)."""
+        import os
+
+        from ..backends._fileio import unusable
+        from ..backends._filenames import valid_pending
+
+        fd = self.b._state_fd(queue, sdir)
+        if fd is None:
+            self._cache.pop((queue, sdir), None)
+            return []
+        try:
+            st = os.fstat(fd)
+            hit = self._cache.get((queue, sdir))
+            if hit is not None and hit[0] == st.st_ino and hit[1] == st.st_mtime_ns:
+                return hit[2]
+            names = valid_pending(os.listdir(fd))
+            names = sorted(names)
+            if time.time_ns() - st.st_mtime_ns > self.SETTLED * 1e9:
+                self._cache[(queue, sdir)] = (st.st_ino, st.st_mtime_ns, names)
+            else:
+                self._cache.pop((queue, sdir), None)
+            return names
+        except OSError as exc:
+            raise unusable(exc, f"{self.b._qdir(queue)}/{sdir}", "list") from None
+        finally:
+            os.close(fd)
+
+    @staticmethod
+    def due_count(pending_sorted: list[str]) -> int:
+        from bisect import bisect_left
+
+        from ..backends._fileio import micros
+        from ..backends._filenames import due_bound, key_str
+
+        return bisect_left(pending_sorted, due_bound(key_str(micros(time.time()))))
+
+    def stats(self, queues: list[str] | None = None) -> list[Any]:
+        """What ``FileBackend.stats`` returns (``_fileadmin``), from the reusable listings:
+        pending (due), delayed, reserved, done and failed counts, the oldest due job, paused."""
+        from ..backends.base import QueueStats
+
+        paused = self.b.paused()
+        out = []
+        for q in queues or self.b.queues():
+            pending = self.sorted(q, "pending")
+            due = self.due_count(pending)
+            out.append(QueueStats(
+                queue=q, pending=due, delayed=len(pending) - due,
+                reserved=sum(1 for n in self.b._names(q, "reserved") if n.endswith(".job")),
+                done=len(self.sorted(q, "done")), failed=len(self.sorted(q, "failed")),
+                oldest_pending_at=int(pending[0][:16]) / 1e6 if due else None, paused=q in paused))
+        return out
 
 
 def _scan(entries: Any, total: int, offset: int, limit: int, command: str | None, read: Any,
@@ -162,3 +239,4 @@ def _generic_page(b: Any, queue: str, state: State, offset: int, limit: int, com
     more = len(jobs) > offset + limit
     total = next((getattr(s, str(state), 0) for s in b.stats([queue])), len(jobs))
     return Page(jobs[offset:offset + limit], total, offset, limit, offset + limit if more else None)
+

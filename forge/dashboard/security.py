@@ -27,6 +27,7 @@ import hmac
 import ipaddress
 import secrets
 import socket
+import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -183,9 +184,13 @@ class GuardMiddleware:
                 await reply(403, problem.encode() + b"\n")
                 return
 
+        started = time.perf_counter()
+
         async def send_with_headers(message: Any) -> None:
             if message["type"] == "http.response.start":
-                message = {**message, "headers": [*message.get("headers", []), *extra]}
+                # Server-Timing: what the request cost the server up to its first byte (bench/dashboard.py).
+                took = f"app;dur={(time.perf_counter() - started) * 1000:.1f}".encode()
+                message = {**message, "headers": [*message.get("headers", []), *extra, (b"server-timing", took)]}
             await send(message)
 
         await self.app(scope, receive, send_with_headers)

@@ -83,13 +83,17 @@ def run(*, listen: str, connection: str | None, allow_actions: bool, allow_hosts
     where = parse_listen(listen)
     manager = QueueManager(connection, registry=default_registry())
     location = manager.location
-    manager.stats()  # a store that cannot be reached fails here, with forge's own message
     token = token_from_env()
     sock = bind(where)
     port = sock.getsockname()[1]
     guard = Guard(where.host, port, allow_actions=allow_actions, extra_hosts=allow_hosts,
                   **({"token": token} if token else {}))
     app = build_app(manager, guard)
+    try:  # a store that cannot be reached fails here, with forge's own message; and it warms
+        app.state.dashboard.views.overview()  # the listings and the schedule for the first page
+    except BaseException:
+        sock.close()
+        raise
     mode = "actions allowed (retry, forget, cancel, pause, resume, clear)" if allow_actions else \
         "read-only (start with --allow-actions to retry, cancel or clear)"
     output.info(f"forge dashboard for {location}: {mode}.")

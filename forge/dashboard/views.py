@@ -30,12 +30,20 @@ PAGE_SIZES = (25, 50, 100, 200)
 class Views:
     manager: QueueManager
     stats: StatsCache = field(init=False)
+    dirs: listing.Listings | None = field(init=False, default=None)
     lock: threading.Lock = field(default_factory=threading.Lock)
     _scheduler: Any = None
     _scheduler_loaded: bool = False
 
     def __post_init__(self) -> None:
         self.stats = StatsCache(self.manager)
+        self.dirs = listing.Listings(self.backend) if type(self.backend).__name__ == "FileBackend" else None
+
+    def queue_stats(self, queues: list[str] | None = None) -> list[Any]:
+        """``QueueManager.stats``, from the reusable listings on the file backend."""
+        if self.dirs is not None:
+            return self.dirs.stats(queues)
+        return self.manager.stats(queues)
 
     @property
     def backend(self) -> Any:
@@ -47,7 +55,7 @@ class Views:
         now = time.time()
         series = self.stats.series()
         out = []
-        for s in self.manager.stats():
+        for s in self.queue_stats():
             out.append({
                 "name": s.queue, "pending": s.pending, "delayed": s.delayed, "reserved": s.reserved,
                 "failed": s.failed, "done": s.done, "paused": s.paused,
@@ -99,11 +107,11 @@ class Views:
                  command: str | None) -> dict[str, Any]:
         counts = {str(s): 0 for s in listing.STATES}
         paused = False
-        for s in self.manager.stats([queue]):
+        for s in self.queue_stats([queue]):
             counts = {"reserved": s.reserved, "pending": s.pending, "delayed": s.delayed,
                       "failed": s.failed, "done": s.done}
             paused = s.paused
-        pg = listing.page(self.backend, queue, state, offset=offset, limit=limit, command=command)
+        pg = listing.page(self.backend, queue, state, offset=offset, limit=limit, command=command, dirs=self.dirs)
         return {"queue": queue, "state": str(state), "page": pg, "counts": counts, "paused": paused,
                 "jobs": [job_row(j) for j in pg.jobs], "command": command or "", "limit": limit}
 
@@ -148,7 +156,7 @@ class Views:
         rows = sorted(groups.values(), key=lambda g: (-g["count"], g["command"]))
         for g in rows:
             g["queues"] = ", ".join(sorted(g["queues"]))
-        total = sum(s.failed for s in self.manager.stats([queue] if queue else None))
+        total = sum(s.failed for s in self.queue_stats([queue] if queue else None))
         return {"groups": rows, "scanned": scanned, "total": total, "window": FAILED_WINDOW, "queue": queue}
 
     def group_ids(self, key: tuple[str, str, str], queue: str | None = None) -> list[str]:
