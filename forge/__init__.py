@@ -28,6 +28,7 @@ __all__ = [
     "RetryBlocked",
     "call",
     "command",
+    "progress",
 ]
 
 _LAZY = {
@@ -45,6 +46,7 @@ _LAZY = {
     "DuplicateJob": "forge.errors",
     "JobNotFound": "forge.errors",
     "RetryBlocked": "forge.errors",
+    "progress": "forge.jobprogress",
 }
 
 if TYPE_CHECKING:
@@ -58,6 +60,7 @@ if TYPE_CHECKING:
         QueueUnavailable,
         RetryBlocked,
     )
+    from .jobprogress import progress
     from .queue import CommandQueue, JobDispatch, QueuedCommand, QueueManager
     from .runner import CallResult, call
 

@@ -356,6 +356,8 @@ class JobInfo:
     attempts: int
     events: Sequence[Event] = field(default_factory=tuple)
     updated_at: float | None = None
+    #: The latest progress the job reported (``forge.jobprogress``), when it was read with it.
+    progress: Mapping[str, Any] | None = None
 
     @property
     def id(self) -> str:
@@ -376,7 +378,8 @@ class JobInfo:
         d = self.job.to_dict()
         del d["v"]
         d.update(state=str(self.state), attempts=self.attempts, updated_at=self.updated_at,
-                 events=[e.to_dict() for e in self.events])
+                 events=[e.to_dict() for e in self.events],
+                 progress=dict(self.progress) if self.progress is not None else None)
         return d
 
 

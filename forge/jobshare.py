@@ -105,6 +105,8 @@ class OutputBuffer:
         self.punched: tuple[str, int] = ("", 0)  # the job whose output was freed, up to where
         #: Also given every chunk copied (``queue:work --echo``: the job's output on the console).
         self.echo: Callable[[bytes], None] | None = None
+        #: Also given every chunk copied, in order (the worker's progress tracker).
+        self.scan: Callable[[bytes], None] | None = None
 
 
     def flush_to_log(self, backend: Backend, job_id: str, *, reset: bool = False) -> None:
@@ -123,6 +125,9 @@ class OutputBuffer:
             if self.echo is not None:
                 with contextlib.suppress(Exception):
                     self.echo(data)
+            if self.scan is not None:
+                with contextlib.suppress(Exception):
+                    self.scan(data)
             done += len(data)
         self.copied = done
         if reset:

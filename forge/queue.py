@@ -399,10 +399,13 @@ class QueueManager(_Connected):
         return self.backend.jobs(queue=queue, state=st, command=command, limit=limit)
 
     def find(self, job_id: str) -> JobInfo:
+        """The job with this id in any state, with its latest progress (``JobNotFound`` if none)."""
         info = self.backend.find(_job_id(job_id))
         if info is None:
             raise JobNotFound(job_id)
-        return info
+        from .jobprogress.store import with_progress
+
+        return with_progress(self.backend, [info])[0]
 
     def read_log(self, job_id: str, offset: int = 0) -> bytes:
         """The job's captured output from byte ``offset`` (empty if it printed nothing)."""

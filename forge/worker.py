@@ -29,6 +29,7 @@ from . import _linux, jobproc, runner
 from .backends.base import Claim
 from .errors import QueueUnavailable
 from .job import Event, Reason, backoff_delay
+from .jobprogress.tracker import ProgressTracker
 from .jobshare import NEVER, OUTCOME, REQUEST, OutputBuffer, SharedState
 from .reporting import Reporter, console_reporter
 from .worker_options import StopReason, WorkerOptions, parse_queues
@@ -102,6 +103,8 @@ class Worker:
         self._sig_r, self._sig_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         if self.options.echo:
             self.output.echo = _echo
+        self.progress = ProgressTracker(self.backend)  # ::forge-progress lines -> the job's record
+        self.output.scan = self.progress.feed
         self.heartbeat = Heartbeat(self.backend, self.options.name, self.options.queues,
                                    self.options.maintenance_interval)
 
@@ -340,6 +343,7 @@ class Worker:
             env["FORGE_SCHEDULED_FOR"] = job.metadata["scheduled_for"]
         self._seq += 1
         request = {"seq": self._seq, "command": job.command, "args": list(job.args), "env": env}
+        self.progress.start(job.id, claim.attempt, started)
         proc = self._hand_over(spec, request, kill_at)
         try:
             why, reply, code = self._supervise(claim, proc, timeout_at, deadline_kill)
@@ -349,6 +353,7 @@ class Worker:
         self._end_leftovers()
         if why == "cancelled":
             self.output.flush_to_log(self.backend, job.id, reset=True)
+            self.progress.finish()
             reply = {"exit_code": code or -int(signal.SIGTERM), "reason": str(Reason.CANCELLED),
                      "error": "cancelled while running (queue:cancel --running)"}
             self.record(claim, reply, started, info, tail="", retry=False)
@@ -357,6 +362,7 @@ class Worker:
             return
         if why == "forced":
             self.output.flush_to_log(self.backend, job.id, reset=True)
+            self.progress.finish()
             self._durably(lambda: self.backend.release(claim, None, 0))
             self.report("released", {**info, "reason": "interrupted", "counted": False})
             return
@@ -374,6 +380,7 @@ class Worker:
                 reply = {"exit_code": code, "reason": str(Reason.EXIT_CODE), "error": f"job process {desc}"}
         tail = self.output.tail(_TAIL) if reply["exit_code"] != 0 and self.output.size() else ""
         self.output.flush_to_log(self.backend, job.id, reset=True)
+        self.progress.finish()
         self.record(claim, reply, started, info, tail=tail, retry=True)
 
     def _hand_over(self, spec: CommandSpec, request: dict[str, Any], kill_at: float) -> _JobProcess:

@@ -57,6 +57,7 @@ from pathlib import Path
 from .. import _linux
 from ..config import Connection, validate_queue_name
 from ..job import Event
+from ..stats.journal import record_outcome
 from ._fileadmin import FileAdmin
 from ._fileclaim import FileClaimer
 from ._fileio import LOG_CAP, micros, private_dir, unusable
@@ -249,16 +250,19 @@ class FileBackend(FileWriter, FileClaimer, FileUpkeep, FileAdmin):
             self._finish(claim, event, None)
         if claim.job.unique_key is not None:
             self._free_unique(claim.job)
+        record_outcome(self, claim, event)
 
     def release(self, claim: Claim, event: Event | None, delay: float) -> None:
         attempts = claim.attempt if event is not None else claim.attempt - 1
         key = self._key(time.time() + delay)
         self._finish(claim, event, "pending", pending_name(key, claim.job.id, attempts))
+        record_outcome(self, claim, event)
 
     def fail(self, claim: Claim, event: Event) -> None:
         self._finish(claim, event, "failed", pending_name(micros(time.time()), claim.job.id, claim.attempt))
         if claim.job.unique_key is not None:
             self._free_unique(claim.job)
+        record_outcome(self, claim, event)
 
     def wait(self, queues: Sequence[str], timeout: float) -> None:
         self._watch(queues)

@@ -66,6 +66,7 @@ from ..job import (
     decode_file,
     is_idempotent_id,
 )
+from ..stats.journal import record_outcome
 from ._redis_helpers import CHUNK, LOG_CAP, load_scripts
 from ._redis_helpers import hash_key as _hash_key
 from ._redis_helpers import translate as _translate
@@ -304,14 +305,17 @@ class RedisBackend(RedisAdmin):
         return bool(done)
 
     def ack(self, claim: Claim, event: Event) -> None:
-        self._finish(claim.handle, claim.job.id, "done", event, claim.attempt, 0.0)
+        if self._finish(claim.handle, claim.job.id, "done", event, claim.attempt, 0.0):
+            record_outcome(self, claim, event)
 
     def release(self, claim: Claim, event: Event | None, delay: float) -> None:
         attempts = claim.attempt if event is not None else claim.attempt - 1
-        self._finish(claim.handle, claim.job.id, "release", event, attempts, delay)
+        if self._finish(claim.handle, claim.job.id, "release", event, attempts, delay):
+            record_outcome(self, claim, event)
 
     def fail(self, claim: Claim, event: Event) -> None:
-        self._finish(claim.handle, claim.job.id, "failed", event, claim.attempt, 0.0)
+        if self._finish(claim.handle, claim.job.id, "failed", event, claim.attempt, 0.0):
+            record_outcome(self, claim, event)
 
     # -- maintenance ----------------------------------------------------------------------
 
@@ -356,6 +360,8 @@ class RedisBackend(RedisAdmin):
         mode = "failed" if exhausted else "release"
         if not self._finish(token.decode(), job_id, mode, event, attempt, delay, only_expired=True):
             return None
+        if job is not None:
+            record_outcome(self, Claim(job, attempt, event.at, event.at), event)
         return "abandoned" if exhausted else "recovered"
 
     def close(self) -> None:

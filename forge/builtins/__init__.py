@@ -28,6 +28,8 @@ BUILTINS: dict[str, tuple[str, str, bool]] = {
     "queue:resume": ("forge.builtins.manage:resume", "Let workers claim from a paused queue again", False),
     "queue:forget-queue": ("forge.builtins.manage:forget_queue", "Remove an empty queue (a typo'd or retired name)", False),
     "queue:cancel": ("forge.builtins.manage:cancel", "Cancel waiting (or, with --running, running) jobs", False),
+    "queue:stats": ("forge.builtins.stats_cmds:stats", "Throughput, failure rate, runtime and wait percentiles", False),
+    "queue:metrics": ("forge.builtins.stats_cmds:metrics", "Print the queues' metrics for Prometheus", False),
     "queue:workers": ("forge.builtins.inspect_cmds:workers", "List the live workers of the connection", False),
     "queue:restart": ("forge.builtins.manage:restart", "Make every worker exit after its current job", False),
     "schedule:run": ("forge.builtins.schedule:run", "Dispatch the scheduled commands that are due (from cron)", False),

@@ -74,6 +74,9 @@ def job_json(info: JobInfo) -> dict[str, Any]:
     d["reason"] = failure.reason if failure else None
     d["error"] = failure.error if failure else None
     d["failed_at"] = iso_time(failure.at) if failure else None
+    from ..jobprogress import public
+
+    d["progress"] = public(d.get("progress"))
     return d
 
 

@@ -119,21 +119,37 @@ def _wait(q: CommandQueue, job_id: str, limit: float | None) -> int:
     """Poll until the job is done (its output on stderr, exit 0) or failed (its output and the
     failure on stderr, exit 7). On a terminal, a job nobody has claimed within a second gets a
     line saying that forge is waiting, and for what."""
+    from ..jobprogress.view import ProgressView
+
+    with ProgressView(f"job {job_id[:8]}") as view:
+        return _poll(q, job_id, limit, view)
+
+
+def _poll(q: CommandQueue, job_id: str, limit: float | None, view: Any) -> int:
+    from ..jobprogress.store import get_progress
+
     start, pause = time.monotonic(), 0.05
     told = not err_tty()
     while True:
         info = q.find(job_id)
         if info is None:
             raise JobNotFound(job_id)
+        if info.state != State.PENDING and info.state != State.DELAYED:
+            view.update(get_progress(q.backend, [job_id]).get(job_id))  # a bar (terminal) or lines
+        if info.state in (State.DONE, State.FAILED):
+            view.close()
+            log = q.backend.read_log(job_id)
+            if view.bar:  # the bar showed the progress: not its raw lines again
+                log = b"".join(x for x in log.splitlines(keepends=True) if not x.startswith(b"::forge-progress "))
         if info.state == State.DONE:
-            _print_output(q.backend.read_log(job_id))
+            _print_output(log)
             return 0
         if not told and info.state in (State.PENDING, State.DELAYED) and time.monotonic() - start >= WAIT_NOTICE_AFTER:
             told = True
             output.info(f"Waiting for job {job_id[:8]} ({info.state} on queue {info.job.queue}): it runs when a worker"
                         f" claims it (`forge queue:work --queue={info.job.queue}`). Ctrl-C stops waiting; the job stays queued.")
         if info.state == State.FAILED:
-            _print_failure(q.backend.read_log(job_id), info)
+            _print_failure(log, info)
             return EXIT_JOB_FAILED
         if limit is not None and time.monotonic() - start >= limit:
             raise ForgeError(f"Job {job_id} is still {info.state} after --wait-timeout {format_duration(limit)}; it stays queued.",

@@ -21,6 +21,8 @@ from ..config import validate_queue_name
 from ..durations import format_duration, parse_duration
 from ..errors import EXIT_JOB_FAILED, EXIT_THRESHOLD, UsageError
 from ..job import JobInfo, Reason, State
+from ..jobprogress import describe
+from ..jobprogress.store import with_progress
 from ..queue import QueueManager
 from ._shared import (
     JSON_VERSION,
@@ -72,6 +74,7 @@ def list_jobs(
     m = manager(connection)
     stats = m.stats([validate_queue_name(queue)] if queue else None)
     jobs = list(m.jobs(queue=queue, state=state, command=command, limit=limit)) if limit else []
+    jobs = with_progress(m.backend, jobs)
     if json_out:
         output.print_json({"version": JSON_VERSION,
                            "queues": [stats_json(s) for s in stats],
@@ -85,9 +88,12 @@ def list_jobs(
     output.table(["queue", "pending", "delayed", "reserved", "failed", "done", "oldest pending", "paused"],
                  _stats_rows(stats, now), title="Queues")
     output.line()
-    output.table(["id", "command", "queue", "state", "attempts", "available / since"],
-                 [[j.id, argv(j), j.job.queue, str(j.state), j.attempts, _when(j, now)] for j in jobs],
-                 title="Jobs")
+    cols = ["id", "command", "queue", "state", "attempts", "available / since"]
+    shown = any(j.progress for j in jobs)  # the progress column only when a job reported some
+    output.table(cols + (["progress"] if shown else []),
+                 [[j.id, argv(j), j.job.queue, str(j.state), j.attempts, _when(j, now)]
+                  + ([describe(j.progress, now, running=j.state == State.RESERVED)] if shown else [])
+                  for j in jobs], title="Jobs")
     if not jobs:
         output.info("No jobs match.")
     elif len(jobs) == limit:
@@ -150,6 +156,8 @@ def show(job_id: JobId, json_out: Json = False, connection: Connection = None) -
         ["unique key", job.unique_key or ""], ["metadata", json.dumps(dict(job.metadata)) if job.metadata else ""],
         ["worker", worker or ""],
     ]
+    if info.progress:
+        rows.append(["progress", describe(info.progress, time.time(), running=info.state == State.RESERVED)])
     output.table(["field", "value"], rows, title=f"Job {job.id}")
     if info.events:
         output.line()
@@ -171,6 +179,8 @@ def log(
     m = manager(connection)
     job_id = m.resolve_id(job_id)
     info = m.find(job_id)
+    if follow and output.is_tty(sys.stdout) and info.state not in FINISHED:
+        return _follow_with_bar(m, job_id, info)
     out = sys.stdout.buffer
     offset = 0
     while True:
@@ -184,6 +194,28 @@ def log(
             return EXIT_JOB_FAILED if follow and info.state == State.FAILED else 0
         time.sleep(0.2)
         info = m.find(job_id)
+
+
+def _follow_with_bar(m: QueueManager, job_id: str, info: JobInfo) -> int:
+    """``queue:log --follow`` on a terminal: the output as it comes, without its progress
+    lines, and a progress bar under it while the job reports progress."""
+    from ..jobprogress.view import LineFilter, ProgressView
+
+    lines = LineFilter()
+    offset = 0
+    with ProgressView(f"job {job_id[:8]}", stream=sys.stdout) as view:
+        while True:
+            data = m.read_log(job_id, offset)
+            if data:
+                offset += len(data)
+                view.write(lines.feed(data.decode(errors="replace")))
+                continue
+            view.update(info.progress)
+            if info.state in FINISHED:
+                view.write(lines.flush())
+                return EXIT_JOB_FAILED if info.state == State.FAILED else 0
+            time.sleep(0.2)
+            info = m.find(job_id)
 
 
 def failed(

@@ -1,0 +1,121 @@
+"""Showing a running job's progress: a Rich progress bar on a terminal, plain lines elsewhere
+(``queue:dispatch --wait``, ``queue:log --follow``)."""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Mapping
+from typing import Any, TextIO
+
+from . import PREFIX, describe
+
+
+class ProgressView:
+    """Draws the progress records it is given. ``bar``: a Rich bar on ``stream`` (a terminal),
+    else one plain ``progress: ...`` line on ``stream`` per change. Use as a context manager."""
+
+    def __init__(self, label: str, *, stream: TextIO | None = None, bar: bool | None = None) -> None:
+        from .. import output
+
+        self.stream = stream or sys.stderr
+        self.bar = output.is_tty(self.stream) if bar is None else bar
+        self.label = label
+        self._last: Any = None
+        self._progress: Any = None
+        self._task: Any = None
+        self.console: Any = None
+
+    def __enter__(self) -> ProgressView:
+        if self.bar:
+            from rich.console import Console
+
+            self.console = Console(file=self.stream, highlight=False)
+        return self
+
+    def update(self, record: Mapping[str, Any] | None) -> None:
+        if not record:
+            return
+        key = (record.get("done"), record.get("total"), record.get("message"), record.get("updated_at"))
+        if key == self._last:
+            if self._progress is not None:  # the ETA counts down between two reports
+                self._progress.update(self._task, eta=_eta(record))
+            return
+        self._last = key
+        if not self.bar:
+            self.stream.write(f"progress: {describe(record, time.time())}\n")
+            self.stream.flush()
+            return
+        from rich.markup import escape
+
+        if self._progress is None:
+            from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn
+
+            self._progress = Progress(TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(),
+                                      TextColumn("{task.fields[counts]}"), TextColumn("{task.fields[eta]}"),
+                                      console=self.console, transient=False,
+                                      redirect_stdout=False, redirect_stderr=False)
+            self._progress.start()
+            self._task = self._progress.add_task(self.label, total=100.0, counts="", eta="")
+        total = float(record.get("total") or 100.0)
+        done = float(record.get("done") or 0.0)
+        counts = "" if total == 100.0 else f"{_num(done)}/{_num(total)}"
+        message = record.get("message")
+        desc = f"{escape(self.label)} {escape(message)}" if message else escape(self.label)
+        self._progress.update(self._task, total=total, completed=done, description=desc, counts=counts,
+                              eta=_eta(record))
+
+    def write(self, text: str) -> None:
+        """Print ``text`` above the bar (a terminal) or as it is."""
+        if self.console is not None:
+            self.console.out(text, end="", highlight=False)
+        else:
+            self.stream.write(text)
+            self.stream.flush()
+
+    def close(self) -> None:
+        """Stop drawing (the bar stays on screen as it last was)."""
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _eta(record: Mapping[str, Any]) -> str:
+    """``ETA 12 s``: the supervisor's estimate, counted down from when it was made."""
+    from ..durations import format_duration
+
+    eta, at = record.get("eta_seconds"), record.get("updated_at")
+    if not isinstance(eta, int | float) or (record.get("percent") or 0) >= 100:
+        return ""
+    left = max(eta - (time.time() - at), 0.0) if isinstance(at, int | float) else eta
+    return f"ETA {format_duration(left)}"
+
+
+def _num(x: float) -> str:
+    return str(int(x)) if x == int(x) else f"{x:g}"
+
+
+class LineFilter:
+    """Drops ``::forge-progress`` lines from a stream of output (for a terminal showing a bar),
+    passing everything else through whole lines at a time (``flush`` for the rest)."""
+
+    def __init__(self) -> None:
+        self._partial = ""
+
+    def feed(self, text: str) -> str:
+        text = self._partial + text
+        cut = text.rfind("\n") + 1
+        rest = text[cut:]
+        prefix = PREFIX.decode()
+        if rest and (rest.startswith(prefix) or prefix.startswith(rest)):
+            self._partial = rest  # may be a progress line still being written: wait for its end
+        else:
+            cut, self._partial = len(text), ""  # show a partial line (a prompt, a dot row) now
+        return "".join(x for x in text[:cut].splitlines(keepends=True) if not x.startswith(prefix))
+
+    def flush(self) -> str:
+        rest, self._partial = self._partial, ""
+        return "" if rest.startswith(PREFIX.decode()) else rest

@@ -1,0 +1,103 @@
+"""Where outcomes are recorded: ``record_outcome`` (called by the backends' ack, release and
+fail) and ``journal_for`` (the journal of a backend, file or Redis).
+
+The journal is a compact history kept apart from the job records, so the stats reach past
+``done_retention`` (done jobs are deleted after it) and read one small line per attempt
+instead of a job file: bounded by ``RETENTION`` and a cap per minute (see each journal).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING, Protocol
+
+from . import records as rec
+
+if TYPE_CHECKING:
+    from ..backends.base import Backend, Claim
+    from ..job import Event
+
+#: How long outcome records are kept (seconds), whatever ``done_retention`` is:
+#: ``FORGE_STATS_RETENTION`` (seconds) overrides it. The totals behind the Prometheus
+#: counters are kept for ever (a few numbers per queue).
+RETENTION = 7 * 86400.0
+
+
+class Journal(Protocol):
+    def write(self, line: bytes, record: rec.Record) -> None:
+        """Append one record (``line`` is its encoded form)."""
+
+    def read(self, since: float, until: float) -> list[rec.Record]:
+        """The records with ``since <= t <= until``, in no particular order."""
+
+    def totals(self) -> dict[str, rec.QueueTotals]:
+        """Per-queue totals over all history (monotonic but for a lost store)."""
+
+    def close(self) -> None: ...
+
+
+def retention() -> float:
+    raw = os.environ.get("FORGE_STATS_RETENTION")
+    if raw:
+        try:
+            value = float(raw)
+            if value > 0:
+                return value
+        except ValueError:
+            pass
+    return RETENTION
+
+
+def journal_for(backend: Backend) -> Journal:
+    """The journal of ``backend`` (made once per backend object)."""
+    j = getattr(backend, "_forge_stats_journal", None)
+    if j is None:
+        if hasattr(backend, "_r"):
+            from .redisjournal import RedisJournal
+
+            j = RedisJournal(backend, retention())
+        elif hasattr(backend, "_root"):
+            from .filejournal import FileJournal
+
+            def every_ten_minutes(name: str) -> None:
+                if name.endswith("0"):  # progress records of deleted jobs (Redis ones expire)
+                    from ..jobprogress.store import sweep
+
+                    sweep(backend)
+
+            j = FileJournal(backend._root, backend.uid, retention(),  # type: ignore[attr-defined]
+                            on_new_minute=every_ten_minutes)
+        else:
+            raise TypeError(f"no stats journal for {type(backend).__name__}")
+        backend._forge_stats_journal = j  # type: ignore[attr-defined]
+    return j
+
+
+def record_outcome(backend: Backend, claim: Claim, event: Event | None) -> None:
+    """Journal the end of ``claim``'s attempt (``event``: done, released or failed). Best
+    effort: the outcome itself is already recorded; a journal that cannot be written (a full
+    disk, Redis gone this instant) loses this record, never the job."""
+    if event is None or event.event not in rec.OUTCOMES:
+        return
+    job = claim.job
+    # A job recovered after its worker died: its claim time is not known here.
+    first = claim.attempt == 1 and event.reason != "abandoned"
+    wait = claim.claimed_at - job.available_at if first else None
+    line = rec.encode(event.at, job.queue, job.command, event.event, claim.attempt, wait, event.duration)
+    record: rec.Record = [event.at, job.queue, job.command, event.event, claim.attempt, wait, event.duration]
+    try:
+        j = journal_for(backend)
+        j.write(line, record)
+    except Exception:  # noqa: BLE001 - best effort, see above
+        pass
+
+
+def write_record(backend: Backend, t: float, queue: str, command: str, outcome: str, attempt: int = 1,
+                 wait: float | None = None, runtime: float | None = None) -> None:
+    """Journal one outcome with a chosen time (for imports, tests and benchmarks); raises on errors."""
+    if outcome not in rec.OUTCOMES:
+        raise ValueError(f"outcome must be one of {', '.join(rec.OUTCOMES)}")
+    record: rec.Record = [t, queue, command, outcome, attempt, wait, runtime]
+    j = journal_for(backend)
+    line = rec.encode(t, queue, command, outcome, attempt, wait, runtime)
+    j.write(line, record)

@@ -1,0 +1,176 @@
+"""queue:stats and queue:metrics against stores with known histories, on both backends.
+
+Histories are written two ways: outcome records with chosen times through the journal's own
+API (``forge.stats.write_record``, what the backends' ack/release/fail call), and real jobs
+run by a real worker.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import make_job
+from prometheus_client.parser import text_string_to_metric_families
+
+from forge.queue import QueueManager
+from forge.stats import compute_stats, write_record
+
+
+def run(target: Any, *args: str, timeout: float = 120, env: dict[str, str] | None = None,
+        prefix: tuple[str, ...] = ()) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*prefix, sys.executable, "-m", "forge", *args], env={**target.env, **(env or {})},
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def known_history(backend: Any, now: float) -> None:
+    """Two queues; one record of "mail" outside the hour."""
+    w = write_record
+    w(backend, now - 100, "default", "a:x", "done", 1, 1.0, 2.0)
+    w(backend, now - 200, "default", "a:x", "done", 1, 3.0, 4.0)
+    w(backend, now - 300, "default", "a:x", "done", 1, 5.0, 6.0)
+    w(backend, now - 400, "default", "a:x", "failed", 1, 7.0, 8.0)
+    w(backend, now - 500, "default", "a:x", "released", 1, 9.0, 10.0)
+    w(backend, now - 450, "default", "a:x", "done", 2, None, 1.0)
+    w(backend, now - 30, "mail", "b:y", "done", 1, 0.5, 0.25)
+    w(backend, now - 4000, "mail", "b:y", "done", 1, 0.5, 0.25)
+
+
+def metric_values(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def test_stats_of_a_known_history(queue_target: Any) -> None:
+    b = queue_target.backend
+    b.push([make_job("default", "probe:run")])
+    now = time.time() + 120  # seen two minutes from now: the pending job is two minutes old
+    known_history(b, now)
+    m = QueueManager(b)
+    s = compute_stats(m, since=3600, now=now)
+    t = s["totals"]
+    assert (t["done"], t["failed"], t["retried"]) == (5, 1, 1)
+    assert t["failure_rate"] == round(1 / 6, 6)
+    assert t["done_per_minute"] == round(5 / 60, 3)
+    # nearest rank over [0.25, 1, 2, 4, 6, 8, 10] and [0.5, 1, 3, 5, 7, 9]
+    assert (t["runtime"]["count"], t["runtime"]["p50"], t["runtime"]["p95"], t["runtime"]["p99"]) == (7, 4.0, 10.0, 10.0)
+    assert (t["wait"]["count"], t["wait"]["p50"], t["wait"]["p95"], t["wait"]["max"]) == (6, 3.0, 9.0, 9.0)
+    assert 119 < t["oldest_pending_age"] < 122 and t["pending"] == 1
+    groups = {g["queue"]: g for g in s["groups"]}
+    assert (groups["default"]["done"], groups["default"]["failed"], groups["default"]["retried"]) == (4, 1, 1)
+    assert groups["mail"]["done"] == 1 and groups["mail"]["oldest_pending_age"] is None
+    assert 119 < groups["default"]["oldest_pending_age"] < 122
+    series = s["series"]
+    assert s["window"]["step_seconds"] == 60 and 61 <= len(series) <= 62
+    assert sum(p["done"] for p in series) == 5 and sum(p["failed"] for p in series) == 1
+    assert series[-1]["done"] + series[-2]["done"] >= 1  # the mail job 30 s ago
+    assert all(p["t"].endswith(":00.000Z") for p in series)
+
+    by_cmd = compute_stats(m, since=3600, by="command", now=now)
+    assert {g["command"]: g["done"] for g in by_cmd["groups"]} == {"a:x": 4, "b:y": 1}
+    only_mail = compute_stats(m, since=2 * 3600, queues=["mail"], now=now)
+    assert only_mail["totals"]["done"] == 2 and [g["queue"] for g in only_mail["groups"]] == ["mail"]
+    assert compute_stats(m, since=60, now=now)["totals"]["done"] == 1
+
+
+def test_metrics_of_a_known_history(queue_target: Any) -> None:
+    from forge.metrics import render_metrics
+
+    b = queue_target.backend
+    now = time.time()
+    known_history(b, now)
+    b.push([make_job("default", "probe:run"), make_job("default", "probe:run", delay=600)])
+    v = metric_values(render_metrics(QueueManager(b)).decode())
+    d, mail = (("queue", "default"),), (("queue", "mail"),)
+    assert v[("forge_queue_jobs_pending", d)] == 1 and v[("forge_queue_jobs_delayed", d)] == 1
+    assert v[("forge_queue_jobs_reserved", d)] == 0 and v[("forge_queue_jobs_failed", d)] == 0
+    assert 0 <= v[("forge_queue_oldest_pending_age_seconds", d)] < 60
+    assert v[("forge_queue_jobs_processed_total", d)] == 4
+    assert v[("forge_queue_jobs_failures_total", d)] == 1
+    assert v[("forge_queue_jobs_retries_total", d)] == 1
+    assert v[("forge_queue_jobs_processed_total", mail)] == 2  # counters hold all history
+    assert v[("forge_queue_job_runtime_seconds_count", d)] == 6
+    assert v[("forge_queue_job_runtime_seconds_sum", d)] == pytest.approx(31.0)
+    assert v[("forge_queue_job_runtime_seconds_bucket", (("le", "5.0"), ("queue", "default")))] == 3
+    assert v[("forge_queue_job_runtime_seconds_bucket", (("le", "+Inf"), ("queue", "default")))] == 6
+    assert v[("forge_queue_job_wait_seconds_count", d)] == 5
+    assert v[("forge_queue_job_wait_seconds_sum", d)] == pytest.approx(25.0)
+    assert not any(k[0] == "forge_worker_up" for k in v)  # no worker runs
+
+
+def test_real_jobs_through_a_worker(queue_target: Any) -> None:
+    """3 jobs succeed, 1 fails twice (a retry, then for good): stats and metrics from the CLI."""
+    for _ in range(3):
+        assert run(queue_target, "queue:dispatch", "probe:run").returncode == 0
+    r = run(queue_target, "queue:dispatch", "--tries=2", "probe:run", "--", "--exit-code", "3")
+    assert r.returncode == 0, r.stderr
+    w = run(queue_target, "queue:work", "--stop-when-empty")
+    assert w.returncode == 0, w.stdout + w.stderr
+    r = run(queue_target, "queue:stats", "--since=10m", "--json")
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    assert doc["version"] == 2
+    t = doc["stats"]["totals"]
+    assert (t["done"], t["failed"], t["retried"]) == (3, 1, 1)
+    assert t["runtime"]["count"] == 5 and t["wait"]["count"] == 4 and t["wait"]["p50"] >= 0
+    assert [g["command"] for g in json.loads(run(queue_target, "queue:stats", "--by=command", "--json").stdout)
+            ["stats"]["groups"]] == ["probe:run"]
+    human = run(queue_target, "queue:stats")
+    assert human.returncode == 0 and "default" in human.stdout and "25.0%" in human.stdout
+    r = run(queue_target, "queue:metrics")
+    assert r.returncode == 0, r.stderr
+    v = metric_values(r.stdout)
+    d = (("queue", "default"),)
+    assert v[("forge_queue_jobs_processed_total", d)] == 3 and v[("forge_queue_jobs_failures_total", d)] == 1
+    assert v[("forge_queue_jobs_retries_total", d)] == 1
+    assert v[("forge_queue_jobs_done", d)] == 3 and v[("forge_queue_jobs_failed", d)] == 1
+
+
+def test_bad_input_is_a_usage_error(queue_target: Any, tmp_path: Path) -> None:
+    for args, needle in ((["--since=soon"], "--since"), (["--since=0"], "--since"), (["--by=host"], "--by"),
+                         (["--queue=../x"], "queue name")):
+        r = run(queue_target, "queue:stats", *args)
+        assert r.returncode == 2 and needle in r.stderr and len(r.stderr.strip().splitlines()) <= 2, r.stderr
+    r = run(queue_target, "queue:metrics", "--output", str(tmp_path))
+    assert r.returncode == 2 and "directory" in r.stderr
+    out = tmp_path / "forge.prom"
+    r = run(queue_target, "queue:metrics", "--output", str(out))
+    assert r.returncode == 0 and r.stdout == ""
+    assert "forge_queue_jobs_pending" in out.read_text() and not list(tmp_path.glob(".forge.prom*"))
+
+
+def test_file_journal_is_bounded_and_counters_survive_pruning(queue_target: Any) -> None:
+    """Eight days later (libfaketime): the minute files are gone, the counters are not."""
+    if queue_target.kind != "file":
+        pytest.skip("Redis keys expire by themselves (checked in the next test)")
+    b = queue_target.backend
+    now = time.time()
+    known_history(b, now)
+    stats_dir = queue_target.queue_dir / "stats"
+    assert list(stats_dir.glob("*/*.log"))
+    later = run(queue_target, "queue:metrics", prefix=("faketime", "-f", "+8d"))
+    assert later.returncode == 0, later.stderr
+    v = metric_values(later.stdout)
+    assert v[("forge_queue_jobs_processed_total", (("queue", "default"),))] == 4
+    assert not list(stats_dir.glob("*/*.log"))
+    r = run(queue_target, "queue:stats", "--json", "--since=1h", prefix=("faketime", "-f", "+8d"))
+    assert json.loads(r.stdout)["stats"]["totals"]["done"] == 0
+    assert metric_values(run(queue_target, "queue:metrics").stdout)[
+        ("forge_queue_jobs_processed_total", (("queue", "default"),))] == 4
+
+
+def test_redis_journal_keys_expire(queue_target: Any) -> None:
+    if queue_target.kind != "redis":
+        pytest.skip("the file journal is checked above")
+    b = queue_target.backend
+    write_record(b, time.time(), "default", "a:x", "done", 1, 0.1, 0.2)
+    keys = [k.decode() for k in b._r.scan_iter(match=f"{queue_target.prefix}:stats:m:*")]
+    assert len(keys) == 1 and 0 < b._r.ttl(keys[0]) <= 7 * 86400 + 120
