@@ -161,7 +161,9 @@ def test_screenshot_overview(page: Any, site: Env, tmp_path: Path) -> None:
     site.dispatch("dash:work", "--steps=6", "--delay=0.5")
     page.goto(site.dash.base + "/")
     page.locator("table.workers").wait_for()
-    page.wait_for_timeout(2500)  # one live refresh: sparklines and the running job
+    # the sparklines come from the stats journal, read again every 10 s: the jobs just done show
+    page.wait_for_function("() => [...document.querySelectorAll('tr[data-queue=default] svg.spark title')]"
+                           ".some(t => /peak [1-9]/.test(t.textContent))", timeout=60_000)
     page.screenshot(path=str(tmp_path / "overview.png"), full_page=True)
     assert page.locator("table.queues tbody tr").count() >= 3
     assert page.locator('tr[data-queue="reports"] .state-paused').inner_text() == "paused"
@@ -208,26 +210,27 @@ def test_job_list_paginates_and_new_jobs_appear_without_reload(page: Any, site: 
 
 def test_running_job_page_streams_progress_and_log(page: Any, site: Env, tmp_path: Path) -> None:
     site.manager.pause("default")  # it waits until the page is open
-    job_id = site.dispatch("dash:work", "--steps=8", "--delay=0.4")
+    job_id = site.dispatch("dash:work", "--steps=10", "--delay=0.5")
     page.goto(f"{site.dash.base}/jobs/{job_id}")
     assert page.locator("h2 .state").inner_text() == "pending"
     _marker(page)
     site.start_worker()
     site.manager.resume("default")
     page.locator("h2 .state-reserved").wait_for(timeout=60_000)
-    page.locator("#log").filter(has_text="step 2 of 8").wait_for()
-    page.locator("#log").filter(has_text="step 4 of 8").wait_for()
-    if hasattr(__import__("forge"), "progress"):  # the progress bar comes with job progress
-        first = float(page.locator(".job-progress progress").get_attribute("value") or 0)
-        page.wait_for_function(
-            f"() => Number(document.querySelector('.job-progress progress')?.value) > {first}")
-    page.screenshot(path=str(tmp_path / "job.png"), full_page=True)
-    if site.kind == "file":
-        DOCS.mkdir(exist_ok=True)
-        shutil.copy(tmp_path / "job.png", DOCS / "dashboard-job.png")
+    # the bar, its message and the log advance while it runs
+    page.locator("#log").filter(has_text="step 2 of 10").wait_for()
+    first = float(page.locator(".job-progress progress").get_attribute("value") or 0)
+    assert first < 100
+    page.wait_for_function(f"() => Number(document.querySelector('.job-progress progress')?.value) > {first}")
+    assert "step" in page.locator(".job-progress .pmsg").inner_text()
+    if page.locator("h2 .state-reserved").count():  # still running: the picture for the README
+        page.screenshot(path=str(tmp_path / "job.png"))
+        if site.kind == "file":
+            DOCS.mkdir(exist_ok=True)
+            shutil.copy(tmp_path / "job.png", DOCS / "dashboard-job.png")
     page.locator("h2 .state-done").wait_for(timeout=60_000)
     text = page.locator("#log").inner_text()
-    assert text.count("step 8 of 8") == 1 and text.index("step 1 of 8") < text.index("step 8 of 8")
+    assert text.count("step 10 of 10") == 1 and text.index("step 1 of 10") < text.index("step 10 of 10")
     assert _not_reloaded(page)
     assert page.locator("table.events").inner_text().count("done") >= 1
 
@@ -348,6 +351,15 @@ def test_host_header_of_another_name_is_refused(site: Env) -> None:
         assert "script-src 'self'" in resp.getheader("Content-Security-Policy", "")
         assert "frame-ancestors 'none'" in resp.getheader("Content-Security-Policy", "")
         assert resp.getheader("X-Content-Type-Options") == "nosniff"
+        conn.request("GET", "/metrics", headers={"Host": f"127.0.0.1:{site.dash.port}",
+                                                 "Authorization": f"Bearer {site.dash.token}"})
+        resp = conn.getresponse()
+        text = resp.read().decode()
+        assert resp.status == 200, text
+        from prometheus_client.parser import text_string_to_metric_families
+
+        names = {f.name for f in text_string_to_metric_families(text)}
+        assert "forge_queue_jobs_pending" in names
     finally:
         conn.close()
 

@@ -1,9 +1,12 @@
 """The overview's sparklines: per-minute throughput and wait time per queue, from ``forge.stats``.
 
-``forge.stats.compute_stats`` reads the recorded job history (it can take a while on a big
-store), so its result is cached and refreshed off the request path (``refresh``, from the
+They come from the outcome journal that ``forge.stats`` keeps (one record per finished
+attempt, on both backends): ``compute_stats`` gives one series for the queues it is asked
+about, so the journal's window is read once here and bucketed per queue and minute, with the
+same nearest-rank median (``forge.stats.compute.percentile``). Reading it can take a while on a
+big store, so the result is cached and refreshed off the request path (``refresh``, from the
 live-update loop) every ``TTL`` seconds; a page renders whatever is cached. Without the stats
-module (an older forge), the overview simply has no sparklines.
+module, the overview simply has no sparklines.
 """
 
 from __future__ import annotations
@@ -11,9 +14,11 @@ from __future__ import annotations
 import time
 from typing import Any
 
-#: The sparklines' window, in seconds, and how often it is computed again.
+#: The sparklines' window, in seconds, and how often it is computed again: every ``TTL``
+#: seconds, or ``LOAD_FACTOR`` times what reading the journal took, whichever is longer.
 WINDOW = 3600.0
-TTL = 30.0
+TTL = 10.0
+LOAD_FACTOR = 50
 
 
 class StatsCache:
@@ -23,11 +28,14 @@ class StatsCache:
         self.ttl = ttl
         self._series: dict[str, dict[str, list[float]]] | None = None
         self._at = float("-inf")
+        self._cost = 0.0
         self._fn: Any = None
         try:
-            from ..stats import compute_stats
+            from ..stats.compute import percentile
+            from ..stats.journal import journal_for
 
-            self._fn = compute_stats
+            self._fn = journal_for
+            self._median = percentile
         except ImportError:
             self._fn = None
 
@@ -45,63 +53,57 @@ class StatsCache:
         return self._series
 
     def stale(self) -> bool:
-        return self._fn is not None and time.monotonic() - self._at >= self.ttl
+        return self._fn is not None and time.monotonic() - self._at >= max(self.ttl, self._cost * LOAD_FACTOR)
+
+    def empty(self) -> dict[str, list[float]]:
+        """The series of a queue with no finished job in the window (a flat line)."""
+        n = max(int(self.window // 60), 1)
+        return {"done": [0.0] * n, "failed": [0.0] * n, "wait": [0.0] * n}
 
     def refresh(self) -> bool:
         """Compute the series again (blocking); True if they changed."""
         if self._fn is None:
             return False
         self._at = time.monotonic()
+        now = time.time()
         try:
-            result = self._fn(self.manager, since=self.window, by="queue")
+            records = self._fn(self.manager.backend).read(now - self.window, now)
         except Exception:
             return False  # a store hiccup: keep what was shown
-        series = parse_series(result, self.window)
+        series = per_queue(records, now, self.window, self._median)
+        self._cost = time.monotonic() - self._at
         changed = series != self._series
         self._series = series
         return changed
 
 
-def _num(v: Any) -> float:
-    try:
-        return float(v) if v is not None else 0.0
-    except (TypeError, ValueError):
-        return 0.0
-
-
-def _groups(result: Any) -> list[tuple[str, Any]]:
-    """(queue, group) pairs of a ``compute_stats`` result, whichever container it uses."""
-    if not isinstance(result, dict):
-        return []
-    groups = result.get("groups", result.get("queues", []))
-    if isinstance(groups, dict):
-        return [(str(k), v) for k, v in groups.items()]
-    out = []
-    for g in groups if isinstance(groups, list) else []:
-        if isinstance(g, dict):
-            name = g.get("queue", g.get("key", g.get("name")))
-            if isinstance(name, str):
-                out.append((name, g))
-    return out
-
-
-def parse_series(result: Any, window: float) -> dict[str, dict[str, list[float]]]:
+def per_queue(records: list[Any], now: float, window: float, median: Any) -> dict[str, dict[str, list[float]]]:
+    """Queue -> per-minute done and failed counts and median first-claim wait, oldest minute
+    first, from journal records ``[t, queue, command, outcome, attempt, wait, runtime]``."""
     minutes = max(int(window // 60), 1)
-    out: dict[str, dict[str, list[float]]] = {}
-    for name, g in _groups(result):
-        buckets = g.get("series") if isinstance(g, dict) else None
-        if not isinstance(buckets, list):
+    last = int(now // 60)
+    done: dict[str, list[float]] = {}
+    failed: dict[str, list[float]] = {}
+    waits: dict[str, list[list[float]]] = {}
+    for r in records:
+        try:
+            i = minutes - 1 - (last - int(r[0] // 60))
+            queue, outcome, wait = r[1], r[3], r[5]
+        except (TypeError, IndexError, ValueError):
             continue
-        done, failed, wait = [], [], []
-        for b in buckets[-minutes:]:
-            if not isinstance(b, dict):
-                continue
-            done.append(_num(b.get("done")))
-            failed.append(_num(b.get("failed")))
-            w = b.get("wait_p50", b.get("wait", {}).get("p50") if isinstance(b.get("wait"), dict) else None)
-            wait.append(_num(w))
-        out[name] = {"done": done, "failed": failed, "wait": wait}
-    return out
+        if not 0 <= i < minutes or not isinstance(queue, str):
+            continue
+        if queue not in done:
+            done[queue], failed[queue] = [0.0] * minutes, [0.0] * minutes
+            waits[queue] = [[] for _ in range(minutes)]
+        if outcome == "done":
+            done[queue][i] += 1
+        elif outcome == "failed":
+            failed[queue][i] += 1
+        if isinstance(wait, int | float):
+            waits[queue][i].append(float(wait))
+    return {q: {"done": done[q], "failed": failed[q],
+                "wait": [float(median(sorted(w), 50) or 0.0) for w in waits[q]]} for q in done}
 
 
 def sparkline(values: list[float], width: int = 120, height: int = 24) -> dict[str, Any] | None:

@@ -60,7 +60,7 @@ class Views:
                 "name": s.queue, "pending": s.pending, "delayed": s.delayed, "reserved": s.reserved,
                 "failed": s.failed, "done": s.done, "paused": s.paused,
                 "oldest_pending": None if s.oldest_pending_at is None else max(now - s.oldest_pending_at, 0.0),
-                "series": series.get(s.queue) if series else None,
+                "series": None if series is None else series.get(s.queue) or self.stats.empty(),
             })
         return out
 
@@ -112,8 +112,9 @@ class Views:
                       "failed": s.failed, "done": s.done}
             paused = s.paused
         pg = listing.page(self.backend, queue, state, offset=offset, limit=limit, command=command, dirs=self.dirs)
+        infos = with_progress(self.backend, pg.jobs) if state == State.RESERVED else pg.jobs
         return {"queue": queue, "state": str(state), "page": pg, "counts": counts, "paused": paused,
-                "jobs": [job_row(j) for j in pg.jobs], "command": command or "", "limit": limit}
+                "jobs": [job_row(j) for j in infos], "command": command or "", "limit": limit}
 
     # -- one job ------------------------------------------------------------------------
 
@@ -121,7 +122,7 @@ class Views:
         info = self.backend.find(job_id)
         if info is None:
             return None
-        return job_detail(info)
+        return job_detail(with_progress(self.backend, [info])[0])
 
     def log(self, job_id: str, offset: int) -> bytes:
         return self.backend.read_log(job_id, offset)
@@ -185,6 +186,15 @@ def decode_group(text: str) -> tuple[str, str, str] | None:
     return None
 
 
+def with_progress(backend: Any, infos: list[JobInfo]) -> list[JobInfo]:
+    """``infos`` with their latest progress (``forge.jobprogress``), when this forge records it."""
+    try:
+        from ..jobprogress.store import with_progress as fill
+    except ImportError:
+        return infos
+    return fill(backend, infos)
+
+
 def progress_of(info: JobInfo) -> dict[str, Any] | None:
     """The job's latest reported progress (``forge.progress``), when the store has one."""
     p = getattr(info, "progress", None)
@@ -199,9 +209,15 @@ def progress_of(info: JobInfo) -> dict[str, Any] | None:
             percent = 100.0 * float(d.get("done") or 0) / float(d["total"])
         except (TypeError, ValueError, ZeroDivisionError):
             percent = None
+    eta, at = d.get("eta_seconds"), d.get("updated_at")
+    if isinstance(eta, int | float) and isinstance(at, int | float):
+        eta = max(eta - max(time.time() - at, 0.0), 0.0)  # the ETA was as of the report
+    if info.state != State.RESERVED:
+        eta = None
     return {"done": d.get("done"), "total": d.get("total"),
             "percent": None if percent is None else max(0.0, min(100.0, float(percent))),
-            "message": d.get("message") or "", "eta": d.get("eta_seconds"), "updated_at": d.get("updated_at")}
+            "message": d.get("message") or "", "eta": eta if isinstance(eta, int | float) else None,
+            "updated_at": at}
 
 
 def job_row(info: JobInfo) -> dict[str, Any]:
