@@ -7,7 +7,8 @@ For each backend: fills a fresh queue (a temporary directory, or a random Redis 
 real ``forge dashboard`` process and requests, ``--runs`` times each, the overview, the first
 page of the pending list and its last page (offset jobs-50), reading the server's own
 ``Server-Timing`` header (time to the response's first byte; the client's round trip is printed
-too). Then it opens the overview in headless Chromium (Playwright, /usr/bin/chromium) and
+too); then again with one job dispatched before each request (a queue that keeps changing: the
+file backend cannot reuse its listing). Then it opens the overview in headless Chromium (Playwright, /usr/bin/chromium) and
 measures the dashboard process's CPU from /proc/<pid>/stat over ``--idle`` seconds, nothing
 else happening (the page stays connected to the live stream). For scale, the same run times
 ``forge queue:list`` (the CLI's view of the same store) in /work/wt/base (the starting commit)
@@ -27,6 +28,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 BASE = Path("/work/wt/base")
@@ -51,12 +53,15 @@ def fill(env: dict[str, str], jobs: int) -> None:
     m.backend.close()
 
 
-def timings(port: int, cookie: str, path: str, runs: int) -> tuple[float, float, float]:
-    """Median and p95 of the server's time, and the median round trip, in ms."""
+def timings(port: int, cookie: str, path: str, runs: int, before: Any = None) -> tuple[float, float, float]:
+    """Median and p95 of the server's time, and the median round trip, in ms. ``before`` runs
+    before each request (untimed)."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
     server, trip = [], []
     try:
         for _ in range(runs):
+            if before is not None:
+                before()
             t0 = time.perf_counter()
             conn.request("GET", path, headers={"Host": f"127.0.0.1:{port}", "Cookie": cookie})
             resp = conn.getresponse()
@@ -125,6 +130,26 @@ def bench(kind: str, jobs: int, runs: int, idle: float) -> None:
             med, p95, trip = timings(dash.port, cookie, path, runs)
             print(f"[{kind}] {label:<32} server median {med:7.1f} ms  p95 {p95:7.1f} ms  (round trip {trip:.1f} ms)",
                   flush=True)
+        # A busy queue: one more job dispatched before each request, so the directory (or the
+        # Redis list) has just changed and the file backend's listing cannot be reused.
+        from forge.config import load_settings
+        from forge.discovery import build_registry
+        from forge.queue import QueuedCommand, QueueManager, connect
+
+        settings = load_settings(env=env)
+        m = QueueManager(connect(None, settings), settings=settings, registry=build_registry(settings))
+        q = m.add_queue("default")
+
+        def push() -> None:
+            q.dispatch(QueuedCommand("dash:echo").with_args(["more"]))
+
+        for label, path in (("overview /, changing", "/"),
+                            ("pending page 1, changing", "/queues/default/jobs?state=pending"),
+                            ("pending last page, changing", f"/queues/default/jobs?state=pending&offset={last}")):
+            med, p95, trip = timings(dash.port, cookie, path, runs, before=push)
+            print(f"[{kind}] {label:<32} server median {med:7.1f} ms  p95 {p95:7.1f} ms  (round trip {trip:.1f} ms)",
+                  flush=True)
+        m.backend.close()
         where, ql = queue_list_time(env)
         print(f"[{kind}] for scale: forge queue:list (a new process, {where}) median {ql:.0f} ms", flush=True)
         if idle > 0:

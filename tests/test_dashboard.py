@@ -142,3 +142,27 @@ def test_file_listings_match_the_backend_and_see_every_change(queue_target: Any)
     assert dirs.stats() == b.stats() and dirs.stats()[0].pending == 30
     last = listing.page(b, "paging", State.PENDING, offset=29, limit=5, dirs=dirs)
     assert [j.id for j in last.jobs] == [new]
+
+
+def test_bad_page_and_stream_parameters_are_400s(tmp_path: Path) -> None:
+    import http.client
+
+    env = write_project(tmp_path / "p", "file", None)
+    d = start_dashboard(env)
+    conn = http.client.HTTPConnection("127.0.0.1", d.port, timeout=60)
+    headers = {"Host": f"127.0.0.1:{d.port}", "Cookie": f"forge_dashboard_{d.port}={d.token}"}
+    try:
+        for path in ("/live?view=jobs&queue=default&state=bogus", "/live?view=nope", "/live?view=job&id=x",
+                     "/queues/default/jobs?state=bogus", "/queues/default/jobs?offset=-x",
+                     "/queues/bad%20name/jobs", "/live?view=jobs&queue=bad%20name"):
+            conn.request("GET", path, headers=headers)
+            resp = conn.getresponse()
+            body = resp.read()
+            assert resp.status == 400, (path, resp.status, body[:200])
+        conn.request("GET", "/jobs/0123", headers=headers)  # a prefix that matches nothing
+        resp = conn.getresponse()
+        assert resp.status == 404 and b"No such job" in resp.read()
+    finally:
+        conn.close()
+        d.stop()
+    assert "Traceback" not in "".join(d.stderr)

@@ -232,6 +232,12 @@ class Dashboard:
             return Response("Unknown view.\n", status_code=400, media_type="text/plain")
         if view == "job" and not valid_id(q.get("id")):
             return Response("Invalid job id.\n", status_code=400, media_type="text/plain")
+        if view == "jobs":  # the same checks as the page's (a bad one: 400 now, not an error per tick)
+            args = self._list_args(request, q.get("queue", ""))
+            q.update(queue=args["queue"], state=str(args["state"]), offset=str(args["offset"]),
+                     limit=str(args["limit"]), command=args["command"] or "")
+        if view == "failed" and q.get("queue"):
+            validate_queue_name(q["queue"])
         try:
             log_offset = int(q.get("log", "-1"))
         except ValueError:
