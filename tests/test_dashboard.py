@@ -42,6 +42,14 @@ def test_pages_walk_the_listing_in_order_on_both_backends(queue_target: Any) -> 
         seen += [j.id for j in pg.jobs]
         offset = pg.next_offset
     assert seen == ids
+    # small pages: near the head, in the middle and near the tail (three ways to pick a page)
+    small: list[str] = []
+    offset = 0
+    while offset is not None:
+        pg = listing.page(b, "paging", State.PENDING, offset=offset, limit=10)
+        small += [j.id for j in pg.jobs]
+        offset = pg.next_offset
+    assert small == ids
     deep = listing.page(b, "paging", State.PENDING, offset=200, limit=50)
     assert [j.id for j in deep.jobs] == ids[200:] and deep.next_offset is None and deep.prev_offset == 150
 
@@ -57,6 +65,7 @@ def test_failed_pages_are_newest_first_and_the_command_filter_scans(queue_target
     pg = listing.page(b, "paging", State.FAILED, offset=0, limit=3)
     assert pg.total == 7 and [j.id for j in pg.jobs] == [odd, ids[5], ids[4]]
     assert [j.id for j in listing.page(b, "paging", State.FAILED, offset=6, limit=3).jobs] == [ids[0]]
+    assert [j.id for j in listing.page(b, "paging", State.FAILED, offset=5, limit=1).jobs] == [ids[1]]
     only = listing.page(b, "paging", State.FAILED, offset=0, limit=10, command="probe:noop")
     assert [j.id for j in only.jobs] == [odd] and only.next_offset is None
     pending = listing.page(b, "paging", State.PENDING, offset=0, limit=2, command="probe:run")

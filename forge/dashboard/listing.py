@@ -72,17 +72,8 @@ def _file_page(b: Any, queue: str, state: State, offset: int, limit: int, comman
                      lambda e: b._info(e[0], state, e[1], e[2]), state)
     dirs = dirs or Listings(b)
     sdir = "pending" if state in (State.PENDING, State.DELAYED) else str(state)
-    names = dirs.sorted(queue, sdir)  # ascending by key
+    d = dirs.dir(queue, sdir)
     newest_first = state in (State.FAILED, State.DONE)
-    if state in (State.PENDING, State.DELAYED):
-        due = dirs.due_count(names)
-        lo, hi = (0, due) if state == State.PENDING else (due, len(names))
-    else:
-        lo, hi = 0, len(names)
-    total = hi - lo
-
-    def at(pos: int) -> str:  # the pos-th name of this state in listing order
-        return names[hi - 1 - pos] if newest_first else names[lo + pos]
 
     def read(name: str) -> JobInfo | None:
         m = PENDING_RE.match(name)
@@ -91,12 +82,44 @@ def _file_page(b: Any, queue: str, state: State, offset: int, limit: int, comman
         updated = int(m.group(1)) / 1e6 if newest_first else None
         return b._info(f"{qdir}/{sdir}/{name}", state, int(m.group(3)), updated)
 
-    if not command:
+    if d.settled or command:  # sort once (the sorted listing is kept) and slice
+        names = d.sorted()
+        due = Listings.due_count(names) if sdir == "pending" else 0
+        lo, hi = (0, due) if state == State.PENDING else (due, len(names))
+        total = hi - lo
+
+        def at(pos: int) -> str:  # the pos-th name of this state in listing order
+            return names[hi - 1 - pos] if newest_first else names[lo + pos]
+
+        if command:
+            return _scan(_Positions(at, total), total, offset, limit, command, read, state)
         chosen = [at(p) for p in range(offset, min(offset + limit, total))]
-        jobs = [i for i in map(read, chosen) if i is not None]
-        nxt = offset + limit if offset + limit < total else None
-        return Page(jobs, total, offset, limit, nxt, len(chosen))
-    return _scan(_Positions(at, total), total, offset, limit, command, read, state)
+    else:  # a listing that is about to change: pick the page without sorting everything
+        bound = Listings.bound()
+        subset = d.names
+        if state == State.PENDING:
+            subset = [n for n in subset if n < bound]
+        elif state == State.DELAYED:
+            subset = [n for n in subset if n > bound]
+        total = len(subset)
+        chosen = _pick(subset, offset, limit, newest_first)
+    jobs = [i for i in map(read, chosen) if i is not None]
+    nxt = offset + limit if offset + limit < total else None
+    return Page(jobs, total, offset, limit, nxt, len(chosen))
+
+
+def _pick(names: list[str], offset: int, n: int, newest_first: bool) -> list[str]:
+    """``sorted(names, reverse=newest_first)[offset:offset + n]``, in O(len log k) when the
+    page is near either end (the usual first and last pages)."""
+    import heapq
+
+    total = len(names)
+    near, far = (heapq.nlargest, heapq.nsmallest) if newest_first else (heapq.nsmallest, heapq.nlargest)
+    if offset + n <= total // 8:
+        return near(offset + n, names)[offset:]
+    if total - offset <= total // 8:
+        return far(total - offset, names)[::-1][:n]
+    return sorted(names, reverse=newest_first)[offset:offset + n]
 
 
 class _Positions:
@@ -112,6 +135,31 @@ class _Positions:
         return self.n
 
 
+class _Dir:
+    """One listing of a job directory: its valid names, sorted on demand (and then kept)."""
+
+    __slots__ = ("ino", "mtime", "names", "_sorted", "at", "settled")
+
+    def __init__(self, ino: int, mtime: int, names: list[str], at: float, settled: bool) -> None:
+        self.ino, self.mtime, self.names, self.at, self.settled = ino, mtime, names, at, settled
+        self._sorted: list[str] | None = None
+
+    def sorted(self) -> list[str]:
+        if self._sorted is None:
+            self._sorted = sorted(self.names)
+        return self._sorted
+
+    def due(self, bound: str) -> tuple[int, str | None]:
+        """How many names sort below ``bound``, and the first of them."""
+        if self._sorted is not None:
+            from bisect import bisect_left
+
+            n = bisect_left(self._sorted, bound)
+            return n, (self._sorted[0] if n else None)
+        below = [x for x in self.names if x < bound]
+        return len(below), (min(below) if below else None)
+
+
 class Listings:
     """Sorted listings of a file backend's job directories, reused while a directory is
     unchanged: same inode and mtime, checked with one ``fstat`` on the descriptor the backend
@@ -125,10 +173,14 @@ class Listings:
 
     def __init__(self, backend: Any) -> None:
         self.b = backend
-        self._cache: dict[tuple[str, str], tuple[int, int, list[str]]] = {}
+        self._cache: dict[tuple[str, str], _Dir] = {}
 
-    def sorted(self, queue: str, sdir: str) -> list[str]:
-        """The valid job-file names of ``queue``'s ``sdir`` directory, ascending (do not modify)."""
+    #: Within one request a listing is reused even while it changes (two looks at a directory
+    #: this close together are one look).
+    RECENT = 0.25
+
+    def dir(self, queue: str, sdir: str) -> _Dir:
+        """The listing of ``queue``'s ``sdir`` directory: reused if still valid, else made."""
         import os
 
         from ..backends._fileio import unusable
@@ -137,32 +189,38 @@ class Listings:
         fd = self.b._state_fd(queue, sdir)
         if fd is None:
             self._cache.pop((queue, sdir), None)
-            return []
+            return _Dir(0, 0, [], 0.0, False)
         try:
             st = os.fstat(fd)
             hit = self._cache.get((queue, sdir))
-            if hit is not None and hit[0] == st.st_ino and hit[1] == st.st_mtime_ns:
-                return hit[2]
+            if (hit is not None and hit.ino == st.st_ino and hit.mtime == st.st_mtime_ns
+                    and (hit.settled or time.monotonic() - hit.at < self.RECENT)):
+                return hit
             names = valid_pending(os.listdir(fd))
-            names = sorted(names)
-            if time.time_ns() - st.st_mtime_ns > self.SETTLED * 1e9:
-                self._cache[(queue, sdir)] = (st.st_ino, st.st_mtime_ns, names)
-            else:
-                self._cache.pop((queue, sdir), None)
-            return names
+            settled = time.time_ns() - st.st_mtime_ns > self.SETTLED * 1e9
+            d = self._cache[(queue, sdir)] = _Dir(st.st_ino, st.st_mtime_ns, names, time.monotonic(), settled)
+            return d
         except OSError as exc:
             raise unusable(exc, f"{self.b._qdir(queue)}/{sdir}", "list") from None
         finally:
             os.close(fd)
 
+    def sorted(self, queue: str, sdir: str) -> list[str]:
+        """The valid job-file names of ``queue``'s ``sdir`` directory, ascending (do not modify)."""
+        return self.dir(queue, sdir).sorted()
+
+    @staticmethod
+    def bound() -> str:
+        from ..backends._fileio import micros
+        from ..backends._filenames import due_bound, key_str
+
+        return due_bound(key_str(micros(time.time())))
+
     @staticmethod
     def due_count(pending_sorted: list[str]) -> int:
         from bisect import bisect_left
 
-        from ..backends._fileio import micros
-        from ..backends._filenames import due_bound, key_str
-
-        return bisect_left(pending_sorted, due_bound(key_str(micros(time.time()))))
+        return bisect_left(pending_sorted, Listings.bound())
 
     def stats(self, queues: list[str] | None = None) -> list[Any]:
         """What ``FileBackend.stats`` returns (``_fileadmin``), from the reusable listings:
@@ -171,14 +229,17 @@ class Listings:
 
         paused = self.b.paused()
         out = []
+        bound = self.bound()
         for q in queues or self.b.queues():
-            pending = self.sorted(q, "pending")
-            due = self.due_count(pending)
+            pending = self.dir(q, "pending")
+            if pending.settled:
+                pending.sorted()  # looked at again and again: sort once, then bisect
+            due, first = pending.due(bound)
             out.append(QueueStats(
-                queue=q, pending=due, delayed=len(pending) - due,
+                queue=q, pending=due, delayed=len(pending.names) - due,
                 reserved=sum(1 for n in self.b._names(q, "reserved") if n.endswith(".job")),
-                done=len(self.sorted(q, "done")), failed=len(self.sorted(q, "failed")),
-                oldest_pending_at=int(pending[0][:16]) / 1e6 if due else None, paused=q in paused))
+                done=len(self.dir(q, "done").names), failed=len(self.dir(q, "failed").names),
+                oldest_pending_at=int(first[:16]) / 1e6 if first else None, paused=q in paused))
         return out
 
 
