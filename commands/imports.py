@@ -11,6 +11,7 @@ from typing import Annotated
 
 import typer
 
+import forge
 from forge import command
 
 REQUIRED_COLUMNS = ("id", "name", "email")
@@ -60,6 +61,7 @@ def import_data(
         for start in range(0, len(rows), batch):
             out.writelines(json.dumps(r) + "\n" for r in rows[start : start + batch])
             out.flush()
+            forge.progress(min(start + batch, len(rows)), len(rows), f"imported {file.name}")
     partial.replace(target)  # readers see the old file or the new one, never half of it
     print(f"Imported {len(rows)} rows from {file.name} ({skipped} skipped)")
     return 0

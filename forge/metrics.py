@@ -17,6 +17,7 @@ survive restarts (they come from the outcome journal's totals, ``forge.stats``):
 
 from __future__ import annotations
 
+import gc
 import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
@@ -64,7 +65,13 @@ class ForgeCollector:
         backend = self.manager.backend
         now = time.time()
         stats = backend.stats(None)
-        totals = journal_for(backend).totals()
+        enabled = gc.isenabled()
+        gc.disable()  # folding the open minutes builds many small acyclic lists (see forge.stats.compute)
+        try:
+            totals = journal_for(backend).totals()
+        finally:
+            if enabled:
+                gc.enable()
         names = sorted({s.queue for s in stats} | set(totals))
         by_queue = {s.queue: s for s in stats}
 

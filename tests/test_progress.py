@@ -153,3 +153,32 @@ def test_progress_bar_on_a_terminal(target: Any, tmp_path: Path, how: str) -> No
         if w.poll() is None:
             w.kill()
             w.wait()
+
+
+def test_the_tracker_throttles_writes_and_keeps_the_last(tmp_path: Path) -> None:
+    """Fed output continuously for over a second: at most one write per half second plus the
+    last; a progress line split across two chunks still counts; other lines are ignored."""
+    from forge.backends.file import FileBackend
+    from forge.job import new_id
+    from forge.jobprogress.store import get_progress
+    from forge.jobprogress.tracker import MIN_INTERVAL, ProgressTracker
+
+    b = FileBackend(tmp_path / "q")
+    job_id = new_id()
+    t = ProgressTracker(b)
+    t.start(job_id, 1, time.time())
+    record = tmp_path / "q" / "progress" / f"{job_id}.json"
+    inodes, n = set(), 0
+    start = time.monotonic()
+    while time.monotonic() - start < 1.2:
+        n += 1
+        t.feed(f"noise {n}\n::forge-progress {n % 100}/100 step {n}\n  ::forge-progress 99/100 indented\n".encode())
+        if record.exists():
+            inodes.add(record.stat().st_ino)  # every write renames a new file into place
+    elapsed = time.monotonic() - start
+    assert 2 <= len(inodes) <= elapsed / MIN_INTERVAL + 2, (len(inodes), elapsed)
+    t.feed(b"::forge-prog")
+    t.feed(b"ress 7/10 split\nand more")
+    t.finish()
+    p = get_progress(b, [job_id])[job_id]
+    assert (p["done"], p["total"], p["message"], p["attempt"]) == (7.0, 10.0, "split", 1)

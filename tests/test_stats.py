@@ -119,7 +119,7 @@ def test_real_jobs_through_a_worker(queue_target: Any) -> None:
     doc = json.loads(r.stdout)
     assert doc["version"] == 2
     t = doc["stats"]["totals"]
-    assert (t["done"], t["failed"], t["retried"]) == (3, 1, 1)
+    assert (t["done"], t["failed"], t["retried"]) == (3, 1, 1), (t, w.stdout)
     assert t["runtime"]["count"] == 5 and t["wait"]["count"] == 4 and t["wait"]["p50"] >= 0
     assert [g["command"] for g in json.loads(run(queue_target, "queue:stats", "--by=command", "--json").stdout)
             ["stats"]["groups"]] == ["probe:run"]
@@ -139,6 +139,8 @@ def test_bad_input_is_a_usage_error(queue_target: Any, tmp_path: Path) -> None:
                          (["--queue=../x"], "queue name")):
         r = run(queue_target, "queue:stats", *args)
         assert r.returncode == 2 and needle in r.stderr and len(r.stderr.strip().splitlines()) <= 2, r.stderr
+    r = run(queue_target, "queue:stats", "--since=2d")  # past the journal's retention: said, not refused
+    assert r.returncode == 0 and "FORGE_STATS_RETENTION" in r.stderr
     r = run(queue_target, "queue:metrics", "--output", str(tmp_path))
     assert r.returncode == 2 and "directory" in r.stderr
     out = tmp_path / "forge.prom"
@@ -148,7 +150,7 @@ def test_bad_input_is_a_usage_error(queue_target: Any, tmp_path: Path) -> None:
 
 
 def test_file_journal_is_bounded_and_counters_survive_pruning(queue_target: Any) -> None:
-    """Eight days later (libfaketime): the minute files are gone, the counters are not."""
+    """Two days later (libfaketime): the minute files are gone, the counters are not."""
     if queue_target.kind != "file":
         pytest.skip("Redis keys expire by themselves (checked in the next test)")
     b = queue_target.backend
@@ -156,12 +158,12 @@ def test_file_journal_is_bounded_and_counters_survive_pruning(queue_target: Any)
     known_history(b, now)
     stats_dir = queue_target.queue_dir / "stats"
     assert list(stats_dir.glob("*/*.log"))
-    later = run(queue_target, "queue:metrics", prefix=("faketime", "-f", "+8d"))
+    later = run(queue_target, "queue:metrics", prefix=("faketime", "-f", "+2d"))
     assert later.returncode == 0, later.stderr
     v = metric_values(later.stdout)
     assert v[("forge_queue_jobs_processed_total", (("queue", "default"),))] == 4
     assert not list(stats_dir.glob("*/*.log"))
-    r = run(queue_target, "queue:stats", "--json", "--since=1h", prefix=("faketime", "-f", "+8d"))
+    r = run(queue_target, "queue:stats", "--json", "--since=1h", prefix=("faketime", "-f", "+2d"))
     assert json.loads(r.stdout)["stats"]["totals"]["done"] == 0
     assert metric_values(run(queue_target, "queue:metrics").stdout)[
         ("forge_queue_jobs_processed_total", (("queue", "default"),))] == 4
@@ -173,4 +175,91 @@ def test_redis_journal_keys_expire(queue_target: Any) -> None:
     b = queue_target.backend
     write_record(b, time.time(), "default", "a:x", "done", 1, 0.1, 0.2)
     keys = [k.decode() for k in b._r.scan_iter(match=f"{queue_target.prefix}:stats:m:*")]
-    assert len(keys) == 1 and 0 < b._r.ttl(keys[0]) <= 7 * 86400 + 120
+    assert len(keys) == 1 and 86400 - 600 < b._r.ttl(keys[0]) <= 86400 + 120
+
+
+def test_metrics_without_the_client_library_names_the_extra(queue_target: Any) -> None:
+    code = ("import sys; sys.modules['prometheus_client'] = None; sys.argv = ['forge', 'queue:metrics']\n"
+            "from forge.cli import main; sys.exit(main())")
+    r = subprocess.run([sys.executable, "-c", code], env=queue_target.env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "pip install 'forge-jobs[metrics]'" in r.stderr and r.stdout == ""
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_each_outcome_is_journaled_once_and_only_if_it_took_effect(queue_target: Any) -> None:
+    """Through the backend's own API: ack, release and fail journal their outcome; an ack of
+    a claim that no longer holds (done already) journals nothing."""
+    import contextlib
+
+    from forge.job import Event
+    from forge.stats import journal_for
+
+    b = queue_target.backend
+    b.push([make_job("default", "probe:run", max_attempts=2), make_job("default", "probe:run")])
+    first = b.claim(["default"], "w", 60.0)
+    b.release(first, Event("released", 1, time.time(), reason="exit_code", exit_code=1, duration=0.5), 0.0)
+    second = b.claim(["default"], "w", 60.0)
+    done = Event("done", second.attempt, time.time(), exit_code=0, duration=0.25)
+    b.ack(second, done)
+    with contextlib.suppress(Exception):  # the file backend raises, Redis refuses quietly
+        b.ack(second, done)
+    third = b.claim(["default"], "w", 60.0)
+    b.fail(third, Event("failed", third.attempt, time.time(), reason="exit_code", exit_code=1, duration=2.0))
+    totals = journal_for(b).totals()["default"]
+    assert (totals.done, totals.released, totals.failed) == (1, 1, 1)
+    assert totals.runtime.count == 3 and totals.runtime.sum == pytest.approx(2.75)
+    assert totals.wait.count == 2  # the two first attempts; the retry's wait is its backoff
+    s = compute_stats(QueueManager(b), since=600)["totals"]
+    assert (s["done"], s["retried"], s["failed"]) == (1, 1, 1)
+
+
+@pytest.mark.skipif(__import__("shutil").which("redis-server") is None, reason="redis-server is not installed")
+def test_redis_journal_survives_a_script_cache_flush(tmp_path: Path) -> None:
+    """On a server of its own: outcomes are journaled while the server does not know the
+    scripts yet (a fresh or restarted server), also when it knows ``finish`` but not the
+    journal's script."""
+    import socket
+
+    import redis
+    from reliability.harness import wait_for
+
+    from forge.backends.redis import RedisBackend
+    from forge.job import Event
+    from forge.stats import journal_for
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                             "--appendonly", "no", "--dir", str(tmp_path)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    client = redis.Redis(port=port, socket_connect_timeout=0.5)
+    b = RedisBackend(f"redis://127.0.0.1:{port}/0", prefix="flush", connect_timeout=1)
+    try:
+        wait_for(lambda: _pings(client), timeout=20)
+        b.push([make_job() for _ in range(3)])
+
+        def finish_one() -> None:
+            c = b.claim(["default"], "w", 60.0)
+            b.ack(c, Event("done", c.attempt, time.time(), exit_code=0, duration=0.1))
+
+        finish_one()  # neither script loaded yet
+        client.script_flush()
+        finish_one()  # again
+        client.script_flush()
+        client.script_load(b._script("finish").script)
+        finish_one()  # finish loaded, the journal's script not
+        assert journal_for(b).totals()["default"].done == 3
+        assert b.stats(["default"])[0].done == 3
+    finally:
+        b.close()
+        client.close()
+        proc.terminate()
+        proc.wait(10)
+
+
+def _pings(c: Any) -> bool:
+    try:
+        return bool(c.ping())
+    except Exception:
+        return False

@@ -66,7 +66,7 @@ from ..job import (
     decode_file,
     is_idempotent_id,
 )
-from ..stats.journal import record_outcome
+from ..stats.journal import finish_with_outcome, record_outcome
 from ._redis_helpers import CHUNK, LOG_CAP, load_scripts
 from ._redis_helpers import hash_key as _hash_key
 from ._redis_helpers import translate as _translate
@@ -170,12 +170,16 @@ class RedisBackend(RedisAdmin):
         except _rx.RedisError as exc:
             raise _translate(exc, self._where, dispatch, self.url_from) from None
 
+    def _script(self, name: str) -> Any:
+        """The registered server-side script ``name`` (on first use: computes the SHA, no round trip)."""
+        script = self._s.get(name)
+        if script is None:
+            script = self._s[name] = self._r.register_script(load_scripts(PROMOTE_BATCH)[name])
+        return script
+
     def _run(self, name: str, *args: Any) -> Any:
         """Run the server-side script ``name`` (see redis_scripts.lua) with ARGV = prefix, args."""
-        script = self._s.get(name)
-        if script is None:  # registered on first use: computes the SHA, no round trip
-            script = self._s[name] = self._r.register_script(load_scripts(PROMOTE_BATCH)[name])
-        return script(keys=[], args=[self.prefix, *args])
+        return self._script(name)(keys=[], args=[self.prefix, *args])
 
     def _key(self, *parts: str) -> str:
         return ":".join((self.prefix, *parts))
@@ -297,25 +301,25 @@ class RedisBackend(RedisAdmin):
     # -- outcomes -------------------------------------------------------------------------
 
     def _finish(self, token: str, job_id: str, mode: str, event: Event | None, attempts: int,
-                delay: float, only_expired: bool = False) -> bool:
+                delay: float, only_expired: bool = False, claim: Claim | None = None) -> bool:
+        """Run ``finish``; with ``claim``, journal the outcome in the same round trip (forge.stats)."""
+        line = event.to_json() if event else b""
+        args = (job_id, token, mode, line, attempts, max(0, _us(delay)), "1" if self.done_retention > 0 else "0",
+                "1" if only_expired else "0")
+        if claim is not None and event is not None:
+            return finish_with_outcome(self, args, claim, event)
         with self._io():
-            done = self._run("finish", job_id, token, mode, event.to_json() if event else b"",
-                             attempts, max(0, _us(delay)), "1" if self.done_retention > 0 else "0",
-                             "1" if only_expired else "0")
-        return bool(done)
+            return bool(self._run("finish", *args))
 
     def ack(self, claim: Claim, event: Event) -> None:
-        if self._finish(claim.handle, claim.job.id, "done", event, claim.attempt, 0.0):
-            record_outcome(self, claim, event)
+        self._finish(claim.handle, claim.job.id, "done", event, claim.attempt, 0.0, claim=claim)
 
     def release(self, claim: Claim, event: Event | None, delay: float) -> None:
         attempts = claim.attempt if event is not None else claim.attempt - 1
-        if self._finish(claim.handle, claim.job.id, "release", event, attempts, delay):
-            record_outcome(self, claim, event)
+        self._finish(claim.handle, claim.job.id, "release", event, attempts, delay, claim=claim)
 
     def fail(self, claim: Claim, event: Event) -> None:
-        if self._finish(claim.handle, claim.job.id, "failed", event, claim.attempt, 0.0):
-            record_outcome(self, claim, event)
+        self._finish(claim.handle, claim.job.id, "failed", event, claim.attempt, 0.0, claim=claim)
 
     # -- maintenance ----------------------------------------------------------------------
 

@@ -50,7 +50,7 @@ def _queues(values: list[str] | None) -> list[str] | None:
 
 
 def stats(
-    since: Annotated[str, typer.Option(help="The window: the last 15m, 1h, 24h, 7d...")] = "1h",
+    since: Annotated[str, typer.Option(help="The window: the last 15m, 1h, 24h...")] = "1h",
     queue: Annotated[list[str] | None, typer.Option("--queue", help="Only these queues (repeat, or a,b).")] = None,
     by: Annotated[str, typer.Option(help="Group by queue or by command.")] = "queue",
     json_out: Json = False,
@@ -58,7 +58,7 @@ def stats(
 ) -> None:
     """Throughput, failure rate, runtime and wait percentiles, retries and the oldest pending job's age.
 
-    Computed from the recorded outcome of every attempt (kept 7 days; FORGE_STATS_RETENTION
+    Computed from the recorded outcome of every attempt (kept 24 hours; FORGE_STATS_RETENTION
     in seconds changes it), so it reaches past done_retention and survives restarts.
     """
     from ..stats import compute_stats

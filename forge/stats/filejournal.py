@@ -46,10 +46,8 @@ class FileJournal:
         self.dir = f"{root}/stats"
         self.uid = uid
         self.retention = retention
-        self._fd: int | None = None
-        self._fd_name = ""
-        self._fd_pid = 0
         self._ready = False
+        self._minute, self._minute_name = -1, ""
 
     def _prepare(self) -> None:
         if not self._ready:
@@ -60,18 +58,19 @@ class FileJournal:
 
     def write(self, line: bytes, record: rec.Record | None = None) -> None:
         """Append one record to the current minute's file (best effort: stats never block a job)."""
-        name = minute_name(time.time())
+        minute = int(time.time() // 60)
+        if minute != self._minute:
+            self._minute, self._minute_name = minute, minute_name(minute * 60.0)
+        name = self._minute_name
         fd = self._minute_fd(name)
         if os.fstat(fd).st_size + len(line) <= MAX_MINUTE_BYTES:
             os.write(fd, line)
 
     def _minute_fd(self, name: str) -> int:
-        if self._fd is not None and self._fd_name == name and self._fd_pid == os.getpid():
-            return self._fd
-        if self._fd is not None:
-            with contextlib.suppress(OSError):
-                os.close(self._fd)
-            self._fd = None
+        path = f"{self.dir}/{name}.log"
+        if _current.path == path and _current.pid == os.getpid() and _current.fd is not None:
+            return _current.fd
+        _current.close()
         self._prepare()
         day, minute = name.split("/")
         dfd = private_dir(f"{self.dir}/{day}", self.uid, name=day, dir_fd=None)
@@ -88,7 +87,7 @@ class FileJournal:
         if reason is not None:
             os.close(fd)
             raise OSError(f"stats file {self.dir}/{name}.log: {reason}")
-        self._fd, self._fd_name, self._fd_pid = fd, name, os.getpid()
+        _current.fd, _current.path, _current.pid = fd, path, os.getpid()
         if created:  # the first record of a minute: fold closed minutes and prune, if nobody is
             with contextlib.suppress(OSError, ValueError):
                 self.totals(block=False)
@@ -206,7 +205,23 @@ class FileJournal:
                 os.rmdir(f"{self.dir}/{day}")  # fails while it holds files: fine
 
     def close(self) -> None:
-        if self._fd is not None:
+        if _current.path.startswith(f"{self.dir}/"):
+            _current.close()
+
+
+class _OpenMinute:
+    """The one minute file a process keeps open for appending (whatever the number of
+    journals it uses: a test suite or a tool opens many queue directories)."""
+
+    fd: int | None = None
+    path = ""
+    pid = 0
+
+    def close(self) -> None:
+        if self.fd is not None and self.pid == os.getpid():
             with contextlib.suppress(OSError):
-                os.close(self._fd)
-            self._fd = None
+                os.close(self.fd)
+        self.fd, self.path = None, ""
+
+
+_current = _OpenMinute()

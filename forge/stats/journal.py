@@ -9,7 +9,7 @@ instead of a job file: bounded by ``RETENTION`` and a cap per minute (see each j
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from . import records as rec
 
@@ -18,9 +18,10 @@ if TYPE_CHECKING:
     from ..job import Event
 
 #: How long outcome records are kept (seconds), whatever ``done_retention`` is:
-#: ``FORGE_STATS_RETENTION`` (seconds) overrides it. The totals behind the Prometheus
-#: counters are kept for ever (a few numbers per queue).
-RETENTION = 7 * 86400.0
+#: ``FORGE_STATS_RETENTION`` (seconds) overrides it. A record is about 75 bytes, so a day of
+#: a million attempts keeps about 75 MB (in Redis's memory, on the Redis backend). The totals
+#: behind the Prometheus counters are kept for ever (a few numbers per queue).
+RETENTION = 86400.0
 
 
 class Journal(Protocol):
@@ -79,17 +80,31 @@ def record_outcome(backend: Backend, claim: Claim, event: Event | None) -> None:
     disk, Redis gone this instant) loses this record, never the job."""
     if event is None or event.event not in rec.OUTCOMES:
         return
+    line, record = _record(claim, event)
+    try:
+        journal_for(backend).write(line, record)
+    except Exception:  # noqa: BLE001 - best effort, see above
+        pass
+
+
+def _record(claim: Claim, event: Event) -> tuple[bytes, rec.Record]:
     job = claim.job
     # A job recovered after its worker died: its claim time is not known here.
     first = claim.attempt == 1 and event.reason != "abandoned"
     wait = claim.claimed_at - job.available_at if first else None
-    line = rec.encode(event.at, job.queue, job.command, event.event, claim.attempt, wait, event.duration)
     record: rec.Record = [event.at, job.queue, job.command, event.event, claim.attempt, wait, event.duration]
-    try:
-        j = journal_for(backend)
-        j.write(line, record)
-    except Exception:  # noqa: BLE001 - best effort, see above
-        pass
+    return rec.encode(event.at, job.queue, job.command, event.event, claim.attempt, wait, event.duration), record
+
+
+def finish_with_outcome(backend: Any, finish_args: Any, claim: Claim, event: Event) -> bool:
+    """Redis: run the backend's ``finish`` script with the outcome's journal line in the same
+    round trip (``RedisJournal.finish_and_write``); returns whether the finish took effect."""
+    if event.event not in rec.OUTCOMES:
+        with backend._io():
+            return bool(backend._run("finish", *finish_args))
+    line, record = _record(claim, event)
+    return bool(journal_for(backend).finish_and_write(  # type: ignore[attr-defined]
+        finish_args, claim.job.id, claim.handle, line, record))
 
 
 def write_record(backend: Backend, t: float, queue: str, command: str, outcome: str, attempt: int = 1,
