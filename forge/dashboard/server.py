@@ -108,5 +108,10 @@ def run(*, listen: str, connection: str | None, allow_actions: bool, allow_hosts
     config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off",
                             timeout_graceful_shutdown=2, proxy_headers=False, server_header=False)
     server = uvicorn.Server(config)
+    import warnings
+
+    # Ctrl-C in the instant before the event loop starts leaves uvicorn's coroutine unstarted:
+    # that is a stop, not something to warn about.
+    warnings.filterwarnings("ignore", message="coroutine 'Server.serve' was never awaited")
     server.run(sockets=[sock])
     return 0
