@@ -40,4 +40,5 @@ BUILTINS: dict[str, tuple[str, str, bool]] = {
     "schedule:test": ("forge.builtins.schedule:test", "Dispatch one run of a schedule entry now", False),
     "schedule:pause": ("forge.builtins.schedule:pause", "Stop dispatching a schedule entry", False),
     "schedule:resume": ("forge.builtins.schedule:resume", "Dispatch a paused schedule entry again", False),
+    "dashboard": ("forge.builtins.dashboard:dashboard", "Serve a live web dashboard of the queues and jobs", False),
 }

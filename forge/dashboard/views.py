@@ -1,0 +1,245 @@
+"""What each dashboard page shows, gathered from the store as plain data (no web code here).
+
+``Views`` wraps one ``QueueManager``; every method reads the store once and returns dicts and
+lists that the templates render. Store calls are blocking: the web layer runs them in a worker
+thread, one at a time (``lock``), so the backend objects are never used by two threads at once.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..job import JobInfo, State
+from ..queue import QueueManager
+from . import listing
+from .stats_view import StatsCache
+
+#: Newest failed jobs read to group failures (grouping more would read every record).
+FAILED_WINDOW = 5000
+#: Bytes of a job's log shown when its page opens (the rest streams in as it is written).
+LOG_TAIL = 64 * 1024
+PAGE_SIZES = (25, 50, 100, 200)
+
+
+@dataclass
+class Views:
+    manager: QueueManager
+    stats: StatsCache = field(init=False)
+    dirs: listing.Listings | None = field(init=False, default=None)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    _scheduler: Any = None
+    _scheduler_loaded: bool = False
+
+    def __post_init__(self) -> None:
+        self.stats = StatsCache(self.manager)
+        self.dirs = listing.Listings(self.backend) if type(self.backend).__name__ == "FileBackend" else None
+
+    def queue_stats(self, queues: list[str] | None = None) -> list[Any]:
+        """``QueueManager.stats``, from the reusable listings on the file backend."""
+        if self.dirs is not None:
+            return self.dirs.stats(queues)
+        return self.manager.stats(queues)
+
+    @property
+    def backend(self) -> Any:
+        return self.manager.backend
+
+    # -- overview -----------------------------------------------------------------------
+
+    def queues(self) -> list[dict[str, Any]]:
+        now = time.time()
+        series = self.stats.series()
+        out = []
+        for s in self.queue_stats():
+            out.append({
+                "name": s.queue, "pending": s.pending, "delayed": s.delayed, "reserved": s.reserved,
+                "failed": s.failed, "done": s.done, "paused": s.paused,
+                "oldest_pending": None if s.oldest_pending_at is None else max(now - s.oldest_pending_at, 0.0),
+                "series": None if series is None else series.get(s.queue) or self.stats.empty(),
+            })
+        return out
+
+    def workers(self) -> list[dict[str, Any]]:
+        now = time.time()
+        return [{"name": w.name, "host": w.host, "pid": w.pid, "queues": ", ".join(w.queues),
+                 "state": str(w.state), "job_id": w.job_id, "job_command": w.job_command,
+                 "job_for": None if w.job_since is None else max(now - w.job_since, 0.0),
+                 "up_for": max(now - w.started_at, 0.0), "done": w.done, "failed": w.failed,
+                 "heartbeat_ago": max(now - w.heartbeat_at, 0.0)}
+                for w in self.manager.workers()]
+
+    def scheduler(self) -> Any:
+        """The project's scheduler (loaded once), or None when it has no schedule or it fails to load."""
+        if not self._scheduler_loaded:
+            self._scheduler_loaded = True
+            try:
+                from ..scheduler import Scheduler
+
+                sch, _ = Scheduler.load(settings=self.manager.settings, check_args=False,
+                                        backend=self.backend)
+                self._scheduler = sch if sch.entries else None
+            except Exception:  # no scheduler, or a schedule that does not load: no table
+                self._scheduler = None
+        return self._scheduler
+
+    def schedules(self) -> list[dict[str, Any]]:
+        sch = self.scheduler()
+        if sch is None:
+            return []
+        try:
+            return list(sch.status())
+        except Exception:
+            return []
+
+    def overview(self) -> dict[str, Any]:
+        return {"queues": self.queues(), "workers": self.workers(), "schedules": self.schedules(),
+                "quarantined": self.manager.quarantined(), "stats_available": self.stats.available,
+                "stats_window": self.stats.window_label}
+
+    # -- job lists ----------------------------------------------------------------------
+
+    def job_list(self, queue: str, state: State, *, offset: int, limit: int,
+                 command: str | None) -> dict[str, Any]:
+        counts = {str(s): 0 for s in listing.STATES}
+        paused = False
+        for s in self.queue_stats([queue]):
+            counts = {"reserved": s.reserved, "pending": s.pending, "delayed": s.delayed,
+                      "failed": s.failed, "done": s.done}
+            paused = s.paused
+        pg = listing.page(self.backend, queue, state, offset=offset, limit=limit, command=command, dirs=self.dirs)
+        infos = with_progress(self.backend, pg.jobs) if state == State.RESERVED else pg.jobs
+        return {"queue": queue, "state": str(state), "page": pg, "counts": counts, "paused": paused,
+                "jobs": [job_row(j) for j in infos], "command": command or "", "limit": limit}
+
+    # -- one job ------------------------------------------------------------------------
+
+    def job(self, job_id: str) -> dict[str, Any] | None:
+        info = self.backend.find(job_id)
+        if info is None:
+            return None
+        return job_detail(with_progress(self.backend, [info])[0])
+
+    def log(self, job_id: str, offset: int) -> bytes:
+        return self.backend.read_log(job_id, offset)
+
+    def log_tail(self, job_id: str) -> tuple[str, int]:
+        """The end of the job's log (from a line's start) and the byte offset where it ends."""
+        data = self.backend.read_log(job_id, 0)
+        end = len(data)
+        if end > LOG_TAIL:
+            data = data[-LOG_TAIL:]
+            nl = data.find(b"\n")
+            data = data[nl + 1:] if nl >= 0 else data
+        return data.decode(errors="replace"), end
+
+    # -- failures -----------------------------------------------------------------------
+
+    def failed_groups(self, queue: str | None = None) -> dict[str, Any]:
+        groups: dict[tuple[str, str, str], dict[str, Any]] = {}
+        scanned = 0
+        for info in self.manager.jobs(queue=queue, state=State.FAILED, limit=FAILED_WINDOW):
+            scanned += 1
+            key = group_key(info)
+            g = groups.get(key)
+            if g is None:
+                g = groups[key] = {"key": encode_group(key), "command": key[0], "reason": key[1],
+                                   "error": key[2], "count": 0, "queues": set(), "latest": info.updated_at,
+                                   "earliest": info.updated_at, "sample": info.id}
+            g["count"] += 1
+            g["queues"].add(info.job.queue)
+            if info.updated_at is not None:
+                g["earliest"] = info.updated_at if g["earliest"] is None else min(g["earliest"], info.updated_at)
+        rows = sorted(groups.values(), key=lambda g: (-g["count"], g["command"]))
+        for g in rows:
+            g["queues"] = ", ".join(sorted(g["queues"]))
+        total = sum(s.failed for s in self.queue_stats([queue] if queue else None))
+        return {"groups": rows, "scanned": scanned, "total": total, "window": FAILED_WINDOW, "queue": queue}
+
+    def group_ids(self, key: tuple[str, str, str], queue: str | None = None) -> list[str]:
+        """Ids of the failed jobs in a group (among the newest ``FAILED_WINDOW``)."""
+        return [i.id for i in self.manager.jobs(queue=queue, state=State.FAILED, limit=FAILED_WINDOW)
+                if group_key(i) == key]
+
+
+def group_key(info: JobInfo) -> tuple[str, str, str]:
+    f = info.failure
+    error = (f.error or "") if f else ""
+    return info.job.command, (f.reason or "") if f else "", error.strip().split("\n", 1)[0][:300]
+
+
+def encode_group(key: Sequence[str]) -> str:
+    return json.dumps(list(key), separators=(",", ":"))
+
+
+def decode_group(text: str) -> tuple[str, str, str] | None:
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return None
+    if isinstance(value, list) and len(value) == 3 and all(isinstance(v, str) for v in value):
+        return value[0], value[1], value[2]
+    return None
+
+
+def with_progress(backend: Any, infos: list[JobInfo]) -> list[JobInfo]:
+    """``infos`` with their latest progress (``forge.jobprogress``), when this forge records it."""
+    try:
+        from ..jobprogress.store import with_progress as fill
+    except ImportError:
+        return infos
+    return fill(backend, infos)
+
+
+def progress_of(info: JobInfo) -> dict[str, Any] | None:
+    """The job's latest reported progress (``forge.progress``), when the store has one."""
+    p = getattr(info, "progress", None)
+    if p is None:
+        return None
+    d = p if isinstance(p, dict) else getattr(p, "to_dict", lambda: None)()
+    if not isinstance(d, dict):
+        return None
+    percent = d.get("percent")
+    if percent is None and d.get("total"):
+        try:
+            percent = 100.0 * float(d.get("done") or 0) / float(d["total"])
+        except (TypeError, ValueError, ZeroDivisionError):
+            percent = None
+    eta, at = d.get("eta_seconds"), d.get("updated_at")
+    if isinstance(eta, int | float) and isinstance(at, int | float):
+        eta = max(eta - max(time.time() - at, 0.0), 0.0)  # the ETA was as of the report
+    if info.state != State.RESERVED:
+        eta = None
+    return {"done": d.get("done"), "total": d.get("total"),
+            "percent": None if percent is None else max(0.0, min(100.0, float(percent))),
+            "message": d.get("message") or "", "eta": eta if isinstance(eta, int | float) else None,
+            "updated_at": at}
+
+
+def job_row(info: JobInfo) -> dict[str, Any]:
+    f = info.failure if info.state == State.FAILED else None
+    when = info.updated_at if info.state in (State.DONE, State.FAILED, State.RESERVED) else info.job.available_at
+    return {"id": info.id, "command": info.job.command, "args": list(info.job.args), "queue": info.job.queue,
+            "state": str(info.state), "attempts": info.attempts, "max_attempts": info.job.max_attempts,
+            "when": when, "dispatched_at": info.job.dispatched_at, "progress": progress_of(info),
+            "reason": f.reason if f else None, "error": (f.error or "") if f else None}
+
+
+def job_detail(info: JobInfo) -> dict[str, Any]:
+    job = info.job
+    worker = next((e.worker for e in reversed(info.events) if e.worker), None)
+    return {**job_row(info), "job": job, "metadata": json.dumps(dict(job.metadata), indent=2, ensure_ascii=False,
+                                                                 default=str) if job.metadata else "",
+            "events": list(info.events), "worker": worker, "updated_at": info.updated_at,
+            "finished": info.state in (State.DONE, State.FAILED),
+            "payload": json.dumps(_payload(info), indent=2, ensure_ascii=False, default=str)}
+
+
+def _payload(info: JobInfo) -> dict[str, Any]:
+    d = info.job.to_dict()
+    d.pop("metadata", None)
+    return d
