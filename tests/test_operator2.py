@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import pty
-import select
 import socket
 import subprocess
 import sys
@@ -18,6 +17,7 @@ import time
 from typing import Any
 
 import pytest
+from fdwait import readable
 from test_operator import HELLO, qforge, start_worker, stop_worker
 
 
@@ -36,7 +36,7 @@ def on_terminal(target: Any, *args: str, answer: str | None = None, timeout: flo
     answered = answer is None
     try:
         while time.monotonic() < deadline:
-            ready, _, _ = select.select([master], [], [], 0.1)
+            ready = readable([master], 0.1)
             if ready:
                 try:
                     chunk = os.read(master, 4096)

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import pty
-import select
 import subprocess
 import sys
 import time
@@ -15,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from fdwait import readable
 from reliability.harness import wait_for
 
 from forge.jobprogress import format_line, parse_line
@@ -101,7 +101,7 @@ def test_progress_is_recorded_by_the_worker(target: Any, tmp_path: Path) -> None
 def _read_pty(fd: int, until: Any, timeout: float = 60) -> str:
     out, end = b"", time.monotonic() + timeout
     while time.monotonic() < end:
-        ready, _, _ = select.select([fd], [], [], 0.5)
+        ready = readable([fd], 0.5)
         if ready:
             try:
                 chunk = os.read(fd, 65536)

@@ -7,7 +7,6 @@ exactly one claim, as a crash between the server's fsync and its reply does."""
 from __future__ import annotations
 
 import os
-import select
 import socket
 import threading
 import time
@@ -17,6 +16,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 import pytest
+from fdwait import readable
 
 from forge.errors import QueueUnavailable
 from forge.job import Event, Job
@@ -64,7 +64,7 @@ class Proxy:
     def _pump(self, client: socket.socket, server: socket.socket) -> None:
         try:
             while True:
-                ready, _, _ = select.select([client, server], [], [], 1.0)
+                ready = readable([client, server], 1.0)
                 for s in ready:
                     data = s.recv(65536)
                     if not data:

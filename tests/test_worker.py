@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import select
 import signal
 import subprocess
 import sys
@@ -14,6 +13,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+from fdwait import readable
 from reliability.harness import job_processes, wait_for
 
 from forge.job import State
@@ -409,7 +409,7 @@ def test_jobs_of_a_worker_started_in_a_terminal_print_plain_text(project: Path) 
         deadline = time.monotonic() + 30
         while worker.poll() is None and time.monotonic() < deadline:
             with contextlib.suppress(OSError):
-                if select.select([main_fd], [], [], 0.1)[0]:
+                if readable([main_fd], 0.1):
                     os.read(main_fd, 65536)  # keep the terminal drained
         assert worker.wait(timeout=5) == 0
     finally:
