@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 from reliability.harness import Target, make_target, worker_argv
-from test_scheduler import REDIS_URL
+from test_scheduler import REDIS_URL, Project, dispatched, entry_toml, ts
+from test_scheduler_cli import tick_jobs
 
 from forge.scheduler.entry import ScheduleEntry, ScheduleError
 
@@ -39,6 +40,17 @@ def target(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Target]:
         yield t
     finally:
         t.close()
+
+
+@pytest.fixture(params=["file", "redis"])
+def proj(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Project]:
+    if request.param == "redis" and not REDIS_URL:
+        pytest.skip("FORGE_TEST_REDIS_URL is not set")
+    p = Project(request.param, tmp_path / "p", monkeypatch)
+    try:
+        yield p
+    finally:
+        p.close()
 
 
 def run(t: Target, *args: str) -> subprocess.CompletedProcess:
@@ -95,3 +107,21 @@ def test_schedule_list_reports_a_newline_name_with_exit_2(tmp_path: Path) -> Non
     doc = json.loads(res.stdout)
     assert [e["name"] for e in doc["entries"]] == ["ok"]
     assert "control character" in res.stderr and len(res.stderr.strip().splitlines()) == 1
+
+
+def test_reverting_a_rename_does_not_dispatch_again_the_ticks_the_new_name_ran(proj: Project) -> None:
+    """A -> B -> A: B ran 03:05; A, back in the schedule, must not run 03:05 again (nor catch
+    up the ticks while it was gone), then ticks on as before."""
+    a = entry_toml("A", 'cron = "*/5 * * * *"', timezone="UTC", catch_up="all", max_lateness="6h")
+    t = ts("2026-03-01T03:00:00")
+    proj.schedule(a)
+    assert dispatched(proj.scheduler().run(now=t + 5)) == [("A", t)]
+    proj.schedule(a.replace('"A"', '"B"'))
+    assert dispatched(proj.scheduler().run(now=t + 303)) == [("B", t + 300)]
+    proj.schedule(a)  # the deploy is reverted
+    sch = proj.scheduler()
+    assert [x for x in sch.plan(now=t + 330) if x.action == "dispatch"] == []
+    assert dispatched(sch.run(now=t + 330)) == []
+    assert dispatched(proj.scheduler().run(now=t + 603)) == [("A", t + 600)]
+    assert sorted(tick_jobs(proj)) == ["A@2026-03-01T03:00:00Z", "A@2026-03-01T03:10:00Z",
+                                       "B@2026-03-01T03:05:00Z"]
