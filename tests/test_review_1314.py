@@ -125,3 +125,19 @@ def test_reverting_a_rename_does_not_dispatch_again_the_ticks_the_new_name_ran(p
     assert dispatched(proj.scheduler().run(now=t + 603)) == [("A", t + 600)]
     assert sorted(tick_jobs(proj)) == ["A@2026-03-01T03:00:00Z", "A@2026-03-01T03:10:00Z",
                                        "B@2026-03-01T03:05:00Z"]
+
+
+@pytest.mark.parametrize("at", ["9999-12-31T23:59", "0001-01-01T00:00"])
+def test_dry_run_at_a_time_out_of_range_is_a_usage_error(tmp_path: Path, at: str) -> None:
+    root = tmp_path / "p"
+    (root / "commands").mkdir(parents=True)
+    (root / "commands" / "r.py").write_text('from forge import command\n\n@command("r:run")\ndef r() -> None:\n    pass\n')
+    (root / "forge.toml").write_text(
+        f'[forge]\ncommands = ["commands"]\n[connections.file]\npath = "{tmp_path / "q"}"\n'
+        '[[schedule]]\nname = "ok"\ncommand = "r:run"\ncron = "0 3 * * *"\ntimezone = "Europe/Berlin"\n')
+    env = {"PATH": "/usr/bin:/bin", "FORGE_CONFIG": str(root / "forge.toml"), "FORGE_NO_PLUGINS": "1",
+           "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    res = subprocess.run([sys.executable, "-m", "forge", "schedule:run", "--dry-run", f"--at={at}"], env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2, res.stderr
+    assert "--at" in res.stderr and "Traceback" not in res.stderr and "Error" in res.stderr
