@@ -141,3 +141,18 @@ def test_dry_run_at_a_time_out_of_range_is_a_usage_error(tmp_path: Path, at: str
                          capture_output=True, text=True, timeout=60)
     assert res.returncode == 2, res.stderr
     assert "--at" in res.stderr and "Traceback" not in res.stderr and "Error" in res.stderr
+
+
+@pytest.mark.parametrize("argv", [["queue:list", "--connection="], ["queue:dispatch", "--connection=", "r:run"],
+                                  ["schedule:list", "--connection="], ["schedule:run", "--connection="]])
+def test_an_empty_connection_option_is_a_usage_error(tmp_path: Path, argv: list[str]) -> None:
+    root = tmp_path / "p"
+    (root / "commands").mkdir(parents=True)
+    (root / "commands" / "r.py").write_text('from forge import command\n\n@command("r:run")\ndef r() -> None:\n    pass\n')
+    (root / "forge.toml").write_text(f'[forge]\ncommands = ["commands"]\n[connections.file]\npath = "{tmp_path / "q"}"\n')
+    env = {"PATH": "/usr/bin:/bin", "FORGE_CONFIG": str(root / "forge.toml"), "FORGE_NO_PLUGINS": "1",
+           "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    res = subprocess.run([sys.executable, "-m", "forge", *argv], env=env, capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2, (res.stdout, res.stderr)
+    assert "--connection must not be empty" in res.stderr
+    assert not (tmp_path / "q").exists() or not list((tmp_path / "q").rglob("*.job"))
