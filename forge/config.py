@@ -96,6 +96,9 @@ class Settings:
 
     def connection_config(self, name: str | None = None) -> Connection:
         """The named connection (default: ``queue.connection``), its file path resolved."""
+        if name == "":
+            raise ConfigError("--connection must not be empty. Leave it out for queue.connection, or name a"
+                              f" connection (configured: {', '.join(sorted(self.connections)) or 'none'}).")
         name = name or self.connection
         try:
             conn = self.connections[name]

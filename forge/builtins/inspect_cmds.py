@@ -157,10 +157,12 @@ def _attempts_json(found: list[Any], parts: list[bytes | None], most: int | None
             for a, part in zip(found, parts, strict=True)]
 
 
-def _print_attempts(job_id: str, found: list[Any], parts: list[bytes | None], most: int | None) -> None:
+def _print_attempts(job_id: str, found: list[Any], parts: list[bytes | None], most: int | None,
+                    log_size: int = 0) -> None:
     """Each attempt's header (attempt N of M, when it started, where, how it ended) and the end
     of its output; the output of attempts before the last few is left to ``queue:log``."""
     from ..attempts import EARLIER_CHARS, LAST_CHARS, SHOWN_WITH_OUTPUT, header, readable
+    from ..backends._fileio import LOG_CAP
 
     output.line("\nOutput (tail), by attempt:")
     hidden = max(0, len(found) - SHOWN_WITH_OUTPUT)
@@ -173,7 +175,14 @@ def _print_attempts(job_id: str, found: list[Any], parts: list[bytes | None], mo
                             f"`forge queue:log {job_id}` prints all of it)")
             continue
         text = readable(part or b"", LAST_CHARS if i == len(found) - 1 else EARLIER_CHARS).rstrip("\n")
-        output.line(text if text else "  (no output)")
+        full = log_size >= LOG_CAP and a.log_end is not None and a.log_end >= log_size
+        if text:
+            output.line(text)
+        if full:  # the log keeps the first 1 MiB: what this attempt printed after it was dropped
+            output.line(f"  ({'later ' if text else ''}output not kept: the job's log is full at 1 MiB;"
+                        " `forge queue:log` has what was kept)")
+        elif not text:
+            output.line("  (no output)")
 
 
 def show(job_id: JobId, json_out: Json = False, connection: Connection = None) -> None:
@@ -216,7 +225,7 @@ def show(job_id: JobId, json_out: Json = False, connection: Connection = None) -
     output.line("\n".join(schedule_lines(info, m.settings)))
     if found and all(p is not None for p in parts):
         if log:
-            _print_attempts(job.id, found, parts, most)
+            _print_attempts(job.id, found, parts, most, len(log))
     elif tail:  # claimed before attempts recorded where their output starts: one tail
         output.line("\nOutput (tail):")
         output.line(tail.rstrip("\n"))

@@ -35,6 +35,8 @@ def _parse_at(value: str) -> float:
         dt = datetime.fromisoformat(value)
     except ValueError:
         raise UsageError(f"--at must be a time like 2026-12-01T03:00 or 2026-12-01T03:00+01:00, not {value!r}.") from None
+    if not 1971 <= dt.year <= 9000:  # the ticks around it must be representable
+        raise UsageError(f"--at must be a time between the years 1971 and 9000, not {value!r}.")
     return dt.timestamp()  # a naive time is local time
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shlex
+import unicodedata
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, tzinfo
@@ -29,6 +30,8 @@ from ..errors import ConfigError, UsageError
 #: one cron run (every minute) that was skipped or killed is made up by the next one. An entry
 #: that never ran starts with its latest on-time tick.
 ON_TIME = 90.0
+#: The longest entry name: it is part of each tick's idempotency key (at most 1024 characters).
+MAX_NAME = 900
 #: Most ticks one entry dispatches in one run (catch_up = "all" with a long max_lateness).
 MAX_CATCH_UP = 10_000
 
@@ -127,6 +130,8 @@ class ScheduleEntry:
         args = table.get("args", [])
         raw_name = table.get("name")
         label = raw_name if isinstance(raw_name, str) and raw_name else _derived(command, args)
+        if "name" in table and not (isinstance(raw_name, str) and raw_name.strip()):
+            raise ScheduleError(label, f"name must be a non-empty string, not {raw_name!r}", where=source)
         known = {"name", "command", "args", "cron", "every", "timezone", "queue", "tries", "timeout",
                  "backoff", "meta", "overlap", "catch_up", "max_lateness", "jitter"}
         unknown = sorted(set(table) - known)
@@ -146,6 +151,12 @@ class ScheduleEntry:
 
         if not isinstance(name, str) or not name.strip():
             raise bad("the name must be a non-empty string")
+        if any(unicodedata.category(c) in ("Cc", "Cs", "Zl", "Zp") for c in name):
+            raise ScheduleError(repr(name), "the name holds a control character (a newline, tab or escape);"
+                                " give the entry a name of printable characters", where=source)
+        if len(name.strip()) > MAX_NAME:
+            raise ScheduleError(name[:40] + "...", f"the name is longer than {MAX_NAME} characters (it is part of"
+                                " each tick's idempotency key); give the entry a shorter name", where=source)
         if not isinstance(command, str) or not command:
             raise bad("command must be a command name, e.g. \"report:daily\"")
         if isinstance(args, str) or not isinstance(args, Sequence) or not all(isinstance(a, str) for a in args):

@@ -83,6 +83,19 @@ def first_floor(last_run: float | None, now: float) -> float:
     return now - ON_TIME if last_run is None else max(last_run, now - ON_TIME)
 
 
+def returning(entry: ScheduleEntry, state: EntryState, last_run: float | None) -> EntryState:
+    """The state of an entry back in the schedule after it was found gone (a revert of a rename
+    or removal): the ticks at or before the previous run of the schedule were that run's, under
+    whatever name the entry had then, so they are not run again (nor caught up), as after a
+    pause."""
+    if state.orphaned_at is None or last_run is None:
+        return state
+    back = entry.latest_at_or_before(last_run)
+    if back is None or (state.last_tick is not None and back <= state.last_tick):
+        return state
+    return state.evolve(last_tick=back)
+
+
 def _unseen(state: EntryState) -> bool:
     return state.last_tick is None and state.since is None
 
@@ -281,8 +294,9 @@ class Scheduler:
         first = first_floor(states[LAST_RUN].last_tick if LAST_RUN in states else None, now)
         live = self._previous_live(states, now)
         out: list[TickAction] = []
+        last_run = states[LAST_RUN].last_tick if LAST_RUN in states else None
         for e in self.entries:
-            s = states.get(e.name, EntryState())
+            s = returning(e, states.get(e.name, EntryState()), last_run)
             p = _Plan() if nothing_due(e, s, now) else plan_entry(e, s, now, live.get(e.name, False), first)
             out += _actions(e, p, now, s.inflight)
         return out
@@ -302,19 +316,20 @@ class Scheduler:
                 last_run = cur[LAST_RUN].last_tick
                 first = first_floor(last_run, now)
                 for e in self.entries:
-                    s = cur[e.name]
+                    orig = s = cur[e.name]
                     if _decided(s) != _decided(before.get(e.name, EntryState())):
                         continue  # another run moved it meanwhile: it is that run's
+                    s = returning(e, s, last_run)
                     base = s.evolve(since=first) if _unseen(s) and not s.paused else s
                     if base.orphaned_at is not None:  # back in the schedule (a revert)
                         base = base.evolve(orphaned_at=None)
                     if nothing_due(e, s, now):
-                        if base is not s:
+                        if base is not orig:
                             new[e.name] = base
                         continue
                     p = plan_entry(e, s, now, live.get(e.name, False), first)
                     if p.last_tick is None:
-                        if e.cron is not None or base is not s:  # nothing due: keep when to look again
+                        if e.cron is not None or base is not orig:  # nothing due: keep when to look again
                             new[e.name] = with_next(e, base, now)
                         continue
                     plans[e.name] = p
