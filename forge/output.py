@@ -98,6 +98,17 @@ def line(text: str = "") -> None:
     sys.stdout.write(text + "\n")
 
 
+_CONTROL = {c: f"\\x{c:02x}" for c in (*range(0x09), *range(0x0b, 0x20), 0x7f)}  # all but \t and \n
+
+
+def shown(text: str) -> str:
+    """A job's own output made safe to print: control characters (terminal escape sequences,
+    carriage returns, bells) written as ``\\x1b`` and so on, so that a job cannot move the
+    cursor, rewrite the screen or retitle the terminal of whoever reads ``queue:show``
+    (``queue:log`` prints the log exactly as it was written)."""
+    return text.replace("\r\n", "\n").translate(_CONTROL)
+
+
 #: A plain (piped) table cell longer than this is cut (``queue:show --json`` has the whole value).
 PLAIN_CELL_MAX = 120
 
@@ -116,7 +127,7 @@ def table(
 
     An ``id`` column is never wrapped or shortened on a terminal: ids are there to be copied.
     """
-    rows = [[("" if v is None else str(v)) for v in row] for row in rows]
+    rows = [[("" if v is None else shown(str(v))) for v in row] for row in rows]  # a job's own text too
     if is_tty():
         console().print(_rich_table(columns, rows, title=title, styles=styles))
         return

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -156,3 +158,35 @@ def test_an_empty_connection_option_is_a_usage_error(tmp_path: Path, argv: list[
     assert res.returncode == 2, (res.stdout, res.stderr)
     assert "--connection must not be empty" in res.stderr
     assert not (tmp_path / "q").exists() or not list((tmp_path / "q").rglob("*.job"))
+
+
+def test_queue_show_and_queue_failed_print_a_jobs_control_characters_escaped(tmp_path: Path) -> None:
+    """A job's output and error reach an operator's terminal through queue:show and
+    queue:failed: escape sequences in them are written out as text (queue:log keeps them)."""
+    from forge.backends.file import FileBackend
+    from forge.job import Event
+    from forge.queue import QueuedCommand
+
+    qdir = tmp_path / "q"
+    b = FileBackend(qdir)
+    job = QueuedCommand("demo:x").to_job("default")
+    b.push([job])
+    c = b.claim(["default"], "w", 60)
+    assert c is not None
+    b.append_log(job.id, b"before\x1b]0;pwned\x07\x1b[2Jafter\r\n")
+    b.fail(c, Event("failed", 1, time.time(), worker="w", reason="exception", exit_code=1,
+                    error="boom\x1b[31m red", output_tail="before\x1b[2Jafter"))
+    b.close()
+    env = {**os.environ, "FORGE_QUEUE_DIR": str(qdir)}
+    show = subprocess.run([sys.executable, "-m", "forge", "queue:show", job.id], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert show.returncode == 0, show.stderr
+    assert "\x1b" not in show.stdout and "\x07" not in show.stdout
+    assert "before\\x1b]0;pwned\\x07\\x1b[2Jafter" in show.stdout
+    failed = subprocess.run([sys.executable, "-m", "forge", "queue:failed"], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert failed.returncode == 0, failed.stderr
+    assert "\x1b" not in failed.stdout and "boom\\x1b[31m red" in failed.stdout
+    log = subprocess.run([sys.executable, "-m", "forge", "queue:log", job.id], cwd=tmp_path, env=env,
+                         capture_output=True, timeout=60)
+    assert b"\x1b]0;pwned\x07" in log.stdout  # the log itself is kept exactly

@@ -177,7 +177,7 @@ def _print_attempts(job_id: str, found: list[Any], parts: list[bytes | None], mo
         text = readable(part or b"", LAST_CHARS if i == len(found) - 1 else EARLIER_CHARS).rstrip("\n")
         full = log_size >= LOG_CAP and a.log_end is not None and a.log_end >= log_size
         if text:
-            output.line(text)
+            output.line(output.shown(text))
         if full:  # the log keeps the first 1 MiB: what this attempt printed after it was dropped
             output.line(f"  ({'later ' if text else ''}output not kept: the job's log is full at 1 MiB;"
                         " `forge queue:log` has what was kept)")
@@ -228,7 +228,7 @@ def show(job_id: JobId, json_out: Json = False, connection: Connection = None) -
             _print_attempts(job.id, found, parts, most, len(log))
     elif tail:  # claimed before attempts recorded where their output starts: one tail
         output.line("\nOutput (tail):")
-        output.line(tail.rstrip("\n"))
+        output.line(output.shown(tail.rstrip("\n")))
 
 
 def log(
