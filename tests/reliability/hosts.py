@@ -48,6 +48,8 @@ ROOT = Path(__file__).resolve().parent.parent.parent
 AGENT = Path(__file__).resolve().parent / "hostagent.py"
 PROBE = ROOT / "tests" / "project" / "commands" / "probe.py"
 STATE_DIR = Path("/run/forge-lab")
+#: Where a host's mount namespace keeps a view of the real /tmp (see ``Host.start``).
+KEEP = STATE_DIR / "keep-tmp"
 NET = "10.231"
 #: A pid in a merged ledger: (host, incarnation, pid) made one number (pids differ per host).
 PID_SPAN = 10**7
@@ -226,11 +228,17 @@ class Host:
         self.incarnation += 1
         self.root.mkdir(parents=True, exist_ok=True)
         self._buf = b""
-        setup = ('mount --bind "$1" /tmp && mount -t tmpfs -o mode=1777 lab-shm /dev/shm && '
+        # The host's own /tmp hides the real one; what forge runs from (the checkout, the venv)
+        # may live under the real /tmp (CI clones into a mktemp dir), so those are bound back
+        # from a view of the real /tmp kept at KEEP (a mount of this namespace only).
+        KEEP.mkdir(parents=True, exist_ok=True)
+        setup = ('mount --bind /tmp "$5" && mount --bind "$1" /tmp && '
+                 'for k in $6; do mkdir -p "$k" && mount --bind "$5${k#/tmp}" "$k" || exit 1; done && '
+                 'mount -t tmpfs -o mode=1777 lab-shm /dev/shm && '
                  'mount -t tmpfs -o mode=1777 lab-vartmp /var/tmp && hostname "$2" && exec "$3" -u "$4"')
         argv = ["ip", "netns", "exec", self.netns, "unshare", "--uts", "--pid", "--fork", "--mount-proc",
                 "--propagation", "private", "--", "sh", "-c", setup, "sh", str(self.root), self.name,
-                sys.executable, str(AGENT)]
+                sys.executable, str(AGENT), str(KEEP), " ".join(_under_tmp())]
         with open(self.root.parent / f"{self.name}.init.log", "ab") as err:
             self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err,
                                          bufsize=0, start_new_session=True)
@@ -467,6 +475,18 @@ def _start_time(pid: int) -> str:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
     except (OSError, IndexError):
         return ""
+
+
+def _under_tmp() -> list[str]:
+    """The directories forge runs from that lie under the real /tmp: the checkout and the
+    Python environments (shortest first, so a parent is bound before what is inside it)."""
+    dirs = {ROOT, Path(sys.prefix).resolve(), Path(sys.base_prefix).resolve(), Path(sys.executable).resolve().parent}
+    tmp = Path("/tmp")
+    out = sorted({str(d) for d in dirs if d != tmp and tmp in d.parents}, key=len)
+    for d in out:
+        if " " in d:
+            raise RuntimeError(f"the host lab cannot bind {d!r} (a space in the path)")
+    return [d for d in out if not any(d != o and d.startswith(o + "/") for o in out)]
 
 
 def sweep_stale() -> None:
