@@ -58,7 +58,8 @@ def parse_line(line: str | bytes) -> Report | None:
         pct = float(m.group("pct"))
         return Report(pct, 100.0, msg) if pct <= 100.0 else None
     done, total = float(m.group("done")), float(m.group("total"))
-    if total <= 0 or done > total:
+    # 400 digits parse as inf: not a number the record (JSON) or a percentage can hold.
+    if total <= 0 or done > total or not math.isfinite(total):
         return None
     return Report(done, total, msg)
 
