@@ -5,7 +5,11 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
+from pathlib import Path
 from typing import Any
+
+from reliability.harness import wait_for
 
 from forge.jobprogress import parse_line
 
@@ -56,3 +60,38 @@ def test_progress_numbers_beyond_a_float_are_not_progress() -> None:
     assert parse_line("::forge-progress " + "9" * 400 + "/" + "9" * 400) is None
     assert parse_line("::forge-progress " + "9" * 400 + "%") is None
     assert parse_line("::forge-progress 1/" + "9" * 300).percent == 0.0  # type: ignore[union-attr]
+
+
+def test_a_retried_job_does_not_show_its_last_attempts_progress(queue_target: Any, tmp_path: Path) -> None:
+    """Attempt 1 reports 90% and fails; ``queue:retry``; while the new attempt runs (and has
+    reported nothing), ``queue:show`` must not show attempt 1's "90%, ETA 0 ms"."""
+    commands = tmp_path / "review_commands"
+    commands.mkdir()
+    (commands / "once.py").write_text(ONCE)
+    config = Path(queue_target.env["FORGE_CONFIG"])
+    config.write_text(config.read_text().replace('commands = ["', f'commands = ["{commands}", "', 1))
+    gate = tmp_path / "gate"
+    r = forge(queue_target, "queue:dispatch", "--tries=1", "review:once", str(gate))
+    assert r.returncode == 0, r.stderr
+    job_id = r.stdout.strip().splitlines()[-1]
+    w = forge(queue_target, "queue:work", "--stop-when-empty")
+    assert w.returncode == 0, w.stdout + w.stderr
+    job = shown(queue_target, job_id)
+    assert job["state"] == "failed" and job["progress"]["percent"] == 90.0
+    later = time.time() + 1.2  # an operator's retry comes later than the clocks' second of slack
+    wait_for(lambda: time.time() > later)
+    assert forge(queue_target, "queue:retry", job_id).returncode == 0
+    worker = subprocess.Popen([sys.executable, "-m", "forge", "queue:work", "--max-jobs=1"], env=queue_target.env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: shown(queue_target, job_id)["state"] == "reserved", timeout=90)
+        job = shown(queue_target, job_id)
+        assert job["state"] == "reserved" and job["progress"] is None, job["progress"]
+        human = forge(queue_target, "queue:show", job_id).stdout
+        assert "90% almost" not in human.replace("::forge-progress 90/100 almost", "")
+        gate.touch()
+        assert worker.wait(timeout=90) == 0
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+            worker.wait()

@@ -111,7 +111,19 @@ def with_progress(backend: Backend, infos: Iterable[JobInfo]) -> list[JobInfo]:
 
     items = list(infos)
     found = get_progress(backend, [i.id for i in items]) if items else {}
-    return [replace(i, progress=found[i.id]) if i.id in found else i for i in items]
+    return [replace(i, progress=found[i.id]) if i.id in found and _current(found[i.id], i) else i
+            for i in items]
+
+
+def _current(record: dict[str, Any], info: JobInfo) -> bool:
+    """Whether ``record`` is of the job's latest attempt: not when the job was claimed again
+    or retried since that attempt started (a retry that has not reported progress yet must
+    not show the last attempt's 90% and its ETA). Attempt numbers cannot tell: ``queue:retry``
+    starts them again at 1. A second of slack for the clocks of two hosts sharing a store."""
+    started = record.get("started_at")
+    if not isinstance(started, int | float):
+        return True
+    return not any(e.event in ("claimed", "retried") and e.at > started + 1.0 for e in info.events)
 
 
 def sweep(backend: Backend, limit: int = 1000) -> int:
