@@ -118,3 +118,51 @@ def test_redis_stats_over_a_long_window_read_the_minutes_that_exist(queue_target
     assert (t["done"], t["failed"]) == (1, 1)
     r = forge(queue_target, "queue:stats", "--since=1h", "--json")
     assert _strict(r.stdout)["stats"]["totals"]["failed"] == 1 and _strict(r.stdout)["stats"]["totals"]["done"] == 0
+
+
+def _sse_logs(resp: Any, want: int) -> list[str]:
+    """The texts of the next ``want`` ``log`` events of a /live stream."""
+    texts: list[str] = []
+    event = ""
+    while len(texts) < want:
+        line = resp.fp.readline().decode()
+        assert line, "the stream ended"
+        if line.startswith("event: "):
+            event = line[7:].strip()
+        elif line.startswith("data: ") and event == "log":
+            texts.append(json.loads(line[6:])["text"])
+    return texts
+
+
+def test_live_log_does_not_split_a_character_between_two_events(queue_target: Any) -> None:
+    """A job's output copied in two pieces that cut a character in two ("caf\\xc3" then
+    "\\xa9"): the live log showed "caf\ufffd\ufffd" where the page, reloaded, shows "café"."""
+    import http.client
+
+    from dashboard_support import start_dashboard
+
+    from forge.queue import QueuedCommand
+
+    b = queue_target.backend
+    job_id = queue_target.queue("default").dispatch(QueuedCommand("probe:run"))
+    euro, e_acute = "€".encode(), "é".encode()
+    b.append_log(job_id, "naïve €".encode() + euro[:1])
+    d = start_dashboard(queue_target.env)
+    conn = http.client.HTTPConnection("127.0.0.1", d.port, timeout=60)
+    try:
+        headers = {"Host": f"127.0.0.1:{d.port}", "Authorization": f"Bearer {d.token}"}
+        conn.request("GET", f"/jobs/{job_id}", headers=headers)
+        page = conn.getresponse().read().decode()
+        assert "naïve €" in page and "\ufffd" not in page
+        conn.request("GET", f"/live?view=job&id={job_id}&log=0", headers=headers)
+        resp = conn.getresponse()
+        assert resp.status == 200
+        first = _sse_logs(resp, 1)
+        b.append_log(job_id, euro[1:] + b"caf" + e_acute[:1])
+        second = _sse_logs(resp, 1)
+        b.append_log(job_id, e_acute[1:] + b" ok\n")
+        text = "".join(first + second + _sse_logs(resp, 1))
+        assert text == "naïve €€café ok\n", text
+    finally:
+        conn.close()
+        d.stop()
