@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -166,3 +168,91 @@ def test_live_log_does_not_split_a_character_between_two_events(queue_target: An
     finally:
         conn.close()
         d.stop()
+
+
+def _next_event(resp: Any) -> tuple[str, Any]:
+    """The next event of a /live stream, as (name, data); ("", None) when the stream ends."""
+    event = ""
+    while True:
+        line = resp.fp.readline().decode()
+        if not line:
+            return "", None
+        if line.startswith("event: "):
+            event = line[7:].strip()
+        elif line.startswith("data: "):
+            return event, json.loads(line[6:])
+        elif line.startswith(": keep-alive"):
+            return "keep-alive", None
+
+
+@pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server is not installed")
+def test_a_job_pages_live_stream_outlives_redis_going_away(tmp_path: Path) -> None:
+    """Redis stops while a job page is open: its live stream says so and stays open (it died
+    with a traceback, reading the log, every time the browser reconnected), and once Redis is
+    back the page is sent again (which clears the message). A log offset past any store's
+    range is ignored, not a traceback either."""
+    import http.client
+
+    from dashboard_support import dispatch, start_dashboard, write_project
+
+    port = _free_port()
+    server = _redis_server(port)
+    d = None
+    try:
+        env = write_project(tmp_path / "p", "redis", f"redis://127.0.0.1:{port}/0")
+        job_id = dispatch(env, "dash:echo", "hello")
+        d = start_dashboard(env)
+        headers = {"Host": f"127.0.0.1:{d.port}", "Authorization": f"Bearer {d.token}"}
+        conn = http.client.HTTPConnection("127.0.0.1", d.port, timeout=60)
+        conn.request("GET", f"/live?view=job&id={job_id}&log=99999999999999999999", headers=headers)
+        resp = conn.getresponse()
+        assert _next_event(resp)[0] == "region"
+        conn.close()
+        conn = http.client.HTTPConnection("127.0.0.1", d.port, timeout=60)
+        conn.request("GET", f"/live?view=job&id={job_id}&log=0", headers=headers)
+        resp = conn.getresponse()
+        assert _next_event(resp)[0] == "region"
+        server.terminate()
+        server.wait(timeout=30)
+        name, data = _next_event(resp)
+        while name == "log":
+            name, data = _next_event(resp)
+        assert name == "problem" and "unavailable" in data["text"], (name, data)
+        assert _next_event(resp)[0] in ("problem", "keep-alive")  # the stream goes on
+        server = _redis_server(port)
+        name = _next_event(resp)[0]
+        while name in ("problem", "keep-alive"):
+            name = _next_event(resp)[0]
+        assert name == "region"  # the page again (the job is gone: this Redis keeps no data)
+        conn.close()
+    finally:
+        if d is not None:
+            d.stop()
+        server.terminate()
+        server.wait(timeout=30)
+    assert "Traceback" not in "".join(d.stderr if d else []), "".join(d.stderr if d else [])
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _redis_server(port: int) -> subprocess.Popen[bytes]:
+    import redis
+
+    proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                             "--appendonly", "no"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    client = redis.Redis(port=port, socket_connect_timeout=0.5)
+
+    def pings() -> bool:
+        try:
+            return bool(client.ping())
+        except redis.RedisError:
+            return False
+    try:
+        wait_for(pings, timeout=30)
+    finally:
+        client.close()
+    return proc
