@@ -36,7 +36,26 @@ def once(gate: str) -> None:
     end = time.monotonic() + 120
     while not os.path.exists(gate) and time.monotonic() < end:
         time.sleep(0.05)
+
+
+@command("review:dots")
+def dots() -> None:
+    """A row of dots on stdout (no newline) while reporting progress with forge.progress."""
+    import forge
+
+    for i in range(1, 4):
+        print(".", end="", flush=True)
+        forge.progress(i, 3, f"step {i}")
+    print(" done")
 '''
+
+
+def _with_commands(target: Any, tmp_path: Path) -> None:
+    commands = tmp_path / "review_commands"
+    commands.mkdir(exist_ok=True)
+    (commands / "once.py").write_text(ONCE)
+    config = Path(target.env["FORGE_CONFIG"])
+    config.write_text(config.read_text().replace('commands = ["', f'commands = ["{commands}", "', 1))
 
 
 def _strict(text: str) -> Any:
@@ -68,11 +87,7 @@ def test_progress_numbers_beyond_a_float_are_not_progress() -> None:
 def test_a_retried_job_does_not_show_its_last_attempts_progress(queue_target: Any, tmp_path: Path) -> None:
     """Attempt 1 reports 90% and fails; ``queue:retry``; while the new attempt runs (and has
     reported nothing), ``queue:show`` must not show attempt 1's "90%, ETA 0 ms"."""
-    commands = tmp_path / "review_commands"
-    commands.mkdir()
-    (commands / "once.py").write_text(ONCE)
-    config = Path(queue_target.env["FORGE_CONFIG"])
-    config.write_text(config.read_text().replace('commands = ["', f'commands = ["{commands}", "', 1))
+    _with_commands(queue_target, tmp_path)
     gate = tmp_path / "gate"
     r = forge(queue_target, "queue:dispatch", "--tries=1", "review:once", str(gate))
     assert r.returncode == 0, r.stderr
@@ -256,3 +271,28 @@ def _redis_server(port: int) -> subprocess.Popen[bytes]:
     finally:
         client.close()
     return proc
+
+
+def test_progress_after_a_partial_line_of_ordinary_output_is_recorded(queue_target: Any, tmp_path: Path) -> None:
+    """stdout and stderr share the job's pipe: forge.progress's line (stderr) came after the
+    job's row of dots (stdout, no newline), ".::forge-progress 1/3", and was not recorded."""
+    _with_commands(queue_target, tmp_path)
+    r = forge(queue_target, "queue:dispatch", "review:dots")
+    assert r.returncode == 0, r.stderr
+    job_id = r.stdout.strip().splitlines()[-1]
+    w = forge(queue_target, "queue:work", "--stop-when-empty")
+    assert w.returncode == 0, w.stdout + w.stderr
+    job = shown(queue_target, job_id)
+    assert job["state"] == "done" and job["progress"] is not None
+    p = job["progress"]
+    assert (p["done"], p["total"], p["message"]) == (3, 3, "step 3")
+
+
+def test_a_terminal_view_drops_progress_after_a_partial_line_and_keeps_the_line() -> None:
+    from forge.jobprogress.view import LineFilter
+
+    f = LineFilter()
+    shown_text = [f.feed(piece) for piece in (".", "::forge-pro", "gress 1/3 a\n", ".",
+                                              "::forge-progress 2/3 b\nx\n", "Name:")]
+    assert shown_text == [".", "", "", ".", "x\n", "Name:"]  # a prompt shows at once
+    assert f.flush() == ""

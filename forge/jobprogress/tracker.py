@@ -57,12 +57,14 @@ class ProgressTracker:
             i = data.rfind(PREFIX, 0, end)
             if i < 0:
                 return
-            if i == 0 or data[i - 1] == 0x0A:
-                stop = data.find(b"\n", i)
-                report = parse_line(data[i:stop if stop >= 0 else len(data)][:_MAX_LINE])
-                if report is not None:
-                    self._got(report)
-                    return
+            # Not only at a line's start: stdout and stderr share the pipe, so the line that
+            # forge.progress writes on stderr follows whatever partial line the job left on
+            # stdout (a row of dots, a prompt): ".::forge-progress 1/3".
+            stop = data.find(b"\n", i)
+            report = parse_line(data[i:stop if stop >= 0 else len(data)][:_MAX_LINE])
+            if report is not None:
+                self._got(report)
+                return
             end = i
 
     def _got(self, report: Report) -> None:
