@@ -296,3 +296,34 @@ def test_a_terminal_view_drops_progress_after_a_partial_line_and_keeps_the_line(
                                               "::forge-progress 2/3 b\nx\n", "Name:")]
     assert shown_text == [".", "", "", ".", "x\n", "Name:"]  # a prompt shows at once
     assert f.flush() == ""
+
+
+def test_a_dashboard_token_that_cannot_go_in_a_url_or_cookie_is_refused(tmp_path: Path) -> None:
+    """FORGE_DASHBOARD_TOKEN=abcdefgh&ijklmnop: the printed URL's query cut it at '&' (or ';'
+    in the cookie, '#' as a fragment), so nothing ever let one in (401), and nothing said why."""
+    import http.client
+
+    from dashboard_support import start_dashboard, write_project
+
+    env = write_project(tmp_path / "p", "file", None)
+    for bad in ("abcdefgh&ijklmnop1", "abcdefgh;ijklmnop1", "abcdefgh#ijklmnop1", "abcdefgh+ijklmnop1",
+                "abcdefgh%41jklmnop1", "short-token"):
+        r = subprocess.run([sys.executable, "-m", "forge", "dashboard", "--listen=127.0.0.1:0"],
+                           env={**env, "FORGE_DASHBOARD_TOKEN": bad}, capture_output=True, text=True, timeout=60)
+        assert r.returncode == 2 and "FORGE_DASHBOARD_TOKEN" in r.stderr, (bad, r.returncode, r.stderr)
+        assert len(r.stderr.strip().splitlines()) == 1 and "Open http" not in r.stdout
+    d = start_dashboard({**env, "FORGE_DASHBOARD_TOKEN": "Good-token_1.2~abcdef"})
+    try:
+        assert d.token == "Good-token_1.2~abcdef"
+        conn = http.client.HTTPConnection("127.0.0.1", d.port, timeout=60)
+        conn.request("GET", d.url[len(d.base):])  # what a browser does with the printed URL
+        resp = conn.getresponse()
+        resp.read()
+        assert resp.status == 303
+        cookie = resp.getheader("set-cookie", "").split(";")[0]
+        conn.request("GET", "/", headers={"Cookie": cookie})
+        resp = conn.getresponse()
+        assert resp.status == 200 and b"Queues" in resp.read()
+        conn.close()
+    finally:
+        d.stop()
