@@ -26,8 +26,12 @@ class ProgressTracker:
         self.job_id: str | None = None
         self._tail: bytes | None = b""
 
-    def start(self, job_id: str, attempt: int, started: float) -> None:
+    def start(self, job_id: str, attempt: int, started: float, claimed_at: float | None = None) -> None:
+        """A new attempt. ``claimed_at``: its claim's time on the store's clock (the fence),
+        what the job's ``claimed`` event says, so a reader can tell this attempt's record
+        from an earlier one's whatever the hosts' clocks (``store.with_progress``)."""
         self.job_id, self.attempt, self.started = job_id, attempt, started
+        self.claimed_at = claimed_at
         self._tail = b""
         self._latest: Report | None = None
         self._written: Report | None = None
@@ -95,7 +99,7 @@ class ProgressTracker:
         at = self._latest_at
         return {"done": r.done, "total": r.total, "percent": r.percent, "message": r.message,
                 "updated_at": at, "eta_seconds": self._eta(r, at), "attempt": self.attempt,
-                "started_at": self.started}
+                "started_at": self.started, "claimed_at": self.claimed_at}
 
     def _eta(self, r: Report, at: float) -> float | None:
         """Seconds left at the rate since the attempt's first report (or since it started)."""
