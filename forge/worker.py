@@ -394,7 +394,7 @@ class Worker:
             self.events.job_started(claim, started)
         self._seq += 1
         request = {"seq": self._seq, "command": job.command, "args": list(job.args), "env": env}
-        self.progress.start(job.id, claim.attempt, started)
+        self.progress.start(job.id, claim.attempt, started, claim.fence / 1e6 if claim.fence else None)
         proc = self._hand_over(spec, request, kill_at)
         # Reported and published once the job runs (a write and, on Redis, a round trip), not
         # on the way to the job's start.

@@ -172,7 +172,7 @@ def test_the_tracker_throttles_writes_and_keeps_the_last(tmp_path: Path) -> None
     start = time.monotonic()
     while time.monotonic() - start < 1.2:
         n += 1
-        t.feed(f"noise {n}\n::forge-progress {n % 100}/100 step {n}\n  ::forge-progress 99/100 indented\n".encode())
+        t.feed(f"noise {n}\n::forge-progress {n % 100}/100 step {n}\n  ::forge-progress 99 of 100 (no)\n".encode())
         if record.exists():
             inodes.add(record.stat().st_ino)  # every write renames a new file into place
     elapsed = time.monotonic() - start

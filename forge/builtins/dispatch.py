@@ -156,7 +156,8 @@ def _poll(q: CommandQueue, job_id: str, limit: float | None, view: Any) -> int:
             view.close()
             log = q.backend.read_log(job_id)
             if view.bar:  # the bar showed the progress: not its raw lines again
-                log = b"".join(x for x in log.splitlines(keepends=True) if not x.startswith(b"::forge-progress "))
+                log = b"".join(x[:x.find(b"::forge-progress ")] if b"::forge-progress " in x else x
+                               for x in log.splitlines(keepends=True))  # ".::forge-progress 1/3": "."
         if info.state == State.DONE:
             _print_output(log)
             return 0

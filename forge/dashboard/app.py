@@ -242,6 +242,8 @@ class Dashboard:
             log_offset = int(q.get("log", "-1"))
         except ValueError:
             log_offset = -1
+        if log_offset > 1 << 40:  # no log is that long (a store's range would overflow): no log
+            log_offset = -1
 
         async def stream() -> AsyncIterator[str]:
             nonlocal log_offset
@@ -254,18 +256,25 @@ class Dashboard:
                     regions = await self.store(self.regions, view, q)
                 except ForgeError as exc:
                     regions = {}
+                    last.clear()  # sent again once the store is back: that clears the message
                     yield _event("problem", {"text": exc.message})
                 except Exception:  # a bug: say so once a tick, keep the page's last state
                     traceback.print_exc()
                     regions = {}
+                    last.clear()
                     yield _event("problem", {"text": "The dashboard failed to read the store (see its log)."})
                 for rid, html in regions.items():
                     if last.get(rid) != html:
                         last[rid] = html
                         quiet_since = time.monotonic()
                         yield _event("region", {"id": rid, "html": html})
-                if view == "job" and log_offset >= 0:
-                    data = await self.store(self.views.log, q["id"], log_offset)
+                if view == "job" and log_offset >= 0 and regions:  # not while the store is away
+                    try:
+                        data = await self.store(self.views.log, q["id"], log_offset)
+                    except ForgeError as exc:  # gone since the regions were read: say so, go on
+                        data = b""
+                        last.clear()
+                        yield _event("problem", {"text": exc.message})
                     if data:
                         log_offset += len(data)
                         quiet_since = time.monotonic()

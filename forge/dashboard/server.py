@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import socket
 import sys
 from dataclasses import dataclass
@@ -66,9 +67,15 @@ def token_from_env() -> str | None:
     token = os.environ.get(TOKEN_ENV)
     if token is None:
         return None
-    if len(token) < MIN_TOKEN or not token.isprintable() or " " in token:
-        raise UsageError(f"{TOKEN_ENV} must be at least {MIN_TOKEN} printable characters without spaces.")
+    # It goes into the printed URL's query and into a cookie as it is: '&', '#', '+', '%', ';'
+    # and the like would cut or change it there, and the printed URL would never let one in.
+    if len(token) < MIN_TOKEN or not _TOKEN_CHARS.fullmatch(token):
+        raise UsageError(f"{TOKEN_ENV} must be at least {MIN_TOKEN} characters from A-Z a-z 0-9 - _ . ~ "
+                         "(e.g. python3 -c 'import secrets; print(secrets.token_urlsafe(32))').")
     return token
+
+
+_TOKEN_CHARS = re.compile(r"[A-Za-z0-9._~-]+")
 
 
 def run(*, listen: str, connection: str | None, allow_actions: bool, allow_hosts: tuple[str, ...] = ()) -> int:

@@ -125,11 +125,15 @@ class Views:
         return job_detail(with_progress(self.backend, [info])[0])
 
     def log(self, job_id: str, offset: int) -> bytes:
-        return self.backend.read_log(job_id, offset)
+        """The log from ``offset`` up to its last whole UTF-8 character: a character the job
+        is still writing (split between two reads of its output) is sent whole next time."""
+        data = self.backend.read_log(job_id, offset)
+        return data[:utf8_whole(data)]
 
     def log_tail(self, job_id: str) -> tuple[str, int]:
         """The end of the job's log (from a line's start) and the byte offset where it ends."""
         data = self.backend.read_log(job_id, 0)
+        data = data[:utf8_whole(data)]
         end = len(data)
         if end > LOG_TAIL:
             data = data[-LOG_TAIL:]
@@ -164,6 +168,18 @@ class Views:
         """Ids of the failed jobs in a group (among the newest ``FAILED_WINDOW``)."""
         return [i.id for i in self.manager.jobs(queue=queue, state=State.FAILED, limit=FAILED_WINDOW)
                 if group_key(i) == key]
+
+
+def utf8_whole(data: bytes) -> int:
+    """The length of ``data`` without a UTF-8 character cut off at its end (at most 3 bytes)."""
+    for back in range(1, min(4, len(data)) + 1):
+        b = data[-back]
+        if b < 0x80:  # ASCII: nothing cut
+            return len(data)
+        if b >= 0xC0:  # the lead byte of the last character: whole if all its bytes are here
+            need = 2 if b < 0xE0 else 3 if b < 0xF0 else 4
+            return len(data) if back >= need else len(data) - back
+    return len(data)  # continuation bytes only, or not UTF-8: as it is
 
 
 def group_key(info: JobInfo) -> tuple[str, str, str]:

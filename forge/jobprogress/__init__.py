@@ -6,7 +6,8 @@ A job reports progress by printing a line on its stdout or stderr, from any lang
     ::forge-progress 45% resizing           (a percentage, then an optional message)
 
 or, from Python, ``forge.progress(30, 100, "downloading")`` (which prints that line, only
-inside a job: a direct run prints nothing). The supervising worker reads the job's output
+inside a job: a direct run prints nothing). The report may follow a partial line of other
+output (``...::forge-progress 3/10``: stdout and stderr share the job's pipe). The supervising worker reads the job's output
 anyway (to copy it into the job's log); it parses these lines and records the latest in the
 job's progress record, at most every half second plus the last one (``tracker``). Only the
 supervisor writes it. The line stays in the job's log, like any other output.
@@ -58,7 +59,8 @@ def parse_line(line: str | bytes) -> Report | None:
         pct = float(m.group("pct"))
         return Report(pct, 100.0, msg) if pct <= 100.0 else None
     done, total = float(m.group("done")), float(m.group("total"))
-    if total <= 0 or done > total:
+    # 400 digits parse as inf: not a number the record (JSON) or a percentage can hold.
+    if total <= 0 or done > total or not math.isfinite(total):
         return None
     return Report(done, total, msg)
 

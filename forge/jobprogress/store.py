@@ -111,7 +111,20 @@ def with_progress(backend: Backend, infos: Iterable[JobInfo]) -> list[JobInfo]:
 
     items = list(infos)
     found = get_progress(backend, [i.id for i in items]) if items else {}
-    return [replace(i, progress=found[i.id]) if i.id in found else i for i in items]
+    return [replace(i, progress=found[i.id]) if i.id in found and _current(found[i.id], i) else i
+            for i in items]
+
+
+def _current(record: dict[str, Any], info: JobInfo) -> bool:
+    """Whether ``record`` is of the job's latest claim: a retry running (and silent so far)
+    must not show the last attempt's 90% and its ETA. Attempt numbers cannot tell
+    (``queue:retry`` starts them again at 1); the claim's time can: ``claimed_at`` is on the
+    store's clock, as the ``claimed`` events are (a ``retried`` event is on the clock of
+    whoever retried, so it is not compared: a retried job waiting shows its last progress)."""
+    claimed = record.get("claimed_at")
+    if not isinstance(claimed, int | float):
+        return True
+    return not any(e.event == "claimed" and e.at > claimed + 0.001 for e in info.events)
 
 
 def sweep(backend: Backend, limit: int = 1000) -> int:

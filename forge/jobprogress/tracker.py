@@ -26,8 +26,12 @@ class ProgressTracker:
         self.job_id: str | None = None
         self._tail: bytes | None = b""
 
-    def start(self, job_id: str, attempt: int, started: float) -> None:
+    def start(self, job_id: str, attempt: int, started: float, claimed_at: float | None = None) -> None:
+        """A new attempt. ``claimed_at``: its claim's time on the store's clock (the fence),
+        what the job's ``claimed`` event says, so a reader can tell this attempt's record
+        from an earlier one's whatever the hosts' clocks (``store.with_progress``)."""
         self.job_id, self.attempt, self.started = job_id, attempt, started
+        self.claimed_at = claimed_at
         self._tail = b""
         self._latest: Report | None = None
         self._written: Report | None = None
@@ -57,12 +61,14 @@ class ProgressTracker:
             i = data.rfind(PREFIX, 0, end)
             if i < 0:
                 return
-            if i == 0 or data[i - 1] == 0x0A:
-                stop = data.find(b"\n", i)
-                report = parse_line(data[i:stop if stop >= 0 else len(data)][:_MAX_LINE])
-                if report is not None:
-                    self._got(report)
-                    return
+            # Not only at a line's start: stdout and stderr share the pipe, so the line that
+            # forge.progress writes on stderr follows whatever partial line the job left on
+            # stdout (a row of dots, a prompt): ".::forge-progress 1/3".
+            stop = data.find(b"\n", i)
+            report = parse_line(data[i:stop if stop >= 0 else len(data)][:_MAX_LINE])
+            if report is not None:
+                self._got(report)
+                return
             end = i
 
     def _got(self, report: Report) -> None:
@@ -93,7 +99,7 @@ class ProgressTracker:
         at = self._latest_at
         return {"done": r.done, "total": r.total, "percent": r.percent, "message": r.message,
                 "updated_at": at, "eta_seconds": self._eta(r, at), "attempt": self.attempt,
-                "started_at": self.started}
+                "started_at": self.started, "claimed_at": self.claimed_at}
 
     def _eta(self, r: Report, at: float) -> float | None:
         """Seconds left at the rate since the attempt's first report (or since it started)."""

@@ -110,12 +110,23 @@ class LineFilter:
         cut = text.rfind("\n") + 1
         rest = text[cut:]
         prefix = PREFIX.decode()
-        if rest and (rest.startswith(prefix) or prefix.startswith(rest)):
-            self._partial = rest  # may be a progress line still being written: wait for its end
+        j = rest.find(prefix)
+        if j < 0:  # the start of one at the end ("::" at least: a prompt "Name:" shows now)?
+            j = next((len(rest) - k for k in range(min(len(prefix) - 1, len(rest)), 1, -1)
+                      if rest.endswith(prefix[:k])), -1)
+        if j >= 0:  # may be a progress line still being written (after a partial line): wait for its end
+            cut, self._partial = cut + j, rest[j:]
         else:
             cut, self._partial = len(text), ""  # show a partial line (a prompt, a dot row) now
-        return "".join(x for x in text[:cut].splitlines(keepends=True) if not x.startswith(prefix))
+        return "".join(strip_progress(x) for x in text[:cut].splitlines(keepends=True))
 
     def flush(self) -> str:
         rest, self._partial = self._partial, ""
-        return "" if rest.startswith(PREFIX.decode()) else rest
+        return strip_progress(rest)
+
+
+def strip_progress(line: str) -> str:
+    """``line`` without the progress report in it: a line after a job's partial line of
+    ordinary output (``".::forge-progress 1/3"``) keeps that output (``"."``)."""
+    i = line.find(PREFIX.decode())
+    return line if i < 0 else line[:i]

@@ -20,6 +20,9 @@ from . import records as rec
 
 #: A minute's records stop here (about 100,000 records), as in the file journal.
 MAX_MINUTE_BYTES = 12 * 1024 * 1024
+#: A window of more minutes than this (two days, past the default retention) is read from
+#: the minute keys that exist (a SCAN), not by asking for every minute it spans.
+SCAN_OVER = 2 * 1440
 
 
 @functools.cache
@@ -88,9 +91,11 @@ class RedisJournal:
 
     def read(self, since: float, until: float) -> list[rec.Record]:
         b = self.backend
-        minutes = range(int(since // 60) - 1, int(until // 60) + 2)
+        minutes: Sequence[int] = range(int(since // 60) - 1, int(until // 60) + 2)
         out: list[rec.Record] = []
         with b._io():
+            if len(minutes) > SCAN_OVER:  # --since=30d: list the minutes that exist rather
+                minutes = self._existing(minutes[0], minutes[-1])  # than GET 43,200 keys (36,000d: 52 million)
             pipe = b._r.pipeline(transaction=False)
             for m in minutes:
                 pipe.get(self._minute_key(m))
@@ -98,6 +103,17 @@ class RedisJournal:
                 if data:
                     out += [r for r in rec.decode_lines(data) if since <= r[0] <= until]
         return out
+
+    def _existing(self, first: int, last: int) -> list[int]:
+        """The minutes from ``first`` to ``last`` that have a key (one SCAN of the keys)."""
+        head = self._minute_key(0)[:-1]
+        pattern = "".join("\\" + c if c in "*?[]\\" else c for c in head) + "*"
+        raw, found = head.encode(), []
+        for key in self.backend._r.scan_iter(match=pattern, count=5000):
+            tail = key[len(raw):] if isinstance(key, bytes) else key[len(head):].encode()
+            if tail.isdigit() and first <= int(tail) <= last:
+                found.append(int(tail))
+        return sorted(found)
 
     def totals(self) -> dict[str, rec.QueueTotals]:
         b = self.backend
