@@ -1,0 +1,58 @@
+"""Review of issue 15 (limits, retry policy, events): each test is a defect found and fixed."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+from conftest import forge_cmd, make_project
+
+HOGGING_LISTENER = '''
+import time
+
+import forge
+from forge import command
+
+
+@command("h:ok")
+def ok() -> None:
+    """Succeed."""
+
+
+@forge.on("job.succeeded")
+def retry_forever(event) -> None:
+    # A careless retry loop: the bare except swallows every ListenerTimeout the budget raises.
+    while True:
+        try:
+            time.sleep(5)  # waiting for a webhook that does not answer
+        except:  # noqa: E722
+            pass
+'''
+
+
+def _forge(*args: str, **kw: object) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*forge_cmd(), *args], capture_output=True, text=True, timeout=120, **kw)  # type: ignore[call-overload]
+
+
+def test_a_listener_that_swallows_every_cut_off_cannot_hang_the_worker(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """README: "a listener delays the worker by at most its budget". A listener with a bare
+    ``except:`` in a loop caught each ListenerTimeout (one every 10 ms) and held the worker for
+    minutes, deaf to SIGTERM. Now the worker gives up on it after 100 swallowed cut-offs: it
+    exits 1 (a forced stop) with a line naming the listener, and the job's outcome stands."""
+    monkeypatch.setenv("FORGE_CONFIG", str(make_project(tmp_path / "p", {"h.py": HOGGING_LISTENER})))
+    job_id = _forge("queue:dispatch", "h:ok").stdout.strip()
+    w = subprocess.Popen([*forge_cmd(), "queue:work", "--stop-when-empty", "--sleep=1"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = w.communicate(timeout=90)
+    except subprocess.TimeoutExpired:
+        w.kill()
+        w.communicate()
+        pytest.fail("the worker was still inside the listener after 90 s")
+    assert w.returncode == 1, (out, err)
+    assert "h.py" in err and "swallowed 100 cut-offs" in err and "job.succeeded" in err, err
+    shown = json.loads(_forge("queue:show", "--json", job_id).stdout)
+    assert shown["job"]["state"] == "done"
