@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 from pathlib import Path
 
@@ -56,3 +57,29 @@ def test_a_listener_that_swallows_every_cut_off_cannot_hang_the_worker(
     assert "h.py" in err and "swallowed 100 cut-offs" in err and "job.succeeded" in err, err
     shown = json.loads(_forge("queue:show", "--json", job_id).stdout)
     assert shown["job"]["state"] == "done"
+
+
+def test_a_limit_key_pattern_means_the_same_on_both_backends() -> None:
+    """``[limits.keys."PATTERN"]``: only ``*`` is special. The Redis script reads a pattern that
+    way (``lua_pattern``, matched with Lua's ``string.match``), but the file backend matched keys
+    with ``fnmatch``, which also reads ``?`` and ``[...]``: ``"t[1]*"`` limited key ``t1x`` on
+    files and not on Redis. The Lua side is asked of the real Redis."""
+    url = os.environ.get("FORGE_TEST_REDIS_URL")
+    if not url:
+        pytest.skip("FORGE_TEST_REDIS_URL is not set")
+    import redis
+
+    from forge.limits.spec import lua_pattern, parse_table
+
+    patterns = {"t[1]*": 1, "a?b*": 2}
+    cfg = parse_table({"keys": {p: {"concurrency": n} for p, n in patterns.items()}}, "forge.toml")
+    client = redis.Redis.from_url(url)
+    try:
+        for key in ("t1x", "t[1]x", "t[1]", "aXb", "a?b", "a?b:7", "zz"):
+            redis_sees = next((n for p, n in patterns.items() if client.eval(
+                "return string.match(ARGV[1], ARGV[2]) and 1 or 0", 0, key, lua_pattern(p))), None)
+            got = cfg.key(key)
+            assert (got.concurrency if got else None) == redis_sees, key
+    finally:
+        client.close()
+    assert cfg.key("t[1]x") is not None and cfg.key("t1x") is None and cfg.key("aXb") is None
