@@ -83,3 +83,20 @@ def test_a_limit_key_pattern_means_the_same_on_both_backends() -> None:
     finally:
         client.close()
     assert cfg.key("t[1]x") is not None and cfg.key("t1x") is None and cfg.key("aXb") is None
+
+
+def test_a_huge_limit_or_isolation_key_is_named_in_a_short_line(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 100,000-character --concurrency-key (or isolation key built from an argument) was
+    echoed whole: a 100 kB "one-line" error. It is cut to its start and its length."""
+    src = ('from forge import command\n\n\n@command("k:iso", isolated="k:{name}")\n'
+           'def iso(name: str) -> None:\n    """Isolated per name."""\n')
+    monkeypatch.setenv("FORGE_CONFIG", str(make_project(tmp_path / "p", {"k.py": src})))
+    huge = "x" * 100_000
+    for argv in (["queue:dispatch", f"--concurrency-key={huge}", "--concurrency=2", "k:iso", "a"],
+                 ["k:iso", huge]):
+        r = _forge(*argv)
+        assert r.returncode == 2, r.stderr[:300]
+        assert len(r.stderr) < 400, r.stderr[:300]
+        assert "(100000 characters)" in r.stderr or "(100002 characters)" in r.stderr, r.stderr
+        assert r.stderr.count("\n") == 1 and "1-200 printable characters" in r.stderr

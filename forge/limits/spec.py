@@ -73,7 +73,8 @@ def parse_rate(value: Any, *, what: str = "rate", burst: Any = None) -> Rate:
 
 def check_key(key: Any, what: str) -> str:
     if not isinstance(key, str) or not KEY_RE.match(key):
-        raise UsageError(f"Invalid {what} {key!r}: 1-200 printable characters without spaces, e.g. tenant:42.")
+        shown = repr(key) if not isinstance(key, str) or len(key) <= 80 else f"{key[:60]!r}... ({len(key)} characters)"
+        raise UsageError(f"Invalid {what} {shown}: 1-200 printable characters without spaces, e.g. tenant:42.")
     return key
 
 
