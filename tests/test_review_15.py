@@ -100,3 +100,23 @@ def test_a_huge_limit_or_isolation_key_is_named_in_a_short_line(
         assert len(r.stderr) < 400, r.stderr[:300]
         assert "(100000 characters)" in r.stderr or "(100002 characters)" in r.stderr, r.stderr
         assert r.stderr.count("\n") == 1 and "1-200 printable characters" in r.stderr
+
+
+def test_a_retry_until_already_past_is_a_usage_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--retry-until=2020-01-01T00:00`` was accepted: the job ran once and could never be
+    retried, with nothing said. A deadline already past is now exit 2 with a one-line error,
+    and nothing is queued; ``with_retry_until`` raises InvalidCommand for it too."""
+    from datetime import datetime
+
+    from forge.errors import InvalidCommand
+    from forge.queue import QueuedCommand
+
+    src = 'from forge import command\n\n\n@command("k:run")\ndef run() -> None:\n    """Run."""\n'
+    monkeypatch.setenv("FORGE_CONFIG", str(make_project(tmp_path / "p", {"k.py": src})))
+    r = _forge("queue:dispatch", "--retry-until=2020-01-01T00:00", "k:run")
+    assert r.returncode == 2 and "in the past" in r.stderr and r.stderr.count("\n") == 1, r
+    assert _forge("queue:list", "--json").stdout.count('"id"') == 0
+    ok = _forge("queue:dispatch", "--retry-until=2h", "k:run")
+    assert ok.returncode == 0, ok.stderr
+    with pytest.raises(InvalidCommand, match="in the past"):
+        QueuedCommand("k:run").with_retry_until(datetime(2020, 1, 1))
