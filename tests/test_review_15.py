@@ -5,7 +5,10 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import time
+from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import forge_cmd, make_project
@@ -120,3 +123,33 @@ def test_a_retry_until_already_past_is_a_usage_error(tmp_path: Path, monkeypatch
     assert ok.returncode == 0, ok.stderr
     with pytest.raises(InvalidCommand, match="in the past"):
         QueuedCommand("k:run").with_retry_until(datetime(2020, 1, 1))
+
+
+@pytest.mark.parametrize("queue_target", ["file", "redis"], indirect=True)
+def test_show_and_list_give_a_released_jobs_real_next_attempt(queue_target: Any) -> None:
+    """README: ``queue:show`` prints "when the next one starts". After a release (backoff 60 s,
+    or exit 75 asking for 30 s) the job is delayed, yet its record's ``available_at`` stays the
+    dispatch time (a release moves the file's name or the Redis "avail", not the record), so
+    ``queue:show`` printed the old time and "next attempt: 2, now (due ...)" and ``queue:list
+    --json`` the old ``available_at``, on both backends. Both now give the real due time."""
+    env = queue_target.env
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*forge_cmd(), *args], capture_output=True, text=True, timeout=120, env=env)
+
+    failing = run("queue:dispatch", "--tries=3", "--backoff=60", "probe:run", "--exit-code=3").stdout.strip()
+    later = run("queue:dispatch", "probe:run", "--say=::forge-retry-after 30s", "--exit-code=75").stdout.strip()
+    before = time.time()
+    w = run("queue:work", "--stop-when-empty", "--sleep=1")
+    assert w.returncode == 0, w.stderr
+    after = time.time()
+    for job_id, delay in ((failing, 60), (later, 30)):
+        shown = json.loads(run("queue:show", "--json", job_id).stdout)
+        assert shown["job"]["state"] == "delayed", shown["job"]
+        due = datetime.fromisoformat(shown["retry"]["next_attempt_at"].replace("Z", "+00:00")).timestamp()
+        assert before + delay - 1 <= due <= after + delay + 1, (job_id, due - before)
+        listed = {j["id"]: j for j in json.loads(run("queue:list", "--json").stdout)["jobs"]}
+        listed_due = datetime.fromisoformat(listed[job_id]["available_at"].replace("Z", "+00:00")).timestamp()
+        assert abs(listed_due - due) < 1
+        text = run("queue:show", job_id).stdout
+        assert "now (due" not in text and "  next attempt: " in text, text
