@@ -153,3 +153,16 @@ def test_show_and_list_give_a_released_jobs_real_next_attempt(queue_target: Any)
         assert abs(listed_due - due) < 1
         text = run("queue:show", job_id).stdout
         assert "now (due" not in text and "  next attempt: " in text, text
+
+
+def test_a_listener_can_match_the_host_and_pid_every_event_carries() -> None:
+    """README: every event carries ``host`` and ``pid`` beside its payload, and ``match`` keeps
+    the events that have these values. ``match = { host = "web-*" }`` never matched: the
+    fields were looked up in the payload only."""
+    from forge.events.listeners import Listener
+    from forge.events.model import Event
+
+    ev = Event("job.failed", "e1", 0.0, {"queue": "imports"}, host="web-1", pid=42)
+    assert Listener(("job.failed",), "t", command="a:b", match={"host": "web-*"}).wants(ev)
+    assert Listener(("job.failed",), "t", command="a:b", match={"host": "db-*", "queue": "imports"}).wants(ev) is False
+    assert Listener(("job.*",), "t", command="a:b", match={"pid": 42, "event": "job.failed"}).wants(ev)
