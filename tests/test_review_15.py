@@ -166,3 +166,18 @@ def test_a_listener_can_match_the_host_and_pid_every_event_carries() -> None:
     assert Listener(("job.failed",), "t", command="a:b", match={"host": "web-*"}).wants(ev)
     assert Listener(("job.failed",), "t", command="a:b", match={"host": "db-*", "queue": "imports"}).wants(ev) is False
     assert Listener(("job.*",), "t", command="a:b", match={"pid": 42, "event": "job.failed"}).wants(ev)
+
+
+@pytest.mark.parametrize("value", ["5", '""', "[1]"])
+def test_a_bad_isolated_declaration_fails_when_declared(
+        value: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``@command(..., isolated=5)`` (or ``""``) was accepted: the checker written for it was
+    never called, and the command broke only when run or dispatched ("'int' object has no
+    attribute 'format_map'"). The declaration is now checked where it is made: the module's
+    import fails with a message saying what isolated= takes, as for a bad tries= or backoff=."""
+    src = f'from forge import command\n\n\n@command("k:iso", isolated={value})\ndef iso() -> None:\n    """Iso."""\n'
+    monkeypatch.setenv("FORGE_CONFIG", str(make_project(tmp_path / "p", {"k.py": src})))
+    r = _forge("queue:dispatch", "k:iso")
+    assert r.returncode == 3, r.stderr
+    assert "use True, a key template like" in r.stderr, r.stderr
+    assert _forge("queue:list", "--json").stdout.count('"id"') == 0
