@@ -127,11 +127,14 @@ class QueuedCommand:
         it and no max attempts (here or declared), attempts are not limited: the deadline is."""
         from .retry.rules import deadline
 
+        try:
+            at = deadline(until, time.time())  # validated now: a bad value fails here, not at dispatch
+        except UsageError as exc:
+            raise InvalidCommand(exc.message) from None
+        if at <= time.time():  # a deadline (a date/time) already past: no retry could ever start
+            raise InvalidCommand(f"Invalid retry-until {until!s}: it is in the past; give a later time or"
+                                 " a duration after dispatch, e.g. 2h.")
         if not isinstance(until, datetime):
-            try:
-                deadline(until, time.time())  # validated now: a bad value fails here, not at dispatch
-            except UsageError as exc:
-                raise InvalidCommand(exc.message) from None
             if isinstance(until, str) and ("-" in until or "T" in until):
                 until = datetime.fromisoformat(until)
             else:

@@ -60,7 +60,9 @@ def command(name: str, *, hidden: bool = False, schedule: Any = None, isolated: 
         if schedule is not None:
             setattr(fn, SCHEDULE_MARKER, schedule)
         if isolated is not None and isolated is not False:
-            setattr(fn, ISOLATED_MARKER, isolated)
+            from .limits.isolation import check_declaration  # only for an isolated command
+
+            setattr(fn, ISOLATED_MARKER, check_declaration(isolated, name))
         return fn
 
     return mark

@@ -48,6 +48,7 @@ from ._filenames import (
     ordered,
     pending_name,
     valid_pending,
+    with_due,
 )
 from .base import QueueStats
 
@@ -90,6 +91,8 @@ class FileAdmin:
         if state == State.RESERVED:
             claimed = [e for e in events if e.event == "claimed"]
             updated = claimed[-1].at if claimed else None
+        elif state in (State.PENDING, State.DELAYED):
+            job = with_due(job, PENDING_RE.match(os.path.basename(path)))
         return JobInfo(job, state, attempts, tuple(events), updated)
 
     def _locate(self, job_id: str) -> tuple[str, State, int, float | None] | None:

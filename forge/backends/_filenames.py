@@ -10,11 +10,13 @@ first 16 characters. A reserved file is ``<id>-<n>.job``, ``n`` being the attemp
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import heapq
 import os
 import re
 from collections import deque
 from collections.abc import Iterable, Iterator
+from typing import Any
 
 from ..config import validate_queue_name
 from ..errors import UsageError
@@ -199,3 +201,12 @@ def safe_queue(name: str) -> bool:
         return True
     except UsageError:
         return False
+
+
+def with_due(job: Any, m: re.Match[str] | None) -> Any:
+    """``job`` as due when its pending name says (a release or retry moves the name, not the
+    record's ``available_at``): what ``queue:show`` and ``queue:list`` show as available."""
+    if m is None:
+        return job
+    due = int(m.group(1)) / 1e6
+    return job if abs(due - job.available_at) <= 0.001 else dataclasses.replace(job, available_at=due)

@@ -14,6 +14,7 @@ up (declared below for type checking), so it is only ever used as ``RedisBackend
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import heapq
 import json
 import time
@@ -65,7 +66,12 @@ class RedisAdmin:
             except CorruptJob:
                 out.append(None)
                 continue
-            out.append((int(key or 0), JobInfo(job, State(state.decode()), int(attempts), tuple(events),
+            st = State(state.decode())
+            if st in (State.PENDING, State.DELAYED) and key and int(key):
+                due = self._local(key)  # a release or retry moves "avail", not the record's available_at
+                if abs(due - job.available_at) > 0.001:
+                    job = dataclasses.replace(job, available_at=due)
+            out.append((int(key or 0), JobInfo(job, st, int(attempts), tuple(events),
                                                self._local(updated) if updated else None)))
         return out
 

@@ -31,6 +31,26 @@ class ListenerTimeout(BaseException):
     ``except Exception`` in the listener does not swallow it)."""
 
 
+#: How many ListenerTimeouts (one every 10 ms past the budget) a listener may swallow (a bare
+#: ``except:`` in a retry loop) before the worker gives up on it and exits (code 1, as a forced
+#: stop): nothing else can take the main thread back from it. Counted, not timed, so a loaded
+#: machine that delivers the timer late never ends a listener that caught one or two.
+MAX_SWALLOWED = 100
+
+
+def _abandon(lst: Listener, ev: Event, budget: float) -> None:
+    """End the worker from the timer signal: the listener swallowed MAX_SWALLOWED cut-offs."""
+    import os
+
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+    msg = (f"{stamp} Listener {lst.source} for {ev.name} swallowed {MAX_SWALLOWED} cut-offs past its "
+           f"{budget * 1000:g} ms budget (a bare except?); the worker exits (code 1) so it cannot hang. "
+           "Let ListenerTimeout propagate (catch Exception, not BaseException).\n")
+    with contextlib.suppress(OSError):
+        os.write(2, msg.encode("utf-8", "replace"))
+    os._exit(1)
+
+
 class EventBus:
     """The listeners of one process, and how to reach them."""
 
@@ -85,10 +105,13 @@ class EventBus:
         budget = lst.budget if lst.budget is not None else self.budget
         if left is not None:
             budget = min(budget, max(left, 0.001))
-        state = {"armed": True}
+        state = {"armed": True, "raised": 0}
 
         def alarm(signum: int, frame: Any) -> None:
             if state["armed"]:
+                state["raised"] += 1
+                if state["raised"] > MAX_SWALLOWED:
+                    _abandon(lst, ev, budget)
                 raise ListenerTimeout()
 
         timer = _timer_usable()

@@ -65,7 +65,7 @@ class Listener:
             return False
         if self.durable and event.data.get("listener_job"):
             return False  # a listener job's own events: a failing notifier must not loop
-        return all(_matches(event.data.get(k), v) for k, v in self.match.items())
+        return all(_matches(_field(event, k), v) for k, v in self.match.items())
 
     def job_for(self, event: Event, default_queue: str) -> Any:
         """The listener's job for ``event`` (a ``forge.job.Job``), keyed by the event's id."""
@@ -94,6 +94,14 @@ class Listener:
         if self.match:
             d["match"] = dict(self.match)
         return d
+
+
+def _field(event: Event, key: str) -> Any:
+    """A field of the event as listeners receive it (``Event.to_dict``): ``host``, ``pid``,
+    ``event`` and ``id`` live beside the payload, not in it."""
+    if key in event.data:
+        return event.data[key]
+    return {"host": event.host, "pid": event.pid, "event": event.name, "id": event.id}.get(key)
 
 
 def _matches(value: Any, wanted: Any) -> bool:

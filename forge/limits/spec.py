@@ -15,7 +15,7 @@ Scopes are strings: ``p:<queue>`` (parallel), ``pr:<queue>`` (the queue's rate),
 
 from __future__ import annotations
 
-import fnmatch
+import functools
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -73,7 +73,8 @@ def parse_rate(value: Any, *, what: str = "rate", burst: Any = None) -> Rate:
 
 def check_key(key: Any, what: str) -> str:
     if not isinstance(key, str) or not KEY_RE.match(key):
-        raise UsageError(f"Invalid {what} {key!r}: 1-200 printable characters without spaces, e.g. tenant:42.")
+        shown = repr(key) if not isinstance(key, str) or len(key) <= 80 else f"{key[:60]!r}... ({len(key)} characters)"
+        raise UsageError(f"Invalid {what} {shown}: 1-200 printable characters without spaces, e.g. tenant:42.")
     return key
 
 
@@ -180,7 +181,7 @@ class LimitsConfig:
         if found is not None:
             return found
         for pattern, limits in self.keys.items():
-            if "*" in pattern and fnmatch.fnmatchcase(key, pattern):
+            if "*" in pattern and _glob_re(pattern).match(key):
                 return limits
         return None
 
@@ -229,6 +230,13 @@ class LimitsConfig:
             else:
                 keys[k] = entry
         return {"q": queues, "k": keys, "pat": patterns}
+
+
+@functools.lru_cache(maxsize=256)
+def _glob_re(glob: str) -> re.Pattern[str]:
+    """A ``*`` glob as the Redis script reads it (:func:`lua_pattern`): only ``*`` is special,
+    so ``?`` and ``[...]`` match themselves on both backends (``fnmatch`` would read them)."""
+    return re.compile("".join(".*" if ch == "*" else re.escape(ch) for ch in glob) + r"\Z", re.DOTALL)
 
 
 def lua_pattern(glob: str) -> str:
