@@ -212,7 +212,7 @@ class Worker:
                     self._stop = StopReason.ONCE
                 if opts.max_jobs and self.jobs_done >= opts.max_jobs and self._stop is None:
                     self._stop = StopReason.MAX_JOBS
-                if opts.memory and _rss_mb() >= opts.memory and self._stop is None:
+                if opts.memory and _peak_mb() >= opts.memory and _rss_mb() >= opts.memory and self._stop is None:
                     self._stop = StopReason.MEMORY
                 if opts.rest and self._stop is None:
                     self._flush_ack()
@@ -402,6 +402,15 @@ class Worker:
         self.heartbeat.update(state=WorkerState.RUNNING, job_id=job.id, job_command=job.command, job_since=started)
         try:
             why, reply, code = self._supervise(claim, proc, timeout_at, deadline_kill)
+            for _ in range(2):
+                if why != "untaken":
+                    break
+                # The job process ended before taking the request (its check after the last
+                # job failed): the job has not started; hand it to a fresh job process.
+                proc = self._hand_over(spec, request, kill_at)
+                why, reply, code = self._supervise(claim, proc, timeout_at, deadline_kill)
+            if why == "untaken":
+                why = None
         finally:
             self.heartbeat.update(state=WorkerState.STOPPING if self._stop else WorkerState.IDLE,
                                   job_id=None, job_command=None, job_since=None)
@@ -527,6 +536,8 @@ class Worker:
                 code = self._reap(proc)
                 job_kill_at, self.shared.kill_at = self.shared.kill_at, NEVER
                 reply = self._outcome(seq)
+                if reply is None and why is None and self.shared.taken < seq:
+                    return "untaken", None, code
                 if why is None and reply is None and code == -signal.SIGKILL \
                         and _linux.boottime() >= job_kill_at - 0.05:
                     # The job process's own timer ended it: the worker was stopped (or too slow) to.
@@ -802,6 +813,11 @@ def _echo(data: bytes) -> None:
 def _to_boot(wall: float) -> float:
     """A wall-clock instant on CLOCK_BOOTTIME (which no clock step moves)."""
     return wall - time.time() + _linux.boottime()
+
+
+def _peak_mb() -> float:
+    """The peak resident memory: one system call, and never below the current (``_rss_mb``)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _rss_mb() -> float:
