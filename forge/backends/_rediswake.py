@@ -35,16 +35,13 @@ def _sha(source: str) -> str:
 def wait_claim(b: RedisBackend, queues: Sequence[str], timeout: float, worker: str,
                claim_timeout: float) -> Claim | None:
     """``b.wait(queues, timeout)`` and then ``b.claim(queues, worker, claim_timeout)``, in one
-    round trip. None: nothing was claimed (the caller claims as usual next)."""
+    round trip. None: nothing was claimed (the caller claims as usual next). Unlike ``wait``,
+    it does not look up the next delayed job's due time: the caller (the worker's idle wait)
+    has just capped ``timeout`` at it."""
     from . import _resp
     from .redis import BLOCK_CAP, PROMOTE_BATCH
 
-    if timeout <= 0 or not queues:
-        return None
-    due = b.next_due(queues)
-    if due is not None:
-        timeout = min(timeout, due - time.time())
-    if timeout <= 0.001:
+    if timeout <= 0.001 or not queues:
         return None
     keys = [b._key("q", q, "notify") for q in queues]
     block = min(timeout, BLOCK_CAP)
