@@ -15,11 +15,12 @@ modules, and hands it a :class:`JobContext`. Before any job's code runs, the job
   backstop, or its lease's end, moved on by the worker after each renewal): a stopped or
   frozen worker cannot let a job run past its lease, and a run frozen past it dies on thaw.
 
-It then runs one job per request from the worker. After each job it puts back what a job may
-change and can be put back exactly (working directory, environment, umask, signal handlers
-and mask, recursion limit) and checks the rest (descriptors 0-2 and its control pipes,
-resource limits, threads, the standard streams, tracing); if anything differs, it exits after
-reporting the outcome and the worker forks a fresh one for the next job. So nothing one job
+It then runs one job per request from the worker. After each job (once its outcome is
+reported) it puts back what a job may change and can be put back exactly (working directory,
+environment, umask, signal handlers and mask, recursion limit) and checks the rest
+(descriptors 0-2 and its control pipes, resource limits, threads, the standard streams,
+tracing), all before it reads the next request; if anything differs, it exits without taking
+that request and the worker forks a fresh one for it. So nothing one job
 changes in its process reaches the next, and a trivial job costs no process start.
 """
 
@@ -152,13 +153,18 @@ class _Runner:
             request = ctx.shared.record(REQUEST)
             if request is None:
                 return SETUP_FAILED
+            ctx.shared.taken = request["seq"]
             reply = self._run(request)
             if os.getpid() != self.me:  # a fork the job made and returned from: never go on
                 os._exit(0)
             with contextlib.suppress(Exception):
                 sys.stdout.flush()
                 sys.stderr.flush()
-            fresh = self.base.restore(self) and not ctx.fresh and not _over(ctx.memory)
+            # The outcome goes first; the state is put back and checked after, while the worker
+            # records the outcome (on another core). A request the worker sends meanwhile waits
+            # in the pipe until that is done; if the check fails, this process ends without
+            # taking it, and the worker, seeing ``taken`` short of it, hands it to a fresh one.
+            fresh = not ctx.fresh and not _over(ctx.memory)
             reply["seq"] = request["seq"]
             reply["recycle"] = not fresh
             ctx.shared.set_record(reply, OUTCOME)
@@ -166,7 +172,7 @@ class _Runner:
                 os.write(ctx.done, b".")
             except OSError:
                 return 0
-            if not fresh:
+            if not fresh or not self.base.restore(self):
                 return 0
 
     def _run(self, request: dict[str, Any]) -> dict[str, Any]:
@@ -207,7 +213,7 @@ class _State:
         return cls(
             put_back={
                 "cwd": os.getcwd(), "environ": dict(os.environ._data),  # type: ignore[attr-defined]
-                "environ_str": dict(os.environ), "umask": umask,
+                "umask": umask,
                 "handlers": [_signal.getsignal(s) for s in _SIGNALS],
                 "recursion": sys.getrecursionlimit(), "path": list(sys.path),
                 "switch": sys.getswitchinterval(), "excepthook": sys.excepthook,
@@ -227,13 +233,15 @@ class _State:
                 os.chdir(base["cwd"])
         except OSError:
             fresh = False
-        if os.environ._data != base["environ"]:  # type: ignore[attr-defined]
-            before = base["environ_str"]
-            for key in [k for k in os.environ if k not in before]:
-                del os.environ[key]
+        data, before = os.environ._data, base["environ"]  # type: ignore[attr-defined]
+        if data != before:  # as os.environ's own __delitem__/__setitem__ do, on the bytes
+            for key in [k for k in data if k not in before]:
+                os.unsetenv(key)
+                del data[key]
             for key, value in before.items():
-                if os.environ.get(key) != value:
-                    os.environ[key] = value
+                if data.get(key) != value:
+                    os.putenv(key, value)
+                    data[key] = value
         os.umask(base["umask"])
         for sig, handler in zip(_SIGNALS, base["handlers"], strict=True):
             if _signal.getsignal(sig) != handler:
@@ -289,8 +297,8 @@ def _checked(runner: _Runner) -> tuple[Any, ...]:
 def _over(memory_mb: int) -> bool:
     """Whether this process's resident memory passed ``memory_mb`` (a job's leak must not
     stay with the job process for ever)."""
-    if not memory_mb:
-        return False
+    if not memory_mb or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss < memory_mb * 1024:
+        return False  # its peak (one system call) is below: so is its resident memory
     try:
         with open("/proc/self/statm", "rb") as fh:
             pages = int(fh.read().split()[1])

@@ -30,11 +30,13 @@ class SharedState:
     Bytes 0-7: when the job process must be dead (CLOCK_BOOTTIME seconds, a double; the worker
     writes it). Then two slots, each a sequence number (odd while being written), a length and
     JSON, so the reader never sees half a record: the job request (``REQUEST``, the worker
-    writes it) and the job's outcome (``OUTCOME``, the job process writes it).
+    writes it) and the job's outcome (``OUTCOME``, the job process writes it). Last, the
+    sequence number of the request the job process took (``taken``).
     """
 
     SLOT = 256 * 1024  # a job's payload is at most 64 KiB
-    SIZE = 8 + 2 * SLOT
+    SIZE = 8 + 2 * SLOT + 8  # the last 8 bytes: the ``taken`` request's sequence number
+    _TAKEN = 8 + 2 * SLOT
     _Q = struct.Struct("=Q")
     _D = struct.Struct("=d")
     _I = struct.Struct("=I")
@@ -49,6 +51,16 @@ class SharedState:
     @kill_at.setter
     def kill_at(self, value: float) -> None:
         self._D.pack_into(self.mm, 0, value)
+
+    @property
+    def taken(self) -> int:
+        """The sequence number of the last request the job process took (read, before it runs
+        it): a job process that ends with an older one never started the latest request."""
+        return int(self._Q.unpack_from(self.mm, self._TAKEN)[0])
+
+    @taken.setter
+    def taken(self, value: int) -> None:
+        self._Q.pack_into(self.mm, self._TAKEN, value)
 
     def set_record(self, record: dict[str, Any] | None, slot: int = 0) -> None:
         base = 8 + slot * self.SLOT

@@ -109,6 +109,8 @@ class Worker:
         self._quarantined = 0
         #: A successful claim whose ack waits to go with the next claim (``Backend.ack_claim``).
         self._unacked: tuple[Claim, Event, dict[str, Any], list[Any]] | None = None
+        #: A claim made as the idle wait woke (``Backend.wait_claim``), run by the next ``_claim``.
+        self._woken: Claim | None = None
         self._sig_r, self._sig_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         if self.options.echo:
             self.output.echo = _echo
@@ -178,6 +180,7 @@ class Worker:
                     self.heartbeat.update(state=WorkerState.PAUSED if self._paused else WorkerState.IDLE)
                 if self._paused:
                     self._flush_ack()
+                    self._unclaim_woken()
                     self.heartbeat.beat()
                     self._idle_sleep(min(next_maintenance - now, 1.0))
                     continue
@@ -212,13 +215,14 @@ class Worker:
                     self._stop = StopReason.ONCE
                 if opts.max_jobs and self.jobs_done >= opts.max_jobs and self._stop is None:
                     self._stop = StopReason.MAX_JOBS
-                if opts.memory and _rss_mb() >= opts.memory and self._stop is None:
+                if opts.memory and _peak_mb() >= opts.memory and _rss_mb() >= opts.memory and self._stop is None:
                     self._stop = StopReason.MEMORY
                 if opts.rest and self._stop is None:
                     self._flush_ack()
                     self._idle_sleep(opts.rest)
         finally:
             self._flush_ack()
+            self._unclaim_woken()
             if self._proc is not None:
                 self._signal_all(signal.SIGKILL)
                 self._reap(self._proc)
@@ -237,9 +241,12 @@ class Worker:
 
     def _claim(self) -> Claim | None:
         opts = self.options
+        claim: Claim | None
         try:
             if self.gate is None:
-                if self._unacked is not None:
+                if self._woken is not None:
+                    claim, self._woken = self._woken, None
+                elif self._unacked is not None:
                     claim = self._ack_claim()
                 else:
                     claim = self.backend.claim(opts.queues, opts.name, opts.timeout)
@@ -323,7 +330,11 @@ class Worker:
             if self.backend.lease_based:
                 # A signal must not interrupt a server call mid-reply: wait in short steps.
                 timeout = min(timeout, 1.0)
-                self.backend.wait(opts.queues, timeout)
+                wait_claim = getattr(self.backend, "wait_claim", None)
+                if wait_claim is not None and self.gate is None and self._unacked is None:
+                    self._woken = wait_claim(opts.queues, timeout, opts.name, opts.timeout)  # claimed on waking
+                else:
+                    self.backend.wait(opts.queues, timeout)
                 return
             self._idle = True
             if self._stop is None:
@@ -402,6 +413,15 @@ class Worker:
         self.heartbeat.update(state=WorkerState.RUNNING, job_id=job.id, job_command=job.command, job_since=started)
         try:
             why, reply, code = self._supervise(claim, proc, timeout_at, deadline_kill)
+            for _ in range(2):
+                if why != "untaken":
+                    break
+                # The job process ended before taking the request (its check after the last
+                # job failed): the job has not started; hand it to a fresh job process.
+                proc = self._hand_over(spec, request, kill_at)
+                why, reply, code = self._supervise(claim, proc, timeout_at, deadline_kill)
+            if why == "untaken":
+                why = None
         finally:
             self.heartbeat.update(state=WorkerState.STOPPING if self._stop else WorkerState.IDLE,
                                   job_id=None, job_command=None, job_since=None)
@@ -527,6 +547,8 @@ class Worker:
                 code = self._reap(proc)
                 job_kill_at, self.shared.kill_at = self.shared.kill_at, NEVER
                 reply = self._outcome(seq)
+                if reply is None and why is None and self.shared.taken < seq:
+                    return "untaken", None, code
                 if why is None and reply is None and code == -signal.SIGKILL \
                         and _linux.boottime() >= job_kill_at - 0.05:
                     # The job process's own timer ended it: the worker was stopped (or too slow) to.
@@ -738,6 +760,13 @@ class Worker:
         self._acked(data, evs)
         return nxt
 
+    def _unclaim_woken(self) -> None:
+        """Hand back, uncounted, a claim made on waking that this worker will not run now."""
+        if self._woken is not None:
+            claim, self._woken = self._woken, None
+            self._durably(functools.partial(self.backend.release, claim, None, 0))
+            self._let_go(claim)
+
     def _flush_ack(self) -> None:
         """Send an ack still waiting for the next claim, now (the worker will not claim next)."""
         if self._unacked is None:
@@ -802,6 +831,11 @@ def _echo(data: bytes) -> None:
 def _to_boot(wall: float) -> float:
     """A wall-clock instant on CLOCK_BOOTTIME (which no clock step moves)."""
     return wall - time.time() + _linux.boottime()
+
+
+def _peak_mb() -> float:
+    """The peak resident memory: one system call, and never below the current (``_rss_mb``)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _rss_mb() -> float:

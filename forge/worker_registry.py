@@ -93,16 +93,25 @@ class Heartbeat:
         self._backend = backend
         self.interval = interval
         now = time.time()
-        self.record = WorkerRecord(name, socket.gethostname(), os.getpid(), queues, WorkerState.IDLE, now, now,
-                                   stale_after=max(15.0, 5 * interval))
+        self._record = WorkerRecord(name, socket.gethostname(), os.getpid(), queues, WorkerState.IDLE, now, now,
+                                    stale_after=max(15.0, 5 * interval))
+        self._changes: dict[str, Any] = {}  # applied when the record is read (a worker updates it thrice a job)
         self._next = 0.0
         self._last = float("-inf")
+
+    @property
+    def record(self) -> WorkerRecord:
+        """The record with every ``update`` so far."""
+        if self._changes:
+            self._record = replace(self._record, **self._changes)
+            self._changes = {}
+        return self._record
 
     def update(self, **changes: Any) -> None:
         """Change the record; it is published by the next ``beat``, at most every ``MIN_GAP``
         seconds (a worker draining thousands of jobs a second writes five records a second,
         and a job shorter than that may never show)."""
-        self.record = replace(self.record, **changes)
+        self._changes.update(changes)
         self._next = min(self._next, self._last + MIN_GAP)
         self.beat()
 
@@ -114,7 +123,7 @@ class Heartbeat:
             return
         self._next = now + self.interval
         self._last = now
-        self.record = replace(self.record, heartbeat_at=time.time())
+        self._changes["heartbeat_at"] = time.time()
         with contextlib.suppress(Exception):
             self._backend.put_worker(self.record.name, self.record.to_json(), self.record.stale_after)
 

@@ -375,6 +375,12 @@ class RedisBackend(RedisLimiter, RedisAdmin):
             if not isinstance(marker, Exception):
                 self._restart_cache = (time.monotonic(), marker)
 
+    def wait_claim(self, queues: Sequence[str], timeout: float, worker: str, claim_timeout: float) -> Claim | None:
+        """``wait``, then ``claim``, in one round trip (forge.backends._rediswake)."""
+        from ._rediswake import wait_claim
+
+        return wait_claim(self, queues, timeout, worker, claim_timeout)
+
     # -- outcomes -------------------------------------------------------------------------
 
     def _finish(self, token: str, job_id: str, mode: str, event: Event | None, attempts: int,
