@@ -61,7 +61,12 @@ def parse_backoff(value: Any, *, what: str = "backoff") -> Any:
 
         return parse(value, what=what)
     if isinstance(value, str):
-        parts: list = [p for p in value.split(",") if p.strip()]
+        parts: list = value.split(",")
+        if parts and not parts[-1].strip():
+            parts.pop()  # a trailing comma ("1,5,") is harmless
+        if any(not p.strip() for p in parts) and any(p.strip() for p in parts):
+            raise UsageError(f"Invalid {what} {value!r}: an empty delay between commas; give e.g. 1,5,10.")
+        parts = [p for p in parts if p.strip()]
     elif isinstance(value, list | tuple):
         parts = list(value)
     else:

@@ -190,3 +190,13 @@ def test_queue_show_and_queue_failed_print_a_jobs_control_characters_escaped(tmp
     log = subprocess.run([sys.executable, "-m", "forge", "queue:log", job.id], cwd=tmp_path, env=env,
                          capture_output=True, timeout=60)
     assert b"\x1b]0;pwned\x07" in log.stdout  # the log itself is kept exactly
+
+
+def test_an_empty_delay_between_commas_is_a_usage_error() -> None:
+    from forge.durations import parse_backoff
+    from forge.errors import UsageError
+
+    assert parse_backoff("1,5,") == (1.0, 5.0)
+    for bad in ("1,,2", ",5", " , "):
+        with pytest.raises(UsageError, match="delay"):
+            parse_backoff(bad)

@@ -229,7 +229,10 @@ def test_schedule_list_human_and_json_and_an_invalid_entry(proj: Project) -> Non
     assert run.returncode == 2 and "daily [2026-03-01T02:00:00Z] would dispatch" in run.stdout, run
     assert forge(proj, "schedule:pause", "daily").returncode == 2
     assert "PAUSED" in forge(proj, "schedule:list").stdout
-    assert forge(proj, "schedule:resume", "daily").returncode == 2
+    resumed = forge(proj, "schedule:resume", "daily")
+    assert resumed.returncode == 2 and 'Schedule "daily" resumed.' in resumed.stderr + resumed.stdout
+    again = forge(proj, "schedule:resume", "daily")
+    assert again.returncode == 2 and "was not paused" in again.stderr + again.stdout
     missing = forge(proj, "schedule:test", "dialy")
     assert missing.returncode == 5 and 'Did you mean "daily"?' in missing.stderr
     tested = forge(proj, "schedule:test", "daily")

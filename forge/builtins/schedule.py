@@ -165,6 +165,11 @@ def pause(name: Name, connection: Connection = None) -> int:
 def resume(name: Name, connection: Connection = None) -> int:
     """Dispatch an entry again; the ticks it missed while paused are not caught up."""
     sch, errors = _load(connection)
+    sch.entry(name)  # an unknown name is an error before anything is read
+    before = sch.store.read([name]).get(name)
     sch.resume(name)
-    output.info(f'Schedule "{name}" resumed.')
+    if before is None or not before.paused:
+        output.info(f'Schedule "{name}" was not paused: nothing to resume.')
+    else:
+        output.info(f'Schedule "{name}" resumed.')
     return _report_errors(errors)
