@@ -51,6 +51,8 @@ class RedisLimiter:
         def _io(self, dispatch: bool = False) -> contextlib.AbstractContextManager[None]: ...
         def _run(self, name: str, *args: Any) -> Any: ...
         def _clock(self) -> float: ...
+        def _token(self) -> str: ...
+        _retry_token: str | None
         def _local(self, server_us: Any) -> float: ...
         def _finish(self, token: str, job_id: str, mode: str, event: Event | None, attempts: int,
                     delay: float, only_expired: bool = False) -> bool: ...
@@ -62,12 +64,13 @@ class RedisLimiter:
             return None
         for q in queues:
             validate_queue_name(q)
-        token = os.urandom(12).hex()
+        token = self._token()  # reused until a reply arrives: a lost reply's job comes back
         with self._io():
             reply = self._run("limits", "claim", json.dumps(worker), token, _us(timeout), _us(KILL_GRACE),
                               _us(LEASE_MARGIN), _us(self.lease_window), json.dumps(cfg.to_wire()), SCAN_MAX,
                               *queues)
             self._clock()
+        self._retry_token = None
         if len(reply) == 1:
             return None
         if len(reply) == 4:

@@ -435,6 +435,7 @@ return reply
 --            config (JSON, LimitsConfig.to_wire), scan_max, queue names...
 --            Returns {now} (nothing due), {now, 'blocked', wake_us or ''} (due jobs held back),
 --            or {now, id, record, attempt, deadline_us, lease_us, scopes (JSON), dropped (JSON)}.
+--            Sent again with its token (a lost reply), it answers with the job it took (P:wclaim).
 --   release: holder, scopes...  Frees the slots and notifies one waiting worker per queue.
 --   handback: id, token.  Puts a claimed job back at the head of its queue, attempt un-counted.
 --   renew:   holder, lease_us, scopes...  Moves the slots' leases on (only those still held).
@@ -603,6 +604,24 @@ local function begin(q, id)
   return attempt, deadline, lease
 end
 
+-- A claim sent again with its token (its reply was lost) gets the same job back, with the
+-- slots it holds, as claim_next's does (the same P:wclaim:<worker> key).
+local wck = P .. ':wclaim:' .. worker
+local last = redis.call('GET', wck)
+if last and string.sub(last, 1, #token + 1) == token .. ' ' then
+  local id = string.sub(last, #token + 2)
+  local info = redis.call('HMGET', ik(id), 'state', 'token', 'queue', 'attempts', 'claimed', 'deadline')
+  local lease = info[1] == 'reserved' and info[2] == token and redis.call('ZSCORE', qk(info[3], 'reserved'), id)
+  if lease then
+    local scopes = {}
+    for _, n in ipairs(needs(info[3], own_limits(id))) do
+      if n[1] == 's' and redis.call('ZSCORE', sk(n[2]), id) then table.insert(scopes, n[2]) end
+    end
+    return {info[5], id, redis.call('GET', jk(id)), tonumber(info[4]), info[6], us(tonumber(lease)),
+            cjson.encode(scopes), '[]'}
+  end
+end
+
 local wake = nil
 local blocked_any = false
 local dropped = {}
@@ -650,6 +669,7 @@ for i = 11, #ARGV do
                 redis.call('HSET', ik(id), 'state', 'reserved', 'token', token,
                            'claimed', us(now), 'deadline', us(deadline))
                 redis.call('ZADD', qk(q, 'reserved'), us(lease), id)
+                redis.call('SET', wck, token .. ' ' .. id, 'EX', 86400)
                 redis.call('APPEND', jk(id), '{"event":"claimed","attempt":' .. attempt .. ',"at":' ..
                            secs(now) .. ',"worker":' .. worker .. ',"deadline":' .. secs(deadline) ..
                            ',"log_offset":' .. redis.call('STRLEN', P .. ':log:' .. id) .. '}\n')
