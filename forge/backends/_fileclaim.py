@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from .. import _linux
-from ..job import MAX_FILE_BYTES, CorruptJob, Event, decode_job, is_idempotent_id
+from ..job import MAX_FILE_BYTES, CorruptJob, Event, Job, decode_job, is_idempotent_id
 from ._fileidem import IDEM_DIR, is_key_link
 from ._fileio import (
     FILE_ERRNOS,
@@ -61,6 +61,19 @@ def finished_event(data: bytes) -> str | None:
     except (ValueError, AttributeError):
         return None
     return event if event in ("done", "failed") else None
+
+
+def claimable_job(data: bytes, job_id: str, queue: str) -> Job:
+    """The job in a pending file just taken (``data``, named for ``job_id`` in ``queue``);
+    raises CorruptJob when it cannot run: unreadable, misnamed, or finished already."""
+    job = decode_job(data)
+    if job.id != job_id or job.queue != queue:
+        raise CorruptJob("file name does not match its contents")
+    last = finished_event(data)
+    if last is not None:
+        raise CorruptJob(f"the job has finished (its last event is {last}): something other"
+                         " than forge moved it back into pending/")
+    return job
 
 
 class FileClaimer:
@@ -220,14 +233,7 @@ class FileClaimer:
             os.close(fd)
             raise unusable(exc, first_unwritable(q.pending, q.reserved), "claim jobs from") from None
         try:
-            data = read_whole(fd, st.st_size)
-            job = decode_job(data)
-            if job.id != job_id or job.queue != q.name:
-                raise CorruptJob("file name does not match its contents")
-            last = finished_event(data)
-            if last is not None:
-                raise CorruptJob(f"the job has finished (its last event is {last}): something other"
-                                 " than forge moved it back into pending/")
+            job = claimable_job(read_whole(fd, st.st_size), job_id, q.name)
         except CorruptJob as exc:
             self._quarantine(q.reserved, reserved, str(exc))
             os.close(fd)

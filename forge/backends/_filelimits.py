@@ -37,10 +37,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from ..job import CorruptJob, Event, decode_job
+from ..job import CorruptJob, Event
 from ..limits import REASON_ISOLATED
 from ..limits.spec import LimitsConfig, Need, job_limits
-from ._fileclaim import _TAKEN, finished_event
+from ._fileclaim import _TAKEN, claimable_job
 from ._fileio import (
     FILE_ERRNOS,
     O_READ,
@@ -403,13 +403,7 @@ class FileLimiter:
             job_id, attempts = split_pending(name)
             data = read_whole(fd, st.st_size)
             try:
-                job = decode_job(data)
-                if job.id != job_id or job.queue != q.name:
-                    raise CorruptJob("file name does not match its contents")
-                last = finished_event(data)
-                if last is not None:
-                    raise CorruptJob(f"the job has finished (its last event is {last}): something other"
-                                     " than forge moved it back into pending/")
+                job = claimable_job(data, job_id, q.name)
             except CorruptJob as exc:
                 os.close(fd)
                 fd = -1

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..config import validate_queue_name
 from ..errors import QueueUnavailable
-from ..job import CorruptJob, Event, Reason, decode_file
+from ..job import Event, Job
 from ..limits.spec import LimitsConfig, Need
 from ._redis_helpers import us as _us
 from .base import KILL_GRACE, LEASE_MARGIN, Claim
@@ -54,8 +54,7 @@ class RedisLimiter:
         def _token(self) -> str: ...
         _retry_token: str | None
         def _local(self, server_us: Any) -> float: ...
-        def _finish(self, token: str, job_id: str, mode: str, event: Event | None, attempts: int,
-                    delay: float, only_expired: bool = False) -> bool: ...
+        def _claimed_job(self, token: str, job_id: bytes, record: bytes, attempt: Any) -> Job | None: ...
         def release(self, claim: Claim, event: Event | None, delay: float) -> None: ...
 
     def claim_limited(self, queues: Sequence[str], worker: str, timeout: float, cfg: LimitsConfig) -> Claim | None:
@@ -78,14 +77,8 @@ class RedisLimiter:
             self.limits_wake_at = self._local(reply[2]) if reply[2] else None
             return None
         _, job_id, record, attempt, deadline, lease, scopes, _dropped = reply
-        try:
-            job, _ = decode_file(record)
-            if job.id != job_id.decode():
-                raise CorruptJob("record does not match its key")
-        except CorruptJob as exc:
-            self._finish(token, job_id.decode(), "failed", Event(
-                "failed", int(attempt), time.time(), reason=Reason.EXCEPTION,
-                error=f"corrupt job record: {exc}"), int(attempt), 0.0)
+        job = self._claimed_job(token, job_id, record, attempt)
+        if job is None:  # failed as corrupt: its holds go too
             self.release_holds(RedisHolds(job_id.decode(), _list(scopes)))
             return None
         claim = Claim(job, int(attempt), self._local(reply[0]), self._local(deadline),

@@ -317,13 +317,9 @@ class RedisBackend(RedisLimiter, RedisAdmin):
         return [json.dumps(worker), token, _us(timeout), _us(KILL_GRACE), _us(LEASE_MARGIN),
                 _us(self.lease_window), *queues]
 
-    def _claimed(self, reply: list[Any], token: str) -> Claim | None:
-        """The Claim of a claim script's reply (None: nothing was due)."""
-        if len(reply) == 1:
-            return None
-        with self._io():
-            self._clock()
-        _, job_id, record, attempt, deadline, lease = reply
+    def _claimed_job(self, token: str, job_id: bytes, record: bytes, attempt: Any) -> Job | None:
+        """The job a claim script took; a record that does not decode (or names another id) is
+        failed at once as corrupt, and None returned."""
         try:
             job, _ = decode_file(record)
             if job.id != job_id.decode():
@@ -332,6 +328,18 @@ class RedisBackend(RedisLimiter, RedisAdmin):
             self._finish(token, job_id.decode(), "failed", Event(
                 "failed", int(attempt), time.time(), reason=Reason.EXCEPTION,
                 error=f"corrupt job record: {exc}"), int(attempt), 0.0)
+            return None
+        return job
+
+    def _claimed(self, reply: list[Any], token: str) -> Claim | None:
+        """The Claim of a claim script's reply (None: nothing was due)."""
+        if len(reply) == 1:
+            return None
+        with self._io():
+            self._clock()
+        _, job_id, record, attempt, deadline, lease = reply
+        job = self._claimed_job(token, job_id, record, attempt)
+        if job is None:
             return None
         return Claim(job, int(attempt), self._local(reply[0]), self._local(deadline),
                      self._local(lease), [], token, f"{job.id}/{token}", int(reply[0]))
