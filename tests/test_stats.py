@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 from conftest import make_job
 from prometheus_client.parser import text_string_to_metric_families
+from test_scheduler_cli import LIBFAKETIME, needs_faketime
 
 from forge.queue import QueueManager
 from forge.stats import compute_stats, write_record
@@ -149,6 +150,12 @@ def test_bad_input_is_a_usage_error(queue_target: Any, tmp_path: Path) -> None:
     assert "forge_queue_jobs_pending" in out.read_text() and not list(tmp_path.glob(".forge.prom*"))
 
 
+#: libfaketime preloaded directly: the ``faketime`` wrapper names a semaphore after its pid and
+#: fails ("sem_open: File exists") where a killed earlier run left one behind.
+TWO_DAYS_LATER = {"LD_PRELOAD": LIBFAKETIME or "", "FAKETIME": "+2d"}
+
+
+@needs_faketime
 def test_file_journal_is_bounded_and_counters_survive_pruning(queue_target: Any) -> None:
     """Two days later (libfaketime): the minute files are gone, the counters are not."""
     if queue_target.kind != "file":
@@ -158,12 +165,12 @@ def test_file_journal_is_bounded_and_counters_survive_pruning(queue_target: Any)
     known_history(b, now)
     stats_dir = queue_target.queue_dir / "stats"
     assert list(stats_dir.glob("*/*.log"))
-    later = run(queue_target, "queue:metrics", prefix=("faketime", "-f", "+2d"))
+    later = run(queue_target, "queue:metrics", env=TWO_DAYS_LATER)
     assert later.returncode == 0, later.stderr
     v = metric_values(later.stdout)
     assert v[("forge_queue_jobs_processed_total", (("queue", "default"),))] == 4
     assert not list(stats_dir.glob("*/*.log"))
-    r = run(queue_target, "queue:stats", "--json", "--since=1h", prefix=("faketime", "-f", "+2d"))
+    r = run(queue_target, "queue:stats", "--json", "--since=1h", env=TWO_DAYS_LATER)
     assert json.loads(r.stdout)["stats"]["totals"]["done"] == 0
     assert metric_values(run(queue_target, "queue:metrics").stdout)[
         ("forge_queue_jobs_processed_total", (("queue", "default"),))] == 4
