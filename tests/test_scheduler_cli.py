@@ -27,9 +27,21 @@ needs_faketime = pytest.mark.skipif(LIBFAKETIME is None, reason="libfaketime is 
 STRACE = shutil.which("strace")
 
 
+def _drop_dead_faketime_shm() -> None:
+    """libfaketime makes a shared-memory object per process, named by its pid, and removes it at
+    exit: a SIGKILLed process (these tests kill schedule:run on purpose) leaves it behind, and a
+    later process given the same pid then fails to start ("shm_open failed: File exists").
+    Remove the objects of processes that are gone."""
+    for path in Path("/dev/shm").glob("*faketime_s*_*"):
+        pid = path.name.rsplit("_", 1)[-1]
+        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            path.unlink(missing_ok=True)
+
+
 def fake(when: str) -> dict[str, str]:
     """The environment that starts a process's clock at ``when`` (UTC) and lets it run on."""
     assert LIBFAKETIME
+    _drop_dead_faketime_shm()
     return {"LD_PRELOAD": LIBFAKETIME, "FAKETIME": f"@{when}", "FAKETIME_DONT_RESET": "1", "TZ": "UTC"}
 
 
