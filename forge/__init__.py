@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from .registry import command
+from forge.registry import command
 
 __version__ = "0.1.0"
 
@@ -56,7 +56,7 @@ _LAZY = {
 }
 
 if TYPE_CHECKING:
-    from .errors import (
+    from forge.errors import (
         DispatchFailed,
         DuplicateJob,
         ForgeError,
@@ -66,11 +66,11 @@ if TYPE_CHECKING:
         QueueUnavailable,
         RetryBlocked,
     )
-    from .events.listeners import on
-    from .jobprogress import progress
-    from .queue import CommandQueue, JobDispatch, QueuedCommand, QueueManager
-    from .retry.outcome import Fail, Retry
-    from .runner import CallResult, call
+    from forge.events.listeners import on
+    from forge.jobprogress import progress
+    from forge.queue import CommandQueue, JobDispatch, QueuedCommand, QueueManager
+    from forge.retry.outcome import Fail, Retry
+    from forge.runner import CallResult, call
 
 
 def __getattr__(name: str) -> Any:

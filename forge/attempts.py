@@ -13,7 +13,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .job import Event, JobInfo, State
+from forge.job import Event, JobInfo, State
 
 #: Characters of output shown for the newest attempt, and for each earlier one.
 LAST_CHARS = 4096
@@ -91,7 +91,7 @@ def ending(a: Attempt) -> str:
     if detail:
         what += f" ({detail})"
     if a.duration is not None:
-        from .durations import format_duration
+        from forge.durations import format_duration
 
         what += f" after {format_duration(a.duration)}"
     return what + ("; to be retried" if a.outcome == "released" else "")
@@ -114,7 +114,7 @@ def readable(data: bytes, chars: int) -> str:
     """The end of some output for people: from a line's beginning, at most ``chars``
     characters, with the frames of forge's and Typer's own code in tracebacks folded into one
     line (the log itself keeps them; folded first, so they do not use up the room)."""
-    from .jobshare import cut_to_lines
+    from forge.jobshare import cut_to_lines
 
     window = data[-chars * 4:]
     text = window.decode(errors="replace")

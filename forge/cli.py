@@ -7,7 +7,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from .errors import EXIT_ERROR, EXIT_USAGE, ForgeError
+from forge.errors import EXIT_ERROR, EXIT_USAGE, ForgeError
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -17,7 +17,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     global _quick_exit
     _quick_exit = False
     if verbose:
-        from . import runner
+        from forge import runner
 
         runner.strict_discovery = True
     code = _run(args, verbose)
@@ -41,12 +41,12 @@ _quick_exit = False
 def _run(args: list[str], verbose: bool) -> int:
     import warnings
 
-    from . import output
+    from forge import output
 
     warnings.showwarning = lambda msg, cat, *a, **k: output.warn(str(msg))
     try:
         if args[:1] == ["queue:dispatch"]:
-            from .builtins.fastdispatch import run as fast_dispatch
+            from forge.builtins.fastdispatch import run as fast_dispatch
 
             code = fast_dispatch(args[1:])
             if code is not None:
@@ -54,7 +54,7 @@ def _run(args: list[str], verbose: bool) -> int:
                 _quick_exit = True
                 return code
         if args[:1] == ["schedule:run"]:
-            from .builtins.fastschedule import run as fast_schedule
+            from forge.builtins.fastschedule import run as fast_schedule
 
             code = fast_schedule(args[1:])
             if code is not None:
@@ -62,7 +62,7 @@ def _run(args: list[str], verbose: bool) -> int:
         from typer._click.exceptions import ClickException
         from typer.exceptions import Abort, Exit
 
-        from .typerapp import build_app
+        from forge.typerapp import build_app
 
         group = build_app()
         try:
@@ -75,7 +75,7 @@ def _run(args: list[str], verbose: bool) -> int:
         except ClickException as exc:
             output.error(exc.format_message(), _usage_hint(args))
             return exc.exit_code if exc.exit_code else EXIT_USAGE
-        from .runner import exit_code_of
+        from forge.runner import exit_code_of
 
         return exit_code_of(rv)
     except ForgeError as exc:

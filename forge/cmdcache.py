@@ -35,8 +35,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from . import __version__
-from .config import Settings, project_digest, user_dir
+from forge import __version__
+from forge.config import Settings, project_digest, user_dir
 
 FORMAT = 4  # 4: entries keep the command's declared job defaults
 MAX_BYTES = 4 << 20
@@ -119,8 +119,8 @@ def load(settings: Settings, current: list[Any] | None = None) -> dict[str, dict
 
     ``current`` is the project's :func:`fingerprint`, if the caller has just taken it.
     """
-    from .builtins import BUILTINS
-    from .registry import valid_name
+    from forge.builtins import BUILTINS
+    from forge.registry import valid_name
 
     raw = _read(cache_file(settings))
     if raw is None:
@@ -156,10 +156,10 @@ def store(settings: Settings, before: list[Any]) -> None:
 
     Best effort: a cache that cannot be written only makes the next dispatch slower.
     """
-    from .argspec import describe
-    from .discovery import project_specs
-    from .registry import SCHEDULE_MARKER
-    from .runner import click_command
+    from forge.argspec import describe
+    from forge.discovery import project_specs
+    from forge.registry import SCHEDULE_MARKER
+    from forge.runner import click_command
 
     if fingerprint(settings) != before:
         return  # a file changed while we loaded them: the next run will try again
@@ -207,11 +207,11 @@ def store(settings: Settings, before: list[Any]) -> None:
 def spec_of(name: str, entry: dict[str, Any]) -> Any:
     """The ``CommandSpec`` a cache entry stands for: its source and declared job defaults (its
     function is never loaded). ValueError or UsageError if the entry is malformed."""
-    from .registry import CommandSpec
+    from forge.registry import CommandSpec
 
     defaults = None
     if entry.get("defaults") is not None:
-        from .retry.rules import JobDefaults
+        from forge.retry.rules import JobDefaults
 
         defaults = JobDefaults.from_json(entry["defaults"])
     return CommandSpec(name, str(entry.get("source", "")), defaults=defaults)

@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .durations import parse_backoff, parse_duration
-from .errors import ConfigError, UsageError
+from forge.durations import parse_backoff, parse_duration
+from forge.errors import ConfigError, UsageError
 
 CONFIG_NAME = "forge.toml"
 QUEUE_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
@@ -344,7 +344,7 @@ def _parse_cached(raw: bytes) -> dict[str, Any]:
     import json
     import tomllib
 
-    from .cmdcache import _read, _trusted_dir
+    from forge.cmdcache import _read, _trusted_dir
 
     digest = hashlib.sha256(raw).hexdigest()
     folder = user_dir("cache") / "toml"
@@ -436,7 +436,7 @@ def load_settings(
             _check(f"{section}.{key}", value, _SCHEMA[section][key], where)
 
     if "listeners" in data or "events" in data:  # checked now: a dispatch must not fail after its write
-        from .events.config import events_config_of
+        from forge.events.config import events_config_of
 
         events_config_of(data, where)
 
@@ -599,6 +599,6 @@ def _connection(name: str, table: Mapping[str, Any], root: Path, where: str) -> 
 
 
 def _backoff_json(backoff: Any) -> Any:
-    from .retry.backoff import to_json
+    from forge.retry.backoff import to_json
 
     return to_json(backoff)

@@ -14,10 +14,10 @@ import sys
 import warnings
 from pathlib import Path
 
-from .builtins import BUILTINS
-from .config import Settings
-from .errors import DiscoveryError
-from .registry import (
+from forge.builtins import BUILTINS
+from forge.config import Settings
+from forge.errors import DiscoveryError
+from forge.registry import (
     JOB_MARKER,
     MARKER,
     CommandRegistry,

@@ -6,7 +6,7 @@ import re
 from datetime import timedelta
 from typing import Any
 
-from .errors import UsageError
+from forge.errors import UsageError
 
 _PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d|w)")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}
@@ -57,7 +57,7 @@ def parse_backoff(value: Any, *, what: str = "backoff") -> Any:
     every dispatch)."""
     if isinstance(value, str) and value.strip().lower().startswith("exp") or not isinstance(
             value, str | int | float | list | tuple):
-        from .retry.backoff import parse
+        from forge.retry.backoff import parse
 
         return parse(value, what=what)
     if isinstance(value, str):

@@ -16,11 +16,11 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
-from .errors import CorruptJob, UsageError
+from forge.errors import CorruptJob, UsageError
 
 if TYPE_CHECKING:  # imported when a record has them: a plain dispatch needs neither
-    from .retry.backoff import Backoff
-    from .retry.rules import RetryRules
+    from forge.retry.backoff import Backoff
+    from forge.retry.rules import RetryRules
 
 FORMAT_VERSION = 1
 MAX_PAYLOAD_BYTES = 64 * 1024      # a dispatched job (command, args, metadata)
@@ -249,7 +249,7 @@ def _backoff_json(backoff: Any) -> Any:
 def _retry_of(d: Mapping[str, Any]) -> RetryRules | None:
     if d.get("retry") is None:
         return None
-    from .retry.rules import RetryRules
+    from forge.retry.rules import RetryRules
 
     try:
         return RetryRules.from_json(d["retry"])
@@ -262,7 +262,7 @@ def _backoff_of(d: Mapping[str, Any]) -> Backoff | None:
     if value is None:
         return None
     if isinstance(value, dict):
-        from .retry.backoff import Exponential
+        from forge.retry.backoff import Exponential
 
         try:
             return Exponential.from_json(value)

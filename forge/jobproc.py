@@ -39,15 +39,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NoReturn
 
-from . import _linux
-from .errors import EXIT_USAGE, ForgeError, UsageError
-from .job import Reason
-from .jobshare import NEVER, OUTCOME, REQUEST, SharedState
-from .retry.outcome import Fail, Retry, reply_of
-from .runner import invoke
+from forge import _linux
+from forge.errors import EXIT_USAGE, ForgeError, UsageError
+from forge.job import Reason
+from forge.jobshare import NEVER, OUTCOME, REQUEST, SharedState
+from forge.retry.outcome import Fail, Retry, reply_of
+from forge.runner import invoke
 
 if TYPE_CHECKING:
-    from .registry import CommandRegistry, CommandSpec
+    from forge.registry import CommandRegistry, CommandSpec
 
 #: How often the job process's watcher moves its kill timer to the worker's latest instant.
 RENEW_POLL = 0.5
@@ -117,7 +117,7 @@ class _Runner:
             os.closerange(low, fd)
             low = fd + 1
         os.closerange(low, 1 << 20)
-        from .runner import forget_tty
+        from forge.runner import forget_tty
 
         forget_tty()  # stdout is the same object, no longer the worker's terminal
         with contextlib.suppress(Exception):

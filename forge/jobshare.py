@@ -18,10 +18,10 @@ import struct
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from . import _linux
+from forge import _linux
 
 if TYPE_CHECKING:
-    from .backends.base import Backend
+    from forge.backends.base import Backend
 
 
 class SharedState:

@@ -22,10 +22,10 @@ import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
-from .errors import ConfigError
+from forge.errors import ConfigError
 
 if TYPE_CHECKING:
-    from .queue import QueueManager
+    from forge.queue import QueueManager
 
 INSTALL_HINT = "pip install 'forge-jobs[metrics]'"
 
@@ -40,7 +40,7 @@ def _client() -> Any:
 
 def _manager(manager: Any) -> Any:
     if manager is None or isinstance(manager, str):
-        from .queue import QueueManager
+        from forge.queue import QueueManager
 
         return QueueManager(manager)
     return manager
@@ -59,8 +59,8 @@ class ForgeCollector:
             HistogramMetricFamily,
         )
 
-        from .stats import journal_for
-        from .stats.records import BUCKETS
+        from forge.stats import journal_for
+        from forge.stats.records import BUCKETS
 
         backend = self.manager.backend
         now = time.time()

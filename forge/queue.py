@@ -21,9 +21,9 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from .argspec import accepts, describe
-from .config import Settings, load_settings, validate_queue_name
-from .errors import (
+from forge.argspec import accepts, describe
+from forge.config import Settings, load_settings, validate_queue_name
+from forge.errors import (
     AmbiguousJobId,
     DispatchFailed,
     DuplicateJob,
@@ -36,14 +36,14 @@ from .errors import (
     UnknownQueuedCommand,
     UsageError,
 )
-from .job import Job, JobInfo, State, valid_id
-from .queued_command import QueuedCommand, batch_key
-from .queued_command import queue_name as _queue_name
+from forge.job import Job, JobInfo, State, valid_id
+from forge.queued_command import QueuedCommand, batch_key
+from forge.queued_command import queue_name as _queue_name
 
 if TYPE_CHECKING:
-    from .backends.base import Backend, QueueStats
-    from .registry import CommandRegistry
-    from .worker_registry import WorkerRecord
+    from forge.backends.base import Backend, QueueStats
+    from forge.registry import CommandRegistry
+    from forge.worker_registry import WorkerRecord
 
 __all__ = ["AmbiguousJobId", "CommandQueue", "DispatchFailed", "DuplicateJob", "ForgeError", "InvalidCommand",
            "JobDispatch", "JobNotFound", "QueueError", "QueueManager", "QueueUnavailable", "QueuedCommand",
@@ -109,7 +109,7 @@ def _check_args_here(spec: Any, args: tuple[str, ...]) -> None:
     fn = spec.load()
     described = _arg_specs.get(fn, _UNKNOWN)
     if described is _UNKNOWN:
-        from .runner import click_command
+        from forge.runner import click_command
 
         described = _arg_specs[fn] = describe(click_command(spec))
     if described is not None and accepts(described, args):
@@ -119,7 +119,7 @@ def _check_args_here(spec: Any, args: tuple[str, ...]) -> None:
     until = _parsed_ok.get(key)
     if until is not None and until > now:
         return
-    from .runner import check_args
+    from forge.runner import check_args
 
     try:
         check_args(spec, args)
@@ -170,7 +170,7 @@ _backends: dict[tuple[Any, float], Backend] = {}
 
 def connect(connection: str | None = None, settings: Settings | None = None) -> Backend:
     """The backend of a configured connection (one per process and connection)."""
-    from .backends import open_backend
+    from forge.backends import open_backend
 
     settings = settings or load_settings()
     conn = settings.connection_config(connection)
@@ -238,7 +238,7 @@ class CommandQueue(_Connected):
     @property
     def registry(self) -> CommandRegistry:
         if self._registry is None:
-            from .runner import default_registry
+            from forge.runner import default_registry
 
             self._registry = default_registry()
         return self._registry
@@ -258,7 +258,7 @@ class CommandQueue(_Connected):
         if self._check_args:
             _check_args(spec, job.args, str(self.settings.root))
         if "forge.limits" in job.metadata or getattr(spec.target, "__forge_isolated__", None) is not None:
-            from .limits.isolation import stamp  # limits of its own, or an isolated command
+            from forge.limits.isolation import stamp  # limits of its own, or an isolated command
 
             job = stamp(job, spec, self.settings)
         return job
@@ -292,7 +292,7 @@ class CommandQueue(_Connected):
         import sys
 
         if self.settings.listeners or "forge.events.hooks" in sys.modules:
-            from .events.hooks import dispatched
+            from forge.events.hooks import dispatched
 
             dispatched(self.settings, self.backend, jobs, created)
 
@@ -428,7 +428,7 @@ class QueueManager(_Connected):
         info = self.backend.find(_job_id(job_id))
         if info is None:
             raise JobNotFound(job_id)
-        from .jobprogress.store import with_progress
+        from forge.jobprogress.store import with_progress
 
         return with_progress(self.backend, [info])[0]
 
@@ -504,7 +504,7 @@ class QueueManager(_Connected):
             info = self.backend.cancel(job_id)
             if info is not None:
                 if self.settings.listeners:
-                    from .events.hooks import cancelled
+                    from forge.events.hooks import cancelled
 
                     cancelled(self.settings, self.backend, info)
                 return info
@@ -541,7 +541,7 @@ class QueueManager(_Connected):
 
     def workers(self) -> builtins.list[WorkerRecord]:
         """The live workers of this connection (``forge.worker_registry``)."""
-        from .worker_registry import live_workers
+        from forge.worker_registry import live_workers
 
         return live_workers(self.backend)
 

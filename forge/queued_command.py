@@ -13,10 +13,10 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from .config import validate_queue_name
-from .durations import MAX_SECONDS, parse_duration
-from .errors import InvalidCommand, UsageError
-from .job import (
+from forge.config import validate_queue_name
+from forge.durations import MAX_SECONDS, parse_duration
+from forge.errors import InvalidCommand, UsageError
+from forge.job import (
     LATEST_DUE,
     MAX_IDEMPOTENCY_KEY,
     MAX_JSON_DEPTH,
@@ -28,8 +28,8 @@ from .job import (
 )
 
 if TYPE_CHECKING:
-    from .retry.backoff import Backoff, Exponential
-    from .retry.rules import JobDefaults
+    from forge.retry.backoff import Backoff, Exponential
+    from forge.retry.rules import JobDefaults
 
 
 def queue_name(name: object) -> str:
@@ -116,7 +116,7 @@ class QueuedCommand:
         try:
             if isinstance(backoff, timedelta):
                 return replace(self, backoff=(backoff.total_seconds(),))
-            from .retry.backoff import parse
+            from forge.retry.backoff import parse
 
             return replace(self, backoff=parse(backoff))
         except UsageError as exc:
@@ -125,7 +125,7 @@ class QueuedCommand:
     def with_retry_until(self, until: float | int | str | timedelta | datetime) -> QueuedCommand:
         """Start no retry after this: a duration after dispatch (``"2h"``) or a datetime. With
         it and no max attempts (here or declared), attempts are not limited: the deadline is."""
-        from .retry.rules import deadline
+        from forge.retry.rules import deadline
 
         try:
             at = deadline(until, time.time())  # validated now: a bad value fails here, not at dispatch
@@ -179,7 +179,7 @@ class QueuedCommand:
         ``concurrency_key`` at once, ``rate`` (``"100/m"``) starts for ``rate_key``, or the
         command's isolation lock (``on_busy``: ``"wait"`` or ``"drop"``); a key without its
         number takes it from ``[limits.keys]``. Checked here and at dispatch."""
-        from .limits.isolation import options_meta
+        from forge.limits.isolation import options_meta
 
         try:
             meta = options_meta({"concurrency_key": concurrency_key, "concurrency": concurrency,
@@ -260,7 +260,7 @@ class QueuedCommand:
         available = self._due(now)
         rules = None
         if self.retry_until is not None or self.max_exceptions is not None or self.max_releases is not None:
-            from .retry.rules import RetryRules, deadline
+            from forge.retry.rules import RetryRules, deadline
 
             try:
                 rules = RetryRules(

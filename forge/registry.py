@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from .errors import DiscoveryError, UnknownCommand
+from forge.errors import DiscoveryError, UnknownCommand
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -45,7 +45,7 @@ def command(name: str, *, hidden: bool = False, schedule: Any = None, isolated: 
     """
     defaults = None
     if job:
-        from .retry.rules import JobDefaults
+        from forge.retry.rules import JobDefaults
 
         try:
             defaults = JobDefaults.declare(**job)
@@ -60,7 +60,7 @@ def command(name: str, *, hidden: bool = False, schedule: Any = None, isolated: 
         if schedule is not None:
             setattr(fn, SCHEDULE_MARKER, schedule)
         if isolated is not None and isolated is not False:
-            from .limits.isolation import check_declaration  # only for an isolated command
+            from forge.limits.isolation import check_declaration  # only for an isolated command
 
             setattr(fn, ISOLATED_MARKER, check_declaration(isolated, name))
         return fn

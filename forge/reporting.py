@@ -11,7 +11,7 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import Any, TextIO
 
-from .durations import format_duration
+from forge.durations import format_duration
 
 #: How the stop line says why a worker stopped.
 STOP_TEXT = {"empty": "the queues are empty", "once": "--once", "max_jobs": "--max-jobs reached",
@@ -44,7 +44,7 @@ def console_reporter(json_out: bool, verbose: bool = False) -> Callable[[TextIO]
             return report_json
 
         colours = {"DONE": "32", "FAIL": "31", "RUNNING": "33", "RETRY": "33"}
-        from .output import status_line
+        from forge.output import status_line
 
         def status(when: str, name: str, word: str, detail: str = "") -> None:
             text = status_line(when, name, word, detail)

@@ -13,8 +13,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import EXIT_ERROR, EXIT_USAGE, ForgeError, UsageError
-from .registry import CommandRegistry, CommandSpec
+from forge.errors import EXIT_ERROR, EXIT_USAGE, ForgeError, UsageError
+from forge.registry import CommandRegistry, CommandSpec
 
 _click_cache: dict[Callable[..., Any], Any] = {}
 
@@ -50,7 +50,7 @@ def forget_tty() -> None:
 def _stdout_is_tty() -> bool:
     """Whether stdout is a terminal, asked once per stdout object (the worker runs thousands
     of jobs a second through here; the answer needs a system call)."""
-    from .output import is_tty
+    from forge.output import is_tty
 
     if not _tty or _tty[0][0] != id(sys.stdout):
         _tty[:] = [(id(sys.stdout), is_tty())]
@@ -142,8 +142,8 @@ strict_discovery = False
 def default_registry() -> CommandRegistry:
     global _default_registry
     if _default_registry is None:
-        from .config import load_settings
-        from .discovery import build_registry
+        from forge.config import load_settings
+        from forge.discovery import build_registry
 
         _default_registry = build_registry(load_settings(), strict=strict_discovery)
     return _default_registry
@@ -166,7 +166,7 @@ def call(name: str, args: Sequence[str] = (), *, registry: CommandRegistry | Non
         argv = [str(a) for a in args]
         wrapped = None
         if "--isolated" in argv or getattr(spec.target, "__forge_isolated__", None) is not None:
-            from .limits.isolation import wrap_direct  # hold its isolation lock while it runs
+            from forge.limits.isolation import wrap_direct  # hold its isolation lock while it runs
 
             wrapped, argv = wrap_direct(spec, click_command(spec), argv)
         code = invoke(spec, argv, wrapped)

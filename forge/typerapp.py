@@ -7,10 +7,10 @@ from typing import Any
 import typer
 from typer.core import TyperGroup
 
-from . import __version__
-from .errors import EXIT_ERROR
-from .registry import CommandRegistry
-from .runner import default_registry
+from forge import __version__
+from forge.errors import EXIT_ERROR
+from forge.registry import CommandRegistry
+from forge.runner import default_registry
 
 state: dict[str, Any] = {"verbose": False}
 
@@ -34,7 +34,7 @@ class ForgeGroup(TyperGroup):
         spec = self._registry().get(cmd_name)
         if spec is None:
             return None
-        from .runner import click_command
+        from forge.runner import click_command
 
         return click_command(spec)
 
@@ -46,7 +46,7 @@ class ForgeGroup(TyperGroup):
             err.exit_code = EXIT_ERROR  # artisan's exit code for an unknown name
             raise err
         if name.startswith("queue:") and not ctx.resilient_parsing:
-            from . import output
+            from forge import output
 
             for note in self._registry().notes:  # e.g. no forge.toml: which queue is this?
                 output.warn(note)
@@ -55,13 +55,13 @@ class ForgeGroup(TyperGroup):
             spec = self._registry().get(name)
             if spec is not None and not spec.builtin and (
                     "--isolated" in rest or getattr(spec.target, "__forge_isolated__", None) is not None):
-                from .limits.isolation import wrap_direct
+                from forge.limits.isolation import wrap_direct
 
                 cmd, rest = wrap_direct(spec, cmd, rest)  # holds the isolation lock while it runs
         return (cmd.name if cmd else None), cmd, rest
 
     def format_help(self, ctx: Any, formatter: Any) -> None:
-        from .builtins.core import render_list
+        from forge.builtins.core import render_list
 
         render_list(self._registry(), None, json_out=False, plugins=False)
 
@@ -88,7 +88,7 @@ def build_app() -> Any:
             print(f"forge {__version__}")
             raise typer.Exit(0)
         if ctx.invoked_subcommand is None:
-            from .builtins.core import render_list
+            from forge.builtins.core import render_list
 
             render_list(registry(), None, json_out=False, plugins=False)
 

@@ -25,22 +25,22 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TextIO
 
-from . import _linux, jobproc, runner
-from .backends.base import Claim
-from .errors import QueueUnavailable
-from .events.model import META_KEY, job_env
-from .job import Event, Reason
-from .jobprogress.tracker import ProgressTracker
-from .jobshare import NEVER, OUTCOME, REQUEST, OutputBuffer, SharedState
-from .limits import LIMITS_KEY
-from .reporting import Reporter, console_reporter
-from .retry import policy as retry_policy
-from .worker_options import StopReason, WorkerOptions, parse_queues
-from .worker_registry import Heartbeat, WorkerState
+from forge import _linux, jobproc, runner
+from forge.backends.base import Claim
+from forge.errors import QueueUnavailable
+from forge.events.model import META_KEY, job_env
+from forge.job import Event, Reason
+from forge.jobprogress.tracker import ProgressTracker
+from forge.jobshare import NEVER, OUTCOME, REQUEST, OutputBuffer, SharedState
+from forge.limits import LIMITS_KEY
+from forge.reporting import Reporter, console_reporter
+from forge.retry import policy as retry_policy
+from forge.worker_options import StopReason, WorkerOptions, parse_queues
+from forge.worker_registry import Heartbeat, WorkerState
 
 if TYPE_CHECKING:
-    from .backends.base import Backend
-    from .registry import CommandRegistry, CommandSpec
+    from forge.backends.base import Backend
+    from forge.registry import CommandRegistry, CommandSpec
 
 #: The job process's own kill timer fires this long after the job's deadline (timeout + kill
 #: grace), in case the worker cannot kill it (stopped, frozen, or dead with its children left).
@@ -251,7 +251,7 @@ class Worker:
                 else:
                     claim = self.backend.claim(opts.queues, opts.name, opts.timeout)
                 if claim is not None and LIMITS_KEY in claim.job.metadata:  # limits of its own
-                    from .limits.gate import switch_on
+                    from forge.limits.gate import switch_on
 
                     self.gate = switch_on(None, self.backend, claim)
                     claim = self.gate.claim(self.backend, opts.queues, opts.name, opts.timeout)
@@ -624,7 +624,7 @@ class Worker:
         if claim.lease_until is not None:
             self.shared.kill_at = min(deadline_kill, claim.lease_until + before - LEASE_SAFETY)
         if claim.holds is not None:
-            from .limits.gate import renew
+            from forge.limits.gate import renew
 
             with contextlib.suppress(Exception):  # an outage: the job's own lease ends the run first
                 renew(renewer, claim)
@@ -786,7 +786,7 @@ class Worker:
     def _let_go(self, claim: Claim) -> None:
         """Free the limits' slots the claim held, once its outcome is recorded."""
         if claim.holds is not None:
-            from .limits.gate import release
+            from forge.limits.gate import release
 
             self._durably(lambda: release(self.backend, claim))
 

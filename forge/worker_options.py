@@ -9,12 +9,12 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import TYPE_CHECKING
 
-from .backends.base import KILL_GRACE
-from .config import validate_queue_name
-from .errors import EXIT_MEMORY, EXIT_UNAVAILABLE, UsageError
+from forge.backends.base import KILL_GRACE
+from forge.config import validate_queue_name
+from forge.errors import EXIT_MEMORY, EXIT_UNAVAILABLE, UsageError
 
 if TYPE_CHECKING:
-    from .retry.backoff import Backoff
+    from forge.retry.backoff import Backoff
 
 
 class StopReason(StrEnum):

@@ -19,7 +19,7 @@ from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .backends.base import Backend
+    from forge.backends.base import Backend
 
 RECORD_VERSION = 1
 #: Least time between two records of one worker.

@@ -5,11 +5,11 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
-from ..errors import ConfigError
+from forge.errors import ConfigError
 
 if TYPE_CHECKING:
-    from ..config import Connection
-    from .base import Backend
+    from forge.backends.base import Backend
+    from forge.config import Connection
 
 DRIVERS = {
     "file": "forge.backends.file:FileBackend",

@@ -26,9 +26,21 @@ from collections.abc import Iterable, Iterator, Sequence
 from itertools import repeat, takewhile
 from typing import TYPE_CHECKING
 
-from ..config import validate_queue_name
-from ..errors import DuplicateJob, RetryBlocked, UsageError
-from ..job import (
+from forge.backends._fileio import micros, read_whole
+from forge.backends._filenames import (
+    PENDING_RE,
+    RESERVED_RE,
+    due_bound,
+    key_str,
+    ordered,
+    pending_name,
+    valid_pending,
+    with_due,
+)
+from forge.backends.base import QueueStats
+from forge.config import validate_queue_name
+from forge.errors import DuplicateJob, RetryBlocked, UsageError
+from forge.job import (
     MAX_FILE_BYTES,
     CorruptJob,
     Event,
@@ -39,18 +51,6 @@ from ..job import (
     decode_file,
     valid_id,
 )
-from ._fileio import micros, read_whole
-from ._filenames import (
-    PENDING_RE,
-    RESERVED_RE,
-    due_bound,
-    key_str,
-    ordered,
-    pending_name,
-    valid_pending,
-    with_due,
-)
-from .base import QueueStats
 
 _LIST_ORDER = (State.RESERVED, State.PENDING, State.DELAYED, State.FAILED, State.DONE)
 

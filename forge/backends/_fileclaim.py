@@ -17,10 +17,9 @@ import warnings
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from .. import _linux
-from ..job import MAX_FILE_BYTES, CorruptJob, Event, Job, decode_job, is_idempotent_id
-from ._fileidem import IDEM_DIR, is_key_link
-from ._fileio import (
+from forge import _linux
+from forge.backends._fileidem import IDEM_DIR, is_key_link
+from forge.backends._fileio import (
     FILE_ERRNOS,
     O_READ,
     distrust,
@@ -32,7 +31,7 @@ from ._fileio import (
     unusable,
     write_new,
 )
-from ._filenames import (
+from forge.backends._filenames import (
     PENDING_RE,
     RESERVED_RE,
     QueueDirs,
@@ -42,7 +41,8 @@ from ._filenames import (
     split_pending,
     valid_pending,
 )
-from .base import KILL_GRACE, Claim
+from forge.backends.base import KILL_GRACE, Claim
+from forge.job import MAX_FILE_BYTES, CorruptJob, Event, Job, decode_job, is_idempotent_id
 
 _TAKEN = object()  # _claim_one: another claimer got there first
 #: How a job file's last line starts when the job has finished (events are written with

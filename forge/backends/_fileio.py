@@ -21,8 +21,8 @@ import stat
 import warnings
 from pathlib import Path
 
-from ..errors import QueueUnavailable
-from ..job import MAX_FILE_BYTES
+from forge.errors import QueueUnavailable
+from forge.job import MAX_FILE_BYTES
 
 LOG_CAP = 1024 * 1024
 TMP_MAX_AGE = 3600.0

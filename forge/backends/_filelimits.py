@@ -37,11 +37,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from ..job import CorruptJob, Event
-from ..limits import REASON_ISOLATED
-from ..limits.spec import LimitsConfig, Need, job_limits
-from ._fileclaim import _TAKEN, claimable_job
-from ._fileio import (
+from forge.backends._fileclaim import _TAKEN, claimable_job
+from forge.backends._fileio import (
     FILE_ERRNOS,
     O_READ,
     first_unwritable,
@@ -52,11 +49,14 @@ from ._fileio import (
     read_whole,
     unusable,
 )
-from ._filenames import QueueDirs, key_str, pending_name, reserved_name, split_pending
-from .base import KILL_GRACE, Claim
+from forge.backends._filenames import QueueDirs, key_str, pending_name, reserved_name, split_pending
+from forge.backends.base import KILL_GRACE, Claim
+from forge.job import CorruptJob, Event
+from forge.limits import REASON_ISOLATED
+from forge.limits.spec import LimitsConfig, Need, job_limits
 
 if TYPE_CHECKING:
-    from .. import _linux
+    from forge import _linux
 
 _BLOCKED = object()
 _O_SLOT = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC

@@ -18,9 +18,9 @@ from collections import deque
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-from ..config import validate_queue_name
-from ..errors import UsageError
-from ._fileio import private_dir
+from forge.backends._fileio import private_dir
+from forge.config import validate_queue_name
+from forge.errors import UsageError
 
 # ASCII digits and \Z (not \d and $, which also take other scripts' digits and a trailing
 # newline): a name forge did not write is quarantined, never parsed.

@@ -21,9 +21,9 @@ import os
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-from ..errors import QueueUnavailable
-from ..scheduler.state import STATE_VERSION, EntryState, Updater
-from ._fileio import O_NEW, O_PEEK, distrust, open_lock, private_dir, unusable
+from forge.backends._fileio import O_NEW, O_PEEK, distrust, open_lock, private_dir, unusable
+from forge.errors import QueueUnavailable
+from forge.scheduler.state import STATE_VERSION, EntryState, Updater
 
 DIR = "schedule"
 STATE = "state.json"

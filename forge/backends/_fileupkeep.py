@@ -14,12 +14,10 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .. import _linux
-from ..errors import QueueUnavailable, UsageError
-from ..job import CorruptJob, Event, Job, Reason, decode_file, valid_id
-from ._fileidem import IDEM_DIR, SWEEP_EVERY
-from ._fileidem import sweep as idem_sweep
-from ._fileio import (
+from forge import _linux
+from forge.backends._fileidem import IDEM_DIR, SWEEP_EVERY
+from forge.backends._fileidem import sweep as idem_sweep
+from forge.backends._fileio import (
     FILE_ERRNOS,
     LOG_CAP,
     O_PEEK,
@@ -33,8 +31,10 @@ from ._fileio import (
     unusable,
     write_new,
 )
-from ._filenames import RESERVED_RE, QueueDirs, pending_name
-from .base import LEASE_MARGIN, Claim
+from forge.backends._filenames import RESERVED_RE, QueueDirs, pending_name
+from forge.backends.base import LEASE_MARGIN, Claim
+from forge.errors import QueueUnavailable, UsageError
+from forge.job import CorruptJob, Event, Job, Reason, decode_file, valid_id
 
 
 class FileUpkeep:
@@ -143,7 +143,7 @@ class FileUpkeep:
                 self._finish(claim, None, state, pending_name(micros(now), job.id, attempt))
                 self._free_unique(job)
                 return "completed"
-            from ..retry.policy import recovery  # here: recovering is rare
+            from forge.retry.policy import recovery  # here: recovering is rare
 
             exhausted, delay = recovery(job, attempt, default_tries, now)
             event = Event("failed" if exhausted else "released", attempt, now,

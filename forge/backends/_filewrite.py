@@ -21,13 +21,11 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .. import _linux
-from ..errors import DispatchFailed, DuplicateJob, QueueError, QueueUnavailable, UsageError
-from ..job import MAX_PAYLOAD_BYTES, Job, JobInfo, State, is_idempotent_id, valid_id
-from ._fileidem import IDEM_DIR
-from ._fileidem import marker as idem_marker
-from ._fileidem import taken as idem_taken
-from ._fileio import (
+from forge import _linux
+from forge.backends._fileidem import IDEM_DIR
+from forge.backends._fileidem import marker as idem_marker
+from forge.backends._fileidem import taken as idem_taken
+from forge.backends._fileio import (
     O_DIR,
     O_NEW,
     UNIQUE_INFLIGHT,
@@ -37,7 +35,9 @@ from ._fileio import (
     unusable,
     write_new,
 )
-from ._filenames import QueueDirs, pending_name
+from forge.backends._filenames import QueueDirs, pending_name
+from forge.errors import DispatchFailed, DuplicateJob, QueueError, QueueUnavailable, UsageError
+from forge.job import MAX_PAYLOAD_BYTES, Job, JobInfo, State, is_idempotent_id, valid_id
 
 
 class FileWriter:

@@ -13,8 +13,8 @@ import functools
 import os
 import re
 
-from ..config import mask_url
-from ..errors import DispatchFailed, QueueError, QueueUnavailable
+from forge.config import mask_url
+from forge.errors import DispatchFailed, QueueError, QueueUnavailable
 
 SCRIPTS_FILE = "redis_scripts.lua"
 LOG_CAP = 1024 * 1024
@@ -64,7 +64,7 @@ def load_scripts(promote_batch: int) -> dict[str, str]:
 def translate(exc: Exception, where: str, dispatch: bool, url_from: str = "forge.toml") -> QueueError:
     """One line a user can act on; the URL's password never appears. ``url_from`` says where
     the URL came from (``forge.toml``, ``$FORGE_REDIS_URL``, ...), for the hint to fix it there."""
-    from . import _resp
+    from forge.backends import _resp
 
     if isinstance(exc, _resp.RespError):
         kind = {_resp.ProtocolFailed: "protocol", _resp.ReplyTimeout: "timeout",

@@ -21,12 +21,12 @@ import time
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
-from ..config import validate_queue_name
-from ..errors import RetryBlocked, UsageError
-from ..job import CorruptJob, Event, JobInfo, Reason, State, decode_file, valid_id
-from ._redis_helpers import CHUNK, LOG_CAP
-from ._redis_helpers import us as _us
-from .base import QueueStats
+from forge.backends._redis_helpers import CHUNK, LOG_CAP
+from forge.backends._redis_helpers import us as _us
+from forge.backends.base import QueueStats
+from forge.config import validate_queue_name
+from forge.errors import RetryBlocked, UsageError
+from forge.job import CorruptJob, Event, JobInfo, Reason, State, decode_file, valid_id
 
 #: How long the restart marker read with a wait's wake-up stands for a fresh read (seconds).
 RESTART_FRESH = 0.05

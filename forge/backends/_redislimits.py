@@ -19,12 +19,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from ..config import validate_queue_name
-from ..errors import QueueUnavailable
-from ..job import Event, Job
-from ..limits.spec import LimitsConfig, Need
-from ._redis_helpers import us as _us
-from .base import KILL_GRACE, LEASE_MARGIN, Claim
+from forge.backends._redis_helpers import us as _us
+from forge.backends.base import KILL_GRACE, LEASE_MARGIN, Claim
+from forge.config import validate_queue_name
+from forge.errors import QueueUnavailable
+from forge.job import Event, Job
+from forge.limits.spec import LimitsConfig, Need
 
 if TYPE_CHECKING:
     import contextlib

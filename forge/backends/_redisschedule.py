@@ -12,8 +12,8 @@ import json
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from ..scheduler.state import EntryState, Updater
-from ._redis_helpers import translate
+from forge.backends._redis_helpers import translate
+from forge.scheduler.state import EntryState, Updater
 
 
 class RedisScheduleStore:

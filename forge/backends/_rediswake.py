@@ -14,11 +14,11 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from ._redis_helpers import load_scripts
+from forge.backends._redis_helpers import load_scripts
 
 if TYPE_CHECKING:
-    from .base import Claim
-    from .redis import RedisBackend
+    from forge.backends.base import Claim
+    from forge.backends.redis import RedisBackend
 
 _shas: dict[str, str] = {}
 
@@ -38,8 +38,8 @@ def wait_claim(b: RedisBackend, queues: Sequence[str], timeout: float, worker: s
     round trip. None: nothing was claimed (the caller claims as usual next). Unlike ``wait``,
     it does not look up the next delayed job's due time: the caller (the worker's idle wait)
     has just capped ``timeout`` at it."""
-    from . import _resp
-    from .redis import BLOCK_CAP, PROMOTE_BATCH
+    from forge.backends import _resp
+    from forge.backends.redis import BLOCK_CAP, PROMOTE_BATCH
 
     if timeout <= 0.001 or not queues:
         return None

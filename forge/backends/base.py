@@ -10,8 +10,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from ..errors import RetryBlocked
-from ..job import Event, Job, JobInfo, State
+from forge.errors import RetryBlocked
+from forge.job import Event, Job, JobInfo, State
 
 #: Seconds between SIGTERM and SIGKILL when a job overruns its timeout.
 KILL_GRACE = 3.0

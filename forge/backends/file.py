@@ -54,18 +54,18 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from .. import _linux
-from ..config import Connection, validate_queue_name
-from ..job import Event
-from ..stats.journal import record_outcome
-from ._fileadmin import FileAdmin
-from ._fileclaim import FileClaimer
-from ._fileio import LOG_CAP, micros, private_dir, unusable
-from ._filelimits import FileLimiter
-from ._filenames import STATES, QueueDirs, pending_name, safe_queue
-from ._fileupkeep import FileUpkeep
-from ._filewrite import FileWriter
-from .base import Claim
+from forge import _linux
+from forge.backends._fileadmin import FileAdmin
+from forge.backends._fileclaim import FileClaimer
+from forge.backends._fileio import LOG_CAP, micros, private_dir, unusable
+from forge.backends._filelimits import FileLimiter
+from forge.backends._filenames import STATES, QueueDirs, pending_name, safe_queue
+from forge.backends._fileupkeep import FileUpkeep
+from forge.backends._filewrite import FileWriter
+from forge.backends.base import Claim
+from forge.config import Connection, validate_queue_name
+from forge.job import Event
+from forge.stats.journal import record_outcome
 
 __all__ = ["LOG_CAP", "FileBackend"]
 

@@ -63,9 +63,17 @@ import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from ..config import Connection, mask_url, validate_queue_name
-from ..errors import ConfigError, DuplicateJob, UsageError
-from ..job import (
+from forge.backends import _resp
+from forge.backends._redis_helpers import CHUNK, LOG_CAP, load_scripts
+from forge.backends._redis_helpers import hash_key as _hash_key
+from forge.backends._redis_helpers import translate as _translate
+from forge.backends._redis_helpers import us as _us
+from forge.backends._redisadmin import RedisAdmin
+from forge.backends._redislimits import RedisLimiter
+from forge.backends.base import KILL_GRACE, LEASE_MARGIN, Claim
+from forge.config import Connection, mask_url, validate_queue_name
+from forge.errors import ConfigError, DuplicateJob, UsageError
+from forge.job import (
     MAX_PAYLOAD_BYTES,
     CorruptJob,
     Event,
@@ -74,15 +82,7 @@ from ..job import (
     decode_file,
     is_idempotent_id,
 )
-from ..stats.journal import ack_claim_with_outcome, finish_with_outcome, record_outcome
-from . import _resp
-from ._redis_helpers import CHUNK, LOG_CAP, load_scripts
-from ._redis_helpers import hash_key as _hash_key
-from ._redis_helpers import translate as _translate
-from ._redis_helpers import us as _us
-from ._redisadmin import RedisAdmin
-from ._redislimits import RedisLimiter
-from .base import KILL_GRACE, LEASE_MARGIN, Claim
+from forge.stats.journal import ack_claim_with_outcome, finish_with_outcome, record_outcome
 
 
 def _find_redis() -> Any:
@@ -385,7 +385,7 @@ class RedisBackend(RedisLimiter, RedisAdmin):
 
     def wait_claim(self, queues: Sequence[str], timeout: float, worker: str, claim_timeout: float) -> Claim | None:
         """``wait``, then ``claim``, in one round trip (forge.backends._rediswake)."""
-        from ._rediswake import wait_claim
+        from forge.backends._rediswake import wait_claim
 
         return wait_claim(self, queues, timeout, worker, claim_timeout)
 
@@ -450,7 +450,7 @@ class RedisBackend(RedisLimiter, RedisAdmin):
             job: Job | None = decode_file(record)[0]
         except CorruptJob:
             job = None
-        from ..retry.policy import recovery  # here: recovering is rare
+        from forge.retry.policy import recovery  # here: recovering is rare
 
         exhausted, delay = (True, 0.0) if job is None else recovery(job, attempt, default_tries)
         event = Event("failed" if exhausted else "released", attempt, time.time(),

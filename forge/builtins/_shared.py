@@ -12,14 +12,14 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from .. import output
-from ..durations import format_duration
-from ..job import JobInfo
-from ..queue import QueueManager
-from ..runner import default_registry
+from forge import output
+from forge.durations import format_duration
+from forge.job import JobInfo
+from forge.queue import QueueManager
+from forge.runner import default_registry
 
 if TYPE_CHECKING:
-    from ..backends.base import QueueStats
+    from forge.backends.base import QueueStats
 
 #: The version of the queue commands' JSON documents. 2: every time is an RFC 3339 string
 #: (``iso_time``), as ``queue:dispatch --json`` has always printed them; failed jobs carry
@@ -40,7 +40,7 @@ def manager(connection: str | None) -> QueueManager:
 def resolve_ids(m: QueueManager, ids: list[str]) -> list[str]:
     """Whole job ids for ``ids``, each an id or a unique prefix (an ambiguous one: exit 2).
     A prefix that matches nothing is kept as given, for the command's own not-found error."""
-    from ..errors import JobNotFound
+    from forge.errors import JobNotFound
 
     out = []
     for text in ids:
@@ -57,7 +57,7 @@ def fmt_time(t: float | None) -> str:
 
 def iso_time(t: float | None) -> str | None:
     """The one time format of forge's JSON: RFC 3339 in UTC with milliseconds (as queue:dispatch --json)."""
-    from ..queue import rfc3339
+    from forge.queue import rfc3339
 
     return rfc3339(t)
 
@@ -76,7 +76,7 @@ def job_json(info: JobInfo) -> dict[str, Any]:
     d["reason"] = failure.reason if failure else None
     d["error"] = failure.error if failure else None
     d["failed_at"] = iso_time(failure.at) if failure else None
-    from ..jobprogress import public
+    from forge.jobprogress import public
 
     d["progress"] = public(d.get("progress"))
     return d

@@ -9,13 +9,13 @@ from typing import Annotated, Any
 
 import typer
 
-from .. import __version__, output
-from ..errors import EXIT_ERROR, ConfigError, UnknownCommand, UsageError
-from ..registry import CommandRegistry, valid_name
+from forge import __version__, output
+from forge.errors import EXIT_ERROR, ConfigError, UnknownCommand, UsageError
+from forge.registry import CommandRegistry, valid_name
 
 
 def _registry() -> CommandRegistry:
-    from ..typerapp import registry
+    from forge.typerapp import registry
 
     return registry()
 
@@ -56,7 +56,7 @@ def list_(
 
 def help_(command_name: Annotated[str, typer.Argument(metavar="COMMAND", help="The command to describe.")] = "list") -> int:
     """Show the help of a command (the same as `forge COMMAND --help`)."""
-    from ..runner import invoke
+    from forge.runner import invoke
 
     try:
         spec = _registry().resolve(command_name)
@@ -149,7 +149,7 @@ def make_command(
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing file.")] = False,
 ) -> None:
     """Create a new command file in the first command folder."""
-    from ..config import load_settings
+    from forge.config import load_settings
 
     if not valid_name(name):
         raise UsageError(
@@ -175,7 +175,7 @@ def config_show(
     json_out: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
     """Show the effective settings and where each came from."""
-    from ..config import load_settings
+    from forge.config import load_settings
 
     settings = load_settings()
     data = settings.as_dict()

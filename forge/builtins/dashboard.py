@@ -7,8 +7,8 @@ from typing import Annotated
 
 import typer
 
-from ..errors import ForgeError
-from ._shared import Connection
+from forge.builtins._shared import Connection
+from forge.errors import ForgeError
 
 
 def dashboard(
@@ -24,7 +24,7 @@ def dashboard(
 
     Prints a URL holding a random access token (FORGE_DASHBOARD_TOKEN fixes it); every page needs
     it. Read-only unless --allow-actions."""
-    from ..dashboard import INSTALL, REQUIRED
+    from forge.dashboard import INSTALL, REQUIRED
 
     missing = []
     for name in REQUIRED:
@@ -35,7 +35,7 @@ def dashboard(
     if missing:
         raise ForgeError(f"The dashboard needs {', '.join(missing)}, which {'is' if len(missing) == 1 else 'are'}"
                          " not installed.", hint=f"Install it with: {INSTALL}")
-    from ..dashboard.server import run
+    from forge.dashboard.server import run
 
     return run(listen=listen, connection=connection, allow_actions=allow_actions,
                allow_hosts=tuple(allow_host or ()))

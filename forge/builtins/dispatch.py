@@ -17,18 +17,18 @@ from typing import Annotated, Any
 
 import typer
 
-from .. import output
-from ..durations import format_duration, parse_duration
-from ..errors import EXIT_JOB_FAILED, ForgeError, InvalidCommand, JobNotFound, UsageError
-from ..job import MAX_JSON_DEPTH, MAX_OUTPUT_TAIL, Job, JobInfo, State
-from ..queue import CommandQueue, QueuedCommand, _dispatch_record, batch_key
-from ..runner import default_registry
-from . import fastdispatch
-from ._shared import Connection, err_tty
-from .fastdispatch import DISPATCH_OPTIONS, in_past
-from .fastdispatch import build as _build
-from .fastdispatch import parse_at as _at
-from .fastdispatch import parse_meta as _meta
+from forge import output
+from forge.builtins import fastdispatch
+from forge.builtins._shared import Connection, err_tty
+from forge.builtins.fastdispatch import DISPATCH_OPTIONS, in_past
+from forge.builtins.fastdispatch import build as _build
+from forge.builtins.fastdispatch import parse_at as _at
+from forge.builtins.fastdispatch import parse_meta as _meta
+from forge.durations import format_duration, parse_duration
+from forge.errors import EXIT_JOB_FAILED, ForgeError, InvalidCommand, JobNotFound, UsageError
+from forge.job import MAX_JSON_DEPTH, MAX_OUTPUT_TAIL, Job, JobInfo, State
+from forge.queue import CommandQueue, QueuedCommand, _dispatch_record, batch_key
+from forge.runner import default_registry
 
 FILE_KEYS = {"command", "args", "queue", "delay", "tries", "timeout", "backoff", "meta", "unique_key", "unique_ttl",
              "retry_until", "max_exceptions", "max_releases",
@@ -116,7 +116,7 @@ def dispatch(
             exc.hint = f"Options of queue:dispatch go before the command: forge queue:dispatch {mine[0]} {command} ..."
         raise
     if fastdispatch.stale_fingerprint is not None:  # let the next dispatch skip Typer
-        from .. import cmdcache
+        from forge import cmdcache
 
         with contextlib.suppress(Exception):
             cmdcache.store(q.settings, fastdispatch.stale_fingerprint)
@@ -135,14 +135,14 @@ def _wait(q: CommandQueue, job_id: str, limit: float | None) -> int:
     """Poll until the job is done (its output on stderr, exit 0) or failed (its output and the
     failure on stderr, exit 7). On a terminal, a job nobody has claimed within a second gets a
     line saying that forge is waiting, and for what."""
-    from ..jobprogress.view import ProgressView
+    from forge.jobprogress.view import ProgressView
 
     with ProgressView(f"job {job_id[:8]}") as view:
         return _poll(q, job_id, limit, view)
 
 
 def _poll(q: CommandQueue, job_id: str, limit: float | None, view: Any) -> int:
-    from ..jobprogress.store import get_progress
+    from forge.jobprogress.store import get_progress
 
     start, pause = time.monotonic(), 0.05
     told = not err_tty()

@@ -6,8 +6,8 @@ from typing import Annotated
 
 import typer
 
-from .. import output
-from ._shared import Json
+from forge import output
+from forge.builtins._shared import Json
 
 
 def list_(
@@ -15,12 +15,12 @@ def list_(
     events_only: Annotated[bool, typer.Option("--events", help="Only the event names and what they mean.")] = False,
 ) -> int:
     """List the events forge raises and every listener: from forge.toml, @forge.on and plugins."""
-    from ..config import load_settings
-    from ..discovery import build_registry
-    from ..events.bus import build_bus
-    from ..events.config import events_config
-    from ..events.model import NAMES
-    from ..events.worker import check_listeners
+    from forge.config import load_settings
+    from forge.discovery import build_registry
+    from forge.events.bus import build_bus
+    from forge.events.config import events_config
+    from forge.events.model import NAMES
+    from forge.events.worker import check_listeners
 
     settings = load_settings()
     listeners = []

@@ -23,9 +23,9 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-from ..durations import parse_backoff, parse_duration
-from ..errors import UsageError
-from ..queue import CommandQueue, JobDispatch, QueuedCommand, _in_dir
+from forge.durations import parse_backoff, parse_duration
+from forge.errors import UsageError
+from forge.queue import CommandQueue, JobDispatch, QueuedCommand, _in_dir
 
 #: The value options of queue:dispatch (``--meta`` may repeat) and its one flag this path takes.
 VALUE_OPTIONS = {"--queue": "queue", "--connection": "connection", "--delay": "delay", "--at": "at",
@@ -100,7 +100,7 @@ def build(command: str, args: Sequence[str], o: dict[str, Any]) -> QueuedCommand
     if o.get("idempotency_key") is not None:
         cmd = cmd.with_idempotency_key(o["idempotency_key"])
     if any(o.get(k) is not None for k in _LIMIT_OPTIONS):
-        from ..limits.isolation import options_meta
+        from forge.limits.isolation import options_meta
 
         limits = options_meta(o)
         if limits:
@@ -162,9 +162,9 @@ def run(argv: Sequence[str]) -> int | None:
     if split is None:
         return None
     opts, command, args = split
-    from .. import cmdcache
-    from ..argspec import accepts
-    from ..config import load_settings
+    from forge import cmdcache
+    from forge.argspec import accepts
+    from forge.config import load_settings
 
     try:
         settings = load_settings()
@@ -186,7 +186,7 @@ def run(argv: Sequence[str]) -> int | None:
                 return None
     except Exception:  # noqa: BLE001 - a malformed cache entry: the full path decides
         return None
-    from ..registry import CommandRegistry
+    from forge.registry import CommandRegistry
 
     try:
         tries = opts.get("tries")
@@ -218,7 +218,7 @@ def run(argv: Sequence[str]) -> int | None:
 
 def print_record(q: CommandQueue, record: JobDispatch, command: str, *, json_out: bool) -> None:
     """What a dispatch prints: the id (or the JSON record) on stdout, a note for a person on stderr."""
-    from .. import output
+    from forge import output
 
     if json_out:
         output.print_json(record.to_dict())

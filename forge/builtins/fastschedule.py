@@ -17,8 +17,8 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-from .. import output
-from ..errors import EXIT_USAGE
+from forge import output
+from forge.errors import EXIT_USAGE
 
 #: The fingerprint taken when the cache was missing or stale: the full schedule:run saves the
 #: cache under it once it has run (``forge.builtins.schedule``).
@@ -83,9 +83,9 @@ def run(argv: Sequence[str]) -> int | None:
     opts = _split(argv)
     if opts is None:
         return None
-    from .. import cmdcache
-    from ..argspec import accepts
-    from ..config import load_settings
+    from forge import cmdcache
+    from forge.argspec import accepts
+    from forge.config import load_settings
 
     try:
         settings = load_settings()
@@ -98,9 +98,9 @@ def run(argv: Sequence[str]) -> int | None:
     if commands is None:
         stale_fingerprint = fingerprint
         return None
-    from ..registry import CommandRegistry
-    from ..scheduler.load import load_entries
-    from ..scheduler.scheduler import Scheduler
+    from forge.registry import CommandRegistry
+    from forge.scheduler.load import load_entries
+    from forge.scheduler.scheduler import Scheduler
 
     try:
         marked: list[tuple[str, str, Any]] = []

@@ -15,16 +15,8 @@ from typing import Annotated, Any
 
 import typer
 
-from .. import output
-from ..config import validate_queue_name
-from ..durations import format_duration, parse_duration
-from ..errors import EXIT_JOB_FAILED, EXIT_THRESHOLD, UsageError
-from ..job import JobInfo, Reason, State
-from ..jobprogress import describe
-from ..jobprogress.store import with_progress
-from ..queue import QueueManager
-from ..retry.backoff import describe as describe_backoff
-from ._shared import (
+from forge import output
+from forge.builtins._shared import (
     JSON_VERSION,
     Connection,
     JobId,
@@ -38,6 +30,14 @@ from ._shared import (
     manager,
     stats_json,
 )
+from forge.config import validate_queue_name
+from forge.durations import format_duration, parse_duration
+from forge.errors import EXIT_JOB_FAILED, EXIT_THRESHOLD, UsageError
+from forge.job import JobInfo, Reason, State
+from forge.jobprogress import describe
+from forge.jobprogress.store import with_progress
+from forge.queue import QueueManager
+from forge.retry.backoff import describe as describe_backoff
 
 TAIL_BYTES = 4096
 FINISHED = (State.DONE, State.FAILED)
@@ -105,13 +105,13 @@ def list_jobs(
 
 def _blocked(m: QueueManager, jobs: list[JobInfo]) -> dict[str, str]:
     """Why each due job waits, when limits are in play (nothing is read otherwise)."""
-    from ..limits import LIMITS_KEY
-    from ..limits.spec import load
+    from forge.limits import LIMITS_KEY
+    from forge.limits.spec import load
 
     cfg = load(m.settings)
     if not cfg.queues and not any(LIMITS_KEY in j.job.metadata for j in jobs):
         return {}
-    from ..limits.inspect import waiting_reasons
+    from forge.limits.inspect import waiting_reasons
 
     return waiting_reasons(m.backend, cfg, jobs)
 
@@ -126,7 +126,7 @@ def _warn_quarantine(m: QueueManager) -> None:
 
 def _tail(log: bytes) -> str:
     """The end of a job's whole log, for people (see ``forge.attempts.readable``)."""
-    from ..attempts import readable
+    from forge.attempts import readable
 
     return readable(log, TAIL_BYTES)
 
@@ -134,7 +134,7 @@ def _tail(log: bytes) -> str:
 def _attempts(info: JobInfo, log: bytes) -> tuple[list[Any], list[bytes | None], int | None]:
     """The job's attempts, each one's part of the log, and how many attempts it may make
     (its own tries, else what the last attempt's worker counted; None when neither is known)."""
-    from ..attempts import attempts, split
+    from forge.attempts import attempts, split
 
     found = attempts(info, len(log))
     most = info.job.max_attempts
@@ -146,7 +146,7 @@ def _attempts(info: JobInfo, log: bytes) -> tuple[list[Any], list[bytes | None],
 
 
 def _attempts_json(found: list[Any], parts: list[bytes | None], most: int | None) -> list[dict[str, Any]]:
-    from ..attempts import EARLIER_CHARS, LAST_CHARS, readable
+    from forge.attempts import EARLIER_CHARS, LAST_CHARS, readable
 
     return [{"run": a.run, "attempt": a.attempt, "max_attempts": a.tries or most, "started_at": iso_time(a.started_at),
              "worker": a.worker, "outcome": a.outcome, "ended_at": iso_time(a.ended_at), "reason": a.reason,
@@ -161,8 +161,8 @@ def _print_attempts(job_id: str, found: list[Any], parts: list[bytes | None], mo
                     log_size: int = 0) -> None:
     """Each attempt's header (attempt N of M, when it started, where, how it ended) and the end
     of its output; the output of attempts before the last few is left to ``queue:log``."""
-    from ..attempts import EARLIER_CHARS, LAST_CHARS, SHOWN_WITH_OUTPUT, header, readable
-    from ..backends._fileio import LOG_CAP
+    from forge.attempts import EARLIER_CHARS, LAST_CHARS, SHOWN_WITH_OUTPUT, header, readable
+    from forge.backends._fileio import LOG_CAP
 
     output.line("\nOutput (tail), by attempt:")
     hidden = max(0, len(found) - SHOWN_WITH_OUTPUT)
@@ -193,7 +193,7 @@ def show(job_id: JobId, json_out: Json = False, connection: Connection = None) -
     log = m.read_log(job_id)
     tail = _tail(log)
     found, parts, most = _attempts(info, log)
-    from ..retry.show import schedule_json, schedule_lines
+    from forge.retry.show import schedule_json, schedule_lines
 
     if json_out:
         output.print_json({"version": JSON_VERSION, "job": job_json(info), "output_tail": tail,
@@ -260,7 +260,7 @@ def log(
 def _follow_with_bar(m: QueueManager, job_id: str, info: JobInfo) -> int:
     """``queue:log --follow`` on a terminal: the output as it comes, without its progress
     lines, and a progress bar under it while the job reports progress."""
-    from ..jobprogress.view import LineFilter, ProgressView
+    from forge.jobprogress.view import LineFilter, ProgressView
 
     lines = LineFilter()
     offset = 0

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from .. import output
-from ._shared import JSON_VERSION, Connection, Json, fmt_time, iso_time, manager
+from forge import output
+from forge.builtins._shared import JSON_VERSION, Connection, Json, fmt_time, iso_time, manager
 
 
 def limits(json_out: Json = False, connection: Connection = None) -> None:
     """Show each limit ([limits] in forge.toml, and keys given per dispatch): slots in use and who
     holds them, a rate's tokens and when the next one frees."""
-    from ..limits.inspect import limits_state
-    from ..limits.spec import load
+    from forge.limits.inspect import limits_state
+    from forge.limits.spec import load
 
     m = manager(connection)
     rows = limits_state(m.backend, load(m.settings))

@@ -10,12 +10,12 @@ from typing import Annotated
 
 import typer
 
-from .. import output
-from ..config import validate_queue_name
-from ..errors import EXIT_DUPLICATE, JobNotFound, RetryBlocked, UsageError
-from ..job import JobInfo, Reason, State
-from ..queue import CommandQueue, QueueManager
-from ._shared import Connection, JobId, QueueOpt, err_tty, manager, resolve_ids
+from forge import output
+from forge.builtins._shared import Connection, JobId, QueueOpt, err_tty, manager, resolve_ids
+from forge.config import validate_queue_name
+from forge.errors import EXIT_DUPLICATE, JobNotFound, RetryBlocked, UsageError
+from forge.job import JobInfo, Reason, State
+from forge.queue import CommandQueue, QueueManager
 
 
 def _not_failed(m: QueueManager, job_id: str) -> JobNotFound:

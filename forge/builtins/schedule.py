@@ -15,17 +15,17 @@ from typing import Annotated, Any
 
 import typer
 
-from .. import output
-from ..errors import UsageError
-from ._shared import JSON_VERSION, Connection, Json
-from .fastschedule import line as _line
-from .fastschedule import report_errors as _report_errors
+from forge import output
+from forge.builtins._shared import JSON_VERSION, Connection, Json
+from forge.builtins.fastschedule import line as _line
+from forge.builtins.fastschedule import report_errors as _report_errors
+from forge.errors import UsageError
 
 Name = Annotated[str, typer.Argument(metavar="NAME", help="The schedule entry's name (see schedule:list).")]
 
 
 def _load(connection: str | None, *, check_args: bool = True) -> tuple[Any, list[Any]]:
-    from ..scheduler import Scheduler
+    from forge.scheduler import Scheduler
 
     return Scheduler.load(connection=connection, check_args=check_args)
 
@@ -52,7 +52,7 @@ def run(
     --schedule processes run it, on any number of hosts."""
     if at is not None and not dry_run:
         raise UsageError("--at asks what would be due at a time: use it with --dry-run.")
-    from . import fastschedule
+    from forge.builtins import fastschedule
 
     stale, fastschedule.stale_fingerprint = fastschedule.stale_fingerprint, None
     sch, errors = _load(connection, check_args=False)  # a due tick's arguments are checked as it is dispatched
@@ -62,7 +62,7 @@ def run(
     if stale is not None:  # let the next run skip Typer (best effort)
         import contextlib
 
-        from .. import cmdcache
+        from forge import cmdcache
 
         with contextlib.suppress(Exception):  # e.g. a command file that fails to import
             cmdcache.store(sch.settings, stale)
@@ -77,8 +77,8 @@ def work(
     """Run the schedule in the foreground: sleep until the next tick, dispatch it, repeat.
 
     SIGTERM/SIGINT stop it after the current run; SIGUSR2/SIGCONT pause and resume it."""
-    from ..durations import parse_duration
-    from ..scheduler.loop import ScheduleLoop
+    from forge.durations import parse_duration
+    from forge.scheduler.loop import ScheduleLoop
 
     limit = parse_duration(max_time, what="--max-time")
     sch, errors = _load(connection, check_args=False)

@@ -11,10 +11,10 @@ from typing import Annotated, Any
 
 import typer
 
-from .. import output
-from ..durations import format_duration, parse_duration
-from ..errors import UsageError
-from ._shared import JSON_VERSION, Connection, Json, fmt_time, manager
+from forge import output
+from forge.builtins._shared import JSON_VERSION, Connection, Json, fmt_time, manager
+from forge.durations import format_duration, parse_duration
+from forge.errors import UsageError
 
 _BLOCKS = "▁▂▃▄▅▆▇█"
 
@@ -61,8 +61,8 @@ def stats(
     Computed from the recorded outcome of every attempt (kept 24 hours; FORGE_STATS_RETENTION
     in seconds changes it), so it reaches past done_retention and survives restarts.
     """
-    from ..stats import compute_stats
-    from ..stats.journal import retention
+    from forge.stats import compute_stats
+    from forge.stats.journal import retention
 
     window = parse_duration(since, what="--since")
     if window <= 0:
@@ -114,7 +114,7 @@ def metrics(
     For node_exporter's textfile collector, from cron: forge queue:metrics --output
     /var/lib/node_exporter/textfile/forge.prom (written to a temporary file, then renamed).
     """
-    from ..metrics import render_metrics
+    from forge.metrics import render_metrics
 
     if out is not None and out.is_dir():
         raise UsageError(f"--output {out} is a directory; give a file name such as {out}/forge.prom.")

@@ -6,8 +6,8 @@ from typing import Annotated
 
 import typer
 
-from ..durations import parse_backoff, parse_duration
-from ..errors import UsageError
+from forge.durations import parse_backoff, parse_duration
+from forge.errors import UsageError
 
 
 def _duration(value: str | None, what: str) -> float | None:
@@ -35,10 +35,10 @@ def work(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Also report maintenance and other events.")] = False,
 ) -> int:
     """Process jobs from the queues until stopped (SIGTERM/SIGINT finish the current job first)."""
-    from ..config import load_settings
-    from ..discovery import build_registry
-    from ..reporting import console_reporter
-    from ..worker import Worker, WorkerOptions, parse_queues
+    from forge.config import load_settings
+    from forge.discovery import build_registry
+    from forge.reporting import console_reporter
+    from forge.worker import Worker, WorkerOptions, parse_queues
 
     settings = load_settings()
     queues = parse_queues(queue) if queue else (settings.default_queue,)
@@ -60,7 +60,7 @@ def work(
         echo=echo,
         name=name or "",
     )
-    from ..backends import open_backend
+    from forge.backends import open_backend
 
     conn = settings.connection_config(connection)
     registry = build_registry(settings)
@@ -69,15 +69,15 @@ def work(
                     supervisor_factory=lambda: open_backend(conn, done_retention=settings.done_retention,
                                                             quick=True),
                     where={"connection": conn.name, "location": conn.where()})
-    from ..events.worker import for_worker as events_for_worker
-    from ..limits.gate import for_worker as gate_for_worker
+    from forge.events.worker import for_worker as events_for_worker
+    from forge.limits.gate import for_worker as gate_for_worker
 
     worker.events = events_for_worker(settings, registry, name=options.name, queues=options.queues,
                                       report=worker.report, backend=lambda: worker.backend, durably=worker._durably,
                                       default_tries=options.tries)
     worker.gate = gate_for_worker(settings)  # None unless forge.toml has [limits]: the plain claim path
     if schedule:
-        from ..scheduler.tick import worker_tick
+        from forge.scheduler.tick import worker_tick
 
         worker.tick = worker_tick(settings, registry, connection, worker.report)
     worker.install_signals()

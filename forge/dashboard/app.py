@@ -27,15 +27,15 @@ from starlette.responses import HTMLResponse, RedirectResponse, Response, Stream
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from ..config import validate_queue_name
-from ..durations import format_duration
-from ..errors import ForgeError
-from ..job import State, valid_id
-from ..queue import QueueManager
-from . import listing
-from .security import CSRF_FIELD, CSRF_HEADER, Guard, GuardMiddleware
-from .stats_view import sparkline
-from .views import PAGE_SIZES, Views, decode_group
+from forge.config import validate_queue_name
+from forge.dashboard import listing
+from forge.dashboard.security import CSRF_FIELD, CSRF_HEADER, Guard, GuardMiddleware
+from forge.dashboard.stats_view import sparkline
+from forge.dashboard.views import PAGE_SIZES, Views, decode_group
+from forge.durations import format_duration
+from forge.errors import ForgeError
+from forge.job import State, valid_id
+from forge.queue import QueueManager
 
 #: Seconds between two looks at the store for one open page, at least; a page whose render
 #: takes longer is looked at less often (``LOAD_FACTOR`` times its render time).
@@ -189,7 +189,7 @@ class Dashboard:
 
     async def metrics(self, request: Request) -> Response:
         try:
-            from ..metrics import render_metrics
+            from forge.metrics import render_metrics
         except ImportError:
             return Response("The metrics module is not installed with this forge.\n", status_code=501,
                             media_type="text/plain")

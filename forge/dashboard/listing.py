@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from ..job import JobInfo, State
+from forge.job import JobInfo, State
 
 #: Records a filtered page reads at most before it returns what it found.
 SCAN_BUDGET = 2000
@@ -63,7 +63,7 @@ def _matches(info: JobInfo | None, state: State, command: str | None) -> bool:
 
 def _file_page(b: Any, queue: str, state: State, offset: int, limit: int, command: str | None,
                dirs: Listings | None = None) -> Page:
-    from ..backends._filenames import PENDING_RE
+    from forge.backends._filenames import PENDING_RE
 
     qdir = b._qdir(queue)
     if state == State.RESERVED:
@@ -183,8 +183,8 @@ class Listings:
         """The listing of ``queue``'s ``sdir`` directory: reused if still valid, else made."""
         import os
 
-        from ..backends._fileio import unusable
-        from ..backends._filenames import valid_pending
+        from forge.backends._fileio import unusable
+        from forge.backends._filenames import valid_pending
 
         fd = self.b._state_fd(queue, sdir)
         if fd is None:
@@ -211,8 +211,8 @@ class Listings:
 
     @staticmethod
     def bound() -> str:
-        from ..backends._fileio import micros
-        from ..backends._filenames import due_bound, key_str
+        from forge.backends._fileio import micros
+        from forge.backends._filenames import due_bound, key_str
 
         return due_bound(key_str(micros(time.time())))
 
@@ -225,7 +225,7 @@ class Listings:
     def stats(self, queues: list[str] | None = None) -> list[Any]:
         """What ``FileBackend.stats`` returns (``_fileadmin``), from the reusable listings:
         pending (due), delayed, reserved, done and failed counts, the oldest due job, paused."""
-        from ..backends.base import QueueStats
+        from forge.backends.base import QueueStats
 
         paused = self.b.paused()
         out = []
@@ -258,7 +258,7 @@ def _scan(entries: Any, total: int, offset: int, limit: int, command: str | None
 
 
 def _redis_page(b: Any, queue: str, state: State, offset: int, limit: int, command: str | None) -> Page:
-    from ..backends._redis_helpers import us
+    from forge.backends._redis_helpers import us
 
     with b._io():
         now_us = us(b._server_now())

@@ -9,8 +9,8 @@ import socket
 import sys
 from dataclasses import dataclass
 
-from ..errors import ForgeError, UsageError
-from .security import MIN_TOKEN, Guard, host_header, is_loopback, is_wildcard
+from forge.dashboard.security import MIN_TOKEN, Guard, host_header, is_loopback, is_wildcard
+from forge.errors import ForgeError, UsageError
 
 DEFAULT_LISTEN = "127.0.0.1:8765"
 TOKEN_ENV = "FORGE_DASHBOARD_TOKEN"
@@ -82,10 +82,10 @@ def run(*, listen: str, connection: str | None, allow_actions: bool, allow_hosts
     """Serve the dashboard until SIGINT/SIGTERM."""
     import uvicorn
 
-    from .. import output
-    from ..queue import QueueManager
-    from ..runner import default_registry
-    from .app import build_app
+    from forge import output
+    from forge.dashboard.app import build_app
+    from forge.queue import QueueManager
+    from forge.runner import default_registry
 
     where = parse_listen(listen)
     manager = QueueManager(connection, registry=default_registry())

@@ -31,8 +31,8 @@ class StatsCache:
         self._cost = 0.0
         self._fn: Any = None
         try:
-            from ..stats.compute import percentile
-            from ..stats.journal import journal_for
+            from forge.stats.compute import percentile
+            from forge.stats.journal import journal_for
 
             self._fn = journal_for
             self._median = percentile

@@ -14,10 +14,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..job import JobInfo, State
-from ..queue import QueueManager
-from . import listing
-from .stats_view import StatsCache
+from forge.dashboard import listing
+from forge.dashboard.stats_view import StatsCache
+from forge.job import JobInfo, State
+from forge.queue import QueueManager
 
 #: Newest failed jobs read to group failures (grouping more would read every record).
 FAILED_WINDOW = 5000
@@ -78,7 +78,7 @@ class Views:
         if not self._scheduler_loaded:
             self._scheduler_loaded = True
             try:
-                from ..scheduler import Scheduler
+                from forge.scheduler import Scheduler
 
                 sch, _ = Scheduler.load(settings=self.manager.settings, check_args=False,
                                         backend=self.backend)
@@ -205,7 +205,7 @@ def decode_group(text: str) -> tuple[str, str, str] | None:
 def with_progress(backend: Any, infos: list[JobInfo]) -> list[JobInfo]:
     """``infos`` with their latest progress (``forge.jobprogress``), when this forge records it."""
     try:
-        from ..jobprogress.store import with_progress as fill
+        from forge.jobprogress.store import with_progress as fill
     except ImportError:
         return infos
     return fill(backend, infos)

@@ -13,7 +13,7 @@ Importing this package is cheap (nothing heavy), as command files import ``forge
 
 from __future__ import annotations
 
-from .listeners import ENTRY_POINT_GROUP, Listener, on
-from .model import ENV_VAR, NAMES, Event, current
+from forge.events.listeners import ENTRY_POINT_GROUP, Listener, on
+from forge.events.model import ENV_VAR, NAMES, Event, current
 
 __all__ = ["ENTRY_POINT_GROUP", "ENV_VAR", "NAMES", "Event", "Listener", "current", "on"]

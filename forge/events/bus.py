@@ -16,12 +16,12 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from .listeners import Listener
-from .model import Event
+from forge.events.listeners import Listener
+from forge.events.model import Event
 
 if TYPE_CHECKING:
-    from ..backends.base import Backend
-    from ..job import Job
+    from forge.backends.base import Backend
+    from forge.job import Job
 
 Report = Callable[[str, dict[str, Any]], None]
 
@@ -163,8 +163,8 @@ def _timer_usable() -> bool:
 def build_bus(settings: Any, report: Report, *, python: bool) -> EventBus:
     """The bus of a process: the listeners of forge.toml, and with ``python`` (a worker, which
     has imported the project's command modules) the ``@forge.on`` ones and plugins' ones."""
-    from .config import events_config
-    from .listeners import declared, load_plugins
+    from forge.events.config import events_config
+    from forge.events.listeners import declared, load_plugins
 
     cfg = events_config(settings)
     listeners = list(cfg.listeners)

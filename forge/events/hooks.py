@@ -16,12 +16,12 @@ import warnings
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from .model import Event, event_id, rfc3339
+from forge.events.model import Event, event_id, rfc3339
 
 if TYPE_CHECKING:
-    from ..backends.base import Backend
-    from ..job import Job, JobInfo
-    from .bus import EventBus
+    from forge.backends.base import Backend
+    from forge.events.bus import EventBus
+    from forge.job import Job, JobInfo
 
 #: The bus of a worker in this process (``activate``): its Python listeners too.
 ACTIVE: EventBus | None = None
@@ -48,7 +48,7 @@ def bus_for(settings: Any) -> EventBus | None:
     """This process's bus: a worker's, else forge.toml's listeners (None when there are none)."""
     if ACTIVE is not None and _ACTIVE_PID == os.getpid():  # not in its job process
         return ACTIVE
-    from .config import events_config
+    from forge.events.config import events_config
 
     cfg = events_config(settings)
     if not cfg.listeners:
@@ -56,7 +56,7 @@ def bus_for(settings: Any) -> EventBus | None:
     key = id(cfg)
     bus = _config_bus.get(key)
     if bus is None:
-        from .bus import EventBus
+        from forge.events.bus import EventBus
 
         _config_bus.clear()
         bus = _config_bus[key] = EventBus(cfg.listeners, default_queue=settings.default_queue,
@@ -80,7 +80,7 @@ def dispatched(settings: Any, backend: Backend, jobs: Sequence[Job], created: It
     bus = bus_for(settings)
     if bus is None or not bus.wants("job.dispatched"):
         return
-    from .worker import job_data
+    from forge.events.worker import job_data
 
     now = time.time()
     events = [Event("job.dispatched", event_id("job.dispatched", j.id, j.dispatched_at), now,
@@ -95,7 +95,7 @@ def cancelled(settings: Any, backend: Backend, info: JobInfo) -> None:
     bus = bus_for(settings)
     if bus is None or not (bus.wants("job.cancelled") or bus.wants("job.failed")):
         return
-    from .worker import job_data
+    from forge.events.worker import job_data
 
     now = time.time()
     fail = info.failure

@@ -21,8 +21,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
-from .config import Thresholds
-from .model import Event
+from forge.events.config import Thresholds
+from forge.events.model import Event
 
 #: A crossing whose listener jobs are not recorded as stored after this long is re-sent.
 RESEND_AFTER = 10.0
@@ -46,7 +46,7 @@ class Marks(Protocol):
 
 class FileMarks:
     def __init__(self, backend: Any) -> None:
-        from ..backends._fileio import private_dir
+        from forge.backends._fileio import private_dir
 
         self.uid = backend.uid
         rfd = private_dir(str(backend.root), self.uid, root=True)
@@ -57,7 +57,7 @@ class FileMarks:
         self.dir = f"{backend.root}/events"
 
     def create(self, key: str, doc: dict[str, Any]) -> bool:
-        from ..backends._fileio import write_new
+        from forge.backends._fileio import write_new
 
         try:
             write_new(f"{self.dir}/{key}.fired", json.dumps(doc).encode(), sync=True)
@@ -66,13 +66,13 @@ class FileMarks:
         return True
 
     def read(self, key: str) -> tuple[dict[str, Any] | None, bool]:
-        from ..backends._fileio import marker_set, read_json
+        from forge.backends._fileio import marker_set, read_json
 
         doc = read_json(Path(f"{self.dir}/{key}.fired"))
         return doc, doc is not None and marker_set(f"{self.dir}/{key}.sent", self.uid)
 
     def sent(self, key: str) -> None:
-        from ..backends._fileio import write_new
+        from forge.backends._fileio import write_new
 
         with contextlib.suppress(FileExistsError):
             write_new(f"{self.dir}/{key}.sent", b"")
@@ -164,6 +164,6 @@ class ThresholdWatch:
 
 
 def _iso(t: float | None) -> str | None:
-    from .model import rfc3339
+    from forge.events.model import rfc3339
 
     return rfc3339(t)

@@ -23,13 +23,13 @@ import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from .bus import EventBus
-from .config import Thresholds
-from .model import MAX_ERROR, META_KEY, Event, event_id, rfc3339
+from forge.events.bus import EventBus
+from forge.events.config import Thresholds
+from forge.events.model import MAX_ERROR, META_KEY, Event, event_id, rfc3339
 
 if TYPE_CHECKING:
-    from ..backends.base import Backend, Claim
-    from ..job import Job
+    from forge.backends.base import Backend, Claim
+    from forge.job import Job
 
 
 #: All the in-process listeners of one ``job.started`` together take at most this long: the claim
@@ -67,7 +67,7 @@ class WorkerEvents:
         self._recovered: list[tuple[Job, int, Any]] = []
         self._watch: Any = None
         if self.thresholds.any_queue_threshold:
-            from .thresholds import ThresholdWatch
+            from forge.events.thresholds import ThresholdWatch
 
             self._watch = ThresholdWatch(self.thresholds, name, self._deliver)
 
@@ -208,15 +208,15 @@ def for_worker(settings: Any, registry: Any, *, name: str, queues: Sequence[str]
     """A worker's events, or None when the project has no listeners and no thresholds (then a
     worker pays nothing for events). Raises ``ConfigError`` for a durable listener whose command
     is not registered or whose arguments do not parse."""
-    from .bus import build_bus
-    from .config import events_config
+    from forge.events.bus import build_bus
+    from forge.events.config import events_config
 
     cfg = events_config(settings)
     bus = build_bus(settings, report, python=True)
     if not bus.listeners:
         return None
     check_listeners(bus, registry, settings)
-    from .hooks import activate
+    from forge.events.hooks import activate
 
     activate(bus)
     events = WorkerEvents(bus, backend=backend, name=name, queues=queues, report=report, durably=durably,
@@ -226,8 +226,8 @@ def for_worker(settings: Any, registry: Any, *, name: str, queues: Sequence[str]
 
 
 def check_listeners(bus: EventBus, registry: Any, settings: Any) -> None:
-    from ..errors import ConfigError, UsageError
-    from ..queue import _check_args
+    from forge.errors import ConfigError, UsageError
+    from forge.queue import _check_args
 
     for lst in bus.durable:
         assert lst.command is not None

@@ -118,7 +118,7 @@ def public(record: Mapping[str, Any] | None) -> dict[str, Any] | None:
     ``updated_at``, None when unknown) and ``attempt``."""
     if record is None:
         return None
-    from ..queue import rfc3339
+    from forge.queue import rfc3339
 
     def num(x: Any) -> Any:
         return int(x) if isinstance(x, float) and x.is_integer() else x
@@ -133,7 +133,7 @@ def describe(record: Mapping[str, Any] | None, now: float, *, running: bool = Tr
     """``30% (30/100) downloading, ETA 12 s`` for people; the ETA counts down from the report."""
     if not record:
         return ""
-    from ..durations import format_duration
+    from forge.durations import format_duration
 
     pct = record.get("percent") or 0.0
     text = f"{pct:.0f}%"

@@ -11,11 +11,11 @@ import time
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from ..job import valid_id
+from forge.job import valid_id
 
 if TYPE_CHECKING:
-    from ..backends.base import Backend
-    from ..job import JobInfo
+    from forge.backends.base import Backend
+    from forge.job import JobInfo
 
 #: How long a progress record outlives its last update (seconds).
 TTL = 7 * 86400.0
@@ -26,7 +26,7 @@ def _is_redis(backend: Any) -> bool:
 
 
 def _dir(backend: Any) -> str:
-    from ..backends._fileio import private_dir
+    from forge.backends._fileio import private_dir
 
     path = f"{backend._root}/progress"
     if not getattr(backend, "_forge_progress_dir", False):
@@ -84,7 +84,7 @@ def get_progress(backend: Backend, job_ids: Sequence[str]) -> dict[str, dict[str
             if d is not None:
                 out[i] = d
         return out
-    from ..backends._fileio import distrust
+    from forge.backends._fileio import distrust
 
     path = f"{b._root}/progress"
     now = time.time()

@@ -7,11 +7,11 @@ import contextlib
 import time
 from typing import TYPE_CHECKING, Any
 
-from . import PREFIX, Report, parse_line
-from .store import put_progress
+from forge.jobprogress import PREFIX, Report, parse_line
+from forge.jobprogress.store import put_progress
 
 if TYPE_CHECKING:
-    from ..backends.base import Backend
+    from forge.backends.base import Backend
 
 #: Least time between two writes of one job's progress (the last report is always written).
 MIN_INTERVAL = 0.5

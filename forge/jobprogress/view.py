@@ -8,7 +8,7 @@ import time
 from collections.abc import Mapping
 from typing import Any, TextIO
 
-from . import PREFIX, describe
+from forge.jobprogress import PREFIX, describe
 
 
 class ProgressView:
@@ -16,7 +16,7 @@ class ProgressView:
     else one plain ``progress: ...`` line on ``stream`` per change. Use as a context manager."""
 
     def __init__(self, label: str, *, stream: TextIO | None = None, bar: bool | None = None) -> None:
-        from .. import output
+        from forge import output
 
         self.stream = stream or sys.stderr
         self.bar = output.is_tty(self.stream) if bar is None else bar
@@ -85,7 +85,7 @@ class ProgressView:
 
 def _eta(record: Mapping[str, Any]) -> str:
     """``ETA 12 s``: the supervisor's estimate, counted down from when it was made."""
-    from ..durations import format_duration
+    from forge.durations import format_duration
 
     eta, at = record.get("eta_seconds"), record.get("updated_at")
     if not isinstance(eta, int | float) or (record.get("percent") or 0) >= 100:

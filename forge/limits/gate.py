@@ -12,8 +12,8 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from ..backends.base import Backend, Claim
-from .spec import LimitsConfig
+from forge.backends.base import Backend, Claim
+from forge.limits.spec import LimitsConfig
 
 #: A held job's token freeing sooner than this is waited for by the worker's own sleep.
 SOON = 0.25
@@ -72,7 +72,7 @@ def renew(backend: Backend, claim: Claim) -> None:
 
 def for_worker(settings: Any) -> Gate | None:
     """The worker's gate: None when forge.toml configures no limits (the plain claim path)."""
-    from .spec import load
+    from forge.limits.spec import load
 
     cfg = load(settings)
     return Gate(cfg) if cfg else None

@@ -9,8 +9,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from ..job import JobInfo, State
-from .spec import LimitsConfig, Need, job_limits
+from forge.job import JobInfo, State
+from forge.limits.spec import LimitsConfig, Need, job_limits
 
 KINDS = {"p": "parallel", "pr": "rate", "c": "concurrency", "r": "rate", "i": "isolation"}
 

@@ -29,10 +29,10 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
-from ..errors import EXIT_ISOLATED, ForgeError, InvalidCommand, UsageError
-from ..job import Job
-from . import LIMITS_KEY
-from .spec import JobLimits, Need, check_count, check_key, parse_rate
+from forge.errors import EXIT_ISOLATED, ForgeError, InvalidCommand, UsageError
+from forge.job import Job
+from forge.limits import LIMITS_KEY
+from forge.limits.spec import JobLimits, Need, check_count, check_key, parse_rate
 
 #: The attribute ``@command(isolated=...)`` sets on the function (see ``forge.registry``).
 MARKER = "__forge_isolated__"
@@ -89,8 +89,8 @@ def key_of(spec: Any, decl: Any, params: Mapping[str, Any]) -> str:
 
 def params_of(spec: Any, args: Sequence[str], root: str | None = None) -> dict[str, Any]:
     """A run's parameters, parsed as the command will parse them (in the project root)."""
-    from ..queue import _in_dir
-    from ..runner import click_command
+    from forge.queue import _in_dir
+    from forge.runner import click_command
 
     cmd = click_command(spec)
     with _in_dir(root):
@@ -168,7 +168,7 @@ def _check_configured(limits: JobLimits, settings: Any) -> None:
     """A key given without its limit must have one in forge.toml."""
     if limits.concurrency_key is None and limits.rate_key is None:
         return
-    from .spec import load
+    from forge.limits.spec import load
 
     cfg = load(settings)
     if limits.concurrency_key is not None and limits.concurrency is None:
@@ -212,7 +212,7 @@ def wrap_direct(spec: Any, cmd: Any, args: list[str]) -> tuple[Any, list[str]]:
 def hold(key: str, command: str, connection: str | None = None) -> Iterator[None]:
     """Hold the isolation lock ``key`` for the block, on the default connection's store; raise
     ``IsolationBusy`` (exit 9) if another run holds it."""
-    from ..queue import connect
+    from forge.queue import connect
 
     backend: Any = connect(connection)
     need = Need("slot", f"i:{key}", f"isolation {key}", 1)

@@ -21,8 +21,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..durations import parse_duration
-from ..errors import ConfigError, UsageError
+from forge.durations import parse_duration
+from forge.errors import ConfigError, UsageError
 
 _RATE_RE = re.compile(r"^\s*(\d+)\s*/\s*([0-9.]*)\s*([a-z]*)\s*$")
 _UNIT_WORDS = {"ms": "ms", "s": "s", "sec": "s", "second": "s", "m": "m", "min": "m", "minute": "m", "h": "h",
@@ -254,7 +254,7 @@ def lua_pattern(glob: str) -> str:
 
 def job_limits(metadata: Mapping[str, Any]) -> JobLimits | None:
     """The job's own limits, or None (none, or a record forge did not write: then it has none)."""
-    from . import LIMITS_KEY
+    from forge.limits import LIMITS_KEY
 
     d = metadata.get(LIMITS_KEY)
     if d is None:
@@ -276,7 +276,7 @@ def parse_table(table: Any, where: str) -> LimitsConfig:
         raise ConfigError(f"{where}: unknown key limits.{sorted(unknown)[0]} (known: queues, keys).")
     queues: dict[str, QueueLimits] = {}
     keys: dict[str, KeyLimits] = {}
-    from ..config import validate_queue_name
+    from forge.config import validate_queue_name
 
     for name, t in _tables(table.get("queues"), "limits.queues", where).items():
         full = f"limits.queues.{name}"
@@ -341,6 +341,6 @@ def load(settings: Any) -> LimitsConfig:
     path = getattr(settings, "config_file", None)
     if path is None:
         return LimitsConfig()
-    from ..config import _read_toml
+    from forge.config import _read_toml
 
     return parse_table(_read_toml(path).get("limits"), str(path))

@@ -22,8 +22,8 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
-from ..durations import MAX_SECONDS, format_duration, parse_duration
-from ..errors import UsageError
+from forge.durations import MAX_SECONDS, format_duration, parse_duration
+from forge.errors import UsageError
 
 
 class Jitter(StrEnum):
@@ -138,7 +138,7 @@ def parse(value: Any, *, what: str = "backoff") -> Backoff:
             raise UsageError(f"Invalid {what} {value!r}: {exc}.") from None
     if not isinstance(value, str | int | float | list | tuple):
         raise UsageError(f"Invalid {what} {value!r}: a list of delays (1,5,10) or exp:BASE..CAP.")
-    from ..durations import parse_backoff  # the list form
+    from forge.durations import parse_backoff  # the list form
 
     return parse_backoff(value, what=what)  # type: ignore[no-any-return]
 

@@ -19,8 +19,8 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Any
 
-from ..durations import format_duration, parse_duration
-from ..errors import ForgeError, UsageError
+from forge.durations import format_duration, parse_duration
+from forge.errors import ForgeError, UsageError
 
 #: Retry later, without counting this attempt (sysexits.h EX_TEMPFAIL).
 EXIT_RETRY = 75

@@ -16,10 +16,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ..durations import format_duration
-from . import backoff as _backoff
-from .outcome import EXIT_FAIL, EXIT_RETRY, MIN_RETRY_AFTER, directives
-from .rules import DEFAULT_MAX_RELEASES, MAX_RUNS, JobDefaults, RetryRules
+from forge.durations import format_duration
+from forge.retry import backoff as _backoff
+from forge.retry.outcome import EXIT_FAIL, EXIT_RETRY, MIN_RETRY_AFTER, directives
+from forge.retry.rules import DEFAULT_MAX_RELEASES, MAX_RUNS, JobDefaults, RetryRules
 
 #: Reasons of attempts that count towards ``max_exceptions``: the job's own failures (not a
 #: timeout, a dead worker or a retry-later).

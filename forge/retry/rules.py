@@ -18,9 +18,9 @@ from dataclasses import dataclass, fields
 from datetime import timedelta
 from typing import Any
 
-from ..durations import MAX_SECONDS, parse_duration
-from ..errors import UsageError
-from . import backoff as _backoff
+from forge.durations import MAX_SECONDS, parse_duration
+from forge.errors import UsageError
+from forge.retry import backoff as _backoff
 
 #: Retry-later releases (exit 75, ``forge.Retry``) a job may take unless ``max_releases`` says:
 #: a job that always asks to be retried stops after this many, deadline or not.
@@ -94,7 +94,7 @@ class JobDefaults:
     def declare(cls, *, queue: Any = None, tries: Any = None, timeout: Any = None, backoff: Any = None,
                 retry_until: Any = None, max_exceptions: Any = None, max_releases: Any = None) -> JobDefaults:
         """Validate what ``@command`` was given (UsageError naming the option)."""
-        from ..config import validate_queue_name
+        from forge.config import validate_queue_name
 
         if queue is not None:
             validate_queue_name(queue)

@@ -6,9 +6,9 @@ import time
 from datetime import datetime
 from typing import Any
 
-from ..durations import format_duration
-from . import backoff as _backoff
-from .policy import Policy, policy_of, schedule
+from forge.durations import format_duration
+from forge.retry import backoff as _backoff
+from forge.retry.policy import Policy, policy_of, schedule
 
 
 def _policy(info: Any, settings: Any) -> Policy:
@@ -18,7 +18,7 @@ def _policy(info: Any, settings: Any) -> Policy:
 
 
 def _iso(t: float | None) -> str | None:
-    from ..queue import rfc3339  # the one time format of forge's JSON
+    from forge.queue import rfc3339  # the one time format of forge's JSON
 
     return rfc3339(t)
 

@@ -22,9 +22,9 @@ from datetime import UTC, datetime, tzinfo
 from enum import StrEnum
 from typing import Any
 
-from ..config import validate_queue_name
-from ..durations import parse_backoff, parse_duration
-from ..errors import ConfigError, UsageError
+from forge.config import validate_queue_name
+from forge.durations import parse_backoff, parse_duration
+from forge.errors import ConfigError, UsageError
 
 #: A tick is on time for this long: with ``catch_up = "none"`` a run dispatches it until then, so
 #: one cron run (every minute) that was skipped or killed is made up by the next one. An entry
@@ -292,7 +292,7 @@ class ScheduleEntry:
 
     def queued_command(self, tick: float) -> Any:
         """The ``QueuedCommand`` that a tick dispatches."""
-        from ..queued_command import QueuedCommand
+        from forge.queued_command import QueuedCommand
 
         cmd = (QueuedCommand(self.command).with_args(self.args)
                .with_idempotency_key(self.key(tick))
@@ -338,6 +338,6 @@ def _zone(value: Any, bad: Any) -> tzinfo:
 
 
 def _fmt_every(seconds: float) -> str:
-    from ..durations import format_duration
+    from forge.durations import format_duration
 
     return format_duration(seconds)

@@ -11,13 +11,13 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..errors import ForgeError
-from ..registry import SCHEDULE_MARKER
-from .entry import ScheduleEntry, ScheduleError
+from forge.errors import ForgeError
+from forge.registry import SCHEDULE_MARKER
+from forge.scheduler.entry import ScheduleEntry, ScheduleError
 
 if TYPE_CHECKING:
-    from ..config import Settings
-    from ..registry import CommandRegistry
+    from forge.config import Settings
+    from forge.registry import CommandRegistry
 
 #: Where ``@command(..., schedule=...)`` leaves its schedule on the function.
 MARKER = SCHEDULE_MARKER
@@ -27,7 +27,7 @@ def toml_tables(config_file: Path | None) -> tuple[list[tuple[str, Any]], list[S
     """The ``[[schedule]]`` tables of ``forge.toml`` as (where, table)."""
     if config_file is None:
         return [], []
-    from ..config import _read_toml
+    from forge.config import _read_toml
 
     data = _read_toml(config_file)  # load_settings parsed it a moment ago (cached)
     raw = data.get("schedule", [])
@@ -86,11 +86,11 @@ def load_entries(settings: Settings, registry: CommandRegistry, *, check_args: b
 
 def _check_command(entry: ScheduleEntry, settings: Settings, registry: CommandRegistry,
                    check_args: bool) -> None:
-    from ..queue import CommandQueue
+    from forge.queue import CommandQueue
 
     if not check_args:
         if registry.get(entry.command) is None:
-            from ..errors import UnknownCommand
+            from forge.errors import UnknownCommand
 
             raise ScheduleError(entry.name, UnknownCommand(entry.command, registry.suggest(entry.command)).message,
                                 where=entry.source)

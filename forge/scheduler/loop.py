@@ -14,8 +14,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from ..errors import QueueUnavailable
-from .scheduler import Scheduler, TickAction
+from forge.errors import QueueUnavailable
+from forge.scheduler.scheduler import Scheduler, TickAction
 
 #: Longest sleep between two looks at the schedule.
 MAX_SLEEP = 30.0

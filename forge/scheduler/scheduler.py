@@ -36,16 +36,24 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any
 
-from ..errors import EXIT_NOT_FOUND, ConfigError, ForgeError
-from ..job import State
-from .entry import MAX_CATCH_UP, ON_TIME, CatchUp, Overlap, ScheduleEntry, ScheduleError, iso
-from .state import LAST_RUN, ORPHAN_RETENTION, EntryState, ScheduleStore, store_for
+from forge.errors import EXIT_NOT_FOUND, ConfigError, ForgeError
+from forge.job import State
+from forge.scheduler.entry import (
+    MAX_CATCH_UP,
+    ON_TIME,
+    CatchUp,
+    Overlap,
+    ScheduleEntry,
+    ScheduleError,
+    iso,
+)
+from forge.scheduler.state import LAST_RUN, ORPHAN_RETENTION, EntryState, ScheduleStore, store_for
 
 if TYPE_CHECKING:
-    from ..backends.base import Backend
-    from ..config import Settings
-    from ..queue import JobDispatch
-    from ..registry import CommandRegistry
+    from forge.backends.base import Backend
+    from forge.config import Settings
+    from forge.queue import JobDispatch
+    from forge.registry import CommandRegistry
 
 LIVE = (State.PENDING, State.DELAYED, State.RESERVED)
 
@@ -196,7 +204,7 @@ class Scheduler:
                  connection: str | None = None, backend: Backend | None = None,
                  store: ScheduleStore | None = None, registry: CommandRegistry | None = None,
                  clock: Callable[[], float] = time.time, check_args: bool = True) -> None:
-        from ..config import load_settings
+        from forge.config import load_settings
 
         self.entries = list(entries)
         self.by_name = {e.name: e for e in self.entries}
@@ -216,9 +224,9 @@ class Scheduler:
     def load(cls, *, settings: Settings | None = None, registry: CommandRegistry | None = None,
              check_args: bool = True, **kwargs: Any) -> tuple[Scheduler, list[ScheduleError]]:
         """The project's scheduler and the errors of its invalid entries (``load_entries``)."""
-        from ..config import load_settings
-        from ..runner import default_registry
-        from .load import load_entries
+        from forge.config import load_settings
+        from forge.runner import default_registry
+        from forge.scheduler.load import load_entries
 
         settings = settings or load_settings()
         registry = registry or default_registry()
@@ -232,7 +240,7 @@ class Scheduler:
     @property
     def backend(self) -> Backend:
         if self._backend is None:
-            from ..queue import connect
+            from forge.queue import connect
 
             self._backend = connect(self._connection, self.settings)
         return self._backend
@@ -246,7 +254,7 @@ class Scheduler:
     @property
     def registry(self) -> CommandRegistry:
         if self._registry is None:
-            from ..runner import default_registry
+            from forge.runner import default_registry
 
             self._registry = default_registry()
         return self._registry
@@ -389,7 +397,7 @@ class Scheduler:
         return rows
 
     def _push(self, states: dict[str, EntryState], now: float) -> list[TickAction]:
-        from ..queue import CommandQueue
+        from forge.queue import CommandQueue
 
         by_queue: dict[str, list[tuple[ScheduleEntry, float, Any]]] = {}
         out: list[TickAction] = []
@@ -440,7 +448,7 @@ class Scheduler:
         """``schedule.tick_dispatched`` / ``tick_skipped`` (``forge.events``): for forge.toml's
         [[listeners]], or a worker's listeners (``queue:work --schedule``; it loaded forge.events)."""
         if actions and (self.settings.listeners or "forge.events.hooks" in sys.modules):
-            from ..events.hooks import ticks
+            from forge.events.hooks import ticks
 
             ticks(self.settings, self.backend, actions)
 
@@ -467,7 +475,7 @@ class Scheduler:
         not changed)."""
         from dataclasses import replace
 
-        from ..queue import CommandQueue
+        from forge.queue import CommandQueue
 
         e = self.entry(name)
         now = self.clock()
@@ -499,7 +507,7 @@ class Scheduler:
 
     def status(self, now: float | None = None) -> list[dict[str, Any]]:
         """Per entry what ``schedule:list`` shows (times as RFC 3339 text)."""
-        from .entry import zone_name
+        from forge.scheduler.entry import zone_name
 
         now = self.clock() if now is None else now
         states = self.store.read([e.name for e in self.entries])

@@ -164,7 +164,7 @@ def store_for(backend: Any) -> ScheduleStore:
             module, _, attr = target.partition(":")
             store: ScheduleStore = getattr(importlib.import_module(module), attr)(backend)
             return store
-    from ..errors import ConfigError
+    from forge.errors import ConfigError
 
     raise ConfigError(f"The {type(backend).__name__} queue backend cannot keep schedule state.")
 

@@ -9,17 +9,17 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from ..errors import ForgeError
+from forge.errors import ForgeError
 
 if TYPE_CHECKING:
-    from ..config import Settings
-    from ..registry import CommandRegistry
+    from forge.config import Settings
+    from forge.registry import CommandRegistry
 
 
 def worker_tick(settings: Settings, registry: CommandRegistry, connection: str | None,
                 report: Callable[[str, dict[str, Any]], None]) -> Callable[[], None]:
     """The worker's ``tick``: loads the schedule once, then runs it whenever something is due."""
-    from .scheduler import Scheduler
+    from forge.scheduler.scheduler import Scheduler
 
     sch, errors = Scheduler.load(settings=settings, registry=registry, connection=connection)
     for err in errors:

@@ -8,7 +8,7 @@
 
 from __future__ import annotations
 
-from .compute import compute_stats
-from .journal import journal_for, record_outcome, write_record
+from forge.stats.compute import compute_stats
+from forge.stats.journal import journal_for, record_outcome, write_record
 
 __all__ = ["compute_stats", "journal_for", "record_outcome", "write_record"]

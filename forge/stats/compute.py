@@ -13,12 +13,12 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from ..config import validate_queue_name
-from ..errors import UsageError
-from .journal import journal_for
+from forge.config import validate_queue_name
+from forge.errors import UsageError
+from forge.stats.journal import journal_for
 
 if TYPE_CHECKING:
-    from ..queue import QueueManager
+    from forge.queue import QueueManager
 
 #: The version of the stats document (``queue:stats --json``'s ``stats``).
 STATS_VERSION = 1
@@ -71,7 +71,7 @@ def _round(x: float | None) -> float | None:
 
 def _manager(manager: Any) -> Any:
     if manager is None or isinstance(manager, str):
-        from ..queue import QueueManager
+        from forge.queue import QueueManager
 
         return QueueManager(manager)
     return manager
@@ -109,7 +109,7 @@ def compute_stats(manager: QueueManager | str | None, *, since: float, queues: l
 
 
 def _compute(manager: Any, since: float, names: list[str] | None, by: str, now: float | None) -> dict[str, Any]:
-    from ..queue import rfc3339
+    from forge.queue import rfc3339
 
     m = _manager(manager)
     backend = m.backend

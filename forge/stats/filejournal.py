@@ -22,8 +22,8 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
-from ..backends._fileio import distrust, open_lock, private_dir
-from . import records as rec
+from forge.backends._fileio import distrust, open_lock, private_dir
+from forge.stats import records as rec
 
 #: A minute's file stops growing here (about 100,000 records); what is over is not recorded.
 MAX_MINUTE_BYTES = 12 * 1024 * 1024

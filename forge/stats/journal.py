@@ -11,11 +11,11 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING, Any, Protocol
 
-from . import records as rec
+from forge.stats import records as rec
 
 if TYPE_CHECKING:
-    from ..backends.base import Backend, Claim
-    from ..job import Event
+    from forge.backends.base import Backend, Claim
+    from forge.job import Event
 
 #: How long outcome records are kept (seconds), whatever ``done_retention`` is:
 #: ``FORGE_STATS_RETENTION`` (seconds) overrides it. A record is about 75 bytes, so a day of
@@ -54,15 +54,15 @@ def journal_for(backend: Backend) -> Journal:
     j = getattr(backend, "_forge_stats_journal", None)
     if j is None:
         if hasattr(type(backend), "_r"):  # the class: the property itself would import redis-py
-            from .redisjournal import RedisJournal
+            from forge.stats.redisjournal import RedisJournal
 
             j = RedisJournal(backend, retention())
         elif hasattr(backend, "_root"):
-            from .filejournal import FileJournal
+            from forge.stats.filejournal import FileJournal
 
             def every_ten_minutes(name: str) -> None:
                 if name.endswith("0"):  # progress records of deleted jobs (Redis ones expire)
-                    from ..jobprogress.store import sweep
+                    from forge.jobprogress.store import sweep
 
                     sweep(backend)
 

@@ -16,7 +16,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from . import records as rec
+from forge.stats import records as rec
 
 #: A minute's records stop here (about 100,000 records), as in the file journal.
 MAX_MINUTE_BYTES = 12 * 1024 * 1024
@@ -34,8 +34,8 @@ def journaled_source(body: str) -> str:
     its own numbering)."""
     from importlib import resources
 
-    from ..backends import _redis_helpers as h
-    from ..backends.redis import PROMOTE_BATCH
+    from forge.backends import _redis_helpers as h
+    from forge.backends.redis import PROMOTE_BATCH
 
     text = resources.files("forge.backends").joinpath(h.SCRIPTS_FILE).read_text(encoding="utf-8")
     parts = h._MARKER.split(text)
