@@ -37,8 +37,8 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 def fill(env: dict[str, str], jobs: int) -> None:
     from forge.config import load_settings
-    from forge.discovery import build_registry
-    from forge.queue import QueuedCommand, QueueManager, connect
+    from forge.queue.manager import QueuedCommand, QueueManager, connect
+    from forge.registry.discovery import build_registry
 
     settings = load_settings(env=env)
     m = QueueManager(connect(None, settings), settings=settings, registry=build_registry(settings))
@@ -133,8 +133,8 @@ def bench(kind: str, jobs: int, runs: int, idle: float) -> None:
         # A busy queue: one more job dispatched before each request, so the directory (or the
         # Redis list) has just changed and the file backend's listing cannot be reused.
         from forge.config import load_settings
-        from forge.discovery import build_registry
-        from forge.queue import QueuedCommand, QueueManager, connect
+        from forge.queue.manager import QueuedCommand, QueueManager, connect
+        from forge.registry.discovery import build_registry
 
         settings = load_settings(env=env)
         m = QueueManager(connect(None, settings), settings=settings, registry=build_registry(settings))

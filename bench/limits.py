@@ -66,10 +66,10 @@ import sys, tempfile, time, uuid
 from forge.queue import QueuedCommand
 kind, n, limited = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1"
 if kind == "file":
-    from forge.backends.file import FileBackend
+    from forge.backends.file.backend import FileBackend
     b = FileBackend(tempfile.mkdtemp(dir=sys.argv[4]) + "/q")
 else:
-    from forge.backends.redis import RedisBackend
+    from forge.backends.redis.backend import RedisBackend
     b = RedisBackend(sys.argv[4], prefix="forge-bench-" + uuid.uuid4().hex[:8])
 from forge.job import Event
 b.push([QueuedCommand("probe:noop").to_job("default") for _ in range(n)])

@@ -39,11 +39,11 @@ sys.path.insert(0, str(ROOT / "tests"))
 from reliability.scripts import CLAIMER  # noqa: E402
 
 from forge import _linux  # noqa: E402
-from forge.backends.file import FileBackend  # noqa: E402
+from forge.backends.file.backend import FileBackend  # noqa: E402
 from forge.config import load_settings  # noqa: E402
-from forge.discovery import build_registry  # noqa: E402
 from forge.job import Event  # noqa: E402
 from forge.queue import CommandQueue, QueuedCommand  # noqa: E402
+from forge.registry.discovery import build_registry  # noqa: E402
 
 CMD = QueuedCommand("email:send").with_args(["--user", "42", "--subject", "Welcome"])
 
@@ -225,10 +225,10 @@ def claim_ack_rates(base: Path, small: int, large: int, measured: int) -> tuple[
 
 DISPATCHER = """
 import sys
-from forge.backends.file import FileBackend
+from forge.backends.file.backend import FileBackend
 from forge.queue import CommandQueue, QueuedCommand
 from forge.config import load_settings
-from forge.discovery import build_registry
+from forge.registry.discovery import build_registry
 q = CommandQueue("bench", connection=FileBackend(sys.argv[1]), registry=build_registry(load_settings()))
 n, batch = int(sys.argv[2]), int(sys.argv[3])
 cmd = QueuedCommand("email:send").with_args(["--user", "42"])

@@ -116,7 +116,7 @@ def bench_concurrent(kind: str, tmp: Path, url: str) -> None:
     sys.path.insert(0, str(ROOT))
     os.environ["FORGE_CONFIG"] = env["FORGE_CONFIG"]
     from forge.config import load_settings
-    from forge.queue import connect
+    from forge.queue.manager import connect
 
     backend = connect(None, load_settings(env=env))
     stored = sum(1 for _ in backend.jobs())

@@ -70,8 +70,8 @@ def ack_rate(jobs: int, journal: bool) -> float:
     """Claims + acknowledgements per second through the backend's API, with the outcome
     journal (what every ack now writes) or without it (the same code, the journal call made a
     no-op): the journal's cost on a worker's hot path."""
-    import forge.backends.file as file_backend
-    import forge.backends.redis as redis_backend
+    import forge.backends.file.backend as file_backend
+    import forge.backends.redis.backend as redis_backend
     from forge.job import Event
     from forge.queue import CommandQueue, QueuedCommand
 
@@ -123,7 +123,7 @@ def bench(backend: str, jobs: int, runs: int, overhead: int) -> dict[str, float]
     env.update(FORGE_CONFIG=str(config), FORGE_NO_PLUGINS="1")
     os.environ.update(FORGE_CONFIG=str(config), FORGE_NO_PLUGINS="1")
     try:
-        from forge.queue import QueueManager, _backends
+        from forge.queue.manager import QueueManager, _backends
         from forge.stats import compute_stats
 
         _backends.clear()
@@ -151,7 +151,7 @@ def bench(backend: str, jobs: int, runs: int, overhead: int) -> dict[str, float]
             figures["journal write, us per ack"] = journal_cost()
         return figures
     finally:
-        from forge.queue import _backends
+        from forge.queue.manager import _backends
 
         for b in _backends.values():
             b.close()

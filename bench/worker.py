@@ -48,8 +48,8 @@ def in_env(env: dict[str, str]):
     for k in [k for k in os.environ if k.startswith("FORGE_")]:
         del os.environ[k]
     os.environ.update({k: v for k, v in env.items() if k.startswith("FORGE_")})
-    import forge.queue as fq
-    import forge.runner as fr
+    import forge.queue.manager as fq
+    import forge.registry.runner as fr
 
     fr._default_registry = None
     fq._backends.clear()

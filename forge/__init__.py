@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from forge.registry import command
+from forge.registry.spec import command
 
 __version__ = "0.1.0"
 
@@ -35,9 +35,9 @@ __all__ = [
 ]
 
 _LAZY = {
-    "call": "forge.runner",
+    "call": "forge.registry.runner",
     "on": "forge.events.listeners",
-    "CallResult": "forge.runner",
+    "CallResult": "forge.registry.runner",
     "QueuedCommand": "forge.queue",
     "CommandQueue": "forge.queue",
     "QueueManager": "forge.queue",
@@ -68,9 +68,9 @@ if TYPE_CHECKING:
     )
     from forge.events.listeners import on
     from forge.jobprogress import progress
-    from forge.queue import CommandQueue, JobDispatch, QueuedCommand, QueueManager
+    from forge.queue.manager import CommandQueue, JobDispatch, QueuedCommand, QueueManager
+    from forge.registry.runner import CallResult, call
     from forge.retry.outcome import Fail, Retry
-    from forge.runner import CallResult, call
 
 
 def __getattr__(name: str) -> Any:

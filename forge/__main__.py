@@ -1,3 +1,3 @@
-from forge.cli import main
+from forge.cli.main import main
 
 main()

@@ -114,7 +114,7 @@ def readable(data: bytes, chars: int) -> str:
     """The end of some output for people: from a line's beginning, at most ``chars``
     characters, with the frames of forge's and Typer's own code in tracebacks folded into one
     line (the log itself keeps them; folded first, so they do not use up the room)."""
-    from forge.jobshare import cut_to_lines
+    from forge.worker.shared import cut_to_lines
 
     window = data[-chars * 4:]
     text = window.decode(errors="replace")

@@ -344,7 +344,7 @@ def _parse_cached(raw: bytes) -> dict[str, Any]:
     import json
     import tomllib
 
-    from forge.cmdcache import _read, _trusted_dir
+    from forge.cli.fastpath.cache import _read, _trusted_dir
 
     digest = hashlib.sha256(raw).hexdigest()
     folder = user_dir("cache") / "toml"

@@ -29,9 +29,9 @@ def isolated_forge(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg"))
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg-cache"))  # the command cache
     monkeypatch.setenv("FORGE_STORAGE", str(tmp_path / "storage"))  # the example commands' data
-    import forge.runner
+    import forge.registry.runner
 
-    forge.runner._default_registry = None  # the one registry cache (the CLI's and forge.call's)
+    forge.registry.runner._default_registry = None  # the one registry cache (the CLI's and forge.call's)
     return queue_dir
 
 

@@ -14,8 +14,8 @@ import pytest
 from conftest import ROOT, forge_cmd
 
 import forge
-from forge.builtins import BUILTINS
-from forge.cli import main
+from forge.cli.builtins import BUILTINS
+from forge.cli.main import main
 from forge.errors import UnknownCommand
 
 CRASH = '''
@@ -337,9 +337,9 @@ def test_a_return_value_means_one_exit_code_everywhere(tmp_path: Path, monkeypat
 
     config = make_project(tmp_path / "p", {"ret.py": RETURNS})
     monkeypatch.setenv("FORGE_CONFIG", str(config))
-    import forge.runner
+    import forge.registry.runner
 
-    forge.runner._default_registry = None
+    forge.registry.runner._default_registry = None
     cli = subprocess.run([sys.executable, "-m", "forge", "ret:value", kind], capture_output=True, text=True,
                          cwd=tmp_path / "p")
     assert cli.returncode == code, cli.stderr

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from conftest import EXAMPLE_CONFIG
 
-from forge.cli import main
+from forge.cli.main import main
 from forge.config import default_queue_dir, find_config, load_settings, mask_url
 from forge.errors import ConfigError
 

@@ -41,15 +41,15 @@ def _redis_available() -> str | None:
     """Why the Redis param is skipped, or None to run it."""
     if not os.environ.get("FORGE_TEST_REDIS_URL"):
         return "FORGE_TEST_REDIS_URL is not set"
-    if importlib.util.find_spec("forge.backends.redis") is None:
-        return "forge.backends.redis does not exist yet"
+    if importlib.util.find_spec("forge.backends.redis.backend") is None:
+        return "forge.backends.redis.backend does not exist yet"
     return None
 
 
 @pytest.fixture(params=["file", "redis"])
 def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Any]:
     if request.param == "file":
-        from forge.backends.file import FileBackend
+        from forge.backends.file.backend import FileBackend
 
         b: Any = FileBackend(tmp_path / "q")
         b.test_spec = ["file", str(tmp_path / "q")]
@@ -61,7 +61,7 @@ def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Any]:
         pytest.skip(why)
     import redis
 
-    from forge.backends.redis import RedisBackend
+    from forge.backends.redis.backend import RedisBackend
 
     url = os.environ["FORGE_TEST_REDIS_URL"]
     client = redis.Redis.from_url(url, socket_connect_timeout=5)
@@ -689,10 +689,10 @@ CLAIMER = """
 import sys, time
 kind, rest = sys.argv[1], sys.argv[2:]
 if kind == "file":
-    from forge.backends.file import FileBackend
+    from forge.backends.file.backend import FileBackend
     b = FileBackend(rest[0])
 else:
-    from forge.backends.redis import RedisBackend
+    from forge.backends.redis.backend import RedisBackend
     b = RedisBackend(rest[0], prefix=rest[1])
 c = b.claim(["default"], "doomed", 0.1)
 print(c.job.id if c else "none", c.attempt if c else 0, flush=True)

@@ -100,7 +100,7 @@ def test_host_rules() -> None:
 
 
 def test_dashboard_without_the_extra_says_how_to_install_it(tmp_path: Path) -> None:
-    code = ("import sys; sys.modules['starlette'] = None; from forge.cli import main; "
+    code = ("import sys; sys.modules['starlette'] = None; from forge.cli.main import main; "
             "sys.exit(main(['dashboard']))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 1

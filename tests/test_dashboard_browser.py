@@ -58,8 +58,8 @@ class Env:
         self.dash: Dashboard = start_dashboard(self.env, "--allow-actions")
         self.worker: subprocess.Popen[str] | None = None
         from forge.config import load_settings
-        from forge.discovery import build_registry
-        from forge.queue import connect
+        from forge.queue.manager import connect
+        from forge.registry.discovery import build_registry
 
         settings = load_settings(env=self.env)
         self.manager = QueueManager(connect(None, settings), settings=settings, registry=build_registry(settings))

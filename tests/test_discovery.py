@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 from conftest import forge_cmd, make_project
 
-from forge.builtins import BUILTINS
+from forge.cli.builtins import BUILTINS
 from forge.config import load_settings
-from forge.discovery import PluginWarning, build_registry, plugin_specs
 from forge.errors import DiscoveryError
+from forge.registry.discovery import PluginWarning, build_registry, plugin_specs
 
 HELLO = '''
 from typing import Annotated

@@ -76,11 +76,11 @@ class Proj:
     def backend(self) -> Any:
         if self._backend is None:
             if self.kind == "file":
-                from forge.backends.file import FileBackend
+                from forge.backends.file.backend import FileBackend
 
                 self._backend = FileBackend(self.root / "queue")
             else:
-                from forge.backends.redis import RedisBackend
+                from forge.backends.redis.backend import RedisBackend
 
                 self._backend = RedisBackend(REDIS_URL or "", prefix=self.prefix)
         return self._backend
@@ -497,7 +497,7 @@ def test_schedule_ticks_raise_one_event_each_however_many_runs(proj: Proj, monke
     from datetime import UTC, datetime
 
     from forge.config import load_settings
-    from forge.discovery import build_registry
+    from forge.registry.discovery import build_registry
     from forge.scheduler.scheduler import Scheduler
 
     proj.write('[[schedule]]\nname = "tick"\ncommand = "ev:job"\nevery = "1m"\noverlap = "skip"\n'

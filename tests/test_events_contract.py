@@ -24,7 +24,7 @@ from forge.job import State, is_idempotent_id
 @pytest.fixture(params=["file", "redis"])
 def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Any]:
     if request.param == "file":
-        from forge.backends.file import FileBackend
+        from forge.backends.file.backend import FileBackend
 
         b: Any = FileBackend(tmp_path / "q")
         yield b
@@ -33,7 +33,7 @@ def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Any]:
     url = os.environ.get("FORGE_TEST_REDIS_URL")
     if not url:
         pytest.skip("FORGE_TEST_REDIS_URL is not set")
-    from forge.backends.redis import RedisBackend
+    from forge.backends.redis.backend import RedisBackend
 
     prefix = f"forge-evc-{uuid4().hex[:8]}"
     b = RedisBackend(url, prefix=prefix)

@@ -14,14 +14,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from forge import cmdcache
-from forge.argspec import accepts, describe
-from forge.cli import main
+from forge.cli.fastpath import cache as cmdcache
+from forge.cli.main import main
 from forge.config import load_settings, user_dir
 from forge.errors import EXIT_UNKNOWN_COMMAND, EXIT_USAGE, UsageError
-from forge.queue import connect
-from forge.registry import CommandSpec
-from forge.runner import check_args, click_command
+from forge.queue.manager import connect
+from forge.registry.argspec import accepts, describe
+from forge.registry.runner import check_args, click_command
+from forge.registry.spec import CommandSpec
 
 Capsys = pytest.CaptureFixture[str]
 
@@ -116,7 +116,7 @@ def sig_project(project: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 def _spec_and_click(name: str) -> tuple[dict[str, Any] | None, CommandSpec]:
-    from forge.runner import default_registry
+    from forge.registry.runner import default_registry
 
     spec = default_registry().resolve(name)
     return describe(click_command(spec)), spec
@@ -196,7 +196,7 @@ def _python(code: str, cwd: Path) -> subprocess.CompletedProcess[str]:
                           capture_output=True, text=True, timeout=60)
 
 
-PROBE = ("import sys, json; from forge.cli import main; code = main(sys.argv[1:]);"
+PROBE = ("import sys, json; from forge.cli.main import main; code = main(sys.argv[1:]);"
          " print(json.dumps({'code': code, 'typer': 'typer' in sys.modules}))")
 
 

@@ -19,7 +19,7 @@ import pytest
 from reliability.harness import fill_disk
 from reliability.scripts import CLAIMER
 
-from forge.backends.file import FileBackend
+from forge.backends.file.backend import FileBackend
 from forge.errors import DispatchFailed, DuplicateJob, QueueUnavailable, UsageError
 from forge.job import Event, Job, State
 from forge.queue import QueuedCommand
@@ -673,7 +673,7 @@ def test_full_disk(tiny_fs: Path) -> None:
 
 HOLDER = """
 import sys, time
-from forge.backends.file import FileBackend
+from forge.backends.file.backend import FileBackend
 b = FileBackend(sys.argv[1])
 c = b.claim(["default"], "doomed", 60)
 print(c.job.id if c else "none", c.attempt if c else 0, flush=True)
@@ -718,7 +718,7 @@ def test_crash_between_rename_and_event_is_recovered(fb: FileBackend, qdir: Path
 
 DISPATCHER = """
 import sys
-from forge.backends.file import FileBackend
+from forge.backends.file.backend import FileBackend
 from forge.queue import QueuedCommand
 b = FileBackend(sys.argv[1])
 n, batch = int(sys.argv[2]), int(sys.argv[3])

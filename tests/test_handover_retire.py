@@ -1,5 +1,5 @@
 """A job process that fails its check after a job ends without taking the next request, and
-the worker hands that request to a fresh job process (forge.jobproc: the outcome is reported
+the worker hands that request to a fresh job process (forge.worker.jobproc: the outcome is reported
 before the state is put back, so the worker may send the next request meanwhile)."""
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ from reliability.hosts import Lab, unavailable, wait_for
 from forge.errors import QueueUnavailable
 from forge.job import Event, State, idempotent_id
 from forge.queue import QueuedCommand
-from forge.worker_registry import live_workers
+from forge.worker.heartbeat import live_workers
 
 #: Every worker beats at least this often (WorkerOptions.maintenance_interval).
 BEAT = 2.0

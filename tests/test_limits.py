@@ -359,8 +359,8 @@ def test_a_release_wakes_one_waiting_worker_and_forgets_dead_ones(tmp_path: Path
     """File backend: each worker waiting for a scope has its own watched directory; a release
     creates the wake-up file in one live waiter's only (the others sleep on), and a dead
     waiter's directory is removed on the way."""
-    from forge.backends._filelimits import scope_hash
-    from forge.backends.file import FileBackend
+    from forge.backends.file.backend import FileBackend
+    from forge.backends.file.limits import scope_hash
     from forge.limits.spec import Need
 
     b = FileBackend(tmp_path / "q")

@@ -158,7 +158,7 @@ def test_progress_bar_on_a_terminal(target: Any, tmp_path: Path, how: str) -> No
 def test_the_tracker_throttles_writes_and_keeps_the_last(tmp_path: Path) -> None:
     """Fed output continuously for over a second: at most one write per half second plus the
     last; a progress line split across two chunks still counts; other lines are ignored."""
-    from forge.backends.file import FileBackend
+    from forge.backends.file.backend import FileBackend
     from forge.job import new_id
     from forge.jobprogress.store import get_progress
     from forge.jobprogress.tracker import MIN_INTERVAL, ProgressTracker

@@ -19,7 +19,8 @@ from forge.errors import (
     UnknownQueuedCommand,
 )
 from forge.job import MAX_PAYLOAD_BYTES, Event, Reason, State, idempotent_id
-from forge.queue import CommandQueue, JobDispatch, QueuedCommand, QueueManager, batch_key
+from forge.queue import CommandQueue, JobDispatch, QueuedCommand, QueueManager
+from forge.queue.manager import batch_key
 
 SLEEP = QueuedCommand("demo:sleep").with_args(["0"])
 

@@ -1,7 +1,7 @@
 """The operator CLI (queue:dispatch ... queue:restart): output contract, JSON shapes, exit codes.
 
 Subprocess tests run the real ``forge`` in a fresh interpreter against the test's queue
-directory; in-process tests call ``forge.cli.main`` with capsys. Jobs are finished either by a
+directory; in-process tests call ``forge.cli.main.main`` with capsys. Jobs are finished either by a
 real ``forge queue:work --stop-when-empty`` or, where only the end state matters, through the
 backend API (claim, then ack or fail).
 """
@@ -20,8 +20,8 @@ from typing import Any
 import pytest
 from conftest import ROOT, forge_cmd, stored_anything
 
-from forge.builtins import BUILTINS
-from forge.cli import main
+from forge.cli.builtins import BUILTINS
+from forge.cli.main import main
 from forge.errors import (
     EXIT_DUPLICATE,
     EXIT_JOB_FAILED,
@@ -31,7 +31,8 @@ from forge.errors import (
     EXIT_USAGE,
 )
 from forge.job import Event, Reason, State, valid_id
-from forge.queue import CommandQueue, QueuedCommand, connect
+from forge.queue import CommandQueue, QueuedCommand
+from forge.queue.manager import connect
 
 Capsys = pytest.CaptureFixture[str]
 
@@ -391,7 +392,7 @@ def test_list_with_no_queues(capsys: Capsys) -> None:
 
 
 def test_list_reads_only_limit_job_files(capsys: Capsys, monkeypatch: pytest.MonkeyPatch) -> None:
-    from forge.backends.file import FileBackend
+    from forge.backends.file.backend import FileBackend
 
     CommandQueue("default").dispatch_many(QueuedCommand("email:send").with_args([f"--user={i}"])
                                           for i in range(1, 501))
@@ -611,7 +612,7 @@ def test_pause_resume_restart(capsys: Capsys) -> None:
 
 # --- help, completion, start-up ---------------------------------------------------------------
 
-QUEUE_MODULES = ("forge.builtins.dispatch:", "forge.builtins.inspect_cmds:", "forge.builtins.manage:")
+QUEUE_MODULES = ("forge.cli.builtins.dispatch:", "forge.cli.builtins.inspect:", "forge.cli.builtins.manage:")
 QUEUE_CMDS = sorted(n for n, (target, _, _) in BUILTINS.items() if target.startswith(QUEUE_MODULES))
 
 
@@ -630,7 +631,7 @@ def test_shell_completion() -> None:
 
 
 def test_dispatch_does_not_import_rich(tmp_path: Path) -> None:
-    probe = ("import sys; from forge.cli import main; code = main(['queue:dispatch', 'email:send', '--user=1']);"
+    probe = ("import sys; from forge.cli.main import main; code = main(['queue:dispatch', 'email:send', '--user=1']);"
              " print('rich' in sys.modules, code)")
     res = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env=dict(os.environ),
                          capture_output=True, text=True, timeout=60)

@@ -34,7 +34,7 @@ from forge.job import Event, Reason, State
 from forge.queue import CommandQueue, QueuedCommand
 
 redis = pytest.importorskip("redis")
-rb = pytest.importorskip("forge.backends.redis")
+rb = pytest.importorskip("forge.backends.redis.backend")
 RedisBackend = rb.RedisBackend
 
 pytestmark = pytest.mark.redis

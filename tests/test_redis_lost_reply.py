@@ -22,7 +22,7 @@ from forge.errors import QueueUnavailable
 from forge.job import Event, Job
 
 redis = pytest.importorskip("redis")
-from forge.backends.redis import RedisBackend  # noqa: E402
+from forge.backends.redis.backend import RedisBackend  # noqa: E402
 
 URL = os.environ.get("FORGE_TEST_REDIS_URL")
 pytestmark = pytest.mark.skipif(not URL, reason="FORGE_TEST_REDIS_URL is not set")

@@ -26,8 +26,8 @@ from forge.errors import QueueUnavailable
 from forge.job import Event
 
 redis = pytest.importorskip("redis")
-rb = pytest.importorskip("forge.backends.redis")
-from forge.backends import _resp  # noqa: E402
+rb = pytest.importorskip("forge.backends.redis.backend")
+from forge.backends.redis import resp as _resp  # noqa: E402
 
 pytestmark = pytest.mark.redis
 URL = os.environ.get("FORGE_TEST_REDIS_URL", "")
@@ -279,7 +279,7 @@ def test_a_redis_dispatch_never_imports_redis_py(tmp_path: Path, redis_url: str)
         fast = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60)
         assert fast.returncode == 0, fast.stderr
         modules = {line.rsplit("|", 1)[-1].strip() for line in fast.stderr.splitlines() if "|" in line}
-        assert "forge.builtins.fastdispatch" in modules and "forge.backends._resp" in modules
+        assert "forge.cli.fastpath.dispatch" in modules and "forge.backends.redis.resp" in modules
         assert not {m for m in modules if m == "redis" or m.startswith(("redis.", "typer"))}, modules
         lib = subprocess.run([sys.executable, "-c", (
             "import sys, forge\n"

@@ -8,7 +8,7 @@ import pytest
 
 from forge import command
 from forge.errors import DiscoveryError, UnknownCommand
-from forge.registry import (
+from forge.registry.spec import (
     MARKER,
     CommandRegistry,
     CommandSpec,
@@ -74,8 +74,8 @@ def test_specs_in_module_rejects_bad_name_naming_source() -> None:
 
 
 def test_spec_loads_dotted_target_on_demand() -> None:
-    spec = CommandSpec("list", "forge (built-in)", target="forge.builtins.core:list_")
-    from forge.builtins.core import list_
+    spec = CommandSpec("list", "forge (built-in)", target="forge.cli.builtins.core:list_")
+    from forge.cli.builtins.core import list_
 
     assert spec.load() is list_
     assert spec.namespace == ""

@@ -237,7 +237,7 @@ def test_02_dispatch_killed_at_each_step(probe: Path, tmp_path: Path, monkeypatc
         present += len(jobs)
         absent += not jobs
         if jobs:  # a worker runs it, and leftovers of the killed dispatch do not disturb it
-            from forge.backends.file import FileBackend
+            from forge.backends.file.backend import FileBackend
 
             b = FileBackend(qdir)
             claim = b.claim(["default"], "check", 10)
@@ -362,7 +362,7 @@ def test_03_worker_killed_at_each_step(probe: Path, tmp_path: Path) -> None:
 
 
 def _file_backend(qdir: Path):
-    from forge.backends.file import FileBackend
+    from forge.backends.file.backend import FileBackend
 
     return FileBackend(qdir)
 

@@ -142,7 +142,7 @@ def test_an_idempotent_dispatch_killed_at_each_step_then_run_again_stores_one_jo
         jobs = [j for state in STATE_DIRS for j in valid_jobs(qdir, state)]
         assert sorted(j.id for j in jobs) == sorted(ids) and len(ids) == expected, (line, jobs, ids)
         assert not list(qdir.glob("quarantine/*")), line
-        from forge.backends.file import FileBackend
+        from forge.backends.file.backend import FileBackend
 
         b = FileBackend(qdir)
         try:  # every job is claimable (its key link is accepted), and its key stays taken

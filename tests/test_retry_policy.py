@@ -17,10 +17,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import forge
-from forge.cli import main
+from forge.cli.main import main
 from forge.errors import EXIT_USAGE, InvalidCommand, UsageError
 from forge.job import Event, Job, decode_job
-from forge.queue import CommandQueue, QueuedCommand, connect
+from forge.queue import CommandQueue, QueuedCommand
+from forge.queue.manager import connect
 from forge.retry import backoff as bo
 from forge.retry.outcome import EXIT_FAIL, EXIT_RETRY, directives
 from forge.retry.policy import Policy, decide, policy_of, recovery
@@ -269,7 +270,7 @@ def test_library_dispatch_uses_the_declaration_unless_told_otherwise(retry_proje
     assert o.retry is not None and o.retry.max_exceptions == 3  # what the dispatch left unset
 
 
-PROBE = ("import sys, json; from forge.cli import main; code = main(sys.argv[1:]);"
+PROBE = ("import sys, json; from forge.cli.main import main; code = main(sys.argv[1:]);"
          " print(json.dumps({'code': code, 'typer': 'typer' in sys.modules}))")
 
 

@@ -163,7 +163,7 @@ def test_an_empty_connection_option_is_a_usage_error(tmp_path: Path, argv: list[
 def test_queue_show_and_queue_failed_print_a_jobs_control_characters_escaped(tmp_path: Path) -> None:
     """A job's output and error reach an operator's terminal through queue:show and
     queue:failed: escape sequences in them are written out as text (queue:log keeps them)."""
-    from forge.backends.file import FileBackend
+    from forge.backends.file.backend import FileBackend
     from forge.job import Event
     from forge.queue import QueuedCommand
 

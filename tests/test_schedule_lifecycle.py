@@ -19,7 +19,7 @@ from test_scheduler import REDIS_URL, Project, dispatched, entry_toml, ts
 from test_scheduler_cli import env_of, fake, forge, needs_faketime, tick_jobs
 
 from forge.config import load_settings
-from forge.discovery import DiscoveryWarning, build_registry
+from forge.registry.discovery import DiscoveryWarning, build_registry
 from forge.scheduler.scheduler import Scheduler
 from forge.scheduler.state import LAST_RUN, ORPHAN_RETENTION
 

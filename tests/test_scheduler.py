@@ -13,9 +13,9 @@ from zoneinfo import ZoneInfo
 import pytest
 
 from forge.config import load_settings
-from forge.discovery import build_registry
 from forge.errors import QueueUnavailable
 from forge.job import Event, State, idempotent_id
+from forge.registry.discovery import build_registry
 from forge.scheduler.entry import ScheduleEntry, ScheduleError
 from forge.scheduler.load import load_entries
 from forge.scheduler.scheduler import Scheduler
@@ -56,11 +56,11 @@ class Project:
     def schedule(self, toml: str) -> None:
         self.config = write_project(self.root, self.kind, toml, self.prefix)
         self.monkeypatch.setenv("FORGE_CONFIG", str(self.config))
-        import forge.queue
-        import forge.runner
+        import forge.queue.manager
+        import forge.registry.runner
 
-        forge.runner._default_registry = None
-        forge.queue._backends.clear()
+        forge.registry.runner._default_registry = None
+        forge.queue.manager._backends.clear()
 
     def scheduler(self, *, errors_ok: bool = False) -> Scheduler:
         settings = load_settings()
@@ -72,11 +72,11 @@ class Project:
         return list(sch.backend.jobs())
 
     def close(self) -> None:
-        import forge.queue
+        import forge.queue.manager
 
-        for b in forge.queue._backends.values():
+        for b in forge.queue.manager._backends.values():
             b.close()
-        forge.queue._backends.clear()
+        forge.queue.manager._backends.clear()
         if self.kind == "redis":
             import redis
 

@@ -30,7 +30,7 @@ if argv == ["<import forge>"]:
     import forge
     code = 0
 else:
-    from forge.cli import main
+    from forge.cli.main import main
     code = main(argv)
 with open(report_path, "w") as fh:
     json.dump({"code": code, "modules": sorted(sys.modules), "scans": scans}, fh)

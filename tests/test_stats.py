@@ -83,7 +83,7 @@ def test_stats_of_a_known_history(queue_target: Any) -> None:
 
 
 def test_metrics_of_a_known_history(queue_target: Any) -> None:
-    from forge.metrics import render_metrics
+    from forge.stats.metrics import render_metrics
 
     b = queue_target.backend
     now = time.time()
@@ -187,7 +187,7 @@ def test_redis_journal_keys_expire(queue_target: Any) -> None:
 
 def test_metrics_without_the_client_library_names_the_extra(queue_target: Any) -> None:
     code = ("import sys; sys.modules['prometheus_client'] = None; sys.argv = ['forge', 'queue:metrics']\n"
-            "from forge.cli import main; sys.exit(main())")
+            "from forge.cli.main import main; sys.exit(main())")
     r = subprocess.run([sys.executable, "-c", code], env=queue_target.env, capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "pip install 'forge-jobs[metrics]'" in r.stderr and r.stdout == ""
     assert len(r.stderr.strip().splitlines()) == 1, r.stderr
@@ -230,7 +230,7 @@ def test_redis_journal_survives_a_script_cache_flush(tmp_path: Path) -> None:
     import redis
     from reliability.harness import wait_for
 
-    from forge.backends.redis import RedisBackend
+    from forge.backends.redis.backend import RedisBackend
     from forge.job import Event
     from forge.stats import journal_for
 
@@ -254,8 +254,8 @@ def test_redis_journal_survives_a_script_cache_flush(tmp_path: Path) -> None:
         client.script_flush()
         finish_one()  # again
         client.script_flush()
-        from forge.backends._redis_helpers import load_scripts
-        from forge.backends.redis import PROMOTE_BATCH
+        from forge.backends.redis.backend import PROMOTE_BATCH
+        from forge.backends.redis.helpers import load_scripts
 
         client.script_load(load_scripts(PROMOTE_BATCH)["finish"])
         finish_one()  # finish loaded, the journal's script not

@@ -421,8 +421,8 @@ def test_jobs_of_a_worker_started_in_a_terminal_print_plain_text(project: Path) 
 
 def test_output_is_copied_to_the_log_in_bounded_chunks(tmp_path: Path) -> None:
     """However much a job printed since the last copy, a copy never holds more than 1 MiB."""
-    from forge.backends.file import FileBackend
-    from forge.jobshare import OutputBuffer, SharedState
+    from forge.backends.file.backend import FileBackend
+    from forge.worker.shared import OutputBuffer, SharedState
 
     class Recording(FileBackend):
         sizes: list[int] = []

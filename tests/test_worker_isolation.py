@@ -324,7 +324,7 @@ def _tmpfs(path: Path, size: str) -> None:
 
 def _target_in(qdir: Path, tmp_path: Path) -> Target:
     """A file-backend target whose queue directory is ``qdir`` (a tmpfs of the test's)."""
-    from forge.backends.file import FileBackend
+    from forge.backends.file.backend import FileBackend
 
     t = make_target("file", tmp_path / "t")
     config = Path(t.env["FORGE_CONFIG"])

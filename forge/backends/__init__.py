@@ -12,8 +12,8 @@ if TYPE_CHECKING:
     from forge.config import Connection
 
 DRIVERS = {
-    "file": "forge.backends.file:FileBackend",
-    "redis": "forge.backends.redis:RedisBackend",
+    "file": "forge.backends.file.backend:FileBackend",
+    "redis": "forge.backends.redis.backend:RedisBackend",
 }
 
 

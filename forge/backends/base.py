@@ -197,7 +197,7 @@ class Backend(Protocol):
     def clear_cancel(self, job_id: str) -> None: ...
 
     def put_worker(self, name: str, record: bytes, ttl: float) -> None:
-        """Publish (replace) a worker's record (opaque JSON, ``forge.worker_registry``),
+        """Publish (replace) a worker's record (opaque JSON, ``forge.worker.heartbeat``),
         atomically; a Redis record expires after ``ttl``, a file's reader judges its age."""
 
     def drop_worker(self, name: str) -> None:

@@ -35,7 +35,7 @@ from forge.dashboard.views import PAGE_SIZES, Views, decode_group
 from forge.durations import format_duration
 from forge.errors import ForgeError
 from forge.job import State, valid_id
-from forge.queue import QueueManager
+from forge.queue.manager import QueueManager
 
 #: Seconds between two looks at the store for one open page, at least; a page whose render
 #: takes longer is looked at less often (``LOAD_FACTOR`` times its render time).
@@ -189,7 +189,7 @@ class Dashboard:
 
     async def metrics(self, request: Request) -> Response:
         try:
-            from forge.metrics import render_metrics
+            from forge.stats.metrics import render_metrics
         except ImportError:
             return Response("The metrics module is not installed with this forge.\n", status_code=501,
                             media_type="text/plain")

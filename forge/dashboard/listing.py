@@ -63,7 +63,7 @@ def _matches(info: JobInfo | None, state: State, command: str | None) -> bool:
 
 def _file_page(b: Any, queue: str, state: State, offset: int, limit: int, command: str | None,
                dirs: Listings | None = None) -> Page:
-    from forge.backends._filenames import PENDING_RE
+    from forge.backends.file.layout import PENDING_RE
 
     qdir = b._qdir(queue)
     if state == State.RESERVED:
@@ -183,8 +183,8 @@ class Listings:
         """The listing of ``queue``'s ``sdir`` directory: reused if still valid, else made."""
         import os
 
-        from forge.backends._fileio import unusable
-        from forge.backends._filenames import valid_pending
+        from forge.backends.file.fsio import unusable
+        from forge.backends.file.layout import valid_pending
 
         fd = self.b._state_fd(queue, sdir)
         if fd is None:
@@ -211,8 +211,8 @@ class Listings:
 
     @staticmethod
     def bound() -> str:
-        from forge.backends._fileio import micros
-        from forge.backends._filenames import due_bound, key_str
+        from forge.backends.file.fsio import micros
+        from forge.backends.file.layout import due_bound, key_str
 
         return due_bound(key_str(micros(time.time())))
 
@@ -258,7 +258,7 @@ def _scan(entries: Any, total: int, offset: int, limit: int, command: str | None
 
 
 def _redis_page(b: Any, queue: str, state: State, offset: int, limit: int, command: str | None) -> Page:
-    from forge.backends._redis_helpers import us
+    from forge.backends.redis.helpers import us
 
     with b._io():
         now_us = us(b._server_now())

@@ -84,8 +84,8 @@ def run(*, listen: str, connection: str | None, allow_actions: bool, allow_hosts
 
     from forge import output
     from forge.dashboard.app import build_app
-    from forge.queue import QueueManager
-    from forge.runner import default_registry
+    from forge.queue.manager import QueueManager
+    from forge.registry.runner import default_registry
 
     where = parse_listen(listen)
     manager = QueueManager(connection, registry=default_registry())

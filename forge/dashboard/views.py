@@ -17,7 +17,7 @@ from typing import Any
 from forge.dashboard import listing
 from forge.dashboard.stats_view import StatsCache
 from forge.job import JobInfo, State
-from forge.queue import QueueManager
+from forge.queue.manager import QueueManager
 
 #: Newest failed jobs read to group failures (grouping more would read every record).
 FAILED_WINDOW = 5000

@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 
 from forge.errors import ConfigError
 from forge.events.model import META_KEY, Event, valid_pattern
-from forge.registry import MARKER
+from forge.registry.spec import MARKER
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -69,7 +69,7 @@ class Listener:
 
     def job_for(self, event: Event, default_queue: str) -> Any:
         """The listener's job for ``event`` (a ``forge.job.Job``), keyed by the event's id."""
-        from forge.queued_command import QueuedCommand
+        from forge.queue.command import QueuedCommand
 
         assert self.command is not None
         cmd = (QueuedCommand(self.command).with_args(list(self.args))
@@ -189,7 +189,7 @@ def load_plugins() -> None:
     functions register themselves); a plugin that fails to load is a warning."""
     from importlib.metadata import entry_points
 
-    from forge.discovery import PluginWarning
+    from forge.registry.discovery import PluginWarning
 
     for ep in entry_points(group=ENTRY_POINT_GROUP):
         dist = getattr(ep.dist, "name", None) or "unknown"

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from forge.queue import rfc3339  # times as forge's JSON outputs print them
+from forge.queue.manager import rfc3339  # times as forge's JSON outputs print them
 
 #: Every event forge raises, with what it means. ``job.*`` payloads carry the job's
 #: ``job_id, command, args, queue, attempt, max_attempts, dispatched_at``; see the README.

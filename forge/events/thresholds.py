@@ -46,7 +46,7 @@ class Marks(Protocol):
 
 class FileMarks:
     def __init__(self, backend: Any) -> None:
-        from forge.backends._fileio import private_dir
+        from forge.backends.file.fsio import private_dir
 
         self.uid = backend.uid
         rfd = private_dir(str(backend.root), self.uid, root=True)
@@ -57,7 +57,7 @@ class FileMarks:
         self.dir = f"{backend.root}/events"
 
     def create(self, key: str, doc: dict[str, Any]) -> bool:
-        from forge.backends._fileio import write_new
+        from forge.backends.file.fsio import write_new
 
         try:
             write_new(f"{self.dir}/{key}.fired", json.dumps(doc).encode(), sync=True)
@@ -66,13 +66,13 @@ class FileMarks:
         return True
 
     def read(self, key: str) -> tuple[dict[str, Any] | None, bool]:
-        from forge.backends._fileio import marker_set, read_json
+        from forge.backends.file.fsio import marker_set, read_json
 
         doc = read_json(Path(f"{self.dir}/{key}.fired"))
         return doc, doc is not None and marker_set(f"{self.dir}/{key}.sent", self.uid)
 
     def sent(self, key: str) -> None:
-        from forge.backends._fileio import write_new
+        from forge.backends.file.fsio import write_new
 
         with contextlib.suppress(FileExistsError):
             write_new(f"{self.dir}/{key}.sent", b"")

@@ -227,7 +227,7 @@ def for_worker(settings: Any, registry: Any, *, name: str, queues: Sequence[str]
 
 def check_listeners(bus: EventBus, registry: Any, settings: Any) -> None:
     from forge.errors import ConfigError, UsageError
-    from forge.queue import _check_args
+    from forge.queue.manager import _check_args
 
     for lst in bus.durable:
         assert lst.command is not None

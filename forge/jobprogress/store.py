@@ -26,7 +26,7 @@ def _is_redis(backend: Any) -> bool:
 
 
 def _dir(backend: Any) -> str:
-    from forge.backends._fileio import private_dir
+    from forge.backends.file.fsio import private_dir
 
     path = f"{backend._root}/progress"
     if not getattr(backend, "_forge_progress_dir", False):
@@ -84,7 +84,7 @@ def get_progress(backend: Backend, job_ids: Sequence[str]) -> dict[str, dict[str
             if d is not None:
                 out[i] = d
         return out
-    from forge.backends._fileio import distrust
+    from forge.backends.file.fsio import distrust
 
     path = f"{b._root}/progress"
     now = time.time()

@@ -34,7 +34,7 @@ from forge.job import Job
 from forge.limits import LIMITS_KEY
 from forge.limits.spec import JobLimits, Need, check_count, check_key, parse_rate
 
-#: The attribute ``@command(isolated=...)`` sets on the function (see ``forge.registry``).
+#: The attribute ``@command(isolated=...)`` sets on the function (see ``forge.registry.spec``).
 MARKER = "__forge_isolated__"
 
 
@@ -89,8 +89,8 @@ def key_of(spec: Any, decl: Any, params: Mapping[str, Any]) -> str:
 
 def params_of(spec: Any, args: Sequence[str], root: str | None = None) -> dict[str, Any]:
     """A run's parameters, parsed as the command will parse them (in the project root)."""
-    from forge.queue import _in_dir
-    from forge.runner import click_command
+    from forge.queue.manager import _in_dir
+    from forge.registry.runner import click_command
 
     cmd = click_command(spec)
     with _in_dir(root):
@@ -212,7 +212,7 @@ def wrap_direct(spec: Any, cmd: Any, args: list[str]) -> tuple[Any, list[str]]:
 def hold(key: str, command: str, connection: str | None = None) -> Iterator[None]:
     """Hold the isolation lock ``key`` for the block, on the default connection's store; raise
     ``IsolationBusy`` (exit 9) if another run holds it."""
-    from forge.queue import connect
+    from forge.queue.manager import connect
 
     backend: Any = connect(connection)
     need = Need("slot", f"i:{key}", f"isolation {key}", 1)

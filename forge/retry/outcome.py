@@ -69,7 +69,7 @@ class Fail(ForgeError):
 
 
 def reply_of(exc: Retry | Fail) -> dict[str, Any]:
-    """What the job process reports for one of them (``forge.jobproc``)."""
+    """What the job process reports for one of them (``forge.worker.jobproc``)."""
     if isinstance(exc, Retry):
         out: dict[str, Any] = {"exit_code": EXIT_RETRY, "reason": "retry_later",
                                "error": exc.reason or "asked to be retried later"}

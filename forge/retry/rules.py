@@ -7,7 +7,7 @@ non-zero exit, even if tries remain; retry-later releases do not count) and ``ma
 
 ``JobDefaults`` are what ``@command(..., queue=, tries=, timeout=, backoff=, retry_until=,
 max_exceptions=, max_releases=)`` declares: every dispatch of the command uses them unless the
-dispatch says otherwise (``forge.queue.CommandQueue``), and the command cache keeps them so
+dispatch says otherwise (``forge.queue.manager.CommandQueue``), and the command cache keeps them so
 that the fast dispatch path applies them without importing the command.
 """
 
@@ -113,7 +113,7 @@ class JobDefaults:
         return any(getattr(self, f.name) is not None for f in fields(self))
 
     def to_json(self) -> dict[str, Any]:
-        """For the command cache (``forge.cmdcache``); ``from_json`` reads it back exactly."""
+        """For the command cache (``forge.cli.fastpath.cache``); ``from_json`` reads it back exactly."""
         out = {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
         if self.backoff is not None:
             out["backoff"] = _backoff.to_json(self.backoff)

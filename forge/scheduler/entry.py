@@ -292,7 +292,7 @@ class ScheduleEntry:
 
     def queued_command(self, tick: float) -> Any:
         """The ``QueuedCommand`` that a tick dispatches."""
-        from forge.queued_command import QueuedCommand
+        from forge.queue.command import QueuedCommand
 
         cmd = (QueuedCommand(self.command).with_args(self.args)
                .with_idempotency_key(self.key(tick))

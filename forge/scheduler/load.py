@@ -12,12 +12,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from forge.errors import ForgeError
-from forge.registry import SCHEDULE_MARKER
+from forge.registry.spec import SCHEDULE_MARKER
 from forge.scheduler.entry import ScheduleEntry, ScheduleError
 
 if TYPE_CHECKING:
     from forge.config import Settings
-    from forge.registry import CommandRegistry
+    from forge.registry.spec import CommandRegistry
 
 #: Where ``@command(..., schedule=...)`` leaves its schedule on the function.
 MARKER = SCHEDULE_MARKER
@@ -86,7 +86,7 @@ def load_entries(settings: Settings, registry: CommandRegistry, *, check_args: b
 
 def _check_command(entry: ScheduleEntry, settings: Settings, registry: CommandRegistry,
                    check_args: bool) -> None:
-    from forge.queue import CommandQueue
+    from forge.queue.manager import CommandQueue
 
     if not check_args:
         if registry.get(entry.command) is None:

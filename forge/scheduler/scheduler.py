@@ -52,8 +52,8 @@ from forge.scheduler.state import LAST_RUN, ORPHAN_RETENTION, EntryState, Schedu
 if TYPE_CHECKING:
     from forge.backends.base import Backend
     from forge.config import Settings
-    from forge.queue import JobDispatch
-    from forge.registry import CommandRegistry
+    from forge.queue.manager import JobDispatch
+    from forge.registry.spec import CommandRegistry
 
 LIVE = (State.PENDING, State.DELAYED, State.RESERVED)
 
@@ -225,7 +225,7 @@ class Scheduler:
              check_args: bool = True, **kwargs: Any) -> tuple[Scheduler, list[ScheduleError]]:
         """The project's scheduler and the errors of its invalid entries (``load_entries``)."""
         from forge.config import load_settings
-        from forge.runner import default_registry
+        from forge.registry.runner import default_registry
         from forge.scheduler.load import load_entries
 
         settings = settings or load_settings()
@@ -240,7 +240,7 @@ class Scheduler:
     @property
     def backend(self) -> Backend:
         if self._backend is None:
-            from forge.queue import connect
+            from forge.queue.manager import connect
 
             self._backend = connect(self._connection, self.settings)
         return self._backend
@@ -254,7 +254,7 @@ class Scheduler:
     @property
     def registry(self) -> CommandRegistry:
         if self._registry is None:
-            from forge.runner import default_registry
+            from forge.registry.runner import default_registry
 
             self._registry = default_registry()
         return self._registry
@@ -397,7 +397,7 @@ class Scheduler:
         return rows
 
     def _push(self, states: dict[str, EntryState], now: float) -> list[TickAction]:
-        from forge.queue import CommandQueue
+        from forge.queue.manager import CommandQueue
 
         by_queue: dict[str, list[tuple[ScheduleEntry, float, Any]]] = {}
         out: list[TickAction] = []
@@ -475,7 +475,7 @@ class Scheduler:
         not changed)."""
         from dataclasses import replace
 
-        from forge.queue import CommandQueue
+        from forge.queue.manager import CommandQueue
 
         e = self.entry(name)
         now = self.clock()

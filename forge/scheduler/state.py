@@ -149,8 +149,8 @@ class ScheduleStore(Protocol):
 
 
 _STORES = {
-    "FileBackend": "forge.backends._fileschedule:FileScheduleStore",
-    "RedisBackend": "forge.backends._redisschedule:RedisScheduleStore",
+    "FileBackend": "forge.backends.file.schedule:FileScheduleStore",
+    "RedisBackend": "forge.backends.redis.schedule:RedisScheduleStore",
 }
 
 

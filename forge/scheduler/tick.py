@@ -13,7 +13,7 @@ from forge.errors import ForgeError
 
 if TYPE_CHECKING:
     from forge.config import Settings
-    from forge.registry import CommandRegistry
+    from forge.registry.spec import CommandRegistry
 
 
 def worker_tick(settings: Settings, registry: CommandRegistry, connection: str | None,

@@ -18,7 +18,7 @@ from forge.errors import UsageError
 from forge.stats.journal import journal_for
 
 if TYPE_CHECKING:
-    from forge.queue import QueueManager
+    from forge.queue.manager import QueueManager
 
 #: The version of the stats document (``queue:stats --json``'s ``stats``).
 STATS_VERSION = 1
@@ -71,7 +71,7 @@ def _round(x: float | None) -> float | None:
 
 def _manager(manager: Any) -> Any:
     if manager is None or isinstance(manager, str):
-        from forge.queue import QueueManager
+        from forge.queue.manager import QueueManager
 
         return QueueManager(manager)
     return manager
@@ -109,7 +109,7 @@ def compute_stats(manager: QueueManager | str | None, *, since: float, queues: l
 
 
 def _compute(manager: Any, since: float, names: list[str] | None, by: str, now: float | None) -> dict[str, Any]:
-    from forge.queue import rfc3339
+    from forge.queue.manager import rfc3339
 
     m = _manager(manager)
     backend = m.backend

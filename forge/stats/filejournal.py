@@ -22,7 +22,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
-from forge.backends._fileio import distrust, open_lock, private_dir
+from forge.backends.file.fsio import distrust, open_lock, private_dir
 from forge.stats import records as rec
 
 #: A minute's file stops growing here (about 100,000 records); what is over is not recorded.

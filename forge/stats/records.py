@@ -25,7 +25,7 @@ from typing import Any
 OUTCOMES = ("done", "failed", "released")
 
 #: Histogram bucket upper bounds (seconds) of the runtime and wait histograms, shared by the
-#: running totals and the Prometheus exposition (``forge.metrics``).
+#: running totals and the Prometheus exposition (``forge.stats.metrics``).
 BUCKETS: tuple[float, ...] = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
                               60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0)
 

@@ -27,17 +27,17 @@ SCAN_OVER = 2 * 1440
 
 @functools.cache
 def journaled_source(body: str) -> str:
-    """One script made of two in redis_scripts.lua, each run as a function: ``stats_journal``
+    """One script made of two in scripts.lua, each run as a function: ``stats_journal``
     (which records only while the claim holds, so exactly when the outcome will take effect),
     then ``body`` (``finish`` or ``ack_claim``). ARGV: P, the eleven of ``stats_journal``, then
     those of ``body`` after its P (so a body with a variable tail, ``ack_claim``'s queues, keeps
     its own numbering)."""
     from importlib import resources
 
-    from forge.backends import _redis_helpers as h
-    from forge.backends.redis import PROMOTE_BATCH
+    from forge.backends.redis import helpers as h
+    from forge.backends.redis.backend import PROMOTE_BATCH
 
-    text = resources.files("forge.backends").joinpath(h.SCRIPTS_FILE).read_text(encoding="utf-8")
+    text = resources.files("forge.backends.redis").joinpath(h.SCRIPTS_FILE).read_text(encoding="utf-8")
     parts = h._MARKER.split(text)
     bodies = {name: "".join(x for x in part.splitlines(keepends=True) if not x.startswith("--"))
               for name, part in zip(parts[1::2], parts[2::2], strict=True)}
@@ -63,7 +63,7 @@ class RedisJournal:
         return self.backend._key("stats", "m", str(minute))
 
     def args(self, line: bytes, record: rec.Record, job_id: str = "", token: str = "") -> list[Any]:
-        """The ``stats_journal`` script's arguments after P (see redis_scripts.lua)."""
+        """The ``stats_journal`` script's arguments after P (see scripts.lua)."""
         q, out = record[1], []
         for name, value in (("wait", record[5]), ("runtime", record[6])):
             if value is None:

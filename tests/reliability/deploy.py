@@ -134,15 +134,15 @@ class Deploy:
     @property
     def backend(self) -> Any:
         if self._backend is None:
-            from forge.backends.redis import RedisBackend
+            from forge.backends.redis.backend import RedisBackend
 
             self._backend = RedisBackend(self.url, prefix=self.prefix, connect_timeout=2)
         return self._backend
 
     def queue(self, name: str = "default") -> Any:
         from forge.config import load_settings
-        from forge.discovery import build_registry
         from forge.queue import CommandQueue
+        from forge.registry.discovery import build_registry
 
         if self._registry is None:
             self._registry = build_registry(load_settings(env=self.env))

@@ -50,11 +50,11 @@ class Target:
     def backend(self) -> Any:
         if self._backend is None:
             if self.kind == "file":
-                from forge.backends.file import FileBackend
+                from forge.backends.file.backend import FileBackend
 
                 self._backend = FileBackend(self.queue_dir)
             else:
-                from forge.backends.redis import RedisBackend
+                from forge.backends.redis.backend import RedisBackend
 
                 self._backend = RedisBackend(self.redis_url or "", prefix=self.prefix or "forge")
         return self._backend
@@ -62,7 +62,7 @@ class Target:
     def queue(self, name: str = "default") -> CommandQueue:
         if self._registry is None:
             from forge.config import load_settings
-            from forge.discovery import build_registry
+            from forge.registry.discovery import build_registry
 
             self._registry = build_registry(load_settings(env=self.env))
         return CommandQueue(name, connection=self.backend, registry=self._registry)

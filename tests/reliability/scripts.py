@@ -6,7 +6,7 @@ from __future__ import annotations
 #: file exists and the queue is empty; prints the claimed job ids, one per line.
 CLAIMER = """
 import os, sys, time
-from forge.backends.file import FileBackend
+from forge.backends.file.backend import FileBackend
 from forge.job import Event
 b = FileBackend(sys.argv[1])
 stop, queue = sys.argv[2], sys.argv[3]

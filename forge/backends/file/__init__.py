@@ -1,0 +1,1 @@
+"""The file backend: a private directory of job files; many workers, no server."""

@@ -1,0 +1,1 @@
+"""The Redis backend: the same queue shared by workers on many machines."""

@@ -1,0 +1,95 @@
+"""The ``forge`` Click group: commands are loaded lazily from the registry by name."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import typer
+from typer.core import TyperGroup
+
+from forge import __version__
+from forge.errors import EXIT_ERROR
+from forge.registry.runner import default_registry
+from forge.registry.spec import CommandRegistry
+
+state: dict[str, Any] = {"verbose": False}
+
+
+def registry() -> CommandRegistry:
+    """The registry of this CLI run: the process's one registry, shared with ``forge.call``
+    and the queue library, built on first use."""
+    return default_registry()
+
+
+class ForgeGroup(TyperGroup):
+    """A group whose subcommands come from the command registry, built only when used."""
+
+    def _registry(self) -> CommandRegistry:
+        return registry()
+
+    def list_commands(self, ctx: Any) -> list[str]:
+        return [s.name for s in self._registry() if not s.hidden]
+
+    def get_command(self, ctx: Any, cmd_name: str) -> Any:
+        spec = self._registry().get(cmd_name)
+        if spec is None:
+            return None
+        from forge.registry.runner import click_command
+
+        return click_command(spec)
+
+    def resolve_command(self, ctx: Any, args: list[str]) -> Any:
+        name = args[0]
+        cmd = self.get_command(ctx, name)
+        if cmd is None and not ctx.resilient_parsing:
+            err = self._registry().unknown(name)
+            err.exit_code = EXIT_ERROR  # artisan's exit code for an unknown name
+            raise err
+        if name.startswith("queue:") and not ctx.resilient_parsing:
+            from forge import output
+
+            for note in self._registry().notes:  # e.g. no forge.toml: which queue is this?
+                output.warn(note)
+        rest = args[1:]
+        if cmd is not None and not ctx.resilient_parsing:
+            spec = self._registry().get(name)
+            if spec is not None and not spec.builtin and (
+                    "--isolated" in rest or getattr(spec.target, "__forge_isolated__", None) is not None):
+                from forge.limits.isolation import wrap_direct
+
+                cmd, rest = wrap_direct(spec, cmd, rest)  # holds the isolation lock while it runs
+        return (cmd.name if cmd else None), cmd, rest
+
+    def format_help(self, ctx: Any, formatter: Any) -> None:
+        from forge.cli.builtins.core import render_list
+
+        render_list(self._registry(), None, json_out=False, plugins=False)
+
+
+def build_app() -> Any:
+    app = typer.Typer(
+        cls=ForgeGroup,
+        name="forge",
+        invoke_without_command=True,
+        no_args_is_help=False,
+        pretty_exceptions_enable=False,
+        context_settings={"help_option_names": ["-h", "--help"]},
+    )
+
+    @app.callback()
+    def main(
+        ctx: typer.Context,
+        verbose: bool = typer.Option(False, "--verbose", "-v", help="Show tracebacks and debug output."),
+        version: bool = typer.Option(False, "--version", help="Print forge's version and exit."),
+    ) -> None:
+        """forge: run your project's commands and queue them for workers."""
+        state["verbose"] = verbose
+        if version:
+            print(f"forge {__version__}")
+            raise typer.Exit(0)
+        if ctx.invoked_subcommand is None:
+            from forge.cli.builtins.core import render_list
+
+            render_list(registry(), None, json_out=False, plugins=False)
+
+    return typer.main.get_command(app)

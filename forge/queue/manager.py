@@ -1,0 +1,574 @@
+"""The queued-commands library API: ``QueuedCommand``, ``CommandQueue``, ``QueueManager``, ``JobDispatch``.
+
+>>> from forge.queue.manager import CommandQueue, QueuedCommand
+>>> queue = CommandQueue("imports")
+>>> job_id = queue.dispatch(QueuedCommand("import:data").with_args(["users.csv"]).with_max_attempts(5))
+
+Everything is validated before anything is written; ``dispatch`` returns only once the job is
+stored durably (see the README's delivery contract).
+"""
+
+from __future__ import annotations
+
+import builtins
+import contextlib
+import os
+import re
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+from forge.config import Settings, load_settings, validate_queue_name
+from forge.errors import (
+    AmbiguousJobId,
+    DispatchFailed,
+    DuplicateJob,
+    ForgeError,
+    InvalidCommand,
+    JobNotFound,
+    QueueError,
+    QueueUnavailable,
+    RetryBlocked,
+    UnknownQueuedCommand,
+    UsageError,
+)
+from forge.job import Job, JobInfo, State, valid_id
+from forge.queue.command import QueuedCommand, batch_key
+from forge.queue.command import queue_name as _queue_name
+from forge.registry.argspec import accepts, describe
+
+if TYPE_CHECKING:
+    from forge.backends.base import Backend, QueueStats
+    from forge.registry.spec import CommandRegistry
+    from forge.worker.heartbeat import WorkerRecord
+
+__all__ = ["AmbiguousJobId", "CommandQueue", "DispatchFailed", "DuplicateJob", "ForgeError", "InvalidCommand",
+           "JobDispatch", "JobNotFound", "QueueError", "QueueManager", "QueueUnavailable", "QueuedCommand",
+           "RetryBlocked", "UnknownQueuedCommand", "batch_key", "connect"]  # the errors too, as the guide imports them
+
+
+_ID_PREFIX = re.compile(r"[0-9a-f-]{1,36}")
+
+
+def _job_id(job_id: object) -> str:
+    if not valid_id(job_id):
+        raise InvalidCommand(f"Invalid job id {job_id!r}: expected a UUID like 3f2b9c1e-….",
+                             hint="Run `forge queue:list` to see job ids.")
+    return job_id  # type: ignore[return-value]
+
+
+#: Argument lists that Click parsed against their command recently: (spec, args) -> until when.
+#: Only for commands the argument spec cannot model. Parsing is deterministic except for
+#: checks that look at the world (a file that must exist), so an entry lives only a few
+#: seconds; a burst of identical dispatches parses once instead of once per job.
+_parsed_ok: dict[tuple[Any, tuple[str, ...]], float] = {}
+PARSED_OK_TTL = 5.0
+
+
+#: Each command function's argument spec (``forge.registry.argspec``), or None where it cannot be modelled.
+_arg_specs: dict[Any, Any] = {}
+_UNKNOWN = object()
+
+
+_cwd_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def _in_dir(path: str | None) -> Iterator[None]:
+    """Run the block with ``path`` as the current directory (then back): a job's path
+    arguments are checked where the worker will run it, the project root, not where the
+    dispatcher happens to stand. A no-op when already there (the usual case)."""
+    if path is None:
+        yield
+        return
+    with _cwd_lock:
+        try:
+            here = os.getcwd()
+        except OSError:
+            here = None
+        if here == path:
+            yield
+            return
+        os.chdir(path)
+        try:
+            yield
+        finally:
+            if here is not None:
+                os.chdir(here)
+
+
+def _check_args(spec: Any, args: tuple[str, ...], root: str | None = None) -> None:
+    with _in_dir(root):
+        _check_args_here(spec, args)
+
+
+def _check_args_here(spec: Any, args: tuple[str, ...]) -> None:
+    fn = spec.load()
+    described = _arg_specs.get(fn, _UNKNOWN)
+    if described is _UNKNOWN:
+        from forge.registry.runner import click_command
+
+        described = _arg_specs[fn] = describe(click_command(spec))
+    if described is not None and accepts(described, args):
+        return  # what the spec accepts, Click accepts (3-10x faster than asking Click; paths checked now)
+    key = (spec, args)
+    now = time.monotonic()
+    until = _parsed_ok.get(key)
+    if until is not None and until > now:
+        return
+    from forge.registry.runner import check_args
+
+    try:
+        check_args(spec, args)
+    except UsageError as exc:
+        raise InvalidCommand(exc.message, hint=f"Run `forge {spec.name} --help`.") from None
+    if len(_parsed_ok) >= 4096:
+        _parsed_ok.clear()
+    _parsed_ok[key] = now + PARSED_OK_TTL
+
+
+def rfc3339(t: float | None) -> str | None:
+    if t is None:
+        return None
+    return datetime.fromtimestamp(t, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+@dataclass(frozen=True)
+class JobDispatch:
+    """What ``CommandQueue.push`` returns: where and when a job was queued (RFC 3339 times)."""
+
+    id: str
+    command: str
+    queue: str
+    dispatched_at: str | None = None
+    scheduled_at: str | None = None
+    #: False when the command's idempotency key had been used: nothing was stored, and the
+    #: record describes the job that holds the key (its times, when it could still be read).
+    created: bool = True
+
+    @classmethod
+    def new(cls, job_id: str, command: str, queue: str) -> JobDispatch:
+        return cls(job_id, command, queue, rfc3339(time.time()))
+
+    @property
+    def job_id(self) -> str:
+        return self.id
+
+    def with_scheduled_at(self, when: str | datetime) -> JobDispatch:
+        text = when if isinstance(when, str) else rfc3339(when.timestamp())
+        return replace(self, scheduled_at=text)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+_backends: dict[tuple[Any, float], Backend] = {}
+
+
+def connect(connection: str | None = None, settings: Settings | None = None) -> Backend:
+    """The backend of a configured connection (one per process and connection)."""
+    from forge.backends import open_backend
+
+    settings = settings or load_settings()
+    conn = settings.connection_config(connection)
+    # Keyed by the connection itself (its path or URL), not its name: two projects, or one
+    # project with FORGE_QUEUE_DIR changed, must never share a backend.
+    key = (conn, settings.done_retention)
+    backend = _backends.get(key)
+    if backend is None:
+        backend = _backends[key] = open_backend(conn, done_retention=settings.done_retention)
+    return backend
+
+
+class _Connected:
+    """Resolves the settings and the backend of a connection (by name, or a backend object) lazily."""
+
+    def __init__(self, connection: str | Backend | None, settings: Settings | None) -> None:
+        self._settings = settings
+        self._connection = connection
+        self._backend: Backend | None = None if connection is None or isinstance(connection, str) else connection
+
+    @property
+    def settings(self) -> Settings:
+        if self._settings is None:
+            self._settings = load_settings()
+        return self._settings
+
+    @property
+    def location(self) -> str:
+        """Where the connection keeps its jobs, for people (``Connection.where``)."""
+        if self._connection is not None and not isinstance(self._connection, str):
+            return ""  # a backend object given directly: no configuration to describe
+        return self.settings.connection_config(self._connection).where()
+
+    @property
+    def backend(self) -> Backend:
+        if self._backend is None:
+            name = self._connection if isinstance(self._connection, str) else None
+            self._backend = connect(name, self.settings)
+        return self._backend
+
+
+class CommandQueue(_Connected):
+    """A named queue on a connection. Dispatch validates first, then stores durably."""
+
+    def __init__(
+        self,
+        name: str | None = None,
+        *,
+        connection: str | Backend | None = None,
+        settings: Settings | None = None,
+        registry: CommandRegistry | None = None,
+        check_args: bool = True,
+    ) -> None:
+        super().__init__(connection, settings)
+        self.name = _queue_name(name or self.settings.default_queue)
+        #: Whether the queue was named: if not, a command's declared queue wins (@command(queue=)).
+        self._named = bool(name)
+        self._registry = registry
+        self._check_args = check_args
+
+    @classmethod
+    def default(cls) -> CommandQueue:
+        return cls()
+
+    @property
+    def registry(self) -> CommandRegistry:
+        if self._registry is None:
+            from forge.registry.runner import default_registry
+
+            self._registry = default_registry()
+        return self._registry
+
+    def _job(self, cmd: QueuedCommand, now: float) -> Job:
+        if not isinstance(cmd, QueuedCommand):
+            raise InvalidCommand(f"Expected a QueuedCommand, not {type(cmd).__name__}.")
+        spec = self.registry.get(cmd.command) if isinstance(cmd.command, str) else None
+        queue = self.name
+        if spec is not None and spec.defaults:  # dispatch option > declared on @command > worker
+            cmd = cmd.with_defaults(spec.defaults)
+            if not self._named and cmd.queue is None and spec.defaults.queue:
+                queue = spec.defaults.queue
+        job = cmd.to_job(queue, now=now)
+        if spec is None:
+            raise self.registry.unknown(job.command, UnknownQueuedCommand)
+        if self._check_args:
+            _check_args(spec, job.args, str(self.settings.root))
+        if "forge.limits" in job.metadata or getattr(spec.target, "__forge_isolated__", None) is not None:
+            from forge.limits.isolation import stamp  # limits of its own, or an isolated command
+
+            job = stamp(job, spec, self.settings)
+        return job
+
+    def jobs_for(self, cmds: Iterable[QueuedCommand]) -> list[Job]:
+        """The jobs for ``cmds``, each checked; an error names the index of the bad command
+        (when there are several)."""
+        now = time.time()
+        items = builtins.list(cmds)
+        if len(items) == 1:
+            return [self._job(items[0], now)]
+        jobs = []
+        for n, c in enumerate(items):
+            try:
+                jobs.append(self._job(c, now))
+            except UsageError as exc:
+                exc.args = (f"Item {n} (of {len(items)}): {exc.message}",)
+                raise
+        return jobs
+
+    def store(self, jobs: Sequence[Job]) -> builtins.list[bool]:
+        """Store jobs that ``jobs_for`` built (and so validated) as one durable batch. True for
+        each job stored, False for each whose idempotency key had been used (nothing stored)."""
+        created = list(self.backend.push(jobs)) if jobs else []
+        self._dispatched(jobs, created)
+        return created
+
+    def _dispatched(self, jobs: Sequence[Job], created: Sequence[bool]) -> None:
+        """``job.dispatched`` for the jobs stored (``forge.events``): for forge.toml's [[listeners]],
+        or a worker's listeners in a worker (it loaded forge.events); else nothing to do."""
+        import sys
+
+        if self.settings.listeners or "forge.events.hooks" in sys.modules:
+            from forge.events.hooks import dispatched
+
+            dispatched(self.settings, self.backend, jobs, created)
+
+    def dispatch(self, cmd: QueuedCommand) -> str:
+        """Queue one command; returns the job id once the job is durably stored (with an
+        idempotency key that was used already: the id of the job that holds it)."""
+        job = self._job(cmd, time.time())
+        self._dispatched([job], self.backend.push([job]))
+        return job.id
+
+    def dispatch_many(self, cmds: Iterable[QueuedCommand], *, batch_id: str | None = None) -> builtins.list[str]:
+        """Validate every command, then store them all (one durable batch); returns their ids.
+
+        With ``batch_id``, command ``n`` (from 0) that has no idempotency key of its own gets
+        ``batch_key(batch_id, n)``: calling this again with the same commands, after an error
+        or a kill part-way, stores only those that are missing.
+        """
+        jobs = self.jobs_for(_in_batch(cmds, batch_id))
+        self._dispatched(jobs, self.backend.push(jobs))
+        return [j.id for j in jobs]
+
+    def push(self, cmd: QueuedCommand) -> JobDispatch:
+        """Queue one command; returns where and when (``created`` False: its idempotency key
+        had been used, nothing was stored, and the record is that of the job holding it)."""
+        job = self._job(cmd, time.time())
+        record = _dispatch_record(job)  # before the write: nothing may fail once the job is stored
+        created = self.backend.push([job])
+        self._dispatched([job], created)
+        if created[0]:
+            return record
+        info = self.backend.find(job.id)
+        return replace(_dispatch_record(info.job) if info else record, created=False)
+
+    async def adispatch(self, cmd: QueuedCommand) -> str:
+        import asyncio  # not at module level: it costs 30 ms of every CLI start
+
+        return await asyncio.to_thread(self.dispatch, cmd)
+
+    async def adispatch_many(self, cmds: Iterable[QueuedCommand], *,
+                             batch_id: str | None = None) -> builtins.list[str]:
+        import asyncio
+
+        cmds = list(cmds)
+        return await asyncio.to_thread(self.dispatch_many, cmds, batch_id=batch_id)
+
+    def size(self) -> int:
+        """Jobs waiting in this queue (pending + delayed)."""
+        return self.stats().size
+
+    def stats(self) -> QueueStats:
+        return self.backend.stats([self.name])[0]
+
+    def pending(self, limit: int | None = None) -> list[JobInfo]:
+        """Waiting jobs, due ones first in FIFO order, then delayed ones."""
+        out = list(self.backend.jobs(queue=self.name, state=State.PENDING, limit=limit))
+        if limit is None or len(out) < limit:
+            rest = None if limit is None else limit - len(out)
+            out += list(self.backend.jobs(queue=self.name, state=State.DELAYED, limit=rest))
+        return out
+
+    def find(self, job_id: str) -> JobInfo | None:
+        info = self.backend.find(_job_id(job_id))
+        return info if info is not None and info.job.queue == self.name else None
+
+    def pause(self) -> None:
+        self.backend.pause(self.name)
+
+    def resume(self) -> None:
+        self.backend.resume(self.name)
+
+    def is_paused(self) -> bool:
+        return self.name in self.backend.paused()
+
+    def clear(self) -> int:
+        """Delete this queue's pending and delayed jobs (never running ones); returns the count."""
+        return self.backend.clear(self.name)
+
+    def __repr__(self) -> str:
+        return f"CommandQueue({self.name!r})"
+
+
+def _in_batch(cmds: Iterable[QueuedCommand], batch_id: str | None) -> Iterable[QueuedCommand]:
+    if batch_id is None:
+        return cmds
+    if not isinstance(batch_id, str) or not batch_id:
+        raise InvalidCommand(f"The batch id must be a non-empty string, not {batch_id!r}.")
+    return [c.with_idempotency_key(batch_key(batch_id, n))
+            if isinstance(c, QueuedCommand) and c.idempotency_key is None else c
+            for n, c in enumerate(cmds)]
+
+
+def _dispatch_record(job: Job) -> JobDispatch:
+    scheduled = rfc3339(job.available_at) if job.available_at > job.dispatched_at else None
+    return JobDispatch(job.id, job.command, job.queue, rfc3339(job.dispatched_at), scheduled)
+
+
+class QueueManager(_Connected):
+    """Several queues on one connection, and the operations on failed and finished jobs."""
+
+    def __init__(self, connection: str | Backend | None = None, *, settings: Settings | None = None,
+                 registry: CommandRegistry | None = None) -> None:
+        super().__init__(connection, settings)
+        self._registry = registry
+        self._queues: dict[str, CommandQueue] = {}
+
+    def add_queue(self, name: str) -> CommandQueue:
+        q = self._queues.get(name)
+        if q is None:
+            q = self._queues[name] = CommandQueue(
+                name, connection=self.backend, settings=self.settings, registry=self._registry
+            )
+        return q
+
+    def queue(self, name: str) -> CommandQueue | None:
+        return self._queues.get(name)
+
+    def list(self) -> builtins.list[str]:
+        """Names of the queues added here and of those that hold jobs."""
+        return sorted(set(self._queues) | set(self.backend.queues()))
+
+    def stats(self, queues: Sequence[str] | None = None) -> builtins.list[QueueStats]:
+        return self.backend.stats(queues)
+
+    def jobs(self, *, queue: str | None = None, state: State | str | None = None,
+             command: str | None = None, limit: int | None = None) -> Iterator[JobInfo]:
+        st = State(state) if state is not None else None
+        if queue is not None:
+            _queue_name(queue)
+        return self.backend.jobs(queue=queue, state=st, command=command, limit=limit)
+
+    def find(self, job_id: str) -> JobInfo:
+        """The job with this id in any state, with its latest progress (``JobNotFound`` if none)."""
+        info = self.backend.find(_job_id(job_id))
+        if info is None:
+            raise JobNotFound(job_id)
+        from forge.jobprogress.store import with_progress
+
+        return with_progress(self.backend, [info])[0]
+
+    def read_log(self, job_id: str, offset: int = 0) -> bytes:
+        """The job's captured output from byte ``offset`` (empty if it printed nothing)."""
+        return self.backend.read_log(job_id, offset)
+
+    def failed(self, queue: str | None = None, limit: int | None = None) -> builtins.list[JobInfo]:
+        """Failed jobs, newest first."""
+        return list(self.jobs(queue=queue, state=State.FAILED, limit=limit))
+
+    def iter_retry(self, job_ids: Sequence[str] | str | None = "all", *, queue: str | None = None,
+                   reason: str | None = None, command: str | None = None,
+                   on_blocked: Callable[[RetryBlocked], None] | None = None) -> Iterator[JobInfo]:
+        """Move failed jobs back to pending (attempts reset), one at a time, as iterated;
+        ``"all"`` retries the jobs failed when it started, each once.
+
+        A unique job whose key another live job holds stays failed: it goes to
+        ``on_blocked`` and the other jobs are still retried; without ``on_blocked``, the
+        first such job is raised as ``RetryBlocked`` once the others have been retried."""
+        if isinstance(job_ids, str) and job_ids != "all":
+            job_ids = [job_ids]
+        ids = None if job_ids in (None, "all") else [_job_id(i) for i in job_ids]  # type: ignore[union-attr]
+        return self._retried(self.backend.retry(ids, queue=queue, reason=reason, command=command), on_blocked)
+
+    @staticmethod
+    def _retried(stream: Iterator[JobInfo | RetryBlocked],
+                 on_blocked: Callable[[RetryBlocked], None] | None) -> Iterator[JobInfo]:
+        first: RetryBlocked | None = None
+        for item in stream:
+            if not isinstance(item, RetryBlocked):
+                yield item
+            elif on_blocked is not None:
+                on_blocked(item)
+            elif first is None:
+                first = item
+        if first is not None:
+            raise first
+
+    def retry(self, job_ids: Sequence[str] | str | None = "all", *, queue: str | None = None,
+              reason: str | None = None, command: str | None = None,
+              on_blocked: Callable[[RetryBlocked], None] | None = None) -> builtins.list[str]:
+        """Retry failed jobs (``"all"`` or a list of ids); returns the ids retried. A job
+        left failed because another live job holds its unique key: see ``iter_retry``."""
+        return [i.id for i in self.iter_retry(job_ids, queue=queue, reason=reason, command=command,
+                                              on_blocked=on_blocked)]
+
+    def resolve_id(self, text: str) -> str:
+        """The job id that ``text`` names: a whole id, or a unique prefix of one (as git and
+        docker take them). ``JobNotFound`` if none matches; ``AmbiguousJobId`` (a usage error
+        listing the matches) if several do."""
+        if valid_id(text):
+            return text
+        prefix = text.lower() if isinstance(text, str) else ""
+        if not prefix or not _ID_PREFIX.fullmatch(prefix):
+            _job_id(text)  # raises, with the usual message
+        matches = self.backend.ids_with_prefix(prefix, limit=11)
+        if not matches:
+            raise JobNotFound(text)
+        if len(matches) > 1:
+            raise AmbiguousJobId(text, matches)
+        return matches[0]
+
+    def cancel(self, job_id: str, *, running: bool = False, wait: float = 30.0) -> JobInfo:
+        """Take a pending or delayed job off its queue: it is failed with reason ``cancelled``.
+
+        With ``running``, a running job is killed by its worker (SIGTERM, then SIGKILL after
+        the kill grace) and failed with reason ``cancelled``; this waits up to ``wait``
+        seconds for that. ``JobNotFound`` for an unknown id; ``UsageError`` for a job that is
+        running (without ``running``) or finished."""
+        job_id = _job_id(job_id)
+        for _ in range(3):
+            info = self.backend.cancel(job_id)
+            if info is not None:
+                if self.settings.listeners:
+                    from forge.events.hooks import cancelled
+
+                    cancelled(self.settings, self.backend, info)
+                return info
+            now = self.find(job_id)
+            if now.state in (State.PENDING, State.DELAYED):
+                time.sleep(0.01)  # a worker was claiming it this instant: look again
+                continue
+            if now.state != State.RESERVED:
+                raise UsageError(f"Job {job_id} is {now.state}; only a waiting or running job can be cancelled.")
+            if not running:
+                raise UsageError(f"Job {job_id} is running.", hint=f"forge queue:cancel --running {job_id} kills it.")
+            self.backend.request_cancel(job_id)
+            until = time.monotonic() + wait
+            while time.monotonic() < until:
+                now = self.find(job_id)
+                if now.state != State.RESERVED:
+                    return now
+                time.sleep(0.1)
+            raise QueueError(f"Job {job_id} is still running after {wait:g} s: its worker has not acted on the"
+                             " cancel (stopped, or on a host that cannot reach the queue).",
+                             hint="It is killed when the worker next looks; `forge queue:workers` shows the workers.")
+        raise UsageError(f"Job {job_id} could not be cancelled: it keeps being claimed.")
+
+    def quarantined(self) -> int:
+        """Files the file backend set aside in quarantine/ (not jobs it could read); 0 on Redis."""
+        count = getattr(self.backend, "quarantined", None)
+        return int(count()) if callable(count) else 0
+
+    @property
+    def quarantine_dir(self) -> str | None:
+        """Where quarantined files are (file backend), else None."""
+        root = getattr(self.backend, "root", None)
+        return f"{root}/quarantine" if root is not None and callable(getattr(self.backend, "quarantined", None)) else None
+
+    def workers(self) -> builtins.list[WorkerRecord]:
+        """The live workers of this connection (``forge.worker.heartbeat``)."""
+        from forge.worker.heartbeat import live_workers
+
+        return live_workers(self.backend)
+
+    def forget(self, job_id: str) -> bool:
+        """Delete one failed job; False if no failed job has this id."""
+        return self.backend.forget(_job_id(job_id))
+
+    def flush(self, hours: float | None = None, *, queue: str | None = None) -> int:
+        """Delete failed jobs (only those older than ``hours``, when given)."""
+        return self.backend.flush(older_than=None if hours is None else hours * 3600, queue=queue)
+
+    def prune_failed(self, hours: float = 24) -> int:
+        return self.flush(hours)
+
+    def prune_done(self, hours: float | None = None) -> int:
+        return self.backend.prune_done(older_than=None if hours is None else hours * 3600)
+
+    def pause(self, queue: str) -> None:
+        self.backend.pause(_queue_name(queue))
+
+    def resume(self, queue: str) -> None:
+        self.backend.resume(_queue_name(queue))
+
+    def forget_queue(self, queue: str) -> bool:
+        """Remove an empty queue (its name and pause marker); False if it holds any job."""
+        return bool(self.backend.forget_queue(validate_queue_name(queue)))  # type: ignore[attr-defined]
+
+    def restart(self) -> float:
+        """Ask every worker on this connection to exit after its current job."""
+        return self.backend.request_restart()

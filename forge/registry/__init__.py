@@ -1,0 +1,1 @@
+"""Commands: the ``@command`` marker and specs, discovery (folders, entry points), running one."""

@@ -1,0 +1,1 @@
+"""The worker: the supervisor, its options, the job process, what the two share, reporting."""
