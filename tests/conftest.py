@@ -15,6 +15,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -192,6 +193,28 @@ def next_event(proc: subprocess.Popen, name: str, timeout: float = 60.0) -> dict
     finally:
         timer.cancel()
     raise AssertionError(f"no {name} event in {timeout:g} s (the process ended or was killed)")
+
+
+#: x86-64 numbers of the calls a process blocks in while it waits for something to happen:
+#: read, poll, select, epoll_wait, pselect6, ppoll, epoll_pwait, epoll_pwait2.
+_WAITING_SYSCALLS = {"0", "7", "23", "232", "270", "271", "281", "441"}
+
+
+def blocked_waiting(pid: int, calls: frozenset[str] | set[str] = _WAITING_SYSCALLS) -> bool:
+    """Whether process ``pid``'s main thread is blocked in a waiting call (poll, select, ...;
+    an idle worker's wait for work: inotify, a Redis BLPOP) at two looks 50 ms apart; any other
+    call an idle worker makes is short. ``calls``: the system call numbers that count (as
+    strings). Poll it with ``wait_for`` instead of sleeping until a worker is "probably" idle."""
+    def waiting() -> bool:
+        try:
+            return Path(f"/proc/{pid}/syscall").read_text().split()[0] in calls
+        except (OSError, IndexError):
+            return False
+
+    if not waiting():
+        return False
+    time.sleep(0.05)
+    return waiting()
 
 
 def started(proc: subprocess.Popen, timeout: float = 60.0) -> subprocess.Popen:

@@ -25,7 +25,9 @@ from typing import Any
 
 import pytest
 import redis
+from conftest import blocked_waiting
 from conftest import make_job as job
+from reliability.harness import wait_for as harness_wait_for
 
 import forge.backends.redis.backend as rb
 from forge.config import Connection
@@ -369,7 +371,8 @@ def test_idle_wait_wakes_within_milliseconds_of_a_dispatch(backend: Any, redis_u
     try:
         t = threading.Thread(target=idle)
         t.start()
-        time.sleep(0.3)
+        assert t.native_id is not None
+        harness_wait_for(lambda: blocked_waiting(t.native_id, {"7"}))  # in poll(): its BLPOP
         pushed = time.monotonic()
         backend.push([job()])
         t.join(5)

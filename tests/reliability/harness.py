@@ -323,7 +323,8 @@ def kill_storm(target: Target, *, workers: int = 4, jobs: int = 2000, seconds: f
     sup = Supervisor(target, workers)
     began = time.monotonic()
     sup.start()
-    time.sleep(0.5)  # let the first workers load
+    # The first kill comes once the workers are loaded and at work (a job is claimed).
+    wait_for(lambda: any(s.reserved or s.done or s.failed for s in target.backend.stats(["default"])), timeout=60)
     try:
         while time.monotonic() - began < seconds:
             time.sleep(interval * rng.uniform(0.5, 1.5))
