@@ -27,7 +27,7 @@ import pytest
 import redis
 from conftest import blocked_waiting
 from conftest import make_job as job
-from reliability.harness import wait_for as harness_wait_for
+from reliability.harness import wait_for
 
 import forge.backends.redis.backend as rb
 from forge.config import Connection
@@ -63,13 +63,6 @@ def done(c: Any) -> Event:
 
 def failed(c: Any, reason: str = Reason.EXCEPTION) -> Event:
     return Event("failed", c.attempt, time.time(), worker=WORKER, reason=reason, error="boom")
-
-
-def wait_for(predicate: Any, within: float = 5.0) -> None:
-    end = time.monotonic() + within
-    while not predicate():
-        assert time.monotonic() < end, "condition never became true"
-        time.sleep(0.02)
 
 
 # -- layout ---------------------------------------------------------------------------------
@@ -142,7 +135,7 @@ def test_processes_claiming_concurrently_lose_and_duplicate_nothing(
     claimers = [ctx.Process(target=_claimer, args=(redis_url, redis_prefix, str(out), stop)) for out in outs]
     for p in claimers:
         p.start()
-    wait_for(lambda: all(Path(f"{out}.ready").exists() for out in outs), within=60)
+    wait_for(lambda: all(Path(f"{out}.ready").exists() for out in outs), timeout=60)
     dispatched = []
     for _ in range(40):  # dispatched while the four processes claim
         batch = [job() for _ in range(50)]
@@ -372,7 +365,7 @@ def test_idle_wait_wakes_within_milliseconds_of_a_dispatch(backend: Any, redis_u
         t = threading.Thread(target=idle)
         t.start()
         assert t.native_id is not None
-        harness_wait_for(lambda: blocked_waiting(t.native_id, {"7"}))  # in poll(): its BLPOP
+        wait_for(lambda: blocked_waiting(t.native_id, {"7"}))  # in poll(): its BLPOP
         pushed = time.monotonic()
         backend.push([job()])
         t.join(5)
@@ -454,7 +447,7 @@ def _start_server(port: int, data: Path) -> subprocess.Popen:
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     c = redis.Redis(port=port, socket_connect_timeout=0.2)
     try:
-        wait_for(lambda: _pings(c), within=10)
+        wait_for(lambda: _pings(c), timeout=10)
     finally:
         c.close()
     return proc
@@ -529,7 +522,7 @@ def test_workers_ride_out_a_server_restart(redis_url: str, tmp_path: Path,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
                for _ in range(2)]
     try:
-        wait_for(lambda: ledger.exists() and len(ledger.read_text().splitlines()) > 20, within=60)
+        wait_for(lambda: ledger.exists() and len(ledger.read_text().splitlines()) > 20, timeout=60)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         time.sleep(1.0)
