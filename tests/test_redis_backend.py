@@ -35,6 +35,9 @@ from forge.queue import CommandQueue, QueuedCommand
 
 redis = pytest.importorskip("redis")
 rb = pytest.importorskip("forge.backends.redis.backend")
+from forge.backends.redis import claim as rclaim  # noqa: E402
+from forge.backends.redis import server as rserver  # noqa: E402
+
 RedisBackend = rb.RedisBackend
 
 pytestmark = pytest.mark.redis
@@ -82,9 +85,9 @@ def backend(redis_url: str, prefix: str) -> Iterator[Any]:
 @pytest.fixture
 def short_leases(monkeypatch: pytest.MonkeyPatch) -> None:
     """Leases of a fraction of a second, so expiry can be tested without waiting 8 s."""
-    monkeypatch.setattr(rb, "KILL_GRACE", 0.0)
-    monkeypatch.setattr(rb, "LEASE_MARGIN", 0.1)
-    monkeypatch.setattr(rb, "LEASE_WINDOW", 0.4)
+    monkeypatch.setattr(rclaim, "KILL_GRACE", 0.0)
+    monkeypatch.setattr(rclaim, "LEASE_MARGIN", 0.1)
+    monkeypatch.setattr(rserver, "LEASE_WINDOW", 0.4)
 
 
 
@@ -250,7 +253,7 @@ def test_heartbeat_extends_the_lease_but_never_past_the_deadline(backend: Any, c
     backend.ack(c, done(c))
 
     s = backend.claim(["default"], WORKER, 60)
-    cap = s.deadline + rb.LEASE_MARGIN
+    cap = s.deadline + rclaim.LEASE_MARGIN
     for _ in range(4):
         time.sleep(0.15)
         assert backend.heartbeat(s) is True

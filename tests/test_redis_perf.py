@@ -27,7 +27,9 @@ from forge.job import Event
 
 redis = pytest.importorskip("redis")
 rb = pytest.importorskip("forge.backends.redis.backend")
+from forge.backends.redis import claim as rclaim  # noqa: E402
 from forge.backends.redis import resp as _resp  # noqa: E402
+from forge.backends.redis import server as rserver  # noqa: E402
 
 pytestmark = pytest.mark.redis
 URL = os.environ.get("FORGE_TEST_REDIS_URL", "")
@@ -113,9 +115,9 @@ def test_ack_claim_acknowledges_and_claims_the_next_in_one_call(backend: Any) ->
 
 
 def test_ack_claim_of_a_recovered_claim_is_refused(backend: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(rb, "KILL_GRACE", 0.0)
-    monkeypatch.setattr(rb, "LEASE_MARGIN", 0.1)
-    monkeypatch.setattr(rb, "LEASE_WINDOW", 0.3)
+    monkeypatch.setattr(rclaim, "KILL_GRACE", 0.0)
+    monkeypatch.setattr(rclaim, "LEASE_MARGIN", 0.1)
+    monkeypatch.setattr(rserver, "LEASE_WINDOW", 0.3)
     backend.lease_window = 0.3
     j = job(max_attempts=3)
     backend.push([j])
