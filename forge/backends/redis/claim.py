@@ -107,7 +107,7 @@ class Claimer:
         if job is None:
             return None
         return Claim(job, int(attempt), srv.local(reply[0]), srv.local(deadline),
-                     srv.local(lease), [], token, f"{job.id}/{token}", int(reply[0]))
+                     srv.local(lease), token, f"{job.id}/{token}", int(reply[0]))
 
     def heartbeat(self, claim: Claim) -> bool:
         """``Backend.heartbeat``: the lease extended (``claim.lease_until`` moved on); False

@@ -85,7 +85,7 @@ class Limiter:
             self.release_holds(RedisHolds(job_id.decode(), _list(scopes)))
             return None
         claim = Claim(job, int(attempt), srv.local(reply[0]), srv.local(deadline),
-                      srv.local(lease), [], token, f"{job.id}/{token}", int(reply[0]))
+                      srv.local(lease), token, f"{job.id}/{token}", int(reply[0]))
         held = _list(scopes)
         claim.holds = RedisHolds(job.id, held) if held else None
         return claim
