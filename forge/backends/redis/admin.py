@@ -13,8 +13,9 @@ import dataclasses
 import heapq
 import time
 from collections.abc import Iterator, Sequence
+from typing import Any
 
-from forge.backends.base import QueueStats
+from forge.backends.base import PAGE_SCAN_BUDGET, JobPage, QueueStats
 from forge.backends.redis import lua
 from forge.backends.redis.layout import CHUNK, unique_ttl_ms, us
 from forge.backends.redis.server import Server
@@ -61,9 +62,11 @@ class Admin:
         return out
 
     def fetch(self, ids: Sequence[bytes | str]) -> list[JobInfo | None]:
+        """The ``JobInfo`` of each id (None where the job is missing or corrupt), in one atomic read."""
         return [k[1] if k else None for k in self.fetch_keyed(ids)]
 
     def find(self, job_id: str) -> JobInfo | None:
+        """``QueueOperations.find``; raises ``UsageError`` for an id that is not a job id."""
         srv = self.srv
         if not valid_id(job_id):
             raise UsageError(f"Invalid job id {job_id!r}: expected a UUID like 3f2b…-….")
@@ -87,6 +90,8 @@ class Admin:
 
     def jobs(self, *, queue: str | None = None, state: State | None = None,
              command: str | None = None, limit: int | None = None) -> Iterator[JobInfo]:
+        """``QueueOperations.jobs``: each queue read a page of ids at a time, the queues merged
+        in listing order (reserved, pending, delayed oldest first; failed, done newest first)."""
         srv = self.srv
         queues = [validate_queue_name(queue)] if queue else self.queues()
         order = [State.RESERVED, State.PENDING, State.DELAYED, State.FAILED, State.DONE]
@@ -136,7 +141,55 @@ class Admin:
                 return
             n = min(2 * n, CHUNK)
 
+    def page(self, queue: str, state: State, *, offset: int = 0, limit: int = 50,
+             command: str | None = None) -> JobPage:
+        """``QueueOperations.page``: positions come from what Redis keeps in order (``pending``
+        a list, the other states sorted sets), so ``LRANGE``/``ZRANGE`` start at ``offset``
+        directly and only the page's records are fetched. Reserved jobs are in lease order,
+        close to claim order. Raises ``UsageError`` for a bad queue name."""
+        validate_queue_name(queue)
+        srv = self.srv
+        offset, limit = max(0, offset), max(0, limit)
+        with srv.io():
+            now_us = us(srv.server_now())
+            r: Any = srv.r
+            total = self._count(queue, state, now_us)
+            jobs: list[JobInfo] = []
+            pos = offset
+            budget = PAGE_SCAN_BUDGET if command else limit
+            while len(jobs) < limit and pos < total and pos - offset < budget:
+                n = limit if not command else min(200, budget - (pos - offset))
+                if state == State.RESERVED:  # scored by lease expiry: claim order is close to it
+                    ids: list[bytes] = r.zrange(srv.layout.queue(queue, "reserved"), pos, pos + n - 1)
+                else:
+                    ids = self.page_ids(queue, state, now_us, pos, n)
+                if not ids:
+                    break
+                for found in self.fetch_keyed(ids):
+                    if len(jobs) >= limit:
+                        break  # the page is full: the next one starts here
+                    pos += 1
+                    info = found[1] if found else None
+                    if info is not None and info.state == state and (not command or info.job.command == command):
+                        jobs.append(info)
+                if not command:
+                    pos = max(pos, offset + len(ids))
+                    break
+        return JobPage(jobs, total, offset, limit, pos if pos < total else None, pos - offset)
+
+    def _count(self, queue: str, state: State, now_us: int) -> int:
+        """How many of ``queue``'s jobs are in ``state`` (due delayed jobs count as pending)."""
+        srv = self.srv
+        r: Any = srv.r
+        if state == State.PENDING:
+            return int(r.llen(srv.layout.queue(queue, "pending"))
+                       + r.zcount(srv.layout.queue(queue, "delayed"), "-inf", now_us))
+        if state == State.DELAYED:
+            return int(r.zcount(srv.layout.queue(queue, "delayed"), f"({now_us}", "+inf"))
+        return int(r.zcard(srv.layout.queue(queue, str(state))))
+
     def stats(self, queues: Sequence[str] | None = None) -> list[QueueStats]:
+        """``QueueOperations.stats``: one script run for all the queues."""
         srv = self.srv
         names = list(queues) if queues else self.queues()
         if not names:
@@ -152,6 +205,7 @@ class Admin:
         return out
 
     def queues(self) -> list[str]:
+        """``QueueOperations.queues``: the members of ``P:queues``, sorted."""
         srv = self.srv
         with srv.io():
             return sorted(m.decode() for m in srv.c.call("SMEMBERS", srv.key("queues")))
@@ -160,6 +214,8 @@ class Admin:
 
     def retry(self, job_ids: Sequence[str] | None, *, queue: str | None = None,
               reason: str | None = None, command: str | None = None) -> Iterator[JobInfo | RetryBlocked]:
+        """``QueueOperations.retry``: each job moved by one ``retry`` script run (its unique key
+        taken back in the same step); with ``job_ids`` None, only jobs failed before the call."""
         srv = self.srv
         with srv.io():
             if job_ids is not None:
@@ -218,6 +274,7 @@ class Admin:
         return JobInfo(job, State.PENDING, 0, (*info.events, ev), now)
 
     def forget(self, job_id: str) -> bool:
+        """``QueueOperations.forget``: False for an invalid id or a job that is not failed."""
         srv = self.srv
         if not valid_id(job_id):
             return False
@@ -244,12 +301,16 @@ class Admin:
         return removed
 
     def flush(self, *, older_than: float | None = None, queue: str | None = None) -> int:
+        """``QueueOperations.flush``: failed jobs deleted 500 per script run; returns how many."""
         return self._delete_older("failed", older_than, queue)
 
     def prune_done(self, *, older_than: float | None = None) -> int:
+        """``QueueOperations.prune_done``: done jobs deleted 500 per script run; returns how many."""
         return self._delete_older("done", older_than, None)
 
     def clear(self, queue: str) -> int:
+        """``QueueOperations.clear``: waiting jobs deleted 500 per script run (their unique keys
+        freed); returns how many."""
         srv = self.srv
         validate_queue_name(queue)
         removed = 0
@@ -263,6 +324,7 @@ class Admin:
     # -- ids, cancelling ---------------------------------------------------------------
 
     def ids_with_prefix(self, prefix: str, limit: int = 100) -> list[str]:
+        """``QueueOperations.ids_with_prefix``: a SCAN of ``P:info:<prefix>*``."""
         srv = self.srv
         start = len(srv.key("info", ""))
         found: list[str] = []
@@ -274,6 +336,7 @@ class Admin:
         return sorted(found)
 
     def cancel(self, job_id: str) -> JobInfo | None:
+        """``QueueOperations.cancel``: one ``cancel`` script run; the job as failed, or None."""
         srv = self.srv
         if not valid_id(job_id):
             return None

@@ -39,7 +39,7 @@ from contextlib import AbstractContextManager
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
-from forge.backends.base import KILL_GRACE, LEASE_MARGIN, Claim, QueueStats
+from forge.backends.base import KILL_GRACE, LEASE_MARGIN, Claim, JobPage, QueueStats
 from forge.backends.redis import lua
 from forge.backends.redis.claim import Claimer
 from forge.backends.redis.layout import LOG_CAP
@@ -297,6 +297,11 @@ class RedisBackend:
         """``Backend.jobs``."""
         return self._admin.jobs(queue=queue, state=state, command=command, limit=limit)
 
+    def page(self, queue: str, state: State, *, offset: int = 0, limit: int = 50,
+             command: str | None = None) -> JobPage:
+        """``QueueOperations.page``: ``LRANGE``/``ZRANGE`` from ``offset`` (``admin.Admin.page``)."""
+        return self._admin.page(queue, state, offset=offset, limit=limit, command=command)
+
     def stats(self, queues: Sequence[str] | None = None) -> list[QueueStats]:
         """``Backend.stats``: one script run."""
         return self._admin.stats(queues)
@@ -427,3 +432,11 @@ class RedisBackend:
 
     def _fetch_keyed(self, ids: Sequence[bytes | str]) -> list[tuple[int, JobInfo] | None]:
         return self._admin.fetch_keyed(ids)
+
+
+if TYPE_CHECKING:
+    from forge.backends.base import Backend
+
+    def _is_a_backend(backend: RedisBackend) -> Backend:
+        """Never called: mypy checks here that the façade implements both protocols."""
+        return backend
