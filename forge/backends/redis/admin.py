@@ -19,6 +19,7 @@ from forge.backends.base import PAGE_SCAN_BUDGET, JobPage, QueueStats
 from forge.backends.redis import lua
 from forge.backends.redis.layout import CHUNK, unique_ttl_ms, us
 from forge.backends.redis.server import Server
+from forge.backends.retention import cutoff
 from forge.config import validate_queue_name
 from forge.errors import CorruptJob, RetryBlocked, UsageError
 from forge.job import Event, JobInfo, Reason, State, decode_file, valid_id
@@ -285,13 +286,12 @@ class Admin:
         srv = self.srv
         removed = 0
         with srv.io():
-            cutoff: str | int = "+inf"
-            if older_than is not None:
-                cutoff = us(srv.server_now() - older_than)
+            before = cutoff(srv.server_now(), older_than)
+            last: str | int = "+inf" if before is None else us(before)
             for q in [validate_queue_name(queue)] if queue else self.queues():
                 key = srv.key("q", q, state)
                 while True:
-                    ids = srv.c.call("ZRANGEBYSCORE", key, "-inf", cutoff, "LIMIT", 0, 500)
+                    ids = srv.c.call("ZRANGEBYSCORE", key, "-inf", last, "LIMIT", 0, 500)
                     if not ids:
                         break
                     deleted = srv.run(lua.DELETE, state, *ids)

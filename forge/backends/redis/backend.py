@@ -42,12 +42,12 @@ from typing import TYPE_CHECKING, Any
 from forge.backends.base import KILL_GRACE, LEASE_MARGIN, Claim, JobPage, QueueStats
 from forge.backends.redis import lua
 from forge.backends.redis.claim import Claimer
-from forge.backends.redis.layout import LOG_CAP
 from forge.backends.redis.layout import hash_key as _hash_key
 from forge.backends.redis.lua import PROMOTE_BATCH
 from forge.backends.redis.server import BLOCK_CAP, LEASE_WINDOW, PyClient, Server
 from forge.backends.redis.server import translate as _translate
 from forge.backends.redis.store import Store
+from forge.backends.retention import DONE_RETENTION, LOG_CAP
 from forge.config import Connection
 from forge.errors import ConfigError, RetryBlocked
 from forge.job import Event, Job, JobInfo, State
@@ -87,7 +87,7 @@ class RedisBackend:
 
     lease_based = True
 
-    def __init__(self, url: str, *, prefix: str = "forge", done_retention: float = 3600.0,
+    def __init__(self, url: str, *, prefix: str = "forge", done_retention: float = DONE_RETENTION,
                  connect_timeout: float = 5.0, password: str | None = None,
                  quick: bool = False, lease_window: float | None = None) -> None:
         if _redis is None:
@@ -103,7 +103,7 @@ class RedisBackend:
         self._claimer = Claimer(self.server, self)
 
     @classmethod
-    def from_connection(cls, conn: Connection, *, done_retention: float = 3600.0,
+    def from_connection(cls, conn: Connection, *, done_retention: float = DONE_RETENTION,
                         quick: bool = False) -> RedisBackend:
         """The backend of a configured connection; raises ``ConfigError`` if its password
         variable is not set. ``quick``: short timeouts and no retries (the supervisor's)."""
@@ -163,7 +163,7 @@ class RedisBackend:
 
     @property
     def done_retention(self) -> float:
-        """Seconds a done job is kept (0: deleted at once)."""
+        """Seconds a done job is kept (the policy: ``forge.backends.retention``)."""
         return self.server.done_retention
 
     @property

@@ -23,6 +23,7 @@ from forge.backends.base import KILL_GRACE, LEASE_MARGIN, Claim
 from forge.backends.redis import lua
 from forge.backends.redis.layout import us
 from forge.backends.redis.server import Server
+from forge.backends.retention import keeps_done
 from forge.config import validate_queue_name
 from forge.errors import CorruptJob
 from forge.job import Event, Job, Reason, decode_file
@@ -124,7 +125,7 @@ class Claimer:
     # -- outcomes -------------------------------------------------------------------------
 
     def _keep_done(self) -> str:
-        return "1" if self.srv.done_retention > 0 else "0"
+        return "1" if keeps_done(self.srv.done_retention) else "0"
 
     def finish(self, token: str, job_id: str, mode: str, event: Event | None, attempts: int,
                delay: float, only_expired: bool = False, claim: Claim | None = None) -> bool:

@@ -21,7 +21,7 @@ supported: every key of one prefix must live on one server)::
     P:unique:<sha256[:40]>  STRING  id of the job holding a unique key (PX = the key's ttl)
     (an idempotency key needs no key of its own: it is the job's id, ``forge.job.idempotent_id``,
     taken while ``P:info:<id>`` exists, and freed when the job is deleted)
-    P:log:<id>              STRING  captured job output, capped at 1 MiB
+    P:log:<id>              STRING  captured job output, capped at ``retention.LOG_CAP``
     P:restart               STRING  time of the last ``queue:restart``
     P:cancel:<id>           STRING  ``queue:cancel --running`` asked the job's worker to kill it (EX 1 day)
     P:worker:<name>         STRING  a live worker's record (``forge.worker.heartbeat``), PX = stale time
@@ -43,8 +43,6 @@ from __future__ import annotations
 
 #: Ids fetched per round trip when listing or recovering.
 CHUNK = 100
-#: Captured output kept per job (``P:log:<id>``, bytes); more is dropped.
-LOG_CAP = 1024 * 1024
 
 
 def us(seconds: float) -> int:

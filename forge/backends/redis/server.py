@@ -21,6 +21,7 @@ from typing import Any, Protocol
 from forge.backends.redis import resp as _resp
 from forge.backends.redis.layout import Layout
 from forge.backends.redis.lua import Script
+from forge.backends.retention import DONE_RETENTION
 from forge.config import mask_url
 from forge.errors import ConfigError, DispatchFailed, QueueError, QueueUnavailable
 
@@ -57,7 +58,7 @@ class Server:
 
     Raises ``ConfigError`` for a bad URL or prefix."""
 
-    def __init__(self, url: str, *, prefix: str = "forge", done_retention: float = 3600.0,
+    def __init__(self, url: str, *, prefix: str = "forge", done_retention: float = DONE_RETENTION,
                  connect_timeout: float = 5.0, password: str | None = None,
                  quick: bool = False, lease_window: float | None = None) -> None:
         if not isinstance(url, str) or not url.startswith(_SCHEMES):

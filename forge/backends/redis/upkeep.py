@@ -14,8 +14,9 @@ from forge.backends.base import Claim
 from forge.backends.redis import lua
 from forge.backends.redis.admin import Admin
 from forge.backends.redis.claim import Claimer
-from forge.backends.redis.layout import CHUNK, LOG_CAP, us
+from forge.backends.redis.layout import CHUNK, us
 from forge.backends.redis.server import Server, raise_first
+from forge.backends.retention import LOG_CAP, prune_age
 from forge.config import validate_queue_name
 from forge.errors import CorruptJob, UsageError
 from forge.job import Event, Job, Reason, decode_file, valid_id
@@ -61,8 +62,9 @@ class Upkeep:
                         outcome = self._recover(job_id.decode(), default_tries)
                         if outcome:
                             counts[outcome] += 1
-        if srv.done_retention >= 0:
-            counts["pruned"] = self.admin.prune_done(older_than=srv.done_retention)
+        age = prune_age(srv.done_retention)
+        if age is not None:
+            counts["pruned"] = self.admin.prune_done(older_than=age)
         return counts
 
     def _recover(self, job_id: str, default_tries: int) -> str | None:
