@@ -8,6 +8,6 @@
 local now = now_us()
 local acked = finish_job(now, ARGV[2], ARGV[3], 'done', ARGV[4], ARGV[5], 0, ARGV[6], '0')
 local reply = claim_next(now, ARGV[7], ARGV[8], tonumber(ARGV[9]), tonumber(ARGV[10]),
-                         tonumber(ARGV[11]), tonumber(ARGV[12]), 13)
+                         tonumber(ARGV[11]), tonumber(ARGV[12]), ARGV, 13)
 table.insert(reply, 1, acked)
 return reply

@@ -4,4 +4,4 @@
 --   ARGV[5]: grace_us; ARGV[6]: margin_us; ARGV[7]: window_us; ARGV[8..]: queue names.
 -- Returns {now_us} when nothing is due, else {now_us, id, record, attempt, deadline_us, lease_us}.
 return claim_next(now_us(), ARGV[2], ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5]),
-                  tonumber(ARGV[6]), tonumber(ARGV[7]), 8)
+                  tonumber(ARGV[6]), tonumber(ARGV[7]), ARGV, 8)

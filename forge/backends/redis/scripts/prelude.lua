@@ -85,9 +85,10 @@ local function finish_job(now, id, token, mode, event, attempts, delay, keep_don
   redis.call('HSET', ik(id), 'state', mode, 'at', us(now))
   return 1
 end
-local function claim_next(now, worker, token, default_timeout, grace, margin, window, first)
-  -- Claim the first due job of the queues ARGV[first..]; see claim for the reply. A claim
-  -- sent again with its token (its reply was lost: a crash, a timeout) gets the same job back.
+local function claim_next(now, worker, token, default_timeout, grace, margin, window, args, first)
+  -- Claim the first due job of the queues args[first..] (the caller's own ARGV, passed in: a
+  -- script run as a function of a larger one sees only its part); see claim for the reply. A
+  -- claim sent again with its token (its reply was lost: a crash, a timeout) gets the same job back.
   local wk = P .. ':wclaim:' .. worker
   local last = redis.call('GET', wk)
   if last and string.sub(last, 1, #token + 1) == token .. ' ' then
@@ -100,8 +101,8 @@ local function claim_next(now, worker, token, default_timeout, grace, margin, wi
       end
     end
   end
-  for i = first, #ARGV do
-    local q = ARGV[i]
+  for i = first, #args do
+    local q = args[i]
     if redis.call('SISMEMBER', P .. ':paused', q) == 0 then
       promote(q, now)
       local pk = qk(q, 'pending')
