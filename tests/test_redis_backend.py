@@ -30,6 +30,8 @@ from conftest import make_job as job
 from reliability.harness import wait_for
 
 import forge.backends.redis.backend as rb
+from forge.backends.redis import claim as rclaim
+from forge.backends.redis import server as rserver
 from forge.config import Connection
 from forge.errors import ConfigError, DispatchFailed, DuplicateJob, QueueUnavailable, UsageError
 from forge.job import Event, Reason, State
@@ -50,9 +52,9 @@ def backend(redis_backend: Any) -> Any:
 @pytest.fixture
 def short_leases(monkeypatch: pytest.MonkeyPatch) -> None:
     """Leases of a fraction of a second, so expiry can be tested without waiting 8 s."""
-    monkeypatch.setattr(rb, "KILL_GRACE", 0.0)
-    monkeypatch.setattr(rb, "LEASE_MARGIN", 0.1)
-    monkeypatch.setattr(rb, "LEASE_WINDOW", 0.4)
+    monkeypatch.setattr(rclaim, "KILL_GRACE", 0.0)
+    monkeypatch.setattr(rclaim, "LEASE_MARGIN", 0.1)
+    monkeypatch.setattr(rserver, "LEASE_WINDOW", 0.4)
 
 
 
@@ -211,7 +213,7 @@ def test_heartbeat_extends_the_lease_but_never_past_the_deadline(backend: Any, r
     backend.ack(c, done(c))
 
     s = backend.claim(["default"], WORKER, 60)
-    cap = s.deadline + rb.LEASE_MARGIN
+    cap = s.deadline + rclaim.LEASE_MARGIN
     for _ in range(4):
         time.sleep(0.15)
         assert backend.heartbeat(s) is True

@@ -23,7 +23,9 @@ import redis
 from conftest import make_job as job
 
 import forge.backends.redis.backend as rb
+from forge.backends.redis import claim as rclaim
 from forge.backends.redis import resp as _resp
+from forge.backends.redis import server as rserver
 from forge.config import Connection
 from forge.errors import QueueUnavailable
 from forge.job import Event
@@ -97,9 +99,9 @@ def test_ack_claim_acknowledges_and_claims_the_next_in_one_call(backend: Any) ->
 
 
 def test_ack_claim_of_a_recovered_claim_is_refused(backend: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(rb, "KILL_GRACE", 0.0)
-    monkeypatch.setattr(rb, "LEASE_MARGIN", 0.1)
-    monkeypatch.setattr(rb, "LEASE_WINDOW", 0.3)
+    monkeypatch.setattr(rclaim, "KILL_GRACE", 0.0)
+    monkeypatch.setattr(rclaim, "LEASE_MARGIN", 0.1)
+    monkeypatch.setattr(rserver, "LEASE_WINDOW", 0.3)
     backend.lease_window = 0.3
     j = job(max_attempts=3)
     backend.push([j])

@@ -258,7 +258,7 @@ def _scan(entries: Any, total: int, offset: int, limit: int, command: str | None
 
 
 def _redis_page(b: Any, queue: str, state: State, offset: int, limit: int, command: str | None) -> Page:
-    from forge.backends.redis.helpers import us
+    from forge.backends.redis.layout import us
 
     with b._io():
         now_us = us(b._server_now())
