@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from typing import Any
 
 _consoles: dict[bool, Any] = {}
@@ -82,6 +82,13 @@ def warn(message: str) -> None:
         console(stderr=True).print(f"[yellow]Warning:[/] {escape(message)}")
     else:
         sys.stderr.write(f"Warning: {message}\n")
+
+
+def debug(message: str) -> None:
+    """A debug line on stderr (for ``-v``/``FORGE_VERBOSE=1``; the caller decides when), plain text."""
+    with suppress(OSError, ValueError, AttributeError):  # stderr closed (cron) or None
+        sys.stderr.write(f"debug: {message}\n")
+        sys.stderr.flush()
 
 
 def info(message: str) -> None:

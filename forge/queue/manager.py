@@ -11,10 +11,7 @@ stored durably (see the README's delivery contract).
 from __future__ import annotations
 
 import builtins
-import contextlib
-import os
 import re
-import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
@@ -38,7 +35,7 @@ from forge.errors import (
 from forge.job import Job, JobInfo, State, valid_id
 from forge.queue.command import QueuedCommand, batch_key
 from forge.queue.command import queue_name as _queue_name
-from forge.registry.argspec import accepts, describe
+from forge.registry.argcheck import check_job_args
 
 if TYPE_CHECKING:
     from forge.backends.base import Backend, QueueStats
@@ -58,76 +55,6 @@ def _job_id(job_id: object) -> str:
         raise InvalidCommand(f"Invalid job id {job_id!r}: expected a UUID like 3f2b9c1e-….",
                              hint="Run `forge queue:list` to see job ids.")
     return job_id  # type: ignore[return-value]
-
-
-#: Argument lists that Click parsed against their command recently: (spec, args) -> until when.
-#: Only for commands the argument spec cannot model. Parsing is deterministic except for
-#: checks that look at the world (a file that must exist), so an entry lives only a few
-#: seconds; a burst of identical dispatches parses once instead of once per job.
-_parsed_ok: dict[tuple[Any, tuple[str, ...]], float] = {}
-PARSED_OK_TTL = 5.0
-
-
-#: Each command function's argument spec (``forge.registry.argspec``), or None where it cannot be modelled.
-_arg_specs: dict[Any, Any] = {}
-_UNKNOWN = object()
-
-
-_cwd_lock = threading.Lock()
-
-
-@contextlib.contextmanager
-def _in_dir(path: str | None) -> Iterator[None]:
-    """Run the block with ``path`` as the current directory (then back): a job's path
-    arguments are checked where the worker will run it, the project root, not where the
-    dispatcher happens to stand. A no-op when already there (the usual case)."""
-    if path is None:
-        yield
-        return
-    with _cwd_lock:
-        try:
-            here = os.getcwd()
-        except OSError:
-            here = None
-        if here == path:
-            yield
-            return
-        os.chdir(path)
-        try:
-            yield
-        finally:
-            if here is not None:
-                os.chdir(here)
-
-
-def _check_args(spec: Any, args: tuple[str, ...], root: str | None = None) -> None:
-    with _in_dir(root):
-        _check_args_here(spec, args)
-
-
-def _check_args_here(spec: Any, args: tuple[str, ...]) -> None:
-    fn = spec.load()
-    described = _arg_specs.get(fn, _UNKNOWN)
-    if described is _UNKNOWN:
-        from forge.registry.runner import click_command
-
-        described = _arg_specs[fn] = describe(click_command(spec))
-    if described is not None and accepts(described, args):
-        return  # what the spec accepts, Click accepts (3-10x faster than asking Click; paths checked now)
-    key = (spec, args)
-    now = time.monotonic()
-    until = _parsed_ok.get(key)
-    if until is not None and until > now:
-        return
-    from forge.registry.runner import check_args
-
-    try:
-        check_args(spec, args)
-    except UsageError as exc:
-        raise InvalidCommand(exc.message, hint=f"Run `forge {spec.name} --help`.") from None
-    if len(_parsed_ok) >= 4096:
-        _parsed_ok.clear()
-    _parsed_ok[key] = now + PARSED_OK_TTL
 
 
 def rfc3339(t: float | None) -> str | None:
@@ -256,7 +183,7 @@ class CommandQueue(_Connected):
         if spec is None:
             raise self.registry.unknown(job.command, UnknownQueuedCommand)
         if self._check_args:
-            _check_args(spec, job.args, str(self.settings.root))
+            check_job_args(spec, job.args, str(self.settings.root))
         if "forge.limits" in job.metadata or getattr(spec.target, "__forge_isolated__", None) is not None:
             from forge.limits.isolation import stamp  # limits of its own, or an isolated command
 

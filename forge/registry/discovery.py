@@ -14,9 +14,9 @@ import sys
 import warnings
 from pathlib import Path
 
-from forge.cli.builtins import BUILTINS
 from forge.config import Settings
 from forge.errors import DiscoveryError
+from forge.registry.builtins import BUILTINS
 from forge.registry.spec import (
     JOB_MARKER,
     MARKER,

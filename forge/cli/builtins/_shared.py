@@ -6,13 +6,11 @@ Cheap to import (typer and forge only): ``queue:dispatch`` imports it on every r
 from __future__ import annotations
 
 import shlex
-import sys
 from datetime import datetime
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from forge import output
 from forge.durations import format_duration
 from forge.job import JobInfo
 from forge.queue.manager import QueueManager
@@ -93,6 +91,3 @@ def ago(t: float | None, now: float) -> str:
 def argv(info: JobInfo) -> str:
     return shlex.join([info.job.command, *info.job.args])
 
-
-def err_tty() -> bool:
-    return output.is_tty(sys.stderr)

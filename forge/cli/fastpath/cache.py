@@ -119,7 +119,7 @@ def load(settings: Settings, current: list[Any] | None = None) -> dict[str, dict
 
     ``current`` is the project's :func:`fingerprint`, if the caller has just taken it.
     """
-    from forge.cli.builtins import BUILTINS
+    from forge.registry.builtins import BUILTINS
     from forge.registry.spec import valid_name
 
     raw = _read(cache_file(settings))
