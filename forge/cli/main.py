@@ -80,7 +80,7 @@ def _run(args: list[str], verbose: bool) -> tuple[int, bool]:
             return fast.code, True
         if fast is not None and verbose:
             output.debug(f"{args[0]}: the full command runs, not the fast path: {fast.reason}.")
-        code = _run_typer(args)
+        code = run_full(args)
         if fast is not None:
             fast.after_full_run(code)
         return code, False
@@ -111,8 +111,9 @@ def _run(args: list[str], verbose: bool) -> tuple[int, bool]:
         return EXIT_ERROR, False
 
 
-def _run_typer(args: list[str]) -> int:
-    """Run ``forge ARGS`` through the Typer app; Click's own outcomes become exit codes here."""
+def run_full(args: Sequence[str]) -> int:
+    """Run ``forge ARGS`` through the Typer app, never the fast path: the command's exit code
+    (Click's own errors become one line and exit 2). Other errors propagate, for :func:`main`."""
     from typer._click.exceptions import ClickException
     from typer.exceptions import Abort, Exit
 
@@ -121,7 +122,7 @@ def _run_typer(args: list[str]) -> int:
 
     group = build_app()
     try:
-        rv = group.main(args, prog_name="forge", standalone_mode=False)
+        rv = group.main(list(args), prog_name="forge", standalone_mode=False)
     except Exit as exc:
         return int(exc.exit_code)
     except Abort:
@@ -135,6 +136,6 @@ def _run_typer(args: list[str]) -> int:
     return exit_code_of(rv)
 
 
-def _usage_hint(args: list[str]) -> str | None:
+def _usage_hint(args: Sequence[str]) -> str | None:
     names = [a for a in args if not a.startswith("-")]
     return f"Run `forge {names[0]} --help` for its usage." if names else "Run `forge --help`."

@@ -58,6 +58,7 @@ def _job_id(job_id: object) -> str:
 
 
 def rfc3339(t: float | None) -> str | None:
+    """A Unix time as RFC 3339 in UTC with milliseconds (``2026-12-01T09:00:00.000Z``); None for None."""
     if t is None:
         return None
     return datetime.fromtimestamp(t, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
@@ -78,17 +79,21 @@ class JobDispatch:
 
     @classmethod
     def new(cls, job_id: str, command: str, queue: str) -> JobDispatch:
+        """The record of a job dispatched now (not delayed)."""
         return cls(job_id, command, queue, rfc3339(time.time()))
 
     @property
     def job_id(self) -> str:
+        """The job's id (the same as ``id``)."""
         return self.id
 
     def with_scheduled_at(self, when: str | datetime) -> JobDispatch:
+        """The same record, due at ``when`` (an RFC 3339 string, or a datetime converted to one)."""
         text = when if isinstance(when, str) else rfc3339(when.timestamp())
         return replace(self, scheduled_at=text)
 
     def to_dict(self) -> dict[str, Any]:
+        """The record as plain data, as ``queue:dispatch --json`` prints it."""
         return dict(self.__dict__)
 
 
@@ -160,10 +165,12 @@ class CommandQueue(_Connected):
 
     @classmethod
     def default(cls) -> CommandQueue:
+        """The default queue (``queue.default``) of the default connection."""
         return cls()
 
     @property
     def registry(self) -> CommandRegistry:
+        """The registry that dispatches are checked against (the process's one registry unless one was given)."""
         if self._registry is None:
             from forge.registry.runner import default_registry
 
@@ -242,8 +249,13 @@ class CommandQueue(_Connected):
         return [j.id for j in jobs]
 
     def push(self, cmd: QueuedCommand) -> JobDispatch:
-        """Queue one command; returns where and when (``created`` False: its idempotency key
-        had been used, nothing was stored, and the record is that of the job holding it)."""
+        """Check ``cmd`` (its command, arguments and options) and store it durably; returns where
+        and when it was queued once it is stored (``created`` False: its idempotency key had been
+        used, nothing was stored, and the record is that of the job holding it).
+
+        Raises before anything is stored: ``InvalidCommand`` (``UnknownQueuedCommand`` for a name
+        that is not registered) for a job that must not be queued, ``DuplicateJob`` while a live
+        job holds its unique key, ``DispatchFailed`` or ``QueueUnavailable`` if the write fails."""
         job = self._job(cmd, time.time())
         record = _dispatch_record(job)  # before the write: nothing may fail once the job is stored
         created = self.backend.push([job])
@@ -254,12 +266,14 @@ class CommandQueue(_Connected):
         return replace(_dispatch_record(info.job) if info else record, created=False)
 
     async def adispatch(self, cmd: QueuedCommand) -> str:
+        """``dispatch`` in a worker thread, for asyncio code: the job id once it is durably stored."""
         import asyncio  # not at module level: it costs 30 ms of every CLI start
 
         return await asyncio.to_thread(self.dispatch, cmd)
 
     async def adispatch_many(self, cmds: Iterable[QueuedCommand], *,
                              batch_id: str | None = None) -> builtins.list[str]:
+        """``dispatch_many`` in a worker thread, for asyncio code: the ids once all are durably stored."""
         import asyncio
 
         cmds = list(cmds)
@@ -270,6 +284,7 @@ class CommandQueue(_Connected):
         return self.stats().size
 
     def stats(self) -> QueueStats:
+        """This queue's counts by state and its oldest pending job (``QueueStats``)."""
         return self.backend.stats([self.name])[0]
 
     def pending(self, limit: int | None = None) -> list[JobInfo]:
@@ -281,16 +296,20 @@ class CommandQueue(_Connected):
         return out
 
     def find(self, job_id: str) -> JobInfo | None:
+        """The job with this id if it is on this queue (in any state), else None; ``InvalidCommand`` for a malformed id."""
         info = self.backend.find(_job_id(job_id))
         return info if info is not None and info.job.queue == self.name else None
 
     def pause(self) -> None:
+        """Stop workers claiming from this queue (jobs can still be dispatched onto it)."""
         self.backend.pause(self.name)
 
     def resume(self) -> None:
+        """Let workers claim from this queue again."""
         self.backend.resume(self.name)
 
     def is_paused(self) -> bool:
+        """True if this queue is paused."""
         return self.name in self.backend.paused()
 
     def clear(self) -> int:
@@ -326,6 +345,7 @@ class QueueManager(_Connected):
         self._queues: dict[str, CommandQueue] = {}
 
     def add_queue(self, name: str) -> CommandQueue:
+        """The ``CommandQueue`` named ``name`` on this manager's connection (made once, then the same object)."""
         q = self._queues.get(name)
         if q is None:
             q = self._queues[name] = CommandQueue(
@@ -334,6 +354,7 @@ class QueueManager(_Connected):
         return q
 
     def queue(self, name: str) -> CommandQueue | None:
+        """The queue added under ``name`` with ``add_queue``, or None."""
         return self._queues.get(name)
 
     def list(self) -> builtins.list[str]:
@@ -341,10 +362,13 @@ class QueueManager(_Connected):
         return sorted(set(self._queues) | set(self.backend.queues()))
 
     def stats(self, queues: Sequence[str] | None = None) -> builtins.list[QueueStats]:
+        """The stats of these queues (default: every queue of the connection)."""
         return self.backend.stats(queues)
 
     def jobs(self, *, queue: str | None = None, state: State | str | None = None,
              command: str | None = None, limit: int | None = None) -> Iterator[JobInfo]:
+        """The jobs on the connection, filtered by queue, state and command, at most ``limit``;
+        ``UsageError`` for an invalid queue name, ``ValueError`` for an unknown state."""
         st = State(state) if state is not None else None
         if queue is not None:
             _queue_name(queue)
@@ -481,15 +505,19 @@ class QueueManager(_Connected):
         return self.backend.flush(older_than=None if hours is None else hours * 3600, queue=queue)
 
     def prune_failed(self, hours: float = 24) -> int:
+        """Delete failed jobs older than ``hours``; returns how many."""
         return self.flush(hours)
 
     def prune_done(self, hours: float | None = None) -> int:
+        """Delete finished jobs kept for inspection (only those older than ``hours``, when given); returns how many."""
         return self.backend.prune_done(older_than=None if hours is None else hours * 3600)
 
     def pause(self, queue: str) -> None:
+        """Stop workers claiming from ``queue``; ``UsageError`` for an invalid name."""
         self.backend.pause(_queue_name(queue))
 
     def resume(self, queue: str) -> None:
+        """Let workers claim from ``queue`` again; ``UsageError`` for an invalid name."""
         self.backend.resume(_queue_name(queue))
 
     def forget_queue(self, queue: str) -> bool:

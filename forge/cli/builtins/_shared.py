@@ -50,6 +50,7 @@ def resolve_ids(m: QueueManager, ids: list[str]) -> list[str]:
 
 
 def fmt_time(t: float | None) -> str:
+    """A timestamp as local ``YYYY-MM-DD HH:MM:SS`` for tables; empty for None or 0."""
     return datetime.fromtimestamp(t).strftime("%Y-%m-%d %H:%M:%S") if t else ""
 
 
@@ -81,13 +82,16 @@ def job_json(info: JobInfo) -> dict[str, Any]:
 
 
 def stats_json(stats: QueueStats) -> dict[str, Any]:
+    """A queue's stats for the JSON of queue:list and queue:monitor: its size and the oldest pending time in RFC 3339."""
     return {**stats.to_dict(), "size": stats.size, "oldest_pending_at": iso_time(stats.oldest_pending_at)}
 
 
 def ago(t: float | None, now: float) -> str:
+    """How long before ``now`` the time ``t`` was (``format_duration``, never negative); empty for None or 0."""
     return format_duration(max(now - t, 0.0)) if t else ""
 
 
 def argv(info: JobInfo) -> str:
+    """The job's command line, shell-quoted (``import:data 'my file.csv'``)."""
     return shlex.join([info.job.command, *info.job.args])
 

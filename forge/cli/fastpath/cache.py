@@ -43,10 +43,12 @@ MAX_BYTES = 4 << 20
 
 
 def cache_dir() -> Path:
+    """The user's folder of command caches (``$XDG_CACHE_HOME/forge/commands`` on Linux)."""
     return user_dir("cache") / "commands"
 
 
 def cache_file(settings: Settings) -> Path:
+    """The command cache file of the project of ``settings`` (named by a digest of its root)."""
     return cache_dir() / f"{project_digest(settings.root)}.json"
 
 
