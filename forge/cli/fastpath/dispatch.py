@@ -4,13 +4,13 @@ Cron lines and shell loops call ``forge queue:dispatch`` thousands of times, and
 dispatch's cost is importing Typer and the project's command files to check the job's
 arguments. :func:`run` handles the common case from the command cache (``forge.cli.fastpath.cache``)
 and the Typer-free argument check (``forge.registry.argspec``) instead: options of queue:dispatch
-given plainly, a project command whose cached spec accepts the arguments, no ``--wait`` or
-``--from-file``.
+given plainly (those ``forge.cli.dispatch_options`` marks ``fast``: no ``--wait`` or
+``--from-file``), a project command whose cached spec accepts the arguments.
 
 It does exactly what the full command would, or nothing: on anything unusual (an unknown
 option, a bad value, a stale cache, arguments the spec cannot vouch for) it returns a fallback
-(with the reason) before touching the queue, and ``forge.cli.main`` runs the full Typer command, which gives the
-exact error message and saves the cache for next time. Only the queue's own errors
+with the reason (a ``FastResult``) before touching the queue, and ``forge.cli.main`` runs the
+full Typer command, which gives the exact error message and saves the cache for next time. Only the queue's own errors
 (disk full, Redis down, a duplicate unique key) are raised from here, as the library raises
 them in both paths.
 """
