@@ -221,6 +221,9 @@ def test_verbose_prints_why_the_fast_path_fell_back(tmp_path: Path) -> None:
             " taken here.") in loud.stderr.splitlines()
     fast = _forge(tmp_path, "queue:dispatch", "email:send", "--user", "1", FORGE_VERBOSE="1")
     assert fast.returncode == 0 and "debug:" not in fast.stderr  # it took the fast path: nothing to explain
+    flag = _forge(tmp_path, "-v", "queue:dispatch", "email:send", "--user", "1")
+    assert flag.returncode == 0 and ("debug: queue:dispatch: the full command runs, not the fast path: -v comes"
+                                     " before it (FORGE_VERBOSE=1 shows why a fast path falls back).") in flag.stderr
 
 
 @pytest.mark.parametrize(("args", "code"), [

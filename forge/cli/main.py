@@ -80,6 +80,9 @@ def _run(args: list[str], verbose: bool) -> tuple[int, bool]:
             return fast.code, True
         if fast is not None and verbose:
             output.debug(f"{args[0]}: the full command runs, not the fast path: {fast.reason}.")
+        elif verbose and args[1:2] and args[1] in fastpath.COMMANDS:
+            output.debug(f"{args[1]}: the full command runs, not the fast path: {args[0]} comes before it"
+                         " (FORGE_VERBOSE=1 shows why a fast path falls back).")
         code = run_full(args)
         if fast is not None:
             fast.after_full_run(code)
