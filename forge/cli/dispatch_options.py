@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -29,23 +28,25 @@ if TYPE_CHECKING:
 Kind = Literal["text", "count", "flag", "meta"]
 
 
-@dataclass(frozen=True)
 class DispatchOption:
     """One option of ``queue:dispatch``.
 
     ``key`` is its keyword (and, where ``in_file``, its ``--from-file`` key); ``flag`` its
     command-line name. ``fast`` says the Typer-free path takes it (any other option sends the
     dispatch to the full command); ``least`` is the smallest whole number a ``count`` takes.
+    (A plain class, not a dataclass: the fast path imports this table on every dispatch.)
     """
 
-    key: str
-    help: str
-    kind: Kind = "text"
-    least: int | None = None
-    metavar: str | None = None
-    name: str | None = None
-    fast: bool = True
-    in_file: bool = True
+    __slots__ = ("key", "help", "kind", "least", "metavar", "name", "fast", "in_file")
+
+    def __init__(self, key: str, help: str, kind: Kind = "text", *, least: int | None = None,
+                 metavar: str | None = None, name: str | None = None, fast: bool = True,
+                 in_file: bool = True) -> None:
+        self.key, self.help, self.kind, self.least = key, help, kind, least
+        self.metavar, self.name, self.fast, self.in_file = metavar, name, fast, in_file
+
+    def __repr__(self) -> str:
+        return f"DispatchOption({self.flag})"
 
     @property
     def flag(self) -> str:

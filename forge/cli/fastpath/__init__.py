@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -20,18 +19,30 @@ if TYPE_CHECKING:
 COMMANDS = ("queue:dispatch", "schedule:run")
 
 
-@dataclass(frozen=True)
 class FastResult:
     """What a fast path did: ran the command (``code`` is its exit code), or fell back to the
     full command (``code`` None, ``reason`` why). ``stale`` is the cache fingerprint taken when
-    the cache was missing or out of date, with its settings (see :meth:`after_full_run`)."""
+    the cache was missing or out of date, with its settings (see :meth:`after_full_run`);
+    ``store_on`` the full command's exit codes after which the cache is saved (``schedule:run``
+    exits 2 once it has dispatched the valid entries, when some entry is invalid).
+    (A plain class, not a dataclass: this module is imported on every dispatch.)"""
 
-    code: int | None = None
-    reason: str | None = None
-    stale: tuple[Settings, list[Any]] | None = None
-    #: The full command's exit codes after which the cache is saved (``schedule:run`` exits 2
-    #: once it has dispatched the valid entries, when some entry is invalid).
-    store_on: tuple[int, ...] = (0,)
+    __slots__ = ("code", "reason", "stale", "store_on")
+
+    def __init__(self, code: int | None = None, reason: str | None = None,
+                 stale: tuple[Settings, list[Any]] | None = None, store_on: tuple[int, ...] = (0,)) -> None:
+        self.code, self.reason, self.stale, self.store_on = code, reason, stale, store_on
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, FastResult):
+            return NotImplemented
+        return (self.code, self.reason, self.stale, self.store_on) == (
+            other.code, other.reason, other.stale, other.store_on)
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"FastResult(code={self.code!r}, reason={self.reason!r})"
 
     @property
     def handled(self) -> bool:
