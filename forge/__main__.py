@@ -1,3 +1,5 @@
+"""``python -m forge``: the same as the ``forge`` executable."""
+
 from forge.cli.main import main
 
 main()

@@ -72,6 +72,8 @@ class Connection:
 
 @dataclass(frozen=True)
 class Settings:
+    """The effective settings of one project, frozen. ``sources`` says where each value came from
+    (``default``, the forge.toml path, or ``env NAME``), for ``forge config:show``."""
     root: Path
     config_file: Path | None
     command_paths: tuple[Path, ...]
@@ -159,6 +161,8 @@ def mask_url(url: str) -> str:
 
 
 def find_config(start: Path, env: Mapping[str, str]) -> Path | None:
+    """The forge.toml to use: the file ``FORGE_CONFIG`` names (``ConfigError`` if it is not a
+    file), else the nearest one in ``start`` or a parent folder, else None."""
     explicit = env.get("FORGE_CONFIG")
     if explicit:
         path = Path(os.path.abspath(Path(explicit).expanduser()))
@@ -400,7 +404,9 @@ def _now() -> float:
 def load_settings(
     cwd: Path | None = None, env: Mapping[str, str] | None = None
 ) -> Settings:
-    """Build the effective settings for the project around ``cwd``."""
+    """Build the effective settings for the project around ``cwd`` (default: the current
+    folder as the shell reached it) from the defaults, its forge.toml and ``env`` (default:
+    ``os.environ``). Raises ``ConfigError`` naming the first bad value and where it came from."""
     env = os.environ if env is None else env
     start = Path(os.path.abspath(cwd)) if cwd is not None else logical_cwd(env)
     config_file = find_config(start, env)
@@ -410,18 +416,58 @@ def load_settings(
     if config_file is not None:
         config_file = config_file.resolve()
     where = str(config_file)
-    sources: dict[str, str] = {}
+    _check_sections(data, where)
+    if "listeners" in data or "events" in data:  # checked now: a dispatch must not fail after its write
+        from forge.events.config import events_config_of
 
+        events_config_of(data, where)
+    values = _Values(data, env, where)
+    command_paths, plugins, project_name = _forge_section(values, root, where)
+    connection, default_queue, tries, timeout, backoff, retention = _queue_section(values)
+    connections = _env_connections(_connections(data, root, where, values.sources), env, values.sources)
+    if connection not in connections:
+        raise ConfigError(
+            f'queue.connection ({values.sources["queue.connection"]}) names "{connection}", which is not'
+            f" configured (known: {', '.join(sorted(connections))})."
+        )
+    return Settings(
+        root=root,
+        config_file=config_file,
+        command_paths=command_paths,
+        plugins=plugins,
+        connection=connection,
+        default_queue=default_queue,
+        tries=tries,
+        timeout=timeout,
+        backoff=backoff,
+        done_retention=retention,
+        connections=connections,
+        sources=values.sources,
+        name=project_name,
+        project_path=project_path,
+        searched=() if config_file else (start, *start.parents),
+        listeners=bool(data.get("listeners")),
+    )
+
+
+#: The sections of forge.toml that other modules read and check.
+_OTHER_SECTIONS = {
+    "schedule": "forge.scheduler.load",  # [[schedule]] tables
+    "listeners": "forge.events.config",
+    "events": "forge.events.config",
+    "limits": "forge.limits.spec",
+}
+
+
+def _check_sections(data: Mapping[str, Any], where: str) -> None:
+    """Every section and key of forge.toml is known and of its type (``ConfigError`` if not);
+    [connections] is a table (its tables are checked by :func:`_connections`)."""
     for section, table in data.items():
         if section == "connections":
             if not isinstance(table, dict):
                 raise ConfigError(f"{where}: [connections] must be a table of tables.")
             continue
-        if section == "schedule":  # [[schedule]] tables: read and checked by forge.scheduler.load
-            continue
-        if section in ("listeners", "events"):  # read and checked by forge.events.config
-            continue
-        if section == "limits":  # [limits]: read and checked by forge.limits.spec
+        if section in _OTHER_SECTIONS:
             continue
         if section not in _SCHEMA:
             raise ConfigError(
@@ -435,62 +481,77 @@ def load_settings(
                 raise ConfigError(f"{where}: unknown key {section}.{key} (known: {known}).")
             _check(f"{section}.{key}", value, _SCHEMA[section][key], where)
 
-    if "listeners" in data or "events" in data:  # checked now: a dispatch must not fail after its write
-        from forge.events.config import events_config_of
 
-        events_config_of(data, where)
+class _Values:
+    """Picks each setting from the environment, else forge.toml, else its default, and
+    records in ``sources`` where each came from."""
 
-    def pick(section: str, key: str, default: Any, env_name: str | None = None) -> Any:
+    def __init__(self, data: Mapping[str, Any], env: Mapping[str, str], where: str) -> None:
+        self.data, self.env, self.where = data, env, where
+        self.sources: dict[str, str] = {}
+
+    def pick(self, section: str, key: str, default: Any, env_name: str | None = None) -> Any:
         full = f"{section}.{key}"
-        if env_name and env.get(env_name) not in (None, ""):
-            sources[full] = f"env {env_name}"
-            return env[env_name]
-        table = data.get(section, {})
+        if env_name and self.env.get(env_name) not in (None, ""):
+            self.sources[full] = f"env {env_name}"
+            return self.env[env_name]
+        table = self.data.get(section, {})
         if key in table:
-            sources[full] = str(config_file)
+            self.sources[full] = self.where
             return table[key]
-        sources[full] = "default"
+        self.sources[full] = "default"
         return default
 
-    def convert(full: str, fn: Any, value: Any) -> Any:
+    def convert(self, full: str, fn: Any, value: Any) -> Any:
         try:
             return fn(value)
         except (UsageError, ValueError) as exc:
-            raise ConfigError(f"{full} ({sources[full]}): {exc}") from None
+            raise ConfigError(f"{full} ({self.sources[full]}): {exc}") from None
 
-    commands = pick("forge", "commands", ["commands"], "FORGE_COMMANDS")
+
+def _forge_section(values: _Values, root: Path, where: str) -> tuple[tuple[Path, ...], bool, str | None]:
+    """[forge]: the command folders (resolved under ``root``), whether plugins load, the project name."""
+    commands = values.pick("forge", "commands", ["commands"], "FORGE_COMMANDS")
     if isinstance(commands, str):
         commands = [c for c in commands.split(os.pathsep) if c]
     for c in commands:
         if not isinstance(c, str):
             raise ConfigError(f"{where}: forge.commands must be a list of folder names.")
     command_paths = tuple((root / c).resolve() for c in commands)
-
-    plugins = pick("forge", "plugins", True)
-    project_name = pick("forge", "name", None)
+    plugins = values.pick("forge", "plugins", True)
+    project_name = values.pick("forge", "name", None)
     if project_name is not None and (not QUEUE_NAME_RE.fullmatch(project_name) or project_name.startswith(".")):
         raise ConfigError(f"{where}: forge.name must be 1-64 of A-Z a-z 0-9 _ . - (not starting with '.'),"
                           f" not {project_name!r}.")
-    if env.get("FORGE_NO_PLUGINS", "") not in ("", "0"):
-        plugins, sources["forge.plugins"] = False, "env FORGE_NO_PLUGINS"
+    if values.env.get("FORGE_NO_PLUGINS", "") not in ("", "0"):
+        plugins, values.sources["forge.plugins"] = False, "env FORGE_NO_PLUGINS"
+    return command_paths, bool(plugins), project_name
 
-    connection = pick("queue", "connection", "file", "FORGE_QUEUE_CONNECTION")
-    default_queue = convert(
-        "queue.default", validate_queue_name, pick("queue", "default", "default", "FORGE_QUEUE_DEFAULT")
+
+def _queue_section(values: _Values) -> tuple[str, str, int, float, Any, float]:
+    """[queue]: the connection's name, the default queue, tries, timeout, backoff and the
+    retention of finished jobs, each converted and checked."""
+    connection = values.pick("queue", "connection", "file", "FORGE_QUEUE_CONNECTION")
+    default_queue = values.convert(
+        "queue.default", validate_queue_name, values.pick("queue", "default", "default", "FORGE_QUEUE_DEFAULT")
     )
-    tries = convert("queue.tries", _whole_number, pick("queue", "tries", 1, "FORGE_QUEUE_TRIES"))
+    tries = values.convert("queue.tries", _whole_number, values.pick("queue", "tries", 1, "FORGE_QUEUE_TRIES"))
     if tries < 1:
-        raise ConfigError(f"queue.tries ({sources['queue.tries']}) must be at least 1, not {tries}.")
-    timeout = convert(
+        raise ConfigError(f"queue.tries ({values.sources['queue.tries']}) must be at least 1, not {tries}.")
+    timeout = values.convert(
         "queue.timeout", lambda v: parse_duration(v, what="timeout"),
-        pick("queue", "timeout", 60, "FORGE_QUEUE_TIMEOUT"),
+        values.pick("queue", "timeout", 60, "FORGE_QUEUE_TIMEOUT"),
     )
-    backoff = convert("queue.backoff", parse_backoff, pick("queue", "backoff", [0], "FORGE_QUEUE_BACKOFF"))
-    retention = convert(
+    backoff = values.convert("queue.backoff", parse_backoff, values.pick("queue", "backoff", [0], "FORGE_QUEUE_BACKOFF"))
+    retention = values.convert(
         "queue.done_retention", lambda v: parse_duration(v, what="retention"),
-        pick("queue", "done_retention", "1h", "FORGE_QUEUE_DONE_RETENTION"),
+        values.pick("queue", "done_retention", "1h", "FORGE_QUEUE_DONE_RETENTION"),
     )
+    return connection, default_queue, tries, timeout, backoff, retention
 
+
+def _connections(data: Mapping[str, Any], root: Path, where: str, sources: dict[str, str]) -> dict[str, Connection]:
+    """The [connections.NAME] tables, checked, plus the default ``file`` and ``redis`` ones."""
     connections: dict[str, Connection] = {}
     for name, table in data.get("connections", {}).items():
         if not isinstance(table, dict):
@@ -506,8 +567,12 @@ def load_settings(
         connections["file"] = Connection("file", "file")
     if "redis" not in connections:
         connections["redis"] = Connection("redis", "redis", url="redis://127.0.0.1:6379/0")
+    return connections
 
-    # FORGE_QUEUE_DIR and FORGE_REDIS_URL override the path / url of every connection of that driver.
+
+def _env_connections(connections: Mapping[str, Connection], env: Mapping[str, str],
+                     sources: dict[str, str]) -> dict[str, Connection]:
+    """FORGE_QUEUE_DIR and FORGE_REDIS_URL override the path / url of every connection of that driver."""
     final: dict[str, Connection] = {}
     for name, conn in connections.items():
         if conn.driver == "file":
@@ -520,29 +585,7 @@ def load_settings(
             conn = _replace(conn, url=env["FORGE_REDIS_URL"])
             sources[f"connections.{name}.url"] = "env FORGE_REDIS_URL"
         final[name] = conn
-    if connection not in final:
-        raise ConfigError(
-            f'queue.connection ({sources["queue.connection"]}) names "{connection}", which is not'
-            f" configured (known: {', '.join(sorted(final))})."
-        )
-    return Settings(
-        root=root,
-        config_file=config_file,
-        command_paths=command_paths,
-        plugins=bool(plugins),
-        connection=connection,
-        default_queue=default_queue,
-        tries=tries,
-        timeout=timeout,
-        backoff=backoff,
-        done_retention=retention,
-        connections=final,
-        sources=sources,
-        name=project_name,
-        project_path=project_path,
-        searched=() if config_file else (start, *start.parents),
-        listeners=bool(data.get("listeners")),
-    )
+    return final
 
 
 def logical_cwd(env: Mapping[str, str]) -> Path:

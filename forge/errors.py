@@ -30,6 +30,7 @@ class ForgeError(Exception):
 
     @property
     def message(self) -> str:
+        """The one-line message (the first argument)."""
         return str(self.args[0]) if self.args else ""
 
 

@@ -9,13 +9,15 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from typing import Any
 
 _consoles: dict[bool, Any] = {}
 
 
 def is_tty(stream: Any = None) -> bool:
+    """Whether a person is reading ``stream`` (default: stdout): it is a terminal and ``TERM`` is
+    not ``dumb``. False for a closed or missing stream. The one such check of forge."""
     stream = stream or sys.stdout
     try:
         return bool(stream.isatty()) and os.environ.get("TERM") != "dumb"
@@ -24,6 +26,7 @@ def is_tty(stream: Any = None) -> bool:
 
 
 def console(stderr: bool = False) -> Any:
+    """The rich Console for stdout (or stderr), made once per stream; imports rich."""
     from rich.console import Console
 
     con = _consoles.get(stderr)
@@ -34,6 +37,7 @@ def console(stderr: bool = False) -> Any:
 
 
 def print_json(data: Any) -> None:
+    """Write ``data`` as indented JSON on stdout and flush (values JSON cannot hold as their ``str``)."""
     import json
 
     sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
@@ -41,6 +45,7 @@ def print_json(data: Any) -> None:
 
 
 def print_jsonl(data: Any) -> None:
+    """Write ``data`` as one compact JSON line on stdout and flush."""
     import json
 
     sys.stdout.write(json.dumps(data, default=str, separators=(",", ":")) + "\n")
@@ -61,6 +66,7 @@ def sentence(text: str) -> str:
 def error(message: str, hint: str | None = None) -> None:
     # A hint is a second sentence: the message ends with a stop before it (never "..").
     # (A parenthetical hint, such as "(run with -v ...)", belongs to the message's sentence.)
+    """Print ``Error: message`` (and the hint, as its second sentence) on stderr; red on a terminal."""
     if not hint:
         line = message
     elif hint.startswith("("):
@@ -76,12 +82,20 @@ def error(message: str, hint: str | None = None) -> None:
 
 
 def warn(message: str) -> None:
+    """Print ``Warning: message`` on stderr; yellow on a terminal."""
     if is_tty(sys.stderr):
         from rich.markup import escape
 
         console(stderr=True).print(f"[yellow]Warning:[/] {escape(message)}")
     else:
         sys.stderr.write(f"Warning: {message}\n")
+
+
+def debug(message: str) -> None:
+    """A debug line on stderr (for ``-v``/``FORGE_VERBOSE=1``; the caller decides when), plain text."""
+    with suppress(OSError, ValueError, AttributeError):  # stderr closed (cron) or None
+        sys.stderr.write(f"debug: {message}\n")
+        sys.stderr.flush()
 
 
 def info(message: str) -> None:
@@ -95,6 +109,7 @@ def info(message: str) -> None:
 
 
 def line(text: str = "") -> None:
+    """Write one line of plain text on stdout (not flushed)."""
     sys.stdout.write(text + "\n")
 
 
@@ -270,6 +285,7 @@ def status_line(when: str, name: str, status: str, detail: str = "", *, width: i
 
 
 def status_print(text: str, status: str) -> None:
+    """Print a ``status_line`` on stdout, its status word coloured on a terminal."""
     if is_tty():
         colour = {"DONE": "green", "FAIL": "red", "RUNNING": "yellow", "RETRY": "yellow"}.get(status, "white")
         from rich.markup import escape

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 from conftest import forge_cmd, make_project
 
-from forge.cli.builtins import BUILTINS
 from forge.config import load_settings
 from forge.errors import DiscoveryError
+from forge.registry.builtins import BUILTINS
 from forge.registry.discovery import PluginWarning, build_registry, plugin_specs
 
 HELLO = '''

@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 from conftest import ROOT
 
+import forge
+
 HEAVY = ("redis", "rich", "tomli_w", "pydantic")
 
 PROBE = """
@@ -100,3 +102,29 @@ def test_small_command_skips_queue_only_work(tmp_path: Path) -> None:
     """The default queue folder (platformdirs + a hash) is worked out only when a queue is used."""
     modules = set(probe(tmp_path, "email:send", "--user", "1")["modules"])  # type: ignore[arg-type]
     assert not modules & {"platformdirs", "hashlib"}
+
+
+@pytest.mark.parametrize("argv", [["--version"], ["-v", "--version"]])
+def test_version_does_not_import_typer(tmp_path: Path, argv: list[str]) -> None:
+    """`forge --version` prints the version without building the Typer app (or the registry)."""
+    modules = set(probe(tmp_path, *argv)["modules"])  # type: ignore[arg-type]
+    assert not modules & {"typer", "click", "forge.cli.app", "forge.registry.discovery"}
+    assert not {m for m in HEAVY if m in modules}
+    out = subprocess.run([sys.executable, "-m", "forge", *argv], cwd=tmp_path, capture_output=True, text=True,
+                         timeout=60)
+    assert (out.returncode, out.stdout, out.stderr) == (0, f"forge {forge.__version__}\n", "")
+
+
+def test_version_beside_a_command_is_typers_answer(tmp_path: Path) -> None:
+    """Typer resolves a command named beside --version first: an unknown one is still an error."""
+    out = subprocess.run([sys.executable, "-m", "forge", "--version", "nope:cmd"], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1 and 'Command "nope:cmd" is not defined' in out.stderr
+
+
+def test_dispatch_imports_neither_typer_nor_the_dispatch_command(tmp_path: Path) -> None:
+    """A fast dispatch reads the one options table, never the Typer command built from it."""
+    probe(tmp_path, "queue:dispatch", "email:send", "--user", "1")  # no cache yet: the full command saves it
+    modules = set(probe(tmp_path, "queue:dispatch", "email:send", "--user", "1")["modules"])  # type: ignore[arg-type]
+    assert "forge.cli.dispatch_options" in modules
+    assert not modules & {"typer", "forge.cli.builtins.dispatch", "forge.cli.app"}

@@ -1,4 +1,9 @@
-"""The ``forge`` Click group: commands are loaded lazily from the registry by name."""
+"""The ``forge`` Click group: commands are loaded lazily from the registry by name.
+
+Its commands come from the process's one registry (``forge.registry.runner.default_registry``,
+shared with ``forge.call`` and the queue library). An unknown name raises the registry's
+``UnknownCommand``; ``forge.cli.main`` decides its exit code.
+"""
 
 from __future__ import annotations
 
@@ -8,29 +13,23 @@ import typer
 from typer.core import TyperGroup
 
 from forge import __version__
-from forge.errors import EXIT_ERROR
+from forge.cli.builtins.core import render_list
 from forge.registry.runner import default_registry
 from forge.registry.spec import CommandRegistry
-
-state: dict[str, Any] = {"verbose": False}
-
-
-def registry() -> CommandRegistry:
-    """The registry of this CLI run: the process's one registry, shared with ``forge.call``
-    and the queue library, built on first use."""
-    return default_registry()
 
 
 class ForgeGroup(TyperGroup):
     """A group whose subcommands come from the command registry, built only when used."""
 
     def _registry(self) -> CommandRegistry:
-        return registry()
+        return default_registry()
 
     def list_commands(self, ctx: Any) -> list[str]:
+        """The names ``forge --help`` and completion offer: every command not hidden."""
         return [s.name for s in self._registry() if not s.hidden]
 
     def get_command(self, ctx: Any, cmd_name: str) -> Any:
+        """The Click command of ``cmd_name`` (built from its function), or None if unknown."""
         spec = self._registry().get(cmd_name)
         if spec is None:
             return None
@@ -39,12 +38,13 @@ class ForgeGroup(TyperGroup):
         return click_command(spec)
 
     def resolve_command(self, ctx: Any, args: list[str]) -> Any:
+        """The command ``args`` names and its arguments; ``UnknownCommand`` for an unknown name.
+        A queue command first warns of the registry's notes; an isolated project command is
+        wrapped to hold its isolation lock while it runs."""
         name = args[0]
         cmd = self.get_command(ctx, name)
         if cmd is None and not ctx.resilient_parsing:
-            err = self._registry().unknown(name)
-            err.exit_code = EXIT_ERROR  # artisan's exit code for an unknown name
-            raise err
+            raise self._registry().unknown(name)
         if name.startswith("queue:") and not ctx.resilient_parsing:
             from forge import output
 
@@ -61,12 +61,12 @@ class ForgeGroup(TyperGroup):
         return (cmd.name if cmd else None), cmd, rest
 
     def format_help(self, ctx: Any, formatter: Any) -> None:
-        from forge.cli.builtins.core import render_list
-
+        """``forge --help``: the command list (without the plugin scan)."""
         render_list(self._registry(), None, json_out=False, plugins=False)
 
 
 def build_app() -> Any:
+    """The ``forge`` Click group, with its ``-v`` and ``--version`` options."""
     app = typer.Typer(
         cls=ForgeGroup,
         name="forge",
@@ -83,13 +83,10 @@ def build_app() -> Any:
         version: bool = typer.Option(False, "--version", help="Print forge's version and exit."),
     ) -> None:
         """forge: run your project's commands and queue them for workers."""
-        state["verbose"] = verbose
         if version:
             print(f"forge {__version__}")
             raise typer.Exit(0)
         if ctx.invoked_subcommand is None:
-            from forge.cli.builtins.core import render_list
-
-            render_list(registry(), None, json_out=False, plugins=False)
+            render_list(default_registry(), None, json_out=False, plugins=False)
 
     return typer.main.get_command(app)

@@ -227,7 +227,7 @@ def for_worker(settings: Any, registry: Any, *, name: str, queues: Sequence[str]
 
 def check_listeners(bus: EventBus, registry: Any, settings: Any) -> None:
     from forge.errors import ConfigError, UsageError
-    from forge.queue.manager import _check_args
+    from forge.registry.argcheck import check_job_args
 
     for lst in bus.durable:
         assert lst.command is not None
@@ -236,6 +236,6 @@ def check_listeners(bus: EventBus, registry: Any, settings: Any) -> None:
             raise ConfigError(f'{lst.source}: listener command "{lst.command}" is not a registered command.',
                               hint="Fix the name (`forge list` shows the commands) or remove the listener.")
         try:
-            _check_args(spec, tuple(lst.args), str(settings.root))
+            check_job_args(spec, tuple(lst.args), str(settings.root))
         except UsageError as exc:
             raise ConfigError(f"{lst.source}: listener arguments do not parse: {exc.message}") from None

@@ -89,11 +89,11 @@ def key_of(spec: Any, decl: Any, params: Mapping[str, Any]) -> str:
 
 def params_of(spec: Any, args: Sequence[str], root: str | None = None) -> dict[str, Any]:
     """A run's parameters, parsed as the command will parse them (in the project root)."""
-    from forge.queue.manager import _in_dir
+    from forge.registry.argcheck import in_dir
     from forge.registry.runner import click_command
 
     cmd = click_command(spec)
-    with _in_dir(root):
+    with in_dir(root):
         ctx = cmd.make_context(f"forge {spec.name}", list(args), resilient_parsing=False)
     with ctx:
         return dict(ctx.params)

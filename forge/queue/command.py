@@ -77,6 +77,7 @@ class QueuedCommand:
 
     @classmethod
     def new(cls, command: str) -> QueuedCommand:
+        """A QueuedCommand for ``command`` with no arguments or options (as ``QueuedCommand(command)``)."""
         return cls(command)
 
     def with_args(self, args: Iterable[str]) -> QueuedCommand:
@@ -100,12 +101,16 @@ class QueuedCommand:
         return replace(self, run_at=when, delay=0.0)
 
     def with_max_attempts(self, attempts: int) -> QueuedCommand:
+        """Allow this many attempts before the job fails (checked when it is dispatched: at least 1)."""
         return replace(self, max_attempts=attempts)
 
     def on_queue(self, queue: str) -> QueuedCommand:
+        """Declare the queue this command belongs on: dispatching it through a ``CommandQueue`` of
+        another name raises ``InvalidCommand``."""
         return replace(self, queue=queue)
 
     def with_timeout(self, timeout: float | int | timedelta) -> QueuedCommand:
+        """Kill an attempt that runs longer than ``timeout`` (seconds or timedelta)."""
         return replace(self, timeout=_seconds(timeout, "timeout"))
 
     def with_backoff(self, backoff: float | int | str | timedelta | Sequence[float | int] | Exponential,
@@ -198,6 +203,7 @@ class QueuedCommand:
         return replace(self, idempotency_key=key)
 
     def is_delayed(self) -> bool:
+        """True if the job would not be due yet if it were dispatched now (a delay, or a time to come)."""
         if self.run_at is not None:
             return self.run_at.timestamp() > time.time()
         return self.delay > 0

@@ -11,10 +11,7 @@ stored durably (see the README's delivery contract).
 from __future__ import annotations
 
 import builtins
-import contextlib
-import os
 import re
-import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
@@ -38,7 +35,7 @@ from forge.errors import (
 from forge.job import Job, JobInfo, State, valid_id
 from forge.queue.command import QueuedCommand, batch_key
 from forge.queue.command import queue_name as _queue_name
-from forge.registry.argspec import accepts, describe
+from forge.registry.argcheck import check_job_args
 
 if TYPE_CHECKING:
     from forge.backends.base import Backend, QueueStats
@@ -60,77 +57,8 @@ def _job_id(job_id: object) -> str:
     return job_id  # type: ignore[return-value]
 
 
-#: Argument lists that Click parsed against their command recently: (spec, args) -> until when.
-#: Only for commands the argument spec cannot model. Parsing is deterministic except for
-#: checks that look at the world (a file that must exist), so an entry lives only a few
-#: seconds; a burst of identical dispatches parses once instead of once per job.
-_parsed_ok: dict[tuple[Any, tuple[str, ...]], float] = {}
-PARSED_OK_TTL = 5.0
-
-
-#: Each command function's argument spec (``forge.registry.argspec``), or None where it cannot be modelled.
-_arg_specs: dict[Any, Any] = {}
-_UNKNOWN = object()
-
-
-_cwd_lock = threading.Lock()
-
-
-@contextlib.contextmanager
-def _in_dir(path: str | None) -> Iterator[None]:
-    """Run the block with ``path`` as the current directory (then back): a job's path
-    arguments are checked where the worker will run it, the project root, not where the
-    dispatcher happens to stand. A no-op when already there (the usual case)."""
-    if path is None:
-        yield
-        return
-    with _cwd_lock:
-        try:
-            here = os.getcwd()
-        except OSError:
-            here = None
-        if here == path:
-            yield
-            return
-        os.chdir(path)
-        try:
-            yield
-        finally:
-            if here is not None:
-                os.chdir(here)
-
-
-def _check_args(spec: Any, args: tuple[str, ...], root: str | None = None) -> None:
-    with _in_dir(root):
-        _check_args_here(spec, args)
-
-
-def _check_args_here(spec: Any, args: tuple[str, ...]) -> None:
-    fn = spec.load()
-    described = _arg_specs.get(fn, _UNKNOWN)
-    if described is _UNKNOWN:
-        from forge.registry.runner import click_command
-
-        described = _arg_specs[fn] = describe(click_command(spec))
-    if described is not None and accepts(described, args):
-        return  # what the spec accepts, Click accepts (3-10x faster than asking Click; paths checked now)
-    key = (spec, args)
-    now = time.monotonic()
-    until = _parsed_ok.get(key)
-    if until is not None and until > now:
-        return
-    from forge.registry.runner import check_args
-
-    try:
-        check_args(spec, args)
-    except UsageError as exc:
-        raise InvalidCommand(exc.message, hint=f"Run `forge {spec.name} --help`.") from None
-    if len(_parsed_ok) >= 4096:
-        _parsed_ok.clear()
-    _parsed_ok[key] = now + PARSED_OK_TTL
-
-
 def rfc3339(t: float | None) -> str | None:
+    """A Unix time as RFC 3339 in UTC with milliseconds (``2026-12-01T09:00:00.000Z``); None for None."""
     if t is None:
         return None
     return datetime.fromtimestamp(t, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
@@ -151,17 +79,21 @@ class JobDispatch:
 
     @classmethod
     def new(cls, job_id: str, command: str, queue: str) -> JobDispatch:
+        """The record of a job dispatched now (not delayed)."""
         return cls(job_id, command, queue, rfc3339(time.time()))
 
     @property
     def job_id(self) -> str:
+        """The job's id (the same as ``id``)."""
         return self.id
 
     def with_scheduled_at(self, when: str | datetime) -> JobDispatch:
+        """The same record, due at ``when`` (an RFC 3339 string, or a datetime converted to one)."""
         text = when if isinstance(when, str) else rfc3339(when.timestamp())
         return replace(self, scheduled_at=text)
 
     def to_dict(self) -> dict[str, Any]:
+        """The record as plain data, as ``queue:dispatch --json`` prints it."""
         return dict(self.__dict__)
 
 
@@ -233,10 +165,12 @@ class CommandQueue(_Connected):
 
     @classmethod
     def default(cls) -> CommandQueue:
+        """The default queue (``queue.default``) of the default connection."""
         return cls()
 
     @property
     def registry(self) -> CommandRegistry:
+        """The registry that dispatches are checked against (the process's one registry unless one was given)."""
         if self._registry is None:
             from forge.registry.runner import default_registry
 
@@ -256,7 +190,7 @@ class CommandQueue(_Connected):
         if spec is None:
             raise self.registry.unknown(job.command, UnknownQueuedCommand)
         if self._check_args:
-            _check_args(spec, job.args, str(self.settings.root))
+            check_job_args(spec, job.args, str(self.settings.root))
         if "forge.limits" in job.metadata or getattr(spec.target, "__forge_isolated__", None) is not None:
             from forge.limits.isolation import stamp  # limits of its own, or an isolated command
 
@@ -315,8 +249,13 @@ class CommandQueue(_Connected):
         return [j.id for j in jobs]
 
     def push(self, cmd: QueuedCommand) -> JobDispatch:
-        """Queue one command; returns where and when (``created`` False: its idempotency key
-        had been used, nothing was stored, and the record is that of the job holding it)."""
+        """Check ``cmd`` (its command, arguments and options) and store it durably; returns where
+        and when it was queued once it is stored (``created`` False: its idempotency key had been
+        used, nothing was stored, and the record is that of the job holding it).
+
+        Raises before anything is stored: ``InvalidCommand`` (``UnknownQueuedCommand`` for a name
+        that is not registered) for a job that must not be queued, ``DuplicateJob`` while a live
+        job holds its unique key, ``DispatchFailed`` or ``QueueUnavailable`` if the write fails."""
         job = self._job(cmd, time.time())
         record = _dispatch_record(job)  # before the write: nothing may fail once the job is stored
         created = self.backend.push([job])
@@ -327,12 +266,14 @@ class CommandQueue(_Connected):
         return replace(_dispatch_record(info.job) if info else record, created=False)
 
     async def adispatch(self, cmd: QueuedCommand) -> str:
+        """``dispatch`` in a worker thread, for asyncio code: the job id once it is durably stored."""
         import asyncio  # not at module level: it costs 30 ms of every CLI start
 
         return await asyncio.to_thread(self.dispatch, cmd)
 
     async def adispatch_many(self, cmds: Iterable[QueuedCommand], *,
                              batch_id: str | None = None) -> builtins.list[str]:
+        """``dispatch_many`` in a worker thread, for asyncio code: the ids once all are durably stored."""
         import asyncio
 
         cmds = list(cmds)
@@ -343,6 +284,7 @@ class CommandQueue(_Connected):
         return self.stats().size
 
     def stats(self) -> QueueStats:
+        """This queue's counts by state and its oldest pending job (``QueueStats``)."""
         return self.backend.stats([self.name])[0]
 
     def pending(self, limit: int | None = None) -> list[JobInfo]:
@@ -354,16 +296,20 @@ class CommandQueue(_Connected):
         return out
 
     def find(self, job_id: str) -> JobInfo | None:
+        """The job with this id if it is on this queue (in any state), else None; ``InvalidCommand`` for a malformed id."""
         info = self.backend.find(_job_id(job_id))
         return info if info is not None and info.job.queue == self.name else None
 
     def pause(self) -> None:
+        """Stop workers claiming from this queue (jobs can still be dispatched onto it)."""
         self.backend.pause(self.name)
 
     def resume(self) -> None:
+        """Let workers claim from this queue again."""
         self.backend.resume(self.name)
 
     def is_paused(self) -> bool:
+        """True if this queue is paused."""
         return self.name in self.backend.paused()
 
     def clear(self) -> int:
@@ -399,6 +345,7 @@ class QueueManager(_Connected):
         self._queues: dict[str, CommandQueue] = {}
 
     def add_queue(self, name: str) -> CommandQueue:
+        """The ``CommandQueue`` named ``name`` on this manager's connection (made once, then the same object)."""
         q = self._queues.get(name)
         if q is None:
             q = self._queues[name] = CommandQueue(
@@ -407,6 +354,7 @@ class QueueManager(_Connected):
         return q
 
     def queue(self, name: str) -> CommandQueue | None:
+        """The queue added under ``name`` with ``add_queue``, or None."""
         return self._queues.get(name)
 
     def list(self) -> builtins.list[str]:
@@ -414,10 +362,13 @@ class QueueManager(_Connected):
         return sorted(set(self._queues) | set(self.backend.queues()))
 
     def stats(self, queues: Sequence[str] | None = None) -> builtins.list[QueueStats]:
+        """The stats of these queues (default: every queue of the connection)."""
         return self.backend.stats(queues)
 
     def jobs(self, *, queue: str | None = None, state: State | str | None = None,
              command: str | None = None, limit: int | None = None) -> Iterator[JobInfo]:
+        """The jobs on the connection, filtered by queue, state and command, at most ``limit``;
+        ``UsageError`` for an invalid queue name, ``ValueError`` for an unknown state."""
         st = State(state) if state is not None else None
         if queue is not None:
             _queue_name(queue)
@@ -554,15 +505,19 @@ class QueueManager(_Connected):
         return self.backend.flush(older_than=None if hours is None else hours * 3600, queue=queue)
 
     def prune_failed(self, hours: float = 24) -> int:
+        """Delete failed jobs older than ``hours``; returns how many."""
         return self.flush(hours)
 
     def prune_done(self, hours: float | None = None) -> int:
+        """Delete finished jobs kept for inspection (only those older than ``hours``, when given); returns how many."""
         return self.backend.prune_done(older_than=None if hours is None else hours * 3600)
 
     def pause(self, queue: str) -> None:
+        """Stop workers claiming from ``queue``; ``UsageError`` for an invalid name."""
         self.backend.pause(_queue_name(queue))
 
     def resume(self, queue: str) -> None:
+        """Let workers claim from ``queue`` again; ``UsageError`` for an invalid name."""
         self.backend.resume(_queue_name(queue))
 
     def forget_queue(self, queue: str) -> bool:

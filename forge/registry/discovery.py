@@ -14,9 +14,9 @@ import sys
 import warnings
 from pathlib import Path
 
-from forge.cli.builtins import BUILTINS
 from forge.config import Settings
 from forge.errors import DiscoveryError
+from forge.registry.builtins import BUILTINS
 from forge.registry.spec import (
     JOB_MARKER,
     MARKER,
@@ -39,6 +39,7 @@ class DiscoveryWarning(UserWarning):
 
 
 def builtin_specs() -> list[CommandSpec]:
+    """The specs of forge's built-in commands, from the static table (their modules are not imported)."""
     return [
         CommandSpec(name, "forge (built-in)", desc, target, hidden, builtin=True)
         for name, (target, desc, hidden) in BUILTINS.items()

@@ -24,6 +24,8 @@ ISOLATED_MARKER = "__forge_isolated__"  # read by forge.limits.isolation
 
 
 def valid_name(name: str) -> bool:
+    """True if ``name`` is a valid command name: ``namespace:action`` (or one word) of lowercase
+    letters, digits, ``-`` and ``_``, each part starting with a letter or digit, at most 100 long."""
     return bool(NAME_RE.fullmatch(name)) and len(name) <= 100
 
 
@@ -69,6 +71,7 @@ def command(name: str, *, hidden: bool = False, schedule: Any = None, isolated: 
 
 
 def first_line(doc: str | None) -> str:
+    """The first non-blank line of a docstring, stripped (a command's description); empty for None."""
     for line in (doc or "").strip().splitlines():
         if line.strip():
             return line.strip()
@@ -90,9 +93,11 @@ class CommandSpec:
 
     @property
     def namespace(self) -> str:
+        """The part of the name before ``:`` (``email`` for ``email:send``); empty for a name without one."""
         return self.name.split(":", 1)[0] if ":" in self.name else ""
 
     def load(self) -> Callable[..., Any]:
+        """The command's function, importing its module if the target is a ``module:function`` string."""
         if callable(self.target):
             return self.target
         module, _, attr = self.target.partition(":")
@@ -138,6 +143,7 @@ class CommandRegistry:
             self.add(spec)
 
     def add(self, spec: CommandSpec) -> None:
+        """Register ``spec``; the same spec again is a no-op, another with its name a ``DiscoveryError``."""
         old = self._specs.get(spec.name)
         if old is not None:
             if old.target is spec.target and old.source == spec.source:
@@ -153,6 +159,7 @@ class CommandRegistry:
             fallback(self)
 
     def get(self, name: str) -> CommandSpec | None:
+        """The spec named ``name``, or None (completing the registry, e.g. the plugin scan, first if needed)."""
         spec = self._specs.get(name)
         if spec is None:
             self._complete()
@@ -160,6 +167,7 @@ class CommandRegistry:
         return spec
 
     def resolve(self, name: str) -> CommandSpec:
+        """The spec named ``name``; ``UnknownCommand`` (with suggestions) if there is none."""
         spec = self.get(name)
         if spec is None:
             raise self.unknown(name)
@@ -171,6 +179,7 @@ class CommandRegistry:
         return cls(name, self.suggest(name), [*notes, *self.notes])
 
     def suggest(self, name: str) -> list[str]:
+        """Up to three registered names close to ``name`` (or of its namespace), for an unknown-command error."""
         import difflib
 
         self._complete()

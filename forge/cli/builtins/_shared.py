@@ -6,13 +6,11 @@ Cheap to import (typer and forge only): ``queue:dispatch`` imports it on every r
 from __future__ import annotations
 
 import shlex
-import sys
 from datetime import datetime
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from forge import output
 from forge.durations import format_duration
 from forge.job import JobInfo
 from forge.queue.manager import QueueManager
@@ -52,6 +50,7 @@ def resolve_ids(m: QueueManager, ids: list[str]) -> list[str]:
 
 
 def fmt_time(t: float | None) -> str:
+    """A timestamp as local ``YYYY-MM-DD HH:MM:SS`` for tables; empty for None or 0."""
     return datetime.fromtimestamp(t).strftime("%Y-%m-%d %H:%M:%S") if t else ""
 
 
@@ -83,16 +82,16 @@ def job_json(info: JobInfo) -> dict[str, Any]:
 
 
 def stats_json(stats: QueueStats) -> dict[str, Any]:
+    """A queue's stats for the JSON of queue:list and queue:monitor: its size and the oldest pending time in RFC 3339."""
     return {**stats.to_dict(), "size": stats.size, "oldest_pending_at": iso_time(stats.oldest_pending_at)}
 
 
 def ago(t: float | None, now: float) -> str:
+    """How long before ``now`` the time ``t`` was (``format_duration``, never negative); empty for None or 0."""
     return format_duration(max(now - t, 0.0)) if t else ""
 
 
 def argv(info: JobInfo) -> str:
+    """The job's command line, shell-quoted (``import:data 'my file.csv'``)."""
     return shlex.join([info.job.command, *info.job.args])
 
-
-def err_tty() -> bool:
-    return output.is_tty(sys.stderr)

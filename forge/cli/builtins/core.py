@@ -10,14 +10,9 @@ from typing import Annotated, Any
 import typer
 
 from forge import __version__, output
-from forge.errors import EXIT_ERROR, ConfigError, UnknownCommand, UsageError
+from forge.errors import ConfigError, UsageError
+from forge.registry.runner import default_registry as _registry
 from forge.registry.spec import CommandRegistry, valid_name
-
-
-def _registry() -> CommandRegistry:
-    from forge.cli.app import registry
-
-    return registry()
 
 
 def render_list(
@@ -58,11 +53,7 @@ def help_(command_name: Annotated[str, typer.Argument(metavar="COMMAND", help="T
     """Show the help of a command (the same as `forge COMMAND --help`)."""
     from forge.registry.runner import invoke
 
-    try:
-        spec = _registry().resolve(command_name)
-    except UnknownCommand as err:
-        err.exit_code = EXIT_ERROR  # as for `forge NAME`: artisan's exit code for an unknown name
-        raise
+    spec = _registry().resolve(command_name)  # unknown: exit 1, as `forge NAME` (forge.cli.main)
     return invoke(spec, ["--help"])
 
 

@@ -1,101 +1,95 @@
 """``queue:dispatch``: push one command onto a queue (optionally ``--wait`` for it), or many ``--from-file``.
 
 It runs from cron and scripts thousands of times: the common case never gets here, it is
-handled without Typer by ``fastdispatch`` (which this module's successful runs keep fed with
-the command cache). The progress bar of ``--from-file`` comes from ``forge.output``, which
+handled without Typer by ``forge.cli.fastpath.dispatch`` (and a successful run here saves the
+command cache it reads: ``forge.cli.fastpath.FastResult``). Its options are declared in
+``forge.cli.dispatch_options``. The progress bar of ``--from-file`` comes from ``forge.output``, which
 imports rich only when stderr is a terminal.
 """
 
 from __future__ import annotations
 
-import contextlib
+import inspect
 import json
 import sys
 import time
-from datetime import datetime
 from typing import Annotated, Any
 
 import typer
 
 from forge import output
-from forge.cli.builtins._shared import Connection, err_tty
-from forge.cli.fastpath import dispatch as fastdispatch
-from forge.cli.fastpath.dispatch import DISPATCH_OPTIONS, in_past
-from forge.cli.fastpath.dispatch import build as _build
-from forge.cli.fastpath.dispatch import parse_at as _at
-from forge.cli.fastpath.dispatch import parse_meta as _meta
+from forge.cli.dispatch_options import (
+    FILE_JOB_KEYS,
+    FILE_KEYS,
+    FLAGS,
+    build,
+    check,
+    in_past,
+    job_options,
+    typer_parameters,
+)
+from forge.cli.fastpath.dispatch import print_record
 from forge.durations import format_duration, parse_duration
 from forge.errors import EXIT_JOB_FAILED, ForgeError, InvalidCommand, JobNotFound, UsageError
 from forge.job import MAX_JSON_DEPTH, MAX_OUTPUT_TAIL, Job, JobInfo, State
 from forge.queue.manager import CommandQueue, QueuedCommand, _dispatch_record, batch_key
 from forge.registry.runner import default_registry
 
-FILE_KEYS = {"command", "args", "queue", "delay", "tries", "timeout", "backoff", "meta", "unique_key", "unique_ttl",
-             "retry_until", "max_exceptions", "max_releases",
-             "concurrency_key", "concurrency", "rate_key", "rate", "burst", "isolated", "on_busy"}
-
 
 def dispatch(
     command: Annotated[str | None, typer.Argument(metavar="COMMAND", help="The command to queue.", show_default=False)] = None,
     args: Annotated[list[str] | None, typer.Argument(metavar="[ARGS]...", help="Its arguments and options (everything after COMMAND).", show_default=False)] = None,
-    queue: Annotated[str | None, typer.Option(help="The queue (default: queue.default).")] = None,
-    connection: Connection = None,
-    delay: Annotated[str | None, typer.Option(help="Run no earlier than this from now, e.g. 90s, 5m, 1h30m.")] = None,
-    at: Annotated[str | None, typer.Option(help="Run no earlier than this local time, e.g. 2026-12-01T09:00.")] = None,
-    tries: Annotated[int | None, typer.Option(help="Attempts before the job fails (default: the worker's).", min=1)] = None,
-    timeout: Annotated[str | None, typer.Option(help="Kill an attempt running longer, e.g. 10m.")] = None,
-    backoff: Annotated[str | None, typer.Option(help="Seconds before each retry, e.g. 1,5,10, or exp:2s..10m,jitter=full.")] = None,
-    retry_until: Annotated[str | None, typer.Option(help="Start no retry after this: a duration from now (2h) or a local time (2026-12-01T09:00).")] = None,
-    max_exceptions: Annotated[int | None, typer.Option(help="Fail after this many attempts end in an exception or a failing exit, tries left or not.", min=1)] = None,
-    max_releases: Annotated[int | None, typer.Option(help="Retry-later releases (exit 75) allowed (default 100).", min=0)] = None,
-    meta: Annotated[list[str] | None, typer.Option(metavar="KEY=VALUE", help="Metadata (repeatable); VALUE is parsed as JSON when it is JSON.")] = None,
-    unique_key: Annotated[str | None, typer.Option(help="Refuse (exit 4) while a job with this key is queued or running.")] = None,
-    unique_ttl: Annotated[str | None, typer.Option(help="Let the unique key lapse after this long.")] = None,
-    idempotency_key: Annotated[str | None, typer.Option(help="Queue this at most once per key: while the job dispatched with it is kept, in any state, print its id and store nothing.")] = None,
-    json_out: Annotated[bool, typer.Option("--json", help="Print the dispatch record as JSON (with --from-file: one record per line).")] = False,
-    wait: Annotated[bool, typer.Option("--wait", help="Block until the job is done (exit 0) or failed (exit 7).")] = False,
-    wait_timeout: Annotated[str | None, typer.Option(help="With --wait: give up after this long (exit 1).")] = None,
-    from_file: Annotated[str | None, typer.Option(metavar="FILE|-", help="Dispatch one job per JSON line of FILE (- for stdin); run again, it queues only the lines missing.")] = None,
-    batch_id: Annotated[str | None, typer.Option(help="With --from-file: the batch's identity (default: a hash of the file and these options); line n is queued once per batch.")] = None,
-    concurrency_key: Annotated[str | None, typer.Option(help="At most --concurrency jobs with this key run at once, e.g. tenant:42.")] = None,
-    concurrency: Annotated[int | None, typer.Option(help="With --concurrency-key: how many may run at once (default: [limits.keys] in forge.toml).", min=1)] = None,
-    rate_key: Annotated[str | None, typer.Option(help="Start jobs with this key at most at --rate, e.g. api:stripe.")] = None,
-    rate: Annotated[str | None, typer.Option(help="With --rate-key: COUNT/PERIOD, e.g. 100/m (default: [limits.keys] in forge.toml).")] = None,
-    burst: Annotated[int | None, typer.Option(help="With --rate: how many may start at once after a quiet spell (default 1).", min=1)] = None,
-    isolated: Annotated[bool, typer.Option("--isolated", help="Run only while no other run holds the command's isolation lock.")] = False,
-    on_busy: Annotated[str | None, typer.Option(help="An isolated job whose lock is held: wait (stay pending, the default) or drop (fail it, reason isolated).")] = None,
+    **values: Any,
 ) -> int:
     """Push a command onto a queue; print the job id.
 
     Options go before COMMAND; everything after it (options included) is the job's.
     """
-    opts = {"delay": delay, "at": _at(at) if at else None, "tries": tries, "timeout": timeout,
-            "backoff": backoff, "meta": _meta(meta or []), "unique_key": unique_key, "unique_ttl": unique_ttl,
-            "retry_until": retry_until, "max_exceptions": max_exceptions, "max_releases": max_releases}
-    limits = {"concurrency_key": concurrency_key, "concurrency": concurrency, "rate_key": rate_key, "rate": rate,
-              "burst": burst, "isolated": isolated or None, "on_busy": on_busy}
-    opts.update({k: v for k, v in limits.items() if v is not None})  # absent when unused (batch ids stay)
-    if delay is not None and at is not None:
-        raise UsageError("Pass --delay or --at, not both.")
-    if queue is not None and not queue.strip():
-        raise UsageError("--queue must not be empty.", hint="Leave it out for queue.default, or name a queue.")
-    if isinstance(opts["at"], datetime) and in_past(opts["at"]):
-        output.warn(f"--at {at} is in the past: the job is due at once.")
-    if unique_ttl is not None and unique_key is None:
-        raise UsageError("--unique-ttl needs --unique-key.")
-    if from_file is not None:
-        if command is not None:
-            raise UsageError("Pass COMMAND or --from-file, not both.")
-        if wait:
-            raise UsageError("--wait works with one job; it cannot be combined with --from-file.")
-        if idempotency_key is not None:
-            raise UsageError("--idempotency-key names one job; give --from-file a --batch-id instead.")
-        if batch_id is not None and not batch_id:
-            raise UsageError("--batch-id must not be empty.")
-        return _dispatch_file(from_file, queue, connection, opts, batch_id, json_out)
-    if batch_id is not None:
+    # ``values`` are the options of forge.cli.dispatch_options.OPTIONS (the signature Typer reads is below).
+    opts = job_options(values)
+    check(values)
+    if opts["at"] is not None and in_past(opts["at"]):
+        output.warn(f"--at {values['at']} is in the past: the job is due at once.")
+    if values["from_file"] is not None:
+        _check_file_run(command, values)
+        return _dispatch_file(values["from_file"], values["queue"], values["connection"], opts,
+                              values["batch_id"], values["json_out"])
+    name, job_args = _one_job(command, args, values)
+    # Every check comes before the push: once the job is stored, the exit code must say so.
+    wait_timeout = values["wait_timeout"]
+    limit = parse_duration(wait_timeout, what="--wait-timeout") if values["wait"] and wait_timeout else None
+    q = CommandQueue(values["queue"], connection=values["connection"], registry=default_registry())
+    record = _push(q, name, job_args, {**opts, "idempotency_key": values["idempotency_key"]})
+    print_record(q, record, name, json_out=values["json_out"])
+    if not values["wait"]:
+        return 0
+    return _wait(q, record.id, limit)
+
+
+_own = inspect.signature(dispatch, eval_str=True)  # COMMAND and ARGS
+dispatch.__signature__ = _own.replace(  # type: ignore[attr-defined]
+    parameters=[*list(_own.parameters.values())[:2], *typer_parameters()])
+dispatch.__annotations__ = {p.name: p.annotation for p in dispatch.__signature__.parameters.values()}  # type: ignore[attr-defined]
+dispatch.__forge_context_settings__ = {"allow_interspersed_args": False}  # type: ignore[attr-defined]
+
+
+def _check_file_run(command: str | None, values: dict[str, Any]) -> None:
+    """The options that --from-file cannot take with it: ``UsageError`` for the first given."""
+    if command is not None:
+        raise UsageError("Pass COMMAND or --from-file, not both.")
+    if values["wait"]:
+        raise UsageError("--wait works with one job; it cannot be combined with --from-file.")
+    if values["idempotency_key"] is not None:
+        raise UsageError("--idempotency-key names one job; give --from-file a --batch-id instead.")
+    if values["batch_id"] is not None and not values["batch_id"]:
+        raise UsageError("--batch-id must not be empty.")
+
+
+def _one_job(command: str | None, args: list[str] | None, values: dict[str, Any]) -> tuple[str, list[str]]:
+    """The command and arguments of a dispatch of one job; ``UsageError`` if there is no
+    COMMAND, a --from-file option, or a --help that would be queued as the job's argument."""
+    if values["batch_id"] is not None:
         raise UsageError("--batch-id works with --from-file.", hint="For one job, use --idempotency-key.")
-    opts["idempotency_key"] = idempotency_key
     if command is None:
         raise UsageError("Missing COMMAND.", hint="Usage: forge queue:dispatch [OPTIONS] COMMAND [ARGS]...")
     job_args = list(args or [])
@@ -105,26 +99,19 @@ def dispatch(
         if flag in job_args[: job_args.index("--") if "--" in job_args else None]:
             raise UsageError(f"{flag} after {command} would be queued as the job's argument.",
                              hint=f"Run `forge {command} --help` to see its usage.")
-    # Every check comes before the push: once the job is stored, the exit code must say so.
-    limit = parse_duration(wait_timeout, what="--wait-timeout") if wait and wait_timeout else None
-    q = CommandQueue(queue, connection=connection, registry=default_registry())
+    return command, job_args
+
+
+def _push(q: CommandQueue, command: str, job_args: list[str], opts: dict[str, Any]) -> Any:
+    """Build and store the job; a refused command whose arguments hold an option of
+    queue:dispatch gets the hint that those go before the command."""
     try:
-        record = q.push(_build(command, job_args, opts))
+        return q.push(build(command, job_args, opts))
     except InvalidCommand as exc:
-        mine = [a for a in job_args if a.split("=", 1)[0] in DISPATCH_OPTIONS]
+        mine = [a for a in job_args if a.split("=", 1)[0] in FLAGS]
         if mine:
             exc.hint = f"Options of queue:dispatch go before the command: forge queue:dispatch {mine[0]} {command} ..."
         raise
-    if fastdispatch.stale_fingerprint is not None:  # let the next dispatch skip Typer
-        from forge.cli.fastpath import cache as cmdcache
-
-        with contextlib.suppress(Exception):
-            cmdcache.store(q.settings, fastdispatch.stale_fingerprint)
-        fastdispatch.stale_fingerprint = None
-    fastdispatch.print_record(q, record, command, json_out=json_out)
-    if not wait:
-        return 0
-    return _wait(q, record.id, limit)
 
 
 #: With --wait on a terminal: after this long without the job starting, say what forge waits for.
@@ -145,7 +132,7 @@ def _poll(q: CommandQueue, job_id: str, limit: float | None, view: Any) -> int:
     from forge.jobprogress.store import get_progress
 
     start, pause = time.monotonic(), 0.05
-    told = not err_tty()
+    told = not output.is_tty(sys.stderr)
     while True:
         info = q.find(job_id)
         if info is None:
@@ -231,9 +218,9 @@ def _parse_line(text: str, defaults: dict[str, Any]) -> tuple[str | None, Queued
         raise UsageError('"args" must be a list of strings')
     if d.get("meta") is not None and not isinstance(d["meta"], dict):
         raise UsageError('"meta" must be a JSON object')
-    fields = {k: d[k] for k in FILE_KEYS - {"command", "args", "queue"} if k in d}
+    fields = {k: d[k] for k in FILE_JOB_KEYS if k in d}
     opts = {**defaults, **fields, "meta": {**(defaults.get("meta") or {}), **(d.get("meta") or {})}}
-    return d.get("queue"), _build(command, args, opts)
+    return d.get("queue"), build(command, args, opts)
 
 
 def _dispatch_file(source: str, queue: str | None, connection: str | None, defaults: dict[str, Any],
@@ -289,9 +276,7 @@ def _dispatch_file(source: str, queue: str | None, connection: str | None, defau
     if old:
         output.info(f"{old} of {total} lines were already queued by an earlier run of batch {batch} and were"
                     " not queued again; give another --batch-id to queue them anew.")
-    if err_tty():
+    if output.is_tty(sys.stderr):
         output.info(f"Queued {total - old} jobs from {'stdin' if source == '-' else source}.")
     return 0
 
-
-dispatch.__forge_context_settings__ = {"allow_interspersed_args": False}  # type: ignore[attr-defined]

@@ -11,7 +11,7 @@ from typing import Annotated
 import typer
 
 from forge import output
-from forge.cli.builtins._shared import Connection, JobId, QueueOpt, err_tty, manager, resolve_ids
+from forge.cli.builtins._shared import Connection, JobId, QueueOpt, manager, resolve_ids
 from forge.config import validate_queue_name
 from forge.errors import EXIT_DUPLICATE, JobNotFound, RetryBlocked, UsageError
 from forge.job import JobInfo, Reason, State
@@ -70,7 +70,7 @@ def retry(
         output.error(err.message, err.hint)
     if missing:
         raise _not_failed(m, missing[0])
-    if err_tty() or not (retried or blocked):
+    if output.is_tty(sys.stderr) or not (retried or blocked):
         output.info(f"Retried {len(retried)} job(s)." if retried or blocked else f"No failed jobs to retry in {m.location}.")
     return EXIT_DUPLICATE if blocked else 0
 
@@ -91,7 +91,7 @@ def _retry_dry_run(m: QueueManager, ids: list[str], every: bool, queue: str | No
     for job_id in chosen:
         sys.stdout.write(job_id + "\n")
     sys.stdout.flush()
-    if err_tty() or not chosen:
+    if output.is_tty(sys.stderr) or not chosen:
         output.info(f"Would retry {len(chosen)} job(s) (dry run: nothing changed)." if chosen
                     else f"No failed jobs to retry in {m.location}.")
     return 0
@@ -117,7 +117,7 @@ def cancel(
             continue
         sys.stdout.write(info.id + "\n")
         sys.stdout.flush()
-        if err_tty():
+        if output.is_tty(sys.stderr):
             output.info(f"Cancelled job {info.id} ({info.job.command}).")
     return code
 

@@ -52,20 +52,13 @@ def run(
     --schedule processes run it, on any number of hosts."""
     if at is not None and not dry_run:
         raise UsageError("--at asks what would be due at a time: use it with --dry-run.")
-    from forge.cli.fastpath import schedule as fastschedule
+    from forge.cli.fastpath.schedule import print_actions
 
-    stale, fastschedule.stale_fingerprint = fastschedule.stale_fingerprint, None
+    # (A stale command cache is saved once this returns: forge.cli.fastpath.FastResult.)
     sch, errors = _load(connection, check_args=False)  # a due tick's arguments are checked as it is dispatched
     now = _parse_at(at) if at is not None else None
     actions = sch.plan(now) if dry_run else sch.run(now)
-    fastschedule.print_actions(actions, json_out)
-    if stale is not None:  # let the next run skip Typer (best effort)
-        import contextlib
-
-        from forge.cli.fastpath import cache as cmdcache
-
-        with contextlib.suppress(Exception):  # e.g. a command file that fails to import
-            cmdcache.store(sch.settings, stale)
+    print_actions(actions, json_out)
     return _report_errors(errors)
 
 

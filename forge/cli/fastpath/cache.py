@@ -43,10 +43,12 @@ MAX_BYTES = 4 << 20
 
 
 def cache_dir() -> Path:
+    """The user's folder of command caches (``$XDG_CACHE_HOME/forge/commands`` on Linux)."""
     return user_dir("cache") / "commands"
 
 
 def cache_file(settings: Settings) -> Path:
+    """The command cache file of the project of ``settings`` (named by a digest of its root)."""
     return cache_dir() / f"{project_digest(settings.root)}.json"
 
 
@@ -119,7 +121,7 @@ def load(settings: Settings, current: list[Any] | None = None) -> dict[str, dict
 
     ``current`` is the project's :func:`fingerprint`, if the caller has just taken it.
     """
-    from forge.cli.builtins import BUILTINS
+    from forge.registry.builtins import BUILTINS
     from forge.registry.spec import valid_name
 
     raw = _read(cache_file(settings))
