@@ -447,8 +447,7 @@ def test_claim_and_maintain_on_a_read_only_queue_directory_raise_unavailable(qdi
     orphan = b.claim(["default"], WORKER, 60)  # its worker died: maintain must recover it
     assert orphan is not None
     b.close()
-    for fd in orphan.fds:
-        os.close(fd)
+    os.close(orphan.handle[0])
     read_only()
     b = FileBackend(qdir)
     pending = qdir / "q" / "default" / "pending"
@@ -875,8 +874,7 @@ def test_a_running_job_whose_temp_name_survived_a_crash_is_recovered(qdir: Path)
     assert claim is not None
     (reserved,) = (qdir / "q" / "default" / "reserved").iterdir()
     os.link(reserved, qdir / "tmp" / f"{j.id}.tmp")  # the crash kept the temp name too
-    for fd in claim.fds:  # the worker is gone: its lock with it
-        os.close(fd)
+    os.close(claim.handle[0])  # the worker is gone: its lock with it
     b.close()
     b = FileBackend(qdir)
     assert b.maintain()["recovered"] == 1

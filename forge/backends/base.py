@@ -1,13 +1,24 @@
-"""The ``Backend`` protocol: what a queue store must do, and the guarantees each method gives.
+"""The backend seam: a hot-path protocol, an operations protocol, and the types they pass.
 
-Backends move ``Job`` records and ``Event`` history; the domain (``forge.job``) owns their
-JSON form. Every backend passes the same contract suite (``tests/test_contract.py``).
+A queue store is two things, as Laravel's queue and its failed-job provider are:
+
+* ``QueueStore``, the hot path: what dispatching and running jobs call, on every job (push,
+  claim, heartbeat, ack, release, fail, wait, next_due, maintain, the cheap checks a worker
+  makes between jobs);
+* ``QueueOperations``: inspecting and managing the store from outside the hot path (find,
+  jobs, page, stats, retry, forget, flush, prune, clear, pause/resume, cancel, worker records,
+  job logs).
+
+``Backend`` is both; every backend implements both and passes the same contract suite
+(``tests/test_contract.py``). Backends move ``Job`` records and ``Event`` history; the domain
+(``forge.job``) owns their JSON form. Every method is safe to call from many processes (and
+hosts) at once.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from forge.errors import RetryBlocked
@@ -17,19 +28,25 @@ from forge.job import Event, Job, JobInfo, State
 KILL_GRACE = 3.0
 #: Extra seconds a lease lasts past the job's latest possible end.
 LEASE_MARGIN = 5.0
+#: Records a ``page`` with a ``command`` filter reads at most before it returns what it found.
+PAGE_SCAN_BUDGET = 2000
 
 
 @dataclass
 class Claim:
     """A job held by one worker for one attempt.
 
-    ``attempt`` was counted durably when the claim was made. ``fds`` are file descriptors
-    whose lifetime keeps the claim alive (the file backend's locked job file): the process
-    that holds them keeps the job from being recovered while it runs. ``lease_until`` is
-    set by lease-based backends; the worker must call ``heartbeat`` before it passes and kill
-    the job if it cannot. ``ref`` names the claim in a string (in the worker's records).
-    ``fence`` is the run's fencing token (``FORGE_JOB_TOKEN``): an integer that
-    grows with every claim of the job (the claim's time in microseconds, on the store's clock).
+    What the worker reads: ``job``; ``attempt``, counted durably when the claim was made;
+    ``claimed_at`` and ``deadline`` (Unix times); ``lease_until``, set by lease-based backends
+    (the worker must call ``heartbeat`` before it passes and kill the job if it cannot);
+    ``fence``, the run's fencing token (``FORGE_JOB_TOKEN``): an integer that grows with every
+    claim of the job (the claim's time in microseconds, on the store's clock); ``holds``, what a
+    claim through limits holds besides the job (``forge.limits``: slots), opaque to the worker,
+    which hands it back to the backend once the outcome is recorded (None for a plain claim).
+
+    What only the backend that made the claim reads: ``handle``, its own state of the claim
+    (the file backend's ``FileHandle``: the locked job file; Redis: the claim's token), and
+    ``ref``, the claim named in a string (in logs and records). Nobody else may rely on either.
     """
 
     job: Job
@@ -37,21 +54,22 @@ class Claim:
     claimed_at: float
     deadline: float
     lease_until: float | None = None
-    fds: list[int] = field(default_factory=list)
+    #: The backend's own state of this claim (see the class docstring); opaque to the worker.
     handle: Any = None
     ref: str = ""
     fence: int = 0
-    #: What a claim through limits holds besides the job (``forge.limits``: slots), freed by
-    #: the worker once the outcome is recorded; None for a plain claim.
     holds: Any = None
 
     @property
     def queue(self) -> str:
+        """The name of the claimed job's queue."""
         return self.job.queue
 
 
 @dataclass(frozen=True)
 class QueueStats:
+    """Counts of one queue's jobs by state, its oldest due job's time, and whether it is paused."""
+
     queue: str
     pending: int = 0
     delayed: int = 0
@@ -67,11 +85,34 @@ class QueueStats:
         return self.pending + self.delayed
 
     def to_dict(self) -> dict[str, Any]:
+        """The fields as a JSON-ready dict (``queue:stats --json``)."""
         return dict(self.__dict__)
 
 
-class Backend(Protocol):
-    """A queue store. All methods are safe to call from many processes (and hosts) at once."""
+@dataclass(frozen=True)
+class JobPage:
+    """Jobs ``offset`` .. of one queue and state in listing order (``QueueOperations.page``).
+
+    ``total`` is the number of jobs in that queue and state (all of them, not only those a
+    ``command`` filter matches); ``next_offset`` is where the next page starts, None on the last
+    page; ``scanned`` is how many positions this page looked at.
+    """
+
+    jobs: list[JobInfo]
+    total: int
+    offset: int
+    limit: int
+    next_offset: int | None
+    scanned: int = 0
+
+    @property
+    def prev_offset(self) -> int | None:
+        """Where the previous page starts; None on the first page."""
+        return None if self.offset == 0 else max(0, self.offset - self.limit)
+
+
+class QueueStore(Protocol):
+    """The hot path: dispatching, claiming, and recording outcomes."""
 
     #: True when liveness is a lease the worker must renew (the job must die with its worker);
     #: False when it is a lock held by the job's own process.
@@ -125,8 +166,23 @@ class Backend(Protocol):
 
     def maintain(self, default_tries: int = 1) -> dict[str, int]:
         """Recover abandoned claims (failing with reason ``abandoned`` those whose attempts,
-        ``max_attempts`` or else ``default_tries``, are used up), promote due delayed jobs, prune expired done jobs and
-        stale temp files. Idempotent; any worker may run it at any time. Returns counts."""
+        ``max_attempts`` or else ``default_tries``, are used up), promote due delayed jobs,
+        prune done jobs past the retention and stale temp files. Idempotent; any worker may run
+        it at any time. Returns counts."""
+
+    def cancel_requested(self, job_id: str) -> bool:
+        """Whether ``request_cancel`` was called for the job (cheap: a worker asks twice a second)."""
+
+    def restart_requested_at(self) -> float | None:
+        """The time of the latest ``request_restart`` marker; None if there is none."""
+
+    def close(self) -> None:
+        """Release this process's descriptors and connections; the store is unchanged."""
+
+
+class QueueOperations(Protocol):
+    """Inspecting and managing the store: listings, counts, retries, deletion, pausing,
+    cancelling, worker records and job logs."""
 
     def find(self, job_id: str) -> JobInfo | None:
         """The job with this id in any state, or None."""
@@ -138,8 +194,19 @@ class Backend(Protocol):
         """Jobs matching the filters: reserved, pending and delayed oldest first, then
         failed and done newest first. Reads only as many records as it yields."""
 
+    def page(self, queue: str, state: State, *, offset: int = 0, limit: int = 50,
+             command: str | None = None) -> JobPage:
+        """The page of ``queue``'s jobs in ``state`` from position ``offset`` in listing order
+        (as ``jobs``: reserved, pending and delayed oldest first, failed and done newest first),
+        at most ``limit`` of them, at any depth without reading the records before the page.
+
+        With ``command``, only that command's jobs are returned: the page scans forward from
+        ``offset``, reading at most ``PAGE_SCAN_BUDGET`` records, and ``next_offset`` says
+        where it stopped. A job that changes state while the page is read is left out.
+        """
+
     def stats(self, queues: Sequence[str] | None = None) -> list[QueueStats]:
-        """Counts per queue without reading job records."""
+        """Counts per queue (these, or every queue) without reading job records."""
 
     def queues(self) -> list[str]:
         """Names of the queues that hold or have held jobs, sorted."""
@@ -161,24 +228,27 @@ class Backend(Protocol):
         """Delete one failed job. False if there was none with this id."""
 
     def flush(self, *, older_than: float | None = None, queue: str | None = None) -> int:
-        """Delete failed jobs (older than ``older_than`` seconds, when given)."""
+        """Delete failed jobs (of ``queue``, and older than ``older_than`` seconds, when
+        given); returns how many."""
 
     def prune_done(self, *, older_than: float | None = None) -> int:
-        """Delete done jobs (older than ``older_than`` seconds, when given)."""
+        """Delete done jobs (older than ``older_than`` seconds, when given); returns how many."""
 
     def clear(self, queue: str) -> int:
-        """Delete the pending and delayed jobs of ``queue``; never touches running jobs."""
+        """Delete the pending and delayed jobs of ``queue``; never touches running jobs.
+        Returns how many."""
 
-    def pause(self, queue: str) -> None: ...
+    def pause(self, queue: str) -> None:
+        """Make workers skip ``queue`` until ``resume``; jobs can still be pushed to it."""
 
-    def resume(self, queue: str) -> None: ...
+    def resume(self, queue: str) -> None:
+        """Undo ``pause``; no error if the queue was not paused."""
 
-    def paused(self) -> set[str]: ...
+    def paused(self) -> set[str]:
+        """The names of the paused queues."""
 
     def request_restart(self) -> float:
         """Ask every worker to exit after its current job; returns the marker's time."""
-
-    def restart_requested_at(self) -> float | None: ...
 
     def ids_with_prefix(self, prefix: str, limit: int = 100) -> list[str]:
         """Ids of jobs (any state) starting with ``prefix`` (lowercase), sorted, at most ``limit``."""
@@ -191,10 +261,8 @@ class Backend(Protocol):
     def request_cancel(self, job_id: str) -> None:
         """Ask the worker running ``job_id`` to kill it and fail it with reason ``cancelled``."""
 
-    def cancel_requested(self, job_id: str) -> bool:
-        """Whether ``request_cancel`` was called for the job (cheap: a worker asks twice a second)."""
-
-    def clear_cancel(self, job_id: str) -> None: ...
+    def clear_cancel(self, job_id: str) -> None:
+        """Remove the job's cancel request, if any (once the run it was for has ended)."""
 
     def put_worker(self, name: str, record: bytes, ttl: float) -> None:
         """Publish (replace) a worker's record (opaque JSON, ``forge.worker.heartbeat``),
@@ -212,4 +280,6 @@ class Backend(Protocol):
     def read_log(self, job_id: str, offset: int = 0) -> bytes:
         """Captured output from ``offset``; empty if none."""
 
-    def close(self) -> None: ...
+
+class Backend(QueueStore, QueueOperations, Protocol):
+    """A queue store: the hot path and the operations (what ``open_backend`` returns)."""

@@ -9,12 +9,12 @@ instead of a job file: bounded by ``RETENTION`` and a cap per minute (see each j
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from forge.stats import records as rec
 
 if TYPE_CHECKING:
-    from forge.backends.base import Backend, Claim
+    from forge.backends.base import Backend, Claim, QueueStore
     from forge.job import Event
 
 #: How long outcome records are kept (seconds), whatever ``done_retention`` is:
@@ -49,7 +49,7 @@ def retention() -> float:
     return RETENTION
 
 
-def journal_for(backend: Backend) -> Journal:
+def journal_for(backend: QueueStore) -> Journal:
     """The journal of ``backend`` (made once per backend object)."""
     j = getattr(backend, "_forge_stats_journal", None)
     if j is None:
@@ -64,7 +64,7 @@ def journal_for(backend: Backend) -> Journal:
                 if name.endswith("0"):  # progress records of deleted jobs (Redis ones expire)
                     from forge.jobprogress.store import sweep
 
-                    sweep(backend)
+                    sweep(cast("Backend", backend))
 
             j = FileJournal(backend._root, backend.uid, retention(),  # type: ignore[attr-defined]
                             on_new_minute=every_ten_minutes)
@@ -74,7 +74,7 @@ def journal_for(backend: Backend) -> Journal:
     return j
 
 
-def record_outcome(backend: Backend, claim: Claim, event: Event | None) -> None:
+def record_outcome(backend: QueueStore, claim: Claim, event: Event | None) -> None:
     """Journal the end of ``claim``'s attempt (``event``: done, released or failed). Best
     effort: the outcome itself is already recorded; a journal that cannot be written (a full
     disk, Redis gone this instant) loses this record, never the job."""

@@ -219,7 +219,6 @@ class FileBackend(FileWriter, FileClaimer, FileUpkeep, FileAdmin, FileLimiter):
                 os.rename(reserved, dest, src_dir_fd=q.fds[1], dst_dir_fd=q.dir_fd(state))
         except FileNotFoundError:
             os.close(fd)  # no longer ours: recovered after a lease lapsed, or already recorded
-            claim.fds.clear()
             raise
         except OSError as exc:
             with contextlib.suppress(OSError):
@@ -228,7 +227,6 @@ class FileBackend(FileWriter, FileClaimer, FileUpkeep, FileAdmin, FileLimiter):
                 exc.filename = f"{q.reserved}/{reserved}"
             raise
         os.close(fd)
-        claim.fds.clear()
 
     def _still_ours(self, fd: int, q: QueueDirs, reserved: str) -> None:
         """Lease mode: lock the claimed file again (as recovery does) and make sure it was not

@@ -254,7 +254,7 @@ class FileClaimer:
             # this one cannot see) must not keep the job from the worker that recovers it once
             # the lease lapses; the lock is taken again only to record the outcome.
             fcntl.flock(fd, fcntl.LOCK_UN)
-        return Claim(job, attempt, now, deadline, None, [fd], (fd, q, reserved), f"{q.name}/{reserved}",
+        return Claim(job, attempt, now, deadline, None, (fd, q, reserved), f"{q.name}/{reserved}",
                      micros(now))
 
     def _log_size(self, job_id: str) -> int:

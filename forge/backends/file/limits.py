@@ -445,7 +445,7 @@ class FileLimiter:
             with contextlib.suppress(OSError):
                 os.write(fd, Event("claimed", attempt, now, worker=worker, deadline=deadline,
                                    log_offset=self._log_size(job_id)).to_json())  # type: ignore[attr-defined]
-            claim = Claim(job, attempt, now, deadline, None, [fd], (fd, q, reserved), f"{q.name}/{reserved}",
+            claim = Claim(job, attempt, now, deadline, None, (fd, q, reserved), f"{q.name}/{reserved}",
                           micros(now))
             fd = -1  # the claim owns it now
             if drop is not None:

@@ -130,7 +130,7 @@ class FileUpkeep:
         elif not locked:
             os.close(fd)
             return None
-        claim = Claim(job, attempt, now, now, None, [fd], (fd, q, name))
+        claim = Claim(job, attempt, now, now, None, (fd, q, name))
         last = events[-1].event if events else None
         try:
             if last in ("done", "failed"):

@@ -342,7 +342,7 @@ class RedisBackend(RedisLimiter, RedisAdmin):
         if job is None:
             return None
         return Claim(job, int(attempt), self._local(reply[0]), self._local(deadline),
-                     self._local(lease), [], token, f"{job.id}/{token}", int(reply[0]))
+                     self._local(lease), token, f"{job.id}/{token}", int(reply[0]))
 
     def heartbeat(self, claim: Claim) -> bool:
         with self._io():

@@ -82,7 +82,7 @@ class RedisLimiter:
             self.release_holds(RedisHolds(job_id.decode(), _list(scopes)))
             return None
         claim = Claim(job, int(attempt), self._local(reply[0]), self._local(deadline),
-                      self._local(lease), [], token, f"{job.id}/{token}", int(reply[0]))
+                      self._local(lease), token, f"{job.id}/{token}", int(reply[0]))
         held = _list(scopes)
         claim.holds = RedisHolds(job.id, held) if held else None
         return claim
