@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
+from forge.backends.retention import DONE_RETENTION
 from forge.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -17,7 +18,7 @@ DRIVERS = {
 }
 
 
-def open_backend(conn: Connection, *, done_retention: float = 3600.0, quick: bool = False) -> Backend:
+def open_backend(conn: Connection, *, done_retention: float = DONE_RETENTION, quick: bool = False) -> Backend:
     """Instantiate the backend for a configured connection.
 
     ``quick``: calls never block for long (a server backend uses short timeouts and no
@@ -31,4 +32,6 @@ def open_backend(conn: Connection, *, done_retention: float = 3600.0, quick: boo
         hint = f' Did you mean "{close[0]}"?' if close else ""
         raise ConfigError(f'Unknown queue driver "{conn.driver}".{hint}')
     module, _, cls = target.partition(":")
-    return getattr(importlib.import_module(module), cls).from_connection(conn, done_retention=done_retention, quick=quick)
+    backend: Backend = getattr(importlib.import_module(module), cls).from_connection(
+        conn, done_retention=done_retention, quick=quick)
+    return backend

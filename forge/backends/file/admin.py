@@ -38,6 +38,7 @@ from forge.backends.file.layout import (
     valid_pending,
     with_due,
 )
+from forge.backends.retention import cutoff
 from forge.config import validate_queue_name
 from forge.errors import DuplicateJob, RetryBlocked, UsageError
 from forge.job import (
@@ -310,13 +311,14 @@ class FileAdmin:
         return True
 
     def _delete_older(self, state: str, older_than: float | None, queue: str | None = None) -> int:
-        cutoff = micros(time.time() - older_than) if older_than is not None else None
+        before = cutoff(time.time(), older_than)
+        last = micros(before) if before is not None else None
         removed = 0
         for q in [queue] if queue else self.queues():
             d = f"{self._qdir(q)}/{state}"
             for name in self._names(q, state):
                 m = PENDING_RE.match(name)
-                if not m or (cutoff is not None and int(m.group(1)) > cutoff):
+                if not m or (last is not None and int(m.group(1)) > last):
                     continue
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(f"{d}/{name}")

@@ -58,11 +58,12 @@ from forge import _linux
 from forge.backends.base import Claim
 from forge.backends.file.admin import FileAdmin
 from forge.backends.file.claim import FileClaimer
-from forge.backends.file.fsio import LOG_CAP, micros, private_dir, unusable
+from forge.backends.file.fsio import micros, private_dir, unusable
 from forge.backends.file.layout import STATES, QueueDirs, pending_name, safe_queue
 from forge.backends.file.limits import FileLimiter
 from forge.backends.file.store import FileWriter
 from forge.backends.file.upkeep import FileUpkeep
+from forge.backends.retention import DONE_RETENTION, LOG_CAP, keeps_done
 from forge.config import Connection, validate_queue_name
 from forge.job import Event
 from forge.stats.journal import record_outcome
@@ -80,7 +81,7 @@ class FileBackend(FileWriter, FileClaimer, FileUpkeep, FileAdmin, FileLimiter):
 
     lease_based = False
 
-    def __init__(self, root: str | os.PathLike[str], *, done_retention: float = 3600.0,
+    def __init__(self, root: str | os.PathLike[str], *, done_retention: float = DONE_RETENTION,
                  lock: str = "flock") -> None:
         self.root = Path(root)
         self._root = str(self.root)
@@ -99,7 +100,7 @@ class FileBackend(FileWriter, FileClaimer, FileUpkeep, FileAdmin, FileLimiter):
         self._prepare_root()
 
     @classmethod
-    def from_connection(cls, conn: Connection, *, done_retention: float = 3600.0,
+    def from_connection(cls, conn: Connection, *, done_retention: float = DONE_RETENTION,
                         quick: bool = False) -> FileBackend:
         assert conn.path is not None
         return cls(conn.path, done_retention=done_retention, lock=conn.lock)
@@ -243,7 +244,7 @@ class FileBackend(FileWriter, FileClaimer, FileUpkeep, FileAdmin, FileLimiter):
             raise FileNotFoundError(errno.ENOENT, "recovered by another worker", reserved)
 
     def ack(self, claim: Claim, event: Event) -> None:
-        if self.done_retention > 0:
+        if keeps_done(self.done_retention):
             self._finish(claim, event, "done", pending_name(micros(time.time()), claim.job.id, claim.attempt))
         else:
             self._finish(claim, event, None)

@@ -24,7 +24,6 @@ from pathlib import Path
 from forge.errors import QueueUnavailable
 from forge.job import MAX_FILE_BYTES
 
-LOG_CAP = 1024 * 1024
 TMP_MAX_AGE = 3600.0
 UNIQUE_INFLIGHT = 60.0
 O_READ = os.O_RDWR | os.O_APPEND | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC

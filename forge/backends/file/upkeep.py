@@ -18,7 +18,6 @@ from forge import _linux
 from forge.backends.base import LEASE_MARGIN, Claim
 from forge.backends.file.fsio import (
     FILE_ERRNOS,
-    LOG_CAP,
     O_PEEK,
     TMP_MAX_AGE,
     distrust,
@@ -33,6 +32,7 @@ from forge.backends.file.fsio import (
 from forge.backends.file.idempotency import IDEM_DIR, SWEEP_EVERY
 from forge.backends.file.idempotency import sweep as idem_sweep
 from forge.backends.file.layout import RESERVED_RE, QueueDirs, pending_name
+from forge.backends.retention import LOG_CAP, keeps_done, prune_age
 from forge.errors import QueueUnavailable, UsageError
 from forge.job import CorruptJob, Event, Job, Reason, decode_file, valid_id
 
@@ -77,8 +77,9 @@ class FileUpkeep:
                     outcome = self._recover(q, name, now, default_tries)
                     if outcome:
                         counts[outcome] += 1
-            if self.done_retention >= 0:
-                counts["pruned"] = self.prune_done(older_than=self.done_retention)
+            age = prune_age(self.done_retention)
+            if age is not None:
+                counts["pruned"] = self.prune_done(older_than=age)
             with os.scandir(self._tmp) as it:
                 for entry in it:
                     with contextlib.suppress(OSError):
@@ -139,7 +140,7 @@ class FileUpkeep:
                 if last == "failed":
                     state: str | None = "failed"
                 else:  # as ack: kept in done/ for the retention, or deleted at once
-                    state = "done" if self.done_retention > 0 else None
+                    state = "done" if keeps_done(self.done_retention) else None
                 self._finish(claim, None, state, pending_name(micros(now), job.id, attempt))
                 self._free_unique(job)
                 return "completed"

@@ -162,7 +162,7 @@ def _print_attempts(job_id: str, found: list[Any], parts: list[bytes | None], mo
     """Each attempt's header (attempt N of M, when it started, where, how it ended) and the end
     of its output; the output of attempts before the last few is left to ``queue:log``."""
     from forge.attempts import EARLIER_CHARS, LAST_CHARS, SHOWN_WITH_OUTPUT, header, readable
-    from forge.backends.file.fsio import LOG_CAP
+    from forge.backends.retention import LOG_CAP
 
     output.line("\nOutput (tail), by attempt:")
     hidden = max(0, len(found) - SHOWN_WITH_OUTPUT)
