@@ -100,3 +100,18 @@ def test_small_command_skips_queue_only_work(tmp_path: Path) -> None:
     """The default queue folder (platformdirs + a hash) is worked out only when a queue is used."""
     modules = set(probe(tmp_path, "email:send", "--user", "1")["modules"])  # type: ignore[arg-type]
     assert not modules & {"platformdirs", "hashlib"}
+
+
+#: Parts of the file backend (and what they import) that storing a job does not need.
+DISPATCH_UNNEEDED = {"forge.backends.file.admin", "forge.backends.file.claim", "forge.backends.file.upkeep",
+                     "forge.backends.file.limits", "forge.limits.spec", "forge.stats.journal"}
+
+
+def test_dispatch_imports_only_the_file_backends_dispatch_half(tmp_path: Path) -> None:
+    """queue:dispatch stores the job through the file backend's store alone: the admin half,
+    claiming, upkeep and limits stay unimported, on the full path (which writes the command
+    cache) and on the fast path after it."""
+    for _ in range(2):
+        modules = set(probe(tmp_path, "queue:dispatch", "demo:sleep", "0")["modules"])  # type: ignore[arg-type]
+        assert "forge.backends.file.store" in modules  # the job went through the file backend
+        assert not modules & DISPATCH_UNNEEDED, f"queue:dispatch imported {sorted(modules & DISPATCH_UNNEEDED)}"
