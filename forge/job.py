@@ -37,6 +37,9 @@ ID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{1
 
 
 class State(StrEnum):
+    """A job's place in its queue: waiting (pending, or delayed until ``available_at``), claimed
+    by a worker (reserved), or finished (done, failed)."""
+
     PENDING = "pending"
     DELAYED = "delayed"
     RESERVED = "reserved"
@@ -108,6 +111,8 @@ def json_depth(value: Any) -> int:
 
 
 def valid_id(job_id: object) -> bool:
+    """Whether ``job_id`` is a job id as forge makes them: a lower-case UUID string; never
+    raises."""
     return isinstance(job_id, str) and bool(ID_RE.fullmatch(job_id))
 
 
@@ -135,6 +140,8 @@ class Job:
     retry: RetryRules | None = None
 
     def to_dict(self) -> dict[str, Any]:
+        """The record as a JSON-ready dict, tagged with the format version; ``retry`` is present
+        only when set. ``from_dict`` reads it back to an equal job."""
         d = {
             "v": FORMAT_VERSION,
             "id": self.id,
@@ -164,6 +171,8 @@ class Job:
 
     @classmethod
     def from_dict(cls, d: Any) -> Job:
+        """The job of a record ``to_dict`` wrote. Raises :class:`CorruptJob`, naming the field,
+        for anything else (another version, a missing or mistyped field)."""
         fast = _from_v1_dict(cls, d) if type(d) is dict and d.keys() == _FIELDS else None
         return fast if fast is not None else cls._from_dict_checked(d)
 
@@ -349,6 +358,9 @@ class Event:
 
     @classmethod
     def from_dict(cls, d: Any) -> Event | None:
+        """The event of a record ``to_dict`` wrote, or None when ``d`` is not an event record
+        (not an object, no ``event`` name, unknown fields): a bad event line is skipped, never
+        fatal."""
         if not isinstance(d, dict) or not isinstance(d.get("event"), str):
             return None
         try:
@@ -357,6 +369,7 @@ class Event:
             return None
 
     def to_dict(self) -> dict[str, Any]:
+        """The event's fields that are set (None fields are left out)."""
         return {k: v for k, v in self.__dict__.items() if v is not None}
 
 
@@ -414,20 +427,25 @@ class JobInfo:
 
     @property
     def id(self) -> str:
+        """The job's id."""
         return self.job.id
 
     @property
     def last_event(self) -> Event | None:
+        """The latest event of its history, or None if it has none."""
         return self.events[-1] if self.events else None
 
     @property
     def failure(self) -> Event | None:
+        """The latest ``failed`` event (its reason and error), or None if no attempt failed."""
         for ev in reversed(self.events):
             if ev.event == "failed":
                 return ev
         return None
 
     def to_dict(self) -> dict[str, Any]:
+        """The job record (without its format version) with the state, attempts, last update,
+        history and progress, as ``queue:show --json`` prints it."""
         d = self.job.to_dict()
         del d["v"]
         d.update(state=str(self.state), attempts=self.attempts, updated_at=self.updated_at,

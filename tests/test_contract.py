@@ -6,17 +6,14 @@ A behaviour that differs between backends is a bug in one of them.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-from uuid import uuid4
 
 import pytest
 from conftest import make_job as job
@@ -35,48 +32,6 @@ from forge.job import Event, Job, Reason, State, idempotent_id, is_idempotent_id
 WORKER = "test-worker"
 TIMEOUT = 60.0
 PROBE_COMMANDS = Path(__file__).resolve().parent / "project" / "commands"
-
-
-def _redis_available() -> str | None:
-    """Why the Redis param is skipped, or None to run it."""
-    if not os.environ.get("FORGE_TEST_REDIS_URL"):
-        return "FORGE_TEST_REDIS_URL is not set"
-    if importlib.util.find_spec("forge.backends.redis.backend") is None:
-        return "forge.backends.redis.backend does not exist yet"
-    return None
-
-
-@pytest.fixture(params=["file", "redis"])
-def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Any]:
-    if request.param == "file":
-        from forge.backends.file.backend import FileBackend
-
-        b: Any = FileBackend(tmp_path / "q")
-        b.test_spec = ["file", str(tmp_path / "q")]
-        yield b
-        b.close()
-        return
-    why = _redis_available()
-    if why:
-        pytest.skip(why)
-    import redis
-
-    from forge.backends.redis.backend import RedisBackend
-
-    url = os.environ["FORGE_TEST_REDIS_URL"]
-    client = redis.Redis.from_url(url, socket_connect_timeout=5)
-    client.ping()  # set but unreachable is a failure, not a skip
-    prefix = f"forge-test-{uuid4().hex[:8]}"
-    b = RedisBackend(url, prefix=prefix)
-    b.test_spec = ["redis", url, prefix]
-    try:
-        yield b
-    finally:
-        b.close()
-        keys = list(client.scan_iter(match=f"{prefix}*", count=1000))
-        if keys:
-            client.delete(*keys)
-        client.close()
 
 
 def push(b: Backend, *jobs: Job) -> list[str]:

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import require_redis
 from dashboard_support import Dashboard, start_dashboard, wait_for, write_project
 
 from forge.queue import QueuedCommand, QueueManager
@@ -109,8 +110,8 @@ class Env:
 
 @pytest.fixture(scope="module", params=["file", "redis"])
 def site(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
-    if request.param == "redis" and not os.environ.get("FORGE_TEST_REDIS_URL"):
-        pytest.skip("FORGE_TEST_REDIS_URL is not set")
+    if request.param == "redis":
+        require_redis()
     e = Env(request.param, tmp_path_factory.mktemp(f"dash-{request.param}"))
     try:
         yield e

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import require_redis
 
 from forge.job import State
 
@@ -133,8 +134,8 @@ class Proj:
 
 @pytest.fixture(params=["file", "redis"])
 def proj(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Proj]:
-    if request.param == "redis" and not REDIS_URL:
-        pytest.skip("FORGE_TEST_REDIS_URL is not set")
+    if request.param == "redis":
+        require_redis()
     p = Proj(request.param, tmp_path / "p")
     try:
         yield p

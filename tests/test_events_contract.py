@@ -4,13 +4,8 @@ are pushed, and threshold marks let one of many watchers raise each crossing."""
 
 from __future__ import annotations
 
-import os
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
-from uuid import uuid4
 
-import pytest
 from conftest import make_job
 
 from forge.events.bus import EventBus
@@ -19,31 +14,6 @@ from forge.events.listeners import Listener
 from forge.events.model import META_KEY, Event, event_id
 from forge.events.thresholds import RESEND_AFTER, ThresholdWatch, marks_for
 from forge.job import State, is_idempotent_id
-
-
-@pytest.fixture(params=["file", "redis"])
-def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Any]:
-    if request.param == "file":
-        from forge.backends.file.backend import FileBackend
-
-        b: Any = FileBackend(tmp_path / "q")
-        yield b
-        b.close()
-        return
-    url = os.environ.get("FORGE_TEST_REDIS_URL")
-    if not url:
-        pytest.skip("FORGE_TEST_REDIS_URL is not set")
-    from forge.backends.redis.backend import RedisBackend
-
-    prefix = f"forge-evc-{uuid4().hex[:8]}"
-    b = RedisBackend(url, prefix=prefix)
-    try:
-        yield b
-    finally:
-        keys = list(b._r.scan_iter(match=f"{prefix}:*", count=10000))
-        if keys:
-            b._r.delete(*keys)
-        b.close()
 
 
 def _bus(*listeners: Listener, reports: list[Any] | None = None) -> EventBus:

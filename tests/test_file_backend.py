@@ -16,6 +16,7 @@ import warnings
 from pathlib import Path
 
 import pytest
+from conftest import PROBE_PROJECT
 from reliability.harness import fill_disk
 from reliability.scripts import CLAIMER
 
@@ -26,7 +27,6 @@ from forge.queue import QueuedCommand
 
 NOBODY = 65534
 WORKER = "w"
-PROJECT = Path(__file__).resolve().parent / "project" / "forge.toml"
 STRACE = shutil.which("strace")
 
 
@@ -780,7 +780,7 @@ def test_a_finishing_job_never_frees_the_key_its_successor_took(fb: FileBackend,
     fb.push([first])
     holder = str(fb.store.unique_path("nightly"))
     log = tmp_path / "strace.log"
-    env = {**os.environ, "FORGE_CONFIG": str(PROJECT), "FORGE_QUEUE_DIR": str(qdir)}
+    env = {**os.environ, "FORGE_CONFIG": str(PROBE_PROJECT), "FORGE_QUEUE_DIR": str(qdir)}
     worker = subprocess.Popen(
         [STRACE, "-qq", "-f", "-o", str(log), "-P", holder, "-e", "trace=unlink,unlinkat", "-e", "signal=none",
          "-e", "inject=unlink,unlinkat:delay_enter=2000000", sys.executable, "-m", "forge", "queue:work", "--once"],
@@ -818,7 +818,7 @@ def test_no_dispatch_takes_the_key_of_a_unique_job_while_it_is_retried(fb: FileB
     fb.fail(claim, Event("failed", claim.attempt, time.time(), reason="exception", error="boom"))
     (failed,) = (qdir / "q" / "default" / "failed").iterdir()
     log = tmp_path / "strace.log"
-    env = {**os.environ, "FORGE_CONFIG": str(PROJECT), "FORGE_QUEUE_DIR": str(qdir)}
+    env = {**os.environ, "FORGE_CONFIG": str(PROBE_PROJECT), "FORGE_QUEUE_DIR": str(qdir)}
     retry = subprocess.Popen(
         [STRACE, "-qq", "-f", "-o", str(log), "-P", str(failed), "-e", "trace=rename,renameat,renameat2",
          "-e", "signal=none", "-e", "inject=rename,renameat,renameat2:delay_enter=2000000",

@@ -9,6 +9,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from conftest import require_redis
 from reliability.checker import read_ledger
 from reliability.harness import make_target, worker_argv
 
@@ -34,8 +35,8 @@ def slow() -> None:
 @pytest.mark.parametrize("kind", ["file", "redis"])
 def test_request_sent_while_a_retiring_job_process_restores_runs_once_in_a_fresh_one(
         tmp_path: Path, kind: str) -> None:
-    if kind == "redis" and not REDIS_URL:
-        pytest.skip("FORGE_TEST_REDIS_URL is not set")
+    if kind == "redis":
+        require_redis()
     t = make_target(kind, tmp_path / "t", REDIS_URL)
     try:
         extra = tmp_path / "extra"

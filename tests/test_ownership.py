@@ -31,14 +31,13 @@ from reliability.harness import wait_for
 pytestmark = pytest.mark.slow
 
 NOBODY = 65534
-PROJECT = Path(__file__).resolve().parent / "project" / "forge.toml"
 SECRET = "password=hunter2"
 STATES = ("pending", "reserved", "done", "failed")
 JOB_NAME = re.compile(r"(?:[0-9]{16}-)?([0-9a-f-]{36})-[0-9]+\.job\Z")
 
 
 @pytest.fixture
-def shared(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+def shared(probe_project: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     """A folder in /tmp that uid 65534 can reach, holding ``queue`` (the owner's queue
     directory, made world-writable by the careless operator) and ``attacker`` (hers)."""
     if os.getuid() != 0:
@@ -47,8 +46,6 @@ def shared(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     base.chmod(0o755)
     (base / "attacker").mkdir()
     os.chown(base / "attacker", NOBODY, NOBODY)
-    monkeypatch.setenv("FORGE_CONFIG", str(PROJECT))
-    monkeypatch.setenv("FORGE_PROBE_LEDGER", str(tmp_path / "ledger.jsonl"))
     monkeypatch.setenv("FORGE_QUEUE_DIR", str(base / "queue"))
     yield base
     shutil.rmtree(base, ignore_errors=True)

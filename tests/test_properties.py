@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from forge.config import validate_queue_name
 from forge.durations import parse_duration
 from forge.errors import CorruptJob, UsageError
-from forge.job import Event, decode_file
+from forge.job import Event, decode_file, decode_job
 from forge.queue import QueuedCommand
 
 json_scalars = st.none() | st.booleans() | st.integers(-(2**53), 2**53) | st.text(max_size=20) | st.floats(
@@ -43,10 +43,16 @@ def test_job_json_round_trip(args: list[str], metadata: dict, attempts: int | No
 @settings(max_examples=300, deadline=None)
 @given(st.binary(max_size=200))
 def test_arbitrary_bytes_never_crash_the_decoder(data: bytes) -> None:
+    """Any bytes decode or raise CorruptJob (never another exception), and the job-only
+    decoder agrees: corrupt exactly when the whole-file decoder is, the same job when not."""
     try:
-        decode_file(data)
-    except CorruptJob:
-        pass
+        job, events = decode_file(data)
+    except CorruptJob as exc:
+        assert str(exc)
+        with pytest.raises(CorruptJob):
+            decode_job(data)
+        return
+    assert decode_job(data) == job and all(isinstance(e, Event) for e in events)
 
 
 @given(h=st.integers(0, 99), m=st.integers(0, 59), s=st.integers(0, 59))

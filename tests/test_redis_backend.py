@@ -20,71 +20,41 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
+from conftest import blocked_waiting
 from conftest import make_job as job
+from reliability.harness import wait_for
 
+import forge.backends.redis.backend as rb
+from forge.backends.redis import claim as rclaim
+from forge.backends.redis import server as rserver
 from forge.config import Connection
 from forge.errors import ConfigError, DispatchFailed, DuplicateJob, QueueUnavailable, UsageError
 from forge.job import Event, Reason, State
 from forge.queue import CommandQueue, QueuedCommand
 
-redis = pytest.importorskip("redis")
-rb = pytest.importorskip("forge.backends.redis.backend")
 RedisBackend = rb.RedisBackend
 
 pytestmark = pytest.mark.redis
-URL = os.environ.get("FORGE_TEST_REDIS_URL", "")
 WORKER = "w"
 
 
-@pytest.fixture(scope="session")
-def redis_url() -> str:
-    if not URL:
-        pytest.skip("FORGE_TEST_REDIS_URL is not set")
-    client = redis.Redis.from_url(URL, socket_connect_timeout=5)
-    try:
-        client.ping()
-    except redis.RedisError as exc:  # set but unreachable is a failure, not a skip
-        pytest.fail(f"FORGE_TEST_REDIS_URL is set but the server is unreachable: {exc}")
-    finally:
-        client.close()
-    return URL
-
-
 @pytest.fixture
-def client(redis_url: str) -> Iterator[Any]:
-    c = redis.Redis.from_url(redis_url, socket_connect_timeout=5)
-    yield c
-    c.close()
-
-
-@pytest.fixture
-def prefix(client: Any) -> Iterator[str]:
-    p = f"forge-rtest-{uuid.uuid4().hex[:10]}"
-    yield p
-    keys = list(client.scan_iter(match=f"{p}:*", count=1000))
-    if keys:
-        client.delete(*keys)
-
-
-@pytest.fixture
-def backend(redis_url: str, prefix: str) -> Iterator[Any]:
-    b = RedisBackend(redis_url, prefix=prefix)
-    yield b
-    b.close()
+def backend(redis_backend: Any) -> Any:
+    """Every test here is Redis-only: ``backend`` is conftest's ``redis_backend``."""
+    return redis_backend
 
 
 @pytest.fixture
 def short_leases(monkeypatch: pytest.MonkeyPatch) -> None:
     """Leases of a fraction of a second, so expiry can be tested without waiting 8 s."""
-    monkeypatch.setattr(rb, "KILL_GRACE", 0.0)
-    monkeypatch.setattr(rb, "LEASE_MARGIN", 0.1)
-    monkeypatch.setattr(rb, "LEASE_WINDOW", 0.4)
+    monkeypatch.setattr(rclaim, "KILL_GRACE", 0.0)
+    monkeypatch.setattr(rclaim, "LEASE_MARGIN", 0.1)
+    monkeypatch.setattr(rserver, "LEASE_WINDOW", 0.4)
 
 
 
@@ -97,13 +67,6 @@ def failed(c: Any, reason: str = Reason.EXCEPTION) -> Event:
     return Event("failed", c.attempt, time.time(), worker=WORKER, reason=reason, error="boom")
 
 
-def wait_for(predicate: Any, within: float = 5.0) -> None:
-    end = time.monotonic() + within
-    while not predicate():
-        assert time.monotonic() < end, "condition never became true"
-        time.sleep(0.02)
-
-
 # -- layout ---------------------------------------------------------------------------------
 
 KEY_RE = re.compile(
@@ -112,22 +75,22 @@ KEY_RE = re.compile(
 )
 
 
-def test_keys_follow_the_documented_layout_and_records_are_json(backend: Any, client: Any,
-                                                                  prefix: str) -> None:
+def test_keys_follow_the_documented_layout_and_records_are_json(backend: Any, redis_client: Any,
+                                                                  redis_prefix: str) -> None:
     j = job(unique="report-1")
     backend.push([j, job("other", delay=60)])
     backend.pause("paused-q")
     backend.request_restart()
     c = backend.claim(["default"], WORKER, 60)
     backend.append_log(j.id, b"hello\n")
-    keys = [k.decode() for k in client.scan_iter(match=f"{prefix}:*")]
-    assert keys and all(KEY_RE.match(k[len(prefix) + 1:]) for k in keys), keys
-    head, claimed, _ = client.get(f"{prefix}:job:{j.id}").split(b"\n")
+    keys = [k.decode() for k in redis_client.scan_iter(match=f"{redis_prefix}:*")]
+    assert keys and all(KEY_RE.match(k[len(redis_prefix) + 1:]) for k in keys), keys
+    head, claimed, _ = redis_client.get(f"{redis_prefix}:job:{j.id}").split(b"\n")
     assert json.loads(head) == j.to_dict()  # the file backend's JSON, never pickle
     ev = json.loads(claimed)
     assert (ev["event"], ev["attempt"], ev["worker"]) == ("claimed", 1, WORKER)
     assert ev["deadline"] - ev["at"] == pytest.approx(c.deadline - c.claimed_at, abs=0.001)
-    assert client.get(f"{prefix}:unique:{rb._hash_key('report-1')}") == j.id.encode()
+    assert redis_client.get(f"{redis_prefix}:unique:{rb._hash_key('report-1')}") == j.id.encode()
 
 
 def test_push_is_idempotent_per_job_id(backend: Any) -> None:
@@ -168,13 +131,13 @@ def _claimer(url: str, prefix: str, out: str, stop: str) -> None:
 
 
 def test_processes_claiming_concurrently_lose_and_duplicate_nothing(
-        backend: Any, redis_url: str, prefix: str, tmp_path: Path) -> None:
+        backend: Any, redis_url: str, redis_prefix: str, tmp_path: Path) -> None:
     ctx = multiprocessing.get_context("spawn")
     stop, outs = str(tmp_path / "stop"), [tmp_path / f"c{i}" for i in range(4)]
-    claimers = [ctx.Process(target=_claimer, args=(redis_url, prefix, str(out), stop)) for out in outs]
+    claimers = [ctx.Process(target=_claimer, args=(redis_url, redis_prefix, str(out), stop)) for out in outs]
     for p in claimers:
         p.start()
-    wait_for(lambda: all(Path(f"{out}.ready").exists() for out in outs), within=60)
+    wait_for(lambda: all(Path(f"{out}.ready").exists() for out in outs), timeout=60)
     dispatched = []
     for _ in range(40):  # dispatched while the four processes claim
         batch = [job() for _ in range(50)]
@@ -234,15 +197,15 @@ def test_exhausted_abandoned_job_fails_and_frees_its_key(backend: Any, short_lea
     backend.push([job(unique="once")])  # the key was freed
 
 
-def test_heartbeat_extends_the_lease_but_never_past_the_deadline(backend: Any, client: Any,
-                                                                 prefix: str, short_leases: None) -> None:
+def test_heartbeat_extends_the_lease_but_never_past_the_deadline(backend: Any, redis_client: Any,
+                                                                 redis_prefix: str, short_leases: None) -> None:
     long, short = job(timeout=60), job(timeout=0.5)
     backend.push([long, short])
     c = backend.claim(["default"], WORKER, 60)
     first = c.lease_until
     time.sleep(0.25)
     assert backend.heartbeat(c) is True and c.lease_until > first + 0.2
-    server = client.zscore(f"{prefix}:q:default:reserved", long.id) / 1e6
+    server = redis_client.zscore(f"{redis_prefix}:q:default:reserved", long.id) / 1e6
     assert server == pytest.approx(c.lease_until, abs=0.05)
     time.sleep(0.25)  # past the first lease: the heartbeat kept the job
     assert backend.maintain(1)["recovered"] == 0
@@ -250,7 +213,7 @@ def test_heartbeat_extends_the_lease_but_never_past_the_deadline(backend: Any, c
     backend.ack(c, done(c))
 
     s = backend.claim(["default"], WORKER, 60)
-    cap = s.deadline + rb.LEASE_MARGIN
+    cap = s.deadline + rclaim.LEASE_MARGIN
     for _ in range(4):
         time.sleep(0.15)
         assert backend.heartbeat(s) is True
@@ -320,10 +283,10 @@ def test_jobs_merges_queues_by_time_and_reads_lazily(backend: Any) -> None:
 
 # -- unique keys ----------------------------------------------------------------------------
 
-def test_unique_keys_all_or_nothing_and_ttl(backend: Any, client: Any, prefix: str) -> None:
+def test_unique_keys_all_or_nothing_and_ttl(backend: Any, redis_client: Any, redis_prefix: str) -> None:
     first = job(unique="nightly", ttl=0.4)
     backend.push([first])
-    pttl = client.pttl(f"{prefix}:unique:{rb._hash_key('nightly')}")
+    pttl = redis_client.pttl(f"{redis_prefix}:unique:{rb._hash_key('nightly')}")
     assert 0 < pttl <= 400
     bystander = job()
     with pytest.raises(DuplicateJob) as err:
@@ -345,10 +308,10 @@ def test_unique_keys_all_or_nothing_and_ttl(backend: Any, client: Any, prefix: s
 
 # -- markers, logs, retry -------------------------------------------------------------------
 
-def test_restart_marker(backend: Any, redis_url: str, prefix: str) -> None:
+def test_restart_marker(backend: Any, redis_url: str, redis_prefix: str) -> None:
     assert backend.restart_requested_at() is None
     t = backend.request_restart()
-    other = RedisBackend(redis_url, prefix=prefix)  # another host sees the same marker
+    other = RedisBackend(redis_url, prefix=redis_prefix)  # another host sees the same marker
     try:
         assert other.restart_requested_at() == t
     finally:
@@ -392,8 +355,8 @@ def test_retry_streams_and_never_repeats_a_job(backend: Any) -> None:
 # -- blocking wait --------------------------------------------------------------------------
 
 def test_idle_wait_wakes_within_milliseconds_of_a_dispatch(backend: Any, redis_url: str,
-                                                            prefix: str) -> None:
-    waiter = RedisBackend(redis_url, prefix=prefix)
+                                                            redis_prefix: str) -> None:
+    waiter = RedisBackend(redis_url, prefix=redis_prefix)
     woke: list[float] = []
 
     def idle() -> None:
@@ -403,7 +366,8 @@ def test_idle_wait_wakes_within_milliseconds_of_a_dispatch(backend: Any, redis_u
     try:
         t = threading.Thread(target=idle)
         t.start()
-        time.sleep(0.3)
+        assert t.native_id is not None
+        wait_for(lambda: blocked_waiting(t.native_id, {"7"}))  # in poll(): its BLPOP
         pushed = time.monotonic()
         backend.push([job()])
         t.join(5)
@@ -485,7 +449,7 @@ def _start_server(port: int, data: Path) -> subprocess.Popen:
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     c = redis.Redis(port=port, socket_connect_timeout=0.2)
     try:
-        wait_for(lambda: _pings(c), within=10)
+        wait_for(lambda: _pings(c), timeout=10)
     finally:
         c.close()
     return proc
@@ -560,7 +524,7 @@ def test_workers_ride_out_a_server_restart(redis_url: str, tmp_path: Path,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
                for _ in range(2)]
     try:
-        wait_for(lambda: ledger.exists() and len(ledger.read_text().splitlines()) > 20, within=60)
+        wait_for(lambda: ledger.exists() and len(ledger.read_text().splitlines()) > 20, timeout=60)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         time.sleep(1.0)

@@ -16,13 +16,12 @@ from typing import Any
 from urllib.parse import urlparse
 
 import pytest
+import redis
 from fdwait import readable
 
+from forge.backends.redis.backend import RedisBackend
 from forge.errors import QueueUnavailable
 from forge.job import Event, Job
-
-redis = pytest.importorskip("redis")
-from forge.backends.redis.backend import RedisBackend  # noqa: E402
 
 URL = os.environ.get("FORGE_TEST_REDIS_URL")
 pytestmark = pytest.mark.skipif(not URL, reason="FORGE_TEST_REDIS_URL is not set")

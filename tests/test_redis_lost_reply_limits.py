@@ -13,9 +13,7 @@ import pytest
 
 from forge.job import Event
 from forge.limits.spec import LimitsConfig, QueueLimits
-
-pytest.importorskip("redis")
-from tests import test_redis_lost_reply as lost  # noqa: E402
+from tests import test_redis_lost_reply as lost
 
 pytestmark = pytest.mark.skipif(not os.environ.get("FORGE_TEST_REDIS_URL"), reason="FORGE_TEST_REDIS_URL is not set")
 proxied = lost.proxied  # the TCP proxy that drops one claim's reply, and the backends around it

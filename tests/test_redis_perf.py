@@ -19,40 +19,26 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 from conftest import make_job as job
 
+import forge.backends.redis.backend as rb
+from forge.backends.redis import claim as rclaim
+from forge.backends.redis import resp as _resp
+from forge.backends.redis import server as rserver
 from forge.config import Connection
 from forge.errors import QueueUnavailable
 from forge.job import Event
 
-redis = pytest.importorskip("redis")
-rb = pytest.importorskip("forge.backends.redis.backend")
-from forge.backends.redis import resp as _resp  # noqa: E402
-
 pytestmark = pytest.mark.redis
-URL = os.environ.get("FORGE_TEST_REDIS_URL", "")
 COMMANDS = Path(__file__).resolve().parent / "project" / "commands"
 needs_server = pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server is not installed")
 
 
 @pytest.fixture
-def redis_url() -> str:
-    if not URL:
-        pytest.skip("FORGE_TEST_REDIS_URL is not set")
-    return URL
-
-
-@pytest.fixture
-def backend(redis_url: str) -> Iterator[Any]:
-    prefix = f"forge-ptest-{uuid.uuid4().hex[:10]}"
-    b = rb.RedisBackend(redis_url, prefix=prefix)
-    yield b
-    b.close()
-    c = redis.Redis.from_url(redis_url)
-    keys = list(c.scan_iter(match=f"{prefix}:*", count=1000))
-    if keys:
-        c.delete(*keys)
-    c.close()
+def backend(redis_backend: Any) -> Any:
+    """Every test here is Redis-only: ``backend`` is conftest's ``redis_backend``."""
+    return redis_backend
 
 
 def _free_port() -> int:
@@ -113,9 +99,9 @@ def test_ack_claim_acknowledges_and_claims_the_next_in_one_call(backend: Any) ->
 
 
 def test_ack_claim_of_a_recovered_claim_is_refused(backend: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(rb, "KILL_GRACE", 0.0)
-    monkeypatch.setattr(rb, "LEASE_MARGIN", 0.1)
-    monkeypatch.setattr(rb, "LEASE_WINDOW", 0.3)
+    monkeypatch.setattr(rclaim, "KILL_GRACE", 0.0)
+    monkeypatch.setattr(rclaim, "LEASE_MARGIN", 0.1)
+    monkeypatch.setattr(rserver, "LEASE_WINDOW", 0.3)
     backend.lease_window = 0.3
     j = job(max_attempts=3)
     backend.push([j])

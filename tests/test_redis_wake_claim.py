@@ -3,14 +3,13 @@ pipeline): a job claimed that way which the worker will not run now goes back un
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
+from conftest import blocked_waiting, next_event
 from reliability.checker import read_ledger
 from reliability.harness import make_target, wait_for, worker_argv
 
@@ -18,26 +17,6 @@ from forge.job import State
 
 REDIS_URL = os.environ.get("FORGE_TEST_REDIS_URL")
 pytestmark = pytest.mark.skipif(not REDIS_URL, reason="FORGE_TEST_REDIS_URL is not set")
-
-
-def _events(proc: subprocess.Popen, name: str) -> dict:
-    assert proc.stdout is not None
-    for line in proc.stdout:
-        if line.startswith("{") and json.loads(line)["event"] == name:
-            return json.loads(line)
-    raise AssertionError(f"the worker ended before {name}")
-
-
-def _blocked(pid: int) -> bool:
-    """Whether the worker has been waiting in poll() (an idle Redis worker: its BLPOP) for two
-    looks 50 ms apart (any other call it makes when idle is one short round trip)."""
-    def polling() -> bool:
-        return Path(f"/proc/{pid}/syscall").read_text().split()[0] == "7"  # poll
-
-    if not polling():
-        return False
-    time.sleep(0.05)
-    return polling()
 
 
 @pytest.mark.parametrize("how", ["pause", "stop"])
@@ -53,12 +32,12 @@ def test_job_claimed_on_waking_by_a_worker_paused_or_stopping_meanwhile_goes_bac
         worker = subprocess.Popen(worker_argv("--sleep=30", "--json"), env=t.env, stdout=subprocess.PIPE,
                                   stderr=subprocess.DEVNULL, text=True)
         try:
-            _events(worker, "worker_started")
-            wait_for(lambda: _blocked(worker.pid), timeout=30)  # in its wake-up's BLPOP
+            next_event(worker, "worker_started")
+            wait_for(lambda: blocked_waiting(worker.pid, {"7"}), timeout=30)  # in poll(): its wake-up's BLPOP
             worker.send_signal(signal.SIGUSR2 if how == "pause" else signal.SIGTERM)
             job = t.queue().dispatch(QueuedCommand("probe:run").with_args(["woken"]))
             if how == "pause":
-                _events(worker, "paused")
+                next_event(worker, "paused")
             else:
                 assert worker.wait(timeout=30) == 0
             # The pause is reported, and the stop made, only once the wake-up (and its claim) returned.

@@ -23,10 +23,10 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from conftest import blocked_waiting
 from reliability.checker import check, read_ledger, runs_of
 from reliability.harness import (
     Supervisor,
@@ -44,26 +44,14 @@ from forge.queue import CommandQueue, QueuedCommand, QueueManager
 
 pytestmark = pytest.mark.slow
 
-PROJECT = Path(__file__).resolve().parent / "project" / "forge.toml"
 STRACE = shutil.which("strace")
 needs_strace = pytest.mark.skipif(STRACE is None, reason="strace is not installed (apt-get install strace)")
-REDIS_URL = os.environ.get("FORGE_TEST_REDIS_URL")
 SHELLS = {"sh", "bash", "dash", "zsh", "ksh", "mksh", "csh", "tcsh", "fish", "busybox", "ash"}
 STATE_DIRS = ("pending", "reserved", "done", "failed")
 
 
 def figures(line: str) -> None:
     print("\n" + line, flush=True)
-
-
-@pytest.fixture
-def probe(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """The probe project in this process and in every subprocess; returns the ledger path."""
-    ledger = tmp_path / "ledger.jsonl"
-    monkeypatch.setenv("FORGE_CONFIG", str(PROJECT))
-    monkeypatch.setenv("FORGE_PROBE_LEDGER", str(ledger))
-    monkeypatch.setenv("PYTHONDONTWRITEBYTECODE", "1")  # strace step counts must not vary
-    return ledger
 
 
 def forge(*args: str, env: dict[str, str] | None = None, timeout: float = 60,
@@ -172,34 +160,18 @@ def pending_name(job_id: str) -> str:
 # -- 1. kill storm -------------------------------------------------------------------------
 
 
-@pytest.fixture(params=["file", "redis"])
-def target(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator:
-    if request.param == "redis":
-        if not REDIS_URL:
-            print("\nSKIP redis: FORGE_TEST_REDIS_URL is not set")
-            pytest.skip("FORGE_TEST_REDIS_URL is not set")
-        import redis
-
-        redis.Redis.from_url(REDIS_URL, socket_connect_timeout=5).ping()  # set but down: a failure
-    t = make_target(request.param, tmp_path / "target", REDIS_URL)
-    try:
-        yield t
-    finally:
-        t.close()
-
-
-def test_01_kill_storm(target) -> None:
+def test_01_kill_storm(queue_target) -> None:
     """4 workers, 2,000 short jobs, a random worker SIGKILLed every ~200 ms and restarted."""
-    res = kill_storm(target, workers=4, jobs=2000, seconds=10.0, interval=0.2, job_ms=10, seed=7)
+    res = kill_storm(queue_target, workers=4, jobs=2000, seconds=10.0, interval=0.2, job_ms=10, seed=7)
     f = res.figures
-    figures(res.line(f"1-kill-storm-{target.kind}"))
+    figures(res.line(f"1-kill-storm-{queue_target.kind}"))
     assert res.drained, "the queue did not drain"
     assert f.lost == 0, f.lost_ids[:5]
     assert f.concurrent == 0, f.concurrent_ids[:5]
     assert f.unexpected == 0
     assert f.extra_runs <= res.claims_hit, (f.extra_runs, res.claims_hit)
     assert res.reserved_after == 0
-    assert res.crashes == 0, (target.workdir / "workers.err").read_text()[-2000:]
+    assert res.crashes == 0, (queue_target.workdir / "workers.err").read_text()[-2000:]
     assert res.kills >= 20
 
 
@@ -210,7 +182,7 @@ DISPATCH_SYSCALLS = "write,pwrite64,fsync,fdatasync,syncfs,rename,renameat,renam
 
 @needs_strace
 @pytest.mark.parametrize("path", ["fast", "full"])
-def test_02_dispatch_killed_at_each_step(probe: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+def test_02_dispatch_killed_at_each_step(probe_project: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                          path: str) -> None:
     """SIGKILL ``queue:dispatch`` on entry to each write, fsync, rename and directory fsync, on
     its fast path (the command cache is warm) and on its full Typer path (no usable cache)."""
@@ -263,19 +235,29 @@ def _idle_worker(env: dict[str, str]) -> subprocess.Popen:
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     assert worker.stdout is not None
     assert b"worker_started" in worker.stdout.readline()
-    time.sleep(0.3)  # past start-up: the first maintenance pass is done
+    wait_for(lambda: blocked_waiting(worker.pid))  # past start-up and its first claim: idle
     return worker
 
 
 def _attach(pid: int, out: str, expr: str) -> subprocess.Popen:
     tracer = subprocess.Popen([STRACE, "-qq", "-y", "-p", str(pid), "-o", out, "-e", expr],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    time.sleep(0.3)  # attached
+    wait_for(lambda: tracer_of(pid) == tracer.pid or tracer.poll() is not None)  # attached
+    assert tracer.poll() is None, f"strace could not attach to {pid}"
     return tracer
 
 
+def tracer_of(pid: int) -> int:
+    """The pid tracing ``pid`` (``TracerPid`` in /proc/<pid>/status), 0 if none."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return 0
+    return next((int(line.split()[1]) for line in status.splitlines() if line.startswith("TracerPid:")), 0)
+
+
 @needs_strace
-def test_03_worker_killed_at_each_step(probe: Path, tmp_path: Path) -> None:
+def test_03_worker_killed_at_each_step(probe_project: Path, tmp_path: Path) -> None:
     """SIGKILL the worker on entry to each write, rename, unlink, lock and message it makes
     while one job is claimed, run and acknowledged (strace attached by pid). The job process
     makes none: it only runs the job's code."""
@@ -298,7 +280,7 @@ def test_03_worker_killed_at_each_step(probe: Path, tmp_path: Path) -> None:
         job_id = dispatch(env)
         backend = _file_backend(qdir)
         wait_for(lambda: backend.find(job_id).state == State.DONE)
-        time.sleep(0.2)
+        wait_for(lambda: blocked_waiting(worker.pid))  # past the job's last step: idle again
         for tracer in tracers.values():
             tracer.send_signal(signal.SIGINT)
             tracer.wait(10)
@@ -329,7 +311,9 @@ def test_03_worker_killed_at_each_step(probe: Path, tmp_path: Path) -> None:
             job_id = dispatch(env)
             backend = _file_backend(qdir)
             wait_for(lambda p=pid, b=backend, j=job_id: proc_dead(p) or b.find(j).state in (State.DONE, State.FAILED))
-            time.sleep(0.2)
+            # A kill at a step after the outcome's record is still to come: wait until the
+            # worker is dead or idle again (past every step of this job).
+            wait_for(lambda p=pid: proc_dead(p) or blocked_waiting(p))
             killed[who] += proc_dead(pid)
             after_kill = job_files(qdir, job_id)
             assert len(after_kill) == 1, (who, line, after_kill)  # never in two states, never lost
@@ -370,7 +354,7 @@ def _file_backend(qdir: Path):
 # -- 4. full disk --------------------------------------------------------------------------
 
 
-def test_04_full_disk(probe: Path, tmp_path: Path) -> None:
+def test_04_full_disk(probe_project: Path, tmp_path: Path) -> None:
     qdir = tmp_path / "tmpfs"
     qdir.mkdir()
     res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k,mode=0700", "tmpfs", str(qdir)],
@@ -396,7 +380,7 @@ def test_04_full_disk(probe: Path, tmp_path: Path) -> None:
         res = forge("queue:work", "--stop-when-empty", "--sleep=0.1", env=env, timeout=60)
         drained_in = time.monotonic() - started
         assert res.returncode == 0, res.stderr[-2000:]
-        f = check(probe, queued)
+        f = check(probe_project, queued)
         assert f.lost == 0 and f.duplicated == 0 and f.unexpected == 0, f
         backend = _file_backend(qdir)
         states = [backend.find(j).state for j in queued]
@@ -404,7 +388,7 @@ def test_04_full_disk(probe: Path, tmp_path: Path) -> None:
         # An idle worker on a full disk sleeps: it does not spin.
         worker = subprocess.Popen([sys.executable, "-m", "forge", "queue:work", "--sleep=1"], env=env,
                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        time.sleep(1.5)
+        wait_for(lambda: blocked_waiting(worker.pid), timeout=60)  # started, and waiting
         before = cpu_seconds(worker.pid)
         time.sleep(3.0)
         idle_cpu = (cpu_seconds(worker.pid) - before) / 3.0
@@ -423,7 +407,7 @@ def test_04_full_disk(probe: Path, tmp_path: Path) -> None:
 
 
 @needs_strace
-def test_05_io_errors(probe: Path, tmp_path: Path) -> None:
+def test_05_io_errors(probe_project: Path, tmp_path: Path) -> None:
     """EIO on each fsync (file, directory, syncfs for a batch) and ENOSPC on the job write."""
     batch = tmp_path / "batch.jsonl"
     batch.write_text("".join(json.dumps({"command": "probe:noop", "args": []}) + "\n" for _ in range(3)))
@@ -452,7 +436,7 @@ def test_05_io_errors(probe: Path, tmp_path: Path) -> None:
 # -- 6. hostile files ----------------------------------------------------------------------
 
 
-def test_06_hostile_files(probe: Path, tmp_path: Path) -> None:
+def test_06_hostile_files(probe_project: Path, tmp_path: Path) -> None:
     qdir = tmp_path / "queue"
     q = CommandQueue()
     before = q.dispatch(QueuedCommand("probe:run").with_args(["before"]))
@@ -533,9 +517,9 @@ def test_06_hostile_files(probe: Path, tmp_path: Path) -> None:
             assert fragment in reasons[name], (label, reasons[name])
         info = q.backend.find(unknown.id)
         assert info.state == State.FAILED and info.failure.reason == "unknown_command"
-        runs = runs_of(read_ledger(probe))
+        runs = runs_of(read_ledger(probe_project))
         assert sorted(r.args[0] for r in runs) == ["after", "before"]  # none of the hostile ones ran
-        f = check(probe, [before, after])
+        f = check(probe_project, [before, after])
         assert f.lost == f.duplicated == f.unexpected == f.concurrent == 0
     finally:
         worker.send_signal(signal.SIGTERM)
@@ -565,7 +549,7 @@ def test_07_contention(tmp_path: Path) -> None:
 # -- 8. timeout with a grandchild that ignores SIGTERM -------------------------------------
 
 
-def test_08_timeout_kills_whole_group(probe: Path, tmp_path: Path) -> None:
+def test_08_timeout_kills_whole_group(probe_project: Path, tmp_path: Path) -> None:
     q = CommandQueue()
     pidfile = tmp_path / "grandchild.pid"
     timeout, grace = 1.0, 3.0
@@ -574,7 +558,7 @@ def test_08_timeout_kills_whole_group(probe: Path, tmp_path: Path) -> None:
     try:
         job_id = q.dispatch(QueuedCommand("probe:run").with_args(
             ["--ignore-term", "--grandchild", str(pidfile), "--sleep", "60"]).with_timeout(timeout))
-        start = wait_for(lambda: next((r for r in read_ledger(probe) if r["kind"] == "start"), None))
+        start = wait_for(lambda: next((r for r in read_ledger(probe_project) if r["kind"] == "start"), None))
         job_pid = start["pid"]
         grandchild = int(wait_for(lambda: pidfile.exists() and pidfile.read_text()))
         wait_for(lambda: proc_dead(job_pid) and proc_dead(grandchild), timeout=timeout + grace + 10, interval=0.02)
@@ -668,7 +652,7 @@ def test_10_graceful_sigterm(tmp_path: Path) -> None:
 # -- 11. security --------------------------------------------------------------------------
 
 
-def test_11_security(probe: Path, tmp_path: Path) -> None:
+def test_11_security(probe_project: Path, tmp_path: Path) -> None:
     qdir = tmp_path / "queue"
     checks: dict[str, bool] = {}
 
@@ -748,12 +732,12 @@ def test_11_security(probe: Path, tmp_path: Path) -> None:
     else:
         print("\nSKIP execve trace: strace is not installed")
         drain()
-    (run,) = [r for r in runs_of(read_ledger(probe)) if r.job == job_id]
+    (run,) = [r for r in runs_of(read_ledger(probe_project)) if r.job == job_id]
     assert list(run.args) == hostile and not marker.exists()
     checks["literal_argv"] = True
     quarantined = [p.read_text() for p in (qdir / "quarantine").glob("*.reason")]
     assert any(dropped.name[17:53] in text for text in quarantined), quarantined
-    assert not any("PICKLE" in r.args for r in runs_of(read_ledger(probe)))
+    assert not any("PICKLE" in r.args for r in runs_of(read_ledger(probe_project)))
     figures(f"FIGURES scenario=11-security checks={len(checks)} passed={sum(checks.values())} "
             f"{' '.join(f'{k}=ok' for k in checks)} execs={len(execs)} shell_execs=0")
 

@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 from conftest import forge_cmd
-from test_reliability import PROJECT, STATE_DIRS, STRACE, env_with, inject, trace_steps, valid_jobs
+from test_reliability import STATE_DIRS, STRACE, env_with, inject, trace_steps, valid_jobs
 
 from forge.job import State
 
@@ -113,13 +113,11 @@ IDEM_SYSCALLS = "write,fsync,fdatasync,syncfs,link,linkat,rename,renameat,rename
 @pytest.mark.skipif(STRACE is None, reason="strace is not installed (apt-get install strace)")
 @pytest.mark.parametrize("how", ["single", "batch"])
 def test_an_idempotent_dispatch_killed_at_each_step_then_run_again_stores_one_job(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, how: str) -> None:
+        probe_project: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, how: str) -> None:
     """SIGKILL ``queue:dispatch --idempotency-key`` (or a two-line ``--from-file``) on entry to
     each system call it makes in the queue directory, then run it again: exactly one job per
     key, complete, whatever the step (the key is never taken without a job, nor a job visible
     without its key)."""
-    monkeypatch.setenv("FORGE_CONFIG", str(PROJECT))
-    monkeypatch.setenv("PYTHONDONTWRITEBYTECODE", "1")  # strace step counts must not vary
     monkeypatch.setenv("XDG_CACHE_HOME", "/proc/forge-no-cache")  # nor the path: always the full one
     batch = tmp_path / "two.jsonl"
     batch.write_text('{"command": "probe:noop"}\n{"command": "probe:noop", "queue": "other"}\n')

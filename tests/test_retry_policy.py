@@ -61,7 +61,7 @@ def later(after: str = "", fail: str = "") -> None:
 def _close_backends() -> Any:
     """Close the backends ``connect()`` cached (their descriptors would outlive the test)."""
     yield
-    from forge import queue
+    from forge.queue import manager as queue
 
     for backend in queue._backends.values():
         backend.close()

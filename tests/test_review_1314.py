@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from conftest import require_redis
 from reliability.harness import Target, make_target, worker_argv
 from test_scheduler import REDIS_URL, Project, dispatched, entry_toml, ts
 from test_scheduler_cli import tick_jobs
@@ -30,8 +31,8 @@ def run() -> int:
 
 @pytest.fixture(params=["file", "redis"])
 def target(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Target]:
-    if request.param == "redis" and not REDIS_URL:
-        pytest.skip("FORGE_TEST_REDIS_URL is not set")
+    if request.param == "redis":
+        require_redis()
     t = make_target(request.param, tmp_path / "t", REDIS_URL)
     commands = tmp_path / "commands"
     commands.mkdir()
@@ -46,8 +47,8 @@ def target(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Target]:
 
 @pytest.fixture(params=["file", "redis"])
 def proj(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Project]:
-    if request.param == "redis" and not REDIS_URL:
-        pytest.skip("FORGE_TEST_REDIS_URL is not set")
+    if request.param == "redis":
+        require_redis()
     p = Project(request.param, tmp_path / "p", monkeypatch)
     try:
         yield p

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import time
 from datetime import datetime
@@ -11,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import forge_cmd, make_project
+from conftest import forge_cmd, make_project, require_redis
 
 HOGGING_LISTENER = '''
 import time
@@ -67,9 +66,7 @@ def test_a_limit_key_pattern_means_the_same_on_both_backends() -> None:
     way (``lua_pattern``, matched with Lua's ``string.match``), but the file backend matched keys
     with ``fnmatch``, which also reads ``?`` and ``[...]``: ``"t[1]*"`` limited key ``t1x`` on
     files and not on Redis. The Lua side is asked of the real Redis."""
-    url = os.environ.get("FORGE_TEST_REDIS_URL")
-    if not url:
-        pytest.skip("FORGE_TEST_REDIS_URL is not set")
+    url = require_redis()
     import redis
 
     from forge.limits.spec import lua_pattern, parse_table

@@ -12,14 +12,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_scheduler import REDIS_URL, Project, entry_toml
+from conftest import require_redis
+from test_scheduler import Project, entry_toml
 from test_scheduler_cli import env_of, fake, forge, ledger, needs_faketime, tick_jobs, wait_for
 
 
 @pytest.fixture(params=["file", "redis"])
 def proj(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Project]:
-    if request.param == "redis" and not REDIS_URL:
-        pytest.skip("FORGE_TEST_REDIS_URL is not set")
+    if request.param == "redis":
+        require_redis()
     p = Project(request.param, tmp_path / "p", monkeypatch)
     p.ledger = tmp_path / "ledger.jsonl"  # type: ignore[attr-defined]
     try:

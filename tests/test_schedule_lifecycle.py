@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_scheduler import REDIS_URL, Project, dispatched, entry_toml, ts
+from conftest import require_redis
+from test_scheduler import Project, dispatched, entry_toml, ts
 from test_scheduler_cli import env_of, fake, forge, needs_faketime, tick_jobs
 
 from forge.config import load_settings
@@ -28,8 +29,8 @@ MINUTELY = 'cron = "* * * * *"'
 
 @pytest.fixture(params=["file", "redis"])
 def proj(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Project]:
-    if request.param == "redis" and not REDIS_URL:
-        pytest.skip("FORGE_TEST_REDIS_URL is not set")
+    if request.param == "redis":
+        require_redis()
     p = Project(request.param, tmp_path / "p", monkeypatch)
     p.ledger = tmp_path / "ledger.jsonl"  # type: ignore[attr-defined]
     try:

@@ -11,6 +11,7 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 import pytest
+from conftest import require_redis
 
 from forge.config import load_settings
 from forge.errors import QueueUnavailable
@@ -89,8 +90,8 @@ class Project:
 
 @pytest.fixture(params=["file", "redis"])
 def proj(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
-    if request.param == "redis" and not REDIS_URL:
-        pytest.skip("FORGE_TEST_REDIS_URL is not set")
+    if request.param == "redis":
+        require_redis()
     p = Project(request.param, tmp_path / "p", monkeypatch)
     try:
         yield p

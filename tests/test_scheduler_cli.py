@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_scheduler import REDIS_URL, Project, entry_toml, ts
+from conftest import require_redis
+from test_scheduler import Project, entry_toml, ts
 
 from forge.job import State
 
@@ -47,8 +48,8 @@ def fake(when: str) -> dict[str, str]:
 
 @pytest.fixture(params=["file", "redis"])
 def proj(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
-    if request.param == "redis" and not REDIS_URL:
-        pytest.skip("FORGE_TEST_REDIS_URL is not set")
+    if request.param == "redis":
+        require_redis()
     p = Project(request.param, tmp_path / "p", monkeypatch)
     p.ledger = tmp_path / "ledger.jsonl"  # type: ignore[attr-defined]
     try:

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from conftest import require_redis
 from reliability.harness import Target, make_target, worker_argv
 
 REDIS_URL = os.environ.get("FORGE_TEST_REDIS_URL")
@@ -34,8 +35,8 @@ def run() -> int:
 
 @pytest.fixture(params=["file", "redis"])
 def target(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Target]:
-    if request.param == "redis" and not REDIS_URL:
-        pytest.skip("FORGE_TEST_REDIS_URL is not set")
+    if request.param == "redis":
+        require_redis()
     t = make_target(request.param, tmp_path / "t", REDIS_URL)
     commands = tmp_path / "commands"
     commands.mkdir()

@@ -254,10 +254,9 @@ def test_redis_journal_survives_a_script_cache_flush(tmp_path: Path) -> None:
         client.script_flush()
         finish_one()  # again
         client.script_flush()
-        from forge.backends.redis.backend import PROMOTE_BATCH
-        from forge.backends.redis.helpers import load_scripts
+        from forge.backends.redis import lua
 
-        client.script_load(load_scripts(PROMOTE_BATCH)["finish"])
+        client.script_load(lua.FINISH.source)
         finish_one()  # finish loaded, the journal's script not
         assert journal_for(b).totals()["default"].done == 3
         assert b.stats(["default"])[0].done == 3

@@ -13,22 +13,12 @@ import uuid
 from pathlib import Path
 
 import pytest
+from conftest import blocked_waiting, next_event, started
 from fdwait import readable
 from reliability.harness import job_processes, wait_for
 
 from forge.job import State
 from forge.queue import CommandQueue, QueuedCommand, QueueManager
-
-PROJECT = Path(__file__).resolve().parent / "project" / "forge.toml"
-
-
-@pytest.fixture
-def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """The probe project; returns the ledger path the probe writes to."""
-    ledger = tmp_path / "ledger.jsonl"
-    monkeypatch.setenv("FORGE_CONFIG", str(PROJECT))
-    monkeypatch.setenv("FORGE_PROBE_LEDGER", str(ledger))
-    return ledger
 
 
 def ledger_lines(path: Path) -> list[dict]:
@@ -55,38 +45,18 @@ def run_worker(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=timeout)
 
 
-def started(worker: subprocess.Popen) -> subprocess.Popen:
-    """Wait for a ``--json`` worker's ``worker_started`` event (readiness, not a guessed sleep)."""
-    assert worker.stdout is not None
-    for line in worker.stdout:
-        if line.startswith("{") and json.loads(line)["event"] == "worker_started":
-            return worker
-    raise AssertionError("the worker ended before it started")
-
-
-def next_event(worker: subprocess.Popen, name: str) -> dict:
-    """Read the ``--json`` worker's events up to the first ``name``."""
-    assert worker.stdout is not None
-    for line in worker.stdout:
-        if line.startswith("{"):
-            event = json.loads(line)
-            if event["event"] == name:
-                return event
-    raise AssertionError(f"the worker ended before {name}")
-
-
 def json_events(stdout: str) -> list[dict]:
     return [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
 
 
 
 
-def test_drains_queue_and_records_done(project: Path) -> None:
+def test_drains_queue_and_records_done(probe_project: Path) -> None:
     q = CommandQueue()
     ids = q.dispatch_many([probe("a", "--say", "hello")] + [probe(str(i)) for i in range(20)])
     res = run_worker("--stop-when-empty")
     assert res.returncode == 0, res.stderr
-    assert sorted(r["job"] for r in ends(project)) == sorted(ids)
+    assert sorted(r["job"] for r in ends(probe_project)) == sorted(ids)
     info = q.backend.find(ids[0])
     assert info is not None and info.state == State.DONE and info.attempts == 1
     assert q.backend.read_log(ids[0]) == b"hello\n"
@@ -94,13 +64,13 @@ def test_drains_queue_and_records_done(project: Path) -> None:
     assert "DONE" in res.stdout and "probe:run" in res.stdout
 
 
-def test_job_environment_and_literal_args(project: Path) -> None:
+def test_job_environment_and_literal_args(probe_project: Path) -> None:
     q = CommandQueue()
     hostile = ["; rm -rf /", "$(id)", "`whoami`", "a b", "'\"", "*"]
     job_id = q.dispatch(probe(*hostile))
     env_id = q.dispatch(QueuedCommand("probe:env"))
     assert run_worker("--stop-when-empty").returncode == 0
-    (record,) = ends(project)
+    (record,) = ends(probe_project)
     assert record["job"] == job_id and record["args"] == hostile and record["queue"] == "default"
     assert record["attempt"] == 1
     env = json.loads(q.backend.read_log(env_id))
@@ -109,7 +79,7 @@ def test_job_environment_and_literal_args(project: Path) -> None:
     assert env == {"FORGE_JOB_ID": env_id, "FORGE_JOB_ATTEMPT": "1", "FORGE_QUEUE": "default"}
 
 
-def test_strict_priority_order(project: Path) -> None:
+def test_strict_priority_order(probe_project: Path) -> None:
     low, high = CommandQueue("low"), CommandQueue("high")
     low_ids = low.dispatch_many([probe("low") for _ in range(3)])
     high_ids = high.dispatch_many([probe("high") for _ in range(3)])
@@ -118,14 +88,14 @@ def test_strict_priority_order(project: Path) -> None:
     assert started == high_ids + low_ids
 
 
-def test_failure_retries_with_backoff_then_fails(project: Path) -> None:
+def test_failure_retries_with_backoff_then_fails(probe_project: Path) -> None:
     q = CommandQueue()
     job_id = q.dispatch(probe("--fail").with_max_attempts(3).with_backoff([0.5, 1]))
     res = run_worker("--sleep=0.05", "--json", "--max-time=4")
     assert res.returncode == 0, res.stderr
     events = [e for e in json_events(res.stdout) if e.get("job_id") == job_id]
     assert [e["event"] for e in events] == ["starting", "released", "starting", "released", "starting", "failed"]
-    runs = ends(project)
+    runs = ends(probe_project)
     assert [r["attempt"] for r in runs] == [1, 2, 3]
     gaps = [runs[i + 1]["start"] - runs[i]["end"] for i in range(2)]
     assert gaps[0] >= 0.5 and gaps[1] >= 1.0
@@ -135,7 +105,7 @@ def test_failure_retries_with_backoff_then_fails(project: Path) -> None:
     assert "RuntimeError" in (info.failure.output_tail or "")
 
 
-def test_exit_code_failure_records_code(project: Path) -> None:
+def test_exit_code_failure_records_code(probe_project: Path) -> None:
     q = CommandQueue()
     job_id = q.dispatch(probe("--exit-code", "3").with_max_attempts(2).with_backoff(0))
     run_worker("--stop-when-empty")
@@ -144,7 +114,7 @@ def test_exit_code_failure_records_code(project: Path) -> None:
     assert info.failure.reason == "exit_code" and info.failure.exit_code == 3
 
 
-def test_timeout_kills_job_group_including_grandchild(project: Path, tmp_path: Path) -> None:
+def test_timeout_kills_job_group_including_grandchild(probe_project: Path, tmp_path: Path) -> None:
     q = CommandQueue()
     pidfile = tmp_path / "grandchild.pid"
     job_id = q.dispatch(probe("--ignore-term", "--grandchild", str(pidfile), "--sleep", "30").with_timeout(1))
@@ -158,10 +128,10 @@ def test_timeout_kills_job_group_including_grandchild(project: Path, tmp_path: P
     assert elapsed < 1 + 3 + 5  # timeout + grace + start-up
     info = q.backend.find(job_id)
     assert info.state == State.FAILED and info.failure.reason == "timeout"
-    assert ends(project) == []
+    assert ends(probe_project) == []
 
 
-def test_unknown_command_fails_job_and_worker_goes_on(project: Path, tmp_path: Path) -> None:
+def test_unknown_command_fails_job_and_worker_goes_on(probe_project: Path, tmp_path: Path) -> None:
     q = CommandQueue()
     bad = q.backend
     from forge.job import Job
@@ -175,14 +145,14 @@ def test_unknown_command_fails_job_and_worker_goes_on(project: Path, tmp_path: P
     assert res.returncode == 0
     info = bad.find(job.id)
     assert info.state == State.FAILED and info.failure.reason == "unknown_command" and info.attempts == 1
-    assert [r["job"] for r in ends(project)] == [good]
+    assert [r["job"] for r in ends(probe_project)] == [good]
 
 
-def test_sigkill_of_worker_mid_job_reruns_once_never_concurrently(project: Path) -> None:
+def test_sigkill_of_worker_mid_job_reruns_once_never_concurrently(probe_project: Path) -> None:
     q = CommandQueue()
     job_id = q.dispatch(probe("--sleep", "1.5").with_max_attempts(3))
     worker = start_worker("--sleep=0.1")
-    wait_for(lambda: ledger_lines(project))
+    wait_for(lambda: ledger_lines(probe_project))
     os.kill(worker.pid, signal.SIGKILL)
     worker.wait()
     # The job process lives on and keeps the claim: a new worker must not run it concurrently.
@@ -192,7 +162,7 @@ def test_sigkill_of_worker_mid_job_reruns_once_never_concurrently(project: Path)
     while q.backend.find(job_id).state != State.DONE and time.monotonic() < deadline:
         run_worker("--stop-when-empty", "--sleep=0.1", "--max-time=5")
         time.sleep(0.2)
-    runs = ends(project)
+    runs = ends(probe_project)
     assert 1 <= len(runs) <= 2
     runs.sort(key=lambda r: r["start"])
     for a, b in zip(runs, runs[1:], strict=False):
@@ -201,7 +171,7 @@ def test_sigkill_of_worker_mid_job_reruns_once_never_concurrently(project: Path)
     assert info.state == State.DONE
 
 
-def test_poison_pill_fails_after_max_attempts_as_abandoned(project: Path) -> None:
+def test_poison_pill_fails_after_max_attempts_as_abandoned(probe_project: Path) -> None:
     q = CommandQueue()
     poison = q.dispatch(probe("--kill-worker").with_max_attempts(3))
     others = q.dispatch_many([probe("fine") for _ in range(3)])
@@ -212,19 +182,19 @@ def test_poison_pill_fails_after_max_attempts_as_abandoned(project: Path) -> Non
         ):
             break
         time.sleep(0.1)
-    starts = [r for r in ledger_lines(project) if r["kind"] == "start" and r["job"] == poison]
+    starts = [r for r in ledger_lines(probe_project) if r["kind"] == "start" and r["job"] == poison]
     assert [r["attempt"] for r in starts] == [1, 2, 3]
     info = q.backend.find(poison)
     assert info.state == State.FAILED and info.failure.reason == "abandoned" and info.attempts == 3
     assert all(q.backend.find(i).state == State.DONE for i in others)
 
 
-def test_sigterm_lets_running_job_finish(project: Path) -> None:
+def test_sigterm_lets_running_job_finish(probe_project: Path) -> None:
     q = CommandQueue()
     job_id = q.dispatch(probe("--sleep", "1"))
     second = q.dispatch(probe("later"))
     worker = start_worker("--sleep=0.1")
-    wait_for(lambda: ledger_lines(project))
+    wait_for(lambda: ledger_lines(probe_project))
     worker.send_signal(signal.SIGTERM)
     out, err = worker.communicate(timeout=20)
     assert worker.returncode == 0, err
@@ -232,13 +202,14 @@ def test_sigterm_lets_running_job_finish(project: Path) -> None:
     assert q.backend.find(second).state == State.PENDING  # it stopped claiming
 
 
-def test_second_signal_stops_at_once_and_does_not_count_attempt(project: Path) -> None:
+def test_second_signal_stops_at_once_and_does_not_count_attempt(probe_project: Path) -> None:
     q = CommandQueue()
     job_id = q.dispatch(probe("--sleep", "30").with_max_attempts(1))
-    worker = start_worker("--sleep=0.1")
-    wait_for(lambda: ledger_lines(project))
+    worker = start_worker("--sleep=0.1", "--json")
+    next_event(worker, "starting")
+    wait_for(lambda: ledger_lines(probe_project))
     worker.send_signal(signal.SIGTERM)
-    time.sleep(0.2)
+    next_event(worker, "stopping")  # the first signal was taken: a graceful stop
     worker.send_signal(signal.SIGINT)
     worker.communicate(timeout=10)
     assert worker.returncode == 1
@@ -246,7 +217,7 @@ def test_second_signal_stops_at_once_and_does_not_count_attempt(project: Path) -
     assert info.state == State.PENDING and info.attempts == 0
 
 
-def test_restart_marker_stops_idle_worker(project: Path) -> None:
+def test_restart_marker_stops_idle_worker(probe_project: Path) -> None:
     worker = started(start_worker("--sleep=0.5", "--json"))
     assert worker.poll() is None
     res = subprocess.run([sys.executable, "-m", "forge", "queue:restart"], capture_output=True, text=True)
@@ -255,7 +226,7 @@ def test_restart_marker_stops_idle_worker(project: Path) -> None:
     assert worker.returncode == 0
 
 
-def test_pause_and_resume_queue(project: Path) -> None:
+def test_pause_and_resume_queue(probe_project: Path) -> None:
     manager = QueueManager()
     q = CommandQueue()
     manager.pause("default")
@@ -267,7 +238,7 @@ def test_pause_and_resume_queue(project: Path) -> None:
     assert q.backend.find(job_id).state == State.DONE
 
 
-def test_sigusr2_pauses_and_sigcont_resumes(project: Path) -> None:
+def test_sigusr2_pauses_and_sigcont_resumes(probe_project: Path) -> None:
     q = CommandQueue()
     worker = started(start_worker("--sleep=0.1", "--json"))
     worker.send_signal(signal.SIGUSR2)
@@ -281,40 +252,40 @@ def test_sigusr2_pauses_and_sigcont_resumes(project: Path) -> None:
     worker.communicate(timeout=10)
 
 
-def test_idle_worker_wakes_on_dispatch(project: Path) -> None:
+def test_idle_worker_wakes_on_dispatch(probe_project: Path) -> None:
     worker = started(start_worker("--sleep=30", "--json"))
-    time.sleep(0.2)  # into its idle wait (started is reported just before the first claim)
+    wait_for(lambda: blocked_waiting(worker.pid))  # in its idle wait, not yet at its first claim
     q = CommandQueue()
     sent = time.time()
     q.dispatch(probe("x"))
-    (record,) = wait_for(lambda: ends(project), timeout=10)
+    (record,) = wait_for(lambda: ends(probe_project), timeout=10)
     assert record["start"] - sent < 2.0  # far below --sleep=30: woken by the dispatch
     worker.send_signal(signal.SIGTERM)
     worker.communicate(timeout=10)
 
 
-def test_stop_conditions(project: Path) -> None:
+def test_stop_conditions(probe_project: Path) -> None:
     q = CommandQueue()
     q.dispatch_many([probe(str(i)) for i in range(5)])
     res = run_worker("--max-jobs=2", "--json")
     assert res.returncode == 0
     assert [e["reason"] for e in json_events(res.stdout) if e["event"] == "worker_stopped"] == ["max_jobs"]
-    assert len(ends(project)) == 2
+    assert len(ends(probe_project)) == 2
     res = run_worker("--once")
-    assert res.returncode == 0 and len(ends(project)) == 3
+    assert res.returncode == 0 and len(ends(probe_project)) == 3
     res = run_worker("--memory=1")
-    assert res.returncode == 12 and len(ends(project)) == 4
+    assert res.returncode == 12 and len(ends(probe_project)) == 4
     started = time.monotonic()
     res = run_worker("--max-time=1", "--sleep=0.2")
     assert res.returncode == 0 and time.monotonic() - started < 10
 
 
-def test_delayed_job_runs_when_due(project: Path) -> None:
+def test_delayed_job_runs_when_due(probe_project: Path) -> None:
     q = CommandQueue()
     job_id = q.dispatch(probe("later").with_delay(1))
     assert q.backend.find(job_id).state == State.DELAYED
     worker = start_worker("--sleep=10")
-    (record,) = wait_for(lambda: ends(project), timeout=15)
+    (record,) = wait_for(lambda: ends(probe_project), timeout=15)
     assert record["job"] == job_id
     info = q.backend.find(job_id)
     assert record["start"] >= info.job.available_at
@@ -323,13 +294,13 @@ def test_delayed_job_runs_when_due(project: Path) -> None:
 
 
 @pytest.mark.parametrize("args", [["--queue=../etc"], ["--timeout=soon"], ["--tries=0"], ["--backoff=1,x"]])
-def test_bad_worker_options_exit_2(project: Path, args: list[str]) -> None:
+def test_bad_worker_options_exit_2(probe_project: Path, args: list[str]) -> None:
     res = run_worker(*args, "--once")
     assert res.returncode == 2, (res.stdout, res.stderr)
     assert res.stderr.count("\n") <= 2 and "Error" in res.stderr
 
 
-def test_job_process_crash_is_recorded_and_worker_goes_on(project: Path) -> None:
+def test_job_process_crash_is_recorded_and_worker_goes_on(probe_project: Path) -> None:
     q = CommandQueue()
     crash = q.dispatch(probe("--say", "before the crash", "--crash").with_max_attempts(2))
     fine = q.dispatch(probe("fine"))
@@ -342,13 +313,13 @@ def test_job_process_crash_is_recorded_and_worker_goes_on(project: Path) -> None
     assert q.backend.find(fine).state == State.DONE
 
 
-def test_job_dies_with_its_supervisor_and_runs_again_once(project: Path) -> None:
+def test_job_dies_with_its_supervisor_and_runs_again_once(probe_project: Path) -> None:
     """The supervisor holds the claim: SIGKILL it mid-job and its job process dies with it
     (nobody could record the outcome), so the next worker runs the job again, once, after."""
     q = CommandQueue()
     job_id = q.dispatch(probe("--sleep", "2").with_max_attempts(3))
     worker = start_worker("--sleep=0.1")
-    (first,) = wait_for(lambda: [r for r in ledger_lines(project) if r["kind"] == "start"])
+    (first,) = wait_for(lambda: [r for r in ledger_lines(probe_project) if r["kind"] == "start"])
     os.kill(worker.pid, signal.SIGKILL)
     worker.wait()
     wait_for(lambda: not os.path.exists(f"/proc/{first['pid']}"), timeout=10)
@@ -356,23 +327,25 @@ def test_job_dies_with_its_supervisor_and_runs_again_once(project: Path) -> None
     assert res.returncode == 0, res.stderr
     info = q.backend.find(job_id)
     assert info.state == State.DONE and info.attempts == 2
-    runs = ledger_lines(project)
+    runs = ledger_lines(probe_project)
     assert [r["kind"] for r in runs] == ["start", "start", "end"]
     assert runs[1]["start"] > time.time() - 30 and runs[1]["pid"] != first["pid"]
 
 
-def test_a_chatty_long_job_does_not_keep_its_output_in_memory(project: Path) -> None:
+def test_a_chatty_long_job_does_not_keep_its_output_in_memory(probe_project: Path) -> None:
     """32 MiB printed by a job that then keeps running: the worker copies it to the log (capped)
     and frees the copied part of the in-memory output buffer; the failure tail stays intact."""
     job_id = CommandQueue().dispatch(probe("--print-mb", "32", "--sleep", "3", "--exit-code", "3"))
     worker = start_worker("--stop-when-empty")
     try:
-        wait_for(lambda: any(r["kind"] == "printed" for r in ledger_lines(project)), timeout=30)
-        time.sleep(1.2)  # two of the worker's output copies
+        wait_for(lambda: any(r["kind"] == "printed" for r in ledger_lines(probe_project)), timeout=30)
         (job_proc,) = job_processes(worker.pid)
-        st = os.stat(f"/proc/{job_proc}/fd/1")
+        assert os.stat(f"/proc/{job_proc}/fd/1").st_size >= 32 * 1024 * 1024
+        # The worker's output copies free what they copied, within the job's remaining 3 s:
+        # resident is then the uncopied rest and a tail.
+        st = wait_for(lambda: (s := os.stat(f"/proc/{job_proc}/fd/1")).st_blocks * 512 < 4 * 1024 * 1024 and s,
+                      timeout=30, interval=0.05)
         assert st.st_size >= 32 * 1024 * 1024
-        assert st.st_blocks * 512 < 4 * 1024 * 1024, st  # resident: the uncopied rest and a tail
         worker.wait(timeout=30)
     finally:
         worker.kill()
@@ -385,7 +358,7 @@ def test_a_chatty_long_job_does_not_keep_its_output_in_memory(project: Path) -> 
     assert info.failure.output_tail.endswith(f"{last:031d}\n")  # the tail is the real end, not holes
 
 
-def test_a_job_leaves_no_signal_disposition_to_the_next(project: Path) -> None:
+def test_a_job_leaves_no_signal_disposition_to_the_next(probe_project: Path) -> None:
     """A job that ignores SIGCHLD must not make the next job's child exit codes vanish."""
     q = CommandQueue()
     q.dispatch(probe("--ignore-chld"))
@@ -397,7 +370,7 @@ def test_a_job_leaves_no_signal_disposition_to_the_next(project: Path) -> None:
     assert info.failure.error and "exited with code 1" in info.failure.error
 
 
-def test_jobs_of_a_worker_started_in_a_terminal_print_plain_text(project: Path) -> None:
+def test_jobs_of_a_worker_started_in_a_terminal_print_plain_text(probe_project: Path) -> None:
     """The job's stdout is its captured output, never the worker's terminal (no rich help)."""
     import pty
 

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from conftest import require_redis
 from reliability.harness import Target, make_target, wait_for, worker_argv
 
 REDIS_URL = os.environ.get("FORGE_TEST_REDIS_URL")
@@ -24,8 +25,8 @@ STAMP = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d"
 
 @pytest.fixture(params=["file", "redis"])
 def target(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Target]:
-    if request.param == "redis" and not REDIS_URL:
-        pytest.skip("FORGE_TEST_REDIS_URL is not set")
+    if request.param == "redis":
+        require_redis()
     t = make_target(request.param, tmp_path / "t", REDIS_URL)
     try:
         yield t

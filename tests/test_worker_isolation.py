@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from conftest import require_redis
 from reliability.checker import check, read_ledger, runs_of
 from reliability.harness import Target, make_target, wait_for, worker_argv
 
@@ -36,8 +37,8 @@ def _target(kind: str, tmp_path: Path, extra: str = "") -> Target:
 
 
 def _needs_redis(kind: str) -> None:
-    if kind == "redis" and not REDIS_URL:
-        pytest.skip("FORGE_TEST_REDIS_URL is not set")
+    if kind == "redis":
+        require_redis()
 
 
 @pytest.fixture(params=["file", "redis"])

@@ -81,6 +81,8 @@ def _iso_text(text: Any) -> str:
 
 
 def environment() -> jinja2.Environment:
+    """The Jinja environment of the dashboard's packaged templates: autoescaping on, undefined
+    names an error, with the dashboard's filters and globals."""
     env = jinja2.Environment(loader=jinja2.PackageLoader("forge.dashboard", "templates"),
                              autoescape=True, undefined=jinja2.StrictUndefined,
                              trim_blocks=True, lstrip_blocks=True)
@@ -111,21 +113,27 @@ class Dashboard:
         return await anyio.to_thread.run_sync(call)
 
     def render(self, name: str, **context: Any) -> str:
+        """Template ``name`` rendered with ``context`` and what every page has (CSRF token,
+        whether actions are allowed, the store's location)."""
         base = {"csrf": self.guard.csrf, "csrf_field": CSRF_FIELD, "actions": self.guard.allow_actions,
                 "location": self.location}
         return self.env.get_template(name).render(**base, **context)
 
     def page(self, request: Request, name: str, status: int = 200, **context: Any) -> HTMLResponse:
+        """The HTML response of page ``name``, with ``status``, carrying the flash message the
+        request's ``flash`` key names (shown once)."""
         flash = self.flashes.pop(request.query_params.get("flash", ""), None)
         return HTMLResponse(self.render(name, flash=flash, path=request.url.path,
                                         here=_here(request), **context), status_code=status)
 
     def unauthorized(self, scope: dict[str, Any]) -> bytes:
+        """The page a request without the token gets (the guard's 401 body)."""
         return self.render("unauthorized.html", flash=None, path="", here="/").encode()
 
     # -- pages --------------------------------------------------------------------------
 
     async def overview(self, request: Request) -> Response:
+        """GET /: the queues, workers and schedules of the store."""
         data = await self.store(self.views.overview)
         return self.page(request, "overview.html", live=_live("overview"), nav="overview", **data)
 
@@ -146,6 +154,8 @@ class Dashboard:
                 "limit": limit, "command": command}
 
     async def jobs(self, request: Request) -> Response:
+        """GET /queues/{queue}/jobs: one page of the queue's jobs in one state, optionally of one
+        command. A bad state, offset or limit is a 400."""
         args = self._list_args(request, request.path_params["queue"])
         data = await self.store(self.views.job_list, args["queue"], args["state"], offset=args["offset"],
                                 limit=args["limit"], command=args["command"])
@@ -154,6 +164,7 @@ class Dashboard:
         return self.page(request, "jobs.html", live=live, nav="jobs", **data)
 
     async def jobs_index(self, request: Request) -> Response:
+        """GET /jobs: the first queue's job list (a 303), or a message when no queue exists yet."""
         names = await self.store(self.views.manager.list)
         if not names:
             return self.page(request, "message.html", nav="jobs", title="No queues yet",
@@ -161,6 +172,8 @@ class Dashboard:
         return RedirectResponse(f"/queues/{names[0]}/jobs", status_code=303)
 
     async def job(self, request: Request) -> Response:
+        """GET /jobs/{id}: a job's detail and log tail. An id prefix or partial id redirects to
+        the full id; an unknown job is a 404."""
         job_id = request.path_params["job_id"]
         if not valid_id(job_id):
             try:
@@ -177,10 +190,13 @@ class Dashboard:
                          log=tail, log_end=end)
 
     async def find(self, request: Request) -> Response:
+        """GET /find?id=...: a redirect to that job's page (to / without an id)."""
         text = (request.query_params.get("id") or "").strip().lower()
         return RedirectResponse(f"/jobs/{text}" if text else "/", status_code=303)
 
     async def failed(self, request: Request) -> Response:
+        """GET /failed: the failed jobs grouped by queue, command and reason, optionally of one
+        queue."""
         queue = request.query_params.get("queue") or None
         if queue:
             validate_queue_name(queue)
@@ -188,6 +204,8 @@ class Dashboard:
         return self.page(request, "failed.html", live=_live("failed", queue=queue or ""), nav="failed", **data)
 
     async def metrics(self, request: Request) -> Response:
+        """GET /metrics: the store's metrics in the Prometheus text format; 501 when the metrics
+        module is not installed."""
         try:
             from forge.stats.metrics import render_metrics
         except ImportError:
@@ -226,6 +244,9 @@ class Dashboard:
         return {}
 
     async def live(self, request: Request) -> Response:
+        """GET /live: a server-sent event stream for one page view (overview, jobs, job or
+        failed) sending each region when its HTML changes, the job log as it grows, and a problem
+        event while the store is unreadable. A bad view or query is a 400."""
         q = dict(request.query_params)
         view = q.get("view", "")
         if view not in ("overview", "jobs", "job", "failed"):
@@ -291,6 +312,10 @@ class Dashboard:
     # -- actions ------------------------------------------------------------------------
 
     async def action(self, request: Request) -> Response:
+        """POST /actions/{name}: run an action (retry, forget, cancel, pause, resume, ...) from a
+        urlencoded form with the CSRF token, then redirect (303) to the form's ``next`` page on
+        this site with the outcome as a flash. 413 for a form over the cap, 415 for another
+        content type, 403 for a missing or wrong CSRF token."""
         # A urlencoded form (what the pages post), parsed with the standard library: Starlette's
         # own form parser needs python-multipart, which nothing else here needs.
         body = await request.body()
@@ -404,6 +429,9 @@ def _here(request: Request) -> str:
 
 
 def build_app(manager: QueueManager, guard: Guard, *, interval: float = INTERVAL) -> Starlette:
+    """The dashboard's Starlette app over ``manager``'s store: every route behind ``guard``
+    (host, token, CSRF), pages refreshed every ``interval`` seconds; store errors become 400/503
+    pages."""
     dash = Dashboard(manager, guard, interval=interval)
 
     async def bad_request(request: Request, exc: Exception) -> Response:

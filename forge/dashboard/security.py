@@ -44,6 +44,7 @@ CSRF_HEADER = "x-forge-csrf"
 
 
 def is_loopback(host: str) -> bool:
+    """Whether ``host`` is ``localhost`` or a loopback IP address."""
     if host == "localhost":
         return True
     try:
@@ -53,6 +54,7 @@ def is_loopback(host: str) -> bool:
 
 
 def is_wildcard(host: str) -> bool:
+    """Whether ``host`` binds every interface (``0.0.0.0``, ``::`` or empty)."""
     return host in ("0.0.0.0", "::", "")
 
 
@@ -65,6 +67,7 @@ def _ip_literal(host: str) -> bool:
 
 
 def host_header(host: str, port: int) -> str:
+    """``host:port`` as a Host header writes it (an IPv6 address in brackets)."""
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
@@ -93,6 +96,9 @@ class Guard:
         return {host_header(n, self.port).lower() for n in names if n} | {n.lower() for n in names if n}
 
     def host_ok(self, value: str) -> bool:
+        """Whether a request's Host header ``value`` names this dashboard: one of its allowed
+        names (with or without the port), or on a wildcard bind any IP literal with the right
+        port or none."""
         value = value.lower()
         if value in self._hosts:
             return True
@@ -102,12 +108,16 @@ class Guard:
         return False
 
     def token_ok(self, value: str | None) -> bool:
+        """Whether ``value`` is the session token (compared in constant time)."""
         return bool(value) and hmac.compare_digest(value.encode(), self.token.encode())  # type: ignore[union-attr]
 
     def csrf_ok(self, value: str | None) -> bool:
+        """Whether ``value`` is the CSRF token (compared in constant time)."""
         return bool(value) and hmac.compare_digest(value.encode(), self.csrf.encode())  # type: ignore[union-attr]
 
     def url(self, display_host: str | None = None) -> str:
+        """The URL that opens the dashboard and sets its cookie: ``http://HOST:PORT/?token=...``,
+        with ``display_host`` (else the bind address, 127.0.0.1 for a wildcard) as the host."""
         host = display_host or ("127.0.0.1" if is_wildcard(self.host) else self.host)
         return f"http://{host_header(host, self.port)}/?token={self.token}"
 
@@ -142,6 +152,10 @@ class GuardMiddleware:
         self.unauthorized = unauthorized
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+        """Serve one ASGI request through the guard: a wrong Host is a 400; ``?token=`` sets the
+        cookie and redirects without it (401 if wrong); every non-static path needs the token
+        (401); a POST must pass the action checks (403). Every response gets the security
+        headers."""
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return

@@ -18,6 +18,8 @@ TOKEN_ENV = "FORGE_DASHBOARD_TOKEN"
 
 @dataclass(frozen=True)
 class Listen:
+    """Where the dashboard listens: a host name or IP address, and a port (0: any free port)."""
+
     host: str
     port: int
 
@@ -40,6 +42,9 @@ def parse_listen(text: str) -> Listen:
 
 
 def bind(listen: Listen) -> socket.socket:
+    """A listening TCP socket on ``listen`` (SO_REUSEADDR, inheritable). Raises UsageError for a
+    host that does not resolve, ForgeError (naming the address) when the port is in use or cannot
+    be bound."""
     family = socket.AF_INET6 if ":" in listen.host else socket.AF_INET
     try:
         infos = socket.getaddrinfo(listen.host, listen.port, family if ":" in listen.host else socket.AF_UNSPEC,
@@ -64,6 +69,8 @@ def bind(listen: Listen) -> socket.socket:
 
 
 def token_from_env() -> str | None:
+    """The token set in FORGE_DASHBOARD_TOKEN, or None when it is not set. Raises UsageError for
+    a token too short or with a character a URL or cookie would change."""
     token = os.environ.get(TOKEN_ENV)
     if token is None:
         return None

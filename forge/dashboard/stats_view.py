@@ -22,6 +22,10 @@ LOAD_FACTOR = 50
 
 
 class StatsCache:
+    """The per-minute throughput and wait series of the dashboard's queues, computed from the
+    stats journal at most once per ``ttl`` seconds (longer when computing them is slow);
+    unavailable without the stats modules."""
+
     def __init__(self, manager: Any, window: float = WINDOW, ttl: float = TTL) -> None:
         self.manager = manager
         self.window = window
@@ -41,10 +45,12 @@ class StatsCache:
 
     @property
     def available(self) -> bool:
+        """Whether the stats modules are installed, so the series can be computed."""
         return self._fn is not None
 
     @property
     def window_label(self) -> str:
+        """The window as people read it: ``1h``, ``30m``."""
         return f"{self.window / 3600:g}h" if self.window >= 3600 else f"{self.window / 60:g}m"
 
     def series(self) -> dict[str, dict[str, list[float]]] | None:
@@ -53,6 +59,8 @@ class StatsCache:
         return self._series
 
     def stale(self) -> bool:
+        """Whether the series should be computed again: ``ttl`` has passed, or ``LOAD_FACTOR``
+        times the last computation's cost if that is longer."""
         return self._fn is not None and time.monotonic() - self._at >= max(self.ttl, self._cost * LOAD_FACTOR)
 
     def empty(self) -> dict[str, list[float]]:

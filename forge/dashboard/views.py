@@ -28,6 +28,9 @@ PAGE_SIZES = (25, 50, 100, 200)
 
 @dataclass
 class Views:
+    """What the dashboard's pages show, read from one connection's store (blocking calls: the app
+    runs them in a thread under ``lock``, one at a time)."""
+
     manager: QueueManager
     stats: StatsCache = field(init=False)
     dirs: listing.Listings | None = field(init=False, default=None)
@@ -47,11 +50,14 @@ class Views:
 
     @property
     def backend(self) -> Any:
+        """The connection's queue backend."""
         return self.manager.backend
 
     # -- overview -----------------------------------------------------------------------
 
     def queues(self) -> list[dict[str, Any]]:
+        """One row per queue: its counts by state, whether it is paused, the age of its oldest
+        pending job (seconds) and its per-minute series (None while they are not computed)."""
         now = time.time()
         series = self.stats.series()
         out = []
@@ -65,6 +71,8 @@ class Views:
         return out
 
     def workers(self) -> list[dict[str, Any]]:
+        """One row per live worker: its name, host, pid, queues, state, current job and for how
+        long, uptime, counts and heartbeat age."""
         now = time.time()
         return [{"name": w.name, "host": w.host, "pid": w.pid, "queues": ", ".join(w.queues),
                  "state": str(w.state), "job_id": w.job_id, "job_command": w.job_command,
@@ -88,6 +96,8 @@ class Views:
         return self._scheduler
 
     def schedules(self) -> list[dict[str, Any]]:
+        """The status rows of the project's schedule entries; empty without a scheduler or when
+        reading the status fails."""
         sch = self.scheduler()
         if sch is None:
             return []
@@ -97,6 +107,8 @@ class Views:
             return []
 
     def overview(self) -> dict[str, Any]:
+        """The overview page's data: queues, workers, schedules, quarantined files and the stats
+        window."""
         return {"queues": self.queues(), "workers": self.workers(), "schedules": self.schedules(),
                 "quarantined": self.manager.quarantined(), "stats_available": self.stats.available,
                 "stats_window": self.stats.window_label}
@@ -105,6 +117,8 @@ class Views:
 
     def job_list(self, queue: str, state: State, *, offset: int, limit: int,
                  command: str | None) -> dict[str, Any]:
+        """One page of ``queue``'s jobs in ``state`` (of ``command`` only, if given), with the
+        queue's counts by state and whether it is paused; running jobs carry their progress."""
         counts = {str(s): 0 for s in listing.STATES}
         paused = False
         for s in self.queue_stats([queue]):
@@ -119,6 +133,7 @@ class Views:
     # -- one job ------------------------------------------------------------------------
 
     def job(self, job_id: str) -> dict[str, Any] | None:
+        """The detail of job ``job_id`` with its progress, or None if the store has no such job."""
         info = self.backend.find(job_id)
         if info is None:
             return None
@@ -144,6 +159,9 @@ class Views:
     # -- failures -----------------------------------------------------------------------
 
     def failed_groups(self, queue: str | None = None) -> dict[str, Any]:
+        """The newest ``FAILED_WINDOW`` failed jobs (of ``queue`` only, if given) grouped by
+        command, reason and first error line, largest group first, with the total number of
+        failed jobs."""
         groups: dict[tuple[str, str, str], dict[str, Any]] = {}
         scanned = 0
         for info in self.manager.jobs(queue=queue, state=State.FAILED, limit=FAILED_WINDOW):
@@ -183,16 +201,20 @@ def utf8_whole(data: bytes) -> int:
 
 
 def group_key(info: JobInfo) -> tuple[str, str, str]:
+    """The failure group of a job: its command, its failure reason and the first line of its
+    error (at most 300 characters); empty strings where it has none."""
     f = info.failure
     error = (f.error or "") if f else ""
     return info.job.command, (f.reason or "") if f else "", error.strip().split("\n", 1)[0][:300]
 
 
 def encode_group(key: Sequence[str]) -> str:
+    """A group key as compact JSON text (a form field); ``decode_group`` reads it back."""
     return json.dumps(list(key), separators=(",", ":"))
 
 
 def decode_group(text: str) -> tuple[str, str, str] | None:
+    """The group key ``encode_group`` wrote, or None for any other text."""
     try:
         value = json.loads(text)
     except ValueError:
@@ -237,6 +259,8 @@ def progress_of(info: JobInfo) -> dict[str, Any] | None:
 
 
 def job_row(info: JobInfo) -> dict[str, Any]:
+    """A job as one row of a list: id, command, args, queue, state, attempts, the time that
+    matters for its state, progress and, when failed, the reason and error."""
     f = info.failure if info.state == State.FAILED else None
     when = info.updated_at if info.state in (State.DONE, State.FAILED, State.RESERVED) else info.job.available_at
     return {"id": info.id, "command": info.job.command, "args": list(info.job.args), "queue": info.job.queue,
@@ -246,6 +270,8 @@ def job_row(info: JobInfo) -> dict[str, Any]:
 
 
 def job_detail(info: JobInfo) -> dict[str, Any]:
+    """A job's detail page data: its row plus the record, pretty-printed metadata and payload,
+    history, the last worker and whether it finished."""
     job = info.job
     worker = next((e.worker for e in reversed(info.events) if e.worker), None)
     return {**job_row(info), "job": job, "metadata": json.dumps(dict(job.metadata), indent=2, ensure_ascii=False,

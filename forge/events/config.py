@@ -52,20 +52,28 @@ class Thresholds:
     retried_many: Mapping[str, int] = field(default_factory=dict)
 
     def for_queue(self, kind: str, queue: str) -> float:
+        """The threshold of ``kind`` (``waiting_too_long``, ``too_long`` or ``retried_many``) for
+        ``queue``: its own, else the ``*`` default, else 0 (off)."""
         table: Mapping[str, float] = getattr(self, kind)
         return float(table.get(queue, table.get("*", 0)) or 0)
 
     @property
     def any_queue_threshold(self) -> bool:
+        """Whether any queue-level threshold (waiting_too_long, too_long) is on, so a worker must
+        watch the queues."""
         return any(v for t in (self.waiting_too_long, self.too_long) for v in t.values())
 
     @property
     def any(self) -> bool:
+        """Whether any threshold at all is on."""
         return self.any_queue_threshold or any(self.retried_many.values())
 
 
 @dataclass(frozen=True)
 class EventsConfig:
+    """The parsed ``[[listeners]]`` and ``[events]`` of a forge.toml: the listeners, the
+    in-process listeners' time budget (seconds) and the thresholds."""
+
     listeners: tuple[Listener, ...] = ()
     budget: float = DEFAULT_BUDGET
     thresholds: Thresholds = field(default_factory=Thresholds)
@@ -96,6 +104,8 @@ def events_config_of(data: Mapping[str, Any], where: str) -> EventsConfig:
 
 
 def parse(data: Mapping[str, Any], where: str) -> EventsConfig:
+    """Parse ``data``'s ``[[listeners]]`` and ``[events]`` tables. Raises ConfigError, naming
+    ``where`` and the table, for an unknown key or a bad value."""
     raw = data.get("listeners", [])
     if not isinstance(raw, list) or not all(isinstance(t, dict) for t in raw):
         raise ConfigError(f"{where}: listeners must be [[listeners]] tables.")

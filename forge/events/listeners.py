@@ -49,6 +49,8 @@ class Listener:
 
     @property
     def durable(self) -> bool:
+        """Whether the listener runs as a queued job (it names a command), rather than
+        in-process."""
         return self.command is not None
 
     @property
@@ -61,6 +63,9 @@ class Listener:
         return self.source
 
     def wants(self, event: Event) -> bool:
+        """Whether the listener takes ``event``: its name matches one of the listener's patterns
+        and its data every ``match`` entry. A durable listener never takes the events of a
+        listener job."""
         if not any(p == event.name or fnmatch.fnmatchcase(event.name, p) for p in self.events):
             return False
         if self.durable and event.data.get("listener_job"):
@@ -84,6 +89,8 @@ class Listener:
         return cmd.to_job(self.queue or default_queue)
 
     def describe(self) -> dict[str, Any]:
+        """The listener as ``events:list --json`` prints it: its events, source, kind, and its
+        command or function with the options that are set."""
         d: dict[str, Any] = {"events": list(self.events), "source": self.source,
                              "kind": "durable" if self.durable else "in-process"}
         if self.durable:

@@ -80,6 +80,7 @@ class Event:
         return self.data[key]
 
     def get(self, key: str, default: Any = None) -> Any:
+        """The data value of ``key``, or ``default``."""
         return self.data.get(key, default)
 
     def to_dict(self) -> dict[str, Any]:
@@ -88,6 +89,7 @@ class Event:
                 "pid": self.pid, **self.data}
 
     def to_json(self) -> str:
+        """``to_dict`` as compact JSON (values JSON cannot hold as their ``str``)."""
         return json.dumps(self.to_dict(), separators=(",", ":"), default=str)
 
     @classmethod

@@ -38,13 +38,18 @@ class Marks(Protocol):
     def read(self, key: str) -> tuple[dict[str, Any] | None, bool]:
         """The mark's document (None if there is none) and whether it was sent."""
 
-    def sent(self, key: str) -> None: ...
+    def sent(self, key: str) -> None:
+        """Record that the listener jobs of mark ``key``'s crossing are stored, so no watcher
+        re-sends it."""
 
     def clear(self, key: str) -> None:
         """Delete the mark (no error if there is none)."""
 
 
 class FileMarks:
+    """Crossing marks as files in the queue directory's ``events/``: ``KEY.fired`` holds the
+    document (created exclusively), ``KEY.sent`` says it was sent."""
+
     def __init__(self, backend: Any) -> None:
         from forge.backends.file.fsio import private_dir
 
@@ -57,6 +62,8 @@ class FileMarks:
         self.dir = f"{backend.root}/events"
 
     def create(self, key: str, doc: dict[str, Any]) -> bool:
+        """Create ``KEY.fired`` holding ``doc``, synced, only if it does not exist; False if it
+        does."""
         from forge.backends.file.fsio import write_new
 
         try:
@@ -66,32 +73,42 @@ class FileMarks:
         return True
 
     def read(self, key: str) -> tuple[dict[str, Any] | None, bool]:
+        """The ``KEY.fired`` document (None if absent or unreadable) and whether ``KEY.sent`` is
+        set."""
         from forge.backends.file.fsio import marker_set, read_json
 
         doc = read_json(Path(f"{self.dir}/{key}.fired"))
         return doc, doc is not None and marker_set(f"{self.dir}/{key}.sent", self.uid)
 
     def sent(self, key: str) -> None:
+        """Create ``KEY.sent`` (already there is fine)."""
         from forge.backends.file.fsio import write_new
 
         with contextlib.suppress(FileExistsError):
             write_new(f"{self.dir}/{key}.sent", b"")
 
     def clear(self, key: str) -> None:
+        """Delete ``KEY.sent`` and ``KEY.fired`` (absent is fine)."""
         for suffix in (".sent", ".fired"):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(f"{self.dir}/{key}{suffix}")
 
 
 class RedisMarks:
+    """Crossing marks as Redis keys ``PREFIX:events:KEY`` (the document, set with NX) and
+    ``PREFIX:events:KEY:sent``."""
+
     def __init__(self, backend: Any) -> None:
         self._r = backend._r
         self.prefix = f"{backend.prefix}:events"
 
     def create(self, key: str, doc: dict[str, Any]) -> bool:
+        """SET NX the mark holding ``doc``; False if it exists."""
         return bool(self._r.set(f"{self.prefix}:{key}", json.dumps(doc), nx=True))
 
     def read(self, key: str) -> tuple[dict[str, Any] | None, bool]:
+        """The mark's document (None if absent or not a JSON object) and whether its ``:sent``
+        key is set, read in one MGET."""
         raw, sent = self._r.mget([f"{self.prefix}:{key}", f"{self.prefix}:{key}:sent"])
         try:
             doc = json.loads(raw) if raw is not None else None
@@ -100,13 +117,17 @@ class RedisMarks:
         return (doc if isinstance(doc, dict) else None), sent is not None
 
     def sent(self, key: str) -> None:
+        """Set the mark's ``:sent`` key."""
         self._r.set(f"{self.prefix}:{key}:sent", b"1")
 
     def clear(self, key: str) -> None:
+        """Delete the mark and its ``:sent`` key (absent is fine)."""
         self._r.delete(f"{self.prefix}:{key}:sent", f"{self.prefix}:{key}")
 
 
 def marks_for(backend: Any) -> Marks:
+    """The marks over ``backend``'s own storage. Raises TypeError for a backend that is neither
+    the file nor the Redis one."""
     for cls in type(backend).__mro__:
         if cls.__name__ == "FileBackend":
             return FileMarks(backend)

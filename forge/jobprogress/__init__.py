@@ -42,6 +42,8 @@ class Report:
 
     @property
     def percent(self) -> float:
+        """``done / total`` as a percentage clamped to 0-100, rounded to 2 places; 0 when
+        ``total`` is 0."""
         return round(min(max(self.done / self.total * 100.0, 0.0), 100.0), 2) if self.total else 0.0
 
 

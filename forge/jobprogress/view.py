@@ -34,6 +34,9 @@ class ProgressView:
         return self
 
     def update(self, record: Mapping[str, Any] | None) -> None:
+        """Show ``record``, a job's latest progress (None or empty shows nothing): on a terminal
+        redraw the bar, else print a ``progress:`` line; an unchanged report prints nothing and
+        only counts the bar's ETA down."""
         if not record:
             return
         key = (record.get("done"), record.get("total"), record.get("message"), record.get("updated_at"))
@@ -106,6 +109,8 @@ class LineFilter:
         self._partial = ""
 
     def feed(self, text: str) -> str:
+        """``text`` with its progress lines removed; whole lines pass at once, a partial line
+        that may be the start of a progress line is held back until its end (or :meth:`flush`)."""
         text = self._partial + text
         cut = text.rfind("\n") + 1
         rest = text[cut:]
@@ -121,6 +126,7 @@ class LineFilter:
         return "".join(strip_progress(x) for x in text[:cut].splitlines(keepends=True))
 
     def flush(self) -> str:
+        """What :meth:`feed` held back, progress report removed; the filter is empty afterwards."""
         rest, self._partial = self._partial, ""
         return strip_progress(rest)
 

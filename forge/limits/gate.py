@@ -30,6 +30,9 @@ class Gate:
         self.blocked = False
 
     def claim(self, backend: Backend, queues: Sequence[str], worker: str, timeout: float) -> Claim | None:
+        """Claim the next job of ``queues`` whose holds are free, with the backend's
+        ``claim_limited``, or plainly on a backend without limits support. On None, ``wake_at``
+        and ``blocked`` say when a rate frees a token and whether a due job was held back."""
         limited = getattr(backend, "claim_limited", None)
         if limited is None:  # a backend without limits support: claim plainly
             return backend.claim(queues, worker, timeout)

@@ -31,11 +31,15 @@ class Probe:
     _tats: dict[str, float | None] = field(default_factory=dict)
 
     def holders(self, scope: str) -> list[dict[str, Any]]:
+        """The runs holding slots of ``scope`` (the backend's ``slot_holders``), read once per
+        probe."""
         if scope not in self._holders:
             self._holders[scope] = list(self.backend.slot_holders(scope))
         return self._holders[scope]
 
     def tat(self, scope: str) -> float | None:
+        """The rate state (theoretical arrival time, Unix seconds) of ``scope``, or None if it
+        has none; read once per probe."""
         if scope not in self._tats:
             self._tats[scope] = self.backend.rate_state(scope)
         return self._tats[scope]

@@ -43,6 +43,7 @@ class Rate:
 
     @property
     def interval(self) -> float:
+        """The seconds between two starts at the steady rate: ``period / count``."""
         return self.period / self.count
 
     def __str__(self) -> str:
@@ -72,6 +73,8 @@ def parse_rate(value: Any, *, what: str = "rate", burst: Any = None) -> Rate:
 
 
 def check_key(key: Any, what: str) -> str:
+    """``key`` if it is a valid limit key (1-200 printable characters, no spaces); UsageError
+    naming ``what`` otherwise."""
     if not isinstance(key, str) or not KEY_RE.match(key):
         shown = repr(key) if not isinstance(key, str) or len(key) <= 80 else f"{key[:60]!r}... ({len(key)} characters)"
         raise UsageError(f"Invalid {what} {shown}: 1-200 printable characters without spaces, e.g. tenant:42.")
@@ -79,6 +82,8 @@ def check_key(key: Any, what: str) -> str:
 
 
 def check_count(value: Any, what: str) -> int:
+    """``value`` if it is a whole number from 1 to ``MAX_SLOTS``; UsageError naming ``what``
+    otherwise."""
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_SLOTS:
         raise UsageError(f"Invalid {what} {value!r}: a whole number from 1 to {MAX_SLOTS}.")
     return value
@@ -97,6 +102,9 @@ class JobLimits:
     on_busy: str = "wait"
 
     def to_dict(self) -> dict[str, Any]:
+        """The ``forge.limits`` metadata record: only the keys that are set; a rate also as its
+        burst and its interval in microseconds (what the Redis script reads). ``from_dict`` reads
+        it back."""
         d: dict[str, Any] = {}
         if self.concurrency_key is not None:
             d["concurrency_key"] = self.concurrency_key
@@ -142,12 +150,18 @@ class JobLimits:
 
 @dataclass(frozen=True)
 class QueueLimits:
+    """The limits of one queue (``[limits.queues.<name>]``): at most ``parallel`` jobs running at
+    once, and starts at most at ``rate``; None is no limit."""
+
     parallel: int | None = None
     rate: Rate | None = None
 
 
 @dataclass(frozen=True)
 class KeyLimits:
+    """The limits of one key or key pattern (``[limits.keys.<key>]``): at most ``concurrency``
+    runs holding it at once, and starts at most at ``rate``; None is no limit."""
+
     concurrency: int | None = None
     rate: Rate | None = None
 
@@ -177,6 +191,8 @@ class LimitsConfig:
         return bool(self.queues or self.keys)
 
     def key(self, key: str) -> KeyLimits | None:
+        """The limits of ``key``: its own entry, else the first pattern with ``*`` that matches
+        it, else None."""
         found = self.keys.get(key)
         if found is not None:
             return found

@@ -27,6 +27,9 @@ from forge.errors import UsageError
 
 
 class Jitter(StrEnum):
+    """How an exponential delay is randomized: none (the capped delay itself), full (uniform in
+    ``[0, d]``) or equal (uniform in ``[d/2, d]``)."""
+
     NONE = "none"
     FULL = "full"
     EQUAL = "equal"
@@ -78,6 +81,8 @@ class Exponential:
         return d, d
 
     def pick(self, retry: int, rand: Callable[[], float] | None = None) -> float:
+        """The delay before retry ``retry``: a value within :meth:`bounds`, drawn with ``rand``
+        (uniform in [0, 1), ``random.random`` by default) when jittered."""
         lo, hi = self.bounds(retry)
         if hi <= lo:
             return hi
@@ -88,6 +93,8 @@ class Exponential:
         return lo + (hi - lo) * rand()
 
     def to_json(self) -> dict[str, Any]:
+        """The JSON object of a job record's ``backoff`` (``exp``, ``cap``, ``factor``,
+        ``jitter``); ``from_json`` reads it back."""
         return {"exp": self.base, "cap": self.cap, "factor": self.factor, "jitter": str(self.jitter)}
 
     @classmethod
@@ -206,6 +213,8 @@ def describe(backoff: Backoff | None) -> str:
 
 
 def to_json(backoff: Backoff | None) -> Any:
+    """The JSON of a job record's ``backoff``: None, a list of seconds, or the exponential
+    object."""
     if backoff is None:
         return None
     return backoff.to_json() if isinstance(backoff, Exponential) else list(backoff)

@@ -65,6 +65,7 @@ class Fail(ForgeError):
 
     @property
     def directive(self) -> str | None:
+        """Always None: a failure for good has no retry-after line for a direct run to print."""
         return None
 
 

@@ -36,6 +36,8 @@ class Policy:
 
     @property
     def max_releases(self) -> int:
+        """How many times the job may be released (retry-later) without counting an attempt: its
+        own bound, else ``DEFAULT_MAX_RELEASES``."""
         return self.rules.max_releases if self.rules.max_releases is not None else DEFAULT_MAX_RELEASES
 
     @property
@@ -44,6 +46,8 @@ class Policy:
         return self.tries if self.tries is not None else MAX_RUNS
 
     def to_json(self) -> dict[str, Any]:
+        """The policy as ``queue:show --json`` prints it: tries, backoff, retry_until,
+        max_exceptions and max_releases."""
         return {"tries": self.tries, "backoff": _backoff.to_json(self.backoff),
                 "retry_until": self.rules.until, "max_exceptions": self.rules.max_exceptions,
                 "max_releases": self.max_releases}

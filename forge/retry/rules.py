@@ -59,10 +59,13 @@ class RetryRules:
         return any(getattr(self, f.name) is not None for f in fields(self))
 
     def to_json(self) -> dict[str, Any]:
+        """The bounds that are set, by field name (the job record's ``retry`` object)."""
         return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
 
     @classmethod
     def from_json(cls, d: Any) -> RetryRules:
+        """The rules of a ``retry`` object ``to_json`` wrote. Raises ValueError for an unknown
+        key, UsageError for a bad value."""
         if not isinstance(d, dict) or set(d) - {"until", "max_exceptions", "max_releases"}:
             raise ValueError("retry must be an object with until, max_exceptions, max_releases")
         until = d.get("until")
@@ -121,6 +124,8 @@ class JobDefaults:
 
     @classmethod
     def from_json(cls, d: Any) -> JobDefaults:
+        """The defaults of an object ``to_json`` wrote, checked as ``declare`` checks them.
+        Raises ValueError for a non-object or an unknown key, UsageError for a bad value."""
         if not isinstance(d, dict):
             raise ValueError("defaults must be an object")
         known = {f.name for f in fields(cls)}

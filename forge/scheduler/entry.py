@@ -53,11 +53,17 @@ class ScheduleError(ConfigError):
 
 
 class Overlap(StrEnum):
+    """What a tick does while the previous tick's job is still pending, delayed or running:
+    dispatch anyway (allow) or not (skip)."""
+
     ALLOW = "allow"
     SKIP = "skip"  # no new tick while the previous tick's job is pending, delayed or running
 
 
 class CatchUp(StrEnum):
+    """Which ticks missed while no scheduler ran are dispatched late: none, the latest, or all,
+    each only within ``max_lateness``."""
+
     NONE = "none"      # ticks missed while no scheduler ran are dropped (counted as missed)
     LATEST = "latest"  # the latest missed tick runs, if within max_lateness
     ALL = "all"        # every missed tick within max_lateness runs, oldest first
@@ -87,6 +93,7 @@ def system_zone() -> tzinfo:
 
 
 def zone_name(tz: tzinfo) -> str:
+    """The zone's IANA name (``Europe/Paris``), else its ``str``."""
     return str(getattr(tz, "key", None) or tz)
 
 
@@ -146,6 +153,9 @@ class ScheduleEntry:
                timezone: Any = None, queue: Any = None, tries: Any = None, timeout: Any = None,
                backoff: Any = None, meta: Any = None, overlap: Any = "allow", catch_up: Any = "none",
                max_lateness: Any = "1h", jitter: Any = 0, source: str = "") -> ScheduleEntry:
+        """A checked entry. Raises :class:`ScheduleError`, naming the entry and ``source``, for a
+        bad name, command, args, expression (exactly one of ``cron`` and ``every``), zone or job
+        option."""
         def bad(msg: str) -> ScheduleError:
             return ScheduleError(name, msg, where=source)
 
@@ -220,6 +230,7 @@ class ScheduleEntry:
 
     @property
     def expression(self) -> str:
+        """The entry's schedule as written: its cron expression, or ``every DURATION``."""
         return self.cron if self.cron is not None else f"every {_fmt_every(self.every or 0)}"
 
     @property
@@ -270,6 +281,8 @@ class ScheduleEntry:
         return None
 
     def next_runs(self, after: float, n: int = 3) -> list[float]:
+        """The next ``n`` ticks strictly after ``after`` (Unix seconds), fewer if the schedule
+        has fewer."""
         out: list[float] = []
         for t in self.ticks_after(after):
             out.append(t)

@@ -53,6 +53,8 @@ class ScheduleLoop:
             raise _Wakeup()
 
     def install_signals(self) -> None:
+        """Install the loop's handlers: SIGTERM, SIGINT and SIGQUIT stop it after the current
+        pass (a second signal at once), SIGUSR2 pauses it and SIGCONT resumes it."""
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
             signal.signal(sig, self._on_stop)
         signal.signal(signal.SIGUSR2, self._on_pause)

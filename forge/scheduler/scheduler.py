@@ -71,6 +71,7 @@ class TickAction:
     error: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
+        """The action as ``schedule:run --json`` prints it (the tick as RFC 3339 text)."""
         return {"entry": self.entry, "tick": iso(self.tick), "action": self.action, "job_id": self.job_id,
                 "lateness": round(self.lateness, 3), "count": self.count, "error": self.error}
 
@@ -239,6 +240,7 @@ class Scheduler:
 
     @property
     def backend(self) -> Backend:
+        """The queue backend of the scheduler's connection, connected on first use."""
         if self._backend is None:
             from forge.queue.manager import connect
 
@@ -247,12 +249,15 @@ class Scheduler:
 
     @property
     def store(self) -> ScheduleStore:
+        """The schedule-state store over the backend's storage (:func:`store_for`), made on first
+        use."""
         if self._store is None:
             self._store = store_for(self.backend)
         return self._store
 
     @property
     def registry(self) -> CommandRegistry:
+        """The command registry the entries' commands are checked against, loaded on first use."""
         if self._registry is None:
             from forge.registry.runner import default_registry
 
@@ -260,6 +265,8 @@ class Scheduler:
         return self._registry
 
     def entry(self, name: str) -> ScheduleEntry:
+        """The entry named ``name``. Raises ConfigError, with the reason, for a declared entry
+        that does not load, and ScheduleNotFound, with the closest names, for an unknown one."""
         try:
             return self.by_name[name]
         except KeyError:
@@ -486,6 +493,8 @@ class Scheduler:
         return queue.push(cmd)
 
     def pause(self, name: str) -> EntryState:
+        """Pause the entry ``name`` (ScheduleNotFound if there is none): it stops ticking until
+        resumed. Returns its new state."""
         self.entry(name)
         now = self.clock()
         return self.store.update([name], lambda cur: {name: cur[name].evolve(paused=True, paused_at=now)})[name]

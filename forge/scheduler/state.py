@@ -61,6 +61,8 @@ class EntryState:
     orphaned_at: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
+        """The state as the stores write it: the fields that are set, ``inflight`` as a list, and
+        the format version."""
         # The fields that are set (an absent one reads back as None): flat values, no deep copy.
         d = {k: v for k, v in self.__dict__.items() if v is not None}
         d["inflight"] = list(self.inflight)
@@ -145,7 +147,8 @@ class ScheduleStore(Protocol):
         """A context manager around one scheduler run. The file store holds its lock for the
         whole run, so runs on one host take turns; the Redis store needs none (no-op)."""
 
-    def close(self) -> None: ...
+    def close(self) -> None:
+        """Release the store's connections and files; it is not used afterwards."""
 
 
 _STORES = {
@@ -176,29 +179,37 @@ class MemoryScheduleStore:
     states: dict[str, EntryState] = field(default_factory=dict)
 
     def read(self, names: Iterable[str] | None = None) -> dict[str, EntryState]:
+        """The stored states of ``names`` (every state if None); names with no state are left
+        out."""
         if names is None:
             return dict(self.states)
         return {n: self.states[n] for n in names if n in self.states}
 
     def update(self, names: Iterable[str], fn: Updater) -> dict[str, EntryState]:
+        """Apply ``fn`` to the current states of ``names`` (a missing one as a fresh EntryState),
+        store the result, and return the states of ``names`` after it."""
         names = list(names)
         cur = {n: self.states.get(n, EntryState()) for n in names}
         self.states.update(fn(cur))
         return {n: self.states.get(n, EntryState()) for n in names}
 
     def names(self) -> list[str]:
+        """The names of every stored state."""
         return list(self.states)
 
     def drop(self, names: Iterable[str], fn: Callable[[EntryState], bool]) -> list[str]:
+        """Delete the states of ``names`` for which ``fn`` is true; returns the names deleted."""
         gone = [n for n in names if n in self.states and fn(self.states[n])]
         for n in gone:
             del self.states[n]
         return gone
 
     def session(self) -> Any:
+        """A no-op context manager: one process's memory needs no lock."""
         import contextlib
 
         return contextlib.nullcontext()
 
     def close(self) -> None:
+        """Nothing to release."""
         pass

@@ -53,6 +53,9 @@ class ForgeCollector:
         self.manager = _manager(manager)
 
     def collect(self) -> Iterator[Any]:
+        """The metric families of the connection's queues at this moment: their sizes by state
+        and the journal's totals (outcome counters, run and wait histograms), read from the store
+        on each call."""
         from prometheus_client.core import (
             CounterMetricFamily,
             GaugeMetricFamily,

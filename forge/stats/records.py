@@ -91,21 +91,27 @@ class Histogram:
 
     @property
     def count(self) -> int:
+        """How many values were added (the sum over every bucket)."""
         return sum(self.counts)
 
     def add(self, seconds: float, n: int = 1) -> None:
+        """Add ``n`` values of ``seconds`` to their bucket and to the sum."""
         self.counts[bucket_index(seconds)] += n
         self.sum += seconds * n
 
     def merge(self, other: Histogram) -> None:
+        """Add ``other``'s counts and sum to this one's (both have the same buckets)."""
         self.counts = [a + b for a, b in zip(self.counts, other.counts, strict=True)]
         self.sum += other.sum
 
     def to_dict(self) -> dict[str, Any]:
+        """The histogram as the journal stores it: the per-bucket counts and the sum."""
         return {"counts": list(self.counts), "sum": self.sum}
 
     @classmethod
     def from_dict(cls, d: Any) -> Histogram:
+        """The histogram ``to_dict`` wrote; an empty one for anything else (another bucket count,
+        not an object), so a bad total never breaks a read."""
         h = cls()
         if isinstance(d, dict) and isinstance(d.get("counts"), list) and len(d["counts"]) == len(h.counts):
             h.counts = [int(x) for x in d["counts"]]
@@ -124,6 +130,8 @@ class QueueTotals:
     wait: Histogram = field(default_factory=Histogram)
 
     def add(self, r: Record) -> None:
+        """Count outcome record ``r`` (done, failed or released) and add its run time and wait,
+        where it has them, to the histograms."""
         setattr(self, r[3], getattr(self, r[3]) + 1)
         if r[6] is not None:
             self.runtime.add(float(r[6]))
@@ -131,6 +139,7 @@ class QueueTotals:
             self.wait.add(float(r[5]))
 
     def merge(self, other: QueueTotals) -> None:
+        """Add ``other``'s counters and histograms to this one's."""
         self.done += other.done
         self.failed += other.failed
         self.released += other.released
@@ -138,11 +147,14 @@ class QueueTotals:
         self.wait.merge(other.wait)
 
     def to_dict(self) -> dict[str, Any]:
+        """The totals as the journal stores them."""
         return {"done": self.done, "failed": self.failed, "released": self.released,
                 "runtime": self.runtime.to_dict(), "wait": self.wait.to_dict()}
 
     @classmethod
     def from_dict(cls, d: Any) -> QueueTotals:
+        """The totals ``to_dict`` wrote; zeros for what is missing, empty totals for a
+        non-object."""
         if not isinstance(d, dict):
             return cls()
         return cls(int(d.get("done") or 0), int(d.get("failed") or 0), int(d.get("released") or 0),

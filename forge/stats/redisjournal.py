@@ -14,9 +14,12 @@ from __future__ import annotations
 import functools
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from forge.stats import records as rec
+
+if TYPE_CHECKING:
+    from forge.backends.redis.server import Server
 
 #: A minute's records stop here (about 100,000 records), as in the file journal.
 MAX_MINUTE_BYTES = 12 * 1024 * 1024
@@ -27,24 +30,16 @@ SCAN_OVER = 2 * 1440
 
 @functools.cache
 def journaled_source(body: str) -> str:
-    """One script made of two in scripts.lua, each run as a function: ``stats_journal``
-    (which records only while the claim holds, so exactly when the outcome will take effect),
-    then ``body`` (``finish`` or ``ack_claim``). ARGV: P, the eleven of ``stats_journal``, then
-    those of ``body`` after its P (so a body with a variable tail, ``ack_claim``'s queues, keeps
-    its own numbering)."""
-    from importlib import resources
+    """One script made of two (``scripts/stats_journal.lua`` and ``scripts/<body>.lua``), each
+    run as a function after the shared prelude: ``stats_journal`` (which records only while the
+    claim holds, so exactly when the outcome will take effect), then ``body`` (``finish`` or
+    ``ack_claim``). ARGV: P, the eleven of ``stats_journal``, then those of ``body`` after its P
+    (so a body with a variable tail, ``ack_claim``'s queues, keeps its own numbering)."""
+    from forge.backends.redis import lua
 
-    from forge.backends.redis import helpers as h
-    from forge.backends.redis.backend import PROMOTE_BATCH
-
-    text = resources.files("forge.backends.redis").joinpath(h.SCRIPTS_FILE).read_text(encoding="utf-8")
-    parts = h._MARKER.split(text)
-    bodies = {name: "".join(x for x in part.splitlines(keepends=True) if not x.startswith("--"))
-              for name, part in zip(parts[1::2], parts[2::2], strict=True)}
-    prelude = bodies["prelude"].replace("PROMOTE_BATCH", str(PROMOTE_BATCH))
-    return (prelude
-            + "\nlocal function main_body(ARGV)\n" + bodies[body] + "\nend\n"
-            + "local function journal_body(ARGV)\n" + bodies["stats_journal"] + "\nend\n"
+    return (lua.prelude()
+            + "\nlocal function main_body(ARGV)\n" + lua.SCRIPTS[body].body + "\nend\n"
+            + "local function journal_body(ARGV)\n" + lua.STATS_JOURNAL.body + "\nend\n"
             + f"local J, M = {{}}, {{ARGV[1]}}\nfor i = 1, {1 + JOURNAL_ARGS} do J[i] = ARGV[i] end\n"
             + f"for i = {2 + JOURNAL_ARGS}, #ARGV do M[#M + 1] = ARGV[i] end\n"
             + "journal_body(J)\nreturn main_body(M)\n")
@@ -55,15 +50,19 @@ JOURNAL_ARGS = 11
 
 
 class RedisJournal:
+    """The journal (``forge.stats.journal.Journal``) of a ``RedisBackend``, in its server under
+    its prefix; records are kept ``retention`` seconds (plus two minutes)."""
+
     def __init__(self, backend: Any, retention: float) -> None:
         self.backend = backend
+        self.server: Server = backend.server
         self.retention = retention
 
     def _minute_key(self, minute: int) -> str:
-        return self.backend._key("stats", "m", str(minute))
+        return self.server.key("stats", "m", str(minute))
 
     def args(self, line: bytes, record: rec.Record, job_id: str = "", token: str = "") -> list[Any]:
-        """The ``stats_journal`` script's arguments after P (see scripts.lua)."""
+        """The ``stats_journal`` script's arguments after P (see ``scripts/stats_journal.lua``)."""
         q, out = record[1], []
         for name, value in (("wait", record[5]), ("runtime", record[6])):
             if value is None:
@@ -75,28 +74,31 @@ class RedisJournal:
 
     def write(self, line: bytes, record: rec.Record) -> None:
         """Record unconditionally (one script run, one round trip)."""
-        with self.backend._io():
-            self.backend._run("stats_journal", *self.args(line, record))
+        from forge.backends.redis import lua
+
+        with self.server.io():
+            self.server.run(lua.STATS_JOURNAL, *self.args(line, record))
 
     def finish_and_write(self, body: str, body_args: Sequence[Any], job_id: str, token: str,
                          line: bytes, record: rec.Record) -> Any:
         """Run the backend's ``body`` script (``finish`` or ``ack_claim``) and journal its outcome
         in one atomic script (``journaled_source``): recorded once, and only if the outcome takes
         effect. Returns what ``body`` returned."""
-        b = self.backend
+        srv = self.server
         jargs = self.args(line, record, job_id, token)
         assert len(jargs) == JOURNAL_ARGS
-        with b._io():
-            return b._c.script(journaled_source(body), b.prefix, *jargs, *body_args)
+        with srv.io():
+            return srv.c.script(journaled_source(body), srv.prefix, *jargs, *body_args)
 
     def read(self, since: float, until: float) -> list[rec.Record]:
-        b = self.backend
+        """The records with ``since <= t <= until`` (one pipeline of the minutes' keys)."""
+        srv = self.server
         minutes: Sequence[int] = range(int(since // 60) - 1, int(until // 60) + 2)
         out: list[rec.Record] = []
-        with b._io():
+        with srv.io():
             if len(minutes) > SCAN_OVER:  # --since=30d: list the minutes that exist rather
                 minutes = self._existing(minutes[0], minutes[-1])  # than GET 43,200 keys (36,000d: 52 million)
-            pipe = b._r.pipeline(transaction=False)
+            pipe = srv.r.pipeline(transaction=False)
             for m in minutes:
                 pipe.get(self._minute_key(m))
             for data in pipe.execute():
@@ -109,16 +111,17 @@ class RedisJournal:
         head = self._minute_key(0)[:-1]
         pattern = "".join("\\" + c if c in "*?[]\\" else c for c in head) + "*"
         raw, found = head.encode(), []
-        for key in self.backend._r.scan_iter(match=pattern, count=5000):
+        for key in self.server.r.scan_iter(match=pattern, count=5000):
             tail = key[len(raw):] if isinstance(key, bytes) else key[len(head):].encode()
             if tail.isdigit() and first <= int(tail) <= last:
                 found.append(int(tail))
         return sorted(found)
 
     def totals(self) -> dict[str, rec.QueueTotals]:
-        b = self.backend
-        with b._io():
-            raw = b._r.hgetall(b._key("stats", "totals"))
+        """Per-queue totals over all history (one HGETALL)."""
+        srv = self.server
+        with srv.io():
+            raw = srv.r.hgetall(srv.key("stats", "totals"))
         out: dict[str, rec.QueueTotals] = {}
         for k, v in raw.items():
             parts = k.decode().split("|")
@@ -139,4 +142,4 @@ class RedisJournal:
         return out
 
     def close(self) -> None:
-        pass
+        """Nothing to close: the connection is the backend's."""

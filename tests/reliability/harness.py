@@ -152,6 +152,18 @@ class Kill:
     reaped_at: float = 0.0
 
 
+def catches_sigterm(pid: int) -> bool:
+    """Whether process ``pid`` has installed a SIGTERM handler (the SigCgt mask in /proc)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    for line in status.splitlines():
+        if line.startswith("SigCgt:"):
+            return bool(int(line.split()[1], 16) >> (signal.SIGTERM - 1) & 1)
+    return False
+
+
 @dataclass
 class Supervisor:
     """Keeps ``n`` workers running; ``kill_one`` SIGKILLs a random one and starts a successor."""
@@ -211,7 +223,12 @@ class Supervisor:
         self.stops += 1
 
     def stop(self, timeout: float = 30.0) -> list[int | None]:
+        """SIGTERM every worker once it handles SIGTERM (a successor still starting up would
+        die of the default action, which is not what is tested), then reap them."""
         for p in self.procs:
+            end = time.monotonic() + timeout
+            while p.poll() is None and not catches_sigterm(p.pid) and time.monotonic() < end:
+                time.sleep(0.005)
             if p.poll() is None:
                 p.send_signal(signal.SIGTERM)
         codes = []
@@ -306,7 +323,8 @@ def kill_storm(target: Target, *, workers: int = 4, jobs: int = 2000, seconds: f
     sup = Supervisor(target, workers)
     began = time.monotonic()
     sup.start()
-    time.sleep(0.5)  # let the first workers load
+    # The first kill comes once the workers are loaded and at work (a job is claimed).
+    wait_for(lambda: any(s.reserved or s.done or s.failed for s in target.backend.stats(["default"])), timeout=60)
     try:
         while time.monotonic() - began < seconds:
             time.sleep(interval * rng.uniform(0.5, 1.5))

@@ -1,4 +1,4 @@
-"""Limits on the Redis backend (``forge.limits``): the ``limits`` script of ``scripts.lua``.
+"""Limits on the Redis backend (``forge.limits``): the ``limits`` script (``scripts/limits.lua``).
 
 A limited claim is one script run: it walks the due jobs of each queue in order (up to
 ``SCAN_MAX`` of them per queue and claim), skips those whose scope is already known to be
@@ -17,17 +17,16 @@ import socket
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from forge.backends.base import KILL_GRACE, LEASE_MARGIN, Claim
-from forge.backends.redis.helpers import us as _us
+from forge.backends.redis import lua
+from forge.backends.redis.claim import Claimer
+from forge.backends.redis.layout import us as _us
+from forge.backends.redis.server import Server
 from forge.config import validate_queue_name
 from forge.errors import QueueUnavailable
-from forge.job import Event, Job
 from forge.limits.spec import LimitsConfig, Need
-
-if TYPE_CHECKING:
-    import contextlib
 
 #: Due jobs one limited claim looks at per queue before it calls the rest held back.
 SCAN_MAX = 5000
@@ -35,76 +34,84 @@ SCAN_MAX = 5000
 
 @dataclass
 class RedisHolds:
+    """What a limited claim (or a direct run's lock) holds: the slots of ``scopes``, as
+    ``holder`` (a job id, or ``run:<token>:<host>:<pid>``)."""
+
     holder: str
     scopes: list[str] = field(default_factory=list)
 
 
-class RedisLimiter:
-    """Limited claims and holds (mixed into ``RedisBackend``)."""
+class Limiter:
+    """Limited claims and holds on one ``Server``, through the ``Claimer``'s tokens.
 
-    prefix: str
-    lease_window: float
-    limits_wake_at: float | None = None
-    limits_blocked: bool = False
+    After a ``claim_limited`` that returned None, ``wake_at`` is when a held-back job may
+    become claimable (a rate's next slot, local clock) and ``blocked`` whether due jobs were
+    held back at all (``forge.limits.gate`` reads both)."""
 
-    if TYPE_CHECKING:
-        def _io(self, dispatch: bool = False) -> contextlib.AbstractContextManager[None]: ...
-        def _run(self, name: str, *args: Any) -> Any: ...
-        def _clock(self) -> float: ...
-        def _token(self) -> str: ...
-        _retry_token: str | None
-        def _local(self, server_us: Any) -> float: ...
-        def _claimed_job(self, token: str, job_id: bytes, record: bytes, attempt: Any) -> Job | None: ...
-        def release(self, claim: Claim, event: Event | None, delay: float) -> None: ...
+    __slots__ = ("srv", "claimer", "wake_at", "blocked")
+
+    def __init__(self, srv: Server, claimer: Claimer) -> None:
+        self.srv = srv
+        self.claimer = claimer
+        self.wake_at: float | None = None
+        self.blocked = False
 
     def claim_limited(self, queues: Sequence[str], worker: str, timeout: float, cfg: LimitsConfig) -> Claim | None:
-        self.limits_wake_at, self.limits_blocked = None, False
+        """Claim the first due job whose holds (``cfg`` and its own limits) are all free, taking
+        them in the same script run; ``Claim.holds`` is its ``RedisHolds`` (None if it needs
+        none). None when nothing may run now (see ``wake_at`` and ``blocked``)."""
+        self.wake_at, self.blocked = None, False
         if not queues:
             return None
         for q in queues:
             validate_queue_name(q)
-        token = self._token()  # reused until a reply arrives: a lost reply's job comes back
-        with self._io():
-            reply = self._run("limits", "claim", json.dumps(worker), token, _us(timeout), _us(KILL_GRACE),
-                              _us(LEASE_MARGIN), _us(self.lease_window), json.dumps(cfg.to_wire()), SCAN_MAX,
-                              *queues)
-            self._clock()
-        self._retry_token = None
+        srv, claimer = self.srv, self.claimer
+        token = claimer.token()  # reused until a reply arrives: a lost reply's job comes back
+        with srv.io():
+            reply = srv.run(lua.LIMITS, "claim", json.dumps(worker), token, _us(timeout), _us(KILL_GRACE),
+                            _us(LEASE_MARGIN), _us(srv.lease_window), json.dumps(cfg.to_wire()), SCAN_MAX,
+                            *queues)
+            srv.clock()
+        claimer.retry_token = None
         if len(reply) == 1:
             return None
         if len(reply) == 4:
-            self.limits_blocked = reply[1] == b"blocked"
-            self.limits_wake_at = self._local(reply[2]) if reply[2] else None
+            self.blocked = reply[1] == b"blocked"
+            self.wake_at = srv.local(reply[2]) if reply[2] else None
             return None
         _, job_id, record, attempt, deadline, lease, scopes, _dropped = reply
-        job = self._claimed_job(token, job_id, record, attempt)
+        job = claimer.claimed_job(token, job_id, record, attempt)
         if job is None:  # failed as corrupt: its holds go too
             self.release_holds(RedisHolds(job_id.decode(), _list(scopes)))
             return None
-        claim = Claim(job, int(attempt), self._local(reply[0]), self._local(deadline),
-                      self._local(lease), token, f"{job.id}/{token}", int(reply[0]))
+        claim = Claim(job, int(attempt), srv.local(reply[0]), srv.local(deadline),
+                      srv.local(lease), token, f"{job.id}/{token}", int(reply[0]))
         held = _list(scopes)
         claim.holds = RedisHolds(job.id, held) if held else None
         return claim
 
     def release_holds(self, holds: Any, *, wake: bool = True) -> None:
+        """Free the slots of ``holds`` (a ``RedisHolds``; anything else is ignored) and wake one
+        waiting worker per queue with a job waiting on them; ``holds`` is emptied."""
         if isinstance(holds, RedisHolds) and holds.scopes:
-            with self._io():
-                self._run("limits", "release", holds.holder, *holds.scopes)
+            with self.srv.io():
+                self.srv.run(lua.LIMITS, "release", holds.holder, *holds.scopes)
             holds.scopes = []
 
     def renew_holds(self, claim: Claim) -> bool:
+        """Move the claim's slots' leases to its lease (those still held); always True."""
         holds = claim.holds
         if not isinstance(holds, RedisHolds) or not holds.scopes or claim.lease_until is None:
             return True
-        with self._io():
-            self._run("limits", "renew", holds.holder, _us(claim.lease_until + self._clock()), *holds.scopes)
+        srv = self.srv
+        with srv.io():
+            srv.run(lua.LIMITS, "renew", holds.holder, _us(claim.lease_until + srv.clock()), *holds.scopes)
         return True
 
     def hand_back(self, claim: Claim) -> None:
         """Put a job a plain claim took back at the head of its queue, its attempt un-counted."""
-        with self._io():
-            self._run("limits", "handback", claim.job.id, claim.handle)
+        with self.srv.io():
+            self.srv.run(lua.LIMITS, "handback", claim.job.id, claim.handle)
 
     # -- a direct run's isolation lock -------------------------------------------------------
 
@@ -112,39 +119,47 @@ class RedisLimiter:
         """Take a slot for a run outside any worker, as a lease of ``lease_window`` the caller
         renews (``renew_lock``); None if it is held."""
         member = f"run:{os.urandom(8).hex()}:{socket.gethostname()}:{os.getpid()}"
-        with self._io():
-            reply = self._run("limits", "lock", member, _us(self.lease_window), need.scope, need.max)
+        srv = self.srv
+        with srv.io():
+            reply = srv.run(lua.LIMITS, "lock", member, _us(srv.lease_window), need.scope, need.max)
         if int(reply[0]) != 1:
             return None
         return RedisHolds(member, [need.scope])
 
     def renew_lock(self, holds: RedisHolds) -> None:
-        with self._io():
-            lease = _us(time.time() + self._clock() + self.lease_window)
-            self._run("limits", "renew", holds.holder, lease, *holds.scopes)
+        """Move a direct run's lock on by ``lease_window`` from now."""
+        srv = self.srv
+        with srv.io():
+            lease = _us(time.time() + srv.clock() + srv.lease_window)
+            srv.run(lua.LIMITS, "renew", holds.holder, lease, *holds.scopes)
 
     # -- inspection -------------------------------------------------------------------------
 
     def limit_scopes(self) -> list[str]:
-        with self._io():
-            return sorted(s.decode() for s in self._r.smembers(f"{self.prefix}:lim:scopes"))  # type: ignore[attr-defined]
+        """Every scope a limit has used, sorted (for ``queue:limits``)."""
+        srv = self.srv
+        with srv.io():
+            return sorted(s.decode() for s in srv.r.smembers(srv.key("lim", "scopes")))
 
     def _state(self, scopes: Sequence[str]) -> dict[str, tuple[list[tuple[str, float]], float | None]]:
         if not scopes:
             return {}
-        with self._io():
-            reply = self._run("limits", "state", *scopes)
+        srv = self.srv
+        with srv.io():
+            reply = srv.run(lua.LIMITS, "state", *scopes)
         out = {}
         for i, s in enumerate(scopes):
             flat = _list(reply[1 + 2 * i])
-            holders = [(flat[j], self._local(flat[j + 1])) for j in range(0, len(flat), 2)]
+            holders = [(flat[j], srv.local(flat[j + 1])) for j in range(0, len(flat), 2)]
             tat = reply[2 + 2 * i]
-            out[s] = (holders, self._local(tat) if tat else None)
+            out[s] = (holders, srv.local(tat) if tat else None)
         return out
 
     def slot_holders(self, scope: str) -> list[dict[str, Any]]:
+        """The live holders of ``scope``'s slots: a job (``job``) or a direct run (``run``,
+        ``host``, ``pid``), each with its ``lease_until`` (local clock)."""
         holders, _ = self._state([scope]).get(scope, ([], None))
-        out = []
+        out: list[dict[str, Any]] = []
         for n, (member, lease) in enumerate(holders):
             if member.startswith("run:"):
                 _, _, host, pid = member.split(":", 3)
@@ -155,6 +170,7 @@ class RedisLimiter:
         return out
 
     def rate_state(self, scope: str) -> float | None:
+        """A rate scope's theoretical arrival time (GCRA, local clock), or None if unused."""
         return self._state([scope]).get(scope, ([], None))[1]
 
 

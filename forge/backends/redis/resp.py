@@ -13,7 +13,7 @@ keep-alive and no Nagle delay, ``AUTH`` (user and password from the URL or the c
 password) and ``SELECT`` on connect, a ``PING`` before a command on a connection idle for
 over 30 s (redis-py's health check), and a few reconnects with jittered exponential backoff
 when a connection fails or times out (every script of the backend is safe to send again after
-a lost reply; see ``scripts.lua``). A connection made before a ``fork()`` is never used
+a lost reply; see ``scripts/``). A connection made before a ``fork()`` is never used
 by the child. Connections are pooled per client (taken and given back; never shared by two
 threads at once).
 
@@ -60,6 +60,9 @@ class ProtocolFailed(RespError):
 
 @dataclass(frozen=True)
 class Address:
+    """Where and how to connect: a TCP host and port or a unix socket ``path``, the database
+    to ``SELECT``, and the ``AUTH`` credentials (None: no ``AUTH``)."""
+
     host: str = "127.0.0.1"
     port: int = 6379
     path: str | None = None  # a unix socket
@@ -69,6 +72,7 @@ class Address:
 
     @property
     def where(self) -> str:
+        """The address as error messages name it (``host:port`` or the socket's path)."""
         return self.path if self.path else f"{self.host}:{self.port}"
 
 
@@ -105,6 +109,8 @@ def parse_url(url: str, password: str | None = None) -> Address | None:
 
 
 def encode(args: Sequence[Any]) -> bytes:
+    """One command in RESP (an array of bulk strings): bytes as they are, str as UTF-8, ints
+    in decimal, anything else as its ``repr``."""
     out = [b"*%d\r\n" % len(args)]
     for a in args:
         if isinstance(a, bytes):
@@ -272,6 +278,7 @@ class Client:
             return replies
 
     def call(self, *args: Any, timeout: float | None = None) -> Any:
+        """One command's reply (as ``pipeline``); an error reply is raised as ``ReplyError``."""
         reply = self.pipeline([args], timeout)[0]
         if isinstance(reply, ReplyError):
             raise reply
@@ -302,6 +309,7 @@ class Client:
         return reply
 
     def close(self) -> None:
+        """Close the idle connections this process made (never a parent's, after a fork)."""
         pid = os.getpid()
         while self._idle:
             conn = self._idle.pop()

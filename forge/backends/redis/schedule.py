@@ -12,17 +12,19 @@ import json
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from forge.backends.redis.helpers import translate
+from forge.backends.redis.server import Server, translate
 from forge.scheduler.state import EntryState, Updater
 
 
 class RedisScheduleStore:
-    """``ScheduleStore`` over a ``RedisBackend``'s server and prefix."""
+    """``ScheduleStore`` (``forge.scheduler.state``) over a ``RedisBackend``'s server and
+    prefix; each method's contract is the protocol's. Redis errors become ``QueueUnavailable``."""
 
     def __init__(self, backend: Any) -> None:
-        self._r = backend._r
-        self.key = f"{backend.prefix}:schedule"
-        self._where = backend._where
+        srv: Server = backend.server
+        self._srv = srv
+        self._r = srv.r
+        self.key = srv.key("schedule")
         #: The states last read, by their stored bytes: a value unchanged since (most of them,
         #: from a run's first read to its update) is not parsed again.
         self._seen: dict[bytes, EntryState] = {}
@@ -36,15 +38,16 @@ class RedisScheduleStore:
         keep[raw] = got
         return got
 
-    def _call(self, fn: Any) -> Any:
+    def _call(self, fn: Callable[[], Any]) -> Any:
         from redis import exceptions as rx
 
         try:
             return fn()
         except rx.RedisError as exc:
-            raise translate(exc, self._where, dispatch=False, url_from=getattr(self, "url_from", "forge.toml")) from None
+            raise translate(exc, self._srv.where, dispatch=False, url_from=self._srv.url_from) from None
 
     def read(self, names: Iterable[str] | None = None) -> dict[str, EntryState]:
+        """The stored states of ``names`` (those that have one), or of every entry."""
         keep: dict[bytes, EntryState] = {}
         if names is None:
             raw = self._call(lambda: self._r.hgetall(self.key))
@@ -57,6 +60,8 @@ class RedisScheduleStore:
         return out
 
     def update(self, names: Iterable[str], fn: Updater) -> dict[str, EntryState]:
+        """Read ``names``, apply ``fn``, write what it changed: one optimistic transaction
+        (retried if another host wrote meanwhile). Returns the states after it."""
         names = list(names)
         out: dict[str, EntryState] = {}
 
@@ -78,9 +83,11 @@ class RedisScheduleStore:
         return out
 
     def names(self) -> list[str]:
+        """Every entry name with a stored state."""
         return [k.decode() for k in self._call(lambda: self._r.hkeys(self.key))]
 
     def drop(self, names: Iterable[str], fn: Callable[[EntryState], bool]) -> list[str]:
+        """Delete, atomically, the states of ``names`` for which ``fn`` holds; returns those."""
         names = list(names)
         gone: list[str] = []
 
@@ -96,10 +103,11 @@ class RedisScheduleStore:
         return gone
 
     def session(self) -> Any:
+        """No lock is needed around a run (every update is a transaction): a no-op context."""
         return contextlib.nullcontext()
 
     def close(self) -> None:
-        pass
+        """Nothing to close: the connection is the backend's."""
 
 
 def _json(v: Any) -> Any:

@@ -1,0 +1,131 @@
+-- The prelude: sent in front of every other script of this directory (forge/backends/redis/lua.py
+-- joins them), so each script can use P and the helpers below. Not a script of its own.
+-- Before it, lua.py puts one line per constant the scripts share: `local PROMOTE_BATCH = <n>`
+-- (due delayed jobs moved per promotion).
+-- KEYS: none (every key is built from the prefix, so Redis Cluster is not supported).
+-- ARGV[1]: the key prefix P, in every script. Key layout: forge/backends/redis/layout.py.
+-- Numbers cross the Lua boundary as strings of integer microseconds: Lua's tostring would
+-- round a timestamp to 14 digits. Times are the server's (TIME).
+if redis.replicate_commands then redis.replicate_commands() end
+local P = ARGV[1]
+local function now_us()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000000 + tonumber(t[2])
+end
+local function us(x) return string.format('%d', x) end
+local function secs(x)
+  return string.format('%d.%06d', math.floor(x / 1000000), x % 1000000)
+end
+local function qk(q, what) return P .. ':q:' .. q .. ':' .. what end
+local function ik(id) return P .. ':info:' .. id end
+local function jk(id) return P .. ':job:' .. id end
+local function notify(q)
+  local k = qk(q, 'notify')
+  if redis.call('LLEN', k) < 8 then redis.call('RPUSH', k, '1') end
+end
+local function promote(q, now)
+  local dk = qk(q, 'delayed')
+  local due = redis.call('ZRANGEBYSCORE', dk, '-inf', us(now), 'LIMIT', 0, PROMOTE_BATCH)
+  if #due == 0 then return 0 end
+  local pk = qk(q, 'pending')
+  for _, id in ipairs(due) do
+    redis.call('ZREM', dk, id)
+    redis.call('RPUSH', pk, id)
+    redis.call('HSET', ik(id), 'state', 'pending')
+  end
+  return #due
+end
+local function enqueue(id, q, now, delay, ...)
+  -- ...: more field, value pairs for the job's info hash, set in the same HSET.
+  if delay <= 0 then
+    promote(q, now)
+    redis.call('RPUSH', qk(q, 'pending'), id)
+    redis.call('HSET', ik(id), 'state', 'pending', 'avail', us(now), ...)
+  else
+    redis.call('ZADD', qk(q, 'delayed'), us(now + delay), id)
+    redis.call('HSET', ik(id), 'state', 'delayed', 'avail', us(now + delay), ...)
+  end
+  notify(q)
+end
+local function free_unique(id)
+  local uk = redis.call('HGET', ik(id), 'ukey')
+  if uk and uk ~= '' then
+    local k = P .. ':unique:' .. uk
+    if redis.call('GET', k) == id then redis.call('DEL', k) end
+  end
+end
+local function drop(id)
+  redis.call('DEL', jk(id), ik(id), P .. ':log:' .. id)
+end
+
+local function finish_job(now, id, token, mode, event, attempts, delay, keep_done, only_expired)
+  -- End the claim (id, token) as mode (done|release|failed); 1 if it held, else 0. See finish.
+  local info = redis.call('HMGET', ik(id), 'state', 'token', 'queue')
+  if info[1] ~= 'reserved' or info[2] ~= token then return 0 end
+  local q = info[3]
+  local rk = qk(q, 'reserved')
+  if only_expired == '1' then
+    local lease = tonumber(redis.call('ZSCORE', rk, id))
+    if lease and lease > now then return 0 end
+  end
+  redis.call('ZREM', rk, id)
+  redis.call('HDEL', ik(id), 'token', 'claimed', 'deadline')
+  if event ~= '' then redis.call('APPEND', jk(id), event) end
+  if mode == 'release' then
+    redis.call('HSET', ik(id), 'attempts', attempts)
+    enqueue(id, q, now, delay)
+    return 1
+  end
+  free_unique(id)
+  if mode == 'done' and keep_done ~= '1' then
+    drop(id)
+    return 1
+  end
+  redis.call('ZADD', qk(q, mode), us(now), id)
+  redis.call('HSET', ik(id), 'state', mode, 'at', us(now))
+  return 1
+end
+local function claim_next(now, worker, token, default_timeout, grace, margin, window, args, first)
+  -- Claim the first due job of the queues args[first..] (the caller's own ARGV, passed in: a
+  -- script run as a function of a larger one sees only its part); see claim for the reply. A
+  -- claim sent again with its token (its reply was lost: a crash, a timeout) gets the same job back.
+  local wk = P .. ':wclaim:' .. worker
+  local last = redis.call('GET', wk)
+  if last and string.sub(last, 1, #token + 1) == token .. ' ' then
+    local id = string.sub(last, #token + 2)
+    local info = redis.call('HMGET', ik(id), 'state', 'token', 'queue', 'attempts', 'claimed', 'deadline')
+    if info[1] == 'reserved' and info[2] == token then
+      local lease = redis.call('ZSCORE', qk(info[3], 'reserved'), id)
+      if lease then
+        return {info[5], id, redis.call('GET', jk(id)), tonumber(info[4]), info[6], us(tonumber(lease))}
+      end
+    end
+  end
+  for i = first, #args do
+    local q = args[i]
+    if redis.call('SISMEMBER', P .. ':paused', q) == 0 then
+      promote(q, now)
+      local pk = qk(q, 'pending')
+      while true do
+        local id = redis.call('LPOP', pk)
+        if not id then break end
+        local info = redis.call('HMGET', ik(id), 'state', 'timeout')
+        if info[1] == 'pending' then
+          local attempt = redis.call('HINCRBY', ik(id), 'attempts', 1)
+          local eff = tonumber(info[2]) or default_timeout
+          local deadline = now + eff + grace
+          local lease = now + math.min(window, deadline - now + margin)
+          redis.call('HSET', ik(id), 'state', 'reserved', 'token', token,
+                     'claimed', us(now), 'deadline', us(deadline))
+          redis.call('ZADD', qk(q, 'reserved'), us(lease), id)
+          redis.call('SET', wk, token .. ' ' .. id, 'EX', 86400)
+          redis.call('APPEND', jk(id), '{"event":"claimed","attempt":' .. attempt .. ',"at":' ..
+                     secs(now) .. ',"worker":' .. worker .. ',"deadline":' .. secs(deadline) ..
+                     ',"log_offset":' .. redis.call('STRLEN', P .. ':log:' .. id) .. '}\n')
+          return {us(now), id, redis.call('GET', jk(id)), attempt, us(deadline), us(lease)}
+        end
+      end
+    end
+  end
+  return {us(now)}
+end

@@ -1,0 +1,263 @@
+"""The one object every part of the Redis backend works through: a ``Server`` holds the
+connection's settings and key layout, the hot path's client, redis-py (made on first use),
+the clock offset to the server, and the translation of client errors into forge's queue errors.
+
+The hot path (dispatch, claim, outcomes, heartbeats, the idle wait, the worker's record) goes
+through ``forge.backends.redis.resp``, forge's own RESP client: one round trip a call, scripts
+run by SHA, and no redis-py import (80-150 ms) for a dispatch or a worker. Listings and the
+other management operations use redis-py (``Server.r``), imported on first use. For URLs the
+RESP client does not take (``rediss://``, other options) redis-py makes every call
+(``PyClient``), with the same raw replies.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from typing import Any, Protocol
+
+from forge.backends.redis import resp as _resp
+from forge.backends.redis.layout import Layout
+from forge.backends.redis.lua import Script
+from forge.backends.retention import DONE_RETENTION
+from forge.config import mask_url
+from forge.errors import ConfigError, DispatchFailed, QueueError, QueueUnavailable
+
+#: Longest a lease runs without a heartbeat (it is shorter when the job's deadline is nearer).
+LEASE_WINDOW = 30.0
+#: Longest single BLPOP; the worker simply waits again. Below the socket timeout.
+BLOCK_CAP = 5.0
+#: How long a measured clock offset to the server is used before it is measured again.
+SKEW_TTL = 60.0
+_SCHEMES = ("redis://", "rediss://", "unix://")
+_UNAVAILABLE_REPLIES = ("BUSY", "LOADING", "READONLY", "MASTERDOWN", "NOAUTH", "WRONGPASS",
+                        "NOPERM", "CLUSTERDOWN", "TRYAGAIN", "NOREPLICAS")
+
+
+class HotClient(Protocol):
+    """What the hot path asks of a client: ``resp.Client``, or ``PyClient`` over redis-py.
+    Replies are raw (bytes, ints, lists); a pipeline's error replies are values, not raised."""
+
+    def call(self, *args: Any, timeout: float | None = None) -> Any:
+        """One command's reply; an error reply is raised."""
+
+    def pipeline(self, cmds: Sequence[Sequence[Any]], timeout: float | None = None) -> list[Any]:
+        """The replies to ``cmds``, sent in one write."""
+
+    def script(self, source: str, *args: Any) -> Any:
+        """Run a Lua script (by its SHA once loaded) with ``args`` as ARGV and no KEYS."""
+
+    def close(self) -> None:
+        """Close the client's connections (those made in this process)."""
+
+
+class Server:
+    """One Redis server (or primary) and key prefix, as the backend's parts share it.
+
+    Raises ``ConfigError`` for a bad URL or prefix."""
+
+    def __init__(self, url: str, *, prefix: str = "forge", done_retention: float = DONE_RETENTION,
+                 connect_timeout: float = 5.0, password: str | None = None,
+                 quick: bool = False, lease_window: float | None = None) -> None:
+        if not isinstance(url, str) or not url.startswith(_SCHEMES):
+            raise ConfigError(
+                f"Invalid Redis URL {mask_url(str(url))!r}: expected redis://, rediss:// or unix://."
+            )
+        if not prefix or any(c.isspace() or c in "*?[]" for c in prefix):
+            raise ConfigError(f"Invalid Redis key prefix {prefix!r}.")
+        self.url = url
+        self.layout = Layout(prefix)
+        self.prefix = prefix
+        self.done_retention = done_retention
+        self.lease_window = LEASE_WINDOW if lease_window is None else lease_window
+        self.where = f"Redis at {mask_url(url)}"
+        #: Where the URL came from, for the hint to fix it there (``RedisBackend.from_connection``).
+        self.url_from = "forge.toml"
+        #: (monotonic time, value of P:restart) read with an idle wait's wake-up (``wake``).
+        self.restart_cache: tuple[float, Any] | None = None
+        self.quick = quick
+        self._skew: float | None = None  # see clock
+        self._skew_at = 0.0
+        self._connect_timeout = connect_timeout
+        self._password = password
+        self._redispy: Any = None  # redis-py's client, made on first use (see r)
+        addr = _resp.parse_url(url, password)
+        self.c: HotClient
+        if addr is None:  # TLS or options only redis-py knows: it makes every call
+            self.c = PyClient(self.r)
+        else:
+            self.c = _resp.Client(addr, connect_timeout=connect_timeout, timeout=self.socket_timeout,
+                                  retries=0 if quick else 2)
+
+    @property
+    def socket_timeout(self) -> float:
+        """How long a reply may take. ``quick``: for a caller that must never block long (the
+        worker's supervisor, which has to kill a job before its lease lapses; it never waits)."""
+        return 1.0 if self.quick else max(BLOCK_CAP + 5.0, 2 * self._connect_timeout)
+
+    @property
+    def r(self) -> Any:
+        """redis-py's client, for the operations outside the hot path (imported on first use).
+
+        Raises ``ConfigError`` if redis-py refuses the URL."""
+        if self._redispy is None:
+            import redis
+            from redis.backoff import ExponentialWithJitterBackoff
+            from redis.retry import Retry
+
+            options: dict[str, Any] = {
+                "socket_connect_timeout": self._connect_timeout,
+                "socket_timeout": self.socket_timeout,
+                "socket_keepalive": True,
+                "health_check_interval": 30,
+                # A few quick reconnects, then the caller hears QueueUnavailable. Every script is
+                # safe to re-run after a lost reply: push is idempotent per job id, and the
+                # outcome scripts are fenced by the claim token.
+                "retry": Retry(ExponentialWithJitterBackoff(base=0.05, cap=0.5), 0 if self.quick else 2),
+            }
+            if self._password is not None:
+                options["password"] = self._password
+            try:
+                self._redispy = redis.Redis.from_url(self.url, **options)
+            except ValueError as exc:
+                raise ConfigError(f"Invalid Redis URL {mask_url(self.url)!r}: {mask_url(str(exc))}") from None
+        return self._redispy
+
+    def key(self, *parts: str) -> str:
+        """The key ``P:part:...`` (``Layout.key``)."""
+        return self.layout.key(*parts)
+
+    @contextlib.contextmanager
+    def io(self, dispatch: bool = False) -> Iterator[None]:
+        """Turn Redis client errors raised inside into forge's queue errors (``translate``:
+        ``QueueUnavailable``, or ``DispatchFailed`` for a refused dispatch), password masked."""
+        try:
+            yield
+        except _resp.RespError as exc:
+            raise translate(exc, self.where, dispatch, self.url_from) from None
+        except Exception as exc:
+            if _is_redispy_error(exc):
+                raise translate(exc, self.where, dispatch, self.url_from) from None
+            raise
+
+    def run(self, script: Script, *args: Any) -> Any:
+        """Run ``script`` with ARGV = prefix, ``args``: by its SHA, loaded into the server on
+        its first NOSCRIPT. Raises the client's errors (call it inside ``io``)."""
+        return self.c.script(script.source, self.prefix, *args)
+
+    def clock(self) -> float:
+        """The server's clock minus ours (seconds): from the fastest of three ``TIME`` round
+        trips, measured again every minute. Kept steady in between, so a time converted to
+        the server's clock and back comes out unchanged."""
+        if self._skew is None or time.monotonic() - self._skew_at > SKEW_TTL:
+            samples = []
+            for _ in range(3):
+                before = time.time()
+                sec, usec = self.c.call("TIME")
+                after = time.time()
+                samples.append((after - before, int(sec) + int(usec) / 1e6 - (before + after) / 2))
+            self._skew, self._skew_at = min(samples)[1], time.monotonic()
+        return self._skew
+
+    def local(self, server_us: Any) -> float:
+        """A server time in microseconds (as a Redis reply) on our clock, in seconds."""
+        return float(server_us) / 1e6 - self.clock()
+
+    def server_now(self) -> float:
+        """Now on the server's clock (Unix seconds)."""
+        return time.time() + self.clock()
+
+    def close(self) -> None:
+        """Close both clients' connections; never raises."""
+        with contextlib.suppress(Exception):
+            self.c.close()
+        if self._redispy is not None:
+            with contextlib.suppress(Exception):
+                self._redispy.close()
+
+
+def raise_first(replies: list[Any]) -> list[Any]:
+    """A pipeline's replies, or its first error reply raised."""
+    for r in replies:
+        if isinstance(r, Exception):
+            raise r
+    return replies
+
+
+def _is_redispy_error(exc: Exception) -> bool:
+    rx = sys.modules.get("redis.exceptions")
+    return rx is not None and isinstance(exc, rx.RedisError)
+
+
+def translate(exc: Exception, where: str, dispatch: bool, url_from: str = "forge.toml") -> QueueError:
+    """One line a user can act on; the URL's password never appears. ``url_from`` says where
+    the URL came from (``forge.toml``, ``$FORGE_REDIS_URL``, ...), for the hint to fix it there."""
+    if isinstance(exc, _resp.RespError):
+        kind = {_resp.ProtocolFailed: "protocol", _resp.ReplyTimeout: "timeout",
+                _resp.ConnectionFailed: "connection"}.get(type(exc), "reply")
+    else:  # redis-py's (only ever called with a redis error in hand)
+        from redis import exceptions as rx
+
+        kind = ("protocol" if isinstance(exc, rx.InvalidResponse) else "timeout" if isinstance(exc, rx.TimeoutError)
+                else "connection" if isinstance(exc, rx.ConnectionError)
+                else "reply" if isinstance(exc, rx.ResponseError) else "other")
+    detail = mask_url(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__).rstrip(".")
+    if "Protocol error: unauthenticated" in detail:  # a long command before AUTH (Redis 7+)
+        kind, detail = "connection", "NOAUTH Authentication required"
+    fix = f"fix the url in {url_from}" if url_from.startswith("$") else f"fix the connection's url in {url_from}"
+    if kind == "protocol" or detail.startswith("Protocol Error"):
+        # Something answers at the URL, but not in Redis's protocol (an HTTP server, say).
+        answer = detail.split(":", 1)[1].strip() if detail.startswith("Protocol Error:") else detail
+        msg = f"{where} is not a Redis server (it answered {answer})."
+        if dispatch:
+            msg += " Nothing was queued."
+        return QueueUnavailable(msg, hint=f"Check the host and port, or {fix}.")
+    if kind == "timeout":
+        msg = f"{where} did not answer in time ({detail})."
+        if dispatch:
+            msg += " The job may or may not have been stored; nothing was half-written."
+        return QueueUnavailable(msg, hint="Check the server's load, or raise connect_timeout.")
+    if kind == "connection":  # includes authentication and loading errors
+        return QueueUnavailable(f"{where} is unavailable: {detail}.",
+                                hint=f"Start the server or {fix}.")
+    if kind == "reply" and str(exc).split(" ", 1)[0].upper() in _UNAVAILABLE_REPLIES:
+        return QueueUnavailable(f"{where} cannot serve the queue now: {detail}.")
+    if dispatch:
+        return DispatchFailed(f"{where} refused the job: {detail}.",
+                              hint="Check the server's memory (maxmemory) and logs; nothing was queued.")
+    return QueueUnavailable(f"{where} failed: {detail}.")
+
+
+class PyClient:
+    """The hot path's calls made by redis-py, for URLs ``resp`` does not take (``rediss://``,
+    other options): the same replies as ``resp.Client`` (raw, no response callbacks)."""
+
+    def __init__(self, client: Any) -> None:
+        import redis
+
+        self._r: Any = redis.Redis(connection_pool=client.connection_pool)
+        self._r.response_callbacks.clear()  # raw replies, as RESP gives them
+        self._scripts: dict[str, Any] = {}
+
+    def call(self, *args: Any, timeout: float | None = None) -> Any:
+        """One command's raw reply (``timeout`` is redis-py's socket timeout here)."""
+        return self._r.execute_command(*args)
+
+    def pipeline(self, cmds: Sequence[Sequence[Any]], timeout: float | None = None) -> list[Any]:
+        """The replies to ``cmds`` in one pipeline (no transaction), error replies as values."""
+        pipe = self._r.pipeline(transaction=False)
+        for c in cmds:
+            pipe.execute_command(*c)
+        return list(pipe.execute(raise_on_error=False))
+
+    def script(self, source: str, *args: Any) -> Any:
+        """Run ``source`` through redis-py's registered scripts (EVALSHA, NOSCRIPT handled)."""
+        script = self._scripts.get(source)
+        if script is None:
+            script = self._scripts[source] = self._r.register_script(source)
+        return script(keys=[], args=list(args))
+
+    def close(self) -> None:
+        """Nothing to do: the pool is the backend's redis-py client's, closed with it."""

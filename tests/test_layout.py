@@ -1,0 +1,108 @@
+"""The tree's shape: no import cycles between forge's modules, no mixin stubs, a docstring each.
+
+Read from the source with ``ast`` (nothing is imported). An import counts where it is written:
+at module level, or inside a function (a deferred import is still a dependency); an import
+under ``if TYPE_CHECKING:`` is for the type checker only and does not count.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+FORGE = Path(__file__).resolve().parent.parent / "forge"
+
+
+def module_name(path: Path) -> str:
+    """``forge/a/b.py`` -> ``forge.a.b``; ``forge/a/__init__.py`` -> ``forge.a``."""
+    parts = list(path.relative_to(FORGE.parent).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def modules() -> dict[str, ast.Module]:
+    return {module_name(p): ast.parse(p.read_text(), str(p)) for p in sorted(FORGE.rglob("*.py"))}
+
+
+def is_type_checking(node: ast.If) -> bool:
+    t = node.test
+    return (isinstance(t, ast.Name) and t.id == "TYPE_CHECKING") or (
+        isinstance(t, ast.Attribute) and t.attr == "TYPE_CHECKING")
+
+
+def imports(tree: ast.Module, known: set[str]) -> set[str]:
+    """The forge modules ``tree`` imports (``from P import m`` counts P.m when it is a module)."""
+    out: set[str] = set()
+
+    def visit(node: ast.AST) -> None:
+        if isinstance(node, ast.If) and is_type_checking(node):
+            for child in node.orelse:
+                visit(child)
+            return
+        if isinstance(node, ast.Import):
+            out.update(a.name for a in node.names if a.name.startswith("forge"))
+        elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("forge"):
+            for a in node.names:
+                sub = f"{node.module}.{a.name}"
+                out.add(sub if sub in known else node.module)
+        for child in ast.iter_child_nodes(node):
+            visit(child)
+
+    visit(tree)
+    return {m for m in out if m in known}
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One cycle of ``graph`` as a path that starts and ends at the same node, or None."""
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def dfs(node: str) -> list[str] | None:
+        state[node] = 1
+        stack.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == 1:
+                return stack[stack.index(nxt):] + [nxt]
+            if nxt not in state and (found := dfs(nxt)):
+                return found
+        stack.pop()
+        state[node] = 2
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (found := dfs(node)):
+            return found
+    return None
+
+
+def graph_of() -> dict[str, set[str]]:
+    trees = modules()
+    known = set(trees)
+    graph = {}
+    for name, tree in trees.items():
+        # a package's own __init__ importing its submodules (re-exports) is not a cycle of design
+        graph[name] = {m for m in imports(tree, known) if m != name and not m.startswith(name + ".")}
+    return graph
+
+
+def test_the_module_graph_has_no_cycles() -> None:
+    cycle = find_cycle(graph_of())
+    assert cycle is None, "import cycle: " + " -> ".join(cycle or [])
+
+
+def test_the_cycle_check_finds_a_cycle() -> None:
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": set()}) is None
+
+
+def test_no_method_stubs_under_type_checking() -> None:
+    """A class that re-declares another's methods for the type checker is a mixin in disguise."""
+    offenders = []
+    for name, tree in modules().items():
+        for node in ast.walk(tree):
+            if isinstance(node, ast.If) and is_type_checking(node):
+                for inner in ast.walk(node):
+                    if isinstance(inner, ast.FunctionDef | ast.AsyncFunctionDef):
+                        offenders.append(f"{name}.{inner.name}")
+    assert not offenders, f"method stubs under TYPE_CHECKING: {offenders}"
