@@ -348,12 +348,12 @@ def _parse_cached(raw: bytes) -> dict[str, Any]:
     import json
     import tomllib
 
-    from forge.cli.fastpath.cache import _read, _trusted_dir
+    from forge.privatefile import read_private, trusted_dir
 
     digest = hashlib.sha256(raw).hexdigest()
     folder = user_dir("cache") / "toml"
     path = folder / f"{digest}.json"
-    cached = _read(path)
+    cached = read_private(path, 4 << 20)  # 4 MiB, the command cache's cap
     if cached is not None:
         try:
             doc = json.loads(cached)
@@ -372,7 +372,7 @@ def _parse_cached(raw: bytes) -> dict[str, Any]:
     tmp = folder / f".{digest}.{os.getpid()}.tmp"
     try:
         folder.mkdir(parents=True, exist_ok=True, mode=0o700)
-        if not _trusted_dir(folder):
+        if not trusted_dir(folder):
             return data
         for old in folder.glob("*.json"):  # one project's config changes now and then: keep few
             if old != path and len(old.name) == 69:

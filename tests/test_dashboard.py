@@ -143,7 +143,7 @@ def test_file_listings_match_the_backend_and_see_every_change(queue_target: Any)
     from forge.queue import QueueManager
 
     QueueManager(b).cancel(ids[0])
-    dirs = listing.Listings(b)
+    dirs = b.listings  # the backend's own, behind its page()
     dirs.SETTLED = 0.0  # reuse every listing: what a quiet queue gets after a second
     assert dirs.stats() == b.stats()
     assert dirs.stats() == b.stats()  # from the cache

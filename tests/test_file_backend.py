@@ -356,7 +356,7 @@ def test_markers_locks_and_holders_another_user_planted_count_for_nothing(fb: Fi
     assert fb.paused() == {"default"} and os.lstat(paused).st_uid == os.getuid()
     # A unique-key lock file she owns could be held by her for ever: refused, naming it.
     unique = QueuedCommand("demo:sleep").with_args(["0"]).with_unique_key("nightly")
-    holder = fb._unique_path("nightly")
+    holder = fb.store.unique_path("nightly")
     holder.write_text(json.dumps({"key": "nightly", "job_id": str(uuid.uuid4()), "created_at": time.time()}))
     foreign(holder, 0o644)
     lock = qdir / ".unique.lock"
@@ -447,7 +447,7 @@ def test_claim_and_maintain_on_a_read_only_queue_directory_raise_unavailable(qdi
     orphan = b.claim(["default"], WORKER, 60)  # its worker died: maintain must recover it
     assert orphan is not None
     b.close()
-    os.close(orphan.handle[0])
+    os.close(orphan.handle.fd)
     read_only()
     b = FileBackend(qdir)
     pending = qdir / "q" / "default" / "pending"
@@ -778,7 +778,7 @@ def test_a_finishing_job_never_frees_the_key_its_successor_took(fb: FileBackend,
     args = ["--fail"] if outcome == "failed" else []
     first = QueuedCommand("probe:run").with_args(args).with_unique_key("nightly").to_job("default")
     fb.push([first])
-    holder = str(fb._unique_path("nightly"))
+    holder = str(fb.store.unique_path("nightly"))
     log = tmp_path / "strace.log"
     env = {**os.environ, "FORGE_CONFIG": str(PROBE_PROJECT), "FORGE_QUEUE_DIR": str(qdir)}
     worker = subprocess.Popen(
@@ -874,7 +874,7 @@ def test_a_running_job_whose_temp_name_survived_a_crash_is_recovered(qdir: Path)
     assert claim is not None
     (reserved,) = (qdir / "q" / "default" / "reserved").iterdir()
     os.link(reserved, qdir / "tmp" / f"{j.id}.tmp")  # the crash kept the temp name too
-    os.close(claim.handle[0])  # the worker is gone: its lock with it
+    os.close(claim.handle.fd)  # the worker is gone: its lock with it
     b.close()
     b = FileBackend(qdir)
     assert b.maintain()["recovered"] == 1
@@ -933,7 +933,7 @@ def test_maintenance_never_waits_for_a_dispatcher_holding_the_key_lock(fb: FileB
     fb.prune_done()
     other = FileBackend(qdir)
     try:
-        with fb._global_lock("idem"):  # a dispatch in progress (or a stopped one)
+        with fb.layout.global_lock("idem"):  # a dispatch in progress (or a stopped one)
             start = time.monotonic()
             assert other.maintain()["keys_removed"] == 0
             assert time.monotonic() - start < 2

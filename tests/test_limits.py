@@ -371,7 +371,7 @@ def test_a_release_wakes_one_waiting_worker_and_forgets_dead_ones(tmp_path: Path
         need = Need("slot", "c:tenant:1", "concurrency tenant:1", 1)
         holds = b.lock_scope(need, {"job": "x"})
         assert holds is not None and b.lock_scope(need, {"job": "y"}) is None
-        b._lim_fd("wait")  # the directory waiters register in (made on first use)
+        b.limiter._lim_fd("wait")  # the directory waiters register in (made on first use)
         wait = tmp_path / "q" / "limits" / "wait"
         h = scope_hash("c:tenant:1")
         (wait / f"{h}.{dead.pid}").mkdir(mode=0o700)

@@ -392,13 +392,13 @@ def test_list_with_no_queues(capsys: Capsys) -> None:
 
 
 def test_list_reads_only_limit_job_files(capsys: Capsys, monkeypatch: pytest.MonkeyPatch) -> None:
-    from forge.backends.file.backend import FileBackend
+    from forge.backends.file.admin import Admin
 
     CommandQueue("default").dispatch_many(QueuedCommand("email:send").with_args([f"--user={i}"])
                                           for i in range(1, 501))
     reads: list[Path] = []
-    real = FileBackend._info
-    monkeypatch.setattr(FileBackend, "_info", lambda self, path, *a: reads.append(path) or real(self, path, *a))
+    real = Admin._info  # where the file backend reads a job file for a listing
+    monkeypatch.setattr(Admin, "_info", lambda self, path, *a: reads.append(path) or real(self, path, *a))
     code, out, _ = cli(capsys, "queue:list", "--limit", "5")
     assert code == 0 and "500" in out
     assert len(reads) == 5

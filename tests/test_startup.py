@@ -128,3 +128,18 @@ def test_dispatch_imports_neither_typer_nor_the_dispatch_command(tmp_path: Path)
     modules = set(probe(tmp_path, "queue:dispatch", "email:send", "--user", "1")["modules"])  # type: ignore[arg-type]
     assert "forge.cli.dispatch_options" in modules
     assert not modules & {"typer", "forge.cli.builtins.dispatch", "forge.cli.app"}
+
+
+#: Parts of the file backend (and what they import) that storing a job does not need.
+DISPATCH_UNNEEDED = {"forge.backends.file.admin", "forge.backends.file.claim", "forge.backends.file.upkeep",
+                     "forge.backends.file.limits", "forge.limits.spec", "forge.stats.journal"}
+
+
+def test_dispatch_imports_only_the_file_backends_dispatch_half(tmp_path: Path) -> None:
+    """queue:dispatch stores the job through the file backend's store alone: the admin half,
+    claiming, upkeep and limits stay unimported, on the full path (which writes the command
+    cache) and on the fast path after it."""
+    for _ in range(2):
+        modules = set(probe(tmp_path, "queue:dispatch", "demo:sleep", "0")["modules"])  # type: ignore[arg-type]
+        assert "forge.backends.file.store" in modules  # the job went through the file backend
+        assert not modules & DISPATCH_UNNEEDED, f"queue:dispatch imported {sorted(modules & DISPATCH_UNNEEDED)}"

@@ -15,6 +15,7 @@ from forge.stats import records as rec
 
 if TYPE_CHECKING:
     from forge.backends.base import Backend, Claim, QueueStore
+    from forge.backends.file.layout import FileLayout
     from forge.job import Event
 
 #: How long outcome records are kept (seconds), whatever ``done_retention`` is:
@@ -57,7 +58,7 @@ def journal_for(backend: QueueStore) -> Journal:
             from forge.stats.redisjournal import RedisJournal
 
             j = RedisJournal(backend, retention())
-        elif hasattr(backend, "_root"):
+        elif _file_layout(backend) is not None:  # the file backend: its journal lives in its tree
             from forge.stats.filejournal import FileJournal
 
             def every_ten_minutes(name: str) -> None:
@@ -66,12 +67,21 @@ def journal_for(backend: QueueStore) -> Journal:
 
                     sweep(cast("Backend", backend))
 
-            j = FileJournal(backend._root, backend.uid, retention(),  # type: ignore[attr-defined]
-                            on_new_minute=every_ten_minutes)
+            lay = _file_layout(backend)
+            assert lay is not None
+            j = FileJournal(lay.path, lay.uid, retention(), on_new_minute=every_ten_minutes)
         else:
             raise TypeError(f"no stats journal for {type(backend).__name__}")
         backend._forge_stats_journal = j  # type: ignore[attr-defined]
     return j
+
+
+def _file_layout(backend: object) -> FileLayout | None:
+    """The file backend's layout (where its journal lives); None for another backend."""
+    from forge.backends.file.layout import FileLayout
+
+    lay = getattr(backend, "layout", None)
+    return lay if isinstance(lay, FileLayout) else None
 
 
 def record_outcome(backend: QueueStore, claim: Claim, event: Event | None) -> None:

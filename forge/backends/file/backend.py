@@ -19,7 +19,7 @@ is one atomic ``rename``. A claim opens and ``flock``s the pending file, then re
 ``reserved/`` with the attempt count incremented: the lock is taken before the file is
 visible as reserved, and held by the job's process for as long as it runs, so a reserved
 file whose lock can be taken belongs to a dead worker. Pending names sort by key, so FIFO is
-a sorted listing (``_filenames``). A worker lists a pending directory once into a heap and
+a sorted listing (``layout``). A worker lists a pending directory once into a heap and
 claims from it; the names inotify reports arriving are pushed onto the heap, and the
 directory is listed again only when the kernel's event queue overflowed or there is no
 inotify. Workers sharing a queue would race for the same head: one that loses skips a few
@@ -28,255 +28,335 @@ The claim and acknowledge path works with names and directory descriptors (``*at
 never with paths built per job.
 
 The tree is private to its owner, and that is checked on what is opened, not on paths looked
-up again (``_fileio``): every directory of the layout is opened without following a symlink
+up again (``fsio``): every directory of the layout is opened without following a symlink
 and ``fstat``ed, when a process first uses it and again at each maintenance pass (one that
 another user owns is refused, one of ours open to others is closed again), and every file
 is checked on its open descriptor before it is read, written or run.
 
-What lives where: this module is the core (the backend object, the directory layout and its
-preparation, outcomes: ack, release, fail) and composes the rest, each a mixin working on the
-same state: ``FileWriter`` (``_filewrite``: dispatch, unique keys; idempotency keys in ``_fileidem``), ``FileClaimer``
-(``_fileclaim``: listings, claims, refusing and quarantining files), ``FileUpkeep``
-(``_fileupkeep``: maintenance and recovery, pause/resume/restart, logs) and ``FileAdmin``
-(``_fileadmin``: ``find``, ``jobs``, ``stats``, ``retry``, ``forget``, ``flush``,
-``prune_done``, ``clear``). Job-file names, the cached pending listing and a queue's
-directories are in ``_filenames``; small-file I/O helpers, flags and limits in ``_fileio``.
+What lives where: this module is the façade, ``FileBackend``, which owns one ``FileLayout``
+(``layout``: the root, its settings, the directories opened so far) and composes the parts
+over it, each a module with the Redis package's name for the same concern: ``store``
+(dispatch, unique keys; idempotency keys in ``idempotency``), ``claim`` (claims, outcomes, and
+``JobFiles``: opening, refusing and quarantining files), ``upkeep`` (maintenance and recovery,
+markers, the worker registry, cancel requests, logs), ``admin`` (find, jobs, page, stats, retry,
+forget, flush, prune_done, clear, cancel) and ``limits``. Every method of the façade delegates
+to one of them. Only ``layout`` and ``store`` are imported with the façade: a dispatch needs no
+more; the other parts are imported and made on first use. Job-file names, the cached pending
+listing and a queue's directories are in ``layout``; small-file I/O helpers and flags in
+``fsio``.
 """
 
 from __future__ import annotations
 
-import contextlib
-import errno
-import fcntl
 import os
-import select
-import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from functools import cached_property
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from forge import _linux
-from forge.backends.base import Claim
-from forge.backends.file.admin import FileAdmin
-from forge.backends.file.claim import FileClaimer
-from forge.backends.file.fsio import micros, private_dir, unusable
-from forge.backends.file.layout import STATES, QueueDirs, pending_name, safe_queue
-from forge.backends.file.limits import FileLimiter
-from forge.backends.file.store import FileWriter
-from forge.backends.file.upkeep import FileUpkeep
-from forge.backends.retention import DONE_RETENTION, LOG_CAP, keeps_done
-from forge.config import Connection, validate_queue_name
-from forge.job import Event
-from forge.stats.journal import record_outcome
+from forge.backends.base import Claim, JobPage, QueueStats
+from forge.backends.file.layout import FileLayout
+from forge.backends.file.store import Store
+from forge.backends.retention import DONE_RETENTION, LOG_CAP
+from forge.errors import RetryBlocked
+from forge.job import Event, Job, JobInfo, State
+
+if TYPE_CHECKING:
+    from forge.backends.file.admin import Admin, Listings
+    from forge.backends.file.claim import Claimer, JobFiles
+    from forge.backends.file.limits import Block, FileHolds, Limiter
+    from forge.backends.file.upkeep import Upkeep
+    from forge.config import Connection
+    from forge.limits.spec import LimitsConfig, Need
 
 __all__ = ["LOG_CAP", "FileBackend"]
 
-#: The queue directory's fixed sub-directories, created (0700) and checked by every backend.
-SUBDIRS = ("tmp", "q", "unique", "idem", "logs", "quarantine", "workers", "cancel")
 
-
-class FileBackend(FileWriter, FileClaimer, FileUpkeep, FileAdmin, FileLimiter):
-    """The ``Backend`` over a job-file directory (see the module docstring); inspection and
-    management (find, jobs, stats, retry, forget, flush, prune_done, clear) come from
-    ``FileAdmin``."""
+class FileBackend:
+    """The ``Backend`` over a job-file directory (see the module docstring): a façade whose
+    methods delegate to the parts composed over its ``layout``. Each method's contract is the
+    protocol's (``forge.backends.base``)."""
 
     lease_based = False
 
     def __init__(self, root: str | os.PathLike[str], *, done_retention: float = DONE_RETENTION,
                  lock: str = "flock") -> None:
-        self.root = Path(root)
-        self._root = str(self.root)
-        self.done_retention = done_retention
-        self.lock_mode = lock
-        self.uid = os.getuid()
-        self._queues: dict[str, QueueDirs] = {}  # set up (created, opened) this process
-        self._inotify: _linux.Inotify | None = None
-        self._inotify_failed = False
-        self._watched: set[str] = set()
-        self._last_key = 0
-        self._last_base = 0
-        self._swept_at = 0.0  # the last sweep of idem/ (FileUpkeep.maintain)
-        self._dirfds: dict[str, int] = {}
-        self._tmp = f"{self._root}/tmp"
-        self._prepare_root()
+        self.layout = FileLayout(root, done_retention=done_retention, lock_mode=lock)
+        #: The queue directory (``layout.root``), its path as a string, and its owner's uid.
+        self.root: Path = self.layout.root
+        self._root = self.layout.path  # read by forge.jobprogress
+        self.uid = self.layout.uid
+        self.store = Store(self.layout, self.find)
 
     @classmethod
     def from_connection(cls, conn: Connection, *, done_retention: float = DONE_RETENTION,
                         quick: bool = False) -> FileBackend:
+        """The backend of a configured ``file`` connection (``quick`` changes nothing here)."""
         assert conn.path is not None
         return cls(conn.path, done_retention=done_retention, lock=conn.lock)
 
-    # -- layout ---------------------------------------------------------------------------
+    @property
+    def done_retention(self) -> float:
+        """Seconds a done job is kept (``forge.backends.retention``)."""
+        return self.layout.done_retention
 
-    def _prepare_root(self) -> None:
-        """Create or check the queue directory and its fixed sub-directories (``private_dir``):
-        the root first, so that once it is closed to others nobody else can change its entries
-        while they are checked."""
-        fd = private_dir(self._root, self.uid, root=True)
-        try:
-            for sub in SUBDIRS:
-                os.close(private_dir(f"{self._root}/{sub}", self.uid, name=sub, dir_fd=fd))
-        finally:
-            os.close(fd)
+    @property
+    def lock_mode(self) -> str:
+        """"flock" (a claim is its job file's lock) or "lease" (the claimed event's deadline)."""
+        return self.layout.lock_mode
 
-    def _check_layout(self) -> None:
-        """Check the whole tree again (a worker's maintenance does, every few seconds): a
-        directory made accessible to others since is closed again, one that another user
-        put in place of ours is refused."""
-        self._prepare_root()
-        for name in self.queues():
-            for state in STATES:
-                fd = self._state_fd(name, state)
-                if fd is not None:
-                    os.close(fd)
+    # -- the parts, made on first use -------------------------------------------------------
 
-    def _qdir(self, queue: str) -> str:
-        """A queue's directory (not created), after checking the name."""
-        return f"{self._root}/q/{validate_queue_name(queue)}"
+    @cached_property
+    def files(self) -> JobFiles:
+        """Opening, refusing and quarantining job files (``claim.JobFiles``)."""
+        from forge.backends.file.claim import JobFiles
 
-    def _queue(self, name: str) -> QueueDirs:
-        """The queue, its directories created, checked and opened on first use in this process."""
-        q = self._queues.get(name)
-        if q is None:
-            q = self._queues[name] = QueueDirs(self._root, name, self.uid)
-        return q
+        return JobFiles(self.layout)
 
-    def _forget_queue(self, name: str) -> None:
-        q = self._queues.pop(name, None)
-        if q is not None:
-            q.close()
+    @cached_property
+    def claimer(self) -> Claimer:
+        """Claims and outcomes (``claim.Claimer``); outcomes are journaled for the stats."""
+        from forge.backends.file.claim import Claimer
+        from forge.stats.journal import record_outcome
 
-    def quarantined(self) -> int:
-        """How many files are in quarantine/ (not counting their ``.reason`` files)."""
-        try:
-            return sum(1 for n in os.listdir(f"{self._root}/quarantine") if not n.endswith(".reason"))
-        except FileNotFoundError:
-            return 0
+        def journal(claim: Claim, event: Event | None) -> None:
+            record_outcome(self, claim, event)
 
-    def queues(self) -> list[str]:
-        try:
-            return sorted(n for n in os.listdir(f"{self._root}/q") if safe_queue(n))
-        except FileNotFoundError:
-            return []
+        return Claimer(self.layout, self.files, self.store, journal)
 
-    def _state_fd(self, queue: str, state: str) -> int | None:
-        """A descriptor of a queue's ``state`` directory, it and the queue's own directory
-        checked as ``private_dir`` does; None if either does not exist."""
-        qdir = self._qdir(queue)
-        try:
-            qfd = private_dir(qdir, self.uid, create=False)
-            try:
-                return private_dir(f"{qdir}/{state}", self.uid, name=state, dir_fd=qfd, create=False)
-            finally:
-                os.close(qfd)
-        except FileNotFoundError:
-            return None
+    @cached_property
+    def upkeep(self) -> Upkeep:
+        """Maintenance, markers, the worker registry, cancel requests and logs (``upkeep``)."""
+        from forge.backends.file.upkeep import Upkeep
 
-    def _names(self, queue: str, state: str) -> list[str]:
-        """The names in a queue's ``state`` directory (none if the queue does not exist)."""
-        fd = self._state_fd(queue, state)
-        if fd is None:
-            return []
-        try:
-            return os.listdir(fd)
-        except OSError as exc:
-            raise unusable(exc, f"{self._qdir(queue)}/{state}", "list") from None
-        finally:
-            os.close(fd)
+        return Upkeep(self.layout, self.files, self.claimer, self.store, self)
 
-    def _key(self, t: float) -> int:
-        """The sort key for a job due at ``t``: FIFO among jobs this process files for the same
-        or later times, even within one clock tick; an earlier time still sorts earlier."""
-        base = micros(t)
-        key = self._last_key + 1 if self._last_base <= base <= self._last_key else base
-        self._last_base, self._last_key = base, key
-        return key
+    @cached_property
+    def admin(self) -> Admin:
+        """Inspection and management (``admin``)."""
+        from forge.backends.file.admin import Admin
 
-    # -- outcomes -------------------------------------------------------------------------
+        return Admin(self.layout, self.files, self.store)
+
+    @cached_property
+    def limiter(self) -> Limiter:
+        """Limited claims and holds (``limits``)."""
+        from forge.backends.file.limits import Limiter
+
+        return Limiter(self.layout, self.files, self.claimer)
+
+    @property
+    def listings(self) -> Listings:
+        """The reusable directory listings behind ``page`` (a dashboard's stats read them too)."""
+        return self.admin.listings
+
+    # -- the hot path -------------------------------------------------------------------------
+
+    def push(self, jobs: Sequence[Job]) -> list[bool]:
+        """``QueueStore.push`` (``store``)."""
+        return self.store.push(jobs)
+
+    def claim(self, queues: Sequence[str], worker: str, timeout: float) -> Claim | None:
+        """``QueueStore.claim`` (``claim``)."""
+        return self.claimer.claim(queues, worker, timeout)
 
     def heartbeat(self, claim: Claim) -> bool:
+        """``QueueStore.heartbeat``: always True, the claim is a lock held by this process."""
         return True
 
-    def _finish(self, claim: Claim, event: Event | None, state: str | None, dest: str = "") -> None:
-        """Record ``event`` in the claimed file, then move it to ``state``/``dest`` (or delete
-        it when ``state`` is None), and let go of it.
-
-        On an error (a full disk, EIO) the file is put back as it was and stays claimed (the
-        lock is kept), so the caller can call again until it lands: nothing is recorded twice.
-        """
-        fd, q, reserved = claim.handle
-        size = os.fstat(fd).st_size
-        try:
-            if self.lock_mode == "lease":
-                self._still_ours(fd, q, reserved)
-            if event is not None:
-                data = event.to_json()
-                if os.write(fd, data) != len(data):
-                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), f"{q.reserved}/{reserved}")
-            if state is None:
-                os.unlink(reserved, dir_fd=q.fds[1])
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(f"{self._root}/logs/{claim.job.id}.log")
-            else:
-                os.rename(reserved, dest, src_dir_fd=q.fds[1], dst_dir_fd=q.dir_fd(state))
-        except FileNotFoundError:
-            os.close(fd)  # no longer ours: recovered after a lease lapsed, or already recorded
-            raise
-        except OSError as exc:
-            with contextlib.suppress(OSError):
-                os.ftruncate(fd, size)
-            if exc.filename is None:
-                exc.filename = f"{q.reserved}/{reserved}"
-            raise
-        os.close(fd)
-
-    def _still_ours(self, fd: int, q: QueueDirs, reserved: str) -> None:
-        """Lease mode: lock the claimed file again (as recovery does) and make sure it was not
-        recovered meanwhile, so a worker thawed after its lease lapsed records nothing."""
-        for _ in range(200):
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:  # another worker is looking at it this instant
-                time.sleep(0.005)
-        else:
-            raise OSError(errno.EAGAIN, "the claimed file stays locked by another process", reserved)
-        if os.stat(reserved, dir_fd=q.fds[1]).st_ino != os.fstat(fd).st_ino:
-            raise FileNotFoundError(errno.ENOENT, "recovered by another worker", reserved)
-
     def ack(self, claim: Claim, event: Event) -> None:
-        if keeps_done(self.done_retention):
-            self._finish(claim, event, "done", pending_name(micros(time.time()), claim.job.id, claim.attempt))
-        else:
-            self._finish(claim, event, None)
-        if claim.job.unique_key is not None:
-            self._free_unique(claim.job)
-        record_outcome(self, claim, event)
+        """``QueueStore.ack`` (``claim``)."""
+        self.claimer.ack(claim, event)
 
     def release(self, claim: Claim, event: Event | None, delay: float, *, counted: bool = True) -> None:
-        attempts = claim.attempt if event is not None and counted else claim.attempt - 1
-        key = self._key(time.time() + delay)
-        self._finish(claim, event, "pending", pending_name(key, claim.job.id, attempts))
-        record_outcome(self, claim, event)
+        """``QueueStore.release`` (``claim``)."""
+        self.claimer.release(claim, event, delay, counted=counted)
 
     def fail(self, claim: Claim, event: Event) -> None:
-        self._finish(claim, event, "failed", pending_name(micros(time.time()), claim.job.id, claim.attempt))
-        if claim.job.unique_key is not None:
-            self._free_unique(claim.job)
-        record_outcome(self, claim, event)
+        """``QueueStore.fail`` (``claim``)."""
+        self.claimer.fail(claim, event)
 
     def wait(self, queues: Sequence[str], timeout: float) -> None:
-        self._watch(queues)
-        if timeout <= 0:
-            return
-        if self._inotify is None:
-            time.sleep(timeout)
-            return
-        with contextlib.suppress(InterruptedError):
-            select.select([self._inotify], [], [], timeout)
+        """``QueueStore.wait`` (``claim``: inotify)."""
+        self.claimer.wait(queues, timeout)
+
+    def next_due(self, queues: Sequence[str]) -> float | None:
+        """``QueueStore.next_due`` (``claim``: from the cached listings)."""
+        return self.claimer.next_due(queues)
+
+    def maintain(self, default_tries: int = 1) -> dict[str, int]:
+        """``QueueStore.maintain`` (``upkeep``)."""
+        return self.upkeep.maintain(default_tries)
+
+    def cancel_requested(self, job_id: str) -> bool:
+        """``QueueStore.cancel_requested`` (``upkeep``)."""
+        return self.upkeep.cancel_requested(job_id)
+
+    def restart_requested_at(self) -> float | None:
+        """``QueueStore.restart_requested_at`` (``upkeep``)."""
+        return self.upkeep.restart_requested_at()
 
     def close(self) -> None:
-        self.drop_waits()
-        self._drop_dirfds()
-        if self._inotify is not None:
-            self._inotify.close()
-            self._inotify = None
+        """``QueueStore.close``: stop waiting for slots, close every cached descriptor and the
+        inotify watch. The backend can still be used: it opens what it needs again."""
+        if "limiter" in self.__dict__:
+            self.limiter.drop_waits()
+        self.layout.drop_dirfds()
+        if "claimer" in self.__dict__:
+            self.claimer.close()
+
+    # -- operations ---------------------------------------------------------------------------
+
+    def find(self, job_id: str) -> JobInfo | None:
+        """``QueueOperations.find`` (``admin``)."""
+        return self.admin.find(job_id)
+
+    def jobs(self, *, queue: str | None = None, state: State | None = None,
+             command: str | None = None, limit: int | None = None) -> Iterator[JobInfo]:
+        """``QueueOperations.jobs`` (``admin``)."""
+        return self.admin.jobs(queue=queue, state=state, command=command, limit=limit)
+
+    def page(self, queue: str, state: State, *, offset: int = 0, limit: int = 50,
+             command: str | None = None) -> JobPage:
+        """``QueueOperations.page`` (``admin``)."""
+        return self.admin.page(queue, state, offset=offset, limit=limit, command=command)
+
+    def stats(self, queues: Sequence[str] | None = None) -> list[QueueStats]:
+        """``QueueOperations.stats`` (``admin``)."""
+        return self.admin.stats(queues)
+
+    def queues(self) -> list[str]:
+        """``QueueOperations.queues`` (``layout``)."""
+        return self.layout.queues()
+
+    def quarantined(self) -> int:
+        """How many files are in quarantine/ (``admin``)."""
+        return self.admin.quarantined()
+
+    def retry(self, job_ids: Sequence[str] | None, *, queue: str | None = None,
+              reason: str | None = None, command: str | None = None) -> Iterator[JobInfo | RetryBlocked]:
+        """``QueueOperations.retry`` (``admin``)."""
+        return self.admin.retry(job_ids, queue=queue, reason=reason, command=command)
+
+    def forget(self, job_id: str) -> bool:
+        """``QueueOperations.forget`` (``admin``)."""
+        return self.admin.forget(job_id)
+
+    def flush(self, *, older_than: float | None = None, queue: str | None = None) -> int:
+        """``QueueOperations.flush`` (``admin``)."""
+        return self.admin.flush(older_than=older_than, queue=queue)
+
+    def prune_done(self, *, older_than: float | None = None) -> int:
+        """``QueueOperations.prune_done`` (``admin``)."""
+        return self.admin.prune_done(older_than=older_than)
+
+    def clear(self, queue: str) -> int:
+        """``QueueOperations.clear`` (``admin``)."""
+        return self.admin.clear(queue)
+
+    def pause(self, queue: str) -> None:
+        """``QueueOperations.pause`` (``upkeep``: the queue's ``paused`` marker)."""
+        self.upkeep.pause(queue)
+
+    def resume(self, queue: str) -> None:
+        """``QueueOperations.resume`` (``upkeep``)."""
+        self.upkeep.resume(queue)
+
+    def paused(self) -> set[str]:
+        """``QueueOperations.paused`` (``layout``)."""
+        return self.layout.paused()
+
+    def forget_queue(self, queue: str) -> bool:
+        """Remove an empty queue's directory; False if it holds any job (``upkeep``)."""
+        return self.upkeep.forget_queue(queue)
+
+    def request_restart(self) -> float:
+        """``QueueOperations.request_restart`` (``upkeep``)."""
+        return self.upkeep.request_restart()
+
+    def ids_with_prefix(self, prefix: str, limit: int = 100) -> list[str]:
+        """``QueueOperations.ids_with_prefix`` (``admin``)."""
+        return self.admin.ids_with_prefix(prefix, limit)
+
+    def cancel(self, job_id: str) -> JobInfo | None:
+        """``QueueOperations.cancel`` (``admin``)."""
+        return self.admin.cancel(job_id)
+
+    def request_cancel(self, job_id: str) -> None:
+        """``QueueOperations.request_cancel`` (``upkeep``)."""
+        self.upkeep.request_cancel(job_id)
+
+    def clear_cancel(self, job_id: str) -> None:
+        """``QueueOperations.clear_cancel`` (``upkeep``)."""
+        self.upkeep.clear_cancel(job_id)
+
+    def put_worker(self, name: str, record: bytes, ttl: float) -> None:
+        """``QueueOperations.put_worker`` (``upkeep``)."""
+        self.upkeep.put_worker(name, record, ttl)
+
+    def drop_worker(self, name: str) -> None:
+        """``QueueOperations.drop_worker`` (``upkeep``)."""
+        self.upkeep.drop_worker(name)
+
+    def worker_records(self) -> list[bytes]:
+        """``QueueOperations.worker_records`` (``upkeep``)."""
+        return self.upkeep.worker_records()
+
+    def append_log(self, job_id: str, data: bytes) -> None:
+        """``QueueOperations.append_log`` (``upkeep``)."""
+        self.upkeep.append_log(job_id, data)
+
+    def read_log(self, job_id: str, offset: int = 0) -> bytes:
+        """``QueueOperations.read_log`` (``upkeep``)."""
+        return self.upkeep.read_log(job_id, offset)
+
+    # -- limits (``forge.limits``: called by the worker's gate and by direct runs) -------------
+
+    @property
+    def limits_wake_at(self) -> float | None:
+        """After a limited claim that found nothing: when a rate frees a token next, if known."""
+        return self.limiter.limits_wake_at if "limiter" in self.__dict__ else None
+
+    @property
+    def limits_blocked(self) -> bool:
+        """After a limited claim that found nothing: whether a due job was held back."""
+        return self.limiter.limits_blocked if "limiter" in self.__dict__ else False
+
+    def claim_limited(self, queues: Sequence[str], worker: str, timeout: float,
+                      cfg: LimitsConfig) -> Claim | None:
+        """``claim`` through the limits (``limits``): the first due job whose holds are free."""
+        return self.limiter.claim_limited(queues, worker, timeout, cfg)
+
+    def take_holds(self, needs: Sequence[Need], holder: dict[str, Any],
+                   now: float) -> tuple[FileHolds | None, Block | None]:
+        """Take every hold in ``needs`` or none (``limits``)."""
+        return self.limiter.take_holds(needs, holder, now)
+
+    def release_holds(self, holds: Any, *, wake: bool = True) -> None:
+        """Free what a claim held; idempotent (``limits``)."""
+        self.limiter.release_holds(holds, wake=wake)
+
+    def renew_holds(self, claim: Claim) -> bool:
+        """Always True: an flock needs no renewal."""
+        return True
+
+    def hand_back(self, claim: Claim) -> None:
+        """Put a job a plain claim took back, its attempt un-counted (``limits``)."""
+        self.limiter.hand_back(claim)
+
+    def limit_scopes(self) -> list[str]:
+        """Every scope that has held a slot or a rate here (``limits``)."""
+        return self.limiter.limit_scopes()
+
+    def slot_holders(self, scope: str) -> list[dict[str, Any]]:
+        """Who holds each of a scope's locked slots (``limits``)."""
+        return self.limiter.slot_holders(scope)
+
+    def rate_state(self, scope: str) -> float | None:
+        """When a rate's bucket is next empty of debt, or None (``limits``)."""
+        return self.limiter.rate_state(scope)
+
+    def lock_scope(self, need: Need, holder: dict[str, Any]) -> FileHolds | None:
+        """Take a slot for a run outside any worker, or None (``limits``)."""
+        return self.limiter.lock_scope(need, holder)

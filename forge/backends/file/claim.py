@@ -1,6 +1,7 @@
-"""Claiming jobs from the file backend, as a mixin of ``FileBackend``: the cached pending
-listings kept fresh by inotify, ``claim`` (open, ``flock``, rename to reserved/),
-and the checks that refuse and quarantine any file that is not a job forge wrote.
+"""Claiming jobs from the file backend and recording their outcomes (``Claimer``): the cached
+pending listings kept fresh by inotify, ``claim`` (open, ``flock``, rename to reserved/), ack,
+release and fail; and the checks that refuse and quarantine any file that is not a job forge
+wrote (``JobFiles``), which every part that opens job files uses.
 
 See ``file``'s module docstring for why a lock taken before the rename makes a claim safe.
 """
@@ -12,10 +13,11 @@ import errno
 import fcntl
 import json
 import os
+import select
 import time
 import warnings
-from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 from forge import _linux
 from forge.backends.base import KILL_GRACE, Claim
@@ -35,16 +37,22 @@ from forge.backends.file.idempotency import IDEM_DIR, is_key_link
 from forge.backends.file.layout import (
     PENDING_RE,
     RESERVED_RE,
+    FileLayout,
     QueueDirs,
     key_str,
     merge_names,
+    pending_name,
     reserved_name,
     split_pending,
     valid_pending,
 )
-from forge.job import MAX_FILE_BYTES, CorruptJob, Event, Job, decode_job, is_idempotent_id
+from forge.backends.file.store import Store
+from forge.backends.retention import keeps_done
+from forge.errors import CorruptJob
+from forge.job import MAX_FILE_BYTES, Event, Job, decode_job, is_idempotent_id
 
-_TAKEN = object()  # _claim_one: another claimer got there first
+#: ``Claimer.claim_one``: another claimer got there first.
+TAKEN = object()
 #: How a job file's last line starts when the job has finished (events are written with
 #: their name first). forge never puts such a file in pending/: a retry adds "retried".
 _FINISHED = (b'{"event":"done"', b'{"event":"failed"')
@@ -76,195 +84,40 @@ def claimable_job(data: bytes, job_id: str, queue: str) -> Job:
     return job
 
 
-class FileClaimer:
-    """Claiming from a job-file directory (mixed into ``FileBackend``)."""
+@dataclass(slots=True)
+class FileHandle:
+    """The file backend's own state of a claim (``Claim.handle``): the claimed file's open
+    descriptor (locked while the claim holds, in flock mode), its queue, and its name in
+    reserved/. Closed once the outcome is recorded."""
 
-    _root: str
-    _tmp: str
-    uid: int
-    lock_mode: str
-    _queues: dict[str, QueueDirs]
-    _inotify: _linux.Inotify | None
-    _inotify_failed: bool
-    _watched: set[str]
+    fd: int
+    q: QueueDirs
+    name: str
 
-    if TYPE_CHECKING:  # provided by FileBackend and FileWriter
-        def _queue(self, name: str) -> QueueDirs: ...
-        def _forget_queue(self, name: str) -> None: ...
-        def _dirfd(self, path: str) -> int: ...
 
-    # -- claiming -------------------------------------------------------------------------
+def handle_of(claim: Claim) -> FileHandle:
+    """The file backend's handle of ``claim``; ``TypeError`` for another backend's claim."""
+    h = claim.handle
+    if not isinstance(h, FileHandle):
+        raise TypeError(f"not a file backend's claim: {claim.ref or claim.job.id}")
+    return h
 
-    def _watch(self, queues: Sequence[str]) -> None:
-        if self._inotify_failed or self._watched.issuperset(queues):
-            return
-        try:
-            if self._inotify is None:
-                self._inotify = _linux.Inotify()
-            for name in queues:
-                if name not in self._watched:
-                    q = self._queue(name)
-                    self._inotify.watch(q.pending, name)
-                    self._watched.add(name)
-                    q.listing.dirty = True
-        except OSError as exc:
-            if exc.errno in (errno.EACCES, errno.EPERM):  # the directory, not inotify, is at fault
-                raise unusable(exc, str(exc.filename or self._root), "watch") from None
-            self._inotify_failed = True
-            self._watched.clear()
-            if self._inotify is not None:
-                self._inotify.close()
-                self._inotify = None
 
-    def _refresh(self) -> None:
-        """Bring the cached listings up to date with what inotify reported: new names are
-        merged in; an overflow, an odd name or a lost watch calls for a full relisting."""
-        if self._inotify is None:
-            for q in self._queues.values():
-                q.listing.dirty = True
-            return
-        changed = self._inotify.drain()
-        if changed is None:
-            for q in self._queues.values():
-                q.listing.dirty = True
-            return
-        for name, names in changed.items():
-            changed_q = self._queues.get(name)
-            if _linux.IGNORED in names:  # its directory was removed: set it up afresh
-                self._watched.discard(name)
-                self._forget_queue(name)
-            elif changed_q is not None and not merge_names(changed_q.listing, names):
-                changed_q.listing.dirty = True
+class JobFiles:
+    """Opening a job file safely, and refusing and quarantining what is not a job forge wrote
+    (a symlink, another user's file, a file with an unexpected hard link, one over the cap)."""
 
-    def _relist(self, q: QueueDirs) -> QueueDirs:
-        """List ``q``'s pending directory into its cache (quarantining names that are not
-        jobs'); returns the queue, set up afresh if its directory was replaced."""
-        try:
-            if os.stat(q.pending).st_ino != os.fstat(q.pfd).st_ino:
-                raise FileNotFoundError
-        except FileNotFoundError:
-            self._forget_queue(q.name)
-            q = self._queue(q.name)
-        except OSError as exc:
-            raise unusable(exc, q.pending, "list") from None
-        try:
-            names = os.listdir(q.pfd)
-        except OSError as exc:
-            raise unusable(exc, q.pending, "list") from None
-        good = valid_pending(names)
-        if len(good) != len(names):
-            valid = set(good)
-            for n in names:
-                if n not in valid and not n.startswith("."):
-                    self._quarantine(q.pending, n, "unexpected file name in pending/")
-        q.listing.reset(good)
-        return q
+    def __init__(self, lay: FileLayout) -> None:
+        self.lay = lay
 
-    def claim(self, queues: Sequence[str], worker: str, timeout: float) -> Claim | None:
-        self._watch(queues)
-        self._refresh()
-        now = time.time()
-        now_key = key_str(micros(now))
-        for name in queues:
-            q = self._queues.get(name) or self._queue(name)
-            if marker_set(q.paused, self.uid):
-                continue
-            relisted = False
-            while True:
-                listing = q.listing
-                entry = listing.next_due(now_key)
-                if entry is None:
-                    if relisted or not listing.dirty:
-                        break
-                    q = self._relist(q)
-                    relisted = True
-                    continue
-                try:
-                    claim = self._claim_one(q, entry[0], worker, timeout, now)
-                except BaseException:
-                    listing.dirty = True  # the name was taken off the listing: list it again
-                    raise
-                if claim is _TAKEN:
-                    if entry[1]:  # lost the head to another worker: spread out
-                        listing.skip(now_key)
-                elif isinstance(claim, Claim):
-                    return claim
-        return None
-
-    def next_due(self, queues: Sequence[str]) -> float | None:
-        """When the earliest delayed job among ``queues`` becomes due (from cached listings)."""
-        keys = [k for k in (self._queues[q].listing.first_key() for q in queues if q in self._queues)
-                if k is not None]
-        return min(keys) / 1_000_000 if keys else None
-
-    def _claim_one(self, q: QueueDirs, name: str, worker: str, timeout: float, now: float) -> Claim | object | None:
-        """Claim the pending file ``name``: open and lock it, then rename it to reserved/ with
-        the attempt counted. ``_TAKEN`` if another claimer got it first, None if refused."""
-        pfd = q.fds[0]
-        try:
-            fd = os.open(name, O_READ, dir_fd=pfd)
-        except FileNotFoundError:
-            return _TAKEN
-        except OSError as exc:
-            if exc.errno not in FILE_ERRNOS:  # a read-only disk, I/O, no descriptors left
-                raise unusable(exc, q.pending, "claim jobs from") from None
-            self._quarantine(q.pending, name, open_error(exc))
-            return None
-        st = self._job_stat(fd, name)
-        reason = self._refusal(st, self._links(name, st))
-        if reason:
-            os.close(fd)
-            self._quarantine(q.pending, name, reason)
-            return None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            return _TAKEN
-        job_id, attempts = split_pending(name)
-        attempt = attempts + 1
-        reserved = reserved_name(job_id, attempt)
-        try:
-            os.rename(name, reserved, src_dir_fd=pfd, dst_dir_fd=q.fds[1])
-        except FileNotFoundError:
-            os.close(fd)
-            return _TAKEN
-        except OSError as exc:
-            os.close(fd)
-            raise unusable(exc, first_unwritable(q.pending, q.reserved), "claim jobs from") from None
-        try:
-            job = claimable_job(read_whole(fd, st.st_size), job_id, q.name)
-        except CorruptJob as exc:
-            self._quarantine(q.reserved, reserved, str(exc))
-            os.close(fd)
-            return None
-        effective = job.timeout if job.timeout is not None else timeout
-        deadline = now + effective + KILL_GRACE
-        try:
-            os.write(fd, Event("claimed", attempt, now, worker=worker, deadline=deadline,
-                               log_offset=self._log_size(job_id)).to_json())
-        except OSError:
-            # With flock the event is history only (the rename counted the attempt), so a full
-            # disk must not make an existing job unclaimable. A lease lives in this event.
-            if self.lock_mode == "lease":
-                os.close(fd)
-                raise
-        if self.lock_mode == "lease":
-            # The lease is the claim now. A worker that is stopped (or on a host whose locks
-            # this one cannot see) must not keep the job from the worker that recovers it once
-            # the lease lapses; the lock is taken again only to record the outcome.
-            fcntl.flock(fd, fcntl.LOCK_UN)
-        return Claim(job, attempt, now, deadline, None, (fd, q, reserved), f"{q.name}/{reserved}",
-                     micros(now))
-
-    def _log_size(self, job_id: str) -> int:
+    def log_size(self, job_id: str) -> int:
         """Where this attempt's output will start in the job's log (its size now, in bytes)."""
         try:
-            return os.stat(f"{self._root}/logs/{job_id}.log").st_size
+            return os.stat(f"{self.lay.path}/logs/{job_id}.log").st_size
         except OSError:
             return 0
 
-    def _job_stat(self, fd: int, name: str) -> os.stat_result:
+    def job_stat(self, fd: int, name: str) -> os.stat_result:
         """The status of the open job file ``name``, after dropping a crash twin (see below)."""
         st = os.fstat(fd)
         if st.st_nlink >= 2:
@@ -287,16 +140,16 @@ class FileClaimer:
         job_id = m.group(2) if m.re is PENDING_RE else m.group(1)
         try:
             tmp = job_id + ".tmp"
-            tfd = self._dirfd(self._tmp)
+            tfd = self.lay.dirfd(self.lay.tmp)
             twin = os.stat(tmp, dir_fd=tfd, follow_symlinks=False)
             if (twin.st_ino, twin.st_dev) == (st.st_ino, st.st_dev):
                 os.unlink(tmp, dir_fd=tfd)
         except OSError:
             pass
 
-    def _links(self, name: str, st: os.stat_result) -> int:
+    def links(self, name: str, st: os.stat_result) -> int:
         """How many hard links job file ``name`` (status ``st``) may have: 2 if the second is
-        its idempotency key's (``_fileidem``), else 1."""
+        its idempotency key's (``idempotency``), else 1."""
         if st.st_nlink != 2:
             return 1
         m = PENDING_RE.match(name) or RESERVED_RE.match(name)
@@ -306,18 +159,18 @@ class FileClaimer:
         if not is_idempotent_id(job_id):
             return 1
         try:
-            return 2 if is_key_link(self._dirfd(f"{self._root}/{IDEM_DIR}"), job_id, st) else 1
+            return 2 if is_key_link(self.lay.dirfd(f"{self.lay.path}/{IDEM_DIR}"), job_id, st) else 1
         except OSError:
             return 1
 
-    def _refusal(self, st: os.stat_result, links: int = 1) -> str | None:
+    def refusal(self, st: os.stat_result, links: int = 1) -> str | None:
         """Why a file with status ``st`` is not a job file forge will read, or None."""
-        reason = distrust(st, self.uid, links)
+        reason = distrust(st, self.lay.uid, links)
         if reason is None and st.st_size > MAX_FILE_BYTES:
             return f"{st.st_size} bytes, over the {MAX_FILE_BYTES}-byte cap"
         return reason
 
-    def _open_job(self, directory: str, name: str) -> int | None:
+    def open_job(self, directory: str, name: str) -> int | None:
         """Open a job file safely, or quarantine it with the reason; None if gone or refused."""
         try:
             fd = os.open(f"{directory}/{name}", O_READ)
@@ -326,24 +179,24 @@ class FileClaimer:
         except OSError as exc:
             if exc.errno not in FILE_ERRNOS:
                 raise unusable(exc, directory, "read jobs in") from None
-            self._quarantine(directory, name, open_error(exc))
+            self.quarantine(directory, name, open_error(exc))
             return None
-        st = self._job_stat(fd, name)
-        reason = self._refusal(st, self._links(name, st))
+        st = self.job_stat(fd, name)
+        reason = self.refusal(st, self.links(name, st))
         if reason:
             os.close(fd)
-            self._quarantine(directory, name, reason)
+            self.quarantine(directory, name, reason)
             return None
         return fd
 
-    def _quarantine(self, directory: str, name: str, reason: str, *, label: str | None = None) -> None:
+    def quarantine(self, directory: str, name: str, reason: str, *, label: str | None = None) -> None:
         """Move ``name`` out of ``directory`` into quarantine/ (named after ``label``, by
         default the queue), with a ``.reason`` file. A file that cannot be moved is an error
         (``QueueUnavailable``): left in place, it would be refused again at every claim while
         the queue looked empty."""
         path = f"{directory}/{name}"
         label = label or os.path.basename(os.path.dirname(directory))
-        quarantine = f"{self._root}/quarantine"
+        quarantine = f"{self.lay.path}/quarantine"
         dest = f"{quarantine}/{time.time_ns()}-{label}-{name}"
         try:
             os.rename(path, dest)
@@ -354,3 +207,282 @@ class FileClaimer:
         with contextlib.suppress(OSError):
             write_new(dest + ".reason", f"{path}: {reason}\n".encode())
         warnings.warn(f"Quarantined {name} ({reason}); see {dest}.", stacklevel=2)
+
+
+class Claimer:
+    """Claiming from a job-file directory and recording outcomes (ack, release, fail).
+
+    Keeps this process's inotify watch of the pending directories it claims from (``watch``,
+    ``refresh``), the listings in ``QueueDirs.listing``. ``journal`` is told of every outcome
+    once it is recorded (``forge.stats.journal.record_outcome``).
+    """
+
+    def __init__(self, lay: FileLayout, files: JobFiles, store: Store,
+                 journal: Callable[[Claim, Event | None], None]) -> None:
+        self.lay = lay
+        self.files = files
+        self.store = store
+        self.journal = journal
+        self.inotify: _linux.Inotify | None = None
+        self.inotify_failed = False
+        self.watched: set[str] = set()
+
+    def watch(self, queues: Sequence[str]) -> None:
+        """Watch ``queues``' pending directories with inotify (once each); without inotify,
+        listings are relisted when they run dry. ``QueueUnavailable`` if a directory may not be
+        watched."""
+        if self.inotify_failed or self.watched.issuperset(queues):
+            return
+        try:
+            if self.inotify is None:
+                self.inotify = _linux.Inotify()
+            for name in queues:
+                if name not in self.watched:
+                    q = self.lay.queue(name)
+                    self.inotify.watch(q.pending, name)
+                    self.watched.add(name)
+                    q.listing.dirty = True
+        except OSError as exc:
+            if exc.errno in (errno.EACCES, errno.EPERM):  # the directory, not inotify, is at fault
+                raise unusable(exc, str(exc.filename or self.lay.path), "watch") from None
+            self.inotify_failed = True
+            self.watched.clear()
+            if self.inotify is not None:
+                self.inotify.close()
+                self.inotify = None
+
+    def refresh(self) -> None:
+        """Bring the cached listings up to date with what inotify reported: new names are
+        merged in; an overflow, an odd name or a lost watch calls for a full relisting."""
+        if self.inotify is None:
+            for q in self.lay.open_queues.values():
+                q.listing.dirty = True
+            return
+        changed = self.inotify.drain()
+        if changed is None:
+            for q in self.lay.open_queues.values():
+                q.listing.dirty = True
+            return
+        for name, names in changed.items():
+            changed_q = self.lay.open_queues.get(name)
+            if _linux.IGNORED in names:  # its directory was removed: set it up afresh
+                self.watched.discard(name)
+                self.lay.forget_queue(name)
+            elif changed_q is not None and not merge_names(changed_q.listing, names):
+                changed_q.listing.dirty = True
+
+    def relist(self, q: QueueDirs) -> QueueDirs:
+        """List ``q``'s pending directory into its cache (quarantining names that are not
+        jobs'); returns the queue, set up afresh if its directory was replaced."""
+        try:
+            if os.stat(q.pending).st_ino != os.fstat(q.pfd).st_ino:
+                raise FileNotFoundError
+        except FileNotFoundError:
+            self.lay.forget_queue(q.name)
+            q = self.lay.queue(q.name)
+        except OSError as exc:
+            raise unusable(exc, q.pending, "list") from None
+        try:
+            names = os.listdir(q.pfd)
+        except OSError as exc:
+            raise unusable(exc, q.pending, "list") from None
+        good = valid_pending(names)
+        if len(good) != len(names):
+            valid = set(good)
+            for n in names:
+                if n not in valid and not n.startswith("."):
+                    self.files.quarantine(q.pending, n, "unexpected file name in pending/")
+        q.listing.reset(good)
+        return q
+
+    def claim(self, queues: Sequence[str], worker: str, timeout: float) -> Claim | None:
+        """``QueueStore.claim``: from the cached listings, in the order of ``queues``; each due
+        name is tried with ``claim_one`` until one is claimed."""
+        self.watch(queues)
+        self.refresh()
+        now = time.time()
+        now_key = key_str(micros(now))
+        for name in queues:
+            q = self.lay.open_queues.get(name) or self.lay.queue(name)
+            if marker_set(q.paused, self.lay.uid):
+                continue
+            relisted = False
+            while True:
+                listing = q.listing
+                entry = listing.next_due(now_key)
+                if entry is None:
+                    if relisted or not listing.dirty:
+                        break
+                    q = self.relist(q)
+                    relisted = True
+                    continue
+                try:
+                    claim = self.claim_one(q, entry[0], worker, timeout, now)
+                except BaseException:
+                    listing.dirty = True  # the name was taken off the listing: list it again
+                    raise
+                if claim is TAKEN:
+                    if entry[1]:  # lost the head to another worker: spread out
+                        listing.skip(now_key)
+                elif isinstance(claim, Claim):
+                    return claim
+        return None
+
+    def next_due(self, queues: Sequence[str]) -> float | None:
+        """When the earliest delayed job among ``queues`` becomes due (from cached listings)."""
+        keys = [k for k in (self.lay.open_queues[q].listing.first_key() for q in queues if q in self.lay.open_queues)
+                if k is not None]
+        return min(keys) / 1_000_000 if keys else None
+
+    def claim_one(self, q: QueueDirs, name: str, worker: str, timeout: float, now: float) -> Claim | object | None:
+        """Claim the pending file ``name``: open and lock it, then rename it to reserved/ with
+        the attempt counted. ``TAKEN`` if another claimer got it first, None if refused."""
+        pfd = q.fds[0]
+        try:
+            fd = os.open(name, O_READ, dir_fd=pfd)
+        except FileNotFoundError:
+            return TAKEN
+        except OSError as exc:
+            if exc.errno not in FILE_ERRNOS:  # a read-only disk, I/O, no descriptors left
+                raise unusable(exc, q.pending, "claim jobs from") from None
+            self.files.quarantine(q.pending, name, open_error(exc))
+            return None
+        st = self.files.job_stat(fd, name)
+        reason = self.files.refusal(st, self.files.links(name, st))
+        if reason:
+            os.close(fd)
+            self.files.quarantine(q.pending, name, reason)
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return TAKEN
+        job_id, attempts = split_pending(name)
+        attempt = attempts + 1
+        reserved = reserved_name(job_id, attempt)
+        try:
+            os.rename(name, reserved, src_dir_fd=pfd, dst_dir_fd=q.fds[1])
+        except FileNotFoundError:
+            os.close(fd)
+            return TAKEN
+        except OSError as exc:
+            os.close(fd)
+            raise unusable(exc, first_unwritable(q.pending, q.reserved), "claim jobs from") from None
+        try:
+            job = claimable_job(read_whole(fd, st.st_size), job_id, q.name)
+        except CorruptJob as exc:
+            self.files.quarantine(q.reserved, reserved, str(exc))
+            os.close(fd)
+            return None
+        effective = job.timeout if job.timeout is not None else timeout
+        deadline = now + effective + KILL_GRACE
+        try:
+            os.write(fd, Event("claimed", attempt, now, worker=worker, deadline=deadline,
+                               log_offset=self.files.log_size(job_id)).to_json())
+        except OSError:
+            # With flock the event is history only (the rename counted the attempt), so a full
+            # disk must not make an existing job unclaimable. A lease lives in this event.
+            if self.lay.lock_mode == "lease":
+                os.close(fd)
+                raise
+        if self.lay.lock_mode == "lease":
+            # The lease is the claim now. A worker that is stopped (or on a host whose locks
+            # this one cannot see) must not keep the job from the worker that recovers it once
+            # the lease lapses; the lock is taken again only to record the outcome.
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        return Claim(job, attempt, now, deadline, None, FileHandle(fd, q, reserved), f"{q.name}/{reserved}",
+                     micros(now))
+
+    def wait(self, queues: Sequence[str], timeout: float) -> None:
+        """``QueueStore.wait``: sleep until inotify reports a change in ``queues``' pending
+        directories (or, without inotify, for ``timeout``)."""
+        self.watch(queues)
+        if timeout <= 0:
+            return
+        if self.inotify is None:
+            time.sleep(timeout)
+            return
+        with contextlib.suppress(InterruptedError):
+            select.select([self.inotify], [], [], timeout)
+
+    def close(self) -> None:
+        """Stop watching (close the inotify descriptor)."""
+        if self.inotify is not None:
+            self.inotify.close()
+            self.inotify = None
+
+    # -- outcomes -------------------------------------------------------------------------
+
+    def finish(self, claim: Claim, event: Event | None, state: str | None, dest: str = "") -> None:
+        """Record ``event`` in the claimed file, then move it to ``state``/``dest`` (or delete
+        it when ``state`` is None), and let go of it.
+
+        On an error (a full disk, EIO) the file is put back as it was and stays claimed (the
+        lock is kept), so the caller can call again until it lands: nothing is recorded twice.
+        ``FileNotFoundError`` if the file is no longer ours (recovered, or recorded already).
+        """
+        h = handle_of(claim)
+        fd, q, reserved = h.fd, h.q, h.name
+        size = os.fstat(fd).st_size
+        try:
+            if self.lay.lock_mode == "lease":
+                self._still_ours(fd, q, reserved)
+            if event is not None:
+                data = event.to_json()
+                if os.write(fd, data) != len(data):
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), f"{q.reserved}/{reserved}")
+            if state is None:
+                os.unlink(reserved, dir_fd=q.rfd)
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.lay.log_path(claim.job.id))
+            else:
+                os.rename(reserved, dest, src_dir_fd=q.rfd, dst_dir_fd=q.dir_fd(state))
+        except FileNotFoundError:
+            os.close(fd)  # no longer ours: recovered after a lease lapsed, or already recorded
+            raise
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, size)
+            if exc.filename is None:
+                exc.filename = f"{q.reserved}/{reserved}"
+            raise
+        os.close(fd)
+
+    def _still_ours(self, fd: int, q: QueueDirs, reserved: str) -> None:
+        """Lease mode: lock the claimed file again (as recovery does) and make sure it was not
+        recovered meanwhile, so a worker thawed after its lease lapsed records nothing."""
+        for _ in range(200):
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:  # another worker is looking at it this instant
+                time.sleep(0.005)
+        else:
+            raise OSError(errno.EAGAIN, "the claimed file stays locked by another process", reserved)
+        if os.stat(reserved, dir_fd=q.rfd).st_ino != os.fstat(fd).st_ino:
+            raise FileNotFoundError(errno.ENOENT, "recovered by another worker", reserved)
+
+    def ack(self, claim: Claim, event: Event) -> None:
+        """``QueueStore.ack``: to done/ (or deleted, as the retention says), the key freed."""
+        if keeps_done(self.lay.done_retention):
+            self.finish(claim, event, "done", pending_name(micros(time.time()), claim.job.id, claim.attempt))
+        else:
+            self.finish(claim, event, None)
+        if claim.job.unique_key is not None:
+            self.store.free_unique(claim.job)
+        self.journal(claim, event)
+
+    def release(self, claim: Claim, event: Event | None, delay: float, *, counted: bool = True) -> None:
+        """``QueueStore.release``: back to pending/, due in ``delay`` seconds."""
+        attempts = claim.attempt if event is not None and counted else claim.attempt - 1
+        key = self.lay.key(time.time() + delay)
+        self.finish(claim, event, "pending", pending_name(key, claim.job.id, attempts))
+        self.journal(claim, event)
+
+    def fail(self, claim: Claim, event: Event) -> None:
+        """``QueueStore.fail``: to failed/, the key freed."""
+        self.finish(claim, event, "failed", pending_name(micros(time.time()), claim.job.id, claim.attempt))
+        if claim.job.unique_key is not None:
+            self.store.free_unique(claim.job)
+        self.journal(claim, event)

@@ -1,4 +1,4 @@
-"""Small-file I/O helpers shared by every part of the file backend (``file`` and its mixins):
+"""Small-file I/O helpers shared by every part of the file backend (the façade and its parts):
 whole-file reads of job files, exclusive creation of
 new files, the microsecond unit of job-file keys, the flags and limits every part of the
 file backend uses, and the checks that keep the directory tree its owner's alone.
@@ -20,18 +20,18 @@ import os
 import stat
 import warnings
 from pathlib import Path
+from typing import Any
 
 from forge.errors import QueueUnavailable
 from forge.job import MAX_FILE_BYTES
+from forge.privatefile import O_PEEK as O_PEEK  # a small file forge only reads: a marker
+from forge.privatefile import read_trusted, read_upto
 
 TMP_MAX_AGE = 3600.0
 UNIQUE_INFLIGHT = 60.0
 O_READ = os.O_RDWR | os.O_APPEND | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 O_NEW = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-#: A small file forge only reads (a marker, a unique-key holder): never a symlink, never a
-#: FIFO that would block the open.
-O_PEEK = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 _O_PRIVATE_DIR = O_DIR | os.O_NOFOLLOW
 #: Why opening an existing job file failed, when the reason is the file itself (a symlink, a
 #: directory, a FIFO, another user's file): it is quarantined. Any other error (a read-only
@@ -46,15 +46,10 @@ def micros(t: float) -> int:
 
 
 def read_whole(fd: int, size: int | None = None) -> bytes:
-    """The whole file (a job file is never over the cap; if it is, enough to tell so).
-
-    Sized by its length (``size``, else fstat): ``pread(fd, MAX_FILE_BYTES + 1)`` would
-    allocate 4 MiB for every read."""
-    size = min(os.fstat(fd).st_size if size is None else size, MAX_FILE_BYTES) + 1
-    data = os.pread(fd, size, 0)
-    if len(data) == size:  # it grew meanwhile, or is over the cap
-        data = os.pread(fd, MAX_FILE_BYTES + 1, 0)
-    return data
+    """The whole job file open at ``fd`` (a job file is never over the cap; if it is, enough to
+    tell so): ``forge.privatefile.read_upto``, sized by its length (``size``, else fstat), as
+    ``pread(fd, MAX_FILE_BYTES + 1)`` would allocate 4 MiB for every read."""
+    return read_upto(fd, os.fstat(fd).st_size if size is None else size, MAX_FILE_BYTES)
 
 
 def open_error(exc: OSError) -> str:
@@ -228,21 +223,16 @@ def write_new(path: str | Path, data: bytes, *, sync: bool = False) -> None:
     os.close(fd)
 
 
-def read_json(path: Path) -> dict | None:
+def read_json(path: Path) -> dict[str, Any] | None:
     """A small JSON object file (a unique-key holder), or None if missing, not an object, or
-    not a regular file of ours (a planted holder counts as none, and is replaced). Two links
-    are normal: a holder is link()ed into place before its temp name goes."""
-    try:
-        fd = os.open(path, O_PEEK)
-    except OSError:
+    not a regular file of ours that others cannot write (``forge.privatefile``: a planted
+    holder counts as none, and is replaced). Two links are normal: a holder is link()ed into
+    place before its temp name goes."""
+    raw = read_trusted(path, 65536)
+    if raw is None:
         return None
     try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o022:
-            return None
-        data = json.loads(os.read(fd, 65536))
-        return data if isinstance(data, dict) else None
-    except (OSError, ValueError, RecursionError):
+        data = json.loads(raw)
+    except (ValueError, RecursionError):
         return None
-    finally:
-        os.close(fd)
+    return data if isinstance(data, dict) else None

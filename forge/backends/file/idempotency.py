@@ -2,7 +2,7 @@
 
 A job whose id was derived from an idempotency key (``forge.job.is_idempotent_id``) gets a hard
 link ``idem/<id>.job`` to its temp file, made once the file is written and durable and before
-it is renamed into pending/ (``FileWriter._write_jobs_once``). A rename never changes a file's
+it is renamed into pending/ (``Store._write_jobs_once``). A rename never changes a file's
 inode, so that link names the job's file through every state it takes; its link count says
 what became of the job:
 
@@ -19,7 +19,7 @@ Dispatchers decide under the connection's ``idem`` lock, so no two act on one ke
 workers never wait for it (:func:`sweep` only tries). Only dispatchers add links, so a taken
 key becomes free only by a deletion, and deciding needs no listing of the queue directories
 (which a job moving between states could slip through). A claimer accepts the second link
-(``FileClaimer._links``) because it is this one.
+(``JobFiles.links``) because it is this one.
 """
 
 from __future__ import annotations

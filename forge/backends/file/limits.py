@@ -1,4 +1,4 @@
-"""Limits on the file backend (``forge.limits``): slots held with ``flock``, rates in files.
+"""Limits on the file backend (``forge.limits``, ``Limiter``): slots held with ``flock``, rates in files.
 
 Layout under the queue directory::
 
@@ -35,10 +35,10 @@ import socket
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from forge.backends.base import KILL_GRACE, Claim
-from forge.backends.file.claim import _TAKEN, claimable_job
+from forge.backends.file.claim import TAKEN, Claimer, FileHandle, JobFiles, claimable_job, handle_of
 from forge.backends.file.fsio import (
     FILE_ERRNOS,
     O_READ,
@@ -51,18 +51,17 @@ from forge.backends.file.fsio import (
     unusable,
 )
 from forge.backends.file.layout import (
+    FileLayout,
     QueueDirs,
     key_str,
     pending_name,
     reserved_name,
     split_pending,
 )
-from forge.job import CorruptJob, Event
+from forge.errors import CorruptJob
+from forge.job import Event
 from forge.limits import REASON_ISOLATED
 from forge.limits.spec import LimitsConfig, Need, job_limits
-
-if TYPE_CHECKING:
-    from forge import _linux
 
 _BLOCKED = object()
 _O_SLOT = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -93,6 +92,7 @@ _hashes: dict[str, str] = {}
 
 
 def scope_hash(scope: str) -> str:
+    """The file name of a limit scope (a hash of its name: any scope is a safe name), memoised."""
     h = _hashes.get(scope)
     if h is None:
         if len(_hashes) >= 4096:
@@ -101,54 +101,46 @@ def scope_hash(scope: str) -> str:
     return h
 
 
-class FileLimiter:
-    """Limited claims, holds and their inspection (mixed into ``FileBackend``)."""
+class Limiter:
+    """Limited claims, holds and their inspection on a job-file directory (``FileLayout``);
+    claims go through ``claimer`` (its inotify watch and listings), files are checked by
+    ``files``."""
 
-    _root: str
-    uid: int
-    lock_mode: str
-    _inotify: _linux.Inotify | None
-    _queues: dict[str, QueueDirs]
-
-    if TYPE_CHECKING:  # provided by FileBackend and its other parts
-        def _queue(self, name: str) -> QueueDirs: ...
-        def _watch(self, queues: Sequence[str]) -> None: ...
-        def _refresh(self) -> None: ...
-        def _relist(self, q: QueueDirs) -> QueueDirs: ...
-        def _job_stat(self, fd: int, name: str) -> os.stat_result: ...
-        def _links(self, name: str, st: os.stat_result) -> int: ...
-        def _refusal(self, st: os.stat_result, links: int = 1) -> str | None: ...
-        def _quarantine(self, directory: str, name: str, reason: str, *, label: str | None = None) -> None: ...
-        def _finish(self, claim: Claim, event: Event | None, state: str | None, dest: str = "") -> None: ...
-        def fail(self, claim: Claim, event: Event) -> None: ...
-        def claim(self, queues: Sequence[str], worker: str, timeout: float) -> Claim | None: ...
-
-    #: After a limited claim that returned None: the earliest time a rate frees a token for a
-    #: blocked job (None: none is waiting on a rate), and whether any due job was held back.
-    limits_wake_at: float | None = None
-    limits_blocked: bool = False
+    def __init__(self, lay: FileLayout, files: JobFiles, claimer: Claimer) -> None:
+        self.lay = lay
+        self.files = files
+        self.claimer = claimer
+        #: After a limited claim that returned None: the earliest time a rate frees a token for
+        #: a blocked job (None: none is waiting on a rate), and whether any due job was held back.
+        self.limits_wake_at: float | None = None
+        self.limits_blocked = False
+        self._lim_fds: dict[str, int] = {}
+        self._lim_slot_dirs: dict[str, int] = {}
+        self._lim_waits: dict[str, str] = {}
+        self._lim_parked: dict[str, list[str]] = {}
+        self._lim_cache: dict[str, Any] = {}
 
     # -- layout -----------------------------------------------------------------------------
 
     def _lim_fd(self, sub: str) -> int:
-        fds: dict[str, int] = self.__dict__.setdefault("_lim_fds", {})
+        fds = self._lim_fds
         fd = fds.get(sub)
         if fd is None:
             top = fds.get("")
             if top is None:
-                top = fds[""] = private_dir(f"{self._root}/limits", self.uid)
-            fd = top if not sub else private_dir(f"{self._root}/limits/{sub}", self.uid, name=sub, dir_fd=top)
+                top = fds[""] = private_dir(f"{self.lay.path}/limits", self.lay.uid)
+            fd = top if not sub else private_dir(f"{self.lay.path}/limits/{sub}", self.lay.uid, name=sub, dir_fd=top)
             fds[sub] = fd
         return fd
 
     def _slot_dir(self, scope: str) -> int:
         """The directory of a scope's slot files (kept open: a worker uses few scopes)."""
-        dirs: dict[str, int] = self.__dict__.setdefault("_lim_slot_dirs", {})
+        dirs = self._lim_slot_dirs
         fd = dirs.get(scope)
         if fd is None:
             h = scope_hash(scope)
             self._name_scope(h, scope)
-            fd = private_dir(f"{self._root}/limits/slots/{h}", self.uid, name=h, dir_fd=self._lim_fd("slots"))
+            fd = private_dir(f"{self.lay.path}/limits/slots/{h}", self.lay.uid, name=h, dir_fd=self._lim_fd("slots"))
             if len(dirs) >= 256:
                 for old in list(dirs.values()):
                     with contextlib.suppress(OSError):
@@ -169,8 +161,8 @@ class FileLimiter:
     def _waiting(self, scopes: set[str]) -> bool:
         """Be registered as waiting for exactly ``scopes`` (``limits/wait/<h>.<pid>``, each
         watched by this worker's inotify); True if one was added (then look once more)."""
-        mine: dict[str, str] = self.__dict__.setdefault("_lim_waits", {})
-        if self._inotify is None:
+        mine = self._lim_waits
+        if self.claimer.inotify is None:
             return False
         wait = self._lim_fd("wait")
         added = False
@@ -179,7 +171,7 @@ class FileLimiter:
             try:
                 with contextlib.suppress(FileExistsError):
                     os.mkdir(name, 0o700, dir_fd=wait)
-                self._inotify.watch(f"{self._root}/limits/wait/{name}", "\0limits")
+                self.claimer.inotify.watch(f"{self.lay.path}/limits/wait/{name}", "\0limits")
             except OSError:
                 continue
             mine[scope] = name
@@ -193,7 +185,7 @@ class FileLimiter:
 
     def drop_waits(self) -> None:
         """No longer wait for any slot (a worker's backend closing)."""
-        mine: dict[str, str] = self.__dict__.get("_lim_waits", {})
+        mine = self._lim_waits
         if mine:
             wait = self._lim_fd("wait")
             for name in mine.values():
@@ -312,6 +304,7 @@ class FileLimiter:
             self._wake(holds.scopes)
 
     def renew_holds(self, claim: Claim) -> bool:
+        """Always True: an flock needs no renewal."""
         return True  # an flock needs no renewal
 
     # -- claiming ---------------------------------------------------------------------------
@@ -319,19 +312,19 @@ class FileLimiter:
     def claim_limited(self, queues: Sequence[str], worker: str, timeout: float, cfg: LimitsConfig) -> Claim | None:
         """``claim`` through the limits: the first due job, in priority and FIFO order, whose
         holds are free; jobs that must wait stay pending, their attempts untouched."""
-        self._watch(queues)
+        self.claimer.watch(queues)
         for again in (True, False):
-            self._refresh()
+            self.claimer.refresh()
             self.limits_wake_at, self.limits_blocked = None, False
             now = time.time()
             now_key = key_str(micros(now))
-            parked: dict[str, list[str]] = self.__dict__.setdefault("_lim_parked", {})
+            parked = self._lim_parked
             slots: set[str] = set()  # the slot scopes that held a job back
             for name in queues:
-                q = self._queues.get(name) or self._queue(name)
+                q = self.lay.open_queues.get(name) or self.lay.queue(name)
                 for n in parked.pop(name, ()):  # set aside by the last pass: try them again
                     q.listing.add(n)
-                if marker_set(q.paused, self.uid):
+                if marker_set(q.paused, self.lay.uid):
                     continue
                 claim = self._claim_limited_queue(q, worker, timeout, cfg, now, now_key, parked, slots)
                 if claim is not None:
@@ -343,7 +336,7 @@ class FileLimiter:
 
     def _claim_limited_queue(self, q: QueueDirs, worker: str, timeout: float, cfg: LimitsConfig, now: float,
                              now_key: str, parked: dict[str, list[str]], slots: set[str]) -> Claim | None:
-        cache: dict[str, Any] = self.__dict__.setdefault("_lim_cache", {})
+        cache = self._lim_cache
         blocked: set[str] = set()
         aside: list[str] = []
         relisted = False
@@ -353,13 +346,13 @@ class FileLimiter:
                 if entry is None:
                     if relisted or not q.listing.dirty:
                         break
-                    q = self._relist(q)
+                    q = self.claimer.relist(q)
                     aside.clear()  # listed afresh: they are back in the listing
                     relisted = True
                     continue
                 name = entry[0]
-                own = cache.get(name[17:53], _TAKEN)
-                if own is not _TAKEN and blocked and any(n.scope in blocked and not n.drop for n in cfg.needs(q.name, own)):
+                own = cache.get(name[17:53], TAKEN)
+                if own is not TAKEN and blocked and any(n.scope in blocked and not n.drop for n in cfg.needs(q.name, own)):
                     aside.append(name)
                     continue
                 try:
@@ -369,7 +362,7 @@ class FileLimiter:
                     raise
                 if got is _BLOCKED:
                     aside.append(name)
-                elif got is _TAKEN:
+                elif got is TAKEN:
                     if entry[1]:
                         q.listing.skip(now_key)
                 elif isinstance(got, Claim):
@@ -387,25 +380,25 @@ class FileLimiter:
         try:
             fd = os.open(name, O_READ, dir_fd=pfd)
         except FileNotFoundError:
-            return _TAKEN
+            return TAKEN
         except OSError as exc:
             if exc.errno not in FILE_ERRNOS:
                 raise unusable(exc, q.pending, "claim jobs from") from None
-            self._quarantine(q.pending, name, open_error(exc))
+            self.files.quarantine(q.pending, name, open_error(exc))
             return None
         holds: FileHolds | None = None
         try:
-            st = self._job_stat(fd, name)
-            reason = self._refusal(st, self._links(name, st))
+            st = self.files.job_stat(fd, name)
+            reason = self.files.refusal(st, self.files.links(name, st))
             if reason:
                 os.close(fd)
                 fd = -1
-                self._quarantine(q.pending, name, reason)
+                self.files.quarantine(q.pending, name, reason)
                 return None
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                return _TAKEN
+                return TAKEN
             job_id, attempts = split_pending(name)
             data = read_whole(fd, st.st_size)
             try:
@@ -413,7 +406,7 @@ class FileLimiter:
             except CorruptJob as exc:
                 os.close(fd)
                 fd = -1
-                self._quarantine(q.pending, name, str(exc))
+                self.files.quarantine(q.pending, name, str(exc))
                 return None
             own = job_limits(job.metadata)
             if len(cache) >= _CACHE_MAX:
@@ -437,23 +430,23 @@ class FileLimiter:
             try:
                 os.rename(name, reserved, src_dir_fd=pfd, dst_dir_fd=q.fds[1])
             except FileNotFoundError:
-                return _TAKEN
+                return TAKEN
             except OSError as exc:
                 raise unusable(exc, first_unwritable(q.pending, q.reserved), "claim jobs from") from None
             effective = job.timeout if job.timeout is not None else timeout
             deadline = now + effective + KILL_GRACE
             with contextlib.suppress(OSError):
                 os.write(fd, Event("claimed", attempt, now, worker=worker, deadline=deadline,
-                                   log_offset=self._log_size(job_id)).to_json())  # type: ignore[attr-defined]
-            claim = Claim(job, attempt, now, deadline, None, (fd, q, reserved), f"{q.name}/{reserved}",
+                                   log_offset=self.files.log_size(job_id)).to_json())
+            claim = Claim(job, attempt, now, deadline, None, FileHandle(fd, q, reserved), f"{q.name}/{reserved}",
                           micros(now))
             fd = -1  # the claim owns it now
             if drop is not None:
-                self.fail(claim, Event("failed", attempt, time.time(), worker=worker, reason=REASON_ISOLATED,
+                self.claimer.fail(claim, Event("failed", attempt, time.time(), worker=worker, reason=REASON_ISOLATED,
                                        error=f"{drop.need.label} was held by another run; dropped (on_busy=drop)"))
                 return None
-            if self.lock_mode == "lease":
-                fcntl.flock(claim.handle[0], fcntl.LOCK_UN)
+            if self.lay.lock_mode == "lease":
+                fcntl.flock(handle_of(claim).fd, fcntl.LOCK_UN)
             claim.holds = holds
             holds = None
             return claim
@@ -466,7 +459,7 @@ class FileLimiter:
     def hand_back(self, claim: Claim) -> None:
         """Put a job that a plain claim took back where it was, its attempt un-counted (a job
         with limits of its own, claimed by a worker that was not yet claiming through them)."""
-        self._finish(claim, None, "pending", pending_name(micros(claim.job.available_at), claim.job.id,
+        self.claimer.finish(claim, None, "pending", pending_name(micros(claim.job.available_at), claim.job.id,
                                                           claim.attempt - 1))
 
     # -- inspection -------------------------------------------------------------------------
@@ -491,7 +484,7 @@ class FileLimiter:
         """The holders of a scope's slots: who holds each locked slot file (read from
         /proc/locks, so looking never takes a slot from a claimer)."""
         locked = _flocked()
-        path = f"{self._root}/limits/slots/{scope_hash(scope)}"
+        path = f"{self.lay.path}/limits/slots/{scope_hash(scope)}"
         try:
             names = os.listdir(path)
         except OSError:
@@ -518,7 +511,7 @@ class FileLimiter:
     def rate_state(self, scope: str) -> float | None:
         """When a rate's bucket is next empty of debt (its theoretical arrival time), or None."""
         try:
-            fd = os.open(f"{self._root}/limits/rates/{scope_hash(scope)}", os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            fd = os.open(f"{self.lay.path}/limits/rates/{scope_hash(scope)}", os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         except OSError:
             return None
         try:
@@ -591,4 +584,4 @@ def _flocked() -> set[tuple[int, int, int]]:
     return out
 
 
-__all__ = ["Block", "FileHolds", "FileLimiter", "scope_hash"]
+__all__ = ["Block", "FileHolds", "Limiter", "scope_hash"]

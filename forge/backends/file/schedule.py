@@ -156,11 +156,15 @@ class FileScheduleStore:
         return got
 
     def read(self, names: Iterable[str] | None = None) -> dict[str, EntryState]:
+        """``ScheduleStore.read``: the states of ``names`` (every entry when None) that the file
+        has."""
         entries = self._load()
         wanted = entries if names is None else [n for n in names if n in entries]
         return {n: self._state(entries, n) for n in wanted}
 
     def update(self, names: Iterable[str], fn: Updater) -> dict[str, EntryState]:
+        """``ScheduleStore.update``: ``fn`` is given the current states of ``names`` under the
+        lock; what it returns is written atomically. Returns every named state after the update."""
         names = list(names)
         with self.session():
             held = self._load()
@@ -175,9 +179,12 @@ class FileScheduleStore:
             return {n: new.get(n, cur[n]) for n in names}
 
     def names(self) -> list[str]:
+        """``ScheduleStore.names``: the names of every entry in the state file."""
         return list(self._load())
 
     def drop(self, names: Iterable[str], fn: Callable[[EntryState], bool]) -> list[str]:
+        """``ScheduleStore.drop``: delete the entries of ``names`` for which ``fn`` is true, under
+        the lock; returns their names."""
         with self.session():
             held = self._load()
             gone = [n for n in names if n in held and fn(self._state(held, n))]
@@ -188,6 +195,7 @@ class FileScheduleStore:
             return gone
 
     def close(self) -> None:
+        """Release the lock, if held, and close the directory's descriptor."""
         if self._lockfd is not None:
             os.close(self._lockfd)
             self._lockfd = None

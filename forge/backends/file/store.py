@@ -1,6 +1,5 @@
-"""Writing jobs into the file backend, as a mixin of ``FileBackend``: ``push`` (a job's file
-written, made durable and renamed into pending/), idempotency keys (``_fileidem``) and unique
-keys.
+"""Writing jobs into the file backend (``Store``): ``push`` (a job's file written, made durable
+and renamed into pending/), idempotency keys (``idempotency``) and unique keys.
 
 A dispatch makes its jobs durable before any of them becomes visible: temp files in tmp/,
 then an fsync (one job) or one ``syncfs`` (a batch), then the idempotency keys' links and an
@@ -13,21 +12,18 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import json
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any
 
 from forge import _linux
 from forge.backends.file.fsio import (
-    O_DIR,
     O_NEW,
     UNIQUE_INFLIGHT,
     first_unwritable,
-    open_lock,
     read_json,
     unusable,
     write_new,
@@ -35,31 +31,27 @@ from forge.backends.file.fsio import (
 from forge.backends.file.idempotency import IDEM_DIR
 from forge.backends.file.idempotency import marker as idem_marker
 from forge.backends.file.idempotency import taken as idem_taken
-from forge.backends.file.layout import QueueDirs, pending_name
+from forge.backends.file.layout import FileLayout, pending_name
 from forge.errors import DispatchFailed, DuplicateJob, QueueError, QueueUnavailable, UsageError
 from forge.job import MAX_PAYLOAD_BYTES, Job, JobInfo, State, is_idempotent_id, valid_id
 
 
-class FileWriter:
-    """Dispatch and unique keys of a job-file directory (mixed into ``FileBackend``)."""
+class Store:
+    """Dispatch and unique keys of a job-file directory (``FileLayout``).
 
-    root: Path
-    _root: str
-    _tmp: str
-    uid: int
-    _dirfds: dict[str, int]
-    _queues: dict[str, QueueDirs]
+    ``find`` looks a job up by id in any state (the backend's ``find``): a unique key is held
+    only while the job that holds it is live.
+    """
 
-    if TYPE_CHECKING:  # provided by FileBackend and FileAdmin
-        def _prepare_root(self) -> None: ...
-        def _queue(self, name: str) -> QueueDirs: ...
-        def _forget_queue(self, name: str) -> None: ...
-        def _key(self, t: float) -> int: ...
-        def find(self, job_id: str) -> JobInfo | None: ...
+    def __init__(self, lay: FileLayout, find: Callable[[str], JobInfo | None]) -> None:
+        self.lay = lay
+        self._find = find
 
     # -- dispatch -------------------------------------------------------------------------
 
     def push(self, jobs: Sequence[Job]) -> list[bool]:
+        """``QueueStore.push``: store the jobs durably (see the module docstring for the order of
+        writes); per job, whether this call stored it."""
         if not jobs:
             return []
         for job in jobs:
@@ -67,13 +59,13 @@ class FileWriter:
             if len(blob) > MAX_PAYLOAD_BYTES:
                 raise UsageError(f"Job {job.id} is {len(blob)} bytes, over the {MAX_PAYLOAD_BYTES}-byte cap.")
         for name in {job.queue for job in jobs}:
-            self._queue(name)
+            self.lay.queue(name)
         if not any(is_idempotent_id(job.id) for job in jobs):
             self._store(jobs)
             return [True] * len(jobs)
         try:
-            with self._global_lock("idem"):  # see _fileidem: checking a key and taking it are one step
-                mfd, tfd = self._dirfd(f"{self._root}/{IDEM_DIR}"), self._dirfd(self._tmp)
+            with self.lay.global_lock("idem"):  # see idempotency: checking a key and taking it are one step
+                mfd, tfd = self.lay.dirfd(f"{self.lay.path}/{IDEM_DIR}"), self.lay.dirfd(self.lay.tmp)
                 seen: set[str] = set()
                 stored = []
                 for job in jobs:
@@ -98,29 +90,8 @@ class FileWriter:
             self._write_jobs(jobs, [job.to_json() for job in jobs])
         except BaseException:
             for job in held:
-                self._free_unique(job)
+                self.free_unique(job)
             raise
-
-    def _dirfd(self, path: str) -> int:
-        """A cached descriptor of a forge directory (tmp/, unique/), for ``*at`` calls and
-        directory fsyncs. Queue directories have theirs in ``QueueDirs``.
-
-        A directory removed from under us fails every ``*at`` call with ENOENT (nothing can be
-        created in a deleted directory), and ``_write_jobs`` then drops the cache and retries
-        once, so a cached descriptor can never make a job land somewhere invisible.
-        """
-        fd = self._dirfds.get(path)
-        if fd is None:
-            fd = self._dirfds[path] = os.open(path, O_DIR)
-        return fd
-
-    def _drop_dirfds(self) -> None:
-        for fd in self._dirfds.values():
-            with contextlib.suppress(OSError):
-                os.close(fd)
-        self._dirfds.clear()
-        for name in list(self._queues):
-            self._forget_queue(name)
 
     def _write_jobs(self, jobs: Sequence[Job], blobs: list[bytes]) -> None:
         try:
@@ -128,11 +99,11 @@ class FileWriter:
         except OSError as exc:
             if exc.errno != errno.ENOENT:
                 raise self._dispatch_failed(exc) from None
-            self._drop_dirfds()  # the queue directory was removed or replaced: start afresh
+            self.lay.drop_dirfds()  # the queue directory was removed or replaced: start afresh
             try:
-                self._prepare_root()
+                self.lay.prepare_root()
                 for name in {job.queue for job in jobs}:
-                    self._queue(name)
+                    self.lay.queue(name)
             except QueueUnavailable:
                 raise self._dispatch_failed(exc) from None
             try:
@@ -144,9 +115,9 @@ class FileWriter:
         """The error for a failed write: ``DispatchFailed`` (a full disk, an I/O error), or
         ``QueueUnavailable`` (exit code 6) naming the directory when it may not be written
         (permissions, a read-only disk)."""
-        where = exc.filename or self.root
+        where = exc.filename or self.lay.root
         if exc.filename and not os.path.isabs(str(exc.filename)):
-            where = self.root / "tmp" / str(exc.filename)
+            where = self.lay.root / "tmp" / str(exc.filename)
         if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
             err = unusable(exc, str(where if os.path.isdir(where) else os.path.dirname(where)), "store jobs in")
             err.hint = f"{err.hint} Nothing was queued."
@@ -161,7 +132,7 @@ class FileWriter:
 
         One job: fsync the file. A batch: one ``syncfs`` makes every temp file durable at once
         (instead of an fsync each) before any of them is renamed into view. A job with an
-        idempotency key gets its key's link in idem/ before that (``_fileidem``), made durable
+        idempotency key gets its key's link in idem/ before that (``idempotency``), made durable
         first, so no crash leaves a visible job without its key.
 
         A batch's cost is mostly the kernel creating the temp files. On ext4 without a journal
@@ -173,7 +144,7 @@ class FileWriter:
         usual case but not used: without a journal the link count it sets needs a second
         syncfs, and a crash before the link leaks inodes nothing in forge can find and remove.
         """
-        tfd = self._dirfd(self._tmp)
+        tfd = self.lay.dirfd(self.lay.tmp)
         temps: list[str] = []
         moved: list[tuple[str, int]] = []
         keys: list[str] = []
@@ -197,26 +168,26 @@ class FileWriter:
             if not single:
                 _linux.syncfs(tfd)
             keyed = [(job, tmp) for job, tmp in zip(jobs, temps, strict=True) if is_idempotent_id(job.id)]
-            if keyed:  # the keys, durable before any job is visible (see _fileidem)
-                mfd = self._dirfd(f"{self._root}/{IDEM_DIR}")
+            if keyed:  # the keys, durable before any job is visible (see idempotency)
+                mfd = self.lay.dirfd(f"{self.lay.path}/{IDEM_DIR}")
                 for job, tmp in keyed:
                     os.link(tmp, idem_marker(job.id), src_dir_fd=tfd, dst_dir_fd=mfd, follow_symlinks=False)
                     keys.append(idem_marker(job.id))
                 os.fsync(mfd)
             dirs: dict[int, None] = {}
-            queues = self._queues
+            queues = self.lay.open_queues
             for job, tmp in zip(jobs, temps, strict=True):
                 pfd = queues[job.queue].pfd
-                dest = pending_name(self._key(job.available_at), job.id, 0)
+                dest = pending_name(self.lay.key(job.available_at), job.id, 0)
                 try:
                     rename(tmp, dest, src_dir_fd=tfd, dst_dir_fd=pfd)
                 except OSError as exc:  # name the directory at fault, not the temp file
-                    exc.filename = first_unwritable(queues[job.queue].pending, self._tmp)
+                    exc.filename = first_unwritable(queues[job.queue].pending, self.lay.tmp)
                     raise
                 moved.append((dest, pfd))
                 dirs[pfd] = None
             if any(j.unique_key for j in jobs):
-                dirs[self._dirfd(f"{self._root}/unique")] = None
+                dirs[self.lay.dirfd(f"{self.lay.path}/unique")] = None
             for dfd in dirs:
                 os.fsync(dfd)
         except OSError:
@@ -228,20 +199,21 @@ class FileWriter:
                     os.unlink(dest, dir_fd=pfd)
             for name in keys:  # after the job's own names: a key never outlives its job's file
                 with contextlib.suppress(OSError):
-                    os.unlink(name, dir_fd=self._dirfd(f"{self._root}/{IDEM_DIR}"))
+                    os.unlink(name, dir_fd=self.lay.dirfd(f"{self.lay.path}/{IDEM_DIR}"))
             raise
 
     # -- unique keys ----------------------------------------------------------------------
 
-    def _unique_path(self, key: str) -> Path:
+    def unique_path(self, key: str) -> Path:
+        """The holder file of unique key ``key`` (named by a hash of it)."""
         import hashlib  # here: OpenSSL costs a dispatch without a unique key 2 ms
 
-        return self.root / "unique" / (hashlib.sha256(key.encode()).hexdigest()[:40] + ".json")
+        return self.lay.root / "unique" / (hashlib.sha256(key.encode()).hexdigest()[:40] + ".json")
 
     def _acquire_unique(self, job: Job) -> None:
         """Take ``job``'s unique key for a dispatch; DuplicateJob if a live job holds it."""
         assert job.unique_key is not None
-        path = self._unique_path(job.unique_key)
+        path = self.unique_path(job.unique_key)
         with self._holder_record(job) as tmp:
             for _ in range(5):
                 if self._link_holder(tmp, path):
@@ -249,16 +221,16 @@ class FileWriter:
                 holder = read_json(path)
                 if holder is not None and self._unique_live(holder, time.time()):
                     raise DuplicateJob(job.unique_key, str(holder.get("job_id")))
-                with self._global_lock("unique"):
+                with self.lay.global_lock("unique"):
                     self._drop_dead_holder(path, job.unique_key)
             raise DispatchFailed(f"Could not take unique key {job.unique_key!r}: it keeps changing hands.")
 
-    def _retake_unique(self, job: Job) -> None:
+    def retake_unique(self, job: Job) -> None:
         """Take the unique key of a failed ``job`` that is being retried; DuplicateJob if
         another live job holds it. The caller holds the ``unique`` lock until the job is back
         in pending/, so no dispatch can judge the key dead in between."""
         assert job.unique_key is not None
-        path = self._unique_path(job.unique_key)
+        path = self.unique_path(job.unique_key)
         with self._holder_record(job) as tmp:
             for _ in range(5):
                 if self._link_holder(tmp, path):
@@ -275,7 +247,7 @@ class FileWriter:
         expires = now + job.unique_ttl if job.unique_ttl else None
         record = json.dumps({"key": job.unique_key, "job_id": job.id, "created_at": now,
                              "expires_at": expires}).encode()
-        tmp = self.root / "tmp" / f"unique-{job.id}.tmp"
+        tmp = self.lay.root / "tmp" / f"unique-{job.id}.tmp"
         try:
             write_new(tmp, record)
         except OSError as exc:
@@ -308,41 +280,27 @@ class FileWriter:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
 
-    def _unique_live(self, holder: dict, now: float) -> bool:
+    def _unique_live(self, holder: dict[str, Any], now: float) -> bool:
+        """Whether the job a holder record names is live (or its dispatch may be in flight)."""
         expires = holder.get("expires_at")
         if isinstance(expires, int | float) and expires <= now:
             return False
         job_id = holder.get("job_id")
-        info = self.find(job_id) if isinstance(job_id, str) and valid_id(job_id) else None
+        info = self._find(job_id) if isinstance(job_id, str) and valid_id(job_id) else None
         if info is None:
             created = holder.get("created_at")
             return isinstance(created, int | float) and now - created < UNIQUE_INFLIGHT
         return info.state in (State.PENDING, State.DELAYED, State.RESERVED)
 
-    def _free_unique(self, job: Job, *, locked: bool = False) -> None:
+    def free_unique(self, job: Job, *, locked: bool = False) -> None:
         """Give up ``job``'s unique key if it still holds it: compare and delete, under the
         ``unique`` lock (``locked``: the caller holds it). Without the lock a dispatch could
         take the key over between the compare and the unlink, and lose it to the unlink."""
         if job.unique_key is None:
             return
-        path = self._unique_path(job.unique_key)
-        with contextlib.nullcontext() if locked else self._global_lock("unique"):
+        path = self.unique_path(job.unique_key)
+        with contextlib.nullcontext() if locked else self.lay.global_lock("unique"):
             holder = read_json(path)
             if holder is not None and holder.get("job_id") == job.id:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(path)
-
-    @contextlib.contextmanager
-    def _global_lock(self, name: str, *, wait: bool = True) -> Iterator[bool]:
-        """Hold the connection-wide lock ``name``; without ``wait``, yield False (not holding
-        it) if another process does."""
-        fd = open_lock(self.root / f".{name}.lock", self.uid)
-        try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                yield False
-                return
-            yield True
-        finally:
-            os.close(fd)

@@ -1,4 +1,4 @@
-"""Keeping a job-file directory healthy, as a mixin of ``FileBackend``: ``maintain`` (the tree's
+"""Keeping a job-file directory healthy (``Upkeep``): ``maintain`` (the tree's
 ownership and modes checked again, jobs of dead workers recovered or failed as abandoned, done
 jobs pruned, temp leftovers and the idempotency keys of deleted jobs removed), pause/resume and
 the restart marker, and the capped per-job output logs.
@@ -11,18 +11,17 @@ import errno
 import fcntl
 import os
 import time
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from forge import _linux
 from forge.backends.base import LEASE_MARGIN, Claim
+from forge.backends.file.claim import Claimer, FileHandle, JobFiles
 from forge.backends.file.fsio import (
     FILE_ERRNOS,
     O_PEEK,
     TMP_MAX_AGE,
     distrust,
     first_unwritable,
-    marker_set,
     micros,
     open_error,
     read_whole,
@@ -31,78 +30,77 @@ from forge.backends.file.fsio import (
 )
 from forge.backends.file.idempotency import IDEM_DIR, SWEEP_EVERY
 from forge.backends.file.idempotency import sweep as idem_sweep
-from forge.backends.file.layout import RESERVED_RE, QueueDirs, pending_name
+from forge.backends.file.layout import RESERVED_RE, FileLayout, pending_name
+from forge.backends.file.store import Store
 from forge.backends.retention import LOG_CAP, keeps_done, prune_age
-from forge.errors import QueueUnavailable, UsageError
-from forge.job import CorruptJob, Event, Job, Reason, decode_file, valid_id
+from forge.errors import CorruptJob, QueueUnavailable, UsageError
+from forge.job import Event, Reason, decode_file, valid_id
+
+if TYPE_CHECKING:
+    from forge.backends.base import QueueOperations
 
 
-class FileUpkeep:
-    """Maintenance, markers and logs of a job-file directory (mixed into ``FileBackend``)."""
+class Upkeep:
+    """Maintenance and recovery, pause/resume/restart markers, the worker registry, cancel
+    requests and job logs of a job-file directory (``FileLayout``).
 
-    root: Path
-    _root: str
-    _tmp: str
-    uid: int
-    lock_mode: str
-    done_retention: float
-    _swept_at: float
+    ``backend`` is the ``FileBackend`` this serves: maintenance prunes through its
+    ``prune_done`` and calls its ``on_recovered`` hook (``forge.events``), when one is set, for
+    every job it recovers.
+    """
 
-    if TYPE_CHECKING:  # provided by FileBackend, FileClaimer, FileWriter and FileAdmin
-        def _check_layout(self) -> None: ...
-        def _finish(self, claim: Claim, event: Event | None, state: str | None, dest: str = "") -> None: ...
-        def _free_unique(self, job: Job) -> None: ...
-        def queues(self) -> list[str]: ...
-        def _qdir(self, queue: str) -> str: ...
-        def _forget_queue(self, name: str) -> None: ...
-        def _queue(self, name: str) -> QueueDirs: ...
-        def _names(self, queue: str, state: str) -> list[str]: ...
-        def _open_job(self, directory: str, name: str) -> int | None: ...
-        def _quarantine(self, directory: str, name: str, reason: str, *, label: str | None = None) -> None: ...
-        def prune_done(self, *, older_than: float | None = None) -> int: ...
-        def fail(self, claim: Claim, event: Event) -> None: ...
-        def release(self, claim: Claim, event: Event | None, delay: float, *, counted: bool = True) -> None: ...
-        def _global_lock(self, name: str, *, wait: bool = True) -> contextlib.AbstractContextManager[bool]: ...
+    def __init__(self, lay: FileLayout, files: JobFiles, claimer: Claimer, store: Store,
+                 backend: QueueOperations) -> None:
+        self.lay = lay
+        self.files = files
+        self.claimer = claimer
+        self.store = store
+        self.backend = backend
+        self._swept_at = 0.0  # the last sweep of idem/ in this process
 
     # -- maintenance ----------------------------------------------------------------------
 
     def maintain(self, default_tries: int = 1) -> dict[str, int]:
+        """``QueueStore.maintain``: the tree checked again, every reserved file whose lock (or, in
+        lease mode, lease) is free recovered, done jobs pruned (``retention.prune_age``), temp
+        files older than ``TMP_MAX_AGE`` removed, and every ``SWEEP_EVERY`` seconds the keys of
+        deleted idempotent jobs. ``QueueUnavailable`` if the tree cannot be written."""
         counts = {"recovered": 0, "abandoned": 0, "completed": 0, "pruned": 0, "temp_removed": 0,
                   "keys_removed": 0}
-        self._check_layout()
+        self.lay.check()
         now = time.time()
         try:
-            for q in self.queues():
-                for name in self._names(q, "reserved"):
+            for q in self.lay.queues():
+                for name in self.lay.names(q, "reserved"):
                     outcome = self._recover(q, name, now, default_tries)
                     if outcome:
                         counts[outcome] += 1
-            age = prune_age(self.done_retention)
+            age = prune_age(self.lay.done_retention)
             if age is not None:
-                counts["pruned"] = self.prune_done(older_than=age)
-            with os.scandir(self._tmp) as it:
+                counts["pruned"] = self.backend.prune_done(older_than=age)
+            with os.scandir(self.lay.tmp) as it:
                 for entry in it:
                     with contextlib.suppress(OSError):
                         if now - entry.stat(follow_symlinks=False).st_mtime > TMP_MAX_AGE:
                             os.unlink(entry.path)
                             counts["temp_removed"] += 1
         except OSError as exc:  # a directory forge cannot write: not an empty queue
-            where = str(exc.filename) if exc.filename and os.path.isabs(str(exc.filename)) else self._root
+            where = str(exc.filename) if exc.filename and os.path.isabs(str(exc.filename)) else self.lay.path
             raise unusable(exc, os.path.dirname(where) if os.path.isfile(where) else where, "maintain") from None
         if now - self._swept_at > SWEEP_EVERY:
-            with contextlib.suppress(OSError, QueueUnavailable), self._global_lock("idem", wait=False) as locked:
+            with contextlib.suppress(OSError, QueueUnavailable), self.lay.global_lock("idem", wait=False) as locked:
                 if locked:  # a dispatcher holds it: next time
                     self._swept_at = now
-                    counts["keys_removed"] = idem_sweep(f"{self.root}/{IDEM_DIR}")
+                    counts["keys_removed"] = idem_sweep(f"{self.lay.root}/{IDEM_DIR}")
         return counts
 
     def _recover(self, queue: str, name: str, now: float, default_tries: int) -> str | None:
-        q = self._queue(queue)
+        q = self.lay.queue(queue)
         m = RESERVED_RE.match(name)
         if m is None:
-            self._quarantine(q.reserved, name, "unexpected file name in reserved/")
+            self.files.quarantine(q.reserved, name, "unexpected file name in reserved/")
             return None
-        fd = self._open_job(q.reserved, name)
+        fd = self.files.open_job(q.reserved, name)
         if fd is None:
             return None
         try:
@@ -111,17 +109,17 @@ class FileUpkeep:
         except BlockingIOError:
             locked = False
         try:
-            if os.stat(name, dir_fd=q.fds[1]).st_ino != os.fstat(fd).st_ino:
+            if os.stat(name, dir_fd=q.rfd).st_ino != os.fstat(fd).st_ino:
                 os.close(fd)
                 return None
             job, events = decode_file(read_whole(fd))
         except (OSError, CorruptJob) as exc:
             os.close(fd)
             if isinstance(exc, CorruptJob):
-                self._quarantine(q.reserved, name, str(exc))
+                self.files.quarantine(q.reserved, name, str(exc))
             return None
         attempt = int(m.group(2))
-        if self.lock_mode == "lease":
+        if self.lay.lock_mode == "lease":
             claimed = [e for e in events if e.event == "claimed" and e.attempt == attempt]
             deadline = claimed[-1].deadline if claimed else None
             expired = deadline is None or deadline + LEASE_MARGIN < now
@@ -131,7 +129,7 @@ class FileUpkeep:
         elif not locked:
             os.close(fd)
             return None
-        claim = Claim(job, attempt, now, now, None, (fd, q, name))
+        claim = Claim(job, attempt, now, now, None, FileHandle(fd, q, name))
         last = events[-1].event if events else None
         try:
             if last in ("done", "failed"):
@@ -140,9 +138,9 @@ class FileUpkeep:
                 if last == "failed":
                     state: str | None = "failed"
                 else:  # as ack: kept in done/ for the retention, or deleted at once
-                    state = "done" if keeps_done(self.done_retention) else None
-                self._finish(claim, None, state, pending_name(micros(now), job.id, attempt))
-                self._free_unique(job)
+                    state = "done" if keeps_done(self.lay.done_retention) else None
+                self.claimer.finish(claim, None, state, pending_name(micros(now), job.id, attempt))
+                self.store.free_unique(job)
                 return "completed"
             from forge.retry.policy import recovery  # here: recovering is rare
 
@@ -150,12 +148,12 @@ class FileUpkeep:
             event = Event("failed" if exhausted else "released", attempt, now,
                           reason=Reason.ABANDONED, error="the worker died during this attempt")
             if exhausted:
-                self.fail(claim, event)
+                self.claimer.fail(claim, event)
             else:
-                self.release(claim, event, delay)
+                self.claimer.release(claim, event, delay)
         except OSError as exc:
             raise unusable(exc, first_unwritable(q.reserved, q.pending, q.done, q.failed), "recover jobs in") from None
-        hook = getattr(self, "on_recovered", None)  # forge.events: the worker's job events
+        hook = getattr(self.backend, "on_recovered", None)  # forge.events: the worker's job events
         if hook is not None:
             hook(job, attempt, event)
         return "abandoned" if exhausted else "recovered"
@@ -163,20 +161,23 @@ class FileUpkeep:
     # -- pause, resume, restart -----------------------------------------------------------
 
     def pause(self, queue: str) -> None:
-        q = self._queue(queue)
+        """``QueueOperations.pause``: the queue's ``paused`` marker is created (a planted one is
+        quarantined first)."""
+        q = self.lay.queue(queue)
         fd, _ = self._open_private(q.path, "paused", os.O_WRONLY, label=queue)
         os.close(fd)
 
     def resume(self, queue: str) -> None:
+        """``QueueOperations.resume``: the queue's ``paused`` marker is removed."""
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(f"{self._qdir(queue)}/paused")
+            os.unlink(f"{self.lay.qdir(queue)}/paused")
 
     def forget_queue(self, queue: str) -> bool:
         """Remove an empty queue's directory (and its pause marker); False if it holds any job.
         Each state directory is removed with rmdir, which fails on a directory that is not
         empty, so a job pushed meanwhile is never lost: the queue then stays."""
-        path = self._qdir(queue)
-        self._forget_queue(queue)
+        path = self.lay.qdir(queue)
+        self.lay.forget_queue(queue)
         if not os.path.isdir(path):
             return True
         try:
@@ -196,24 +197,25 @@ class FileUpkeep:
             raise
         return True
 
-    def paused(self) -> set[str]:
-        return {q for q in self.queues() if marker_set(f"{self._qdir(q)}/paused", self.uid)}
-
     def request_restart(self) -> float:
+        """``QueueOperations.request_restart``: the ``restart`` marker is replaced atomically and
+        durably with the time."""
         now = time.time()
-        tmp = self.root / "tmp" / f"restart-{os.getpid()}-{time.monotonic_ns()}.tmp"
+        tmp = self.lay.root / "tmp" / f"restart-{os.getpid()}-{time.monotonic_ns()}.tmp"
         write_new(tmp, repr(now).encode(), sync=True)
-        os.rename(tmp, self.root / "restart")
-        _linux.fsync_dir(self.root)
+        os.rename(tmp, self.lay.root / "restart")
+        _linux.fsync_dir(self.lay.root)
         return now
 
     def restart_requested_at(self) -> float | None:
+        """``QueueStore.restart_requested_at``: read from the ``restart`` marker (one that is not
+        ours counts for nothing)."""
         try:
-            fd = os.open(f"{self._root}/restart", O_PEEK)
+            fd = os.open(f"{self.lay.path}/restart", O_PEEK)
         except OSError:
             return None
         try:
-            if distrust(os.fstat(fd), self.uid):
+            if distrust(os.fstat(fd), self.lay.uid):
                 return None  # planted by someone else: only ours counts (ours replaces it)
             return float(os.read(fd, 64))
         except (OSError, ValueError):
@@ -225,10 +227,10 @@ class FileUpkeep:
 
     def _put_small(self, directory: str, name: str, data: bytes) -> None:
         """Replace ``directory/name`` with ``data`` atomically: a new file in tmp/, renamed."""
-        tmp = f"{self._tmp}/{directory}-{os.getpid()}-{time.monotonic_ns()}.tmp"
+        tmp = f"{self.lay.tmp}/{directory}-{os.getpid()}-{time.monotonic_ns()}.tmp"
         write_new(tmp, data)
         try:
-            os.rename(tmp, f"{self._root}/{directory}/{name}")
+            os.rename(tmp, f"{self.lay.path}/{directory}/{name}")
         except BaseException:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
@@ -242,7 +244,7 @@ class FileUpkeep:
         except OSError:
             return None
         try:
-            if distrust(os.fstat(fd), self.uid):
+            if distrust(os.fstat(fd), self.lay.uid):
                 return None
             return os.read(fd, 65536)
         except OSError:
@@ -251,14 +253,18 @@ class FileUpkeep:
             os.close(fd)
 
     def put_worker(self, name: str, record: bytes, ttl: float) -> None:
+        """``QueueOperations.put_worker``: ``workers/<name>`` replaced atomically."""
         self._put_small("workers", _safe_file(name), record)
 
     def drop_worker(self, name: str) -> None:
+        """``QueueOperations.drop_worker``."""
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(f"{self._root}/workers/{_safe_file(name)}")
+            os.unlink(f"{self.lay.path}/workers/{_safe_file(name)}")
 
     def worker_records(self) -> list[bytes]:
-        folder = f"{self._root}/workers"
+        """``QueueOperations.worker_records``: the records in ``workers/`` that are ours, sorted by
+        name."""
+        folder = f"{self.lay.path}/workers"
         try:
             names = sorted(os.listdir(folder))
         except FileNotFoundError:
@@ -267,14 +273,17 @@ class FileUpkeep:
         return [r for r in records if r]
 
     def request_cancel(self, job_id: str) -> None:
+        """``QueueOperations.request_cancel``: ``cancel/<id>.json`` written atomically."""
         self._put_small("cancel", f"{job_id}.json", repr(time.time()).encode())
 
     def cancel_requested(self, job_id: str) -> bool:
-        return self._read_small(f"{self._root}/cancel/{job_id}.json") is not None
+        """``QueueStore.cancel_requested``: whether ``cancel/<id>.json`` is there and ours."""
+        return self._read_small(f"{self.lay.path}/cancel/{job_id}.json") is not None
 
     def clear_cancel(self, job_id: str) -> None:
+        """``QueueOperations.clear_cancel``."""
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(f"{self._root}/cancel/{job_id}.json")
+            os.unlink(f"{self.lay.path}/cancel/{job_id}.json")
 
     # -- logs (and the marker files, which open the same way) -----------------------------
 
@@ -293,19 +302,21 @@ class FileUpkeep:
             reason = open_error(exc)
         else:
             st = os.fstat(fd)
-            found = distrust(st, self.uid)
+            found = distrust(st, self.lay.uid)
             if found is None:
                 return fd, st
             os.close(fd)
             reason = found
-        self._quarantine(directory, name, reason, label=label)
+        self.files.quarantine(directory, name, reason, label=label)
         fd = os.open(path, flags | os.O_EXCL, 0o600)
         return fd, os.fstat(fd)
 
     def append_log(self, job_id: str, data: bytes) -> None:
+        """``QueueOperations.append_log``: appended to ``logs/<id>.log`` up to ``LOG_CAP`` bytes in
+        all; nothing for an invalid id or no data."""
         if not valid_id(job_id) or not data:
             return
-        fd, st = self._open_private(f"{self._root}/logs", f"{job_id}.log", os.O_WRONLY | os.O_APPEND, label="logs")
+        fd, st = self._open_private(f"{self.lay.path}/logs", f"{job_id}.log", os.O_WRONLY | os.O_APPEND, label="logs")
         try:
             room = LOG_CAP - st.st_size
             if room > 0:
@@ -314,9 +325,11 @@ class FileUpkeep:
             os.close(fd)
 
     def read_log(self, job_id: str, offset: int = 0) -> bytes:
+        """``QueueOperations.read_log``: at most ``LOG_CAP`` bytes from ``offset``; a log that is
+        not ours is quarantined and reads as empty. ``UsageError`` for an invalid id."""
         if not valid_id(job_id):
             raise UsageError(f"Invalid job id {job_id!r}.")
-        logs, name = f"{self._root}/logs", f"{job_id}.log"
+        logs, name = f"{self.lay.path}/logs", f"{job_id}.log"
         try:
             fd = os.open(f"{logs}/{name}", O_PEEK)
         except FileNotFoundError:
@@ -324,12 +337,12 @@ class FileUpkeep:
         except OSError as exc:
             if exc.errno not in FILE_ERRNOS:
                 raise unusable(exc, logs, "read logs in") from None
-            self._quarantine(logs, name, open_error(exc), label="logs")
+            self.files.quarantine(logs, name, open_error(exc), label="logs")
             return b""
         try:
-            reason = distrust(os.fstat(fd), self.uid)
+            reason = distrust(os.fstat(fd), self.lay.uid)
             if reason is not None:  # never show what another user wrote as the job's output
-                self._quarantine(logs, name, reason, label="logs")
+                self.files.quarantine(logs, name, reason, label="logs")
                 return b""
             return os.pread(fd, LOG_CAP, offset)
         finally:

@@ -30,13 +30,14 @@ from __future__ import annotations
 
 import json
 import os
-import stat
 import sys
 from pathlib import Path
 from typing import Any
 
 from forge import __version__
 from forge.config import Settings, project_digest, user_dir
+from forge.privatefile import read_private
+from forge.privatefile import trusted_dir as _trusted_dir
 
 FORMAT = 4  # 4: entries keep the command's declared job defaults
 MAX_BYTES = 4 << 20
@@ -88,32 +89,10 @@ def _walk(folder: str, out: list[list[Any]]) -> None:
             out.append([entry.path, _stat(entry.path)])
 
 
-def _trusted_dir(path: Path) -> bool:
-    try:
-        st = os.lstat(path)
-    except OSError:
-        return False
-    return stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid() and not st.st_mode & 0o022
-
-
 def _read(path: Path) -> bytes | None:
-    """The cache file's bytes if it is a regular file of ours that nobody else can write."""
-    if not _trusted_dir(path.parent):
-        return None
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError:
-        return None
-    try:
-        st = os.fstat(fd)
-        if (not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o022
-                or st.st_size > MAX_BYTES):
-            return None
-        return os.read(fd, MAX_BYTES + 1)
-    except OSError:
-        return None
-    finally:
-        os.close(fd)
+    """The cache file's bytes if it is a regular file of ours that nobody else can write, in a
+    directory likewise (``forge.privatefile.read_private``); else None."""
+    return read_private(path, MAX_BYTES)
 
 
 def load(settings: Settings, current: list[Any] | None = None) -> dict[str, dict[str, Any]] | None:
