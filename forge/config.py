@@ -14,8 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from forge.durations import parse_backoff, parse_duration
+from forge.durations import parse_duration
 from forge.errors import ConfigError, UsageError
+from forge.retry.backoff import parse as parse_backoff
 
 CONFIG_NAME = "forge.toml"
 QUEUE_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import re
 from datetime import timedelta
-from typing import Any
 
 from forge.errors import UsageError
 
@@ -48,32 +47,6 @@ def parse_duration(value: str | float | int | timedelta, *, what: str = "duratio
     if seconds > MAX_SECONDS:
         raise UsageError(f"Invalid {what} {value!r}: longer than 100 years, the longest forge accepts.")
     return seconds
-
-
-def parse_backoff(value: Any, *, what: str = "backoff") -> Any:
-    """``"1,5,10"`` or ``[1, 5, 10]`` -> ``(1.0, 5.0, 10.0)`` (retry n waits the n-th, the last
-    repeats); ``"exp:2s..10m,jitter=full"`` (or its JSON object) -> an exponential backoff, see
-    ``forge.retry.backoff`` (imported only for that form: ``forge.toml``'s list is read on
-    every dispatch)."""
-    if isinstance(value, str) and value.strip().lower().startswith("exp") or not isinstance(
-            value, str | int | float | list | tuple):
-        from forge.retry.backoff import parse
-
-        return parse(value, what=what)
-    if isinstance(value, str):
-        parts: list = value.split(",")
-        if parts and not parts[-1].strip():
-            parts.pop()  # a trailing comma ("1,5,") is harmless
-        if any(not p.strip() for p in parts) and any(p.strip() for p in parts):
-            raise UsageError(f"Invalid {what} {value!r}: an empty delay between commas; give e.g. 1,5,10.")
-        parts = [p for p in parts if p.strip()]
-    elif isinstance(value, list | tuple):
-        parts = list(value)
-    else:
-        parts = [value]
-    if not parts:
-        raise UsageError(f"Invalid {what} {value!r}: give at least one delay, e.g. 1,5,10, or exp:1s..10m.")
-    return tuple(parse_duration(p, what=what) for p in parts)
 
 
 def format_duration(seconds: float) -> str:

@@ -606,3 +606,17 @@ def test_events_list_shows_every_listener(proj: Proj) -> None:
     res = subprocess.run([sys.executable, "-m", "forge", "events:list"], env=proj.env,
                          capture_output=True, text=True, timeout=60)
     assert res.returncode == 0 and "job ev:record on events" in res.stdout and "local_fail" in res.stdout
+
+
+@pytest.mark.parametrize(("written", "delays"), [("exp:2s..1m", [2.0, 4.0, 8.0]), ("1,5", [1.0, 5.0, 5.0])])
+def test_a_listener_backoff_in_forge_toml_reaches_its_job_in_either_form(written: str, delays: list[float]) -> None:
+    """[[listeners]] backoff takes both forms a dispatch takes; an exponential one used to crash
+    the listener's dispatch (it was turned into a list)."""
+    from forge.events.config import parse
+    from forge.events.model import Event
+    from forge.retry.backoff import delay
+
+    cfg = parse({"listeners": [{"event": "job.failed", "command": "demo:hello", "backoff": written}]}, "forge.toml")
+    (listener,) = cfg.listeners
+    job = listener.job_for(Event("job.failed", "ev-1", 0.0, {}), "default")
+    assert [delay(job.backoff, n) for n in (1, 2, 3)] == delays

@@ -1,8 +1,9 @@
 """The tree's shape: no import cycles between forge's modules, no mixin stubs, a docstring each.
 
-Read from the source with ``ast`` (nothing is imported). An import counts where it is written:
-at module level, or inside a function (a deferred import is still a dependency); an import
-under ``if TYPE_CHECKING:`` is for the type checker only and does not count.
+Read from the source with ``ast`` (nothing is imported). The cycle check counts the imports a
+module runs when it is imported (module and class level); an import inside a function is a
+deliberate deferral (start-up) and runs later; one under ``if TYPE_CHECKING:`` is for the type
+checker only.
 """
 
 from __future__ import annotations
@@ -31,8 +32,9 @@ def is_type_checking(node: ast.If) -> bool:
         isinstance(t, ast.Attribute) and t.attr == "TYPE_CHECKING")
 
 
-def imports(tree: ast.Module, known: set[str]) -> set[str]:
-    """The forge modules ``tree`` imports (``from P import m`` counts P.m when it is a module)."""
+def imports(tree: ast.Module, known: set[str], deferred: bool = False) -> set[str]:
+    """The forge modules ``tree`` imports when it is imported (``from P import m`` counts P.m
+    when it is a module); with ``deferred``, also those its functions import when called."""
     out: set[str] = set()
 
     def visit(node: ast.AST) -> None:
@@ -47,7 +49,8 @@ def imports(tree: ast.Module, known: set[str]) -> set[str]:
                 sub = f"{node.module}.{a.name}"
                 out.add(sub if sub in known else node.module)
         for child in ast.iter_child_nodes(node):
-            visit(child)
+            if deferred or not isinstance(child, ast.FunctionDef | ast.AsyncFunctionDef | ast.Lambda):
+                visit(child)
 
     visit(tree)
     return {m for m in out if m in known}
@@ -100,9 +103,11 @@ def test_no_method_stubs_under_type_checking() -> None:
     """A class that re-declares another's methods for the type checker is a mixin in disguise."""
     offenders = []
     for name, tree in modules().items():
-        for node in ast.walk(tree):
-            if isinstance(node, ast.If) and is_type_checking(node):
-                for inner in ast.walk(node):
-                    if isinstance(inner, ast.FunctionDef | ast.AsyncFunctionDef):
-                        offenders.append(f"{name}.{inner.name}")
+        for cls in ast.walk(tree):
+            if not isinstance(cls, ast.ClassDef):
+                continue
+            for node in cls.body:
+                if isinstance(node, ast.If) and is_type_checking(node):
+                    offenders += [f"{name}.{cls.name}.{f.name}" for f in ast.walk(node)
+                                  if isinstance(f, ast.FunctionDef | ast.AsyncFunctionDef)]
     assert not offenders, f"method stubs under TYPE_CHECKING: {offenders}"

@@ -194,8 +194,8 @@ def test_queue_show_and_queue_failed_print_a_jobs_control_characters_escaped(tmp
 
 
 def test_an_empty_delay_between_commas_is_a_usage_error() -> None:
-    from forge.durations import parse_backoff
     from forge.errors import UsageError
+    from forge.retry.backoff import parse as parse_backoff
 
     assert parse_backoff("1,5,") == (1.0, 5.0)
     for bad in ("1,,2", ",5", " , "):

@@ -17,8 +17,9 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Literal
 
-from forge.durations import parse_backoff, parse_duration
+from forge.durations import parse_duration
 from forge.errors import UsageError
+from forge.retry.backoff import parse as parse_backoff
 
 if TYPE_CHECKING:
     import inspect

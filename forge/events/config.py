@@ -30,10 +30,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from forge.config import Settings, _read_toml, validate_queue_name
-from forge.durations import parse_backoff, parse_duration
+from forge.durations import parse_duration
 from forge.errors import ConfigError, UsageError
 from forge.events.listeners import Listener
 from forge.events.model import valid_pattern
+from forge.retry.backoff import parse as parse_backoff
 
 DEFAULT_BUDGET = 0.1
 #: The longest budget of an in-process listener (the worker waits for it between two jobs).

@@ -17,11 +17,14 @@ import inspect
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from forge.errors import ConfigError
 from forge.events.model import META_KEY, Event, valid_pattern
 from forge.registry.spec import MARKER
+
+if TYPE_CHECKING:
+    from forge.retry.backoff import Backoff
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -42,7 +45,7 @@ class Listener:
     queue: str | None = None
     tries: int | None = None
     timeout: float | None = None
-    backoff: tuple[float, ...] | None = None
+    backoff: Backoff | None = None
     match: Mapping[str, Any] = field(default_factory=dict)
     budget: float | None = None  # in-process: overrides [events] budget
     name: str = ""
@@ -85,7 +88,7 @@ class Listener:
         if self.timeout is not None:
             cmd = cmd.with_timeout(self.timeout)
         if self.backoff is not None:
-            cmd = cmd.with_backoff(list(self.backoff))
+            cmd = cmd.with_backoff(self.backoff)
         return cmd.to_job(self.queue or default_queue)
 
     def describe(self) -> dict[str, Any]:

@@ -145,9 +145,25 @@ def parse(value: Any, *, what: str = "backoff") -> Backoff:
             raise UsageError(f"Invalid {what} {value!r}: {exc}.") from None
     if not isinstance(value, str | int | float | list | tuple):
         raise UsageError(f"Invalid {what} {value!r}: a list of delays (1,5,10) or exp:BASE..CAP.")
-    from forge.durations import parse_backoff  # the list form
+    return _parse_list(value, what)
 
-    return parse_backoff(value, what=what)  # type: ignore[no-any-return]
+
+def _parse_list(value: str | int | float | list[Any] | tuple[Any, ...], what: str) -> tuple[float, ...]:
+    """``"1,5,10"``, ``[1, 5, 10]`` or one number -> the delays in seconds (the last repeats)."""
+    if isinstance(value, str):
+        parts: list = value.split(",")
+        if parts and not parts[-1].strip():
+            parts.pop()  # a trailing comma ("1,5,") is harmless
+        if any(not p.strip() for p in parts) and any(p.strip() for p in parts):
+            raise UsageError(f"Invalid {what} {value!r}: an empty delay between commas; give e.g. 1,5,10.")
+        parts = [p for p in parts if p.strip()]
+    elif isinstance(value, list | tuple):
+        parts = list(value)
+    else:
+        parts = [value]
+    if not parts:
+        raise UsageError(f"Invalid {what} {value!r}: give at least one delay, e.g. 1,5,10, or exp:1s..10m.")
+    return tuple(parse_duration(p, what=what) for p in parts)
 
 
 def _parse_exp(text: str, what: str) -> Exponential:

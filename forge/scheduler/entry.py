@@ -23,8 +23,9 @@ from enum import StrEnum
 from typing import Any
 
 from forge.config import validate_queue_name
-from forge.durations import parse_backoff, parse_duration
+from forge.durations import parse_duration
 from forge.errors import ConfigError, UsageError
+from forge.retry.backoff import parse as parse_backoff
 
 #: A tick is on time for this long: with ``catch_up = "none"`` a run dispatches it until then, so
 #: one cron run (every minute) that was skipped or killed is made up by the next one. An entry

@@ -6,8 +6,9 @@ from typing import Annotated
 
 import typer
 
-from forge.durations import parse_backoff, parse_duration
+from forge.durations import parse_duration
 from forge.errors import UsageError
+from forge.retry.backoff import parse as parse_backoff
 
 
 def _duration(value: str | None, what: str) -> float | None:
