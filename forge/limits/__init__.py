@@ -7,8 +7,8 @@ rate limits and per-key concurrency (``[limits]`` in forge.toml, or per dispatch
 - ``isolation``: the lock key of an isolated command and the lock a direct run holds.
 - ``inspect``: why a job waits, and the state of every limit (``queue:limits``).
 
-Each backend keeps the holds in its own store (``backends/_filelimits.py``: files and flock;
-``backends/_redislimits.py``: one Lua script per step). Nothing here is imported on the plain
+Each backend keeps the holds in its own store (``backends/file/limits.py``: files and flock;
+``backends/redis/limits.py`` with ``redis/scripts/limits.lua``). Nothing here is imported on the plain
 claim path: a worker with no limits configured claims exactly as before.
 """
 

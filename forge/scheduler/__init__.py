@@ -3,7 +3,7 @@
 * ``entry``: ``ScheduleEntry`` (one recurring command, its expression, zone and policies);
 * ``load``: finding entries in ``forge.toml`` ``[[schedule]]`` and ``@command(..., schedule=)``;
 * ``state``: what the store keeps per entry, and the ``ScheduleStore`` seam (file and Redis
-  implementations live with their backends: ``backends/_fileschedule``, ``_redisschedule``);
+  implementations live with their backends: ``backends/file/schedule``, ``backends/redis/schedule``);
 * ``scheduler``: ``Scheduler``, deciding and dispatching due ticks (``run``, ``plan``, ...);
 * ``loop``: ``schedule:work``'s long-running loop.
 """
