@@ -78,6 +78,10 @@ def _run(args: list[str], verbose: bool) -> int:
         from forge.registry.runner import exit_code_of
 
         return exit_code_of(rv)
+    except SystemExit as exc:  # sys.exit() in a command: the code it means, as forge.call says
+        from forge.registry.runner import system_exit_code
+
+        return system_exit_code(exc)
     except ForgeError as exc:
         if verbose:
             import traceback

@@ -30,6 +30,7 @@ from forge.events.model import MAX_ERROR, META_KEY, Event, event_id, rfc3339
 if TYPE_CHECKING:
     from forge.backends.base import Backend, Claim
     from forge.job import Job
+    from forge.worker.outcome import Outcome
 
 
 #: All the in-process listeners of one ``job.started`` together take at most this long: the claim
@@ -161,12 +162,12 @@ class WorkerEvents:
         self.durably(lambda: self._deliver([ev], local=False))
         self.bus.run_local([ev], total=STARTED_TOTAL)
 
-    def outcome(self, claim: Claim, kind: str, reply: dict[str, Any], started: float, *,
+    def outcome(self, claim: Claim, kind: str, outcome: Outcome, started: float, *,
                 retry_in: float | None = None, counted: bool = True) -> list[Event]:
         """Before the outcome ``kind`` (``done``, ``failed``, ``released``) is recorded: build
         its events and store their durable listeners' jobs. Returns the events for ``after``."""
         job = claim.job
-        reason = reply.get("reason")
+        reason = outcome.reason
         names = {"done": ["job.succeeded"], "failed": ["job.failed"], "released": ["job.released"]}[kind]
         if reason == "timeout":
             names.insert(0, "job.timed_out")
@@ -179,10 +180,12 @@ class WorkerEvents:
         if not names:
             return []
         now = time.time()
-        error = reply.get("error")
+        error = outcome.error
+        # A run cut short by a forced stop (reason ``interrupted``) has no exit code of its own.
+        exit_code = None if reason == "interrupted" else outcome.exit_code
         data = {**job_data(job, claim.attempt), "worker": self.name, "started_at": rfc3339(started),
                 "finished_at": rfc3339(now), "duration_ms": round((now - started) * 1000, 1),
-                "exit_code": reply.get("exit_code"), "reason": reason,
+                "exit_code": exit_code, "reason": reason,
                 "error": error[:MAX_ERROR] if isinstance(error, str) else error}
         if kind == "released":
             data["counted"] = counted
