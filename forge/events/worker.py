@@ -74,6 +74,7 @@ class WorkerEvents:
 
     @property
     def active(self) -> bool:
+        """Whether any listener is configured."""
         return bool(self.bus.listeners)
 
     def _event(self, name: str, data: dict[str, Any], *about: object) -> Event:
@@ -104,9 +105,11 @@ class WorkerEvents:
         return {"worker": self.name, "queues": self.queues, "started_at": rfc3339(self.started_at), **extra}
 
     def worker_started(self) -> None:
+        """Raise ``worker.started`` (one try to store its listener jobs; never raises)."""
         self._once([self._event("worker.started", self._worker_data(), self.name, os.getpid(), self.started_at)])
 
     def worker_stopping(self, reason: str) -> None:
+        """Raise ``worker.stopping`` once, however often it is called."""
         if self._stopping:
             return
         self._stopping = True
@@ -114,6 +117,7 @@ class WorkerEvents:
                                 self.name, os.getpid(), self.started_at)])
 
     def worker_stopped(self, reason: str, jobs: int) -> None:
+        """Raise ``worker.stopping`` (unless raised already), then ``worker.stopped``."""
         self.worker_stopping(reason)
         self._once([self._event("worker.stopped", self._worker_data(reason=reason, jobs=jobs),
                                 self.name, os.getpid(), self.started_at)])
@@ -155,6 +159,8 @@ class WorkerEvents:
     # -- its jobs ------------------------------------------------------------------------------
 
     def job_started(self, claim: Claim, started: float) -> None:
+        """Raise ``job.started`` before the job's code runs: its listener jobs stored durably,
+        then the in-process listeners (``STARTED_TOTAL`` seconds at most, all together)."""
         if not self.bus.wants("job.started"):
             return
         data = {**job_data(claim.job, claim.attempt), "worker": self.name, "started_at": rfc3339(started)}
@@ -229,6 +235,8 @@ def for_worker(settings: Any, registry: Any, *, name: str, queues: Sequence[str]
 
 
 def check_listeners(bus: EventBus, registry: Any, settings: Any) -> None:
+    """Raise ``ConfigError`` for a durable listener whose command is not registered or whose
+    arguments do not parse against it."""
     from forge.errors import ConfigError, UsageError
     from forge.queue.manager import _check_args
 

@@ -42,6 +42,8 @@ from forge.worker.shared import NEVER, JobRequest, OutputBuffer, SharedState
 
 if TYPE_CHECKING:
     from forge.backends.base import Backend
+    from forge.events.worker import WorkerEvents
+    from forge.limits.gate import Gate
     from forge.registry.spec import CommandRegistry, CommandSpec
 
 #: The job process's own kill timer fires this long after the job's deadline (timeout + kill
@@ -111,9 +113,9 @@ class Worker:
     #: reports its own errors and must not raise.
     tick: Callable[[], None] | None = None
     #: The project's listeners (``forge.events.worker.WorkerEvents``), or None when there are none.
-    events: Any = None
+    events: WorkerEvents | None = None
     #: Claims through ``[limits]`` (``forge.limits.gate``); None: the plain claim path.
-    gate: Any = None
+    gate: Gate | None = None
 
     def __post_init__(self) -> None:
         self.backend = self.backend_factory()
@@ -165,6 +167,8 @@ class Worker:
             raise _Wakeup()
 
     def install_signals(self) -> None:
+        """SIGTERM, SIGINT, SIGQUIT: stop after the job (a second: now); SIGUSR2 pauses,
+        SIGCONT resumes. Call it in the main thread before ``run``."""
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
             signal.signal(sig, self._on_stop_signal)
         signal.signal(signal.SIGUSR2, self._on_pause)
