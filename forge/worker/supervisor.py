@@ -351,7 +351,7 @@ class Worker:
                 self.recorder.flush()  # the limits' claim is a call of its own
                 claim = self.gate.claim(self.backend, opts.queues, opts.name, opts.timeout)
         except (QueueUnavailable, OSError) as exc:
-            error = str(exc) if isinstance(exc, QueueUnavailable) else _os_error(exc)
+            error = _store_error(exc)
             if opts.once or opts.stop_when_empty:
                 # A drainer (cron) must not call an unusable queue empty: exit 6, say why.
                 self.report("backend_unavailable", {"error": error, "retry_in": None})
@@ -371,7 +371,7 @@ class Worker:
             counts = self.backend.maintain(self.options.tries)
         except (QueueUnavailable, OSError) as exc:
             # A full disk or an outage must not stop the worker: it retries at the next round.
-            error = str(exc) if isinstance(exc, QueueUnavailable) else _os_error(exc)
+            error = _store_error(exc)
             self.report("maintenance_failed", {"error": error})
             return
         if counts and any(counts.values()):
@@ -398,7 +398,7 @@ class Worker:
         try:
             return fn()
         except (QueueUnavailable, OSError) as exc:
-            error = str(exc) if isinstance(exc, QueueUnavailable) else _os_error(exc)
+            error = _store_error(exc)
             self.report("backend_unavailable", {"error": error, "retry_in": 0.1})
             self._outage = max(self._outage, 0.1)  # the next claim that gets through says so
             return None
@@ -434,7 +434,7 @@ class Worker:
         except _Wakeup:
             pass
         except (QueueUnavailable, OSError) as exc:
-            error = str(exc) if isinstance(exc, QueueUnavailable) else _os_error(exc)
+            error = _store_error(exc)
             self.report("backend_unavailable", {"error": error, "retry_in": timeout})
             self._outage = max(self._outage, timeout)  # the next claim that gets through says so
             self._idle_sleep(timeout)
@@ -808,7 +808,7 @@ class Worker:
                 if self._stop is StopReason.FORCED:
                     return  # the claim's lock or lease lapses; recovery records it later
                 if not reported:  # once per outage, not once per retry
-                    error = str(exc) if isinstance(exc, QueueUnavailable) else _os_error(exc)
+                    error = _store_error(exc)
                     self.report("record_failed", {"error": error, "retry_in": delay})
                     reported = True
                 self._idle_sleep(delay)
@@ -840,6 +840,11 @@ def _rss_mb() -> float:
             return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1024 / 1024
     except (OSError, ValueError, IndexError):
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _store_error(exc: QueueUnavailable | OSError) -> str:
+    """What a store outage or an I/O error says, for the worker's report lines."""
+    return str(exc) if isinstance(exc, QueueUnavailable) else _os_error(exc)
 
 
 def _os_error(exc: OSError) -> str:
