@@ -123,8 +123,10 @@ class Outcome:
         """The outcome of a JSON form (``to_record``, or ``retry.outcome.reply_of``); None if
         it is not one (no int ``exit_code``)."""
         code = record.get("exit_code")
-        if not isinstance(code, int) or isinstance(code, bool):
+        if type(code) is not int:
             return None
+        if code == 0 and "reason" not in record:
+            return SUCCESS
         reason, error, after = record.get("reason"), record.get("error"), record.get("retry_after")
         return cls(code, reason if isinstance(reason, str) else None, error if isinstance(error, str) else None,
                    float(after) if isinstance(after, int | float) else None)

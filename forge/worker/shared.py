@@ -130,10 +130,9 @@ class JobRequest:
     @classmethod
     def from_record(cls, record: dict[str, Any]) -> JobRequest | None:
         """The request of a JSON form, or None if it is not one."""
-        try:
-            return cls(int(record["seq"]), str(record["command"]), [str(a) for a in record["args"]],
-                       {str(k): str(v) for k, v in record["env"].items()})
-        except (KeyError, TypeError, ValueError, AttributeError):
+        try:  # written by the worker alone (``to_record``): the keys are checked, not each value
+            return cls(record["seq"], record["command"], record["args"], record["env"])
+        except KeyError:
             return None
 
 
