@@ -7,22 +7,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 from forge.queue import CommandQueue, QueuedCommand
 
-PROJECT = Path(__file__).resolve().parent / "project" / "forge.toml"
 JOB = ["event", "ts", "job_id", "command", "queue", "attempt", "started"]
 FAILED = [*JOB, "duration_ms", "reason", "error", "exit_code"]
 
 
-@pytest.fixture
-def probe_project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("FORGE_CONFIG", str(PROJECT))
-    monkeypatch.setenv("FORGE_PROBE_LEDGER", str(tmp_path / "ledger.jsonl"))
-
-
-def test_job_events_keep_their_keys_in_order(probe_project: None) -> None:
+def test_job_events_keep_their_keys_in_order(probe_project: Path) -> None:
     q = CommandQueue()
     ok = q.dispatch(QueuedCommand("probe:run"))
     retried = q.dispatch(QueuedCommand("probe:run").with_args(["--exit-code", "3"]).with_max_attempts(2)
