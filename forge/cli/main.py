@@ -87,6 +87,10 @@ def _run(args: list[str], verbose: bool) -> tuple[int, bool]:
         if fast is not None:
             fast.after_full_run(code)
         return code, False
+    except SystemExit as exc:  # sys.exit() in a command: the code it means, as forge.call says
+        from forge.registry.runner import system_exit_code
+
+        return system_exit_code(exc), False
     except ForgeError as exc:
         if verbose:
             import traceback

@@ -30,6 +30,7 @@ from forge.events.model import MAX_ERROR, META_KEY, Event, event_id, rfc3339
 if TYPE_CHECKING:
     from forge.backends.base import Backend, Claim
     from forge.job import Job
+    from forge.worker.outcome import Outcome
 
 
 #: All the in-process listeners of one ``job.started`` together take at most this long: the claim
@@ -73,6 +74,7 @@ class WorkerEvents:
 
     @property
     def active(self) -> bool:
+        """Whether any listener is configured."""
         return bool(self.bus.listeners)
 
     def _event(self, name: str, data: dict[str, Any], *about: object) -> Event:
@@ -103,9 +105,11 @@ class WorkerEvents:
         return {"worker": self.name, "queues": self.queues, "started_at": rfc3339(self.started_at), **extra}
 
     def worker_started(self) -> None:
+        """Raise ``worker.started`` (one try to store its listener jobs; never raises)."""
         self._once([self._event("worker.started", self._worker_data(), self.name, os.getpid(), self.started_at)])
 
     def worker_stopping(self, reason: str) -> None:
+        """Raise ``worker.stopping`` once, however often it is called."""
         if self._stopping:
             return
         self._stopping = True
@@ -113,6 +117,7 @@ class WorkerEvents:
                                 self.name, os.getpid(), self.started_at)])
 
     def worker_stopped(self, reason: str, jobs: int) -> None:
+        """Raise ``worker.stopping`` (unless raised already), then ``worker.stopped``."""
         self.worker_stopping(reason)
         self._once([self._event("worker.stopped", self._worker_data(reason=reason, jobs=jobs),
                                 self.name, os.getpid(), self.started_at)])
@@ -154,6 +159,8 @@ class WorkerEvents:
     # -- its jobs ------------------------------------------------------------------------------
 
     def job_started(self, claim: Claim, started: float) -> None:
+        """Raise ``job.started`` before the job's code runs: its listener jobs stored durably,
+        then the in-process listeners (``STARTED_TOTAL`` seconds at most, all together)."""
         if not self.bus.wants("job.started"):
             return
         data = {**job_data(claim.job, claim.attempt), "worker": self.name, "started_at": rfc3339(started)}
@@ -161,12 +168,12 @@ class WorkerEvents:
         self.durably(lambda: self._deliver([ev], local=False))
         self.bus.run_local([ev], total=STARTED_TOTAL)
 
-    def outcome(self, claim: Claim, kind: str, reply: dict[str, Any], started: float, *,
+    def outcome(self, claim: Claim, kind: str, outcome: Outcome, started: float, *,
                 retry_in: float | None = None, counted: bool = True) -> list[Event]:
         """Before the outcome ``kind`` (``done``, ``failed``, ``released``) is recorded: build
         its events and store their durable listeners' jobs. Returns the events for ``after``."""
         job = claim.job
-        reason = reply.get("reason")
+        reason = outcome.reason
         names = {"done": ["job.succeeded"], "failed": ["job.failed"], "released": ["job.released"]}[kind]
         if reason == "timeout":
             names.insert(0, "job.timed_out")
@@ -179,10 +186,12 @@ class WorkerEvents:
         if not names:
             return []
         now = time.time()
-        error = reply.get("error")
+        error = outcome.error
+        # A run cut short by a forced stop (reason ``interrupted``) has no exit code of its own.
+        exit_code = None if reason == "interrupted" else outcome.exit_code
         data = {**job_data(job, claim.attempt), "worker": self.name, "started_at": rfc3339(started),
                 "finished_at": rfc3339(now), "duration_ms": round((now - started) * 1000, 1),
-                "exit_code": reply.get("exit_code"), "reason": reason,
+                "exit_code": exit_code, "reason": reason,
                 "error": error[:MAX_ERROR] if isinstance(error, str) else error}
         if kind == "released":
             data["counted"] = counted
@@ -226,6 +235,8 @@ def for_worker(settings: Any, registry: Any, *, name: str, queues: Sequence[str]
 
 
 def check_listeners(bus: EventBus, registry: Any, settings: Any) -> None:
+    """Raise ``ConfigError`` for a durable listener whose command is not registered or whose
+    arguments do not parse against it."""
     from forge.errors import ConfigError, UsageError
     from forge.registry.argcheck import check_job_args
 

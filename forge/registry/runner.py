@@ -96,15 +96,38 @@ def invoke(spec: CommandSpec, args: Sequence[str], cmd: Any = None) -> int:
     return exit_code_of(rv)
 
 
+#: The exit codes a command can mean: what a process's exit status can carry (8 bits).
+EXIT_CODES = range(256)
+
+
 def exit_code_of(rv: object) -> int:
-    """The exit code a command's return value means, the one rule for ``forge NAME``,
-    ``forge.call`` and the worker: ``None`` and ``True`` are success (0), ``False`` is
-    failure (1), an int is the code itself, anything else is success."""
+    """The exit code a command's return value means: the one rule for ``forge NAME``,
+    ``forge.call``, the job process and the worker.
+
+    ``None`` and ``True`` are success (0) and ``False`` is failure (1); an int is the code
+    itself when it is one an exit status can carry (0-255), and failure (1) otherwise (256
+    would become 0, a success, in the exit status); any other value is success (0). A
+    ``typer.Exit(code)`` reaches here as its ``code`` (Click returns it)."""
     if rv is None or rv is True:
         return 0
     if rv is False:
-        return 1
-    return rv if isinstance(rv, int) else 0
+        return EXIT_ERROR
+    if isinstance(rv, int):
+        return rv if rv in EXIT_CODES else EXIT_ERROR
+    return 0
+
+
+def system_exit_code(exc: SystemExit) -> int:
+    """The exit code a ``SystemExit`` (``sys.exit(...)`` in a command) means, as Python's own
+    exit does: ``None`` is 0, an int is itself (out of 0-255: 1, as in ``exit_code_of``), and
+    anything else (a message) is 1, the message written to ``sys.stderr`` first."""
+    code = exc.code
+    if code is None:
+        return 0
+    if isinstance(code, int):
+        return code if code in EXIT_CODES else EXIT_ERROR
+    print(code, file=sys.stderr)
+    return EXIT_ERROR
 
 
 _errors: list[Any] = []
@@ -130,6 +153,7 @@ class CallResult:
 
     @property
     def ok(self) -> bool:
+        """Whether the command succeeded (exit code 0)."""
         return self.exit_code == 0
 
 
@@ -140,6 +164,8 @@ strict_discovery = False
 
 
 def default_registry() -> CommandRegistry:
+    """The project's registry (``forge.toml`` found from the working directory), built once
+    per process; raises ``ConfigError`` for a configuration that does not load."""
     global _default_registry
     if _default_registry is None:
         from forge.config import load_settings
@@ -173,7 +199,7 @@ def call(name: str, args: Sequence[str] = (), *, registry: CommandRegistry | Non
     except ForgeError as exc:
         code, error = exc.exit_code, exc.message
     except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        code = system_exit_code(exc)
     except Exception as exc:
         code, error = EXIT_ERROR, f"{type(exc).__name__}: {exc}"
         traceback.print_exc(file=buf)

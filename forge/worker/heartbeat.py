@@ -27,6 +27,8 @@ MIN_GAP = 0.2
 
 
 class WorkerState(StrEnum):
+    """What a worker is doing, as its record says (``queue:workers``)."""
+
     IDLE = "idle"
     RUNNING = "running"
     PAUSED = "paused"
@@ -52,10 +54,12 @@ class WorkerRecord:
     failed: int = 0
 
     def to_json(self) -> bytes:
+        """The record as stored: JSON with the format's version ``v`` first."""
         return json.dumps({"v": RECORD_VERSION, **asdict(self)}).encode()
 
     @classmethod
     def from_json(cls, data: bytes) -> WorkerRecord | None:
+        """The record of stored JSON, or None for one of another version or not a record."""
         try:
             d = json.loads(data)
             if not isinstance(d, dict) or d.pop("v", None) != RECORD_VERSION:
@@ -67,6 +71,8 @@ class WorkerRecord:
             return None
 
     def stale(self, now: float) -> bool:
+        """Whether it is a dead worker's: its heartbeat older than ``stale_after``, or (on
+        this host) its process gone."""
         if now - self.heartbeat_at > self.stale_after:
             return True
         if self.host == socket.gethostname():  # this host: a worker whose process is gone is dead
@@ -128,5 +134,6 @@ class Heartbeat:
             self._backend.put_worker(self.record.name, self.record.to_json(), self.record.stale_after)
 
     def remove(self) -> None:
+        """Drop the record (a clean exit); never raises."""
         with contextlib.suppress(Exception):
             self._backend.drop_worker(self.record.name)

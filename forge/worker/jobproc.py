@@ -40,11 +40,12 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from forge import _linux
-from forge.errors import EXIT_USAGE, ForgeError, UsageError
+from forge.errors import ForgeError, UsageError
 from forge.job import Reason
-from forge.registry.runner import invoke
+from forge.registry.runner import invoke, system_exit_code
 from forge.retry.outcome import Fail, Retry, reply_of
-from forge.worker.shared import NEVER, OUTCOME, REQUEST, SharedState
+from forge.worker.outcome import Outcome
+from forge.worker.shared import NEVER, JobReply, JobRequest, SharedState
 
 if TYPE_CHECKING:
     from forge.registry.spec import CommandRegistry, CommandSpec
@@ -53,12 +54,12 @@ if TYPE_CHECKING:
 RENEW_POLL = 0.5
 #: The job process's exit status when its own set-up failed (EX_SOFTWARE).
 SETUP_FAILED = 70
-_ERROR_CAP = 4096
 
 
 @dataclass(frozen=True)
 class JobContext:
-    """What the job process needs, handed from the worker."""
+    """Exactly what the job process needs from the worker, fixed at the fork: it reads
+    nothing else of the worker's, and changes none of it."""
 
     registry: CommandRegistry
     cwd: str | None
@@ -93,6 +94,8 @@ _KEEP_ALIVE: list[Any] = []
 
 
 class _Runner:
+    """The job process's state: its context, its kill timer, and the state jobs start from."""
+
     def __init__(self, ctx: JobContext) -> None:
         self.ctx = ctx
         self.me = os.getpid()
@@ -140,6 +143,8 @@ class _Runner:
                 self.timer.set(at)
 
     def loop(self) -> int:
+        """Run a job per request until the worker closes the pipe or this process must be
+        replaced; returns the exit status."""
         ctx = self.ctx
         while True:
             try:
@@ -150,11 +155,11 @@ class _Runner:
             with contextlib.suppress(ChildProcessError):  # the last job's ended leftovers
                 while os.waitpid(-1, os.WNOHANG)[0]:
                     pass
-            request = ctx.shared.record(REQUEST)
+            request = ctx.shared.request()
             if request is None:
                 return SETUP_FAILED
-            ctx.shared.taken = request["seq"]
-            reply = self._run(request)
+            ctx.shared.taken = request.seq
+            outcome = self._run(request)
             if os.getpid() != self.me:  # a fork the job made and returned from: never go on
                 os._exit(0)
             with contextlib.suppress(Exception):
@@ -165,9 +170,7 @@ class _Runner:
             # in the pipe until that is done; if the check fails, this process ends without
             # taking it, and the worker, seeing ``taken`` short of it, hands it to a fresh one.
             fresh = not ctx.fresh and not _over(ctx.memory)
-            reply["seq"] = request["seq"]
-            reply["recycle"] = not fresh
-            ctx.shared.set_record(reply, OUTCOME)
+            ctx.shared.put_reply(JobReply(request.seq, outcome, recycle=not fresh))
             try:
                 os.write(ctx.done, b".")
             except OSError:
@@ -175,15 +178,14 @@ class _Runner:
             if not fresh or not self.base.restore(self):
                 return 0
 
-    def _run(self, request: dict[str, Any]) -> dict[str, Any]:
-        spec = self.ctx.registry.get(request["command"])
+    def _run(self, request: JobRequest) -> Outcome:
+        spec = self.ctx.registry.get(request.command)
         if spec is None:
-            return {"exit_code": 1, "reason": str(Reason.UNKNOWN_COMMAND),
-                    "error": f'Command "{request["command"]}" is not defined.'}
+            return Outcome.failure(1, Reason.UNKNOWN_COMMAND, f'Command "{request.command}" is not defined.')
         self.running = True
         self.timer.set(self.ctx.shared.kill_at)
         try:
-            return run_command(spec, list(request["args"]), request["env"])
+            return run_command(spec, list(request.args), request.env)
         finally:
             self.timer.set(NEVER)
             self.running = False
@@ -290,7 +292,7 @@ def _checked(runner: _Runner) -> tuple[Any, ...]:
         os.sched_getaffinity(0),
         _linux.process_name(),
         os.getpgrp(), os.getsid(0),
-        bool(faulthandler and faulthandler.is_enabled()),  # type: ignore[attr-defined]
+        bool(faulthandler and faulthandler.is_enabled()),
     )
 
 
@@ -329,32 +331,31 @@ def _forget_inherited() -> None:
         cached.clear()
 
 
-def run_command(spec: CommandSpec, args: list[str], env: Mapping[str, str]) -> dict[str, Any]:
-    """Run one command in this process; returns ``{"exit_code", "reason"?, "error"?}``.
+def run_command(spec: CommandSpec, args: list[str], env: Mapping[str, str]) -> Outcome:
+    """Run one command in this process and return its outcome; never raises (what the
+    command raised is the outcome, its traceback in the job's output).
 
     ``env`` is added to the environment for the run (the job process puts it back after).
+    The exit code follows ``forge.registry.runner``'s rule, as ``forge NAME`` and ``forge.call``.
     """
     os.environ.update(env)
     try:
         code = invoke(spec, args)
     except UsageError as exc:
         print(f"Error: {exc.message}", file=sys.stderr)
-        return {"exit_code": EXIT_USAGE, "reason": str(Reason.EXIT_CODE), "error": exc.message[:_ERROR_CAP]}
+        return Outcome.of_usage_error(exc.message)
     except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        code = system_exit_code(exc)
     except (Retry, Fail) as exc:  # the outcome protocol (forge.retry.outcome)
         print(exc.message, file=sys.stderr)
-        return reply_of(exc)
+        return Outcome.from_record(reply_of(exc)) or Outcome.of_exception(exc.exit_code, exc.message)
     except ForgeError as exc:
         print(f"Error: {exc.message}", file=sys.stderr)
-        return {"exit_code": exc.exit_code, "reason": str(Reason.EXCEPTION), "error": exc.message[:_ERROR_CAP]}
+        return Outcome.of_exception(exc.exit_code, exc.message)
     except BaseException as exc:  # noqa: BLE001 - report everything the job raised
         traceback.print_exc()
-        return {"exit_code": 1, "reason": str(Reason.EXCEPTION),
-                "error": f"{type(exc).__name__}: {exc}"[:_ERROR_CAP]}
-    if code == 0:
-        return {"exit_code": 0}
-    return {"exit_code": code, "reason": str(Reason.EXIT_CODE), "error": f"exited with code {code}"}
+        return Outcome.of_exception(1, f"{type(exc).__name__}: {exc}")
+    return Outcome.of_exit_code(code)
 
 
 __all__ = ["JobContext", "run", "run_command"]

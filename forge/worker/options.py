@@ -18,6 +18,8 @@ if TYPE_CHECKING:
 
 
 class StopReason(StrEnum):
+    """Why a worker stopped; its value is what the stop line and the events say."""
+
     EMPTY = "empty"
     ONCE = "once"
     MAX_JOBS = "max_jobs"
@@ -30,6 +32,8 @@ class StopReason(StrEnum):
 
     @property
     def exit_code(self) -> int:
+        """``queue:work``'s exit code for it: 0, but over ``--memory`` (``EXIT_MEMORY``), forced
+        (1) and an unusable queue when draining (``EXIT_UNAVAILABLE``)."""
         return {StopReason.MEMORY: EXIT_MEMORY, StopReason.FORCED: 1,
                 StopReason.UNAVAILABLE: EXIT_UNAVAILABLE}.get(self, 0)
 
@@ -74,5 +78,7 @@ class WorkerOptions:
 
 
 def parse_queues(value: str | Sequence[str]) -> tuple[str, ...]:
+    """Queue names from ``"high,default"`` or a list, in order, blanks dropped; raises
+    ``UsageError`` for an invalid name."""
     parts = value.split(",") if isinstance(value, str) else list(value)
     return tuple(validate_queue_name(p.strip()) for p in parts if p.strip())

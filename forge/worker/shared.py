@@ -16,9 +16,11 @@ import mmap
 import os
 import struct
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from forge import _linux
+from forge.worker.outcome import Outcome
 
 if TYPE_CHECKING:
     from forge.backends.base import Backend
@@ -46,6 +48,7 @@ class SharedState:
 
     @property
     def kill_at(self) -> float:
+        """When the job process must be dead (CLOCK_BOOTTIME seconds; ``NEVER`` while idle)."""
         return float(self._D.unpack_from(self.mm, 0)[0])
 
     @kill_at.setter
@@ -63,6 +66,7 @@ class SharedState:
         self._Q.pack_into(self.mm, self._TAKEN, value)
 
     def set_record(self, record: dict[str, Any] | None, slot: int = 0) -> None:
+        """Write ``record`` (JSON) whole into ``slot``; ValueError if it does not fit."""
         base = 8 + slot * self.SLOT
         data = json.dumps(record).encode() if record is not None else b""
         if len(data) > self.SLOT - 24:
@@ -89,6 +93,74 @@ class SharedState:
         return value if isinstance(value, dict) else None
 
 
+    def put_request(self, request: JobRequest) -> None:
+        """Write the job request (the worker's side)."""
+        self.set_record(request.to_record(), REQUEST)
+
+    def request(self) -> JobRequest | None:
+        """The job request last written whole, or None (the job process's side)."""
+        record = self.record(REQUEST)
+        return JobRequest.from_record(record) if record is not None else None
+
+    def put_reply(self, reply: JobReply) -> None:
+        """Write the outcome of a request (the job process's side)."""
+        self.set_record(reply.to_record(), OUTCOME)
+
+    def reply(self, seq: int) -> JobReply | None:
+        """The outcome of request ``seq`` if it is written whole, else None (the worker's side)."""
+        record = self.record(OUTCOME)
+        reply = JobReply.from_record(record) if record is not None else None
+        return reply if reply is not None and reply.seq == seq else None
+
+
+@dataclass(frozen=True, slots=True)
+class JobRequest:
+    """What the worker asks its job process to run: request ``seq`` (counting up), the
+    command, its arguments and the environment added for the run."""
+
+    seq: int
+    command: str
+    args: list[str]
+    env: dict[str, str]
+
+    def to_record(self) -> dict[str, Any]:
+        """The JSON form in the shared page."""
+        return {"seq": self.seq, "command": self.command, "args": self.args, "env": self.env}
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> JobRequest | None:
+        """The request of a JSON form, or None if it is not one."""
+        try:  # written by the worker alone (``to_record``): the keys are checked, not each value
+            return cls(record["seq"], record["command"], record["args"], record["env"])
+        except KeyError:
+            return None
+
+
+@dataclass(frozen=True, slots=True)
+class JobReply:
+    """The job process's answer to request ``seq``: the run's outcome, and whether it exits
+    after it (``recycle``: its memory passed the limit, it runs one job per process, or the
+    job changed it in a way that cannot be put back)."""
+
+    seq: int
+    outcome: Outcome
+    recycle: bool = False
+
+    def to_record(self) -> dict[str, Any]:
+        """The JSON form in the shared page: the outcome's keys, then ``seq`` and ``recycle``."""
+        return {**self.outcome.to_record(), "seq": self.seq, "recycle": self.recycle}
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> JobReply | None:
+        """The reply of a JSON form, or None if it is not one."""
+        outcome = Outcome.from_record(record)
+        seq = record.get("seq")
+        if outcome is None or not isinstance(seq, int):
+            return None
+        return cls(seq, outcome, bool(record.get("recycle", False)))
+
+
+#: The shared page's two record slots.
 OUTCOME, REQUEST = 0, 1
 #: A kill instant that never comes (the job process's timer while it is idle).
 NEVER = 1e12
@@ -163,4 +235,5 @@ class OutputBuffer:
         return cut_to_lines(text, chars)
 
     def size(self) -> int:
+        """How many bytes of output the buffer holds (copied or not)."""
         return os.fstat(self.fd).st_size

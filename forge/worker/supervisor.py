@@ -13,7 +13,6 @@ in Laravel; run several workers for parallelism.
 from __future__ import annotations
 
 import contextlib
-import functools
 import gc
 import os
 import resource
@@ -29,7 +28,7 @@ from forge import _linux
 from forge.backends.base import Claim
 from forge.errors import QueueUnavailable
 from forge.events.model import META_KEY, job_env
-from forge.job import Event, Reason
+from forge.job import Reason
 from forge.jobprogress.tracker import ProgressTracker
 from forge.limits import LIMITS_KEY
 from forge.registry import runner
@@ -37,11 +36,14 @@ from forge.retry import policy as retry_policy
 from forge.worker import jobproc
 from forge.worker.heartbeat import Heartbeat, WorkerState
 from forge.worker.options import StopReason, WorkerOptions, parse_queues
+from forge.worker.outcome import Ending, Outcome, Recorder, RunningJob
 from forge.worker.reporting import Reporter, console_reporter
-from forge.worker.shared import NEVER, OUTCOME, REQUEST, OutputBuffer, SharedState
+from forge.worker.shared import NEVER, JobRequest, OutputBuffer, SharedState
 
 if TYPE_CHECKING:
     from forge.backends.base import Backend
+    from forge.events.worker import WorkerEvents
+    from forge.limits.gate import Gate
     from forge.registry.spec import CommandRegistry, CommandSpec
 
 #: The job process's own kill timer fires this long after the job's deadline (timeout + kill
@@ -72,6 +74,29 @@ class _Wakeup(Exception):
 
 
 @dataclass
+class _Loop:
+    """The run loop's clocks (monotonic) and what it has seen."""
+
+    started: float
+    next_maintenance: float = 0.0
+    next_restart_check: float = 0.0
+    paused_reported: bool = False
+    #: The restart marker when the worker started (None: the store was unreachable then).
+    restart_seen: tuple[float | None] | None = None
+
+
+@dataclass(frozen=True)
+class _Ended:
+    """How a run in the job process ended: why the worker ended it (None: it did not), the
+    outcome the job process reported (None: it reported none), and the job process's exit
+    status (0 while it lives on)."""
+
+    ending: Ending | None
+    outcome: Outcome | None
+    status: int
+
+
+@dataclass
 class Worker:
     """Runs jobs from ``options.queues`` until a stop condition; see ``run``."""
 
@@ -88,9 +113,9 @@ class Worker:
     #: reports its own errors and must not raise.
     tick: Callable[[], None] | None = None
     #: The project's listeners (``forge.events.worker.WorkerEvents``), or None when there are none.
-    events: Any = None
+    events: WorkerEvents | None = None
     #: Claims through ``[limits]`` (``forge.limits.gate``); None: the plain claim path.
-    gate: Any = None
+    gate: Gate | None = None
 
     def __post_init__(self) -> None:
         self.backend = self.backend_factory()
@@ -109,8 +134,7 @@ class Worker:
         self._idle = False
         self._outage = 0.0
         self._quarantined = 0
-        #: A successful claim whose ack waits to go with the next claim (``Backend.ack_claim``).
-        self._unacked: tuple[Claim, Event, dict[str, Any], list[Any]] | None = None
+        self._loop = _Loop(started=time.monotonic())
         #: A claim made as the idle wait woke (``Backend.wait_claim``), run by the next ``_claim``.
         self._woken: Claim | None = None
         self._sig_r, self._sig_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -120,8 +144,12 @@ class Worker:
         self.output.scan = self.progress.feed
         self.heartbeat = Heartbeat(self.backend, self.options.name, self.options.queues,
                                    self.options.maintenance_interval)
+        #: Records every outcome (ack, release, fail); its ``events`` are set by ``run``.
+        self.recorder = Recorder(self.backend, self.registry, self.options, report=self.report,
+                                 heartbeat=self.heartbeat, durably=self._durably)
 
     def job_timeout(self, claim: Claim) -> float:
+        """The claimed job's timeout in seconds: its own, else the worker's ``--timeout``."""
         return claim.job.timeout if claim.job.timeout is not None else self.options.timeout
 
     # -- signals ----------------------------------------------------------------------------
@@ -139,6 +167,8 @@ class Worker:
             raise _Wakeup()
 
     def install_signals(self) -> None:
+        """SIGTERM, SIGINT, SIGQUIT: stop after the job (a second: now); SIGUSR2 pauses,
+        SIGCONT resumes. Call it in the main thread before ``run``."""
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
             signal.signal(sig, self._on_stop_signal)
         signal.signal(signal.SIGUSR2, self._on_pause)
@@ -148,94 +178,154 @@ class Worker:
     # -- the loop -----------------------------------------------------------------------------
 
     def run(self) -> StopReason:
-        opts = self.options
+        """Run jobs until a stop condition (Laravel's ``Worker::daemon``): each round does
+        its upkeep when due, stops, pauses or restarts when asked, else claims the next job
+        and runs it, or waits for one. Returns why it stopped; the job process and anything
+        a job left running are ended on the way out, whatever happened."""
+        self._start()
+        try:
+            while True:
+                now = time.monotonic()
+                self._maintain_when_due(now)
+                if self._stopping(now):
+                    break
+                if self._pausing(now) or self._restart_asked(now):
+                    continue
+                claim = self._claim()
+                if claim is None:
+                    self._when_empty()
+                    continue
+                if self._stop is not None:  # asked to stop while claiming: hand it back, uncounted
+                    self.recorder.hand_back(claim)
+                    break
+                self._run_job(claim)
+                self.recorder.let_go(claim)
+                self._after_job()
+        finally:
+            self._shut_down()
+        return self._stopped()
+
+    def _start(self) -> None:
+        """Become the job processes' subreaper, load what every job process shares, announce."""
         _linux.set_child_subreaper()
         _linux.boottime()
         _linux.preload()  # ctypes and libc now, not in every job process
         gc.freeze()  # the commands and forge, loaded once, are shared with job processes untouched
-        started = time.monotonic()
-        self.report("worker_started", {"queues": list(opts.queues), "name": opts.name, "pid": os.getpid(),
-                                       **self.where})
+        self.recorder.events = self.events
+        self._loop = _Loop(started=time.monotonic())
+        self.report("worker_started", {"queues": list(self.options.queues), "name": self.options.name,
+                                       "pid": os.getpid(), **self.where})
         if self.events is not None:
             self.events.worker_started()
         self.heartbeat.update(state=WorkerState.IDLE)
-        restart_seen = self._call(lambda: (self.backend.restart_requested_at(),))
-        next_maintenance = next_restart_check = 0.0
-        paused_reported = False
-        try:
-            while True:
-                now = time.monotonic()
-                if now >= next_maintenance:
-                    self._flush_ack()
-                    self._maintain()
-                    if self.tick is not None:
-                        self.tick()
-                    next_maintenance = now + opts.maintenance_interval
-                if opts.max_time and now - started >= opts.max_time and self._stop is None:
-                    self._stop = StopReason.MAX_TIME
-                if self._stop is not None:
-                    self._flush_ack()
-                    break
-                if self._paused != paused_reported:
-                    paused_reported = self._paused
-                    self.report("paused" if paused_reported else "resumed", {})
-                    self.heartbeat.update(state=WorkerState.PAUSED if self._paused else WorkerState.IDLE)
-                if self._paused:
-                    self._flush_ack()
-                    self._unclaim_woken()
-                    self.heartbeat.beat()
-                    self._idle_sleep(min(next_maintenance - now, 1.0))
-                    continue
-                if now >= next_restart_check:  # a stat or a round trip: not before every job
-                    marker = self._call(lambda: (self.backend.restart_requested_at(),))
-                    if marker is not None:
-                        if restart_seen is None:
-                            # The store was down at start: a marker set after we started counts.
-                            restart_seen = (None,) if (marker[0] or 0) > self.started_at else marker
-                        if marker != restart_seen:
-                            self._flush_ack()
-                            self._stop = StopReason.RESTART
-                            continue
-                    next_restart_check = now + 0.1
-                claim = self._claim()
-                if claim is None:
-                    if self._stop is None and not self._outage:
-                        if (opts.once or opts.stop_when_empty) and not (self.gate and self.gate.blocked):
-                            self._stop = StopReason.EMPTY
-                        else:
-                            self.heartbeat.beat()  # before the wait, not on the way to the next job
-                            self._idle_wait(next_maintenance, started)
-                    continue
-                if self._stop is not None:  # asked to stop while claiming: hand it back, uncounted
-                    self._durably(functools.partial(self.backend.release, claim, None, 0))
-                    self._let_go(claim)
-                    break
-                self._run_job(claim)
-                self._let_go(claim)
-                self.jobs_done += 1
-                if opts.once and self._stop is None:
-                    self._stop = StopReason.ONCE
-                if opts.max_jobs and self.jobs_done >= opts.max_jobs and self._stop is None:
-                    self._stop = StopReason.MAX_JOBS
-                if opts.memory and _peak_mb() >= opts.memory and _rss_mb() >= opts.memory and self._stop is None:
-                    self._stop = StopReason.MEMORY
-                if opts.rest and self._stop is None:
-                    self._flush_ack()
-                    self._idle_sleep(opts.rest)
-        finally:
-            self._flush_ack()
-            self._unclaim_woken()
-            if self._proc is not None:
-                self._signal_all(signal.SIGKILL)
-                self._reap(self._proc)
-                self._end_leftovers()
-            if self.events is not None:
-                self.events.worker_stopped(str(self._stop), self.jobs_done)
-            self.heartbeat.remove()
-            self.backend.close()
-            if self._renewer is not None:
-                self._renewer.close()
+        self._loop.restart_seen = self._restart_marker()
+
+    def _maintain_when_due(self, now: float) -> None:
+        """Every ``maintenance_interval``: the backend's upkeep, then the schedule's tick."""
+        if now < self._loop.next_maintenance:
+            return
+        self.recorder.flush()
+        self._maintain()
+        if self.tick is not None:
+            self.tick()
+        self._loop.next_maintenance = now + self.options.maintenance_interval
+
+    def _stopping(self, now: float) -> bool:
+        """Whether to stop now (asked, or past ``--max-time``); a waiting ack is sent first."""
+        opts = self.options
+        if opts.max_time and now - self._loop.started >= opts.max_time and self._stop is None:
+            self._stop = StopReason.MAX_TIME
+        if self._stop is None:
+            return False
+        self.recorder.flush()
+        return True
+
+    def _pausing(self, now: float) -> bool:
+        """Report a pause or resume (SIGUSR2, SIGCONT); while paused, sleep a round instead of
+        claiming (True)."""
+        loop = self._loop
+        if self._paused != loop.paused_reported:
+            loop.paused_reported = self._paused
+            self.report("paused" if self._paused else "resumed", {})
+            self.heartbeat.update(state=WorkerState.PAUSED if self._paused else WorkerState.IDLE)
+        if not self._paused:
+            return False
+        self.recorder.flush()
+        self._unclaim_woken()
+        self.heartbeat.beat()
+        self._idle_sleep(min(loop.next_maintenance - now, 1.0))
+        return True
+
+    def _restart_asked(self, now: float) -> bool:
+        """Whether ``queue:restart`` was asked since this worker started (then it stops: True).
+        Checked every 0.1 s at most: a stat or a round trip, not one before every job."""
+        loop = self._loop
+        if now < loop.next_restart_check:
+            return False
+        marker = self._restart_marker()
+        if marker is not None:
+            if loop.restart_seen is None:
+                # The store was down at start: a marker set after we started counts.
+                loop.restart_seen = (None,) if (marker[0] or 0) > self.started_at else marker
+            if marker != loop.restart_seen:
+                self.recorder.flush()
+                self._stop = StopReason.RESTART
+                return True
+        loop.next_restart_check = now + 0.1
+        return False
+
+    def _restart_marker(self) -> tuple[float | None] | None:
+        """The backend's restart marker (in a tuple), or None when the store is unreachable."""
+        marker: tuple[float | None] | None = self._call(lambda: (self.backend.restart_requested_at(),))
+        return marker
+
+    def _when_empty(self) -> None:
+        """No job was claimed: stop if draining (``--once``, ``--stop-when-empty``), else wait
+        for one (not during an outage: ``_claim`` has slept already)."""
+        opts = self.options
+        if self._stop is not None or self._outage:
+            return
+        if (opts.once or opts.stop_when_empty) and not (self.gate and self.gate.blocked):
+            self._stop = StopReason.EMPTY
+        else:
+            self.heartbeat.beat()  # before the wait, not on the way to the next job
+            self._idle_wait(self._loop.next_maintenance, self._loop.started)
+
+    def _after_job(self) -> None:
+        """Count the job; stop after it when a limit is reached; rest (``--rest``) if asked."""
+        opts = self.options
+        self.jobs_done += 1
+        if self._stop is None:
+            if opts.once:
+                self._stop = StopReason.ONCE
+            elif opts.max_jobs and self.jobs_done >= opts.max_jobs:
+                self._stop = StopReason.MAX_JOBS
+            elif opts.memory and _peak_mb() >= opts.memory and _rss_mb() >= opts.memory:
+                self._stop = StopReason.MEMORY
+        if opts.rest and self._stop is None:
+            self.recorder.flush()
+            self._idle_sleep(opts.rest)
+
+    def _shut_down(self) -> None:
+        """Send a waiting ack, hand back a woken claim, end the job process and whatever it
+        left, say so to the listeners, and close the store's clients."""
+        self.recorder.flush()
+        self._unclaim_woken()
+        if self._proc is not None:
+            self._signal_all(signal.SIGKILL)
+            self._reap(self._proc)
+            self._end_leftovers()
+        if self.events is not None:
+            self.events.worker_stopped(str(self._stop), self.jobs_done)
+        self.heartbeat.remove()
+        self.backend.close()
+        if self._renewer is not None:
+            self._renewer.close()
+
+    def _stopped(self) -> StopReason:
+        """Report the quarantine and the stop line; the reason it stopped."""
         reason = self._stop
+        assert reason is not None  # the loop ends only once a reason is set
         with contextlib.suppress(QueueUnavailable):
             self._report_quarantine()  # files set aside while it ran
         self.report("worker_stopped", {"reason": str(reason), "jobs": self.jobs_done, **self.where})
@@ -248,8 +338,8 @@ class Worker:
             if self.gate is None:
                 if self._woken is not None:
                     claim, self._woken = self._woken, None
-                elif self._unacked is not None:
-                    claim = self._ack_claim()
+                elif self.recorder.pending:
+                    claim = self.recorder.ack_claim(opts.queues, opts.name, opts.timeout)
                 else:
                     claim = self.backend.claim(opts.queues, opts.name, opts.timeout)
                 if claim is not None and LIMITS_KEY in claim.job.metadata:  # limits of its own
@@ -258,10 +348,10 @@ class Worker:
                     self.gate = switch_on(None, self.backend, claim)
                     claim = self.gate.claim(self.backend, opts.queues, opts.name, opts.timeout)
             else:
-                self._flush_ack()  # the limits' claim is a call of its own
+                self.recorder.flush()  # the limits' claim is a call of its own
                 claim = self.gate.claim(self.backend, opts.queues, opts.name, opts.timeout)
         except (QueueUnavailable, OSError) as exc:
-            error = str(exc) if isinstance(exc, QueueUnavailable) else _os_error(exc)
+            error = _store_error(exc)
             if opts.once or opts.stop_when_empty:
                 # A drainer (cron) must not call an unusable queue empty: exit 6, say why.
                 self.report("backend_unavailable", {"error": error, "retry_in": None})
@@ -281,7 +371,7 @@ class Worker:
             counts = self.backend.maintain(self.options.tries)
         except (QueueUnavailable, OSError) as exc:
             # A full disk or an outage must not stop the worker: it retries at the next round.
-            error = str(exc) if isinstance(exc, QueueUnavailable) else _os_error(exc)
+            error = _store_error(exc)
             self.report("maintenance_failed", {"error": error})
             return
         if counts and any(counts.values()):
@@ -308,7 +398,7 @@ class Worker:
         try:
             return fn()
         except (QueueUnavailable, OSError) as exc:
-            error = str(exc) if isinstance(exc, QueueUnavailable) else _os_error(exc)
+            error = _store_error(exc)
             self.report("backend_unavailable", {"error": error, "retry_in": 0.1})
             self._outage = max(self._outage, 0.1)  # the next claim that gets through says so
             return None
@@ -333,7 +423,7 @@ class Worker:
                 # A signal must not interrupt a server call mid-reply: wait in short steps.
                 timeout = min(timeout, 1.0)
                 wait_claim = getattr(self.backend, "wait_claim", None)
-                if wait_claim is not None and self.gate is None and self._unacked is None:
+                if wait_claim is not None and self.gate is None and not self.recorder.pending:
                     self._woken = wait_claim(opts.queues, timeout, opts.name, opts.timeout)  # claimed on waking
                 else:
                     self.backend.wait(opts.queues, timeout)
@@ -344,7 +434,7 @@ class Worker:
         except _Wakeup:
             pass
         except (QueueUnavailable, OSError) as exc:
-            error = str(exc) if isinstance(exc, QueueUnavailable) else _os_error(exc)
+            error = _store_error(exc)
             self.report("backend_unavailable", {"error": error, "retry_in": timeout})
             self._outage = max(self._outage, timeout)  # the next claim that gets through says so
             self._idle_sleep(timeout)
@@ -378,96 +468,109 @@ class Worker:
     # -- one job ------------------------------------------------------------------------------
 
     def _run_job(self, claim: Claim) -> None:
-        job = claim.job
-        started = time.time()
-        info = {"job_id": job.id, "command": job.command, "queue": job.queue, "attempt": claim.attempt,
-                "started": started}
-        spec = self.registry.get(job.command)
+        """Run one claimed job in the job process, supervise it and record its outcome."""
+        run = RunningJob(claim, time.time())
+        spec = self.registry.get(claim.job.command)
+        refusal = self._refusal(run, spec)
+        if refusal is not None:
+            self.recorder.record(run, refusal, tail="", retry=False)
+            return
+        assert spec is not None  # refused otherwise
+        ended = self._run_in_job_process(run, spec)
+        self._end_leftovers()
+        self._record(run, ended)
+
+    def _refusal(self, run: RunningJob, spec: CommandSpec | None) -> Outcome | None:
+        """Why the job must not start at all (its command is gone, or a retry past its
+        retry-until deadline), or None."""
+        job = run.job
         if spec is None:
-            unknown = {"exit_code": 1, "reason": str(Reason.UNKNOWN_COMMAND),
-                       "error": f'Command "{job.command}" is not defined (renamed or removed since dispatch).'}
-            self.record(claim, unknown, started, info, tail="", retry=False)
-            return
-        if claim.attempt > 1 and (job.retry or spec.defaults) and retry_policy.expired(self._policy(job), claim.attempt):
-            late = {"exit_code": 1, "reason": str(Reason.RETRY_UNTIL),
-                    "error": "not started: its retry-until deadline passed while it waited"}
-            self.record(claim, late, started, info, tail="", retry=False)
-            return
-        timeout_at = claim.claimed_at + self.job_timeout(claim)
-        deadline_kill = _to_boot(claim.deadline) + BACKSTOP
-        lease_kill = _to_boot(claim.lease_until) - LEASE_SAFETY if claim.lease_until is not None else None
-        kill_at = min(deadline_kill, lease_kill) if lease_kill is not None else deadline_kill
+            return Outcome.failure(1, Reason.UNKNOWN_COMMAND,
+                                   f'Command "{job.command}" is not defined (renamed or removed since dispatch).')
+        attempt = run.claim.attempt
+        if attempt > 1 and (job.retry or spec.defaults) and retry_policy.expired(self.recorder.policy(job), attempt):
+            return Outcome.failure(1, Reason.RETRY_UNTIL, "not started: its retry-until deadline passed while it waited")
+        return None
+
+    def _request(self, claim: Claim) -> JobRequest:
+        """The job process's request for the claim: the command, its arguments, and its
+        environment (``FORGE_JOB_ID`` and the rest)."""
+        job = claim.job
         env = {"FORGE_JOB_ID": job.id, "FORGE_JOB_ATTEMPT": str(claim.attempt), "FORGE_QUEUE": job.queue,
                "FORGE_JOB_TOKEN": str(claim.fence)}
         if isinstance(job.metadata.get("scheduled_for"), str):  # dispatched by the scheduler
             env["FORGE_SCHEDULED_FOR"] = job.metadata["scheduled_for"]
         if META_KEY in job.metadata:  # a listener job: its event in FORGE_EVENT
             env.update(job_env(job.metadata))
-        if self.events is not None:  # stored before the job's code runs
-            self.events.job_started(claim, started)
         self._seq += 1
-        request = {"seq": self._seq, "command": job.command, "args": list(job.args), "env": env}
-        self.progress.start(job.id, claim.attempt, started, claim.fence / 1e6 if claim.fence else None)
+        return JobRequest(self._seq, job.command, list(job.args), env)
+
+    def _run_in_job_process(self, run: RunningJob, spec: CommandSpec) -> _Ended:
+        """Hand the job to the job process and supervise it to its end; a request the job
+        process ended without taking goes to a fresh one (twice at most)."""
+        claim = run.claim
+        timeout_at = claim.claimed_at + self.job_timeout(claim)
+        deadline_kill = _to_boot(claim.deadline) + BACKSTOP
+        lease_kill = _to_boot(claim.lease_until) - LEASE_SAFETY if claim.lease_until is not None else None
+        kill_at = min(deadline_kill, lease_kill) if lease_kill is not None else deadline_kill
+        request = self._request(claim)
+        if self.events is not None:  # stored before the job's code runs
+            self.events.job_started(claim, run.started)
+        self.progress.start(claim.job.id, claim.attempt, run.started, claim.fence / 1e6 if claim.fence else None)
         proc = self._hand_over(spec, request, kill_at)
         # Reported and published once the job runs (a write and, on Redis, a round trip), not
         # on the way to the job's start.
-        self.report("starting", info)
-        self.heartbeat.update(state=WorkerState.RUNNING, job_id=job.id, job_command=job.command, job_since=started)
+        self.report("starting", run.report())
+        self.heartbeat.update(state=WorkerState.RUNNING, job_id=claim.job.id, job_command=claim.job.command,
+                              job_since=run.started)
         try:
-            why, reply, code = self._supervise(claim, proc, timeout_at, deadline_kill)
+            ended = self._supervise(claim, proc, timeout_at, deadline_kill)
             for _ in range(2):
-                if why != "untaken":
+                if ended.ending is not Ending.UNTAKEN:
                     break
                 # The job process ended before taking the request (its check after the last
                 # job failed): the job has not started; hand it to a fresh job process.
                 proc = self._hand_over(spec, request, kill_at)
-                why, reply, code = self._supervise(claim, proc, timeout_at, deadline_kill)
-            if why == "untaken":
-                why = None
+                ended = self._supervise(claim, proc, timeout_at, deadline_kill)
+            if ended.ending is Ending.UNTAKEN:
+                ended = _Ended(None, ended.outcome, ended.status)
         finally:
             self.heartbeat.update(state=WorkerState.STOPPING if self._stop else WorkerState.IDLE,
                                   job_id=None, job_command=None, job_since=None)
-        self._end_leftovers()
-        if why == "cancelled":
-            self.output.flush_to_log(self.backend, job.id, reset=True)
-            self.progress.finish()
-            reply = {"exit_code": code or -int(signal.SIGTERM), "reason": str(Reason.CANCELLED),
-                     "error": "cancelled while running (queue:cancel --running)"}
-            self.record(claim, reply, started, info, tail="", retry=False)
-            with contextlib.suppress(Exception):
-                self.backend.clear_cancel(job.id)
-            return
-        if why == "forced":
-            self.output.flush_to_log(self.backend, job.id, reset=True)
-            self.progress.finish()
-            evs = self.events.outcome(claim, "released", {"reason": str(Reason.INTERRUPTED)}, started,
-                                      retry_in=0, counted=False) if self.events is not None else []
-            self._durably(lambda: self.backend.release(claim, None, 0))
-            self.report("released", {**info, "reason": "interrupted", "counted": False})
-            if evs:
-                self.events.after(evs)
-            return
-        if why == "timeout":
-            reply = {"exit_code": -int(signal.SIGKILL), "reason": str(Reason.TIMEOUT),
-                     "error": f"timed out after {self.job_timeout(claim):g} s"}
-        elif why == "lease":
-            reply = {"exit_code": -int(signal.SIGKILL), "reason": str(Reason.ABANDONED),
-                     "error": "lost the job's lease (the queue server was unreachable)"}
-        elif reply is None:
-            if code == 0:  # it exec'd, or called os._exit(0): its exit status is its outcome
-                reply = {"exit_code": 0}
-            else:
-                desc = f"killed by signal {-code}" if code < 0 else f"exited with status {code}"
-                reply = {"exit_code": code, "reason": str(Reason.EXIT_CODE), "error": f"job process {desc}"}
-        tail = self.output.tail(_TAIL) if reply["exit_code"] != 0 and self.output.size() else ""
-        self.output.flush_to_log(self.backend, job.id, reset=True)
-        self.progress.finish()
-        self.record(claim, reply, started, info, tail=tail, retry=True)
+        return ended
 
-    def _hand_over(self, spec: CommandSpec, request: dict[str, Any], kill_at: float) -> _JobProcess:
+    def _record(self, run: RunningJob, ended: _Ended) -> None:
+        """Copy the rest of the job's output to its log, then record the run's outcome: the
+        job process's, or the worker's own when it ended the run."""
+        job_id = run.job.id
+        if ended.ending is Ending.CANCELLED:
+            self._finish_output(job_id)
+            outcome = Outcome.of_ending(Ending.CANCELLED, timeout=self.job_timeout(run.claim), status=ended.status)
+            self.recorder.record(run, outcome, tail="", retry=False)
+            with contextlib.suppress(Exception):
+                self.backend.clear_cancel(job_id)
+            return
+        if ended.ending is Ending.FORCED:
+            self._finish_output(job_id)
+            self.recorder.interrupted(run)
+            return
+        if ended.ending is not None:  # timeout, lease
+            outcome = Outcome.of_ending(ended.ending, timeout=self.job_timeout(run.claim))
+        else:
+            outcome = ended.outcome or Outcome.of_exit_status(ended.status)
+        tail = self.output.tail(_TAIL) if not outcome.ok and self.output.size() else ""
+        self._finish_output(job_id)
+        self.recorder.record(run, outcome, tail=tail, retry=True)
+
+    def _finish_output(self, job_id: str) -> None:
+        """Copy what is left of the job's output to its log, empty the buffer, end its progress."""
+        self.output.flush_to_log(self.backend, job_id, reset=True)
+        self.progress.finish()
+
+    def _hand_over(self, spec: CommandSpec, request: JobRequest, kill_at: float) -> _JobProcess:
         """Give the job to the job process (forking one first if there is none)."""
         self.shared.kill_at = kill_at
-        self.shared.set_record(request, REQUEST)
+        self.shared.put_request(request)
         for _ in range(2):
             proc = self._proc or self._spawn(spec)
             try:
@@ -512,14 +615,12 @@ class Worker:
         return code
 
     def _supervise(self, claim: Claim, proc: _JobProcess, timeout_at: float,
-                   deadline_kill: float) -> tuple[str | None, dict[str, Any] | None, int]:
+                   deadline_kill: float) -> _Ended:
         """Wait for the job to end, enforcing the timeout and the lease, copying its output
-        and renewing its lease meanwhile. Returns why the worker ended it (if it did), the
-        outcome the job process reported (if it did), and the job process's exit code (0
-        while it lives on)."""
+        and renewing its lease meanwhile; returns how it ended."""
         opts = self.options
         seq = self._seq
-        why: str | None = None
+        why: Ending | None = None
         kill_at: float | None = None  # monotonic: when SIGKILL follows the SIGTERM
         now = time.monotonic()
         next_flush = now + 0.5
@@ -538,24 +639,24 @@ class Worker:
                     got = b""
                 if not got:
                     done_fd = -1  # closed: the job process is ending; wait for it
-                reply = self._outcome(seq)
+                reply = self.shared.reply(seq)
                 if reply is not None and why is None:
                     self.shared.kill_at = NEVER
-                    if reply.pop("recycle", False):
+                    if reply.recycle:
                         self._reap(proc)  # it exits after a job that changed it
-                    return why, reply, 0
+                    return _Ended(None, reply.outcome, 0)
                 # A byte the job's own code wrote into the pipe: not an outcome; wait on.
             if proc.pidfd in ready:
                 code = self._reap(proc)
                 job_kill_at, self.shared.kill_at = self.shared.kill_at, NEVER
-                reply = self._outcome(seq)
+                reply = self.shared.reply(seq)
                 if reply is None and why is None and self.shared.taken < seq:
-                    return "untaken", None, code
+                    return _Ended(Ending.UNTAKEN, None, code)
                 if why is None and reply is None and code == -signal.SIGKILL \
                         and _linux.boottime() >= job_kill_at - 0.05:
                     # The job process's own timer ended it: the worker was stopped (or too slow) to.
-                    why = "timeout" if job_kill_at >= deadline_kill - 0.001 else "lease"
-                return why, reply, code
+                    why = Ending.TIMEOUT if job_kill_at >= deadline_kill - 0.001 else Ending.LEASE
+                return _Ended(why, reply.outcome if reply is not None else None, code)
             now, wall = time.monotonic(), time.time()
             if self._stop is StopReason.SIGNAL and not announced:
                 announced = True
@@ -564,24 +665,24 @@ class Worker:
                 if self.events is not None:
                     self.events.worker_stopping(str(self._stop))
             if why is None:
-                end: str | None = None
+                end: Ending | None = None
                 if self._stop is StopReason.FORCED:
-                    end = "forced"
+                    end = Ending.FORCED
                 elif wall >= timeout_at:
-                    end = "timeout"
+                    end = Ending.TIMEOUT
                 elif claim.lease_until is not None and wall >= claim.lease_until - opts.grace - LEASE_SAFETY:
-                    end = "lease"  # renewals failed: the run must end before the lease does
+                    end = Ending.LEASE  # renewals failed: the run must end before the lease does
                 elif cancel_asked:
-                    end = "cancelled"
+                    end = Ending.CANCELLED
                 if end is not None:
                     # It may have finished while this worker was not looking (stopped, or
                     # busy): an outcome already reported wins over a deadline seen late.
                     ready = self._wait(0, proc.pidfd, done_fd)
-                    if ready and end != "forced":
+                    if ready and end is not Ending.FORCED:
                         continue
                     why = end
                     self._signal_all(signal.SIGTERM)
-                    kill_at = now + (opts.grace if why == "timeout" else min(opts.grace, 1.0))
+                    kill_at = now + (opts.grace if why is Ending.TIMEOUT else min(opts.grace, 1.0))
             if kill_at is not None and now >= kill_at:
                 self._signal_all(signal.SIGKILL)
                 kill_at = now + 0.1
@@ -602,13 +703,6 @@ class Worker:
             if kill_at is not None:
                 wake = min(wake, kill_at)
             ready = self._wait(wake - now, proc.pidfd, done_fd)
-
-    def _outcome(self, seq: int) -> dict[str, Any] | None:
-        reply = self.shared.record(OUTCOME)
-        if reply is None or reply.get("seq") != seq or "exit_code" not in reply:
-            return None
-        reply.pop("seq")
-        return reply
 
     def _heartbeat(self, claim: Claim, deadline_kill: float) -> bool:
         """Renew the lease and move the job process's kill timer with it; False if lost."""
@@ -684,113 +778,13 @@ class Worker:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(pid, sig)
 
-    # -- recording the outcome -----------------------------------------------------------------
-
-    def record(self, claim: Claim, reply: dict[str, Any], started: float, info: dict[str, Any],
-               *, tail: str, retry: bool) -> None:
-        """Acknowledge, release with backoff, or fail the claim according to ``reply``."""
-        job, opts = claim.job, self.options
-        duration = time.time() - started
-        ms = round(duration * 1000, 1)
-        code = reply.get("exit_code", 1)
-        events = self.events
-        if code == 0:
-            done = Event("done", claim.attempt, time.time(), worker=opts.name, exit_code=0,
-                         duration=round(duration, 6), tries=job.max_attempts or opts.tries)
-            evs = events.outcome(claim, "done", reply, started) if events is not None else []
-            if getattr(self.backend, "ack_claim", None) is not None:
-                self._unacked = (claim, done, {**info, "duration_ms": ms}, evs)  # sent with the next claim
-                return
-            self._durably(lambda: self.backend.ack(claim, done))
-            self.report("done", {**info, "duration_ms": ms})
-            self.heartbeat.update(done=self.heartbeat.record.done + 1)
-            if evs:
-                events.after(evs)
-            return
-        pol = self._policy(job)
-        if retry:
-            decision = retry_policy.decide(pol, claim.attempt, reply, tail,
-                                           lambda: self._history(job.id))
-        else:
-            decision = retry_policy.Decision(False, reason=reply.get("reason"), error=reply.get("error"))
-        event = Event("released" if decision.release else "failed", claim.attempt, time.time(), worker=opts.name,
-                      reason=decision.reason, error=decision.error, exit_code=code,
-                      duration=round(duration, 6), output_tail=(tail or None) if decision.counted else None,
-                      tries=pol.tries)
-        verdict = {"reason": decision.reason, "error": decision.error}
-        data = {**info, "duration_ms": ms, **verdict, "exit_code": code}
-        if not decision.release:
-            evs = events.outcome(claim, "failed", {**reply, **verdict}, started) if events is not None else []
-            self._durably(lambda: self.backend.fail(claim, event))
-            self.report("failed", data)
-            self.heartbeat.update(failed=self.heartbeat.record.failed + 1)
-        else:
-            delay, counted = decision.delay, decision.counted
-            evs = (events.outcome(claim, "released", {**reply, **verdict}, started, retry_in=delay, counted=counted)
-                   if events is not None else [])
-            self._durably(lambda: self.backend.release(claim, event, delay, counted=counted))
-            self.report("released", {**data, "retry_in": delay, **({} if counted else {"counted": False})})
-        if evs:
-            events.after(evs)
-
-    def _policy(self, job: Any) -> retry_policy.Policy:
-        """The job's retry policy: its own, its command's declaration, this worker's options."""
-        spec = self.registry.get(job.command)
-        return retry_policy.policy_of(job, spec.defaults if spec is not None else None,
-                                      self.options.tries, self.options.backoff)
-
-    def _history(self, job_id: str) -> list[Event]:
-        """The job's events so far (read only when a retry bound counts them)."""
-        try:
-            info = self.backend.find(job_id)
-        except (QueueUnavailable, OSError):
-            return []
-        return list(info.events) if info is not None else []
-
-    def _ack_claim(self) -> Claim | None:
-        """Acknowledge the last job and claim the next in one call (see ``record``)."""
-        assert self._unacked is not None
-        claim, done, data, evs = self._unacked
-        opts = self.options
-        try:
-            nxt = self.backend.ack_claim(claim, done, opts.queues, opts.name, opts.timeout)  # type: ignore[attr-defined]
-        except (QueueUnavailable, OSError):
-            # As without ack_claim: the ack retried until it lands (fenced: never twice), then a claim.
-            self._flush_ack()
-            return self.backend.claim(opts.queues, opts.name, opts.timeout)
-        self._unacked = None
-        self._acked(data, evs)
-        return nxt
+    # -- recording the outcome (forge.worker.outcome) ------------------------------------------
 
     def _unclaim_woken(self) -> None:
         """Hand back, uncounted, a claim made on waking that this worker will not run now."""
         if self._woken is not None:
             claim, self._woken = self._woken, None
-            self._durably(functools.partial(self.backend.release, claim, None, 0))
-            self._let_go(claim)
-
-    def _flush_ack(self) -> None:
-        """Send an ack still waiting for the next claim, now (the worker will not claim next)."""
-        if self._unacked is None:
-            return
-        claim, done, data, evs = self._unacked
-        self._durably(lambda: self.backend.ack(claim, done))
-        self._unacked = None
-        self._acked(data, evs)
-
-    def _acked(self, data: dict[str, Any], evs: list[Any]) -> None:
-        """A deferred ack has landed: report it, then the in-process listeners of its events."""
-        self.report("done", data)
-        self.heartbeat.update(done=self.heartbeat.record.done + 1)
-        if evs and self.events is not None:
-            self.events.after(evs)
-
-    def _let_go(self, claim: Claim) -> None:
-        """Free the limits' slots the claim held, once its outcome is recorded."""
-        if claim.holds is not None:
-            from forge.limits.gate import release
-
-            self._durably(lambda: release(self.backend, claim))
+            self.recorder.hand_back(claim)
 
     def _durably(self, action: Callable[[], None]) -> None:
         """Record an outcome, retrying through a store outage or a full disk until it lands.
@@ -814,7 +808,7 @@ class Worker:
                 if self._stop is StopReason.FORCED:
                     return  # the claim's lock or lease lapses; recovery records it later
                 if not reported:  # once per outage, not once per retry
-                    error = str(exc) if isinstance(exc, QueueUnavailable) else _os_error(exc)
+                    error = _store_error(exc)
                     self.report("record_failed", {"error": error, "retry_in": delay})
                     reported = True
                 self._idle_sleep(delay)
@@ -846,6 +840,11 @@ def _rss_mb() -> float:
             return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1024 / 1024
     except (OSError, ValueError, IndexError):
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _store_error(exc: QueueUnavailable | OSError) -> str:
+    """What a store outage or an I/O error says, for the worker's report lines."""
+    return str(exc) if isinstance(exc, QueueUnavailable) else _os_error(exc)
 
 
 def _os_error(exc: OSError) -> str:
