@@ -16,7 +16,6 @@ from typing import Any
 
 from forge.durations import parse_duration
 from forge.errors import ConfigError, UsageError
-from forge.retry.backoff import parse as parse_backoff
 
 CONFIG_NAME = "forge.toml"
 QUEUE_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
@@ -543,7 +542,12 @@ def _queue_section(values: _Values) -> tuple[str, str, int, float, Any, float]:
         "queue.timeout", lambda v: parse_duration(v, what="timeout"),
         values.pick("queue", "timeout", 60, "FORGE_QUEUE_TIMEOUT"),
     )
-    backoff = values.convert("queue.backoff", parse_backoff, values.pick("queue", "backoff", [0], "FORGE_QUEUE_BACKOFF"))
+    raw_backoff = values.pick("queue", "backoff", None, "FORGE_QUEUE_BACKOFF")
+    backoff: Any = (0.0,)  # the default: retry at once (forge.retry.backoff is imported only when one is set)
+    if raw_backoff is not None:
+        from forge.retry.backoff import parse as parse_backoff
+
+        backoff = values.convert("queue.backoff", parse_backoff, raw_backoff)
     retention = values.convert(
         "queue.done_retention", lambda v: parse_duration(v, what="retention"),
         values.pick("queue", "done_retention", "1h", "FORGE_QUEUE_DONE_RETENTION"),

@@ -19,7 +19,6 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from forge.durations import parse_duration
 from forge.errors import UsageError
-from forge.retry.backoff import parse as parse_backoff
 
 if TYPE_CHECKING:
     import inspect
@@ -221,6 +220,8 @@ def build(command: str, args: Sequence[str], o: Mapping[str, Any]) -> QueuedComm
             raise UsageError(f"--timeout must be more than 0 (got {o['timeout']!r}), e.g. 10m.")
         cmd = cmd.with_timeout(seconds)
     if o.get("backoff") is not None:
+        from forge.retry.backoff import parse as parse_backoff
+
         cmd = cmd.with_backoff(parse_backoff(o["backoff"], what="--backoff"))
     if o.get("retry_until") is not None:
         cmd = cmd.with_retry_until(o["retry_until"])

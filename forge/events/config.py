@@ -34,7 +34,6 @@ from forge.durations import parse_duration
 from forge.errors import ConfigError, UsageError
 from forge.events.listeners import Listener
 from forge.events.model import valid_pattern
-from forge.retry.backoff import parse as parse_backoff
 
 DEFAULT_BUDGET = 0.1
 #: The longest budget of an in-process listener (the worker waits for it between two jobs).
@@ -202,6 +201,8 @@ def _listener(t: Mapping[str, Any], where: str) -> Listener:
     backoff = None
     if "backoff" in t:
         try:
+            from forge.retry.backoff import parse as parse_backoff
+
             backoff = parse_backoff(t["backoff"], what="backoff")
         except UsageError as exc:
             raise ConfigError(f"{where}: {exc.message}") from None

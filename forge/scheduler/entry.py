@@ -25,7 +25,6 @@ from typing import Any
 from forge.config import validate_queue_name
 from forge.durations import parse_duration
 from forge.errors import ConfigError, UsageError
-from forge.retry.backoff import parse as parse_backoff
 
 #: A tick is on time for this long: with ``catch_up = "none"`` a run dispatches it until then, so
 #: one cron run (every minute) that was skipped or killed is made up by the next one. An entry
@@ -205,6 +204,8 @@ class ScheduleEntry:
             raise bad(f"tries must be an integer of at least 1, not {tries!r}")
         try:
             tmo = None if timeout is None else parse_duration(timeout, what="timeout")
+            from forge.retry.backoff import parse as parse_backoff
+
             bo = None if backoff is None else parse_backoff(backoff, what="backoff")
             # the defaults, without parsing them for each of 1,000 entries
             lateness = 3600.0 if max_lateness == "1h" else parse_duration(max_lateness, what="max_lateness")
