@@ -38,6 +38,9 @@ def minute_name(t: float) -> str:
 
 
 class FileJournal:
+    """The stats journal of a file backend: one append-only file per UTC minute under
+    ``<root>/stats/``, folded into running totals, and deleted after the retention."""
+
     def __init__(self, root: str, uid: int, retention: float,
                  on_new_minute: Callable[[str], None] | None = None) -> None:
         self.root = root
@@ -205,6 +208,7 @@ class FileJournal:
                 os.rmdir(f"{self.dir}/{day}")  # fails while it holds files: fine
 
     def close(self) -> None:
+        """Close this process's open minute file if it is one of this journal's."""
         if _current.path.startswith(f"{self.dir}/"):
             _current.close()
 

@@ -26,6 +26,8 @@ RETENTION = 86400.0
 
 
 class Journal(Protocol):
+    """Where a connection's outcome records are kept (``queue:stats`` and the metrics read it)."""
+
     def write(self, line: bytes, record: rec.Record) -> None:
         """Append one record (``line`` is its encoded form)."""
 
@@ -35,10 +37,12 @@ class Journal(Protocol):
     def totals(self) -> dict[str, rec.QueueTotals]:
         """Per-queue totals over all history (monotonic but for a lost store)."""
 
-    def close(self) -> None: ...
+    def close(self) -> None:
+        """Release what the journal holds open (files, nothing on Redis)."""
 
 
 def retention() -> float:
+    """Seconds of records kept: ``FORGE_STATS_RETENTION`` if it is a positive number, else a day."""
     raw = os.environ.get("FORGE_STATS_RETENTION")
     if raw:
         try:
