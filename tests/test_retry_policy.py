@@ -420,3 +420,15 @@ def test_job_records_with_any_policy_round_trip(backoff: Any, until: float | Non
     again = decode_job(job.to_json())
     assert again == job and again.retry == job.retry and again.backoff == job.backoff
     assert decode_job(again.to_json()) == again
+
+
+def test_the_outage_wait_doubles_from_its_first_wait_to_ten_seconds() -> None:
+    """A worker or schedule:work that finds its store down waits 0.5 s, 1 s, 2 s ... at most 10 s."""
+    from forge.retry.backoff import outage_wait
+
+    waits, w = [], 0.0
+    for _ in range(7):
+        w = outage_wait(w)
+        waits.append(w)
+    assert waits == [0.5, 1.0, 2.0, 4.0, 8.0, 10.0, 10.0]
+    assert outage_wait(0.1, first=0.1) == 0.2 and outage_wait(0.0, first=0.1) == 0.1

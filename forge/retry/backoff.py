@@ -234,3 +234,14 @@ def to_json(backoff: Backoff | None) -> Any:
     if backoff is None:
         return None
     return backoff.to_json() if isinstance(backoff, Exponential) else list(backoff)
+
+
+#: The waits of a long-running process (a worker, ``schedule:work``) that finds its store
+#: unavailable: from the first to the longest, doubling in between.
+OUTAGE_FIRST, OUTAGE_LONGEST = 0.5, 10.0
+
+
+def outage_wait(previous: float, first: float = OUTAGE_FIRST) -> float:
+    """Seconds to wait before trying an unavailable store again, after waiting ``previous``
+    (0 before the first wait): ``first`` (0.5 s), then doubling, at most 10 s."""
+    return min(max(previous * 2, first), OUTAGE_LONGEST)

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 from forge.errors import QueueUnavailable
+from forge.retry.backoff import outage_wait
 from forge.scheduler.scheduler import Scheduler, TickAction
 
 #: Longest sleep between two looks at the schedule.
@@ -94,7 +95,7 @@ class ScheduleLoop:
                     wake = sch.next_due()
                     outage = 0.0
                 except (QueueUnavailable, OSError) as exc:
-                    outage = min(max(outage * 2, 0.5), 10.0)
+                    outage = outage_wait(outage)
                     self.report("backend_unavailable", {"error": str(exc), "retry_in": outage})
                     self._nap(outage)
                     continue

@@ -33,6 +33,7 @@ from forge.jobprogress.tracker import ProgressTracker
 from forge.limits import LIMITS_KEY
 from forge.registry import runner
 from forge.retry import policy as retry_policy
+from forge.retry.backoff import outage_wait
 from forge.worker import jobproc
 from forge.worker.heartbeat import Heartbeat, WorkerState
 from forge.worker.options import StopReason, WorkerOptions, parse_queues
@@ -357,7 +358,7 @@ class Worker:
                 self.report("backend_unavailable", {"error": error, "retry_in": None})
                 self._stop = StopReason.UNAVAILABLE
                 return None
-            self._outage = min(max(self._outage * 2, 0.5), 10.0)
+            self._outage = outage_wait(self._outage)
             self.report("backend_unavailable", {"error": error, "retry_in": self._outage})
             self._idle_sleep(self._outage)
             return None
@@ -812,7 +813,7 @@ class Worker:
                     self.report("record_failed", {"error": error, "retry_in": delay})
                     reported = True
                 self._idle_sleep(delay)
-                delay = min(delay * 2, 10.0)
+                delay = outage_wait(delay, first=0.1)
 
 
 def _echo(data: bytes) -> None:
