@@ -281,5 +281,37 @@ class QueueOperations(Protocol):
         """Captured output from ``offset``; empty if none."""
 
 
-class Backend(QueueStore, QueueOperations, Protocol):
-    """A queue store: the hot path and the operations (what ``open_backend`` returns)."""
+class LimitedClaims(Protocol):
+    """Claims through the limits (``forge.limits``): what a worker's gate calls once forge.toml
+    or a job configures a limit. Part of every ``Backend``; a worker without limits configured
+    never calls it (it claims plainly until a job with limits of its own appears)."""
+
+    def claim_limited(self, queues: Sequence[str], worker: str, timeout: float, cfg: Any) -> Claim | None:
+        """Like ``claim``, but only a job whose holds (slots, rate tokens of ``cfg`` and of the
+        job) are all free, taken atomically with the claim and kept in ``Claim.holds``. A held
+        job stays pending and spends no attempt; jobs of other keys behind it are not blocked."""
+
+    @property
+    def limits_wake_at(self) -> float | None:
+        """After a limited claim that found nothing: when a rate frees a token next (Unix
+        time), if known."""
+
+    @property
+    def limits_blocked(self) -> bool:
+        """After a limited claim that found nothing: whether a due job was held back."""
+
+    def release_holds(self, holds: Any, *, wake: bool = True) -> None:
+        """Free what a claim held, once its outcome is recorded; idempotent. ``wake`` wakes one
+        worker waiting for a freed slot."""
+
+    def renew_holds(self, claim: Claim) -> bool:
+        """Extend the holds' leases with the job's; False if they were lost."""
+
+    def hand_back(self, claim: Claim) -> None:
+        """Put back a job a plain claim took that has limits of its own, its attempt un-counted
+        and nothing else changed."""
+
+
+class Backend(QueueStore, QueueOperations, LimitedClaims, Protocol):
+    """A queue store: the hot path, the operations and the limited claims (what
+    ``open_backend`` returns)."""

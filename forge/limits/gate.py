@@ -12,7 +12,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from forge.backends.base import Backend, Claim
+from forge.backends.base import Backend, Claim, LimitedClaims
 from forge.limits.spec import LimitsConfig
 
 #: A held job's token freeing sooner than this is waited for by the worker's own sleep.
@@ -30,15 +30,11 @@ class Gate:
         self.blocked = False
 
     def claim(self, backend: Backend, queues: Sequence[str], worker: str, timeout: float) -> Claim | None:
-        """Claim the next job of ``queues`` whose holds are free, with the backend's
-        ``claim_limited``, or plainly on a backend without limits support. On None, ``wake_at``
+        """Claim the next job of ``queues`` whose holds are free (``claim_limited``). On None, ``wake_at``
         and ``blocked`` say when a rate frees a token and whether a due job was held back."""
-        limited = getattr(backend, "claim_limited", None)
-        if limited is None:  # a backend without limits support: claim plainly
-            return backend.claim(queues, worker, timeout)
-        claim = limited(queues, worker, timeout, self.cfg)
-        self.wake_at = getattr(backend, "limits_wake_at", None) if claim is None else None
-        self.blocked = bool(getattr(backend, "limits_blocked", False)) if claim is None else False
+        claim = backend.claim_limited(queues, worker, timeout, self.cfg)
+        self.wake_at = backend.limits_wake_at if claim is None else None
+        self.blocked = backend.limits_blocked if claim is None else False
         return claim
 
     def soon(self, timeout: float) -> float | None:
@@ -58,19 +54,17 @@ class Gate:
         return min(timeout, max(self.wake_at - time.time() - SOON, 0.001))
 
 
-def release(backend: Backend, claim: Claim) -> None:
+def release(backend: LimitedClaims, claim: Claim) -> None:
     """Free the slots a claim held (after its outcome is recorded); safe to call twice."""
     holds, claim.holds = claim.holds, None
     if holds is not None:
-        backend.release_holds(holds)  # type: ignore[attr-defined]
+        backend.release_holds(holds)
 
 
-def renew(backend: Backend, claim: Claim) -> None:
+def renew(backend: LimitedClaims, claim: Claim) -> None:
     """Extend the holds' leases with the job's (Redis); nothing to do on the file backend."""
     if claim.holds is not None:
-        renew_fn: Any = getattr(backend, "renew_holds", None)
-        if renew_fn is not None:
-            renew_fn(claim)
+        backend.renew_holds(claim)
 
 
 def for_worker(settings: Any) -> Gate | None:
@@ -81,8 +75,8 @@ def for_worker(settings: Any) -> Gate | None:
     return Gate(cfg) if cfg else None
 
 
-def switch_on(gate: Gate | None, backend: Backend, claim: Claim) -> Gate:
+def switch_on(gate: Gate | None, backend: LimitedClaims, claim: Claim) -> Gate:
     """A plain claim took a job with limits of its own: hand it back (attempt un-counted,
     nothing else changed) and return the gate to claim through from now on."""
-    backend.hand_back(claim)  # type: ignore[attr-defined]
+    backend.hand_back(claim)
     return gate or Gate(LimitsConfig())
