@@ -85,8 +85,8 @@ for _ in range(n):
         release(b, c)
 print(n / (time.perf_counter() - t))
 if kind == "redis":
-    for k in list(b._r.scan_iter(b.prefix + ":*", count=1000)):
-        b._r.delete(k)
+    for k in list(b.server.r.scan_iter(b.prefix + ":*", count=1000)):
+        b.server.r.delete(k)
 """
 
 COUNT = """

@@ -197,7 +197,7 @@ class Forge:
             self.q.resume()
             if self.backend_name == "redis":  # resume wakes one idle worker: wake them all
                 b = self.q.backend
-                b._r.rpush(b._key("q", "default", "notify"), *["1"] * workers)  # type: ignore[attr-defined]
+                b.server.r.rpush(b.server.key("q", "default", "notify"), *["1"] * workers)  # type: ignore[attr-defined]
             wait_until(self.empty, timeout=300, interval=0.02)
             return n / (time.perf_counter() - t)
         finally:
@@ -237,8 +237,8 @@ class Forge:
         self._activate()
         b = self.q.backend
         if self.backend_name == "redis":
-            for key in b._r.scan_iter(f"{b.prefix}:*", count=1000):  # type: ignore[attr-defined]
-                b._r.delete(key)  # type: ignore[attr-defined]
+            for key in b.server.r.scan_iter(f"{b.prefix}:*", count=1000):  # type: ignore[attr-defined]
+                b.server.r.delete(key)  # type: ignore[attr-defined]
         b.close()
 
 

@@ -141,7 +141,7 @@ def test_the_next_claim_after_an_outage_gets_the_job_a_lost_reply_took(proxied: 
     proxy.drop_claim()
     # ... once the first connection (opened now, before refusing bites) loses its reply.
     proxy.refuse = False
-    backend._c.call("PING")  # the hot path's own connection
+    backend.server.c.call("PING")  # the hot path's own connection
     proxy.refuse = True
     with pytest.raises(QueueUnavailable):
         backend.claim(["default"], WORKER, 60)

@@ -125,9 +125,9 @@ def test_redis_stats_over_a_long_window_read_the_minutes_that_exist(queue_target
 
     b = queue_target.backend
     old = time.time() - 10 * 86400
-    b._r.set(f"{queue_target.prefix}:stats:m:{int(old // 60)}", encode(old, "default", "a:x", "done", 1, 1.0, 2.0))
+    b.server.r.set(f"{queue_target.prefix}:stats:m:{int(old // 60)}", encode(old, "default", "a:x", "done", 1, 1.0, 2.0))
     recent = time.time() - 30
-    b._r.set(f"{queue_target.prefix}:stats:m:{int(recent // 60)}",
+    b.server.r.set(f"{queue_target.prefix}:stats:m:{int(recent // 60)}",
              encode(recent, "default", "a:x", "failed", 1, 1.0, 2.0))
     r = forge(queue_target, "queue:stats", "--since=36000d", "--json", timeout=120)
     assert r.returncode == 0, r.stderr

@@ -181,8 +181,8 @@ def test_redis_journal_keys_expire(queue_target: Any) -> None:
         pytest.skip("the file journal is checked above")
     b = queue_target.backend
     write_record(b, time.time(), "default", "a:x", "done", 1, 0.1, 0.2)
-    keys = [k.decode() for k in b._r.scan_iter(match=f"{queue_target.prefix}:stats:m:*")]
-    assert len(keys) == 1 and 86400 - 600 < b._r.ttl(keys[0]) <= 86400 + 120
+    keys = [k.decode() for k in b.server.r.scan_iter(match=f"{queue_target.prefix}:stats:m:*")]
+    assert len(keys) == 1 and 86400 - 600 < b.server.r.ttl(keys[0]) <= 86400 + 120
 
 
 def test_metrics_without_the_client_library_names_the_extra(queue_target: Any) -> None:

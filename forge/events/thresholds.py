@@ -99,7 +99,7 @@ class RedisMarks:
     ``PREFIX:events:KEY:sent``."""
 
     def __init__(self, backend: Any) -> None:
-        self._r = backend._r
+        self._r = backend.server.r
         self.prefix = f"{backend.prefix}:events"
 
     def create(self, key: str, doc: dict[str, Any]) -> bool:

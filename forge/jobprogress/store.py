@@ -22,13 +22,13 @@ TTL = 7 * 86400.0
 
 
 def _is_redis(backend: Any) -> bool:
-    return hasattr(type(backend), "_r")  # the class: the property itself would import redis-py
+    return getattr(backend, "driver", "") == "redis"
 
 
 def _dir(backend: Any) -> str:
     from forge.backends.file.fsio import private_dir
 
-    path = f"{backend._root}/progress"
+    path = f"{backend.layout.path}/progress"
     if not getattr(backend, "_forge_progress_dir", False):
         os.close(private_dir(path, backend.uid, name="progress"))
         backend._forge_progress_dir = True
@@ -42,8 +42,8 @@ def put_progress(backend: Backend, job_id: str, record: dict[str, Any]) -> None:
     data = json.dumps(record, separators=(",", ":")).encode()
     b: Any = backend
     if _is_redis(b):
-        with b._io():
-            b._c.call("SET", b._key("progress", job_id), data, "EX", int(TTL))  # the worker's own client
+        with b.server.io():
+            b.server.c.call("SET", b.server.key("progress", job_id), data, "EX", int(TTL))  # the worker's own client
         return
     path = _dir(b)
     tmp = f"{path}/.{job_id}.{os.getpid()}.tmp"
@@ -77,8 +77,8 @@ def get_progress(backend: Backend, job_ids: Sequence[str]) -> dict[str, dict[str
     b: Any = backend
     out: dict[str, dict[str, Any]] = {}
     if _is_redis(b):
-        with b._io():
-            values = b._r.mget([b._key("progress", i) for i in ids])
+        with b.server.io():
+            values = b.server.r.mget([b.server.key("progress", i) for i in ids])
         for i, v in zip(ids, values, strict=True):
             d = _decode(v)
             if d is not None:
@@ -86,7 +86,7 @@ def get_progress(backend: Backend, job_ids: Sequence[str]) -> dict[str, dict[str
         return out
     from forge.backends.file.fsio import distrust
 
-    path = f"{b._root}/progress"
+    path = f"{b.layout.path}/progress"
     now = time.time()
     for i in ids:
         try:
@@ -132,7 +132,7 @@ def sweep(backend: Backend, limit: int = 1000) -> int:
     b: Any = backend
     if _is_redis(b):
         return 0  # keys expire by themselves
-    path = f"{b._root}/progress"
+    path = f"{b.layout.path}/progress"
     try:
         names = os.listdir(path)
     except FileNotFoundError:

@@ -58,7 +58,7 @@ def journal_for(backend: QueueStore) -> Journal:
     """The journal of ``backend`` (made once per backend object)."""
     j = getattr(backend, "_forge_stats_journal", None)
     if j is None:
-        if hasattr(type(backend), "_r"):  # the class: the property itself would import redis-py
+        if getattr(backend, "driver", "") == "redis":
             from forge.stats.redisjournal import RedisJournal
 
             j = RedisJournal(backend, retention())
@@ -114,8 +114,10 @@ def finish_with_outcome(backend: Any, finish_args: Any, claim: Claim, event: Eve
     """Redis: run the backend's ``finish`` script with the outcome's journal line in the same
     script (``RedisJournal.finish_and_write``); returns whether the finish took effect."""
     if event.event not in rec.OUTCOMES:
-        with backend._io():
-            return bool(backend._run("finish", *finish_args))
+        from forge.backends.redis import lua
+
+        with backend.server.io():
+            return bool(backend.server.run(lua.FINISH, *finish_args))
     line, record = _record(claim, event)
     return bool(journal_for(backend).finish_and_write(  # type: ignore[attr-defined]
         "finish", finish_args, claim.job.id, claim.handle, line, record))

@@ -77,6 +77,10 @@ class FileBackend:
     methods delegate to the parts composed over its ``layout``. Each method's contract is the
     protocol's (``forge.backends.base``)."""
 
+    #: Which backend this is, for the few callers that keep their own records beside the jobs
+    #: (stats journal, progress records): they use ``layout`` on a file backend.
+    driver = "file"
+
     lease_based = False
 
     def __init__(self, root: str | os.PathLike[str], *, done_retention: float = DONE_RETENTION,
@@ -84,7 +88,6 @@ class FileBackend:
         self.layout = FileLayout(root, done_retention=done_retention, lock_mode=lock)
         #: The queue directory (``layout.root``), its path as a string, and its owner's uid.
         self.root: Path = self.layout.root
-        self._root = self.layout.path  # read by forge.jobprogress
         self.uid = self.layout.uid
         self.store = Store(self.layout, self.find)
 

@@ -35,12 +35,10 @@ from __future__ import annotations
 import importlib.util
 import os
 from collections.abc import Iterator, Sequence
-from contextlib import AbstractContextManager
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
 from forge.backends.base import KILL_GRACE, LEASE_MARGIN, Claim, JobPage, QueueStats
-from forge.backends.redis import lua
 from forge.backends.redis.claim import Claimer
 from forge.backends.redis.layout import hash_key as _hash_key
 from forge.backends.redis.lua import PROMOTE_BATCH
@@ -84,6 +82,10 @@ class RedisBackend:
     Each method's contract is the ``Backend`` protocol's (``forge.backends.base``); this
     class only routes it to the part that implements it (see the module docstring). Raises
     ``ConfigError`` for a bad URL or prefix, or when redis-py is not installed."""
+
+    #: Which backend this is, for the few callers that keep their own records beside the jobs
+    #: (stats journal, progress records, threshold marks): they use ``server`` on Redis.
+    driver = "redis"
 
     lease_based = True
 
@@ -395,19 +397,6 @@ class RedisBackend:
     # -- listing, tests and benchmarks), which reach the server through these names -----------
 
     @property
-    def _r(self) -> Any:
-        """redis-py's client (``Server.r``). Its presence on the class marks a Redis backend."""
-        return self.server.r
-
-    @property
-    def _c(self) -> Any:
-        return self.server.c
-
-    @property
-    def _where(self) -> str:
-        return self.server.where
-
-    @property
     def _retry_token(self) -> str | None:
         return self._claimer.retry_token
 
@@ -415,28 +404,10 @@ class RedisBackend:
     def _retry_token(self, value: str | None) -> None:
         self._claimer.retry_token = value
 
-    def _io(self, dispatch: bool = False) -> AbstractContextManager[None]:
-        return self.server.io(dispatch)
-
-    def _run(self, name: str, *args: Any) -> Any:
-        return self.server.run(lua.SCRIPTS[name], *args)
-
-    def _key(self, *parts: str) -> str:
-        return self.server.key(*parts)
-
-    def _server_now(self) -> float:
-        return self.server.server_now()
-
-    def _ids(self, queue: str, state: State, now_us: int, offset: int, n: int) -> list[bytes]:
-        return self._admin.page_ids(queue, state, now_us, offset, n)
-
-    def _fetch_keyed(self, ids: Sequence[bytes | str]) -> list[tuple[int, JobInfo] | None]:
-        return self._admin.fetch_keyed(ids)
-
 
 if TYPE_CHECKING:
     from forge.backends.base import Backend
 
     def _is_a_backend(backend: RedisBackend) -> Backend:
-        """Never called: mypy checks here that the façade implements both protocols."""
+        """Never called: mypy checks here that the façade implements ``Backend``."""
         return backend
