@@ -165,7 +165,7 @@ def bench_backend(backend: str, jobs: int, redis_url: str, base: Path) -> dict[s
     out["fresh_process_job_ms"] = statistics.median(runs)
     q.backend.prune_done()
     if backend == "redis":
-        client = q.backend._r  # type: ignore[attr-defined]
+        client = q.backend.server.r  # type: ignore[attr-defined]
         prefix = q.backend.prefix  # type: ignore[attr-defined]
         for key in client.scan_iter(f"{prefix}:*", count=1000):
             client.delete(key)

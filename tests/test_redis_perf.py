@@ -156,7 +156,7 @@ def test_password_db_and_unix_socket(server: dict[str, Any]) -> None:
                 f"unix://{server['sock']}?db=3&password=s3cret"):
         b = rb.RedisBackend(url, prefix="p")
         try:
-            assert isinstance(b._c, _resp.Client)
+            assert isinstance(b.server.c, _resp.Client)
             j = job()
             b.push([j])
             c = b.claim(["default"], "w", 60)
@@ -216,7 +216,7 @@ def test_urls_resp_does_not_take_go_to_redis_py(redis_url: str) -> None:
     sep = "&" if "?" in redis_url else "?"
     b = rb.RedisBackend(f"{redis_url}{sep}health_check_interval=30", prefix=prefix)
     try:
-        assert isinstance(b._c, rb._PyClient)  # redis-py makes every call, with the same replies
+        assert isinstance(b.server.c, rb._PyClient)  # redis-py makes every call, with the same replies
         a, c = job(), job(delay=0.2)
         b.push([a, c])
         first = b.claim(["default"], "w", 60)
