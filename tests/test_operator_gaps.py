@@ -89,3 +89,14 @@ def test_queue_failed_filters_like_queue_retry_and_puts_the_failure_at_top_level
     bad = subprocess.run([sys.executable, "-m", "forge", "queue:failed", "--reason=nope"], env=t.env,
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "nope" in bad.stderr
+
+
+def test_forge_queue_keeps_every_name_it_exported_before_the_move() -> None:
+    """forge.queue became a package; the names a user imported from it still import."""
+    import forge.queue as q
+
+    before = ["AmbiguousJobId", "CommandQueue", "DispatchFailed", "DuplicateJob", "ForgeError", "InvalidCommand",
+              "JobDispatch", "JobNotFound", "QueueError", "QueueManager", "QueueUnavailable", "QueuedCommand",
+              "RetryBlocked", "UnknownQueuedCommand", "batch_key", "connect"]
+    assert [n for n in before if not hasattr(q, n)] == []
+    assert sorted(q.__all__) == sorted(before)

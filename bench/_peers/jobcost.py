@@ -95,8 +95,8 @@ def main() -> None:
 
         pstats.Stats(str(base / "worker.prof")).sort_stats("tottime").print_stats(30)
     b = q.backend
-    for key in b._r.scan_iter(f"{b.prefix}:*", count=1000):  # type: ignore[attr-defined]
-        b._r.delete(key)  # type: ignore[attr-defined]
+    for key in b.server.r.scan_iter(f"{b.prefix}:*", count=1000):  # type: ignore[attr-defined]
+        b.server.r.delete(key)  # type: ignore[attr-defined]
 
 
 if __name__ == "__main__":

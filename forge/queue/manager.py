@@ -21,13 +21,9 @@ from typing import TYPE_CHECKING, Any
 from forge.config import Settings, load_settings, validate_queue_name
 from forge.errors import (
     AmbiguousJobId,
-    DispatchFailed,
-    DuplicateJob,
-    ForgeError,
     InvalidCommand,
     JobNotFound,
     QueueError,
-    QueueUnavailable,
     RetryBlocked,
     UnknownQueuedCommand,
     UsageError,
@@ -42,9 +38,7 @@ if TYPE_CHECKING:
     from forge.registry.spec import CommandRegistry
     from forge.worker.heartbeat import WorkerRecord
 
-__all__ = ["AmbiguousJobId", "CommandQueue", "DispatchFailed", "DuplicateJob", "ForgeError", "InvalidCommand",
-           "JobDispatch", "JobNotFound", "QueueError", "QueueManager", "QueueUnavailable", "QueuedCommand",
-           "RetryBlocked", "UnknownQueuedCommand", "batch_key", "connect"]  # the errors too, as the guide imports them
+__all__ = ["CommandQueue", "JobDispatch", "QueueManager", "batch_key", "connect"]  # forge.queue re-exports them
 
 
 _ID_PREFIX = re.compile(r"[0-9a-f-]{1,36}")

@@ -118,8 +118,9 @@ def exit_code_of(rv: object) -> int:
 
 
 def system_exit_code(exc: SystemExit) -> int:
-    """The exit code a ``SystemExit`` (``sys.exit(...)`` in a command) means, as Python's own
-    exit does: ``None`` is 0, an int is itself (out of 0-255: 1, as in ``exit_code_of``), and
+    """The exit code a ``SystemExit`` (``sys.exit(...)`` in a command) means: ``None`` is 0, an
+    int is itself if it is 0-255 and 1 otherwise (Python itself would wrap 300 to 44, a code
+    that means something else; ``exit_code_of`` has the same rule), and
     anything else (a message) is 1, the message written to ``sys.stderr`` first."""
     code = exc.code
     if code is None:

@@ -221,7 +221,7 @@ class Deploy:
             self.stop_workers(30)
         if self._backend is not None:
             with contextlib.suppress(Exception):
-                client = self._backend._r
+                client = self._backend.server.r
                 keys = list(client.scan_iter(match=f"{self.prefix}:*", count=1000))
                 for i in range(0, len(keys), 1000):
                     client.delete(*keys[i:i + 1000])
