@@ -97,6 +97,7 @@ def test_the_module_graph_has_no_cycles() -> None:
 def test_the_cycle_check_finds_a_cycle() -> None:
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": set()}) is None
+    assert reaches({"a": {"b"}, "b": {"c"}, "d": {"a"}}, "a") == {"a", "b", "c"}
 
 
 def test_no_method_stubs_under_type_checking() -> None:
@@ -111,3 +112,31 @@ def test_no_method_stubs_under_type_checking() -> None:
                     offenders += [f"{name}.{cls.name}.{f.name}" for f in ast.walk(node)
                                   if isinstance(f, ast.FunctionDef | ast.AsyncFunctionDef)]
     assert not offenders, f"method stubs under TYPE_CHECKING: {offenders}"
+
+
+def reaches(graph: dict[str, set[str]], start: str) -> set[str]:
+    """Every module ``start`` imports, directly or through others."""
+    seen: set[str] = set()
+    todo = [start]
+    while todo:
+        m = todo.pop()
+        if m not in seen:
+            seen.add(m)
+            todo.extend(graph.get(m, ()))
+    return seen
+
+
+def test_the_layers_hold_even_through_deferred_imports() -> None:
+    """The library, the registry and the backends never reach the CLI or the dashboard, the
+    backends never reach the worker's supervisor, and the job process never reaches the
+    supervisor that starts it (it gets a frozen context), even through imports in functions."""
+    trees = modules()
+    known = set(trees)
+    graph = {n: {m for m in imports(t, known, deferred=True) if m != n and not m.startswith(n + ".")}
+             for n, t in trees.items()}
+    below_cli = [m for m in known if m.split(".")[1:2] and m.split(".")[1] in {"queue", "registry", "backends", "worker", "job", "config"}]
+    for m in below_cli:
+        bad = {r for r in reaches(graph, m) if r.startswith(("forge.cli", "forge.dashboard"))}
+        assert not bad, f"{m} reaches {sorted(bad)}"
+    for m in [m for m in known if m.startswith("forge.backends")] + ["forge.worker.jobproc"]:
+        assert "forge.worker.supervisor" not in reaches(graph, m), m
