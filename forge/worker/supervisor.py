@@ -245,14 +245,15 @@ class Worker:
         """Report a pause or resume (SIGUSR2, SIGCONT); while paused, sleep a round instead of
         claiming (True)."""
         loop = self._loop
+        if self._paused:  # first let go of what it holds: a worker that says "paused" holds no job
+            self.recorder.flush()
+            self._unclaim_woken()
         if self._paused != loop.paused_reported:
             loop.paused_reported = self._paused
             self.report("paused" if self._paused else "resumed", {})
             self.heartbeat.update(state=WorkerState.PAUSED if self._paused else WorkerState.IDLE)
         if not self._paused:
             return False
-        self.recorder.flush()
-        self._unclaim_woken()
         self.heartbeat.beat()
         self._idle_sleep(min(loop.next_maintenance - now, 1.0))
         return True
