@@ -221,8 +221,10 @@ def test_isolation_direct_runs_jobs_and_a_killed_holder(queue_target: Target, wo
         holder.send_signal(signal.SIGKILL)
         holder.wait()
         killed_at = time.monotonic()
-        if queue_target.kind == "file":  # the flock died with the process: free at once
-            assert limits_json(queue_target)["i:probe:acme"]["held"] == 0
+        if queue_target.kind == "file":  # the flock died with the process: free at once (the
+            # worker may already hold it again, for the job that waited)
+            holders = limits_json(queue_target)["i:probe:acme"]["holders"]
+            assert holder.pid not in [h.get("pid") for h in holders]
         wait_for(lambda: state(queue_target, waits) == State.DONE, timeout=30)
         assert info(queue_target, waits).attempts == 1
         if queue_target.kind == "redis":  # a lease: free within one lease (10 s)
