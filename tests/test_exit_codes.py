@@ -5,8 +5,10 @@ and a job run by a worker agree on it (forge.registry.runner.exit_code_of): None
 
 from __future__ import annotations
 
+import os
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import forge_cmd, make_project
@@ -132,3 +134,38 @@ def test_worker_records_the_rule(rv_project: Path) -> None:
             assert info.failure.reason == "exit_code", (case, info.failure.reason)
             got[case] = info.failure.exit_code
     assert got == CASES
+
+
+def _closing(*fds: int) -> Any:
+    """A preexec_fn that closes ``fds`` in the child, as ``forge ... >&-`` does."""
+    return lambda: [os.close(fd) for fd in fds]
+
+
+@pytest.mark.parametrize("closed", [(1,), (0, 1, 2)], ids=["stdout", "all"])
+def test_a_dispatch_with_its_streams_closed_exits_0(rv_project: Path, closed: tuple[int, ...]) -> None:
+    """``forge queue:dispatch ... >&-``: the job is queued, so the exit code is 0 (a retry would
+    queue it twice) and the id goes nowhere, as with ``>/dev/null``; both the full command and
+    the fast path (the second run)."""
+    argv = [*forge_cmd(), "queue:dispatch", "rv:none"]
+    codes = [subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, timeout=60, preexec_fn=_closing(*closed)).returncode
+             for _ in range(2)]
+    assert codes == [0, 0]
+    assert sum(s.pending for s in CommandQueue().backend.stats()) == 2
+
+
+def test_a_worker_with_stdout_closed_keeps_job_output_out_of_the_queue(rv_project: Path) -> None:
+    """A worker started with fd 1 closed must not let the next file it opens take fd 1: its job
+    processes would print into a queue file. The job runs, its output goes nowhere, and every
+    file in the queue directory is still what forge wrote."""
+    queue = CommandQueue()
+    ids = [queue.dispatch(QueuedCommand("rv:none")) for _ in range(3)]
+    res = subprocess.run([*forge_cmd(), "queue:work", "--stop-when-empty"],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, timeout=120,
+                         preexec_fn=_closing(1))
+    assert res.returncode == 0, res.stderr
+    assert [queue.backend.find(i).state for i in ids] == [State.DONE] * 3
+    root = Path(os.environ["FORGE_QUEUE_DIR"])
+    files = [p for p in root.rglob("*") if p.is_file()]
+    assert [p for p in files if b"ran\n" in p.read_bytes() and p.parent.name != "logs"] == []
+    assert [p.read_bytes() for p in files if p.parent.name == "logs"] == [b"ran\n"] * 3  # its log has it

@@ -21,6 +21,8 @@ _VERSION_OPTIONS = frozenset({"--version", "-v", "--verbose"})
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``forge`` and ``python -m forge``; returns (and exits with) the exit code."""
+    if argv is None:
+        _open_standard_streams()
     args = list(sys.argv[1:] if argv is None else argv)
     verbose = "-v" in args[:1] or "--verbose" in args[:1] or os.environ.get("FORGE_VERBOSE") == "1"
     if verbose:
@@ -40,6 +42,23 @@ def main(argv: Sequence[str] | None = None) -> int:
             os._exit(code)
         sys.exit(code)
     return code
+
+
+def _open_standard_streams() -> None:
+    """Put ``/dev/null`` on whichever of fds 0-2 was closed at start (``forge ... >&-``, as cron
+    and some supervisors leave them): otherwise the next file forge opens (a job file, a lock)
+    would take fd 1 and a job process would print into it, and writing a job's id would fail
+    after the job was queued. Output to a closed stream goes nowhere, as to ``>/dev/null``."""
+    for fd, name in ((0, "stdin"), (1, "stdout"), (2, "stderr")):
+        try:
+            os.fstat(fd)
+        except OSError:
+            null = os.open(os.devnull, os.O_RDWR)  # the lowest free fd: this one, when those below are open
+            if null != fd:
+                os.dup2(null, fd)
+                os.close(null)
+            if getattr(sys, name) is None:
+                setattr(sys, name, open(fd, "r" if fd == 0 else "w", closefd=False))  # noqa: SIM115
 
 
 def exit_code_of_error(exc: ForgeError, args: Sequence[str]) -> int:
