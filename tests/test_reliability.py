@@ -574,7 +574,10 @@ def test_08_timeout_kills_whole_group(probe_project: Path, tmp_path: Path) -> No
     finally:
         worker.send_signal(signal.SIGTERM)
         worker.communicate(timeout=20)
-    assert dead_after <= timeout + grace + 1.0, dead_after
+    # The job ignores SIGTERM: it dies of the SIGKILL at timeout + grace, not before (the job
+    # records its start a little after the worker's clock starts), and not much later (the margin
+    # is for a loaded machine; without the kill it would have lived 60 s).
+    assert timeout + grace - 0.5 <= dead_after <= timeout + grace + 5.0, dead_after
     figures(f"FIGURES scenario=8-timeout timeout_s={timeout} grace_s={grace} group_dead_after_s={dead_after:.2f} "
             f"orphans=0 attempt_recorded=1 reason=timeout")
 
