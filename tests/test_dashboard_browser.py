@@ -214,7 +214,7 @@ def test_job_list_paginates_and_new_jobs_appear_without_reload(page: Any, site: 
 
 def test_running_job_page_streams_progress_and_log(page: Any, site: Env, tmp_path: Path) -> None:
     site.manager.pause("default")  # it waits until the page is open
-    job_id = site.dispatch("dash:work", "--steps=10", "--delay=0.5")
+    job_id = site.dispatch("dash:work", "--steps=10", "--delay=1")  # 10 s: still running when we look
     page.goto(f"{site.dash.base}/jobs/{job_id}")
     assert page.locator("h2 .state").inner_text() == "pending"
     _marker(page)
@@ -222,10 +222,11 @@ def test_running_job_page_streams_progress_and_log(page: Any, site: Env, tmp_pat
     site.manager.resume("default")
     page.locator("h2 .state-reserved").wait_for(timeout=60_000)
     # the bar, its message and the log advance while it runs
-    page.locator("#log").filter(has_text="step 2 of 10").wait_for()
+    page.locator("#log").filter(has_text="step 2 of 10").wait_for(timeout=60_000)
     first = float(page.locator(".job-progress progress").get_attribute("value") or 0)
     assert first < 100
-    page.wait_for_function(f"() => Number(document.querySelector('.job-progress progress')?.value) > {first}")
+    page.wait_for_function(f"() => Number(document.querySelector('.job-progress progress')?.value) > {first}",
+                           timeout=60_000)
     assert "step" in page.locator(".job-progress .pmsg").inner_text()
     if page.locator("h2 .state-reserved").count():  # still running: the picture for the README
         page.screenshot(path=str(tmp_path / "job.png"))
