@@ -98,6 +98,47 @@ class _Ended:
 
 
 @dataclass
+class _Watch:
+    """What the worker's watch over one run has seen: why it ended the run (None: it has not),
+    when SIGKILL follows its SIGTERM, and its clocks (monotonic)."""
+
+    claim: Claim
+    proc: _JobProcess
+    seq: int  # the request's number in the shared page
+    timeout_at: float  # wall clock
+    deadline_kill: float  # boot clock: the job process's own backstop
+    beat_every: float
+    next_beat: float
+    next_flush: float
+    done_fd: int  # -1 once the job process closed its end
+    why: Ending | None = None
+    kill_at: float | None = None
+    announced: bool = False
+    cancel_asked: bool = False
+
+    @classmethod
+    def begin(cls, claim: Claim, proc: _JobProcess, seq: int, timeout_at: float, deadline_kill: float,
+              heartbeat_interval: float) -> _Watch:
+        """The watch at the start of a run: a lease is renewed six times over its length (one
+        lost reply costs nothing), at least every ``heartbeat_interval``."""
+        now = time.monotonic()
+        beat_every = heartbeat_interval
+        if claim.lease_until is not None:
+            beat_every = min(beat_every, max((claim.lease_until - claim.claimed_at) / 6, 0.2))
+        next_beat = now + beat_every if claim.lease_until is not None else float("inf")
+        return cls(claim, proc, seq, timeout_at, deadline_kill, beat_every, next_beat, now + 0.5, proc.done)
+
+    def wake(self, now: float, wall: float, grace: float) -> float:
+        """When (monotonic) the watch must look again, if the job process says nothing."""
+        wake = min(self.next_flush, self.next_beat, now + max(self.timeout_at - wall, 0.0))
+        if self.claim.lease_until is not None:
+            wake = min(wake, now + max(self.claim.lease_until - grace - LEASE_SAFETY - wall, 0.0))
+        if self.kill_at is not None:
+            wake = min(wake, self.kill_at)
+        return wake
+
+
+@dataclass
 class Worker:
     """Runs jobs from ``options.queues`` until a stop condition; see ``run``."""
 
@@ -620,91 +661,108 @@ class Worker:
                    deadline_kill: float) -> _Ended:
         """Wait for the job to end, enforcing the timeout and the lease, copying its output
         and renewing its lease meanwhile; returns how it ended."""
-        opts = self.options
-        seq = self._seq
-        why: Ending | None = None
-        kill_at: float | None = None  # monotonic: when SIGKILL follows the SIGTERM
-        now = time.monotonic()
-        next_flush = now + 0.5
-        beat_every = opts.heartbeat_interval
-        if claim.lease_until is not None:  # six renewals a lease: one lost reply costs nothing
-            beat_every = min(beat_every, max((claim.lease_until - claim.claimed_at) / 6, 0.2))
-        next_beat = now + beat_every if claim.lease_until is not None else float("inf")
-        done_fd = proc.done
+        watch = _Watch.begin(claim, proc, self._seq, timeout_at, deadline_kill, self.options.heartbeat_interval)
         ready: list[int] = []
-        announced = cancel_asked = False
         while True:
-            if done_fd in ready:
-                try:
-                    got = os.read(done_fd, 64)
-                except OSError:
-                    got = b""
-                if not got:
-                    done_fd = -1  # closed: the job process is ending; wait for it
-                reply = self.shared.reply(seq)
-                if reply is not None and why is None:
-                    self.shared.kill_at = NEVER
-                    if reply.recycle:
-                        self._reap(proc)  # it exits after a job that changed it
-                    return _Ended(None, reply.outcome, 0)
-                # A byte the job's own code wrote into the pipe: not an outcome; wait on.
+            if watch.done_fd in ready:
+                ended = self._took_outcome(watch)
+                if ended is not None:
+                    return ended
             if proc.pidfd in ready:
-                code = self._reap(proc)
-                job_kill_at, self.shared.kill_at = self.shared.kill_at, NEVER
-                reply = self.shared.reply(seq)
-                if reply is None and why is None and self.shared.taken < seq:
-                    return _Ended(Ending.UNTAKEN, None, code)
-                if why is None and reply is None and code == -signal.SIGKILL \
-                        and _linux.boottime() >= job_kill_at - 0.05:
-                    # The job process's own timer ended it: the worker was stopped (or too slow) to.
-                    why = Ending.TIMEOUT if job_kill_at >= deadline_kill - 0.001 else Ending.LEASE
-                return _Ended(why, reply.outcome if reply is not None else None, code)
+                return self._exited(watch)
             now, wall = time.monotonic(), time.time()
-            if self._stop is StopReason.SIGNAL and not announced:
-                announced = True
-                self.report("stopping", {"job_id": claim.job.id, "command": claim.job.command,
-                                         "queue": claim.job.queue})
-                if self.events is not None:
-                    self.events.worker_stopping(str(self._stop))
-            if why is None:
-                end: Ending | None = None
-                if self._stop is StopReason.FORCED:
-                    end = Ending.FORCED
-                elif wall >= timeout_at:
-                    end = Ending.TIMEOUT
-                elif claim.lease_until is not None and wall >= claim.lease_until - opts.grace - LEASE_SAFETY:
-                    end = Ending.LEASE  # renewals failed: the run must end before the lease does
-                elif cancel_asked:
-                    end = Ending.CANCELLED
+            if self._stop is StopReason.SIGNAL and not watch.announced:
+                self._announce_stopping(watch)
+            if watch.why is None:
+                end = self._due_ending(watch, wall)
                 if end is not None:
                     # It may have finished while this worker was not looking (stopped, or
                     # busy): an outcome already reported wins over a deadline seen late.
-                    ready = self._wait(0, proc.pidfd, done_fd)
+                    ready = self._wait(0, proc.pidfd, watch.done_fd)
                     if ready and end is not Ending.FORCED:
                         continue
-                    why = end
-                    self._signal_all(signal.SIGTERM)
-                    kill_at = now + (opts.grace if why is Ending.TIMEOUT else min(opts.grace, 1.0))
-            if kill_at is not None and now >= kill_at:
+                    self._end_run(watch, end, now)
+            if watch.kill_at is not None and now >= watch.kill_at:
                 self._signal_all(signal.SIGKILL)
-                kill_at = now + 0.1
-            if now >= next_flush:
-                self.output.flush_to_log(self.backend, claim.job.id)
-                next_flush = now + 0.5
-                with contextlib.suppress(QueueUnavailable, OSError):
-                    cancel_asked = cancel_asked or self.backend.cancel_requested(claim.job.id)
-                self.heartbeat.beat()
-            if why is None and now >= next_beat:
+                watch.kill_at = now + 0.1
+            if now >= watch.next_flush:
+                self._flush(watch, now)
+            if watch.why is None and now >= watch.next_beat:
                 if not self._heartbeat(claim, deadline_kill):
                     ready = []
                     continue  # lost: the checks above end the run
-                next_beat = now + beat_every
-            wake = min(next_flush, next_beat, now + max(timeout_at - wall, 0.0))
-            if claim.lease_until is not None:
-                wake = min(wake, now + max(claim.lease_until - opts.grace - LEASE_SAFETY - wall, 0.0))
-            if kill_at is not None:
-                wake = min(wake, kill_at)
-            ready = self._wait(wake - now, proc.pidfd, done_fd)
+                watch.next_beat = now + watch.beat_every
+            ready = self._wait(watch.wake(now, wall, self.options.grace) - now, proc.pidfd, watch.done_fd)
+
+    def _took_outcome(self, watch: _Watch) -> _Ended | None:
+        """The job process wrote on its pipe: how the run ended if that was its outcome (None:
+        a byte the job's own code wrote there, or the pipe closed as the process ends)."""
+        try:
+            got = os.read(watch.done_fd, 64)
+        except OSError:
+            got = b""
+        if not got:
+            watch.done_fd = -1  # closed: the job process is ending; wait for it
+        reply = self.shared.reply(watch.seq)
+        if reply is None or watch.why is not None:
+            return None
+        self.shared.kill_at = NEVER
+        if reply.recycle:
+            self._reap(watch.proc)  # it exits after a job that changed it
+        return _Ended(None, reply.outcome, 0)
+
+    def _exited(self, watch: _Watch) -> _Ended:
+        """The job process ended: how the run ended, with the outcome it reported, if any."""
+        code = self._reap(watch.proc)
+        job_kill_at, self.shared.kill_at = self.shared.kill_at, NEVER
+        reply = self.shared.reply(watch.seq)
+        why = watch.why
+        if reply is None and why is None and self.shared.taken < watch.seq:
+            return _Ended(Ending.UNTAKEN, None, code)
+        if why is None and reply is None and code == -signal.SIGKILL and _linux.boottime() >= job_kill_at - 0.05:
+            # The job process's own timer ended it: the worker was stopped (or too slow) to.
+            why = Ending.TIMEOUT if job_kill_at >= watch.deadline_kill - 0.001 else Ending.LEASE
+        return _Ended(why, reply.outcome if reply is not None else None, code)
+
+    def _announce_stopping(self, watch: _Watch) -> None:
+        """A stop signal came while a job runs: say so once (the job runs on to its end)."""
+        watch.announced = True
+        job = watch.claim.job
+        self.report("stopping", {"job_id": job.id, "command": job.command, "queue": job.queue})
+        if self.events is not None:
+            self.events.worker_stopping(str(self._stop))
+
+    def _due_ending(self, watch: _Watch, wall: float) -> Ending | None:
+        """Why the run must be ended now (forced stop, timeout, a lease about to lapse, a
+        cancel), or None."""
+        claim = watch.claim
+        if self._stop is StopReason.FORCED:
+            return Ending.FORCED
+        if wall >= watch.timeout_at:
+            return Ending.TIMEOUT
+        if claim.lease_until is not None and wall >= claim.lease_until - self.options.grace - LEASE_SAFETY:
+            return Ending.LEASE  # renewals failed: the run must end before the lease does
+        if watch.cancel_asked:
+            return Ending.CANCELLED
+        return None
+
+    def _end_run(self, watch: _Watch, why: Ending, now: float) -> None:
+        """End the run: SIGTERM now, SIGKILL after the grace (a timeout's full grace; at most
+        1 s for the rest)."""
+        watch.why = why
+        self._signal_all(signal.SIGTERM)
+        grace = self.options.grace
+        watch.kill_at = now + (grace if why is Ending.TIMEOUT else min(grace, 1.0))
+
+    def _flush(self, watch: _Watch, now: float) -> None:
+        """Every half second of a run: copy its output to its log, look for a cancel request,
+        and beat the worker's heartbeat."""
+        job_id = watch.claim.job.id
+        self.output.flush_to_log(self.backend, job_id)
+        watch.next_flush = now + 0.5
+        with contextlib.suppress(QueueUnavailable, OSError):
+            watch.cancel_asked = watch.cancel_asked or self.backend.cancel_requested(job_id)
+        self.heartbeat.beat()
 
     def _heartbeat(self, claim: Claim, deadline_kill: float) -> bool:
         """Renew the lease and move the job process's kill timer with it; False if lost."""
