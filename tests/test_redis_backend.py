@@ -27,7 +27,7 @@ import pytest
 import redis
 from conftest import blocked_waiting
 from conftest import make_job as job
-from reliability.harness import wait_for
+from waitfor import wait_for
 
 import forge.backends.redis.backend as rb
 from forge.backends.redis import claim as rclaim

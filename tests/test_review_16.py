@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from reliability.harness import wait_for
+from waitfor import wait_for
 
 from forge.jobprogress import parse_line
 

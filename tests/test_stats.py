@@ -228,7 +228,7 @@ def test_redis_journal_survives_a_script_cache_flush(tmp_path: Path) -> None:
     import socket
 
     import redis
-    from reliability.harness import wait_for
+    from waitfor import wait_for
 
     from forge.backends.redis.backend import RedisBackend
     from forge.job import Event

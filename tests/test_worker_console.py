@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 from conftest import require_redis
-from reliability.harness import Target, make_target, wait_for, worker_argv
+from reliability.harness import Target, make_target, worker_argv
+from waitfor import wait_for
 
 REDIS_URL = os.environ.get("FORGE_TEST_REDIS_URL")
 STAMP = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d"
