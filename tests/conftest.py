@@ -112,6 +112,17 @@ def require_redis() -> str:
     return REDIS_URL
 
 
+def redis_answers(client: Any) -> bool:
+    """Whether the server of the redis-py ``client`` answers a PING (False while it starts or is
+    down): what a test that starts a redis-server of its own waits for."""
+    import redis
+
+    try:
+        return bool(client.ping())
+    except redis.RedisError:
+        return False
+
+
 @pytest.fixture
 def redis_url() -> str:
     """The test Redis server's URL (see :func:`require_redis`: skip if unset, fail if down)."""
