@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import require_redis
+from conftest import add_commands, require_redis
 from reliability.harness import Target, make_target, worker_argv
 from test_scheduler import REDIS_URL, Project, dispatched, entry_toml, ts
 from test_scheduler_cli import tick_jobs
@@ -34,11 +34,7 @@ def target(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Target]:
     if request.param == "redis":
         require_redis()
     t = make_target(request.param, tmp_path / "t", REDIS_URL)
-    commands = tmp_path / "commands"
-    commands.mkdir()
-    (commands / "loud.py").write_text(LOUD)
-    config = Path(t.env["FORGE_CONFIG"])
-    config.write_text(config.read_text().replace("commands = [", f'commands = ["{commands}", ', 1))
+    add_commands(Path(t.env["FORGE_CONFIG"]), tmp_path / "commands", {"loud.py": LOUD})
     try:
         yield t
     finally:

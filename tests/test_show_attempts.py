@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import require_redis
+from conftest import add_commands, require_redis
 from reliability.harness import Target, make_target, worker_argv
 
 REDIS_URL = os.environ.get("FORGE_TEST_REDIS_URL")
@@ -38,11 +38,7 @@ def target(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Target]:
     if request.param == "redis":
         require_redis()
     t = make_target(request.param, tmp_path / "t", REDIS_URL)
-    commands = tmp_path / "commands"
-    commands.mkdir()
-    (commands / "flaky.py").write_text(FLAKY)
-    config = Path(t.env["FORGE_CONFIG"])
-    config.write_text(config.read_text().replace("commands = [", f'commands = ["{commands}", ', 1))
+    add_commands(Path(t.env["FORGE_CONFIG"]), tmp_path / "commands", {"flaky.py": FLAKY})
     try:
         yield t
     finally:
