@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 from conftest import add_commands, require_redis
-from reliability.harness import Target, make_target, worker_argv
-from test_scheduler import REDIS_URL, Project, dispatched, entry_toml, ts
+from reliability.harness import Target, worker_argv
+from test_scheduler import Project, dispatched, entry_toml, ts
 from test_scheduler_cli import tick_jobs
 
 from forge.scheduler.entry import ScheduleEntry, ScheduleError
@@ -29,16 +29,11 @@ def run() -> int:
 '''
 
 
-@pytest.fixture(params=["file", "redis"])
-def target(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Target]:
-    if request.param == "redis":
-        require_redis()
-    t = make_target(request.param, tmp_path / "t", REDIS_URL)
-    add_commands(Path(t.env["FORGE_CONFIG"]), tmp_path / "commands", {"loud.py": LOUD})
-    try:
-        yield t
-    finally:
-        t.close()
+@pytest.fixture
+def target(queue_target: Target, tmp_path: Path) -> Target:
+    """conftest's ``queue_target`` (either backend) with the commands of ``LOUD`` added."""
+    add_commands(Path(queue_target.env["FORGE_CONFIG"]), tmp_path / "commands", {"loud.py": LOUD})
+    return queue_target
 
 
 @pytest.fixture(params=["file", "redis"])
