@@ -44,8 +44,8 @@ from reliability.hosts import (  # noqa: E402
     group_cpu_seconds,
     machine_busy_seconds,
     unavailable,
-    wait_for,
 )
+from waitfor import wait_for  # noqa: E402
 
 from forge.queue import QueuedCommand  # noqa: E402
 

@@ -90,6 +90,18 @@ def probe_project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return ledger
 
 
+def add_commands(config: Path, folder: Path, files: dict[str, str]) -> Path:
+    """Write ``files`` (file name: source) into the new commands folder ``folder`` and put it
+    first in the ``commands`` list of the project's forge.toml ``config``; returns the folder."""
+    folder.mkdir()
+    for name, source in files.items():
+        (folder / name).write_text(source)
+    text = config.read_text()
+    assert "commands = [" in text, text
+    config.write_text(text.replace("commands = [", f'commands = ["{folder}", ', 1))
+    return folder
+
+
 def require_redis() -> str:
     """FORGE_TEST_REDIS_URL once the server answered a PING: skips the calling test when the
     variable is unset, fails it when the server is unreachable (checked once per session)."""
@@ -110,6 +122,17 @@ def require_redis() -> str:
     if _redis_checked[REDIS_URL]:
         pytest.fail(_redis_checked[REDIS_URL])
     return REDIS_URL
+
+
+def redis_answers(client: Any) -> bool:
+    """Whether the server of the redis-py ``client`` answers a PING (False while it starts or is
+    down): what a test that starts a redis-server of its own waits for."""
+    import redis
+
+    try:
+        return bool(client.ping())
+    except redis.RedisError:
+        return False
 
 
 @pytest.fixture

@@ -12,7 +12,6 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 COMMANDS = '''
 import sys
@@ -128,13 +127,3 @@ def start_dashboard(env: dict[str, str], *args: str, timeout: float = 60) -> Das
     proc.kill()
     err = proc.stderr.read() if proc.stderr else ""
     raise AssertionError(f"forge dashboard did not print its URL: {line!r} {err}")
-
-
-def wait_for(predicate: Any, timeout: float = 30.0, interval: float = 0.05) -> Any:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError("condition not met in time")

@@ -1,16 +1,20 @@
 """The shared fixtures' own rules (tests/conftest.py): a Redis test is skipped when
 FORGE_TEST_REDIS_URL is unset and fails when it is set but the server does not answer, so a
-broken server can never pass as a row of skips; the event waits end instead of hanging."""
+broken server can never pass as a row of skips; the event waits end instead of hanging; and the
+one polling wait (tests/waitfor.py) returns as soon as its condition holds and otherwise fails
+saying what it waited for."""
 
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 from conftest import blocked_waiting, next_event, started
+from waitfor import wait_for
 
 TESTS = Path(__file__).resolve().parent
 # One Redis test through each fixture path: the backend pair, redis_backend, queue_target.
@@ -65,7 +69,6 @@ def test_blocked_waiting_tells_a_waiting_process_from_a_busy_one() -> None:
     waiting = subprocess.Popen([sys.executable, "-c", "import select, os; r, w = os.pipe(); select.select([r], [], [], 60)"])
     busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
     try:
-        from reliability.harness import wait_for
         from reliability.hosts import cpu_seconds
 
         wait_for(lambda: blocked_waiting(waiting.pid), timeout=30)
@@ -76,3 +79,18 @@ def test_blocked_waiting_tells_a_waiting_process_from_a_busy_one() -> None:
         for p in (waiting, busy):
             p.kill()
             p.wait()
+
+
+def test_wait_for_returns_the_first_true_value_at_once_and_fails_naming_what_it_awaited() -> None:
+    looks = iter([0, "", None, [], "ready", "later"])
+    began = time.monotonic()
+    assert wait_for(lambda: next(looks), timeout=60, interval=0.001) == "ready"
+    assert time.monotonic() - began < 30  # at the first true value, not at the timeout
+    assert wait_for(lambda: 5, timeout=0) == 5  # looked at once even when the time is up
+
+    began = time.monotonic()
+    with pytest.raises(AssertionError, match=r"^timed out after 0\.3 s waiting for the moon \(the last look gave \[\]\)$"):
+        wait_for(lambda: [], timeout=0.3, interval=0.01, what="the moon")
+    assert time.monotonic() - began >= 0.3  # not before the timeout
+    with pytest.raises(AssertionError, match=r"waiting for .*lambda: 1 > 2"):  # unnamed: its source says
+        wait_for(lambda: 1 > 2, timeout=0)

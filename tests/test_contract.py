@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 from conftest import make_job as job
+from waitfor import wait_for
 
 from forge.backends.base import Backend, Claim
 from forge.errors import (
@@ -285,12 +286,15 @@ def test_retry_all_retries_each_job_failed_at_its_start_once_while_workers_fail_
             workers.append(subprocess.Popen([sys.executable, "-m", "forge", "queue:work", "--json", "--sleep=0.1"],
                                             env=env, stdin=subprocess.DEVNULL, stdout=fh,
                                             stderr=subprocess.STDOUT))
+
+    def all_started() -> bool:
+        if all("worker_started" in out.read_text() for out in outs):
+            return True
+        assert all(w.poll() is None for w in workers), [out.read_text() for out in outs]
+        return False
+
     try:
-        end = time.monotonic() + 60
-        while not all("worker_started" in out.read_text() for out in outs):
-            assert time.monotonic() < end and all(w.poll() is None for w in workers), \
-                [out.read_text() for out in outs]
-            time.sleep(0.05)
+        wait_for(all_started, timeout=60, interval=0.05, what="every worker's worker_started event")
         try:
             res = forge_cli(env, "queue:retry", "all", timeout=60)
         except subprocess.TimeoutExpired as exc:

@@ -20,7 +20,8 @@ from typing import Any
 
 import pytest
 from conftest import require_redis
-from dashboard_support import Dashboard, start_dashboard, wait_for, write_project
+from dashboard_support import Dashboard, start_dashboard, write_project
+from waitfor import wait_for
 
 from forge.queue import QueuedCommand, QueueManager
 
@@ -161,7 +162,7 @@ def test_screenshot_overview(page: Any, site: Env, tmp_path: Path) -> None:
         site.dispatch("dash:echo", f"report-{n}", queue="reports")
     site.manager.pause("reports")
     last = site.dispatch("dash:echo", "last")
-    wait_for(lambda: site.state(last) == "done", timeout=60)
+    wait_for(lambda: site.state(last) == "done", timeout=60, interval=0.05)
     site.dispatch("dash:work", "--steps=6", "--delay=0.5")
     page.goto(site.dash.base + "/")
     page.locator("table.workers").wait_for()
@@ -244,7 +245,7 @@ def test_hostile_arguments_metadata_and_output_render_as_text(page: Any, site: E
     site.start_worker()
     job_id = site.dispatch("dash:echo", HOSTILE, "</pre><script>alert(5)</script>", queue="evil",
                            note="<svg onload=alert(2)>", **{"<b>key</b>": '"><img src=y onerror=alert(3)>'})
-    wait_for(lambda: site.state(job_id) == "done", timeout=60)
+    wait_for(lambda: site.state(job_id) == "done", timeout=60, interval=0.05)
     for path in (f"/jobs/{job_id}", "/queues/evil/jobs?state=done", "/"):
         page.goto(site.dash.base + path)
         page.wait_for_timeout(300)  # let the live stream swap its regions in once

@@ -23,6 +23,7 @@ from typing import Any
 
 import pytest
 from conftest import require_redis
+from waitfor import wait_for
 
 from forge.job import State
 
@@ -36,16 +37,6 @@ event = "job.*"
 command = "ev:record"
 queue = "events"
 """
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float = 60.0, what: str = "condition") -> Any:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.02)
-    raise AssertionError(f"{what}: not met within {timeout:g} s")
 
 
 class Proj:
@@ -110,7 +101,7 @@ class Proj:
 
     def started(self, proc: subprocess.Popen) -> None:
         out = self.outs[proc.pid]
-        wait_for(lambda: any(x.get("event") == "worker_started" for x in self.lines(out)), what="worker started")
+        wait_for(lambda: any(x.get("event") == "worker_started" for x in self.lines(out)), timeout=60, what="worker started")
 
     def events(self) -> list[dict[str, Any]]:
         return self.lines("ledger.jsonl")
@@ -273,7 +264,7 @@ def _run_job_until_killed(proj: Proj, kill: Callable[[subprocess.Popen], Any]) -
     w = proj.worker("--queue=default,events", out="w1.out")
     proj.started(w)
     job_id = proj.dispatch(f"--mark={mark}", f"--go={go}", opts=("--tries=3", "--timeout=2s"))
-    wait_for(lambda: mark.exists() and mark.read_text().strip(), what="job running")
+    wait_for(lambda: mark.exists() and mark.read_text().strip(), timeout=60, what="job running")
     armed = kill(w)
     go.touch()
     assert w.wait(60) == -signal.SIGKILL
@@ -291,7 +282,7 @@ def _check_after_recovery(proj: Proj, job_id: str, killed_attempt_stored: bool) 
     expected = (2 if killed_attempt_stored else 1) + 1
     wait_for(lambda: len(proj.events()) >= expected, timeout=90, what="listener jobs ran")
     wait_for(lambda: proj.backend.stats(["events"])[0].pending == 0 and proj.backend.stats(["events"])[0].reserved == 0,
-             what="events queue drained")
+             timeout=60, what="events queue drained")
     w2.send_signal(signal.SIGTERM)
     assert w2.wait(60) == 0
     info = proj.backend.find(job_id)
@@ -320,11 +311,11 @@ def test_file_worker_sigkilled_around_the_outcome(tmp_path: Path, point: str) ->
             if point == "before":
                 expr = ["-e", "trace=linkat", "-e", "inject=linkat:signal=KILL:when=1"]
             else:  # only calls on the claimed file: its first write is the outcome's record
-                reserved = wait_for(lambda: list((proj.root / "queue" / "q" / "default" / "reserved").glob("*.job")))
+                reserved = wait_for(lambda: list((proj.root / "queue" / "q" / "default" / "reserved").glob("*.job")), timeout=60)
                 expr = ["-P", str(reserved[0]), "-e", "trace=write", "-e", "inject=write:signal=KILL:when=1"]
             tracer = subprocess.Popen([STRACE or "strace", "-qq", "-p", str(w.pid), "-o", "/dev/null", *expr],
                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            wait_for(lambda: _traced(w.pid), what="strace attached")
+            wait_for(lambda: _traced(w.pid), timeout=60, what="strace attached")
             return tracer
 
         job_id, _ = _run_job_until_killed(proj, arm)
@@ -443,10 +434,10 @@ def test_a_threshold_fires_once_per_crossing_with_three_workers(proj: Proj) -> N
         before = len(proj.events())
         for _ in range(4):
             proj.dispatch(opts=("--queue=held",))
-        wait_for(lambda: len(proj.events()) > before, what="threshold event")
+        wait_for(lambda: len(proj.events()) > before, timeout=60, what="threshold event")
         ev = proj.events()[-1]
         if settle:  # every worker has since passed its maintenance (every 2 s, before its heartbeat)
-            wait_for(lambda: _heartbeats_past(proj, set(names), ev_time(ev) + 2.5), what="every worker looked again")
+            wait_for(lambda: _heartbeats_past(proj, set(names), ev_time(ev) + 2.5), timeout=60, what="every worker looked again")
         return ev
 
     first = cross(settle=True)
@@ -455,7 +446,7 @@ def test_a_threshold_fires_once_per_crossing_with_three_workers(proj: Proj) -> N
     assert first["worker"] in names
 
     assert proj.backend.clear("held") == 4
-    wait_for(lambda: not _marked(proj, "too_long.held"), what="re-armed")
+    wait_for(lambda: not _marked(proj, "too_long.held"), timeout=60, what="re-armed")
     cross(settle=False)
     events = proj.events()
     assert [e["event"] for e in events] == ["queue.too_long"] * 2 and len({e["id"] for e in events}) == 2
@@ -478,7 +469,7 @@ def test_job_retried_many_and_waiting_too_long(proj: Proj) -> None:
     job_id = proj.dispatch("--code=1", opts=("--tries=4",))
     w = proj.worker("--queue=default,events")
     wait_for(lambda: {e["event"] for e in proj.events()} == {"job.retried_many", "queue.waiting_too_long"},
-             what="both events")
+             timeout=60, what="both events")
     w.send_signal(signal.SIGTERM)
     assert exited([w]) == [0]
     got = {e["event"]: e for e in proj.events()}
@@ -531,13 +522,13 @@ def test_a_timeout_and_a_running_cancel_raise_their_events(proj: Proj) -> None:
     mark, go = proj.root / "mark", proj.root / "go"
     slow = proj.dispatch("--sleep=60", opts=("--timeout=1s",))
     w = proj.worker("--queue=default,events")
-    wait_for(lambda: proj.backend.find(slow).state == State.FAILED, what="timed out")
+    wait_for(lambda: proj.backend.find(slow).state == State.FAILED, timeout=60, what="timed out")
     held = proj.dispatch(f"--mark={mark}", f"--go={go}")
-    wait_for(mark.exists, what="job running")
+    wait_for(mark.exists, timeout=60, what="job running")
     res = subprocess.run([sys.executable, "-m", "forge", "queue:cancel", "--running", held], env=proj.env,
                          capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stderr
-    wait_for(lambda: len(proj.events()) >= 4, what="listener jobs ran")
+    wait_for(lambda: len(proj.events()) >= 4, timeout=60, what="listener jobs ran")
     w.send_signal(signal.SIGTERM)
     assert exited([w]) == [0]
     got = sorted((e["job_id"] == slow, e["event"], e["reason"]) for e in proj.events())
@@ -581,7 +572,7 @@ def test_a_dead_workers_job_raises_its_outcome_from_the_worker_that_recovers_it(
     try:
         w1 = proj.worker("--queue=default,events", "--name=first", out="w1.out")
         job_id = proj.dispatch(f"--mark={mark}", "--sleep=60", opts=("--timeout=2s",))
-        wait_for(mark.exists, what="job running")
+        wait_for(mark.exists, timeout=60, what="job running")
         w1.kill()
         w1.wait(10)
         w2 = proj.worker("--queue=default,events", "--name=second", "--stop-when-empty", out="w2.out")

@@ -19,6 +19,7 @@ import pytest
 from conftest import PROBE_PROJECT
 from reliability.harness import fill_disk
 from reliability.scripts import CLAIMER
+from waitfor import wait_for
 
 from forge.backends.file.backend import FileBackend
 from forge.errors import DispatchFailed, DuplicateJob, QueueUnavailable, UsageError
@@ -767,6 +768,15 @@ def test_concurrent_dispatch_and_claim_lose_nothing_and_never_double_claim(qdir:
 # -- unique keys ----------------------------------------------------------------------------
 
 
+def traced(log: Path, path: str, proc: subprocess.Popen[str]) -> bool:
+    """Whether strace's ``log`` shows ``proc`` inside its (delayed) call on ``path``; fails
+    with ``proc``'s stderr if it ended first."""
+    if log.exists() and f'"{path}"' in log.read_text():
+        return True
+    assert proc.poll() is None, proc.stderr.read() if proc.stderr else proc.returncode
+    return False
+
+
 @pytest.mark.skipif(STRACE is None, reason="strace is not installed (apt-get install strace)")
 @pytest.mark.parametrize("outcome", ["done", "failed"])
 def test_a_finishing_job_never_frees_the_key_its_successor_took(fb: FileBackend, qdir: Path, tmp_path: Path,
@@ -786,10 +796,8 @@ def test_a_finishing_job_never_frees_the_key_its_successor_took(fb: FileBackend,
          "-e", "inject=unlink,unlinkat:delay_enter=2000000", sys.executable, "-m", "forge", "queue:work", "--once"],
         env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
-        end = time.monotonic() + 60
-        while not (log.exists() and f'"{holder}"' in log.read_text()):  # inside the delayed unlink
-            assert worker.poll() is None and time.monotonic() < end, worker.stderr.read()  # type: ignore[union-attr]
-            time.sleep(0.01)
+        wait_for(lambda: traced(log, holder, worker), timeout=60, interval=0.01,
+                 what="the worker inside its delayed unlink of the holder file")
         assert fb.find(first.id).state == State(outcome)  # type: ignore[union-attr]
         second = QueuedCommand("probe:run").with_unique_key("nightly").to_job("default")
         fb.push([second])  # the first job is finished: its key is free to take
@@ -825,10 +833,8 @@ def test_no_dispatch_takes_the_key_of_a_unique_job_while_it_is_retried(fb: FileB
          sys.executable, "-m", "forge", "queue:retry", first.id],
         env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        end = time.monotonic() + 60
-        while not (log.exists() and f'"{failed}"' in log.read_text()):  # inside the delayed rename
-            assert retry.poll() is None and time.monotonic() < end, retry.stderr.read()  # type: ignore[union-attr]
-            time.sleep(0.01)
+        wait_for(lambda: traced(log, str(failed), retry), timeout=60, interval=0.01,
+                 what="queue:retry inside its delayed rename of the failed job")
         with pytest.raises(DuplicateJob) as dup:
             fb.push([QueuedCommand("probe:run").with_unique_key("nightly").to_job("default")])
         out, err = retry.communicate(timeout=60)

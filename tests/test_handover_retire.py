@@ -9,7 +9,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import require_redis
+from conftest import add_commands, require_redis
 from reliability.checker import read_ledger
 from reliability.harness import make_target, worker_argv
 
@@ -39,12 +39,7 @@ def test_request_sent_while_a_retiring_job_process_restores_runs_once_in_a_fresh
         require_redis()
     t = make_target(kind, tmp_path / "t", REDIS_URL)
     try:
-        extra = tmp_path / "extra"
-        extra.mkdir()
-        (extra / "retire.py").write_text(SLOW_RETIRE)
-        config = Path(t.env["FORGE_CONFIG"])
-        text = config.read_text()
-        config.write_text(text.replace("commands = [", f'commands = ["{extra}", ', 1))
+        add_commands(Path(t.env["FORGE_CONFIG"]), tmp_path / "extra", {"retire.py": SLOW_RETIRE})
         from forge.queue import QueuedCommand
 
         q = t.queue()

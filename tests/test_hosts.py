@@ -18,7 +18,8 @@ from typing import Any
 
 import pytest
 from reliability.deploy import Deploy
-from reliability.hosts import Lab, unavailable, wait_for
+from reliability.hosts import Lab, unavailable
+from waitfor import wait_for
 
 from forge.errors import QueueUnavailable
 from forge.job import Event, State, idempotent_id

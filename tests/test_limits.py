@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from reliability.harness import Target, wait_for, worker_argv
+from reliability.harness import Target, worker_argv
+from waitfor import wait_for
 
 from forge.errors import EXIT_ISOLATED
 from forge.job import State

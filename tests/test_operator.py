@@ -19,7 +19,8 @@ from typing import Any
 
 import pytest
 from conftest import make_project
-from reliability.harness import wait_for, worker_argv
+from reliability.harness import worker_argv
+from waitfor import wait_for
 
 HELLO = '''from forge import command
 

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 from reliability.checker import read_ledger, runs_of
-from reliability.harness import wait_for
+from waitfor import wait_for
 
 pytestmark = pytest.mark.slow
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 from fdwait import readable
-from reliability.harness import wait_for
+from waitfor import wait_for
 
 from forge.jobprogress import format_line, parse_line
 

@@ -25,9 +25,9 @@ from typing import Any
 
 import pytest
 import redis
-from conftest import blocked_waiting
+from conftest import blocked_waiting, redis_answers
 from conftest import make_job as job
-from reliability.harness import wait_for
+from waitfor import wait_for
 
 import forge.backends.redis.backend as rb
 from forge.backends.redis import claim as rclaim
@@ -449,17 +449,11 @@ def _start_server(port: int, data: Path) -> subprocess.Popen:
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     c = redis.Redis(port=port, socket_connect_timeout=0.2)
     try:
-        wait_for(lambda: _pings(c), timeout=10)
+        wait_for(lambda: redis_answers(c), timeout=10)
     finally:
         c.close()
     return proc
 
-
-def _pings(c: Any) -> bool:
-    try:
-        return bool(c.ping())
-    except redis.RedisError:
-        return False
 
 
 @pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server is not installed")

@@ -21,6 +21,8 @@ from typing import Any
 import pytest
 import redis
 from conftest import make_job as job
+from conftest import redis_answers
+from waitfor import wait_for
 
 import forge.backends.redis.backend as rb
 from forge.backends.redis import claim as rclaim
@@ -57,14 +59,7 @@ def server(tmp_path: Path) -> Iterator[dict[str, Any]]:
                              "--appendonly", "no", "--requirepass", "s3cret", "--unixsocket", str(sock),
                              "--dir", str(tmp_path)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     client = redis.Redis(port=port, password="s3cret", socket_connect_timeout=0.2)
-    end = time.monotonic() + 20
-    while True:
-        try:
-            client.ping()
-            break
-        except redis.RedisError:
-            assert time.monotonic() < end, "redis-server did not start"
-            time.sleep(0.02)
+    wait_for(lambda: redis_answers(client), timeout=20, what="the private redis-server to answer")
     try:
         yield {"port": port, "sock": sock, "client": client}
     finally:

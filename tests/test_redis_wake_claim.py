@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 from conftest import blocked_waiting, next_event
 from reliability.checker import read_ledger
-from reliability.harness import make_target, wait_for, worker_argv
+from reliability.harness import make_target, worker_argv
+from waitfor import wait_for
 
 from forge.job import State
 

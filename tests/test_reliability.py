@@ -35,8 +35,8 @@ from reliability.harness import (
     kill_storm,
     make_target,
     wait_done,
-    wait_for,
 )
+from waitfor import wait_for
 
 from forge.errors import QueueError, UsageError
 from forge.job import MAX_PAYLOAD_BYTES, Job, State, decode_file

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from reliability.harness import wait_for
+from waitfor import wait_for
 
 from forge.job import JobInfo, State
 from forge.queue import QueuedCommand

@@ -11,9 +11,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import require_redis
-from reliability.harness import Target, make_target, worker_argv
-from test_scheduler import REDIS_URL, Project, dispatched, entry_toml, ts
+from conftest import add_commands, require_redis
+from reliability.harness import Target, worker_argv
+from test_scheduler import Project, dispatched, entry_toml, ts
 from test_scheduler_cli import tick_jobs
 
 from forge.scheduler.entry import ScheduleEntry, ScheduleError
@@ -29,20 +29,11 @@ def run() -> int:
 '''
 
 
-@pytest.fixture(params=["file", "redis"])
-def target(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Target]:
-    if request.param == "redis":
-        require_redis()
-    t = make_target(request.param, tmp_path / "t", REDIS_URL)
-    commands = tmp_path / "commands"
-    commands.mkdir()
-    (commands / "loud.py").write_text(LOUD)
-    config = Path(t.env["FORGE_CONFIG"])
-    config.write_text(config.read_text().replace("commands = [", f'commands = ["{commands}", ', 1))
-    try:
-        yield t
-    finally:
-        t.close()
+@pytest.fixture
+def target(queue_target: Target, tmp_path: Path) -> Target:
+    """conftest's ``queue_target`` (either backend) with the commands of ``LOUD`` added."""
+    add_commands(Path(queue_target.env["FORGE_CONFIG"]), tmp_path / "commands", {"loud.py": LOUD})
+    return queue_target
 
 
 @pytest.fixture(params=["file", "redis"])

@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from reliability.harness import wait_for
+from conftest import redis_answers
+from waitfor import wait_for
 
 from forge.jobprogress import parse_line
 
@@ -260,14 +261,8 @@ def _redis_server(port: int) -> subprocess.Popen[bytes]:
     proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
                              "--appendonly", "no"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     client = redis.Redis(port=port, socket_connect_timeout=0.5)
-
-    def pings() -> bool:
-        try:
-            return bool(client.ping())
-        except redis.RedisError:
-            return False
     try:
-        wait_for(pings, timeout=30)
+        wait_for(lambda: redis_answers(client), timeout=30)
     finally:
         client.close()
     return proc

@@ -14,7 +14,8 @@ from typing import Any
 import pytest
 from conftest import require_redis
 from test_scheduler import Project, entry_toml
-from test_scheduler_cli import env_of, fake, forge, ledger, needs_faketime, tick_jobs, wait_for
+from test_scheduler_cli import env_of, fake, forge, ledger, needs_faketime, tick_jobs
+from waitfor import wait_for
 
 
 @pytest.fixture(params=["file", "redis"])

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import require_redis
+from conftest import add_commands, require_redis
 from test_scheduler import Project, dispatched, entry_toml, ts
 from test_scheduler_cli import env_of, fake, forge, needs_faketime, tick_jobs
 
@@ -141,12 +141,8 @@ def report() -> None:
 
 def test_entries_of_a_command_file_that_does_not_import_are_not_treated_as_removed(
         proj: Project, tmp_path: Path) -> None:
-    extra = tmp_path / "cmds"
-    extra.mkdir()
-    (extra / "nightly.py").write_text(NIGHTLY)
     proj.schedule("")
-    text = proj.config.read_text()
-    proj.config.write_text(text.replace("commands = [", f'commands = ["{extra}", ', 1))
+    extra = add_commands(proj.config, tmp_path / "cmds", {"nightly.py": NIGHTLY})
     t = ts("2026-03-01T03:00:00")
     [name] = [a.entry for a in proj.scheduler().run(now=t + 5) if a.action == "dispatched"]
     (extra / "nightly.py").write_text(NIGHTLY + "\nthis is not python\n")  # a bad deploy

@@ -11,13 +11,13 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 from conftest import require_redis
 from test_scheduler import Project, entry_toml, ts
+from waitfor import wait_for
 
 from forge.job import State
 
@@ -173,16 +173,6 @@ def test_a_tick_marked_by_a_killed_run_is_dispatched_by_a_much_later_run(proj: P
     res = forge(proj, "schedule:run", env=env_of(proj, **fake("2026-03-01 04:30:00")))
     assert res.returncode == 0 and "dispatched" in res.stdout, res
     assert list(tick_jobs(proj)) == ["daily@2026-03-01T03:00:00Z"]
-
-
-def wait_for(cond: Any, timeout: float = 30.0, what: str = "") -> Any:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        got = cond()
-        if got:
-            return got
-        time.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def ledger(p: Project) -> list[dict[str, Any]]:

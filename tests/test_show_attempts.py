@@ -4,18 +4,14 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import require_redis
-from reliability.harness import Target, make_target, worker_argv
-
-REDIS_URL = os.environ.get("FORGE_TEST_REDIS_URL")
+from conftest import add_commands
+from reliability.harness import Target, worker_argv
 
 FLAKY = '''
 import os
@@ -33,20 +29,11 @@ def run() -> int:
 '''
 
 
-@pytest.fixture(params=["file", "redis"])
-def target(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Target]:
-    if request.param == "redis":
-        require_redis()
-    t = make_target(request.param, tmp_path / "t", REDIS_URL)
-    commands = tmp_path / "commands"
-    commands.mkdir()
-    (commands / "flaky.py").write_text(FLAKY)
-    config = Path(t.env["FORGE_CONFIG"])
-    config.write_text(config.read_text().replace("commands = [", f'commands = ["{commands}", ', 1))
-    try:
-        yield t
-    finally:
-        t.close()
+@pytest.fixture
+def target(queue_target: Target, tmp_path: Path) -> Target:
+    """conftest's ``queue_target`` (either backend) with the commands of ``FLAKY`` added."""
+    add_commands(Path(queue_target.env["FORGE_CONFIG"]), tmp_path / "commands", {"flaky.py": FLAKY})
+    return queue_target
 
 
 def forge(t: Target, *args: str) -> subprocess.CompletedProcess:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import make_job
+from conftest import make_job, redis_answers
 from prometheus_client.parser import text_string_to_metric_families
 from test_scheduler_cli import LIBFAKETIME, needs_faketime
 
@@ -228,7 +228,7 @@ def test_redis_journal_survives_a_script_cache_flush(tmp_path: Path) -> None:
     import socket
 
     import redis
-    from reliability.harness import wait_for
+    from waitfor import wait_for
 
     from forge.backends.redis.backend import RedisBackend
     from forge.job import Event
@@ -243,7 +243,7 @@ def test_redis_journal_survives_a_script_cache_flush(tmp_path: Path) -> None:
     client = redis.Redis(port=port, socket_connect_timeout=0.5)
     b = RedisBackend(f"redis://127.0.0.1:{port}/0", prefix="flush", connect_timeout=1)
     try:
-        wait_for(lambda: _pings(client), timeout=20)
+        wait_for(lambda: redis_answers(client), timeout=20)
         b.push([make_job() for _ in range(3)])
 
         def finish_one() -> None:
@@ -266,9 +266,3 @@ def test_redis_journal_survives_a_script_cache_flush(tmp_path: Path) -> None:
         proc.terminate()
         proc.wait(10)
 
-
-def _pings(c: Any) -> bool:
-    try:
-        return bool(c.ping())
-    except Exception:
-        return False

@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 from conftest import blocked_waiting, next_event, started
 from fdwait import readable
-from reliability.harness import job_processes, wait_for
+from reliability.harness import job_processes
+from waitfor import wait_for
 
 from forge.job import State
 from forge.queue import CommandQueue, QueuedCommand, QueueManager

@@ -12,26 +12,11 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
-from pathlib import Path
 
-import pytest
-from conftest import require_redis
-from reliability.harness import Target, make_target, wait_for, worker_argv
+from reliability.harness import Target, worker_argv
+from waitfor import wait_for
 
-REDIS_URL = os.environ.get("FORGE_TEST_REDIS_URL")
 STAMP = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d"
-
-
-@pytest.fixture(params=["file", "redis"])
-def target(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Target]:
-    if request.param == "redis":
-        require_redis()
-    t = make_target(request.param, tmp_path / "t", REDIS_URL)
-    try:
-        yield t
-    finally:
-        t.close()
 
 
 class Terminal:
@@ -78,24 +63,24 @@ def dispatch(t: Target, *args: str) -> str:
     return res.stdout.strip()
 
 
-def test_the_worker_console_on_a_terminal(target: Target) -> None:
-    job = dispatch(target, "--say", "hello from the job")
-    second = dispatch(target)
-    term = Terminal(worker_argv("-v", "--queue=high,default", "--sleep=0.1"), target.env)
+def test_the_worker_console_on_a_terminal(queue_target: Target) -> None:
+    job = dispatch(queue_target, "--say", "hello from the job")
+    second = dispatch(queue_target)
+    term = Terminal(worker_argv("-v", "--queue=high,default", "--sleep=0.1"), queue_target.env)
     try:
         banner = term.wait_for(rf"^({STAMP}) Processing jobs from queues high, default \(in this order\)"
                                r" on connection (\w+): (.+)\. Worker (\S+)\.$")
-        assert banner.group(2) == target.kind
+        assert banner.group(2) == queue_target.kind
         where = banner.group(3)
-        if target.kind == "file":
-            assert where == str(target.queue_dir)
+        if queue_target.kind == "file":
+            assert where == str(queue_target.queue_dir)
         else:
-            assert where.startswith("redis://127.0.0.1:") and target.prefix in where
+            assert where.startswith("redis://127.0.0.1:") and queue_target.prefix in where
         for job_id in (job, second):  # the short id and the queue on every job line
             term.wait_for(rf"^{STAMP} {job_id[:8]} default probe:run .*DONE")
             assert re.search(rf"^{STAMP} {job_id[:8]} default probe:run .*RUNNING", term.text, re.M)
 
-        held = dispatch(target, "--sleep", "60")  # still running when the signals come
+        held = dispatch(queue_target, "--sleep", "60")  # still running when the signals come
         term.wait_for(rf"^{STAMP} {held[:8]} default probe:run .*RUNNING")
         term.proc.send_signal(signal.SIGINT)
         line = term.wait_for(rf"^\n({STAMP}) Finishing {held[:8]} probe:run; press Ctrl-C again"
@@ -108,7 +93,7 @@ def test_the_worker_console_on_a_terminal(target: Target) -> None:
             raise AssertionError(term.text) from None
         assert stop.group(1) == where
         assert term.proc.wait(timeout=30) == 1
-        info = target.backend.find(held)
+        info = queue_target.backend.find(held)
         assert info is not None and str(info.state) == "pending" and info.attempts == 0
         assert "{'" not in term.text and '{"' not in term.text  # -v events are text, not dicts
         assert "hello from the job" not in term.text  # output goes to the job's log (--echo shows it)
@@ -116,9 +101,9 @@ def test_the_worker_console_on_a_terminal(target: Target) -> None:
         term.close()
 
 
-def test_after_one_job_and_the_stop_line_when_the_queues_are_empty(target: Target) -> None:
-    dispatch(target)
-    term = Terminal(worker_argv("--stop-when-empty", "--sleep=0.1"), target.env)
+def test_after_one_job_and_the_stop_line_when_the_queues_are_empty(queue_target: Target) -> None:
+    dispatch(queue_target)
+    term = Terminal(worker_argv("--stop-when-empty", "--sleep=0.1"), queue_target.env)
     try:
         assert term.proc.wait(timeout=60) == 0
         term._reader.join(timeout=5)

@@ -19,7 +19,8 @@ from pathlib import Path
 import pytest
 from conftest import require_redis
 from reliability.checker import check, read_ledger, runs_of
-from reliability.harness import Target, make_target, wait_for, worker_argv
+from reliability.harness import Target, make_target, worker_argv
+from waitfor import wait_for
 
 from forge.job import Event, State
 

@@ -21,8 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from waitfor import wait_for
+
 from .checker import Figures, check
-from .hosts import PID_SPAN, PROBE, Host, RedisServer, wait_for
+from .hosts import PID_SPAN, PROBE, Host, RedisServer
 
 if TYPE_CHECKING:
     from .hosts import Lab

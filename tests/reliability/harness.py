@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from waitfor import wait_for
+
 from forge.job import State
 from forge.queue import CommandQueue, QueuedCommand
 
@@ -78,18 +80,6 @@ class Target:
             for i in range(0, len(keys), 1000):
                 client.delete(*keys[i:i + 1000])
             client.close()
-
-
-
-def wait_for(predicate: Any, timeout: float = 20.0, interval: float = 0.02) -> Any:
-    """``predicate()``'s first true value, polled every ``interval``; AssertionError after ``timeout``."""
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError("condition not met in time")
 
 
 def fill_disk(folder: Path) -> Path:

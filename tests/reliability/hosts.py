@@ -44,6 +44,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from waitfor import wait_for
+
 ROOT = Path(__file__).resolve().parent.parent.parent
 AGENT = Path(__file__).resolve().parent / "hostagent.py"
 PROBE = ROOT / "tests" / "project" / "commands" / "probe.py"
@@ -106,17 +108,6 @@ def machine_busy_seconds() -> tuple[float, float]:
     ticks = os.sysconf("SC_CLK_TCK")
     idle = values[3] + values[4]
     return (sum(values[:8]) - idle) / ticks, sum(values[:8]) / ticks
-
-
-def wait_for(predicate: Any, timeout: float = 30.0, interval: float = 0.02, what: str = "condition") -> Any:
-    end = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > end:
-            raise AssertionError(f"{what}: not met within {timeout:g} s")
-        time.sleep(interval)
 
 
 # -- Redis ------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ import time
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from forge import _linux
 from forge.backends.base import KILL_GRACE, Claim
@@ -103,6 +104,13 @@ def handle_of(claim: Claim) -> FileHandle:
     return h
 
 
+class OpenJob(NamedTuple):
+    """A job file opened and checked (``JobFiles.lock_pending``): its descriptor and status."""
+
+    fd: int
+    st: os.stat_result
+
+
 class JobFiles:
     """Opening a job file safely, and refusing and quarantining what is not a job forge wrote
     (a symlink, another user's file, a file with an unexpected hard link, one over the cap)."""
@@ -173,21 +181,58 @@ class JobFiles:
     def open_job(self, directory: str, name: str) -> int | None:
         """Open a job file safely, or quarantine it with the reason; None if gone or refused."""
         try:
-            fd = os.open(f"{directory}/{name}", O_READ)
+            opened = self._open_checked(directory, name, None, "read jobs in")
         except FileNotFoundError:
             return None
+        return None if opened is None else opened.fd
+
+    def lock_pending(self, q: QueueDirs, name: str) -> OpenJob | object | None:
+        """The first step of every claim: open ``q``'s pending file ``name`` as ``open_job``
+        does (the same checks, the same quarantine) and lock it without waiting. The open and
+        locked file; ``TAKEN`` if another claimer got there first (the file is gone, or
+        locked); None if it was refused."""
+        try:
+            opened = self._open_checked(q.pending, name, q.pfd, "claim jobs from")
+        except FileNotFoundError:
+            return TAKEN
+        if opened is None:
+            return None
+        try:
+            fcntl.flock(opened.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(opened.fd)
+            return TAKEN
+        except BaseException:
+            os.close(opened.fd)
+            raise
+        return opened
+
+    def _open_checked(self, directory: str, name: str, dir_fd: int | None, doing: str) -> OpenJob | None:
+        """Open job file ``name`` of ``directory`` (through ``dir_fd`` if given) with
+        ``O_NOFOLLOW``, and check what was opened (``refusal``). A file that is refused, or
+        that cannot be opened for a reason of its own (``FILE_ERRNOS``: a symlink, a FIFO,
+        another user's file), is quarantined: None. ``FileNotFoundError`` if it is gone; any
+        other error is the directory's (``QueueUnavailable``, saying what we were ``doing``)."""
+        try:
+            fd = os.open(name if dir_fd is not None else f"{directory}/{name}", O_READ, dir_fd=dir_fd)
+        except FileNotFoundError:
+            raise  # gone: the caller says what that means
         except OSError as exc:
-            if exc.errno not in FILE_ERRNOS:
-                raise unusable(exc, directory, "read jobs in") from None
+            if exc.errno not in FILE_ERRNOS:  # a read-only disk, I/O, no descriptors left
+                raise unusable(exc, directory, doing) from None
             self.quarantine(directory, name, open_error(exc))
             return None
-        st = self.job_stat(fd, name)
-        reason = self.refusal(st, self.links(name, st))
+        try:
+            st = self.job_stat(fd, name)
+            reason = self.refusal(st, self.links(name, st))
+        except BaseException:
+            os.close(fd)
+            raise
         if reason:
             os.close(fd)
             self.quarantine(directory, name, reason)
             return None
-        return fd
+        return OpenJob(fd, st)
 
     def quarantine(self, directory: str, name: str, reason: str, *, label: str | None = None) -> None:
         """Move ``name`` out of ``directory`` into quarantine/ (named after ``label``, by
@@ -337,27 +382,11 @@ class Claimer:
     def claim_one(self, q: QueueDirs, name: str, worker: str, timeout: float, now: float) -> Claim | object | None:
         """Claim the pending file ``name``: open and lock it, then rename it to reserved/ with
         the attempt counted. ``TAKEN`` if another claimer got it first, None if refused."""
+        opened = self.files.lock_pending(q, name)
+        if not isinstance(opened, OpenJob):
+            return opened
+        fd, st = opened
         pfd = q.fds[0]
-        try:
-            fd = os.open(name, O_READ, dir_fd=pfd)
-        except FileNotFoundError:
-            return TAKEN
-        except OSError as exc:
-            if exc.errno not in FILE_ERRNOS:  # a read-only disk, I/O, no descriptors left
-                raise unusable(exc, q.pending, "claim jobs from") from None
-            self.files.quarantine(q.pending, name, open_error(exc))
-            return None
-        st = self.files.job_stat(fd, name)
-        reason = self.files.refusal(st, self.files.links(name, st))
-        if reason:
-            os.close(fd)
-            self.files.quarantine(q.pending, name, reason)
-            return None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            return TAKEN
         job_id, attempts = split_pending(name)
         attempt = attempts + 1
         reserved = reserved_name(job_id, attempt)

@@ -38,14 +38,19 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from forge.backends.base import KILL_GRACE, Claim
-from forge.backends.file.claim import TAKEN, Claimer, FileHandle, JobFiles, claimable_job, handle_of
+from forge.backends.file.claim import (
+    TAKEN,
+    Claimer,
+    FileHandle,
+    JobFiles,
+    OpenJob,
+    claimable_job,
+    handle_of,
+)
 from forge.backends.file.fsio import (
-    FILE_ERRNOS,
-    O_READ,
     first_unwritable,
     marker_set,
     micros,
-    open_error,
     private_dir,
     read_whole,
     unusable,
@@ -375,30 +380,14 @@ class Limiter:
 
     def _claim_limited_one(self, q: QueueDirs, name: str, worker: str, timeout: float, now: float,
                            cfg: LimitsConfig, cache: dict[str, Any], blocked: set[str], slots: set[str]) -> Any:
-        """``_claim_one`` with the job's holds taken between locking the file and renaming it."""
+        """``Claimer.claim_one`` with the job's holds taken between locking the file and renaming it."""
+        opened = self.files.lock_pending(q, name)
+        if not isinstance(opened, OpenJob):
+            return opened
+        fd, st = opened
         pfd = q.fds[0]
-        try:
-            fd = os.open(name, O_READ, dir_fd=pfd)
-        except FileNotFoundError:
-            return TAKEN
-        except OSError as exc:
-            if exc.errno not in FILE_ERRNOS:
-                raise unusable(exc, q.pending, "claim jobs from") from None
-            self.files.quarantine(q.pending, name, open_error(exc))
-            return None
         holds: FileHolds | None = None
         try:
-            st = self.files.job_stat(fd, name)
-            reason = self.files.refusal(st, self.files.links(name, st))
-            if reason:
-                os.close(fd)
-                fd = -1
-                self.files.quarantine(q.pending, name, reason)
-                return None
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                return TAKEN
             job_id, attempts = split_pending(name)
             data = read_whole(fd, st.st_size)
             try:

@@ -85,7 +85,7 @@ class Store:
         try:
             for job in jobs:
                 if job.unique_key is not None:
-                    self._acquire_unique(job)
+                    self._take_unique(job)
                     held.append(job)
             self._write_jobs(jobs, [job.to_json() for job in jobs])
         except BaseException:
@@ -210,33 +210,30 @@ class Store:
 
         return self.lay.root / "unique" / (hashlib.sha256(key.encode()).hexdigest()[:40] + ".json")
 
-    def _acquire_unique(self, job: Job) -> None:
-        """Take ``job``'s unique key for a dispatch; DuplicateJob if a live job holds it."""
-        assert job.unique_key is not None
-        path = self.unique_path(job.unique_key)
-        with self._holder_record(job) as tmp:
-            for _ in range(5):
-                if self._link_holder(tmp, path):
-                    return
-                holder = read_json(path)
-                if holder is not None and self._unique_live(holder, time.time()):
-                    raise DuplicateJob(job.unique_key, str(holder.get("job_id")))
-                with self.lay.global_lock("unique"):
-                    self._drop_dead_holder(path, job.unique_key)
-            raise DispatchFailed(f"Could not take unique key {job.unique_key!r}: it keeps changing hands.")
-
     def retake_unique(self, job: Job) -> None:
         """Take the unique key of a failed ``job`` that is being retried; DuplicateJob if
         another live job holds it. The caller holds the ``unique`` lock until the job is back
         in pending/, so no dispatch can judge the key dead in between."""
-        assert job.unique_key is not None
-        path = self.unique_path(job.unique_key)
+        self._take_unique(job, locked=True)
+
+    def _take_unique(self, job: Job, *, locked: bool = False) -> None:
+        """Take ``job``'s unique key (for a dispatch, or with ``locked`` for a retry whose
+        caller holds the ``unique`` lock); DuplicateJob if a live job holds it. A holder found
+        in place is judged, and removed if dead, under the ``unique`` lock (``_drop_dead_holder``);
+        a dispatch looks first without the lock, so that a key held by a live job costs no lock.
+        After five tries the key is said to keep changing hands (DispatchFailed)."""
+        key = job.unique_key
+        assert key is not None
+        path = self.unique_path(key)
         with self._holder_record(job) as tmp:
             for _ in range(5):
                 if self._link_holder(tmp, path):
                     return
-                self._drop_dead_holder(path, job.unique_key)
-            raise DispatchFailed(f"Could not take unique key {job.unique_key!r}: it keeps changing hands.")
+                if not locked:
+                    self._refuse_if_live(path, key)
+                with contextlib.nullcontext() if locked else self.lay.global_lock("unique"):
+                    self._drop_dead_holder(path, key)
+            raise DispatchFailed(f"Could not take unique key {key!r}: it keeps changing hands.")
 
     @contextlib.contextmanager
     def _holder_record(self, job: Job) -> Iterator[Path]:
@@ -274,11 +271,15 @@ class Store:
         ttl has passed); DuplicateJob if it is. The caller holds the ``unique`` lock, which
         every removal of a holder file and every retry takes: a verdict of dead cannot turn
         stale before the unlink, and the file unlinked is the one judged."""
+        self._refuse_if_live(path, key)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+
+    def _refuse_if_live(self, path: Path, key: str) -> None:
+        """DuplicateJob if the holder file at ``path`` names a live job (``_unique_live``)."""
         holder = read_json(path)
         if holder is not None and self._unique_live(holder, time.time()):
             raise DuplicateJob(key, str(holder.get("job_id")))
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
 
     def _unique_live(self, holder: dict[str, Any], now: float) -> bool:
         """Whether the job a holder record names is live (or its dispatch may be in flight)."""
