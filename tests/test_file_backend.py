@@ -952,3 +952,31 @@ def test_maintenance_never_waits_for_a_dispatcher_holding_the_key_lock(fb: FileB
         assert other.maintain()["keys_removed"] == 0  # then not before SWEEP_EVERY
     finally:
         other.close()
+
+
+def test_find_never_misses_a_job_that_is_being_claimed(qdir: Path, fb: FileBackend) -> None:
+    """A claim moves a job from pending/ to reserved/ by one rename; a find that listed
+    reserved/ just before and pending/ just after must look again, not say there is no job
+    (``queue:show`` printed 'no such job' for a job a worker was taking). Another process
+    claims and releases the job as fast as it can while this one looks for it."""
+    j = job()
+    fb.push([j])
+    job_id = j.id
+    flipper = subprocess.Popen([sys.executable, "-c", f"""
+from forge.backends.file.backend import FileBackend
+b = FileBackend({str(qdir)!r})
+for _ in range(400):  # each release adds an event to the job's file: keep it small
+    c = b.claim(["default"], "flipper", 60)
+    if c is not None:
+        b.release(c, None, 0, counted=False)
+"""])
+    states = []
+    try:
+        while flipper.poll() is None:
+            info = fb.find(job_id)
+            states.append(info.state if info is not None else None)
+    finally:
+        flipper.kill()
+        flipper.wait()
+    assert None not in states
+    assert {State.PENDING, State.RESERVED} <= set(states)  # it did move while we looked

@@ -85,6 +85,17 @@ class Admin:
         return JobInfo(job, state, attempts, tuple(events), updated)
 
     def _locate(self, job_id: str) -> tuple[str, State, int, float | None] | None:
+        """Where the job's file is: its path, state, attempts and when it ended (None: no such
+        job). A job moves by one rename, so one scan misses it only if it moved into a state
+        directory already scanned (a claim, pending to reserved, while the scan was between
+        the two): a miss is looked for again, twice."""
+        for _ in range(3):
+            loc = self._scan(job_id)
+            if loc is not None:
+                return loc
+        return None
+
+    def _scan(self, job_id: str) -> tuple[str, State, int, float | None] | None:
         now_key = micros(time.time())
         for q in self.lay.queues():
             qdir = self.lay.qdir(q)
