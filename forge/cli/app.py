@@ -55,7 +55,7 @@ class ForgeGroup(TyperGroup):
             spec = self._registry().get(name)
             if spec is not None and not spec.builtin and (
                     "--isolated" in rest or getattr(spec.target, "__forge_isolated__", None) is not None):
-                from forge.limits.isolation import wrap_direct
+                from forge.registry.isolated import wrap_direct
 
                 cmd, rest = wrap_direct(spec, cmd, rest)  # holds the isolation lock while it runs
         return (cmd.name if cmd else None), cmd, rest

@@ -242,7 +242,7 @@ class Scheduler:
     def backend(self) -> Backend:
         """The queue backend of the scheduler's connection, connected on first use."""
         if self._backend is None:
-            from forge.queue.manager import connect
+            from forge.backends import connect
 
             self._backend = connect(self._connection, self.settings)
         return self._backend
