@@ -17,12 +17,30 @@ from forge.cli.builtins.core import render_list
 from forge.registry.runner import default_registry
 from forge.registry.spec import CommandRegistry
 
+_checked: list[bool] = []
+
+
+def _check_events() -> None:
+    """A broken [[listeners]] or [events] table stops every command, as a broken [queue] does
+    (``forge.config`` leaves those tables to ``forge.events.config``)."""
+    from forge.config import load_settings
+
+    settings = load_settings()  # the registry's, again: forge.toml's parse is cached
+    if settings.listeners or settings.events:
+        from forge.events.config import check
+
+        check(settings)
+
 
 class ForgeGroup(TyperGroup):
     """A group whose subcommands come from the command registry, built only when used."""
 
     def _registry(self) -> CommandRegistry:
-        return default_registry()
+        registry = default_registry()
+        if not _checked:
+            _checked.append(True)
+            _check_events()
+        return registry
 
     def list_commands(self, ctx: Any) -> list[str]:
         """The names ``forge --help`` and completion offer: every command not hidden."""

@@ -32,6 +32,7 @@ from forge.errors import (
 from forge.job import Job, JobInfo, State, valid_id
 from forge.queue.command import QueuedCommand, batch_key
 from forge.queue.command import queue_name as _queue_name
+from forge.queue.observers import installed as _observer
 from forge.registry.argcheck import check_job_args, params_of
 from forge.times import rfc3339  # re-exported: forge.queue.manager.rfc3339 stays importable
 
@@ -169,9 +170,17 @@ class CommandQueue(_Connected):
             job = stamp(job, spec, self.settings, lambda: params_of(spec, args, root))
         return job
 
+    def _prepare(self) -> None:
+        """Before anything is written: the observer (``forge.events``) raises now what would
+        otherwise fail after the write (a broken [[listeners]] table)."""
+        observer = _observer()
+        if observer is not None:
+            observer.prepare(self.settings)
+
     def jobs_for(self, cmds: Iterable[QueuedCommand]) -> list[Job]:
         """The jobs for ``cmds``, each checked; an error names the index of the bad command
         (when there are several)."""
+        self._prepare()
         now = time.time()
         items = builtins.list(cmds)
         if len(items) == 1:
@@ -193,18 +202,16 @@ class CommandQueue(_Connected):
         return created
 
     def _dispatched(self, jobs: Sequence[Job], created: Sequence[bool]) -> None:
-        """``job.dispatched`` for the jobs stored (``forge.events``): for forge.toml's [[listeners]],
-        or a worker's listeners in a worker (it loaded forge.events); else nothing to do."""
-        import sys
-
-        if self.settings.listeners or "forge.events.hooks" in sys.modules:
-            from forge.events.hooks import dispatched
-
-            dispatched(self.settings, self.backend, jobs, created)
+        """Tell the observer (``forge.queue.observers``; ``forge.events`` raises ``job.dispatched``)
+        which jobs were stored."""
+        observer = _observer()
+        if observer is not None:
+            observer.dispatched(self.settings, self.backend, jobs, created)
 
     def dispatch(self, cmd: QueuedCommand) -> str:
         """Queue one command; returns the job id once the job is durably stored (with an
         idempotency key that was used already: the id of the job that holds it)."""
+        self._prepare()
         job = self._job(cmd, time.time())
         self._dispatched([job], self.backend.push([job]))
         return job.id
@@ -228,6 +235,7 @@ class CommandQueue(_Connected):
         Raises before anything is stored: ``InvalidCommand`` (``UnknownQueuedCommand`` for a name
         that is not registered) for a job that must not be queued, ``DuplicateJob`` while a live
         job holds its unique key, ``DispatchFailed`` or ``QueueUnavailable`` if the write fails."""
+        self._prepare()
         job = self._job(cmd, time.time())
         record = _dispatch_record(job)  # before the write: nothing may fail once the job is stored
         created = self.backend.push([job])
@@ -423,13 +431,14 @@ class QueueManager(_Connected):
         seconds for that. ``JobNotFound`` for an unknown id; ``UsageError`` for a job that is
         running (without ``running``) or finished."""
         job_id = _job_id(job_id)
+        observer = _observer()
+        if observer is not None:
+            observer.prepare(self.settings)
         for _ in range(3):
             info = self.backend.cancel(job_id)
             if info is not None:
-                if self.settings.listeners:
-                    from forge.events.hooks import cancelled
-
-                    cancelled(self.settings, self.backend, info)
+                if observer is not None:
+                    observer.cancelled(self.settings, self.backend, info)
                 return info
             now = self.find(job_id)
             if now.state in (State.PENDING, State.DELAYED):

@@ -210,6 +210,10 @@ class Scheduler:
         self.entries = list(entries)
         self.by_name = {e.name: e for e in self.entries}
         self.settings = settings or load_settings()
+        if self.settings.listeners or self.settings.events:  # a tick's events follow its push: check them first
+            from forge.events.config import check
+
+            check(self.settings)
         self._connection = connection
         self._backend = backend
         self._store = store
