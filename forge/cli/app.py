@@ -17,7 +17,8 @@ from forge.cli.builtins.core import render_list
 from forge.registry.runner import default_registry
 from forge.registry.spec import CommandRegistry
 
-_checked: list[bool] = []
+#: The registry whose project had its [[listeners]] and [events] checked.
+_checked: list[CommandRegistry] = []
 
 
 def _check_events() -> None:
@@ -37,9 +38,9 @@ class ForgeGroup(TyperGroup):
 
     def _registry(self) -> CommandRegistry:
         registry = default_registry()
-        if not _checked:
-            _checked.append(True)
+        if _checked[:1] != [registry]:  # once per registry, which is built once per process
             _check_events()
+            _checked[:] = [registry]
         return registry
 
     def list_commands(self, ctx: Any) -> list[str]:
