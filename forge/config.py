@@ -95,6 +95,9 @@ class Settings:
     searched: tuple[Path, ...] = ()
     #: Whether forge.toml has [[listeners]] (``forge.events``): a dispatch without them pays nothing.
     listeners: bool = False
+    #: Whether forge.toml has an [events] table. Both are parsed by ``forge.events.config``, not
+    #: here: whatever raises events checks them before it writes (``forge.events.config.check``).
+    events: bool = False
 
     def connection_config(self, name: str | None = None) -> Connection:
         """The named connection (default: ``queue.connection``), its file path resolved."""
@@ -416,11 +419,7 @@ def load_settings(
     if config_file is not None:
         config_file = config_file.resolve()
     where = str(config_file)
-    _check_sections(data, where)
-    if "listeners" in data or "events" in data:  # checked now: a dispatch must not fail after its write
-        from forge.events.config import events_config_of
-
-        events_config_of(data, where)
+    _check_sections(data, where)  # [[listeners]] and [events]: forge.events.config.check, before a write
     values = _Values(data, env, where)
     command_paths, plugins, project_name = _forge_section(values, root, where)
     connection, default_queue, tries, timeout, backoff, retention = _queue_section(values)
@@ -447,6 +446,7 @@ def load_settings(
         project_path=project_path,
         searched=() if config_file else (start, *start.parents),
         listeners=bool(data.get("listeners")),
+        events="events" in data,
     )
 
 

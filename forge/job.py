@@ -20,7 +20,7 @@ from forge.errors import CorruptJob, UsageError
 
 if TYPE_CHECKING:  # imported when a record has them: a plain dispatch needs neither
     from forge.retry.backoff import Backoff
-    from forge.retry.rules import RetryRules
+    from forge.retry.bounds import RetryRules
 
 FORMAT_VERSION = 1
 MAX_PAYLOAD_BYTES = 64 * 1024      # a dispatched job (command, args, metadata)
@@ -122,7 +122,7 @@ class Job:
 
     ``max_attempts``, ``timeout`` and ``backoff`` are ``None`` when the job leaves them to
     the worker (its options, else the configured defaults). ``retry`` holds the bounds on its
-    retries besides attempts (``forge.retry.rules``); the record has the key only when set.
+    retries besides attempts (``forge.retry.bounds``); the record has the key only when set.
     """
 
     id: str
@@ -258,7 +258,7 @@ def _backoff_json(backoff: Any) -> Any:
 def _retry_of(d: Mapping[str, Any]) -> RetryRules | None:
     if d.get("retry") is None:
         return None
-    from forge.retry.rules import RetryRules
+    from forge.retry.bounds import RetryRules
 
     try:
         return RetryRules.from_json(d["retry"])

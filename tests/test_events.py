@@ -236,6 +236,36 @@ def test_a_broken_listener_config_is_one_line_and_exit_2(proj: Proj) -> None:
     assert len(res.stderr.strip().splitlines()) <= 2, res.stderr
 
 
+def test_a_broken_events_table_stops_every_write_that_raises_events(proj: Proj, monkeypatch: pytest.MonkeyPatch) -> None:
+    """forge.config leaves [[listeners]] and [events] to forge.events.config, which the library
+    runs before a write that raises events: a dispatch, a cancel and a scheduler refuse a broken
+    table before they write anything, and every CLI command refuses it (exit 2)."""
+    from forge.config import load_settings
+    from forge.errors import ConfigError
+    from forge.queue import CommandQueue, QueuedCommand, QueueManager
+    from forge.scheduler.scheduler import Scheduler
+
+    job_id = proj.dispatch(opts=("--delay=1h",))
+    proj.write('[events]\nbudget = "10s"\n')  # more than the 5 s an in-process listener may take
+    monkeypatch.setenv("FORGE_CONFIG", str(proj.config))
+    monkeypatch.delenv("FORGE_QUEUE_DIR", raising=False)
+    settings = load_settings()
+    assert settings.events and not settings.listeners
+    queue = CommandQueue(connection=proj.backend, settings=settings)
+    for write in (lambda: queue.dispatch(QueuedCommand("ev:job")), lambda: queue.push(QueuedCommand("ev:job")),
+                  lambda: queue.dispatch_many([QueuedCommand("ev:job")]),
+                  lambda: QueueManager(proj.backend, settings=settings).cancel(job_id),
+                  lambda: Scheduler([], settings=settings, backend=proj.backend)):
+        with pytest.raises(ConfigError, match="events.budget must be more than 0 and at most 5s"):
+            write()
+    assert [(i.job.id, i.state) for i in proj.backend.jobs()] == [(job_id, State.DELAYED)]
+    for argv in (["list"], ["queue:dispatch", "ev:job"], ["queue:cancel", job_id]):
+        res = subprocess.run([sys.executable, "-m", "forge", *argv], env=proj.env, capture_output=True, text=True,
+                             timeout=60)
+        assert res.returncode == 2 and "events.budget must be" in res.stderr, (argv, res.stderr)
+    assert [(i.job.id, i.state) for i in proj.backend.jobs()] == [(job_id, State.DELAYED)]
+
+
 def test_dispatch_and_cancel_raise_their_events(proj: Proj) -> None:
     proj.write(LISTEN_ALL)
     job_id = proj.dispatch("--code=1", opts=("--delay=1h",))

@@ -1,9 +1,9 @@
 """The tree's shape: no import cycles between forge's modules, no mixin stubs, a docstring each.
 
-Read from the source with ``ast`` (nothing is imported). The cycle check counts the imports a
-module runs when it is imported (module and class level); an import inside a function is a
-deliberate deferral (start-up) and runs later; one under ``if TYPE_CHECKING:`` is for the type
-checker only.
+Read from the source with ``ast`` (nothing is imported). The cycle check counts every import a
+module makes: those it runs when it is imported (module and class level) and those inside its
+functions (a deferral for start-up is still a dependency: the module cannot work without the
+other); one under ``if TYPE_CHECKING:`` is for the type checker only and does not count.
 """
 
 from __future__ import annotations
@@ -79,19 +79,28 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
     return None
 
 
-def graph_of() -> dict[str, set[str]]:
+def graph_of(deferred: bool = True) -> dict[str, set[str]]:
+    """Module -> the forge modules it imports (with ``deferred``, also inside its functions)."""
     trees = modules()
     known = set(trees)
     graph = {}
     for name, tree in trees.items():
         # a package's own __init__ importing its submodules (re-exports) is not a cycle of design
-        graph[name] = {m for m in imports(tree, known) if m != name and not m.startswith(name + ".")}
+        graph[name] = {m for m in imports(tree, known, deferred) if m != name and not m.startswith(name + ".")}
     return graph
 
 
 def test_the_module_graph_has_no_cycles() -> None:
-    cycle = find_cycle(graph_of())
+    """Not even through imports inside functions: a deferred import defers the cost, not the dependency."""
+    cycle = find_cycle(graph_of(deferred=True))
     assert cycle is None, "import cycle: " + " -> ".join(cycle or [])
+
+
+def test_imports_inside_functions_are_counted() -> None:
+    tree = ast.parse("import forge.b\ndef f():\n    from forge import c\nif TYPE_CHECKING:\n    import forge.d\n")
+    known = {"forge.b", "forge.c", "forge.d"}
+    assert imports(tree, known) == {"forge.b"}
+    assert imports(tree, known, deferred=True) == {"forge.b", "forge.c"}
 
 
 def test_the_cycle_check_finds_a_cycle() -> None:
@@ -130,10 +139,8 @@ def test_the_layers_hold_even_through_deferred_imports() -> None:
     """The library, the registry and the backends never reach the CLI or the dashboard, the
     backends never reach the worker's supervisor, and the job process never reaches the
     supervisor that starts it (it gets a frozen context), even through imports in functions."""
-    trees = modules()
-    known = set(trees)
-    graph = {n: {m for m in imports(t, known, deferred=True) if m != n and not m.startswith(n + ".")}
-             for n, t in trees.items()}
+    known = set(modules())
+    graph = graph_of(deferred=True)
     below_cli = [m for m in known if m.split(".")[1:2] and m.split(".")[1] in {"queue", "registry", "backends", "worker", "job", "config"}]
     for m in below_cli:
         bad = {r for r in reaches(graph, m) if r.startswith(("forge.cli", "forge.dashboard"))}

@@ -17,12 +17,31 @@ from forge.cli.builtins.core import render_list
 from forge.registry.runner import default_registry
 from forge.registry.spec import CommandRegistry
 
+#: The registry whose project had its [[listeners]] and [events] checked.
+_checked: list[CommandRegistry] = []
+
+
+def _check_events() -> None:
+    """A broken [[listeners]] or [events] table stops every command, as a broken [queue] does
+    (``forge.config`` leaves those tables to ``forge.events.config``)."""
+    from forge.config import load_settings
+
+    settings = load_settings()  # the registry's, again: forge.toml's parse is cached
+    if settings.listeners or settings.events:
+        from forge.events.config import check
+
+        check(settings)
+
 
 class ForgeGroup(TyperGroup):
     """A group whose subcommands come from the command registry, built only when used."""
 
     def _registry(self) -> CommandRegistry:
-        return default_registry()
+        registry = default_registry()
+        if _checked[:1] != [registry]:  # once per registry, which is built once per process
+            _check_events()
+            _checked[:] = [registry]
+        return registry
 
     def list_commands(self, ctx: Any) -> list[str]:
         """The names ``forge --help`` and completion offer: every command not hidden."""
@@ -55,7 +74,7 @@ class ForgeGroup(TyperGroup):
             spec = self._registry().get(name)
             if spec is not None and not spec.builtin and (
                     "--isolated" in rest or getattr(spec.target, "__forge_isolated__", None) is not None):
-                from forge.limits.isolation import wrap_direct
+                from forge.registry.isolated import wrap_direct
 
                 cmd, rest = wrap_direct(spec, cmd, rest)  # holds the isolation lock while it runs
         return (cmd.name if cmd else None), cmd, rest

@@ -83,6 +83,15 @@ _cache: dict[Any, EventsConfig] = {}
 _EMPTY = EventsConfig()
 
 
+def check(settings: Settings) -> None:
+    """Parse forge.toml's [[listeners]] and [events] now, when it has them (``ConfigError`` for a
+    bad one). ``forge.config`` leaves them to this module; whatever raises events after a write
+    calls this before it (a dispatch, a cancel, a schedule run; a worker parses them as it
+    starts), and the CLI before any command, so a broken table stops them before they write."""
+    if settings.listeners or settings.events:
+        events_config(settings)
+
+
 def events_config(settings: Settings) -> EventsConfig:
     """The events configuration of ``settings``' forge.toml (parsed once per file version)."""
     path = settings.config_file

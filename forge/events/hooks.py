@@ -16,7 +16,7 @@ import warnings
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from forge.events.model import Event, event_id, rfc3339
+from forge.events.model import Event, event_id, job_data, rfc3339
 
 if TYPE_CHECKING:
     from forge.backends.base import Backend
@@ -80,8 +80,6 @@ def dispatched(settings: Any, backend: Backend, jobs: Sequence[Job], created: It
     bus = bus_for(settings)
     if bus is None or not bus.wants("job.dispatched"):
         return
-    from forge.events.worker import job_data
-
     now = time.time()
     events = [Event("job.dispatched", event_id("job.dispatched", j.id, j.dispatched_at), now,
                     {**job_data(j, 0), "available_at": rfc3339(j.available_at)})
@@ -95,8 +93,6 @@ def cancelled(settings: Any, backend: Backend, info: JobInfo) -> None:
     bus = bus_for(settings)
     if bus is None or not (bus.wants("job.cancelled") or bus.wants("job.failed")):
         return
-    from forge.events.worker import job_data
-
     now = time.time()
     fail = info.failure
     at = fail.at if fail is not None else now

@@ -12,9 +12,12 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from forge.queue.manager import rfc3339  # times as forge's JSON outputs print them
+from forge.times import rfc3339  # times as forge's JSON outputs print them
+
+if TYPE_CHECKING:
+    from forge.job import Job
 
 #: Every event forge raises, with what it means. ``job.*`` payloads carry the job's
 #: ``job_id, command, args, queue, attempt, max_attempts, dispatched_at``; see the README.
@@ -125,3 +128,13 @@ def job_env(metadata: Mapping[str, Any]) -> dict[str, str]:
     """The environment a listener job runs with: its event in ``FORGE_EVENT`` (none for other jobs)."""
     doc = metadata.get(META_KEY)
     return {ENV_VAR: json.dumps(doc, separators=(",", ":"))} if isinstance(doc, dict) else {}
+
+
+def job_data(job: Job, attempt: int) -> dict[str, Any]:
+    """The payload every ``job.*`` event carries (raised by a worker, a dispatcher or a cancel)."""
+    data = {"job_id": job.id, "command": job.command, "args": list(job.args), "queue": job.queue,
+            "attempt": attempt, "max_attempts": job.max_attempts, "dispatched_at": rfc3339(job.dispatched_at),
+            "metadata": {k: v for k, v in job.metadata.items() if k != META_KEY}}
+    if META_KEY in job.metadata:
+        data["listener_job"] = True
+    return data

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from forge.events.bus import EventBus
 from forge.events.config import Thresholds
-from forge.events.model import MAX_ERROR, META_KEY, Event, event_id, rfc3339
+from forge.events.model import MAX_ERROR, Event, event_id, job_data, rfc3339
 
 if TYPE_CHECKING:
     from forge.backends.base import Backend, Claim
@@ -36,16 +36,6 @@ if TYPE_CHECKING:
 #: All the in-process listeners of one ``job.started`` together take at most this long: the claim
 #: is held meanwhile, and its lease (at least 10 s) must be renewed in time.
 STARTED_TOTAL = 2.0
-
-
-def job_data(job: Job, attempt: int) -> dict[str, Any]:
-    """The payload every ``job.*`` event carries."""
-    data = {"job_id": job.id, "command": job.command, "args": list(job.args), "queue": job.queue,
-            "attempt": attempt, "max_attempts": job.max_attempts, "dispatched_at": rfc3339(job.dispatched_at),
-            "metadata": {k: v for k, v in job.metadata.items() if k != META_KEY}}
-    if META_KEY in job.metadata:
-        data["listener_job"] = True
-    return data
 
 
 class WorkerEvents:

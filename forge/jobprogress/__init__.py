@@ -120,7 +120,7 @@ def public(record: Mapping[str, Any] | None) -> dict[str, Any] | None:
     ``updated_at``, None when unknown) and ``attempt``."""
     if record is None:
         return None
-    from forge.queue.manager import rfc3339
+    from forge.times import rfc3339
 
     def num(x: Any) -> Any:
         return int(x) if isinstance(x, float) and x.is_integer() else x

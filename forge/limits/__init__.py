@@ -4,7 +4,8 @@ rate limits and per-key concurrency (``[limits]`` in forge.toml, or per dispatch
 - ``spec``: the limits as data: rates, a job's own limits (kept in its metadata under
   ``forge.limits``), the configured table, and the holds a job needs before it may start.
 - ``gate``: the worker's side: claims through the limits, holds released when a run ends.
-- ``isolation``: the lock key of an isolated command and the lock a direct run holds.
+- ``isolation``: what ``isolated=`` declares and the lock key of a run (a direct run holding
+  the lock is ``forge.registry.isolated``).
 - ``inspect``: why a job waits, and the state of every limit (``queue:limits``).
 
 Each backend keeps the holds in its own store (``backends/file/limits.py``: files and flock;

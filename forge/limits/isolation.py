@@ -16,23 +16,22 @@ a direct run and a job, on the connection's store: an flock held by the ``forge`
 runs the command (or by the worker supervising the job) on the file backend, freed the moment
 that process dies; a lease with a token on Redis, renewed while the run lives, freed when it
 ends or within one lease (``[connections.redis] lease``) of its holder's death.
+
+This module holds the rules (the declaration, the key, a job's limits); a direct run holding
+the lock is ``forge.registry.isolated``, and a run's parameters come from
+``forge.registry.argcheck.params_of``.
 """
 
 from __future__ import annotations
 
-import contextlib
-import copy
 import dataclasses
-import socket
-import threading
-import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from forge.errors import EXIT_ISOLATED, ForgeError, InvalidCommand, UsageError
 from forge.job import Job
 from forge.limits import LIMITS_KEY
-from forge.limits.spec import JobLimits, Need, check_count, check_key, parse_rate
+from forge.limits.spec import JobLimits, check_count, check_key, parse_rate
 
 #: The attribute ``@command(isolated=...)`` sets on the function (see ``forge.registry.spec``).
 MARKER = "__forge_isolated__"
@@ -51,6 +50,8 @@ def declared(spec: Any) -> Any:
 
 
 def check_declaration(value: Any, name: str) -> Any:
+    """What ``@command(name, isolated=value)`` keeps (None: not isolated); UsageError for a value
+    that is neither True, a key template nor a function."""
     if value is None or value is False:
         return None
     if value is True or callable(value):
@@ -85,18 +86,6 @@ def key_of(spec: Any, decl: Any, params: Mapping[str, Any]) -> str:
         return check_key(key, "isolation key")
     except UsageError as exc:
         raise UsageError(f"{spec.name}: {exc.message}") from None
-
-
-def params_of(spec: Any, args: Sequence[str], root: str | None = None) -> dict[str, Any]:
-    """A run's parameters, parsed as the command will parse them (in the project root)."""
-    from forge.registry.argcheck import in_dir
-    from forge.registry.runner import click_command
-
-    cmd = click_command(spec)
-    with in_dir(root):
-        ctx = cmd.make_context(f"forge {spec.name}", list(args), resilient_parsing=False)
-    with ctx:
-        return dict(ctx.params)
 
 
 # -- dispatch ---------------------------------------------------------------------------------
@@ -139,9 +128,13 @@ def _int(value: Any, what: str) -> int:
         raise UsageError(f"Invalid {what} {value!r}: a whole number.") from None
 
 
-def stamp(job: Job, spec: Any, settings: Any) -> Job:
+def stamp(job: Job, spec: Any, settings: Any, params: Callable[[], Mapping[str, Any]]) -> Job:
     """The job with its ``forge.limits`` checked and its isolation key filled in (from the
-    command's ``isolated=`` and the job's arguments); InvalidCommand naming what is wrong."""
+    command's ``isolated=`` and the job's arguments); InvalidCommand naming what is wrong.
+
+    ``params`` returns the run's parameters by name, parsed as the command will parse them
+    (``forge.registry.argcheck.params_of``, given by the queue); it is called only for a job
+    that takes an isolation lock."""
     raw = job.metadata.get(LIMITS_KEY)
     decl = declared(spec)
     if raw is None and decl is None:
@@ -151,7 +144,7 @@ def stamp(job: Job, spec: Any, settings: Any) -> Job:
     d = dict(raw or {})
     try:
         if decl is not None or d.get("isolation") is True:
-            d["isolation"] = key_of(spec, decl, params_of(spec, job.args, str(settings.root)))
+            d["isolation"] = key_of(spec, decl, params())
             d.setdefault("on_busy", "wait")
         limits = JobLimits.from_dict(d)
         _check_configured(limits, settings)
@@ -183,81 +176,4 @@ def _check_configured(limits: JobLimits, settings: Any) -> None:
                              f' [limits.keys."{limits.rate_key}"] rate = "100/m" in forge.toml.')
 
 
-# -- a direct run -------------------------------------------------------------------------------
-
-def wrap_direct(spec: Any, cmd: Any, args: list[str]) -> tuple[Any, list[str]]:
-    """``forge NAME ARGS [--isolated]``: the Click command to run, holding the lock when the
-    command is isolated or ``--isolated`` is given (taken out of the command's arguments)."""
-    end = args.index("--") if "--" in args else len(args)
-    flag = "--isolated" in args[:end]
-    decl = declared(spec)
-    if not flag and decl is None:
-        return cmd, args
-    if flag:
-        i = args.index("--isolated")
-        args = args[:i] + args[i + 1:]
-    wrapped = copy.copy(cmd)
-    inner = cmd.invoke
-
-    def invoke(ctx: Any) -> Any:
-        key = key_of(spec, decl, ctx.params)
-        with hold(key, spec.name):
-            return inner(ctx)
-
-    wrapped.invoke = invoke
-    return wrapped, args
-
-
-@contextlib.contextmanager
-def hold(key: str, command: str, connection: str | None = None) -> Iterator[None]:
-    """Hold the isolation lock ``key`` for the block, on the default connection's store; raise
-    ``IsolationBusy`` (exit 9) if another run holds it."""
-    from forge.queue.manager import connect
-
-    backend: Any = connect(connection)
-    need = Need("slot", f"i:{key}", f"isolation {key}", 1)
-    holds = backend.lock_scope(need, {"run": True, "command": command})
-    if holds is None:
-        raise IsolationBusy(f'{command} did not run: another run holds its isolation lock "{key}"'
-                            f"{_holder(backend, need.scope)}.",
-                            hint="Run it again once that run has finished (exit code 9 tells a script it did not run).")
-    stop = threading.Event()
-    renewer = None
-    renew = getattr(backend, "renew_lock", None)
-    if renew is not None:  # a lease: renew it six times a lease while the run lives
-        every = max(getattr(backend, "lease_window", 30.0) / 6, 0.5)
-
-        def loop() -> None:
-            while not stop.wait(every):
-                with contextlib.suppress(Exception):
-                    renew(holds)
-
-        renewer = threading.Thread(target=loop, name="forge-isolation-lease", daemon=True)
-        renewer.start()
-    try:
-        yield
-    finally:
-        stop.set()
-        if renewer is not None:
-            renewer.join(timeout=5)
-        with contextlib.suppress(Exception):
-            backend.release_holds(holds)
-
-
-def _holder(backend: Any, scope: str) -> str:
-    try:
-        holders = backend.slot_holders(scope)
-    except Exception:  # noqa: BLE001 - only for the message
-        return ""
-    if not holders:
-        return ""
-    h = holders[0]
-    if h.get("job"):
-        return f" (job {h['job']})"
-    since = h.get("since")
-    when = f", since {time.strftime('%H:%M:%S', time.localtime(since))}" if isinstance(since, int | float) else ""
-    host = h.get("host") or socket.gethostname()
-    return f" (pid {h.get('pid', '?')} on {host}{when})"
-
-
-__all__ = ["MARKER", "IsolationBusy", "declared", "hold", "key_of", "options_meta", "stamp", "wrap_direct"]
+__all__ = ["MARKER", "IsolationBusy", "check_declaration", "declared", "key_of", "options_meta", "stamp"]

@@ -15,9 +15,10 @@ import re
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
+from forge.backends import _backends, connect  # forge.queue.connect; the tests clear _backends here
 from forge.config import Settings, load_settings, validate_queue_name
 from forge.errors import (
     AmbiguousJobId,
@@ -31,14 +32,16 @@ from forge.errors import (
 from forge.job import Job, JobInfo, State, valid_id
 from forge.queue.command import QueuedCommand, batch_key
 from forge.queue.command import queue_name as _queue_name
-from forge.registry.argcheck import check_job_args
+from forge.queue.observers import installed as _observer
+from forge.registry.argcheck import check_job_args, params_of
+from forge.times import rfc3339  # re-exported: forge.queue.manager.rfc3339 stays importable
 
 if TYPE_CHECKING:
     from forge.backends.base import Backend, QueueStats
     from forge.registry.spec import CommandRegistry
     from forge.worker.heartbeat import WorkerRecord
 
-__all__ = ["CommandQueue", "JobDispatch", "QueueManager", "batch_key", "connect"]  # forge.queue re-exports them
+__all__ = ["CommandQueue", "JobDispatch", "QueueManager", "_backends", "batch_key", "connect", "rfc3339"]  # forge.queue re-exports them
 
 
 _ID_PREFIX = re.compile(r"[0-9a-f-]{1,36}")
@@ -49,13 +52,6 @@ def _job_id(job_id: object) -> str:
         raise InvalidCommand(f"Invalid job id {job_id!r}: expected a UUID like 3f2b9c1e-….",
                              hint="Run `forge queue:list` to see job ids.")
     return job_id  # type: ignore[return-value]
-
-
-def rfc3339(t: float | None) -> str | None:
-    """A Unix time as RFC 3339 in UTC with milliseconds (``2026-12-01T09:00:00.000Z``); None for None."""
-    if t is None:
-        return None
-    return datetime.fromtimestamp(t, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 @dataclass(frozen=True)
@@ -89,24 +85,6 @@ class JobDispatch:
     def to_dict(self) -> dict[str, Any]:
         """The record as plain data, as ``queue:dispatch --json`` prints it."""
         return dict(self.__dict__)
-
-
-_backends: dict[tuple[Any, float], Backend] = {}
-
-
-def connect(connection: str | None = None, settings: Settings | None = None) -> Backend:
-    """The backend of a configured connection (one per process and connection)."""
-    from forge.backends import open_backend
-
-    settings = settings or load_settings()
-    conn = settings.connection_config(connection)
-    # Keyed by the connection itself (its path or URL), not its name: two projects, or one
-    # project with FORGE_QUEUE_DIR changed, must never share a backend.
-    key = (conn, settings.done_retention)
-    backend = _backends.get(key)
-    if backend is None:
-        backend = _backends[key] = open_backend(conn, done_retention=settings.done_retention)
-    return backend
 
 
 class _Connected:
@@ -188,12 +166,21 @@ class CommandQueue(_Connected):
         if "forge.limits" in job.metadata or getattr(spec.target, "__forge_isolated__", None) is not None:
             from forge.limits.isolation import stamp  # limits of its own, or an isolated command
 
-            job = stamp(job, spec, self.settings)
+            args, root = job.args, str(self.settings.root)
+            job = stamp(job, spec, self.settings, lambda: params_of(spec, args, root))
         return job
+
+    def _prepare(self) -> None:
+        """Before anything is written: the observer (``forge.events``) raises now what would
+        otherwise fail after the write (a broken [[listeners]] table)."""
+        observer = _observer()
+        if observer is not None:
+            observer.prepare(self.settings)
 
     def jobs_for(self, cmds: Iterable[QueuedCommand]) -> list[Job]:
         """The jobs for ``cmds``, each checked; an error names the index of the bad command
         (when there are several)."""
+        self._prepare()
         now = time.time()
         items = builtins.list(cmds)
         if len(items) == 1:
@@ -215,18 +202,16 @@ class CommandQueue(_Connected):
         return created
 
     def _dispatched(self, jobs: Sequence[Job], created: Sequence[bool]) -> None:
-        """``job.dispatched`` for the jobs stored (``forge.events``): for forge.toml's [[listeners]],
-        or a worker's listeners in a worker (it loaded forge.events); else nothing to do."""
-        import sys
-
-        if self.settings.listeners or "forge.events.hooks" in sys.modules:
-            from forge.events.hooks import dispatched
-
-            dispatched(self.settings, self.backend, jobs, created)
+        """Tell the observer (``forge.queue.observers``; ``forge.events`` raises ``job.dispatched``)
+        which jobs were stored."""
+        observer = _observer()
+        if observer is not None:
+            observer.dispatched(self.settings, self.backend, jobs, created)
 
     def dispatch(self, cmd: QueuedCommand) -> str:
         """Queue one command; returns the job id once the job is durably stored (with an
         idempotency key that was used already: the id of the job that holds it)."""
+        self._prepare()
         job = self._job(cmd, time.time())
         self._dispatched([job], self.backend.push([job]))
         return job.id
@@ -250,6 +235,7 @@ class CommandQueue(_Connected):
         Raises before anything is stored: ``InvalidCommand`` (``UnknownQueuedCommand`` for a name
         that is not registered) for a job that must not be queued, ``DuplicateJob`` while a live
         job holds its unique key, ``DispatchFailed`` or ``QueueUnavailable`` if the write fails."""
+        self._prepare()
         job = self._job(cmd, time.time())
         record = _dispatch_record(job)  # before the write: nothing may fail once the job is stored
         created = self.backend.push([job])
@@ -445,13 +431,14 @@ class QueueManager(_Connected):
         seconds for that. ``JobNotFound`` for an unknown id; ``UsageError`` for a job that is
         running (without ``running``) or finished."""
         job_id = _job_id(job_id)
+        observer = _observer()
+        if observer is not None:
+            observer.prepare(self.settings)
         for _ in range(3):
             info = self.backend.cancel(job_id)
             if info is not None:
-                if self.settings.listeners:
-                    from forge.events.hooks import cancelled
-
-                    cancelled(self.settings, self.backend, info)
+                if observer is not None:
+                    observer.cancelled(self.settings, self.backend, info)
                 return info
             now = self.find(job_id)
             if now.state in (State.PENDING, State.DELAYED):

@@ -13,7 +13,7 @@ import contextlib
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from forge.errors import InvalidCommand, UsageError
@@ -57,6 +57,18 @@ def in_dir(path: str | None) -> Iterator[None]:
         finally:
             if here is not None:
                 os.chdir(here)
+
+
+def params_of(spec: Any, args: Sequence[str], root: str | None = None) -> dict[str, Any]:
+    """A run's parameters by name, parsed as the command will parse them (in ``root``, the
+    project root): what an isolation key template is filled in with (``forge.limits.isolation``)."""
+    from forge.registry.runner import click_command
+
+    cmd = click_command(spec)
+    with in_dir(root):
+        ctx = cmd.make_context(f"forge {spec.name}", list(args), resilient_parsing=False)
+    with ctx:
+        return dict(ctx.params)
 
 
 def check_job_args(spec: Any, args: tuple[str, ...], root: str | None = None) -> None:

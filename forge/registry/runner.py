@@ -193,7 +193,7 @@ def call(name: str, args: Sequence[str] = (), *, registry: CommandRegistry | Non
         argv = [str(a) for a in args]
         wrapped = None
         if "--isolated" in argv or getattr(spec.target, "__forge_isolated__", None) is not None:
-            from forge.limits.isolation import wrap_direct  # hold its isolation lock while it runs
+            from forge.registry.isolated import wrap_direct  # hold its isolation lock while it runs
 
             wrapped, argv = wrap_direct(spec, click_command(spec), argv)
         code = invoke(spec, argv, wrapped)

@@ -1,9 +1,8 @@
-"""The bounds on a job's retries beyond its attempts, and a command's declared job defaults.
+"""A command's declared job defaults, and the deadlines a dispatch gives (``--retry-until``).
 
-``RetryRules`` travel in the job record (its ``retry`` object): ``until`` (Unix time: no retry
-starts after it), ``max_exceptions`` (fail after this many attempts ended in an exception or a
-non-zero exit, even if tries remain; retry-later releases do not count) and ``max_releases``
-(how many retry-later releases, exit 75, a job may take: without it, ``DEFAULT_MAX_RELEASES``).
+``RetryRules``, the bounds on a job's retries beyond its attempts that travel in the job record
+(its ``retry`` object), live in ``forge.retry.bounds`` (the job record reads them) and are
+re-exported here.
 
 ``JobDefaults`` are what ``@command(..., queue=, tries=, timeout=, backoff=, retry_until=,
 max_exceptions=, max_releases=)`` declares: every dispatch of the command uses them unless the
@@ -13,7 +12,6 @@ that the fast dispatch path applies them without importing the command.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, fields
 from datetime import timedelta
 from typing import Any
@@ -21,56 +19,9 @@ from typing import Any
 from forge.durations import MAX_SECONDS, parse_duration
 from forge.errors import UsageError
 from forge.retry import backoff as _backoff
+from forge.retry.bounds import DEFAULT_MAX_RELEASES, MAX_RUNS, RetryRules, count_of
 
-#: Retry-later releases (exit 75, ``forge.Retry``) a job may take unless ``max_releases`` says:
-#: a job that always asks to be retried stops after this many, deadline or not.
-DEFAULT_MAX_RELEASES = 100
-#: The most ``max_releases`` may be, and the most attempts of a job bounded only by its deadline:
-#: a job's history keeps a line per attempt and release, and a job file holds at most 4 MiB.
-MAX_RUNS = 1000
-
-
-def _count(value: Any, what: str, *, least: int = 1, most: int | None = None) -> int | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < least:
-        raise UsageError(f"Invalid {what} {value!r}: a whole number of at least {least}.")
-    if most is not None and value > most:
-        raise UsageError(f"Invalid {what} {value!r}: at most {most} (the job's history keeps each one).")
-    return value
-
-
-@dataclass(frozen=True)
-class RetryRules:
-    """What bounds a job's retries besides its attempts (the job record's ``retry`` object)."""
-
-    until: float | None = None
-    max_exceptions: int | None = None
-    max_releases: int | None = None
-
-    def __post_init__(self) -> None:
-        if self.until is not None and (isinstance(self.until, bool) or not isinstance(self.until, int | float)
-                                       or not math.isfinite(self.until)):
-            raise UsageError(f"Invalid retry-until {self.until!r}: a time.")
-        _count(self.max_exceptions, "max exceptions")
-        _count(self.max_releases, "max releases", least=0, most=MAX_RUNS)
-
-    def __bool__(self) -> bool:
-        return any(getattr(self, f.name) is not None for f in fields(self))
-
-    def to_json(self) -> dict[str, Any]:
-        """The bounds that are set, by field name (the job record's ``retry`` object)."""
-        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
-
-    @classmethod
-    def from_json(cls, d: Any) -> RetryRules:
-        """The rules of a ``retry`` object ``to_json`` wrote. Raises ValueError for an unknown
-        key, UsageError for a bad value."""
-        if not isinstance(d, dict) or set(d) - {"until", "max_exceptions", "max_releases"}:
-            raise ValueError("retry must be an object with until, max_exceptions, max_releases")
-        until = d.get("until")
-        return cls(float(until) if isinstance(until, int) and not isinstance(until, bool) else until,
-                   d.get("max_exceptions"), d.get("max_releases"))
+__all__ = ["DEFAULT_MAX_RELEASES", "MAX_RUNS", "JobDefaults", "RetryRules", "deadline", "relative_deadline"]
 
 
 def relative_deadline(value: Any, what: str = "retry_until") -> float:
@@ -106,11 +57,11 @@ class JobDefaults:
             t = parse_duration(timeout, what="timeout")
             if t <= 0:
                 raise UsageError(f"Invalid timeout {timeout!r}: must be more than 0, e.g. 10m.")
-        return cls(queue=queue, tries=_count(tries, "tries"), timeout=t,
+        return cls(queue=queue, tries=count_of(tries, "tries"), timeout=t,
                    backoff=None if backoff is None else _backoff.parse(backoff),
                    retry_until=None if retry_until is None else relative_deadline(_no_datetime(retry_until)),
-                   max_exceptions=_count(max_exceptions, "max_exceptions"),
-                   max_releases=_count(max_releases, "max_releases", least=0, most=MAX_RUNS))
+                   max_exceptions=count_of(max_exceptions, "max_exceptions"),
+                   max_releases=count_of(max_releases, "max_releases", least=0, most=MAX_RUNS))
 
     def __bool__(self) -> bool:
         return any(getattr(self, f.name) is not None for f in fields(self))

@@ -18,7 +18,7 @@ def _policy(info: Any, settings: Any) -> Policy:
 
 
 def _iso(t: float | None) -> str | None:
-    from forge.queue.manager import rfc3339  # the one time format of forge's JSON
+    from forge.times import rfc3339  # the one time format of forge's JSON
 
     return rfc3339(t)
 

@@ -210,6 +210,10 @@ class Scheduler:
         self.entries = list(entries)
         self.by_name = {e.name: e for e in self.entries}
         self.settings = settings or load_settings()
+        if self.settings.listeners or self.settings.events:  # a tick's events follow its push: check them first
+            from forge.events.config import check
+
+            check(self.settings)
         self._connection = connection
         self._backend = backend
         self._store = store
@@ -242,7 +246,7 @@ class Scheduler:
     def backend(self) -> Backend:
         """The queue backend of the scheduler's connection, connected on first use."""
         if self._backend is None:
-            from forge.queue.manager import connect
+            from forge.backends import connect
 
             self._backend = connect(self._connection, self.settings)
         return self._backend

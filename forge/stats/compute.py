@@ -109,7 +109,7 @@ def compute_stats(manager: QueueManager | str | None, *, since: float, queues: l
 
 
 def _compute(manager: Any, since: float, names: list[str] | None, by: str, now: float | None) -> dict[str, Any]:
-    from forge.queue.manager import rfc3339
+    from forge.times import rfc3339
 
     m = _manager(manager)
     backend = m.backend

@@ -324,8 +324,8 @@ def _forget_inherited() -> None:
     """Drop the worker's cached store clients before their descriptors are closed, keeping the
     objects alive (never finalised), so that no finaliser closes a descriptor number the job
     has reused meanwhile; a job that dispatches gets clients of its own."""
-    queue_mod = sys.modules.get("forge.queue.manager")
-    cached = getattr(queue_mod, "_backends", None)
+    backends_mod = sys.modules.get("forge.backends")
+    cached = getattr(backends_mod, "_backends", None)
     if isinstance(cached, dict):
         _KEEP_ALIVE.append(dict(cached))
         cached.clear()

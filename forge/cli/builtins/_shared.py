@@ -56,7 +56,7 @@ def fmt_time(t: float | None) -> str:
 
 def iso_time(t: float | None) -> str | None:
     """The one time format of forge's JSON: RFC 3339 in UTC with milliseconds (as queue:dispatch --json)."""
-    from forge.queue.manager import rfc3339
+    from forge.times import rfc3339
 
     return rfc3339(t)
 
