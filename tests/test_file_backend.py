@@ -21,6 +21,7 @@ from reliability.harness import fill_disk
 from reliability.scripts import CLAIMER
 from waitfor import wait_for
 
+from forge.backends.base import Claim
 from forge.backends.file.backend import FileBackend
 from forge.errors import DispatchFailed, DuplicateJob, QueueUnavailable, UsageError
 from forge.job import Event, Job, State
@@ -673,6 +674,7 @@ def test_full_disk(tiny_fs: Path) -> None:
 
 HOLDER = """
 import sys, time
+from forge.backends.base import Claim
 from forge.backends.file.backend import FileBackend
 b = FileBackend(sys.argv[1])
 c = b.claim(["default"], "doomed", 60)
@@ -718,6 +720,7 @@ def test_crash_between_rename_and_event_is_recovered(fb: FileBackend, qdir: Path
 
 DISPATCHER = """
 import sys
+from forge.backends.base import Claim
 from forge.backends.file.backend import FileBackend
 from forge.queue import QueuedCommand
 b = FileBackend(sys.argv[1])
@@ -963,6 +966,7 @@ def test_find_never_misses_a_job_that_is_being_claimed(qdir: Path, fb: FileBacke
     fb.push([j])
     job_id = j.id
     flipper = subprocess.Popen([sys.executable, "-c", f"""
+from forge.backends.base import Claim
 from forge.backends.file.backend import FileBackend
 b = FileBackend({str(qdir)!r})
 for _ in range(400):  # each release adds an event to the job's file: keep it small
@@ -980,3 +984,43 @@ for _ in range(400):  # each release adds an event to the job's file: keep it sm
         flipper.wait()
     assert None not in states
     assert {State.PENDING, State.RESERVED} <= set(states)  # it did move while we looked
+
+
+@pytest.mark.parametrize("limited", [False, True], ids=["plain", "limited"])
+def test_a_leased_claim_whose_event_cannot_be_written_is_no_claim(tiny_fs: Path, limited: bool) -> None:
+    """With leases the lease lives in the ``claimed`` event: a claim on a full disk must fail
+    rather than run a job that the next maintenance pass hands to another worker (the limited
+    claim ran it). Once there is room, the job is recovered and claimed as usual, and no torn
+    line was left in its file."""
+    from forge.limits.spec import LimitsConfig, QueueLimits
+
+    fb = FileBackend(tiny_fs, lock="lease")
+    cfg = LimitsConfig(queues={"default": QueueLimits(parallel=2)})
+
+    def claim() -> object:
+        return fb.claim_limited(["default"], WORKER, 60, cfg) if limited else fb.claim(["default"], WORKER, 60)
+
+    warm = job()
+    fb.push([warm])
+    c = claim()
+    assert isinstance(c, Claim)
+    fb.ack(c, Event("done", c.attempt, time.time()))  # the limits' files exist now
+    probe = job("default", "x" * 3000)
+    fb.push([probe])
+    pending = tiny_fs / "q" / "default" / "pending"
+    size = next(pending.iterdir()).stat().st_size
+    next(pending.iterdir()).unlink()
+    # A job whose file ends 40 bytes short of a page: its claimed event needs a page more.
+    j = job("default", "x" * (3000 + 4096 - 40 - size))
+    fb.push([j])
+    assert 4096 - 60 < next(pending.iterdir()).stat().st_size < 4096
+    filler = fill_disk(tiny_fs)
+    with pytest.raises(OSError):
+        claim()
+    filler.unlink()
+    assert fb.maintain(3)["recovered"] == 1
+    again = claim()
+    assert isinstance(again, Claim) and again.job.id == j.id
+    info = fb.find(j.id)
+    assert info is not None and [e.event for e in info.events].count("claimed") == 1
+    fb.close()

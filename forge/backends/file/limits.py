@@ -37,15 +37,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from forge.backends.base import KILL_GRACE, Claim
+from forge.backends.base import Claim
 from forge.backends.file.claim import (
     TAKEN,
     Claimer,
-    FileHandle,
     JobFiles,
     OpenJob,
     claimable_job,
-    handle_of,
 )
 from forge.backends.file.fsio import (
     first_unwritable,
@@ -422,20 +420,14 @@ class Limiter:
                 return TAKEN
             except OSError as exc:
                 raise unusable(exc, first_unwritable(q.pending, q.reserved), "claim jobs from") from None
-            effective = job.timeout if job.timeout is not None else timeout
-            deadline = now + effective + KILL_GRACE
-            with contextlib.suppress(OSError):
-                os.write(fd, Event("claimed", attempt, now, worker=worker, deadline=deadline,
-                                   log_offset=self.files.log_size(job_id)).to_json())
-            claim = Claim(job, attempt, now, deadline, None, FileHandle(fd, q, reserved), f"{q.name}/{reserved}",
-                          micros(now))
-            fd = -1  # the claim owns it now
+            try:
+                claim = self.claimer.begin(fd, q, reserved, job, attempt, worker, timeout, now)
+            finally:
+                fd = -1  # the claim owns it now, or begin closed it
             if drop is not None:
                 self.claimer.fail(claim, Event("failed", attempt, time.time(), worker=worker, reason=REASON_ISOLATED,
                                        error=f"{drop.need.label} was held by another run; dropped (on_busy=drop)"))
                 return None
-            if self.lay.lock_mode == "lease":
-                fcntl.flock(handle_of(claim).fd, fcntl.LOCK_UN)
             claim.holds = holds
             holds = None
             return claim
