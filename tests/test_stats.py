@@ -222,9 +222,9 @@ def test_each_outcome_is_journaled_once_and_only_if_it_took_effect(queue_target:
 
 @pytest.mark.skipif(__import__("shutil").which("redis-server") is None, reason="redis-server is not installed")
 def test_redis_journal_survives_a_script_cache_flush(tmp_path: Path) -> None:
-    """On a server of its own: outcomes are journaled while the server does not know the
-    scripts yet (a fresh or restarted server), also when it knows ``finish`` but not the
-    journal's script."""
+    """On a server of its own: outcomes are journaled while the server does not hold the
+    scripts yet (a fresh or restarted server: the library is loaded by the first call), also
+    after it lost them again (FUNCTION FLUSH, SCRIPT FLUSH)."""
     import socket
 
     import redis
@@ -250,14 +250,14 @@ def test_redis_journal_survives_a_script_cache_flush(tmp_path: Path) -> None:
             c = b.claim(["default"], "w", 60.0)
             b.ack(c, Event("done", c.attempt, time.time(), exit_code=0, duration=0.1))
 
-        finish_one()  # neither script loaded yet
+        finish_one()  # the library loaded by the push
+        client.function_flush()
+        finish_one()  # loaded again by the claim
+        client.function_flush()
         client.script_flush()
-        finish_one()  # again
-        client.script_flush()
-        from forge.backends.redis import lua
-
-        client.script_load(lua.FINISH.source)
-        finish_one()  # finish loaded, the journal's script not
+        c = b.claim(["default"], "w", 60.0)  # loaded again
+        client.function_flush()
+        b.ack(c, Event("done", c.attempt, time.time(), exit_code=0, duration=0.1))  # and by the ack
         assert journal_for(b).totals()["default"].done == 3
         assert b.stats(["default"])[0].done == 3
     finally:

@@ -18,6 +18,7 @@ import time
 from collections.abc import Iterator, Sequence
 from typing import Any, Protocol
 
+from forge.backends.redis import lua
 from forge.backends.redis import resp as _resp
 from forge.backends.redis.layout import Layout
 from forge.backends.redis.lua import Script
@@ -83,6 +84,8 @@ class Server:
         self._connect_timeout = connect_timeout
         self._password = password
         self._redispy: Any = None  # redis-py's client, made on first use (see r)
+        #: Whether the server runs the scripts as Functions (``run``): None until a call says.
+        self.functions: bool | None = None
         addr = _resp.parse_url(url, password)
         self.c: HotClient
         if addr is None:  # TLS or options only redis-py knows: it makes every call
@@ -143,9 +146,56 @@ class Server:
             raise
 
     def run(self, script: Script, *args: Any) -> Any:
-        """Run ``script`` with ARGV = prefix, ``args``: by its SHA, loaded into the server on
-        its first NOSCRIPT. Raises the client's errors (call it inside ``io``)."""
-        return self.c.script(script.source, self.prefix, *args)
+        """Run ``script`` with ARGV = prefix, ``args``: an ``FCALL`` of its function on Redis 7+
+        (the library loaded on the first "Function not found": a new or restarted server, or a
+        new version of forge), else by its SHA (``EVALSHA``, loaded on NOSCRIPT). Raises the
+        client's errors (call it inside ``io``)."""
+        if self.functions is False:
+            return self.c.script(script.source, self.prefix, *args)
+        reply = self.c.pipeline([("FCALL", script.function, 0, self.prefix, *args)])[0]
+        if isinstance(reply, Exception):
+            if not self.load_functions(reply):
+                return self.c.script(script.source, self.prefix, *args)  # an older server
+            reply = self.c.pipeline([("FCALL", script.function, 0, self.prefix, *args)])[0]
+            if isinstance(reply, Exception):
+                raise reply
+        self.functions = True
+        return reply
+
+    def command(self, script: Script, *args: Any) -> tuple[Any, ...]:
+        """The command that runs ``script`` (as ``run`` would) inside a pipeline; its reply is
+        an error (``missing_script``) if the server does not hold it yet."""
+        if self.functions is False:
+            return ("EVALSHA", script.sha, 0, self.prefix, *args)
+        return ("FCALL", script.function, 0, self.prefix, *args)
+
+    @staticmethod
+    def missing_script(reply: Any) -> bool:
+        """Whether ``reply`` (of a ``command``) says the server does not hold the script yet, or
+        cannot call functions: the next ``run`` loads it (or finds the other way)."""
+        text = str(reply)
+        return (isinstance(reply, Exception)
+                and ("NOSCRIPT" in text or "Function not found" in text or "unknown command" in text))
+
+    def load_functions(self, error: Exception) -> bool:
+        """After ``error`` answered an ``FCALL``: load the library (``FUNCTION LOAD``) and
+        return True, or return False (and run scripts by EVAL from now on) if this server has
+        no Functions (before Redis 7) or refuses to load them. Raises ``error`` if it is not
+        about the function (a script's own error, an outage)."""
+        text = str(error)
+        if "unknown command" in text and ("FCALL" in text or "fcall" in text):
+            self.functions = False
+            return False
+        if "Function not found" not in text:
+            raise error
+        name, source = lua.library()
+        loaded = self.c.pipeline([("FUNCTION", "LOAD", source)])[0]
+        if isinstance(loaded, Exception) and "already exists" not in str(loaded):
+            if "unknown command" in str(loaded) or "NOPERM" in str(loaded) or "no permissions" in str(loaded):
+                self.functions = False  # FCALL there, FUNCTION LOAD not allowed: EVAL instead
+                return False
+            raise loaded
+        return True
 
     def clock(self) -> float:
         """The server's clock minus ours (seconds): from the fastest of three ``TIME`` round
