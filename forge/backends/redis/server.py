@@ -15,8 +15,8 @@ from __future__ import annotations
 import contextlib
 import sys
 import time
-from collections.abc import Iterator, Sequence
-from typing import Any, Protocol
+from collections.abc import Sequence
+from typing import Any, Literal, Protocol
 
 from forge.backends.redis import lua
 from forge.backends.redis import resp as _resp
@@ -49,6 +49,9 @@ class HotClient(Protocol):
 
     def script(self, source: str, *args: Any) -> Any:
         """Run a Lua script (by its SHA once loaded) with ``args`` as ARGV and no KEYS."""
+
+    def fcall(self, function: str, prefix: str, args: Sequence[Any]) -> Any:
+        """The reply to ``FCALL function 0 prefix *args``; an error reply as a value."""
 
     def close(self) -> None:
         """Close the client's connections (those made in this process)."""
@@ -86,6 +89,7 @@ class Server:
         self._redispy: Any = None  # redis-py's client, made on first use (see r)
         #: Whether the server runs the scripts as Functions (``run``): None until a call says.
         self.functions: bool | None = None
+        self._io = (_Translated(self, False), _Translated(self, True))
         addr = _resp.parse_url(url, password)
         self.c: HotClient
         if addr is None:  # TLS or options only redis-py knows: it makes every call
@@ -132,18 +136,11 @@ class Server:
         """The key ``P:part:...`` (``Layout.key``)."""
         return self.layout.key(*parts)
 
-    @contextlib.contextmanager
-    def io(self, dispatch: bool = False) -> Iterator[None]:
-        """Turn Redis client errors raised inside into forge's queue errors (``translate``:
-        ``QueueUnavailable``, or ``DispatchFailed`` for a refused dispatch), password masked."""
-        try:
-            yield
-        except _resp.RespError as exc:
-            raise translate(exc, self.where, dispatch, self.url_from) from None
-        except Exception as exc:
-            if _is_redispy_error(exc):
-                raise translate(exc, self.where, dispatch, self.url_from) from None
-            raise
+    def io(self, dispatch: bool = False) -> _Translated:
+        """A context in which Redis client errors are turned into forge's queue errors
+        (``translate``: ``QueueUnavailable``, or ``DispatchFailed`` for a refused dispatch),
+        password masked. (A class, not a generator: it is on every call's path.)"""
+        return self._io[dispatch]
 
     def run(self, script: Script, *args: Any) -> Any:
         """Run ``script`` with ARGV = prefix, ``args``: an ``FCALL`` of its function on Redis 7+
@@ -152,11 +149,11 @@ class Server:
         client's errors (call it inside ``io``)."""
         if self.functions is False:
             return self.c.script(script.source, self.prefix, *args)
-        reply = self.c.pipeline([("FCALL", script.function, 0, self.prefix, *args)])[0]
+        reply = self.c.fcall(script.function, self.prefix, args)
         if isinstance(reply, Exception):
             if not self.load_functions(reply):
                 return self.c.script(script.source, self.prefix, *args)  # an older server
-            reply = self.c.pipeline([("FCALL", script.function, 0, self.prefix, *args)])[0]
+            reply = self.c.fcall(script.function, self.prefix, args)
             if isinstance(reply, Exception):
                 raise reply
         self.functions = True
@@ -226,6 +223,27 @@ class Server:
         if self._redispy is not None:
             with contextlib.suppress(Exception):
                 self._redispy.close()
+
+
+class _Translated:
+    """``Server.io``'s context: a client error raised inside comes out as ``translate`` makes it."""
+
+    __slots__ = ("srv", "dispatch")
+
+    def __init__(self, srv: Server, dispatch: bool) -> None:
+        self.srv = srv
+        self.dispatch = dispatch
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: Any) -> Literal[False]:
+        if exc is None or not isinstance(exc, Exception):
+            return False
+        if isinstance(exc, _resp.RespError) or _is_redispy_error(exc):
+            srv = self.srv
+            raise translate(exc, srv.where, self.dispatch, srv.url_from) from None
+        return False
 
 
 def raise_first(replies: list[Any]) -> list[Any]:
@@ -301,6 +319,10 @@ class PyClient:
         for c in cmds:
             pipe.execute_command(*c)
         return list(pipe.execute(raise_on_error=False))
+
+    def fcall(self, function: str, prefix: str, args: Sequence[Any]) -> Any:
+        """``FCALL function 0 prefix *args`` (an error reply returned, as ``pipeline``'s)."""
+        return self.pipeline([("FCALL", function, 0, prefix, *args)])[0]
 
     def script(self, source: str, *args: Any) -> Any:
         """Run ``source`` through redis-py's registered scripts (EVALSHA, NOSCRIPT handled)."""
