@@ -218,6 +218,14 @@ def test_each_outcome_is_journaled_once_and_only_if_it_took_effect(queue_target:
     assert totals.wait.count == 2  # the two first attempts; the retry's wait is its backoff
     s = compute_stats(QueueManager(b), since=600)["totals"]
     assert (s["done"], s["retried"], s["failed"]) == (1, 1, 1)
+    if hasattr(b, "ack_claim"):  # Redis: the ack and the next claim in one script
+        b.push([make_job("default", "probe:run")])
+        nxt = b.ack_claim(second, done, ["default"], "w", 60.0)  # second is done already
+        assert nxt is not None and journal_for(b).totals()["default"].done == 1  # refused: not journaled
+        assert b.ack_claim(nxt, Event("done", nxt.attempt, time.time(), exit_code=0, duration=0.5),
+                           ["default"], "w", 60.0) is None
+        totals = journal_for(b).totals()["default"]
+        assert totals.done == 2 and totals.runtime.sum == pytest.approx(3.25)
 
 
 @pytest.mark.skipif(__import__("shutil").which("redis-server") is None, reason="redis-server is not installed")

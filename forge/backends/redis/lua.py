@@ -122,11 +122,14 @@ class Script:
 
 
 class Joined(Script):
-    """A script made of two (``first`` then ``second``, each run as a function of its own part
-    of ARGV): ``first`` takes ARGV[2..1 + first_args], ``second`` the rest, and both see P as
-    ARGV[1] (so a second script with a variable tail, ``ack_claim``'s queues, keeps its own
-    numbering). Used to journal an outcome in the script that makes it: ``stats_journal``
-    records only while the claim holds, so exactly when the outcome will take effect."""
+    """A script made of two, each run as a function of its own part of ARGV: ``first`` takes
+    ARGV[2..1 + first_args], ``second`` the rest, and both see P as ARGV[1] (so a second script
+    with a variable tail, ``ack_claim``'s queues, keeps its own numbering). Used to journal an
+    outcome in the script that makes it: ``second`` (``finish``, ``ack_claim``) runs, and then
+    ``first`` (``stats_journal``) only if the claim held (``second`` answered 1, or a reply
+    whose first element is 1), unconditionally (its argument ``first_args``, the job id of
+    ``stats_journal``, cleared: its own check of the claim would find the job finished, or
+    gone): recorded exactly when the outcome took effect."""
 
     __slots__ = ("first", "second", "first_args")
 
@@ -147,7 +150,9 @@ class Joined(Script):
                 + "local function first_body(ARGV)\n" + self.first.lua + "\nend\n"
                 + f"local J, M = {{}}, {{ARGV[1]}}\nfor i = 1, {1 + n} do J[i] = ARGV[i] end\n"
                 + f"for i = {2 + n}, #ARGV do M[#M + 1] = ARGV[i] end\n"
-                + "first_body(J)\nreturn second_body(M)\n")
+                + "local r = second_body(M)\n"
+                + f"if (type(r) == 'table' and r[1] or r) == 1 then J[{n}] = '' first_body(J) end\n"
+                + "return r\n")
 
 
 PUSH = Script("push")

@@ -49,8 +49,9 @@ local function enqueue(id, q, now, delay, ...)
   end
   notify(q)
 end
-local function free_unique(id)
-  local uk = redis.call('HGET', ik(id), 'ukey')
+local function free_unique(id, uk)
+  -- uk: the job's ukey field if the caller read it already (false: none), else it is read here.
+  if uk == nil then uk = redis.call('HGET', ik(id), 'ukey') end
   if uk and uk ~= '' then
     local k = P .. ':unique:' .. uk
     if redis.call('GET', k) == id then redis.call('DEL', k) end
@@ -62,7 +63,7 @@ end
 
 local function finish_job(now, id, token, mode, event, attempts, delay, keep_done, only_expired)
   -- End the claim (id, token) as mode (done|release|failed); 1 if it held, else 0. See finish.
-  local info = redis.call('HMGET', ik(id), 'state', 'token', 'queue')
+  local info = redis.call('HMGET', ik(id), 'state', 'token', 'queue', 'ukey')
   if info[1] ~= 'reserved' or info[2] ~= token then return 0 end
   local q = info[3]
   local rk = qk(q, 'reserved')
@@ -71,6 +72,12 @@ local function finish_job(now, id, token, mode, event, attempts, delay, keep_don
     if lease and lease > now then return 0 end
   end
   redis.call('ZREM', rk, id)
+  if mode == 'done' and keep_done ~= '1' then
+    -- Deleted in this same step: the claim's fields and the event would go with it unseen.
+    free_unique(id, info[4])
+    drop(id)
+    return 1
+  end
   redis.call('HDEL', ik(id), 'token', 'claimed', 'deadline')
   if event ~= '' then redis.call('APPEND', jk(id), event) end
   if mode == 'release' then
@@ -78,11 +85,7 @@ local function finish_job(now, id, token, mode, event, attempts, delay, keep_don
     enqueue(id, q, now, delay)
     return 1
   end
-  free_unique(id)
-  if mode == 'done' and keep_done ~= '1' then
-    drop(id)
-    return 1
-  end
+  free_unique(id, info[4])
   redis.call('ZADD', qk(q, mode), us(now), id)
   redis.call('HSET', ik(id), 'state', mode, 'at', us(now))
   return 1
