@@ -211,6 +211,25 @@ def test_a_server_without_functions_runs_the_scripts_by_sha(tmp_path: Path) -> N
             proc.wait(10)
 
 
+def test_a_user_whose_acl_refuses_functions_runs_the_scripts_by_sha(server: dict[str, Any]) -> None:
+    client = server["client"]
+    for user, refused in (("nofcall", ["-fcall", "-function"]), ("noload", ["-function"])):
+        client.acl_setuser(user, enabled=True, passwords=["+pw"], keys=["*"], channels=["*"],
+                           commands=["+@all", *refused])
+        b = rb.RedisBackend(f"redis://{user}:pw@127.0.0.1:{server['port']}/0", prefix=user)
+        try:
+            j = job()
+            b.push([j])
+            assert b.server.functions is False
+            c = b.claim(["default"], "w", 60)
+            assert c is not None and c.job.id == j.id
+            assert b.ack_claim(c, done(c), ["default"], "w", 60) is None
+            assert b.stats(["default"])[0].done == 1
+        finally:
+            b.close()
+    assert client.function_list() == []  # neither loaded the library
+
+
 def _pings(client: Any) -> bool:
     try:
         return bool(client.ping())

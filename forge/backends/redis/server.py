@@ -180,8 +180,8 @@ class Server:
         no Functions (before Redis 7) or refuses to load them. Raises ``error`` if it is not
         about the function (a script's own error, an outage)."""
         text = str(error)
-        if "unknown command" in text and ("FCALL" in text or "fcall" in text):
-            self.functions = False
+        if ("unknown command" in text or "NOPERM" in text) and ("FCALL" in text or "fcall" in text):
+            self.functions = False  # no FCALL here, or an ACL that allows EVALSHA but not FCALL
             return False
         if "Function not found" not in text:
             raise error
