@@ -21,8 +21,16 @@ CONFIG_NAME = "forge.toml"
 QUEUE_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
 
+#: Queue names that passed ``validate_queue_name`` (each dispatch and claim checks its queues:
+#: a name is matched once per process; at most this many are remembered).
+_valid_queue_names: set[str] = set()
+_VALID_QUEUE_NAMES_KEPT = 1024
+
+
 def validate_queue_name(name: object) -> str:
     """Return ``name`` if it is a safe queue name, else raise :class:`UsageError`."""
+    if type(name) is str and name in _valid_queue_names:
+        return name
     if (
         not isinstance(name, str)
         or not QUEUE_NAME_RE.fullmatch(name)
@@ -32,6 +40,8 @@ def validate_queue_name(name: object) -> str:
         raise UsageError(
             f"Invalid queue name {name!r}: use 1-64 of A-Z a-z 0-9 _ . - (no '..', not starting with '.')."
         )
+    if type(name) is str and len(_valid_queue_names) < _VALID_QUEUE_NAMES_KEPT:
+        _valid_queue_names.add(name)
     return name
 
 

@@ -129,20 +129,107 @@ def test_a_claim_sent_again_after_a_lost_reply_gets_the_same_job(backend: Any) -
 
 # -- scripts, connections ---------------------------------------------------------------------
 
+def _calls(client: Any) -> dict[str, int]:
+    return {k.removeprefix("cmdstat_"): v["calls"] for k, v in client.info("commandstats").items()}
+
+
 def test_scripts_are_loaded_again_after_the_server_forgets_them(server: dict[str, Any]) -> None:
+    """Redis 7: the scripts are one Functions library, loaded by the first call that finds it
+    missing, and loaded again after the server loses it (a restart without persistence, a
+    FUNCTION FLUSH); no script is ever sent by EVAL."""
     b = rb.RedisBackend(f"redis://:s3cret@127.0.0.1:{server['port']}/0", prefix="p")
+    client = server["client"]
     try:
-        b.push([job()])  # a script's first call in a process: EVAL (the server keeps it)
-        b.push([job()])  # then EVALSHA
-        server["client"].script_flush()  # as after a restart
-        b.push([job()])  # NOSCRIPT, then EVAL
+        b.push([job()])  # "Function not found": FUNCTION LOAD, then FCALL again
+        b.push([job()])  # FCALL
+        assert _calls(client)["function|load"] == 1 and b.server.functions is True
+        client.function_flush()  # as after a restart without persistence
+        b.push([job()])  # not found again: loaded again
         c = b.claim(["default"], "w", 60)
-        assert b.ack_claim(c, done(c), ["default"], "w", 60) is not None
+        assert b.ack_claim(c, done(c), ["default"], "w", 60) is not None  # the journaled one
         assert b.stats(["default"])[0].pending == 1
-        assert server["client"].info("errorstats")["errorstat_NOSCRIPT"]["count"] == 1
-        assert server["client"].info("commandstats")["cmdstat_evalsha"]["calls"] >= 2
+        calls = _calls(client)
+        assert calls["function|load"] == 2 and calls["fcall"] >= 7
+        assert "eval" not in calls and "evalsha" not in calls
+        # Another process of another version (another library) loads its own beside it.
+        from forge.backends.redis import lua
+
+        assert [lib[1] for lib in client.function_list()] == [lua.library()[0].encode()]
     finally:
         b.close()
+
+
+@needs_server
+def test_a_server_without_functions_runs_the_scripts_by_sha(tmp_path: Path) -> None:
+    """A server without FCALL (before Redis 7), and one that has it but refuses FUNCTION LOAD:
+    every script runs by EVALSHA after the prelude, loaded again on NOSCRIPT, the idle wait's
+    pipelined claim included."""
+    for renamed in (("FCALL", "FUNCTION"), ("FUNCTION",)):
+        port = _free_port()
+        argv = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                "--dir", str(tmp_path)]
+        for command in renamed:
+            argv += ["--rename-command", command, ""]
+        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        client = redis.Redis(port=port, socket_connect_timeout=0.2)
+        b = rb.RedisBackend(f"redis://127.0.0.1:{port}/0", prefix="old")
+        try:
+            end = time.monotonic() + 20
+            while not _pings(client):
+                assert time.monotonic() < end, "redis-server did not start"
+                time.sleep(0.02)
+            a, c = job(), job()
+            b.push([a])
+            assert b.server.functions is False
+            first = b.claim(["default"], "w", 60)
+            assert first is not None and first.job.id == a.id and b.heartbeat(first)
+            nxt = b.ack_claim(first, done(first), ["default"], "w", 60)  # the journaled script
+            assert nxt is None
+            client.script_flush()  # as after a restart
+            b.push([c])  # NOSCRIPT, then EVAL
+            assert b.wait_claim(["default"], 1.0, "w", 60) is None  # NOSCRIPT: nothing claimed
+            again = b.claim(["default"], "w", 60)  # NOSCRIPT, then EVAL
+            assert again is not None and again.job.id == c.id
+            b.release(again, None, 0.0)  # back, with a wake-up
+            woke = b.wait_claim(["default"], 1.0, "w", 60)  # the pipelined EVALSHA
+            assert woke is not None and woke.job.id == c.id
+            b.release(woke, None, 0.0)
+            assert b.stats(["default"])[0].pending == 1 and b.stats(["default"])[0].done == 1
+            calls = _calls(client)
+            # FCALL renamed away: never run; else once, which found no function, and no library loads
+            assert calls.get("fcall", 0) == (0 if "FCALL" in renamed else 1)
+            assert calls["evalsha"] >= 4
+        finally:
+            b.close()
+            client.close()
+            proc.terminate()
+            proc.wait(10)
+
+
+def test_a_user_whose_acl_refuses_functions_runs_the_scripts_by_sha(server: dict[str, Any]) -> None:
+    client = server["client"]
+    for user, refused in (("nofcall", ["-fcall", "-function"]), ("noload", ["-function"])):
+        client.acl_setuser(user, enabled=True, passwords=["+pw"], keys=["*"], channels=["*"],
+                           commands=["+@all", *refused])
+        b = rb.RedisBackend(f"redis://{user}:pw@127.0.0.1:{server['port']}/0", prefix=user)
+        try:
+            j = job()
+            b.push([j])
+            assert b.server.functions is False
+            c = b.claim(["default"], "w", 60)
+            assert c is not None and c.job.id == j.id
+            assert b.ack_claim(c, done(c), ["default"], "w", 60) is None
+            assert b.stats(["default"])[0].done == 1
+        finally:
+            b.close()
+    assert client.function_list() == []  # neither loaded the library
+
+
+def _pings(client: Any) -> bool:
+    try:
+        return bool(client.ping())
+    except redis.RedisError:
+        return False
 
 
 def test_password_db_and_unix_socket(server: dict[str, Any]) -> None:
@@ -294,7 +381,7 @@ def test_a_worker_makes_one_script_call_per_job_and_acks_before_it_stops(server:
                               cwd=tmp_path, capture_output=True, text=True, timeout=120)
         assert work.returncode == 0, work.stdout + work.stderr
         stats = server["client"].info("commandstats")
-        calls = stats["cmdstat_evalsha"]["calls"] + stats.get("cmdstat_eval", {}).get("calls", 0)
+        calls = sum(stats.get(f"cmdstat_{c}", {}).get("calls", 0) for c in ("fcall", "evalsha", "eval"))
         # n jobs: the first claim, n ack_claims (the last one finds the queue empty), and the
         # maintenance pass's promote; without ack_claim it was 2n + 2.
         assert calls <= n + 4, calls

@@ -19,7 +19,7 @@ USERS = [p for p in PACKAGE.glob("*.py") if p.name != "lua.py"] + [ROOT / "forge
 
 
 def _constants() -> dict[str, lua.Script]:
-    return {name: v for name, v in vars(lua).items() if isinstance(v, lua.Script)}
+    return {name: v for name, v in vars(lua).items() if type(v) is lua.Script}
 
 
 def test_every_script_file_is_a_script_and_every_script_has_a_file() -> None:
@@ -33,12 +33,13 @@ def test_every_script_file_is_a_script_and_every_script_has_a_file() -> None:
 def test_every_script_is_used_and_every_used_script_exists() -> None:
     text = "\n".join(p.read_text(encoding="utf-8") for p in USERS)
     used = set(re.findall(r"\blua\.([A-Z][A-Z_]*)\b", text))
-    scripts = {name for name in used if name not in ("SCRIPTS", "PROMOTE_BATCH", "SCRIPTS_DIR", "PRELUDE")}
+    scripts = {name for name in used
+               if name not in ("SCRIPTS", "PROMOTE_BATCH", "SCRIPTS_DIR", "PRELUDE", "JOURNALED", "JOURNAL_ARGS")}
     # forge.stats.journal names the scripts it runs with an outcome's journal line by name
-    # (RedisJournal.finish_and_write: "finish", "ack_claim").
+    # (RedisJournal.finish_and_write: "finish", "ack_claim", the keys of lua.JOURNALED).
     journal = (ROOT / "forge" / "stats" / "journal.py").read_text(encoding="utf-8")
     by_name = set(re.findall(r'finish_and_write\(\s*(?:#[^\n]*\n\s*)?"([a-z_]+)"', journal))
-    assert by_name == {"finish", "ack_claim"}
+    assert by_name == {"finish", "ack_claim"} == set(lua.JOURNALED)
     scripts |= {name.upper() for name in by_name}
     constants = _constants()
     assert scripts <= set(constants), f"used but not defined: {sorted(scripts - set(constants))}"
@@ -54,21 +55,50 @@ def test_documentation_is_not_sent_and_the_prelude_comes_first() -> None:
     assert header.startswith("--")
 
 
+def test_the_library_registers_every_script_once_and_is_named_by_its_source() -> None:
+    name, source = lua.library()
+    assert source.startswith(f"#!lua name={name}\n") and name.startswith(f"{lua.LIBRARY}_")
+    registered = re.findall(r"redis\.register_function\('([^']+)'", source)
+    expected = [s.function for s in (*lua.SCRIPTS.values(), *lua.JOURNALED.values())]
+    assert sorted(registered) == sorted(expected) and len(set(registered)) == len(registered)
+    assert all(f.startswith(name + "_") for f in registered)
+    assert source.count("local function now_us()") == 1  # the prelude once, at the top level
+    assert "ARGV[1]" not in source.split("redis.register_function", 1)[0].split("local function s_", 1)[0]
+    # another source is another name: two versions of forge on one server never share functions
+    lua._library = None
+    saved = dict(lua._texts)
+    try:
+        lua._texts["push"] = lua.read("push") + "-- changed\n"
+        assert lua.library()[0] != name
+    finally:
+        lua._texts.clear()
+        lua._texts.update(saved)
+        lua._library = None
+    assert lua.library() == (name, source)
+
+
 @pytest.mark.redis
 def test_every_script_compiles_on_the_server() -> None:
+    """Both forms: each script's EVAL source (servers without Functions) and the library."""
     url = os.environ.get("FORGE_TEST_REDIS_URL")
     if not url:
         pytest.skip("FORGE_TEST_REDIS_URL is not set")
     redis = pytest.importorskip("redis")
-    from forge.stats.redisjournal import journaled_source
 
     client = redis.Redis.from_url(url, socket_connect_timeout=5)
     try:
-        sources = [s.source for s in lua.SCRIPTS.values()]
-        sources += [journaled_source("finish"), journaled_source("ack_claim")]
+        sources = [s.source for s in (*lua.SCRIPTS.values(), *lua.JOURNALED.values())]
         for source in sources:
             sha = client.script_load(source)  # a syntax error is an error reply
             assert client.script_exists(sha) == [True]
+        name, library = lua.library()
+        try:
+            client.function_load(library)
+        except redis.ResponseError as exc:
+            assert "already exists" in str(exc)
+        (listed,) = client.function_list(library=name)  # RESP2: flat lists of names and values
+        functions = {f[f.index(b"name") + 1].decode() for f in listed[listed.index(b"functions") + 1]}
+        assert functions == {s.function for s in (*lua.SCRIPTS.values(), *lua.JOURNALED.values())}
     finally:
         client.close()
 

@@ -218,13 +218,21 @@ def test_each_outcome_is_journaled_once_and_only_if_it_took_effect(queue_target:
     assert totals.wait.count == 2  # the two first attempts; the retry's wait is its backoff
     s = compute_stats(QueueManager(b), since=600)["totals"]
     assert (s["done"], s["retried"], s["failed"]) == (1, 1, 1)
+    if hasattr(b, "ack_claim"):  # Redis: the ack and the next claim in one script
+        b.push([make_job("default", "probe:run")])
+        nxt = b.ack_claim(second, done, ["default"], "w", 60.0)  # second is done already
+        assert nxt is not None and journal_for(b).totals()["default"].done == 1  # refused: not journaled
+        assert b.ack_claim(nxt, Event("done", nxt.attempt, time.time(), exit_code=0, duration=0.5),
+                           ["default"], "w", 60.0) is None
+        totals = journal_for(b).totals()["default"]
+        assert totals.done == 2 and totals.runtime.sum == pytest.approx(3.25)
 
 
 @pytest.mark.skipif(__import__("shutil").which("redis-server") is None, reason="redis-server is not installed")
 def test_redis_journal_survives_a_script_cache_flush(tmp_path: Path) -> None:
-    """On a server of its own: outcomes are journaled while the server does not know the
-    scripts yet (a fresh or restarted server), also when it knows ``finish`` but not the
-    journal's script."""
+    """On a server of its own: outcomes are journaled while the server does not hold the
+    scripts yet (a fresh or restarted server: the library is loaded by the first call), also
+    after it lost them again (FUNCTION FLUSH, SCRIPT FLUSH)."""
     import socket
 
     import redis
@@ -250,14 +258,14 @@ def test_redis_journal_survives_a_script_cache_flush(tmp_path: Path) -> None:
             c = b.claim(["default"], "w", 60.0)
             b.ack(c, Event("done", c.attempt, time.time(), exit_code=0, duration=0.1))
 
-        finish_one()  # neither script loaded yet
+        finish_one()  # the library loaded by the push
+        client.function_flush()
+        finish_one()  # loaded again by the claim
+        client.function_flush()
         client.script_flush()
-        finish_one()  # again
-        client.script_flush()
-        from forge.backends.redis import lua
-
-        client.script_load(lua.FINISH.source)
-        finish_one()  # finish loaded, the journal's script not
+        c = b.claim(["default"], "w", 60.0)  # loaded again
+        client.function_flush()
+        b.ack(c, Event("done", c.attempt, time.time(), exit_code=0, duration=0.1))  # and by the ack
         assert journal_for(b).totals()["default"].done == 3
         assert b.stats(["default"])[0].done == 3
     finally:

@@ -75,17 +75,35 @@ def check_job_args(spec: Any, args: tuple[str, ...], root: str | None = None) ->
     """Check that ``spec``'s command accepts ``args``, as its Click parser would, with ``root``
     (the project root, where the worker will run it) as the current directory for the path
     checks. Raises ``InvalidCommand`` with Click's message and a hint to the command's --help."""
+    described = _described(spec)
+    if described is not None and not _has_paths(described) and accepts(described, args):
+        return  # no parameter looks at the disk: where this process stands does not matter
     with in_dir(root):
-        _check_args_here(spec, args)
+        _check_args_here(spec, args, described)
 
 
-def _check_args_here(spec: Any, args: tuple[str, ...]) -> None:
+def _described(spec: Any) -> Any:
+    """The argument spec of ``spec``'s command (``forge.registry.argspec.describe``), or None
+    where it cannot be modelled; made once per command function."""
     fn = spec.load()
     described = _arg_specs.get(fn, _UNKNOWN)
     if described is _UNKNOWN:
         from forge.registry.runner import click_command
 
         described = _arg_specs[fn] = describe(click_command(spec))
+    return described
+
+
+def _has_paths(described: dict[str, Any]) -> bool:
+    """Whether any parameter of the argument spec is a path (checked against the disk)."""
+    paths = described.get("_paths")
+    if paths is None:  # found once per spec (not saved)
+        paths = described["_paths"] = any(p["type"]["kind"] == "path"
+                                          for p in (*described["options"], *described["arguments"]))
+    return bool(paths)
+
+
+def _check_args_here(spec: Any, args: tuple[str, ...], described: Any) -> None:
     if described is not None and accepts(described, args):
         return  # what the spec accepts, Click accepts (3-10x faster than asking Click; paths checked now)
     key = (spec, args)

@@ -11,11 +11,11 @@
 
 from __future__ import annotations
 
-import functools
 import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from forge.backends.redis.lua import JOURNAL_ARGS
 from forge.stats import records as rec
 
 if TYPE_CHECKING:
@@ -26,27 +26,6 @@ MAX_MINUTE_BYTES = 12 * 1024 * 1024
 #: A window of more minutes than this (two days, past the default retention) is read from
 #: the minute keys that exist (a SCAN), not by asking for every minute it spans.
 SCAN_OVER = 2 * 1440
-
-
-@functools.cache
-def journaled_source(body: str) -> str:
-    """One script made of two (``scripts/stats_journal.lua`` and ``scripts/<body>.lua``), each
-    run as a function after the shared prelude: ``stats_journal`` (which records only while the
-    claim holds, so exactly when the outcome will take effect), then ``body`` (``finish`` or
-    ``ack_claim``). ARGV: P, the eleven of ``stats_journal``, then those of ``body`` after its P
-    (so a body with a variable tail, ``ack_claim``'s queues, keeps its own numbering)."""
-    from forge.backends.redis import lua
-
-    return (lua.prelude()
-            + "\nlocal function main_body(ARGV)\n" + lua.SCRIPTS[body].body + "\nend\n"
-            + "local function journal_body(ARGV)\n" + lua.STATS_JOURNAL.body + "\nend\n"
-            + f"local J, M = {{}}, {{ARGV[1]}}\nfor i = 1, {1 + JOURNAL_ARGS} do J[i] = ARGV[i] end\n"
-            + f"for i = {2 + JOURNAL_ARGS}, #ARGV do M[#M + 1] = ARGV[i] end\n"
-            + "journal_body(J)\nreturn main_body(M)\n")
-
-
-#: How many arguments ``stats_journal`` takes after P (``RedisJournal.args``).
-JOURNAL_ARGS = 11
 
 
 class RedisJournal:
@@ -82,13 +61,16 @@ class RedisJournal:
     def finish_and_write(self, body: str, body_args: Sequence[Any], job_id: str, token: str,
                          line: bytes, record: rec.Record) -> Any:
         """Run the backend's ``body`` script (``finish`` or ``ack_claim``) and journal its outcome
-        in one atomic script (``journaled_source``): recorded once, and only if the outcome takes
-        effect. Returns what ``body`` returned."""
+        in one atomic script (``lua.JOURNALED``: ``stats_journal``, which records only while the
+        claim holds, so exactly when the outcome will take effect, then ``body``): recorded
+        once, and only if the outcome takes effect. Returns what ``body`` returned."""
         srv = self.server
         jargs = self.args(line, record, job_id, token)
         assert len(jargs) == JOURNAL_ARGS
+        from forge.backends.redis import lua
+
         with srv.io():
-            return srv.c.script(journaled_source(body), srv.prefix, *jargs, *body_args)
+            return srv.run(lua.JOURNALED[body], *jargs, *body_args)
 
     def read(self, since: float, until: float) -> list[rec.Record]:
         """The records with ``since <= t <= until`` (one pipeline of the minutes' keys)."""

@@ -111,12 +111,25 @@ def parse_url(url: str, password: str | None = None) -> Address | None:
 def encode(args: Sequence[Any]) -> bytes:
     """One command in RESP (an array of bulk strings): bytes as they are, str as UTF-8, ints
     in decimal, anything else as its ``repr``."""
-    out = [b"*%d\r\n" % len(args)]
+    return b"*%d\r\n%s" % (len(args), bulks(args))
+
+
+def bulks(args: Sequence[Any]) -> bytes:
+    """``args`` as RESP bulk strings, one after the other (``encode`` without the array's
+    header: what follows a cached head, ``Client.fcall``)."""
+    out = []
     for a in args:
-        if isinstance(a, bytes):
-            b = a
-        elif isinstance(a, str):
+        t = type(a)
+        if t is str:
             b = a.encode()
+        elif t is bytes:
+            b = a
+        elif t is int:
+            b = b"%d" % a
+        elif isinstance(a, bytes):
+            b = bytes(a)
+        elif isinstance(a, str):
+            b = str(a).encode()
         elif isinstance(a, int):
             b = b"%d" % a
         else:
@@ -171,11 +184,15 @@ class _Conn:
 
     def roundtrip(self, cmds: Sequence[Sequence[Any]], timeout: float | None = None) -> list[Any]:
         """Send commands in one write, read their replies (error replies as ReplyError values)."""
+        return self.exchange(b"".join([encode(c) for c in cmds]), len(cmds), timeout)
+
+    def exchange(self, data: bytes, n: int, timeout: float | None = None) -> list[Any]:
+        """Send ``data`` (``n`` commands in RESP) in one write, read their ``n`` replies."""
         try:
             if timeout is not None:
                 self.sock.settimeout(timeout)
-            self.sock.sendall(b"".join(encode(c) for c in cmds))
-            replies = [self._read() for _ in cmds]
+            self.sock.sendall(data)
+            replies = [self._read() for _ in range(n)]
             if timeout is not None:
                 self.sock.settimeout(self.timeout)
         except TimeoutError:
@@ -186,24 +203,32 @@ class _Conn:
         self.used = time.monotonic()
         return replies
 
-    def _read(self) -> Any:
-        line = self.file.readline()
+    def _read(self, line: bytes | None = None) -> Any:
+        """One reply (``line``: its first line, read already)."""
+        if line is None:
+            line = self.file.readline()
         if not line.endswith(b"\r\n"):
             if not line:
                 raise ConnectionFailed(f"Connection closed by server ({self.where}).")
             raise ProtocolFailed(f"Protocol Error: {line[:60]!r}")
         kind, rest = line[:1], line[1:-2]
         if kind == b"$":
+            return self._bulk(int(rest))
+        if kind == b"*":
             n = int(rest)
             if n < 0:
                 return None
-            data = self.file.read(n + 2)
-            if len(data) != n + 2:
-                raise ConnectionFailed(f"Connection closed by server ({self.where}).")
-            return data[:-2]
-        if kind == b"*":
-            n = int(rest)
-            return None if n < 0 else [self._read() for _ in range(n)]
+            out: list[Any] = []
+            for _ in range(n):  # bulk strings and integers read here, other kinds by _read
+                line = self.file.readline()
+                kind = line[:1]
+                if kind == b"$" and line.endswith(b"\r\n"):
+                    out.append(self._bulk(int(line[1:-2])))
+                elif kind == b":" and line.endswith(b"\r\n"):
+                    out.append(int(line[1:-2]))
+                else:
+                    out.append(self._read(line))
+            return out
         if kind == b":":
             return int(rest)
         if kind == b"+":
@@ -211,6 +236,14 @@ class _Conn:
         if kind == b"-":
             return ReplyError(rest.decode("utf-8", "replace"))
         raise ProtocolFailed(f"Protocol Error: {line[:60]!r}")
+
+    def _bulk(self, n: int) -> bytes | None:
+        if n < 0:
+            return None
+        data = self.file.read(n + 2)
+        if len(data) != n + 2:
+            raise ConnectionFailed(f"Connection closed by server ({self.where}).")
+        return data[:-2]
 
     def close(self) -> None:
         for part in (self.file, self.sock):
@@ -230,6 +263,7 @@ class Client:
         self.retries = retries
         self._idle: list[_Conn] = []
         self._shas: dict[str, str] = {}  # script source -> SHA1
+        self._heads: dict[tuple[str, str], bytes] = {}  # (function, prefix) -> encoded (fcall)
 
     def _take(self) -> _Conn:
         pid = os.getpid()
@@ -254,12 +288,16 @@ class Client:
     def pipeline(self, cmds: Sequence[Sequence[Any]], timeout: float | None = None) -> list[Any]:
         """Replies to ``cmds``, sent in one write (error replies as ReplyError values, not
         raised); reconnects and sends them again up to ``retries`` times."""
+        return self.exchange(b"".join([encode(c) for c in cmds]), len(cmds), timeout)
+
+    def exchange(self, data: bytes, n: int, timeout: float | None = None) -> list[Any]:
+        """``pipeline`` of ``n`` commands encoded already (``data``)."""
         attempt = 0
         while True:
             conn: _Conn | None = None
             try:
                 conn = self._take()
-                replies = conn.roundtrip(cmds, timeout)
+                replies = conn.exchange(data, n, timeout)
             except (ConnectionFailed, ReplyTimeout):
                 if conn is not None:
                     conn.close()
@@ -276,6 +314,14 @@ class Client:
                 raise
             self._idle.append(conn)
             return replies
+
+    def fcall(self, function: str, prefix: str, args: Sequence[Any]) -> Any:
+        """The reply to ``FCALL function 0 prefix *args`` (an error reply as a ReplyError value,
+        as ``pipeline``'s): the command's head is encoded once per function and prefix."""
+        head = self._heads.get((function, prefix))
+        if head is None:
+            head = self._heads[(function, prefix)] = bulks(("FCALL", function, 0, prefix))
+        return self.exchange(b"*%d\r\n%s%s" % (len(args) + 4, head, bulks(args)), 1)[0]
 
     def call(self, *args: Any, timeout: float | None = None) -> Any:
         """One command's reply (as ``pipeline``); an error reply is raised as ``ReplyError``."""

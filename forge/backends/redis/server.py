@@ -15,9 +15,10 @@ from __future__ import annotations
 import contextlib
 import sys
 import time
-from collections.abc import Iterator, Sequence
-from typing import Any, Protocol
+from collections.abc import Sequence
+from typing import Any, Literal, Protocol
 
+from forge.backends.redis import lua
 from forge.backends.redis import resp as _resp
 from forge.backends.redis.layout import Layout
 from forge.backends.redis.lua import Script
@@ -48,6 +49,9 @@ class HotClient(Protocol):
 
     def script(self, source: str, *args: Any) -> Any:
         """Run a Lua script (by its SHA once loaded) with ``args`` as ARGV and no KEYS."""
+
+    def fcall(self, function: str, prefix: str, args: Sequence[Any]) -> Any:
+        """The reply to ``FCALL function 0 prefix *args``; an error reply as a value."""
 
     def close(self) -> None:
         """Close the client's connections (those made in this process)."""
@@ -83,6 +87,9 @@ class Server:
         self._connect_timeout = connect_timeout
         self._password = password
         self._redispy: Any = None  # redis-py's client, made on first use (see r)
+        #: Whether the server runs the scripts as Functions (``run``): None until a call says.
+        self.functions: bool | None = None
+        self._io = (_Translated(self, False), _Translated(self, True))
         addr = _resp.parse_url(url, password)
         self.c: HotClient
         if addr is None:  # TLS or options only redis-py knows: it makes every call
@@ -129,23 +136,63 @@ class Server:
         """The key ``P:part:...`` (``Layout.key``)."""
         return self.layout.key(*parts)
 
-    @contextlib.contextmanager
-    def io(self, dispatch: bool = False) -> Iterator[None]:
-        """Turn Redis client errors raised inside into forge's queue errors (``translate``:
-        ``QueueUnavailable``, or ``DispatchFailed`` for a refused dispatch), password masked."""
-        try:
-            yield
-        except _resp.RespError as exc:
-            raise translate(exc, self.where, dispatch, self.url_from) from None
-        except Exception as exc:
-            if _is_redispy_error(exc):
-                raise translate(exc, self.where, dispatch, self.url_from) from None
-            raise
+    def io(self, dispatch: bool = False) -> _Translated:
+        """A context in which Redis client errors are turned into forge's queue errors
+        (``translate``: ``QueueUnavailable``, or ``DispatchFailed`` for a refused dispatch),
+        password masked. (A class, not a generator: it is on every call's path.)"""
+        return self._io[dispatch]
 
     def run(self, script: Script, *args: Any) -> Any:
-        """Run ``script`` with ARGV = prefix, ``args``: by its SHA, loaded into the server on
-        its first NOSCRIPT. Raises the client's errors (call it inside ``io``)."""
-        return self.c.script(script.source, self.prefix, *args)
+        """Run ``script`` with ARGV = prefix, ``args``: an ``FCALL`` of its function on Redis 7+
+        (the library loaded on the first "Function not found": a new or restarted server, or a
+        new version of forge), else by its SHA (``EVALSHA``, loaded on NOSCRIPT). Raises the
+        client's errors (call it inside ``io``)."""
+        if self.functions is False:
+            return self.c.script(script.source, self.prefix, *args)
+        reply = self.c.fcall(script.function, self.prefix, args)
+        if isinstance(reply, Exception):
+            if not self.load_functions(reply):
+                return self.c.script(script.source, self.prefix, *args)  # an older server
+            reply = self.c.fcall(script.function, self.prefix, args)
+            if isinstance(reply, Exception):
+                raise reply
+        self.functions = True
+        return reply
+
+    def command(self, script: Script, *args: Any) -> tuple[Any, ...]:
+        """The command that runs ``script`` (as ``run`` would) inside a pipeline; its reply is
+        an error (``missing_script``) if the server does not hold it yet."""
+        if self.functions is False:
+            return ("EVALSHA", script.sha, 0, self.prefix, *args)
+        return ("FCALL", script.function, 0, self.prefix, *args)
+
+    @staticmethod
+    def missing_script(reply: Any) -> bool:
+        """Whether ``reply`` (of a ``command``) says the server does not hold the script yet, or
+        cannot call functions: the next ``run`` loads it (or finds the other way)."""
+        text = str(reply)
+        return (isinstance(reply, Exception)
+                and ("NOSCRIPT" in text or "Function not found" in text or "unknown command" in text))
+
+    def load_functions(self, error: Exception) -> bool:
+        """After ``error`` answered an ``FCALL``: load the library (``FUNCTION LOAD``) and
+        return True, or return False (and run scripts by EVAL from now on) if this server has
+        no Functions (before Redis 7) or refuses to load them. Raises ``error`` if it is not
+        about the function (a script's own error, an outage)."""
+        text = str(error)
+        if ("unknown command" in text or "NOPERM" in text) and ("FCALL" in text or "fcall" in text):
+            self.functions = False  # no FCALL here, or an ACL that allows EVALSHA but not FCALL
+            return False
+        if "Function not found" not in text:
+            raise error
+        name, source = lua.library()
+        loaded = self.c.pipeline([("FUNCTION", "LOAD", source)])[0]
+        if isinstance(loaded, Exception) and "already exists" not in str(loaded):
+            if "unknown command" in str(loaded) or "NOPERM" in str(loaded) or "no permissions" in str(loaded):
+                self.functions = False  # FCALL there, FUNCTION LOAD not allowed: EVAL instead
+                return False
+            raise loaded
+        return True
 
     def clock(self) -> float:
         """The server's clock minus ours (seconds): from the fastest of three ``TIME`` round
@@ -176,6 +223,27 @@ class Server:
         if self._redispy is not None:
             with contextlib.suppress(Exception):
                 self._redispy.close()
+
+
+class _Translated:
+    """``Server.io``'s context: a client error raised inside comes out as ``translate`` makes it."""
+
+    __slots__ = ("srv", "dispatch")
+
+    def __init__(self, srv: Server, dispatch: bool) -> None:
+        self.srv = srv
+        self.dispatch = dispatch
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: Any) -> Literal[False]:
+        if exc is None or not isinstance(exc, Exception):
+            return False
+        if isinstance(exc, _resp.RespError) or _is_redispy_error(exc):
+            srv = self.srv
+            raise translate(exc, srv.where, self.dispatch, srv.url_from) from None
+        return False
 
 
 def raise_first(replies: list[Any]) -> list[Any]:
@@ -251,6 +319,10 @@ class PyClient:
         for c in cmds:
             pipe.execute_command(*c)
         return list(pipe.execute(raise_on_error=False))
+
+    def fcall(self, function: str, prefix: str, args: Sequence[Any]) -> Any:
+        """``FCALL function 0 prefix *args`` (an error reply returned, as ``pipeline``'s)."""
+        return self.pipeline([("FCALL", function, 0, prefix, *args)])[0]
 
     def script(self, source: str, *args: Any) -> Any:
         """Run ``source`` through redis-py's registered scripts (EVALSHA, NOSCRIPT handled)."""

@@ -40,23 +40,26 @@ class Store:
         args: list[Any] = [len(jobs)]
         keys: dict[str, str] = {}
         for job in jobs:
-            validate_queue_name(job.queue)
+            queue = job.queue
+            validate_queue_name(queue)
             blob = job.to_json()
             if len(blob) > MAX_PAYLOAD_BYTES:
                 raise UsageError(f"Job {job.id} is {len(blob)} bytes, over the {MAX_PAYLOAD_BYTES}-byte cap.")
-            ukey = ""
+            ukey = ttl = ""
             if job.unique_key is not None:
                 ukey = hash_key(job.unique_key)
                 keys[ukey] = job.unique_key
-            ttl = unique_ttl_ms(job.unique_key, job.unique_ttl)
+                ttl = unique_ttl_ms(job.unique_key, job.unique_ttl)
             timeout = str(us(job.timeout)) if job.timeout is not None else ""
             due = us(job.available_at + skew) if job.available_at > now else 0
-            args += [job.id, job.queue, blob, due, timeout, ukey, ttl]
+            args += (job.id, queue, blob, due, timeout, ukey, ttl)
         with self.srv.io(dispatch=True):
             reply = self.srv.run(lua.PUSH, *args)
         if reply[0] == b"dup":
             raise DuplicateJob(keys.get(reply[1].decode(), reply[1].decode()), reply[2].decode())
         # A random id that exists was stored by this very push, on a retry after a lost reply.
+        if len(jobs) == 1 and reply[2] == b"1":
+            return [True]
         return [flag == "1" or not is_idempotent_id(job.id) for job, flag in zip(jobs, reply[2].decode(), strict=True)]
 
     def _clock_for_push(self, jobs: Sequence[Job], now: float) -> float:

@@ -14,25 +14,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from typing import Any
 
 from forge.backends.base import Claim
 from forge.backends.redis import lua
-from forge.backends.redis import resp as _resp
 from forge.backends.redis.claim import Claimer
 from forge.backends.redis.server import BLOCK_CAP, Server, raise_first
 from forge.config import validate_queue_name
-
-_shas: dict[str, str] = {}
-
-
-def _sha(source: str) -> str:
-    sha = _shas.get(source)
-    if sha is None:
-        import hashlib
-
-        sha = _shas[source] = hashlib.sha1(source.encode()).hexdigest()
-    return sha
 
 
 class Waker:
@@ -88,8 +75,7 @@ class Waker:
         keys = [srv.layout.queue(q, "notify") for q in queues]
         block = min(timeout, BLOCK_CAP)
         token = claimer.token()
-        claim: list[Any] = ["EVALSHA", _sha(lua.CLAIM.source), 0, srv.prefix,
-                            *claimer.claim_args(queues, worker, token, claim_timeout)]
+        claim = srv.command(lua.CLAIM, *claimer.claim_args(queues, worker, token, claim_timeout))
         with srv.io():
             woke, marker, reply = srv.c.pipeline(
                 [("BLPOP", *keys, f"{block:.3f}"), ("GET", srv.key("restart")), claim],
@@ -98,9 +84,9 @@ class Waker:
                 raise woke
             if not isinstance(marker, Exception):
                 srv.restart_cache = (time.monotonic(), marker)
-            if isinstance(reply, _resp.ReplyError):
-                if str(reply).startswith("NOSCRIPT"):
-                    return None  # a flushed server: the next plain claim loads the script again
+            if isinstance(reply, Exception):
+                if srv.missing_script(reply):
+                    return None  # a new or flushed server: the next plain claim loads the script
                 raise reply
         claimer.retry_token = None
         return claimer.claimed(reply, token)

@@ -173,30 +173,23 @@ local function take(ns, holder, lease)
   end
   return scopes
 end
-local function begin(q, id)
-  local attempt = redis.call('HINCRBY', ik(id), 'attempts', 1)
-  local eff = tonumber(redis.call('HGET', ik(id), 'timeout')) or tonumber(ARGV[5])
-  local deadline = now + eff + tonumber(ARGV[6])
-  local lease = now + math.min(tonumber(ARGV[8]), deadline - now + tonumber(ARGV[7]))
-  return attempt, deadline, lease
+local function begin(id)
+  return begin_attempt(id, redis.call('HGET', ik(id), 'timeout'), now, tonumber(ARGV[5]), tonumber(ARGV[6]),
+                       tonumber(ARGV[7]), tonumber(ARGV[8]))
 end
 
 -- A claim sent again with its token (its reply was lost) gets the same job back, with the
--- slots it holds, as claim_next's does (the same P:wclaim:<worker> key).
-local wck = P .. ':wclaim:' .. worker
-local last = redis.call('GET', wck)
-if last and string.sub(last, 1, #token + 1) == token .. ' ' then
-  local id = string.sub(last, #token + 2)
-  local info = redis.call('HMGET', ik(id), 'state', 'token', 'queue', 'attempts', 'claimed', 'deadline')
-  local lease = info[1] == 'reserved' and info[2] == token and redis.call('ZSCORE', qk(info[3], 'reserved'), id)
-  if lease then
-    local scopes = {}
-    for _, n in ipairs(needs(info[3], own_limits(id))) do
-      if n[1] == 's' and redis.call('ZSCORE', sk(n[2]), id) then table.insert(scopes, n[2]) end
-    end
-    return {info[5], id, redis.call('GET', jk(id)), tonumber(info[4]), info[6], us(tonumber(lease)),
-            cjson.encode(scopes), '[]'}
+-- slots it holds, as claim_next's does (the prelude's resumed: the same P:wclaim:<worker> key).
+local rid, rinfo, rlease = resumed(worker, token)
+if rid then
+  local scopes = {}
+  for _, n in ipairs(needs(rinfo[3], own_limits(rid))) do
+    if n[1] == 's' and redis.call('ZSCORE', sk(n[2]), rid) then table.insert(scopes, n[2]) end
   end
+  local reply = resumed_reply(rid, rinfo, rlease)
+  table.insert(reply, cjson.encode(scopes))
+  table.insert(reply, '[]')
+  return reply
 end
 
 local wake = nil
@@ -231,7 +224,7 @@ for i = 11, #ARGV do
             else
               redis.call('LREM', pk, 1, id)
               removed = removed + 1
-              local attempt, deadline, lease = begin(q, id)
+              local attempt, deadline, lease = begin(id)
               if why then
                 -- isolation held by another run, on_busy=drop: recorded as failed, not run
                 redis.call('APPEND', jk(id), '{"event":"failed","attempt":' .. attempt .. ',"at":' ..
@@ -243,15 +236,10 @@ for i = 11, #ARGV do
                 table.insert(dropped, id)
               else
                 local scopes = take(ns, id, lease)
-                redis.call('HSET', ik(id), 'state', 'reserved', 'token', token,
-                           'claimed', us(now), 'deadline', us(deadline))
-                redis.call('ZADD', qk(q, 'reserved'), us(lease), id)
-                redis.call('SET', wck, token .. ' ' .. id, 'EX', 86400)
-                redis.call('APPEND', jk(id), '{"event":"claimed","attempt":' .. attempt .. ',"at":' ..
-                           secs(now) .. ',"worker":' .. worker .. ',"deadline":' .. secs(deadline) ..
-                           ',"log_offset":' .. redis.call('STRLEN', P .. ':log:' .. id) .. '}\n')
-                return {us(now), id, redis.call('GET', jk(id)), attempt, us(deadline), us(lease),
-                        cjson.encode(scopes), cjson.encode(dropped)}
+                local reply = reserve(q, id, now, worker, token, attempt, deadline, lease)
+                table.insert(reply, cjson.encode(scopes))
+                table.insert(reply, cjson.encode(dropped))
+                return reply
               end
             end
           end

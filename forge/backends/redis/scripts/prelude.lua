@@ -1,13 +1,15 @@
--- The prelude: sent in front of every other script of this directory (forge/backends/redis/lua.py
--- joins them), so each script can use P and the helpers below. Not a script of its own.
+-- The prelude: the constants and helpers every other script of this directory shares. Not a
+-- script of its own. On Redis 7+ forge/backends/redis/lua.py makes one Functions library of it
+-- and every script (loaded once per server with FUNCTION LOAD, each script a function called
+-- with FCALL), so the helpers are defined once, not on every call; on an older server each
+-- script is sent (EVAL, then EVALSHA) after a copy of it.
 -- Before it, lua.py puts one line per constant the scripts share: `local PROMOTE_BATCH = <n>`
--- (due delayed jobs moved per promotion).
+-- (due delayed jobs moved per promotion), and the prefix P (ARGV[1] of every call; a function
+-- sets it as it starts).
 -- KEYS: none (every key is built from the prefix, so Redis Cluster is not supported).
 -- ARGV[1]: the key prefix P, in every script. Key layout: forge/backends/redis/layout.py.
 -- Numbers cross the Lua boundary as strings of integer microseconds: Lua's tostring would
 -- round a timestamp to 14 digits. Times are the server's (TIME).
-if redis.replicate_commands then redis.replicate_commands() end
-local P = ARGV[1]
 local function now_us()
   local t = redis.call('TIME')
   return tonumber(t[1]) * 1000000 + tonumber(t[2])
@@ -47,8 +49,9 @@ local function enqueue(id, q, now, delay, ...)
   end
   notify(q)
 end
-local function free_unique(id)
-  local uk = redis.call('HGET', ik(id), 'ukey')
+local function free_unique(id, uk)
+  -- uk: the job's ukey field if the caller read it already (false: none), else it is read here.
+  if uk == nil then uk = redis.call('HGET', ik(id), 'ukey') end
   if uk and uk ~= '' then
     local k = P .. ':unique:' .. uk
     if redis.call('GET', k) == id then redis.call('DEL', k) end
@@ -60,7 +63,7 @@ end
 
 local function finish_job(now, id, token, mode, event, attempts, delay, keep_done, only_expired)
   -- End the claim (id, token) as mode (done|release|failed); 1 if it held, else 0. See finish.
-  local info = redis.call('HMGET', ik(id), 'state', 'token', 'queue')
+  local info = redis.call('HMGET', ik(id), 'state', 'token', 'queue', 'ukey')
   if info[1] ~= 'reserved' or info[2] ~= token then return 0 end
   local q = info[3]
   local rk = qk(q, 'reserved')
@@ -69,6 +72,12 @@ local function finish_job(now, id, token, mode, event, attempts, delay, keep_don
     if lease and lease > now then return 0 end
   end
   redis.call('ZREM', rk, id)
+  if mode == 'done' and keep_done ~= '1' then
+    -- Deleted in this same step: the claim's fields and the event would go with it unseen.
+    free_unique(id, info[4])
+    drop(id)
+    return 1
+  end
   redis.call('HDEL', ik(id), 'token', 'claimed', 'deadline')
   if event ~= '' then redis.call('APPEND', jk(id), event) end
   if mode == 'release' then
@@ -76,31 +85,53 @@ local function finish_job(now, id, token, mode, event, attempts, delay, keep_don
     enqueue(id, q, now, delay)
     return 1
   end
-  free_unique(id)
-  if mode == 'done' and keep_done ~= '1' then
-    drop(id)
-    return 1
-  end
+  free_unique(id, info[4])
   redis.call('ZADD', qk(q, mode), us(now), id)
   redis.call('HSET', ik(id), 'state', mode, 'at', us(now))
   return 1
 end
-local function claim_next(now, worker, token, default_timeout, grace, margin, window, args, first)
-  -- Claim the first due job of the queues args[first..] (the caller's own ARGV, passed in: a
-  -- script run as a function of a larger one sees only its part); see claim for the reply. A
-  -- claim sent again with its token (its reply was lost: a crash, a timeout) gets the same job back.
-  local wk = P .. ':wclaim:' .. worker
-  local last = redis.call('GET', wk)
+local function resumed(worker, token)
+  -- The job a claim sent again with its token took (its reply was lost: a crash, a timeout),
+  -- if that claim still holds: id, its info (state, token, queue, attempts, claimed, deadline)
+  -- and its lease; else nil. P:wclaim:<worker> names the worker's last claim.
+  local last = redis.call('GET', P .. ':wclaim:' .. worker)
   if last and string.sub(last, 1, #token + 1) == token .. ' ' then
     local id = string.sub(last, #token + 2)
     local info = redis.call('HMGET', ik(id), 'state', 'token', 'queue', 'attempts', 'claimed', 'deadline')
     if info[1] == 'reserved' and info[2] == token then
       local lease = redis.call('ZSCORE', qk(info[3], 'reserved'), id)
-      if lease then
-        return {info[5], id, redis.call('GET', jk(id)), tonumber(info[4]), info[6], us(tonumber(lease))}
-      end
+      if lease then return id, info, lease end
     end
   end
+  return nil
+end
+local function resumed_reply(id, info, lease)
+  -- A claim's reply for what resumed found: {claimed_us, id, record, attempt, deadline_us, lease_us}.
+  return {info[5], id, redis.call('GET', jk(id)), tonumber(info[4]), info[6], us(tonumber(lease))}
+end
+local function begin_attempt(id, timeout, now, default_timeout, grace, margin, window)
+  -- Count an attempt of job id (its timeout field: timeout); returns attempt, deadline, lease.
+  local attempt = redis.call('HINCRBY', ik(id), 'attempts', 1)
+  local deadline = now + (tonumber(timeout) or default_timeout) + grace
+  return attempt, deadline, now + math.min(window, deadline - now + margin)
+end
+local function reserve(q, id, now, worker, token, attempt, deadline, lease)
+  -- Reserve job id (taken off q's pending list) for the claim (worker, token): the claim's
+  -- reply {now_us, id, record, attempt, deadline_us, lease_us}.
+  redis.call('HSET', ik(id), 'state', 'reserved', 'token', token, 'claimed', us(now), 'deadline', us(deadline))
+  redis.call('ZADD', qk(q, 'reserved'), us(lease), id)
+  redis.call('SET', P .. ':wclaim:' .. worker, token .. ' ' .. id, 'EX', 86400)
+  redis.call('APPEND', jk(id), '{"event":"claimed","attempt":' .. attempt .. ',"at":' ..
+             secs(now) .. ',"worker":' .. worker .. ',"deadline":' .. secs(deadline) ..
+             ',"log_offset":' .. redis.call('STRLEN', P .. ':log:' .. id) .. '}\n')
+  return {us(now), id, redis.call('GET', jk(id)), attempt, us(deadline), us(lease)}
+end
+local function claim_next(now, worker, token, default_timeout, grace, margin, window, args, first)
+  -- Claim the first due job of the queues args[first..] (the caller's own ARGV, passed in: a
+  -- script run as a function of a larger one sees only its part); see claim for the reply. A
+  -- claim sent again with its token (its reply was lost) gets the same job back (resumed).
+  local rid, rinfo, rlease = resumed(worker, token)
+  if rid then return resumed_reply(rid, rinfo, rlease) end
   for i = first, #args do
     local q = args[i]
     if redis.call('SISMEMBER', P .. ':paused', q) == 0 then
@@ -111,18 +142,8 @@ local function claim_next(now, worker, token, default_timeout, grace, margin, wi
         if not id then break end
         local info = redis.call('HMGET', ik(id), 'state', 'timeout')
         if info[1] == 'pending' then
-          local attempt = redis.call('HINCRBY', ik(id), 'attempts', 1)
-          local eff = tonumber(info[2]) or default_timeout
-          local deadline = now + eff + grace
-          local lease = now + math.min(window, deadline - now + margin)
-          redis.call('HSET', ik(id), 'state', 'reserved', 'token', token,
-                     'claimed', us(now), 'deadline', us(deadline))
-          redis.call('ZADD', qk(q, 'reserved'), us(lease), id)
-          redis.call('SET', wk, token .. ' ' .. id, 'EX', 86400)
-          redis.call('APPEND', jk(id), '{"event":"claimed","attempt":' .. attempt .. ',"at":' ..
-                     secs(now) .. ',"worker":' .. worker .. ',"deadline":' .. secs(deadline) ..
-                     ',"log_offset":' .. redis.call('STRLEN', P .. ':log:' .. id) .. '}\n')
-          return {us(now), id, redis.call('GET', jk(id)), attempt, us(deadline), us(lease)}
+          local attempt, deadline, lease = begin_attempt(id, info[2], now, default_timeout, grace, margin, window)
+          return reserve(q, id, now, worker, token, attempt, deadline, lease)
         end
       end
     end

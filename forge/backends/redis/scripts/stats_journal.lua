@@ -1,8 +1,9 @@
 -- Journal one attempt's outcome (forge/stats/redisjournal.py): the record appended to its
 -- minute's string (which stops growing at ARGV[4] bytes and expires after ARGV[5] seconds),
 -- and the running totals. With a job id it records only while the job is reserved under the
--- claim's token ARGV[12]: run just before `finish` in one script (forge/stats/redisjournal.py
--- builds it from the two), that is exactly when the finish takes effect.
+-- claim's token ARGV[12]. Run with an outcome in one script (lua.Joined, for
+-- forge/stats/redisjournal.py), it runs after `finish` or `ack_claim`, unconditionally, and only
+-- if the claim held: exactly when the outcome took effect.
 -- KEYS: none.
 -- ARGV[1]: P; ARGV[2]: minute (Unix time // 60); ARGV[3]: the record line; ARGV[4]: cap (bytes);
 --   ARGV[5]: ttl seconds; ARGV[6]: totals field of the outcome ('<queue>|done');
