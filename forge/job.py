@@ -99,14 +99,18 @@ def is_idempotent_id(job_id: str) -> bool:
     return len(job_id) == 36 and job_id[14] == "8"
 
 
-def json_depth(value: Any) -> int:
-    """How deeply ``value`` nests lists and dicts (a scalar: 0), found without recursion."""
+def json_depth(value: Any, limit: int = MAX_JSON_DEPTH) -> int:
+    """How deeply ``value`` nests lists and dicts (a scalar: 0), found without recursion;
+    counting stops past ``limit``, so a value that contains itself is ``limit + 1`` deep
+    instead of endless. Each level visits a container once, however often it is shared."""
     depth, level = 0, [value]
     while True:
-        containers = [x for x in level if isinstance(x, list | dict)]
+        containers = list({id(x): x for x in level if isinstance(x, list | dict)}.values())
         if not containers:
             return depth
         depth += 1
+        if depth > limit:
+            return depth
         level = [v for x in containers for v in (x.values() if isinstance(x, dict) else x)]
 
 

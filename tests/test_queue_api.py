@@ -18,7 +18,7 @@ from forge.errors import (
     QueueUnavailable,
     UnknownQueuedCommand,
 )
-from forge.job import MAX_PAYLOAD_BYTES, Event, Reason, State, idempotent_id
+from forge.job import MAX_PAYLOAD_BYTES, Event, Reason, State, idempotent_id, json_depth
 from forge.queue import CommandQueue, JobDispatch, QueuedCommand, QueueManager
 from forge.queue.manager import batch_key
 
@@ -166,6 +166,25 @@ def test_metadata_nested_too_deeply() -> None:
     with pytest.raises(InvalidCommand, match="64 levels"):
         q.dispatch(SLEEP.with_metadata("x", deep))
     assert q.size() == 1
+
+
+def test_metadata_that_contains_itself_is_refused_at_once() -> None:
+    """Metadata that refers to itself would make the depth check loop for ever (the dispatch
+    hung): it is refused, and so is a list that contains itself; shared (not circular) parts
+    are fine, and cost one visit a level however often they are shared."""
+    q = CommandQueue()
+    loop: dict[str, object] = {"a": 1}
+    loop["self"] = loop
+    ring: list[object] = []
+    ring.append(ring)
+    for value in (loop, ring):
+        with pytest.raises(InvalidCommand, match="contains itself"):
+            q.dispatch(SLEEP.with_metadata("x", value))
+    shared: list[object] = [1]
+    for _ in range(40):  # 2**40 paths, 40 levels
+        shared = [shared, shared]
+    assert json_depth(shared) == 41
+    assert q.size() == 0
 
 
 @pytest.mark.parametrize("value", [object(), {1, 2}, float("nan"), b"bytes"])

@@ -255,8 +255,8 @@ class QueuedCommand:
         if self.metadata and not all(isinstance(k, str) for k in self.metadata):
             raise InvalidCommand(f"{self.command}: metadata keys must be strings.")
         if self.metadata and json_depth(dict(self.metadata)) > MAX_JSON_DEPTH:
-            raise InvalidCommand(f"{self.command}: metadata nests deeper than {MAX_JSON_DEPTH} levels;"
-                                 " flatten it or pass it by reference.")
+            raise InvalidCommand(f"{self.command}: metadata nests deeper than {MAX_JSON_DEPTH} levels (or"
+                                 " contains itself); flatten it or pass it by reference.")
         if self.unique_key is not None and (not isinstance(self.unique_key, str) or not self.unique_key):
             raise InvalidCommand(f"{self.command}: the unique key must be a non-empty string.")
         key = self.idempotency_key
