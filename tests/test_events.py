@@ -266,6 +266,32 @@ def test_a_broken_events_table_stops_every_write_that_raises_events(proj: Proj, 
     assert [(i.job.id, i.state) for i in proj.backend.jobs()] == [(job_id, State.DELAYED)]
 
 
+@pytest.mark.parametrize("toml", ["[listeners]\n", "listeners = false\n", "listeners = {}\n"])
+def test_an_empty_or_false_listeners_key_is_refused_before_a_write(tmp_path: Path, toml: str,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """``[listeners]`` (one pair of brackets, no keys: a typo of ``[[listeners]]``) and
+    ``listeners = false`` are no [[listeners]] tables: the CLI and the library refuse them
+    with exit 2 / ConfigError and store nothing, as when forge.config parsed them."""
+    from forge.config import load_settings
+    from forge.errors import ConfigError
+    from forge.queue import CommandQueue, QueuedCommand
+
+    proj = Proj("file", tmp_path / "p")
+    try:
+        proj.config.write_text(toml + proj.config.read_text())  # a top-level key goes before the tables
+        res = subprocess.run([sys.executable, "-m", "forge", "queue:dispatch", "ev:job"], env=proj.env,
+                             capture_output=True, text=True, timeout=60)
+        assert res.returncode == 2 and "listeners must be [[listeners]] tables" in res.stderr, res.stderr
+        monkeypatch.setenv("FORGE_CONFIG", str(proj.config))
+        monkeypatch.delenv("FORGE_QUEUE_DIR", raising=False)
+        queue = CommandQueue(connection=proj.backend, settings=load_settings())
+        with pytest.raises(ConfigError, match=r"listeners must be \[\[listeners\]\] tables"):
+            queue.dispatch(QueuedCommand("ev:job"))
+        assert not list(proj.backend.jobs())
+    finally:
+        proj.close()
+
+
 def test_dispatch_and_cancel_raise_their_events(proj: Proj) -> None:
     proj.write(LISTEN_ALL)
     job_id = proj.dispatch("--code=1", opts=("--delay=1h",))
