@@ -254,6 +254,7 @@ def test_a_broken_events_table_stops_every_write_that_raises_events(proj: Proj, 
     queue = CommandQueue(connection=proj.backend, settings=settings)
     for write in (lambda: queue.dispatch(QueuedCommand("ev:job")), lambda: queue.push(QueuedCommand("ev:job")),
                   lambda: queue.dispatch_many([QueuedCommand("ev:job")]),
+                  lambda: queue.store([QueuedCommand("ev:job").to_job("default")]),  # not built by jobs_for
                   lambda: QueueManager(proj.backend, settings=settings).cancel(job_id),
                   lambda: Scheduler([], settings=settings, backend=proj.backend)):
         with pytest.raises(ConfigError, match="events.budget must be more than 0 and at most 5s"):

@@ -196,7 +196,10 @@ class CommandQueue(_Connected):
 
     def store(self, jobs: Sequence[Job]) -> builtins.list[bool]:
         """Store jobs that ``jobs_for`` built (and so validated) as one durable batch. True for
-        each job stored, False for each whose idempotency key had been used (nothing stored)."""
+        each job stored, False for each whose idempotency key had been used (nothing stored).
+        A broken [[listeners]] or [events] table stops it before the write, as it stops
+        ``jobs_for`` (for jobs built some other way, as ``QueuedCommand.to_job``)."""
+        self._prepare()
         created = list(self.backend.push(jobs)) if jobs else []
         self._dispatched(jobs, created)
         return created
