@@ -306,6 +306,29 @@ def test_dispatch_and_cancel_raise_their_events(proj: Proj) -> None:
     assert got["job.failed"]["reason"] == "cancelled" and got["job.cancelled"]["job_id"] == job_id
 
 
+def test_a_cancel_from_the_dashboard_raises_its_events(proj: Proj, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The dashboard's cancel button fails a waiting job as ``queue:cancel`` does, and raises
+    the same ``job.cancelled`` and ``job.failed`` (it cancelled on the backend directly, and
+    raised none)."""
+    pytest.importorskip("starlette")
+    from forge.config import load_settings
+    from forge.dashboard.app import Dashboard
+    from forge.dashboard.security import Guard
+    from forge.queue import QueueManager
+
+    proj.write(LISTEN_ALL)
+    job_id = proj.dispatch(opts=("--delay=1h",))
+    monkeypatch.setenv("FORGE_CONFIG", str(proj.config))
+    monkeypatch.delenv("FORGE_QUEUE_DIR", raising=False)
+    manager = QueueManager(proj.backend, settings=load_settings())
+    dashboard = Dashboard(manager, Guard("127.0.0.1", 8000, allow_actions=True))
+    assert dashboard._act("cancel", {"job": job_id}) == ("ok", f"Job {job_id} cancelled.")
+    assert exited([proj.worker("--queue=events", "--stop-when-empty")]) == [0]
+    got = {e["event"]: e for e in proj.events()}
+    assert set(got) == {"job.dispatched", "job.cancelled", "job.failed"}, got
+    assert got["job.failed"]["reason"] == "cancelled" and got["job.cancelled"]["job_id"] == job_id
+
+
 # -- SIGKILL around the outcome ----------------------------------------------------------------
 
 
