@@ -105,8 +105,10 @@ class Settings:
     searched: tuple[Path, ...] = ()
     #: Whether forge.toml has [[listeners]] (``forge.events``): a dispatch without them pays nothing.
     listeners: bool = False
-    #: Whether forge.toml has an [events] table. Both are parsed by ``forge.events.config``, not
-    #: here: whatever raises events checks them before it writes (``forge.events.config.check``).
+    #: Whether forge.toml has an [events] table or a ``listeners`` key that ``listeners`` does not
+    #: count (``[listeners]``, ``listeners = false``: not [[listeners]] tables, refused). Both are
+    #: parsed by ``forge.events.config``, not here: whatever raises events checks them before
+    #: it writes (``forge.events.config.check``).
     events: bool = False
 
     def connection_config(self, name: str | None = None) -> Connection:
@@ -456,7 +458,7 @@ def load_settings(
         project_path=project_path,
         searched=() if config_file else (start, *start.parents),
         listeners=bool(data.get("listeners")),
-        events="events" in data,
+        events="events" in data or ("listeners" in data and not data["listeners"]),
     )
 
 

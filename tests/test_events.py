@@ -254,6 +254,7 @@ def test_a_broken_events_table_stops_every_write_that_raises_events(proj: Proj, 
     queue = CommandQueue(connection=proj.backend, settings=settings)
     for write in (lambda: queue.dispatch(QueuedCommand("ev:job")), lambda: queue.push(QueuedCommand("ev:job")),
                   lambda: queue.dispatch_many([QueuedCommand("ev:job")]),
+                  lambda: queue.store([QueuedCommand("ev:job").to_job("default")]),  # not built by jobs_for
                   lambda: QueueManager(proj.backend, settings=settings).cancel(job_id),
                   lambda: Scheduler([], settings=settings, backend=proj.backend)):
         with pytest.raises(ConfigError, match="events.budget must be more than 0 and at most 5s"):
@@ -266,6 +267,32 @@ def test_a_broken_events_table_stops_every_write_that_raises_events(proj: Proj, 
     assert [(i.job.id, i.state) for i in proj.backend.jobs()] == [(job_id, State.DELAYED)]
 
 
+@pytest.mark.parametrize("toml", ["[listeners]\n", "listeners = false\n", "listeners = {}\n"])
+def test_an_empty_or_false_listeners_key_is_refused_before_a_write(tmp_path: Path, toml: str,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """``[listeners]`` (one pair of brackets, no keys: a typo of ``[[listeners]]``) and
+    ``listeners = false`` are no [[listeners]] tables: the CLI and the library refuse them
+    with exit 2 / ConfigError and store nothing, as when forge.config parsed them."""
+    from forge.config import load_settings
+    from forge.errors import ConfigError
+    from forge.queue import CommandQueue, QueuedCommand
+
+    proj = Proj("file", tmp_path / "p")
+    try:
+        proj.config.write_text(toml + proj.config.read_text())  # a top-level key goes before the tables
+        res = subprocess.run([sys.executable, "-m", "forge", "queue:dispatch", "ev:job"], env=proj.env,
+                             capture_output=True, text=True, timeout=60)
+        assert res.returncode == 2 and "listeners must be [[listeners]] tables" in res.stderr, res.stderr
+        monkeypatch.setenv("FORGE_CONFIG", str(proj.config))
+        monkeypatch.delenv("FORGE_QUEUE_DIR", raising=False)
+        queue = CommandQueue(connection=proj.backend, settings=load_settings())
+        with pytest.raises(ConfigError, match=r"listeners must be \[\[listeners\]\] tables"):
+            queue.dispatch(QueuedCommand("ev:job"))
+        assert not list(proj.backend.jobs())
+    finally:
+        proj.close()
+
+
 def test_dispatch_and_cancel_raise_their_events(proj: Proj) -> None:
     proj.write(LISTEN_ALL)
     job_id = proj.dispatch("--code=1", opts=("--delay=1h",))
@@ -276,6 +303,29 @@ def test_dispatch_and_cancel_raise_their_events(proj: Proj) -> None:
     got = {e["event"]: e for e in proj.events()}
     assert set(got) == {"job.dispatched", "job.cancelled", "job.failed"}
     assert got["job.dispatched"]["available_at"] > got["job.dispatched"]["dispatched_at"]
+    assert got["job.failed"]["reason"] == "cancelled" and got["job.cancelled"]["job_id"] == job_id
+
+
+def test_a_cancel_from_the_dashboard_raises_its_events(proj: Proj, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The dashboard's cancel button fails a waiting job as ``queue:cancel`` does, and raises
+    the same ``job.cancelled`` and ``job.failed`` (it cancelled on the backend directly, and
+    raised none)."""
+    pytest.importorskip("starlette")
+    from forge.config import load_settings
+    from forge.dashboard.app import Dashboard
+    from forge.dashboard.security import Guard
+    from forge.queue import QueueManager
+
+    proj.write(LISTEN_ALL)
+    job_id = proj.dispatch(opts=("--delay=1h",))
+    monkeypatch.setenv("FORGE_CONFIG", str(proj.config))
+    monkeypatch.delenv("FORGE_QUEUE_DIR", raising=False)
+    manager = QueueManager(proj.backend, settings=load_settings())
+    dashboard = Dashboard(manager, Guard("127.0.0.1", 8000, allow_actions=True))
+    assert dashboard._act("cancel", {"job": job_id}) == ("ok", f"Job {job_id} cancelled.")
+    assert exited([proj.worker("--queue=events", "--stop-when-empty")]) == [0]
+    got = {e["event"]: e for e in proj.events()}
+    assert set(got) == {"job.dispatched", "job.cancelled", "job.failed"}, got
     assert got["job.failed"]["reason"] == "cancelled" and got["job.cancelled"]["job_id"] == job_id
 
 

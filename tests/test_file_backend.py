@@ -1024,3 +1024,25 @@ def test_a_leased_claim_whose_event_cannot_be_written_is_no_claim(tiny_fs: Path,
     info = fb.find(j.id)
     assert info is not None and [e.event for e in info.events].count("claimed") == 1
     fb.close()
+
+
+@pytest.mark.parametrize("kind", sorted(HOSTILE))
+def test_hostile_file_is_quarantined_by_a_claim_through_the_limits(fb: FileBackend, qdir: Path, tmp_path: Path,
+                                                                    kind: str) -> None:
+    """The claim path of a worker with [limits] (``Limiter``) opens, checks and locks a pending
+    file as the plain claim does (``JobFiles.lock_pending``): the same quarantine, and the valid
+    jobs flow."""
+    from forge.limits.spec import LimitsConfig, QueueLimits
+
+    cfg = LimitsConfig(queues={"other": QueueLimits(parallel=1)})  # [limits]: every claim goes through them
+    fb.push([job()])
+    hostile = HOSTILE[kind](qdir / "q" / "default" / "pending", tmp_path / "outside.job")
+    fb.push([job()])
+    got = []
+    with pytest.warns(UserWarning, match="Quarantined"):
+        while (c := fb.claim_limited(["default"], WORKER, 60, cfg)) is not None:
+            got.append(c.job.id)
+            fb.ack(c, Event("done", c.attempt, time.time()))
+    assert len(got) == 2 and not os.path.lexists(hostile)
+    assert len(list((qdir / "quarantine").glob("*.reason"))) == 1
+    assert fb.stats()[0].pending == 0

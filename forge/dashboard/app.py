@@ -361,7 +361,7 @@ class Dashboard:
             if name == "forget":
                 return ("ok", f"Job {job_id} deleted.") if m.forget(job_id) else \
                     ("error", f"Job {job_id} is not a failed job: nothing deleted.")
-            info = m.backend.cancel(job_id)
+            info = m.cancel_waiting(job_id)  # with its events, as queue:cancel
             if info is not None:
                 return "ok", f"Job {job_id} cancelled."
             now = m.backend.find(job_id)

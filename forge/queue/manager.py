@@ -196,7 +196,10 @@ class CommandQueue(_Connected):
 
     def store(self, jobs: Sequence[Job]) -> builtins.list[bool]:
         """Store jobs that ``jobs_for`` built (and so validated) as one durable batch. True for
-        each job stored, False for each whose idempotency key had been used (nothing stored)."""
+        each job stored, False for each whose idempotency key had been used (nothing stored).
+        A broken [[listeners]] or [events] table stops it before the write, as it stops
+        ``jobs_for`` (for jobs built some other way, as ``QueuedCommand.to_job``)."""
+        self._prepare()
         created = list(self.backend.push(jobs)) if jobs else []
         self._dispatched(jobs, created)
         return created
@@ -431,14 +434,9 @@ class QueueManager(_Connected):
         seconds for that. ``JobNotFound`` for an unknown id; ``UsageError`` for a job that is
         running (without ``running``) or finished."""
         job_id = _job_id(job_id)
-        observer = _observer()
-        if observer is not None:
-            observer.prepare(self.settings)
         for _ in range(3):
-            info = self.backend.cancel(job_id)
+            info = self.cancel_waiting(job_id)
             if info is not None:
-                if observer is not None:
-                    observer.cancelled(self.settings, self.backend, info)
                 return info
             now = self.find(job_id)
             if now.state in (State.PENDING, State.DELAYED):
@@ -459,6 +457,18 @@ class QueueManager(_Connected):
                              " cancel (stopped, or on a host that cannot reach the queue).",
                              hint="It is killed when the worker next looks; `forge queue:workers` shows the workers.")
         raise UsageError(f"Job {job_id} could not be cancelled: it keeps being claimed.")
+
+    def cancel_waiting(self, job_id: str) -> JobInfo | None:
+        """Fail the job ``job_id`` with reason ``cancelled`` if it is pending or delayed, and
+        tell the observer (``job.cancelled``, ``job.failed``); its record, or None if it was
+        not waiting (running, finished, gone). ``cancel`` and the dashboard's cancel use this."""
+        observer = _observer()
+        if observer is not None:
+            observer.prepare(self.settings)
+        info = self.backend.cancel(_job_id(job_id))
+        if info is not None and observer is not None:
+            observer.cancelled(self.settings, self.backend, info)
+        return info
 
     def quarantined(self) -> int:
         """Files the file backend set aside in quarantine/ (not jobs it could read); 0 on Redis."""
