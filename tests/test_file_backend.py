@@ -959,20 +959,23 @@ def test_maintenance_never_waits_for_a_dispatcher_holding_the_key_lock(fb: FileB
 
 def test_find_never_misses_a_job_that_is_being_claimed(qdir: Path, fb: FileBackend) -> None:
     """A claim moves a job from pending/ to reserved/ by one rename; a find that listed
-    reserved/ just before and pending/ just after must look again, not say there is no job
-    (``queue:show`` printed 'no such job' for a job a worker was taking). Another process
-    claims and releases the job as fast as it can while this one looks for it."""
+    reserved/ just before and pending/ just after said there was no such job (``queue:show``
+    printed 'no such job' for a job a worker was taking). Another process claims the job and
+    releases it again, holding each state for a millisecond (a run takes longer), while this
+    one looks for it."""
     j = job()
     fb.push([j])
     job_id = j.id
     flipper = subprocess.Popen([sys.executable, "-c", f"""
-from forge.backends.base import Claim
+import time
 from forge.backends.file.backend import FileBackend
 b = FileBackend({str(qdir)!r})
-for _ in range(400):  # each release adds an event to the job's file: keep it small
+for _ in range(1500):  # each release adds an event to the job's file: not too many
     c = b.claim(["default"], "flipper", 60)
+    time.sleep(0.001)
     if c is not None:
         b.release(c, None, 0, counted=False)
+    time.sleep(0.001)
 """])
     states = []
     try:
@@ -980,8 +983,10 @@ for _ in range(400):  # each release adds an event to the job's file: keep it sm
             info = fb.find(job_id)
             states.append(info.state if info is not None else None)
     finally:
-        flipper.kill()
+        if flipper.poll() is None:
+            flipper.kill()
         flipper.wait()
+    assert flipper.returncode == 0  # it flipped the job to the end
     assert None not in states
     assert {State.PENDING, State.RESERVED} <= set(states)  # it did move while we looked
 

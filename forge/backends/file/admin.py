@@ -86,9 +86,10 @@ class Admin:
 
     def _locate(self, job_id: str) -> tuple[str, State, int, float | None] | None:
         """Where the job's file is: its path, state, attempts and when it ended (None: no such
-        job). A job moves by one rename, so one scan misses it only if it moved into a state
-        directory already scanned (a claim, pending to reserved, while the scan was between
-        the two): a miss is looked for again, twice."""
+        job). A job moves by one rename, and the state directories are scanned in the order
+        it moves through them (pending, reserved, failed, done), so a claim or an outcome
+        during the scan is still seen; a move back (a release, a retry) may make one scan
+        miss it: a miss is looked for again, twice."""
         for _ in range(3):
             loc = self._scan(job_id)
             if loc is not None:
@@ -99,13 +100,12 @@ class Admin:
         now_key = micros(time.time())
         for q in self.lay.queues():
             qdir = self.lay.qdir(q)
-            for name in self.lay.names(q, "reserved"):
-                if name.startswith(job_id):
-                    m = RESERVED_RE.match(name)
-                    if m:
-                        return f"{qdir}/reserved/{name}", State.RESERVED, int(m.group(2)), None
-            for sdir in ("pending", "failed", "done"):
+            for sdir in ("pending", "reserved", "failed", "done"):
                 for name in self.lay.names(q, sdir):
+                    if sdir == "reserved":
+                        if name.startswith(job_id) and (m := RESERVED_RE.match(name)):
+                            return f"{qdir}/reserved/{name}", State.RESERVED, int(m.group(2)), None
+                        continue
                     if name[17:53] == job_id:
                         m = PENDING_RE.match(name)
                         if not m:
