@@ -6,25 +6,20 @@ exactly one claim, as a crash between the server's fsync and its reply does."""
 
 from __future__ import annotations
 
-import os
 import socket
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 from typing import Any
 from urllib.parse import urlparse
 
 import pytest
-import redis
 from fdwait import readable
 
 from forge.backends.redis.backend import RedisBackend
 from forge.errors import QueueUnavailable
 from forge.job import Event, Job
 
-URL = os.environ.get("FORGE_TEST_REDIS_URL")
-pytestmark = pytest.mark.skipif(not URL, reason="FORGE_TEST_REDIS_URL is not set")
 WORKER = "lost-reply-worker"
 
 
@@ -91,21 +86,15 @@ class Proxy:
 
 
 @pytest.fixture
-def proxied() -> Iterator[tuple[Proxy, RedisBackend, Any]]:
-    u = urlparse(URL or "")
+def proxied(redis_url: str, redis_prefix: str) -> Iterator[tuple[Proxy, RedisBackend, Any]]:
+    u = urlparse(redis_url)
     proxy = Proxy(u.hostname or "127.0.0.1", u.port or 6379)
-    prefix = f"forge-lost-{uuid.uuid4().hex[:8]}"
-    backend = RedisBackend(f"redis://127.0.0.1:{proxy.port}{u.path or '/0'}", prefix=prefix, connect_timeout=2)
-    direct = RedisBackend(URL or "", prefix=prefix)
+    backend = RedisBackend(f"redis://127.0.0.1:{proxy.port}{u.path or '/0'}", prefix=redis_prefix, connect_timeout=2)
+    direct = RedisBackend(redis_url, prefix=redis_prefix)
     try:
         yield proxy, backend, direct
     finally:
         backend.close()
-        client = redis.Redis.from_url(URL)
-        keys = list(client.scan_iter(match=f"{prefix}:*", count=10000))
-        if keys:
-            client.delete(*keys)
-        client.close()
         direct.close()
         proxy.close()
 

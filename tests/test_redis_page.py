@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import time
-import uuid
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -14,26 +11,13 @@ from conftest import make_job
 from forge.errors import UsageError
 from forge.job import Event, State
 
-redis = pytest.importorskip("redis")
-from forge.backends.redis.backend import RedisBackend  # noqa: E402
-
 pytestmark = pytest.mark.redis
 
 
 @pytest.fixture
-def backend() -> Iterator[Any]:
-    url = os.environ.get("FORGE_TEST_REDIS_URL")
-    if not url:
-        pytest.skip("FORGE_TEST_REDIS_URL is not set")
-    prefix = f"forge-rpage-{uuid.uuid4().hex[:10]}"
-    b = RedisBackend(url, prefix=prefix)
-    yield b
-    b.close()
-    client = redis.Redis.from_url(url)
-    keys = list(client.scan_iter(match=f"{prefix}:*", count=1000))
-    if keys:
-        client.delete(*keys)
-    client.close()
+def backend(redis_backend: Any) -> Any:
+    """conftest's Redis backend under a prefix of its own."""
+    return redis_backend
 
 
 def _walk(b: Any, state: State, limit: int, command: str | None = None) -> list[str]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -104,36 +105,22 @@ def test_every_script_compiles_on_the_server() -> None:
 
 
 @pytest.mark.redis
-def test_ack_claim_claims_only_from_the_queues_it_is_given() -> None:
+def test_ack_claim_claims_only_from_the_queues_it_is_given(redis_backend: Any) -> None:
     """The journaled ``ack_claim`` (prelude, journal, body as functions) must read its queue
     names from its own arguments: the script's whole ARGV also holds the journal's and the ack's
     (an attempt "1", keep_done "1"...), and a queue may be named "1"."""
-    url = os.environ.get("FORGE_TEST_REDIS_URL")
-    if not url:
-        pytest.skip("FORGE_TEST_REDIS_URL is not set")
     import time
-    import uuid
 
     from conftest import make_job
 
-    from forge.backends.redis.backend import RedisBackend
     from forge.job import Event
 
-    redis = pytest.importorskip("redis")
-    prefix = f"forge-rscripts-{uuid.uuid4().hex[:10]}"
-    b = RedisBackend(url, prefix=prefix)
-    try:
-        mine, other = make_job(queue="default"), make_job(queue="1")
-        b.push([mine, other])
-        c = b.claim(["default"], "w", 60)
-        assert c is not None and c.job.id == mine.id and c.attempt == 1
-        nxt = b.ack_claim(c, Event("done", 1, time.time(), exit_code=0, duration=0.1), ["default"], "w", 60)
-        assert nxt is None  # queue "1" is not one of this worker's
-        assert b.stats(["1"])[0].pending == 1 and b.stats(["default"])[0].done == 1
-    finally:
-        b.close()
-        client = redis.Redis.from_url(url)
-        keys = list(client.scan_iter(match=f"{prefix}:*", count=1000))
-        if keys:
-            client.delete(*keys)
-        client.close()
+    b = redis_backend
+    mine, other = make_job(queue="default"), make_job(queue="1")
+    b.push([mine, other])
+    c = b.claim(["default"], "w", 60)
+    assert c is not None and c.job.id == mine.id and c.attempt == 1
+    nxt = b.ack_claim(c, Event("done", 1, time.time(), exit_code=0, duration=0.1), ["default"], "w", 60)
+    assert nxt is None  # queue "1" is not one of this worker's
+    assert b.stats(["1"])[0].pending == 1 and b.stats(["default"])[0].done == 1
+
