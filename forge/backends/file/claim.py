@@ -404,9 +404,9 @@ class Claimer:
             self.files.quarantine(q.reserved, reserved, str(exc))
             os.close(fd)
             return None
-        return self.begin(fd, q, reserved, job, attempt, worker, timeout, now)
+        return self.begin(fd, st.st_size, q, reserved, job, attempt, worker, timeout, now)
 
-    def begin(self, fd: int, q: QueueDirs, reserved: str, job: Job, attempt: int, worker: str,
+    def begin(self, fd: int, size: int, q: QueueDirs, reserved: str, job: Job, attempt: int, worker: str,
               timeout: float, now: float) -> Claim:
         """Record the claim of the locked file just renamed to ``reserved``: its ``claimed``
         event, whole or not at all, and the Claim. The one step of a plain and a limited claim.
@@ -416,12 +416,12 @@ class Claimer:
         the lease lives in this event, so a claim whose event did not land is no claim: ``fd``
         is closed and the ``OSError`` raised (the file, leased to nobody, is recovered by the
         next maintenance pass), or another worker would recover the job while this one runs it.
+        ``size`` is the file's size when it was locked: a torn event is cut back to it.
         """
         effective = job.timeout if job.timeout is not None else timeout
         deadline = now + effective + KILL_GRACE
         data = Event("claimed", attempt, now, worker=worker, deadline=deadline,
                      log_offset=self.files.log_size(job.id)).to_json()
-        size = os.fstat(fd).st_size
         try:
             if os.write(fd, data) != len(data):
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), f"{q.reserved}/{reserved}")

@@ -421,7 +421,7 @@ class Limiter:
             except OSError as exc:
                 raise unusable(exc, first_unwritable(q.pending, q.reserved), "claim jobs from") from None
             try:
-                claim = self.claimer.begin(fd, q, reserved, job, attempt, worker, timeout, now)
+                claim = self.claimer.begin(fd, st.st_size, q, reserved, job, attempt, worker, timeout, now)
             finally:
                 fd = -1  # the claim owns it now, or begin closed it
             if drop is not None:
