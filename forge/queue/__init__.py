@@ -12,7 +12,6 @@ raises ``job.dispatched`` and ``job.cancelled`` for its listeners, however it im
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -56,7 +55,7 @@ class _Events:
 
     def dispatched(self, settings: Settings, backend: Backend, jobs: Sequence[Job],
                    created: Sequence[bool]) -> None:
-        if settings.listeners or "forge.events.hooks" in sys.modules:
+        if _observers.may_listen(settings):
             from forge.events.hooks import dispatched
 
             dispatched(settings, backend, jobs, created)

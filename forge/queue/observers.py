@@ -11,6 +11,7 @@ queue reports nothing.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Protocol
 
@@ -37,6 +38,13 @@ class QueueObserver(Protocol):
 
 
 _installed: list[QueueObserver] = []
+
+
+def may_listen(settings: Settings) -> bool:
+    """Whether anything in this process may listen to events: forge.toml has [[listeners]],
+    or a worker here has activated its listeners (it imported ``forge.events.hooks``). When
+    not, a dispatch or a tick raises nothing and ``forge.events`` is not imported."""
+    return bool(settings.listeners) or "forge.events.hooks" in sys.modules
 
 
 def install(observer: QueueObserver | None) -> None:

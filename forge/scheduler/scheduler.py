@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import hashlib
 import operator
-import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, fields
@@ -210,10 +209,11 @@ class Scheduler:
         self.entries = list(entries)
         self.by_name = {e.name: e for e in self.entries}
         self.settings = settings or load_settings()
-        if self.settings.listeners or self.settings.events:  # a tick's events follow its push: check them first
-            from forge.events.config import check
+        from forge.queue import observers
 
-            check(self.settings)
+        observer = observers.installed()
+        if observer is not None:  # a tick's events follow its push: the tables are checked first
+            observer.prepare(self.settings)
         self._connection = connection
         self._backend = backend
         self._store = store
@@ -458,7 +458,9 @@ class Scheduler:
     def _events(self, actions: list[TickAction]) -> None:
         """``schedule.tick_dispatched`` / ``tick_skipped`` (``forge.events``): for forge.toml's
         [[listeners]], or a worker's listeners (``queue:work --schedule``; it loaded forge.events)."""
-        if actions and (self.settings.listeners or "forge.events.hooks" in sys.modules):
+        from forge.queue.observers import may_listen
+
+        if actions and may_listen(self.settings):
             from forge.events.hooks import ticks
 
             ticks(self.settings, self.backend, actions)
