@@ -196,6 +196,26 @@ def test_an_ambiguous_id_prefix_is_a_usage_error_listing_the_matches(queue_targe
     assert bad.returncode == 2 and "Invalid job id" in bad.stderr
 
 
+def test_a_prefix_of_no_job_is_not_found_for_every_command_that_takes_ids(queue_target: Any) -> None:
+    """A well-formed prefix that matches no job exits 5 ("not found"), the same for every
+    command that takes ids; an ill-formed one stays a usage error (exit 2)."""
+    t = queue_target
+    job = qforge(t, "queue:dispatch", "probe:run").stdout.strip()
+    qforge(t, "queue:cancel", job)  # a failed job, so queue:retry has something to retry
+    absent = next(p for p in ("ffffffff", "0000000a", "deadbeef") if not job.startswith(p))
+    for args in (["queue:show", absent], ["queue:cancel", absent], ["queue:log", absent],
+                 ["queue:retry", absent], ["queue:retry", "--dry-run", absent], ["queue:forget", absent]):
+        res = qforge(t, *args)
+        assert res.returncode == 5, (args, res.stderr)
+        assert f"Job {absent} not found" in res.stderr and "Invalid job id" not in res.stderr, (args, res.stderr)
+    both = qforge(t, "queue:retry", job, absent)  # the one that exists is still retried
+    assert both.returncode == 5 and both.stdout.split() == [job], both.stderr
+    assert t.backend.find(job).state == "pending"
+    for args in (["queue:cancel", "xyz"], ["queue:retry", "xyz"]):
+        res = qforge(t, *args)
+        assert res.returncode == 2 and "Invalid job id" in res.stderr, (args, res.stderr)
+
+
 def test_cancel_running_kills_the_job_and_records_cancelled(queue_target: Any) -> None:
     t = queue_target
     job = qforge(t, "queue:dispatch", "probe:run", "--sleep=60").stdout.strip()

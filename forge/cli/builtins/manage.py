@@ -14,13 +14,13 @@ from forge import output
 from forge.cli.builtins._shared import Connection, JobId, QueueOpt, manager, resolve_ids
 from forge.config import validate_queue_name
 from forge.errors import EXIT_DUPLICATE, JobNotFound, RetryBlocked, UsageError
-from forge.job import JobInfo, Reason, State
+from forge.job import JobInfo, Reason, State, valid_id
 from forge.queue.manager import CommandQueue, QueueManager
 
 
 def _not_failed(m: QueueManager, job_id: str) -> JobNotFound:
     err = JobNotFound(job_id)
-    info = m.backend.find(job_id)
+    info = m.backend.find(job_id) if valid_id(job_id) else None  # else a prefix of no job
     if info is not None:
         err.args = (f"Job {job_id} is {info.state}, not failed.",)
     err.hint = "Run `forge queue:failed` to see the failed jobs."
@@ -57,7 +57,8 @@ def retry(
         output.error(err.message, err.hint)
         blocked.add(err.failed_id)
 
-    stream: Iterator[JobInfo] = m.iter_retry("all" if every else ids, queue=validate_queue_name(queue) if queue else None,
+    # a prefix that matched no job is not a job id: it is only reported missing, below
+    stream: Iterator[JobInfo] = m.iter_retry("all" if every else [i for i in ids if valid_id(i)], queue=validate_queue_name(queue) if queue else None,
                                              reason=str(reason) if reason else None, command=command,
                                              on_blocked=report_blocked)
     for info in stream:
@@ -84,7 +85,7 @@ def _retry_dry_run(m: QueueManager, ids: list[str], every: bool, queue: str | No
     else:
         chosen = []
         for job_id in dict.fromkeys(ids):
-            info = m.backend.find(job_id)
+            info = m.backend.find(job_id) if valid_id(job_id) else None
             if info is None or info.state != State.FAILED:
                 raise _not_failed(m, job_id)
             chosen.append(job_id)
@@ -110,6 +111,8 @@ def cancel(
     code = 0
     for job_id in resolve_ids(m, ids):
         try:
+            if not valid_id(job_id):  # a prefix that matched no job
+                raise JobNotFound(job_id)
             info = m.cancel(job_id, running=running)
         except JobNotFound as err:
             output.error(err.message, err.hint)
