@@ -21,7 +21,8 @@ process):
   the queue paused, then resumed; huey: its list renamed away, then back), timed from the
   release until the queue is empty, so start-up is not counted for either;
 - dispatch-to-start latency p50/p99 (ms) with one idle worker: a job appends its start time to
-  a ledger file; 200 samples;
+  a ledger file (forge's ``probe:stamp MARKER`` and huey's ``stamp(marker)``: one argument
+  each); 200 samples;
 - one CLI dispatch process (ms, median of --cli-runs): ``forge queue:dispatch
   --connection=redis`` and ``--connection=file``, beside ``python -c pass``; and one worker's
   start and stop on an empty queue (``forge queue:work --stop-when-empty``); all interleaved;
@@ -218,7 +219,7 @@ class Forge:
     def latency(self) -> tuple[float, float]:
         self._activate()
         proc, out = self.worker("--sleep=30", "--memory=0")
-        run = self.fq.QueuedCommand("probe:run")
+        run = self.fq.QueuedCommand("probe:stamp")  # one argument, as huey's stamp(marker)
         try:
             wait_until(lambda: out.exists() and b"worker_started" in out.read_bytes(), timeout=60)
             self.q.dispatch(run.with_args(["warm-up"]))

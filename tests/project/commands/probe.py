@@ -234,6 +234,13 @@ def noop() -> None:
     """Do nothing (for throughput tests)."""
 
 
+@command("probe:stamp")
+def stamp(marker: Annotated[str, typer.Argument(help="Recorded as given.")]) -> None:
+    """Record a start line with ``marker`` in the ledger, nothing else: the twin of
+    bench/_peers/hueyapp.py's ``stamp(marker)`` (one argument), for latency figures."""
+    _ledger("start", {"start": time.time(), "args": [marker]})
+
+
 @command("probe:tick")
 def tick(ms: Annotated[int, typer.Argument(help="Milliseconds to sleep.")] = 0) -> None:
     """Record a start and an end line in the ledger, sleeping ``ms`` between (cheap: for soaks)."""
