@@ -123,12 +123,12 @@ def finish_with_outcome(backend: Any, finish_args: Any, claim: Claim, event: Eve
         "finish", finish_args, claim.job.id, claim.handle, line, record))
 
 
-def ack_claim_with_outcome(backend: Any, args: Any, claim: Claim, event: Event) -> Any:
+def ack_claim_with_outcome(backend: Any, args: Any, claim: Claim, event: Event, *, quick: bool = False) -> Any:
     """Redis: ``ack_claim`` (acknowledge ``claim``, claim the next job) with the ack's journal
-    line in the same script; returns ``ack_claim``'s reply."""
+    line in the same script; returns ``ack_claim``'s reply (``quick``: ``Server.run``'s)."""
     line, record = _record(claim, event)
     return journal_for(backend).finish_and_write(  # type: ignore[attr-defined]
-        "ack_claim", args, claim.job.id, claim.handle, line, record)
+        "ack_claim", args, claim.job.id, claim.handle, line, record, quick=quick)
 
 
 def write_record(backend: Backend, t: float, queue: str, command: str, outcome: str, attempt: int = 1,

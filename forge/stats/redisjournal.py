@@ -59,7 +59,7 @@ class RedisJournal:
             self.server.run(lua.STATS_JOURNAL, *self.args(line, record))
 
     def finish_and_write(self, body: str, body_args: Sequence[Any], job_id: str, token: str,
-                         line: bytes, record: rec.Record) -> Any:
+                         line: bytes, record: rec.Record, *, quick: bool = False) -> Any:
         """Run the backend's ``body`` script (``finish`` or ``ack_claim``) and journal its outcome
         in one atomic script (``lua.JOURNALED``: ``stats_journal``, which records only while the
         claim holds, so exactly when the outcome will take effect, then ``body``): recorded
@@ -70,7 +70,7 @@ class RedisJournal:
         from forge.backends.redis import lua
 
         with srv.io():
-            return srv.run(lua.JOURNALED[body], *jargs, *body_args)
+            return srv.run(lua.JOURNALED[body], *jargs, *body_args, quick=quick)
 
     def read(self, since: float, until: float) -> list[rec.Record]:
         """The records with ``since <= t <= until`` (one pipeline of the minutes' keys)."""

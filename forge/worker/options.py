@@ -59,6 +59,12 @@ class WorkerOptions:
     echo: bool = False  # copy each job's output to the worker's stdout too (development)
     maintenance_interval: float = 2.0
     heartbeat_interval: float = 5.0
+    #: Redis: a draining worker claims its next job while the current one runs (taking the
+    #: round trip off the way between jobs) when its last run took less than ``ahead_after``
+    #: seconds; a claim held so while the current job runs longer than ``ahead_hold`` seconds
+    #: is handed back, for another worker to run (0: never claim ahead).
+    ahead_hold: float = 0.05
+    ahead_after: float = 0.01
 
     def __post_init__(self) -> None:
         if not self.queues:

@@ -191,6 +191,7 @@ class Recorder:
         self.events: WorkerEvents | None = None
         self._defer = getattr(backend, "ack_claim", None) is not None
         self._unacked: _DeferredAck | None = None
+        self._later: list[BusEvent] = []  # see ahead
 
     @property
     def pending(self) -> bool:
@@ -274,6 +275,29 @@ class Recorder:
         self._unacked = None
         self._acked(pending)
         return nxt
+
+    def ahead(self, started: Claim | None, queues: tuple[str, ...], name: str, timeout: float) -> Claim | None:
+        """While a job runs (the worker claims ahead): the waiting ack, that ``started`` (a claim
+        made ahead) runs now, and with ``queues`` the next claim, made ahead, in one quick call
+        (``claim_ahead``). Raises on an outage (``QueueUnavailable``, ``OSError``), the ack still
+        waiting: never retried here, where a job runs. The ack's in-process listeners wait for
+        ``run_later`` (they must not hold up the watch over the running job)."""
+        pending = self._unacked
+        nxt: Claim | None = self.backend.claim_ahead(  # type: ignore[attr-defined]
+            pending.claim if pending is not None else None, pending.done if pending is not None else None,
+            started, queues, name, timeout)
+        if pending is not None:
+            self._unacked = None
+            self.report("done", pending.report)
+            self.heartbeat.update(done=self.heartbeat.record.done + 1)
+            self._later.extend(pending.events)
+        return nxt
+
+    def run_later(self) -> None:
+        """The in-process listeners of acks ``ahead`` sent while the last job ran."""
+        if self._later:
+            evs, self._later = self._later, []
+            self._after(evs)
 
     def flush(self) -> None:
         """Send a waiting ack now, alone (the worker will not claim next)."""

@@ -54,6 +54,13 @@ BACKSTOP = 0.5
 #: set the lease was sent, so the job process dies before any other worker can claim the job).
 LEASE_SAFETY = 1.0
 _TAIL = 2048
+#: A claim made ahead is run only if it is this young (seconds past its hold bound) and its lease
+#: has this much left beyond the grace and LEASE_SAFETY: the worker's timeout counts from the
+#: job's start, and its SIGKILL must still come before the backstop (deadline + BACKSTOP).
+AHEAD_STALE = 0.4
+AHEAD_LEASE = 1.0
+#: How soon a failed hand-back of a claim made ahead (or a failed mark of one's start) is tried again.
+AHEAD_RETRY = 0.5
 
 
 def _no_report(event: str, data: dict[str, Any]) -> None:
@@ -177,8 +184,18 @@ class Worker:
         self._outage = 0.0
         self._quarantined = 0
         self._loop = _Loop(started=time.monotonic())
-        #: A claim made as the idle wait woke (``Backend.wait_claim``), run by the next ``_claim``.
+        #: A claim made as the idle wait woke (``Backend.wait_claim``), or made ahead while the
+        #: last job ran (``_claim_ahead``), run by the next ``_claim``.
         self._woken: Claim | None = None
+        #: Claiming ahead (Redis): the claim in ``_woken`` if it was made ahead; when it goes
+        #: back if the current job still runs then (monotonic); a claim made ahead being handed
+        #: back (never to run: its hand-back may have landed unheard); the claim made ahead that
+        #: now runs, until the server hears it started; how long the last run took.
+        self._ahead: Claim | None = None
+        self._give_back_at: float | None = None
+        self._giving_back: Claim | None = None
+        self._owed: Claim | None = None
+        self._last_run: float | None = None
         self._sig_r, self._sig_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         if self.options.echo:
             self.output.echo = _echo
@@ -376,18 +393,24 @@ class Worker:
 
     def _claim(self) -> Claim | None:
         opts = self.options
-        claim: Claim | None
+        claim: Claim | None = None
+        if self._giving_back is not None:
+            self._hand_back_ahead()
         try:
             if self.gate is None:
                 if self._woken is not None:
                     claim, self._woken = self._woken, None
-                elif self.recorder.pending:
-                    claim = self.recorder.ack_claim(opts.queues, opts.name, opts.timeout)
-                else:
-                    claim = self.backend.claim(opts.queues, opts.name, opts.timeout)
+                    if claim is self._ahead:
+                        claim = self._take_ahead(claim)
+                if claim is None:
+                    if self.recorder.pending:
+                        claim = self.recorder.ack_claim(opts.queues, opts.name, opts.timeout)
+                    else:
+                        claim = self.backend.claim(opts.queues, opts.name, opts.timeout)
                 if claim is not None and LIMITS_KEY in claim.job.metadata:  # limits of its own
                     from forge.limits.gate import switch_on
 
+                    self._owed = None  # handed back: its ahead mark goes with it
                     self.gate = switch_on(None, self.backend, claim)
                     claim = self.gate.claim(self.backend, opts.queues, opts.name, opts.timeout)
             else:
@@ -408,6 +431,80 @@ class Worker:
             self._outage = 0.0
             self.report("backend_available", {})
         return claim
+
+    # -- claiming ahead (Redis) ----------------------------------------------------------------
+
+    def _may_claim_ahead(self) -> bool:
+        """Whether to claim the next job while this one runs: on a backend that can (Redis),
+        without limits, when the worker goes on after this job (no ``--once``, ``--rest``, stop,
+        pause, nor ``--max-jobs`` reached) and its last run was short (a long job gains nothing,
+        and would only keep a job from another worker)."""
+        opts = self.options
+        return (opts.ahead_hold > 0 and self.gate is None and not opts.once and not opts.rest
+                and self._stop is None and not self._paused and self._woken is None
+                and self._giving_back is None and (not opts.max_jobs or self.jobs_done + 1 < opts.max_jobs)
+                and self._last_run is not None and self._last_run < opts.ahead_after
+                and getattr(self.backend, "claim_ahead", None) is not None)
+
+    def _claim_ahead(self, retry: bool = False) -> None:
+        """Right after a job went to the job process: the waiting ack, that a claim made ahead
+        started (``_owed``), and, if ``_may_claim_ahead``, the next claim, held in ``_woken``,
+        in one quick call. On an outage nothing is held: the ack and the mark are tried again
+        at the watch's next flush (``retry``: that try, with no claim) and the ack is sent
+        after the job as without claiming ahead (fenced; a claim whose reply was lost comes
+        back to the next claim, which carries its token)."""
+        ahead = not retry and self._may_claim_ahead()
+        if self._owed is None and not self.recorder.pending and not ahead:
+            return
+        if getattr(self.backend, "claim_ahead", None) is None:
+            return
+        opts = self.options
+        try:
+            held = self.recorder.ahead(self._owed, opts.queues if ahead else (), opts.name, opts.timeout)
+        except (QueueUnavailable, OSError):
+            return
+        self._owed = None
+        if held is not None:
+            self._woken = self._ahead = held
+            self._give_back_at = time.monotonic() + opts.ahead_hold
+
+    def _take_ahead(self, claim: Claim) -> Claim | None:
+        """The claim made ahead, to run now if it is young and its lease has ample time left
+        (it has, unless the worker was held up between jobs); else handed back (None)."""
+        self._ahead = None
+        self._give_back_at = None
+        wall = time.time()
+        young = wall - claim.claimed_at <= self.options.ahead_hold + AHEAD_STALE
+        lease_left = (claim.lease_until - wall) if claim.lease_until is not None else float("inf")
+        if young and lease_left > self.options.grace + LEASE_SAFETY + AHEAD_LEASE:
+            self._owed = claim  # its start is told to the server with the next claim ahead
+            return claim
+        self._giving_back = claim
+        self._hand_back_ahead()
+        return None
+
+    def _hold_expired(self, now: float) -> None:
+        """The current job still runs ``ahead_hold`` after the claim made ahead: hand that claim
+        back (to the head of its queue, uncounted: ``give_back``), so an idle worker runs it."""
+        if self._woken is not None and self._woken is self._ahead:
+            self._giving_back, self._woken, self._ahead = self._woken, None, None
+        self._give_back_at = None
+        if self._giving_back is not None:
+            self._hand_back_ahead(now)
+
+    def _hand_back_ahead(self, now: float | None = None) -> None:
+        """One quick try to hand back ``_giving_back``; failed, it is tried again at the next
+        wake (``AHEAD_RETRY``), never in a loop while a job runs. Fenced: a hand-back whose
+        reply was lost and landed is a no-op the second time; the claim is never run."""
+        claim = self._giving_back
+        if claim is None:
+            return
+        try:
+            self.backend.give_back(claim)  # type: ignore[attr-defined]
+        except (QueueUnavailable, OSError):
+            self._give_back_at = (now if now is not None else time.monotonic()) + AHEAD_RETRY
+            return
+        self._giving_back = None
 
     def _maintain(self) -> None:
         try:
@@ -521,6 +618,7 @@ class Worker:
         assert spec is not None  # refused otherwise
         ended = self._run_in_job_process(run, spec)
         self._end_leftovers()
+        self._owed = None  # its outcome, once recorded, clears its ahead mark
         self._record(run, ended)
 
     def _refusal(self, run: RunningJob, spec: CommandSpec | None) -> Outcome | None:
@@ -552,7 +650,10 @@ class Worker:
         """Hand the job to the job process and supervise it to its end; a request the job
         process ended without taking goes to a fresh one (twice at most)."""
         claim = run.claim
-        timeout_at = claim.claimed_at + self.job_timeout(claim)
+        # From the job's start: a claim made ahead starts up to ahead_hold + AHEAD_STALE after
+        # it was made, and its deadline (claim + timeout + KILL_GRACE) and lease stay ahead of
+        # the kill (the job process's own timer, kill_at, still counts from the claim).
+        timeout_at = run.started + self.job_timeout(claim)
         deadline_kill = _to_boot(claim.deadline) + BACKSTOP
         lease_kill = _to_boot(claim.lease_until) - LEASE_SAFETY if claim.lease_until is not None else None
         kill_at = min(deadline_kill, lease_kill) if lease_kill is not None else deadline_kill
@@ -566,6 +667,7 @@ class Worker:
         self.report("starting", run.report())
         self.heartbeat.update(state=WorkerState.RUNNING, job_id=claim.job.id, job_command=claim.job.command,
                               job_since=run.started)
+        self._claim_ahead()  # while the job runs: the last ack, and the next claim
         try:
             ended = self._supervise(claim, proc, timeout_at, deadline_kill)
             for _ in range(2):
@@ -578,6 +680,8 @@ class Worker:
             if ended.ending is Ending.UNTAKEN:
                 ended = _Ended(None, ended.outcome, ended.status)
         finally:
+            self._last_run = time.time() - run.started
+            self.recorder.run_later()
             self.heartbeat.update(state=WorkerState.STOPPING if self._stop else WorkerState.IDLE,
                                   job_id=None, job_command=None, job_since=None)
         return ended
@@ -692,7 +796,13 @@ class Worker:
                     ready = []
                     continue  # lost: the checks above end the run
                 watch.next_beat = now + watch.beat_every
-            ready = self._wait(watch.wake(now, wall, self.options.grace) - now, proc.pidfd, watch.done_fd)
+            wake = watch.wake(now, wall, self.options.grace)
+            if self._give_back_at is not None:
+                if now >= self._give_back_at:
+                    self._hold_expired(now)
+                if self._give_back_at is not None:
+                    wake = min(wake, self._give_back_at)
+            ready = self._wait(wake - now, proc.pidfd, watch.done_fd)
 
     def _took_outcome(self, watch: _Watch) -> _Ended | None:
         """The job process wrote on its pipe: how the run ended if that was its outcome (None:
@@ -762,6 +872,8 @@ class Worker:
         watch.next_flush = now + 0.5
         with contextlib.suppress(QueueUnavailable, OSError):
             watch.cancel_asked = watch.cancel_asked or self.backend.cancel_requested(job_id)
+        if self._owed is not None or self.recorder.pending:
+            self._claim_ahead(retry=True)  # the quick call right after the hand-over failed
         self.heartbeat.beat()
 
     def _heartbeat(self, claim: Claim, deadline_kill: float) -> bool:
@@ -841,10 +953,19 @@ class Worker:
     # -- recording the outcome (forge.worker.outcome) ------------------------------------------
 
     def _unclaim_woken(self) -> None:
-        """Hand back, uncounted, a claim made on waking that this worker will not run now."""
+        """Hand back, uncounted, a claim made on waking or ahead that this worker will not run
+        now (one made ahead to the head of its queue: ``give_back``; one made on waking to its
+        tail, as ``release`` puts a job back)."""
         if self._woken is not None:
             claim, self._woken = self._woken, None
-            self.recorder.hand_back(claim)
+            if claim is self._ahead:
+                self._ahead, self._give_back_at, self._giving_back = None, None, claim
+            else:
+                self.recorder.hand_back(claim)
+        back = self._giving_back
+        if back is not None:
+            self._durably(lambda: self.backend.give_back(back))  # type: ignore[attr-defined]
+            self._giving_back = self._give_back_at = None
 
     def _durably(self, action: Callable[[], None]) -> None:
         """Record an outcome, retrying through a store outage or a full disk until it lands.

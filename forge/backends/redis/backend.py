@@ -10,7 +10,8 @@ layout, clients and clock), each part in the module named for its concern, as in
 backend:
 
 * ``store``: ``push`` (dispatch, unique and idempotency keys);
-* ``claim``: ``claim``, ``heartbeat``, ``ack``/``release``/``fail``, ``ack_claim``;
+* ``claim``: ``claim``, ``heartbeat``, ``ack``/``release``/``fail``, ``ack_claim``, and the
+  worker's claims ahead (``claim_ahead``, ``give_back``);
 * ``wake``: the idle ``wait`` and ``wait_claim``, ``next_due``;
 * ``upkeep``: ``maintain`` and recovery, pause/resume/restart, worker records, cancel
   requests, logs;
@@ -197,6 +198,17 @@ class RedisBackend:
         """``ack(claim, event)`` then ``claim(queues, worker, timeout)`` in one round trip
         (``claim.Claimer.ack_claim``)."""
         return self._claimer.ack_claim(claim, event, queues, worker, timeout)
+
+    def claim_ahead(self, ack: Claim | None, event: Event | None, started: Claim | None, queues: Sequence[str],
+                    worker: str, timeout: float) -> Claim | None:
+        """A waiting ack, that a claim made ahead started, and the next claim made ahead (with
+        ``queues``), in one quick round trip while a job runs (``claim.Claimer.ahead``)."""
+        return self._claimer.ahead(ack, event, started, queues, worker, timeout)
+
+    def give_back(self, claim: Claim) -> None:
+        """A claim made ahead, not run: back at the head of its queue, uncounted, quickly
+        (``claim.Claimer.give_back``)."""
+        self._claimer.give_back(claim)
 
     def heartbeat(self, claim: Claim) -> bool:
         """``Backend.heartbeat``: the lease extended; False if the claim was lost."""

@@ -76,11 +76,42 @@ class Claimer:
         (one script, the ack's outcome journaled in it). The ack is fenced as ``ack``'s is;
         the next claim is made whether or not it held."""
         token = self.token()
-        args = (claim.job.id, claim.handle, event.to_json(), claim.attempt, self._keep_done(),
+        args = (claim.job.id, claim.handle, event.to_json(), claim.attempt, self._keep_done(), "", "", "0",
                 *self.claim_args(queues, worker, token, timeout))
         reply = ack_claim_with_outcome(self.journal_owner, args, claim, event)
         self.retry_token = None
         return self.claimed(reply[1:], token)
+
+    def ahead(self, ack: Claim | None, event: Event | None, started: Claim | None, queues: Sequence[str],
+              worker: str, timeout: float) -> Claim | None:
+        """What a worker that claims ahead sends right after it handed a job to its job process,
+        in one quick round trip (``Server.run``'s ``quick``: it must not hold up the watch over
+        that job): ``ack(ack, event)`` if given; that ``started``, a claim made ahead, now runs
+        (its ahead mark cleared: recovery counts its attempt from now on); and with ``queues``,
+        the claim of the next job, ahead (marked so: if the worker dies before it starts it,
+        recovery releases it uncounted). Raises on an outage: the caller tries again later,
+        and a claim whose reply was lost is answered again by the next claim (``token``)."""
+        token = self.token() if queues else ""
+        head: tuple[Any, ...] = ((ack.job.id, ack.handle, event.to_json(), ack.attempt, self._keep_done())
+                                 if ack is not None and event is not None else ("", "", "", 0, "0"))
+        args = (*head, started.job.id if started is not None else "", started.handle if started is not None else "",
+                "1" if queues else "", *(self.claim_args(queues, worker, token, timeout) if queues else ()))
+        if ack is not None and event is not None:
+            reply = ack_claim_with_outcome(self.journal_owner, args, ack, event, quick=True)
+        else:
+            with self.srv.io():
+                reply = self.srv.run(lua.ACK_CLAIM, *args, quick=True)
+        if not queues:
+            return None
+        self.retry_token = None
+        return self.claimed(reply[1:], token)
+
+    def give_back(self, claim: Claim) -> None:
+        """A claim made ahead that the worker will not run, back at the head of its queue with
+        its attempt un-counted (``limits.lua``'s handback), in one quick round trip (raises on
+        an outage: the caller tries again later; the lease, unrenewed, lapses meanwhile)."""
+        with self.srv.io():
+            self.srv.run(lua.LIMITS, "handback", claim.job.id, claim.handle, quick=True)
 
     def claimed_job(self, token: str, job_id: bytes, record: bytes, attempt: Any) -> Job | None:
         """The job a claim script took; a record that does not decode (or names another id) is

@@ -290,8 +290,10 @@ class Client:
         raised); reconnects and sends them again up to ``retries`` times."""
         return self.exchange(b"".join([encode(c) for c in cmds]), len(cmds), timeout)
 
-    def exchange(self, data: bytes, n: int, timeout: float | None = None) -> list[Any]:
-        """``pipeline`` of ``n`` commands encoded already (``data``)."""
+    def exchange(self, data: bytes, n: int, timeout: float | None = None, retries: int | None = None) -> list[Any]:
+        """``pipeline`` of ``n`` commands encoded already (``data``); ``retries``: this call's
+        own (default: the client's)."""
+        retries = self.retries if retries is None else retries
         attempt = 0
         while True:
             conn: _Conn | None = None
@@ -301,7 +303,7 @@ class Client:
             except (ConnectionFailed, ReplyTimeout):
                 if conn is not None:
                     conn.close()
-                if attempt >= self.retries:
+                if attempt >= retries:
                     raise
                 attempt += 1
                 import random
@@ -315,13 +317,17 @@ class Client:
             self._idle.append(conn)
             return replies
 
-    def fcall(self, function: str, prefix: str, args: Sequence[Any]) -> Any:
+    def fcall(self, function: str, prefix: str, args: Sequence[Any], quick: float | None = None) -> Any:
         """The reply to ``FCALL function 0 prefix *args`` (an error reply as a ReplyError value,
-        as ``pipeline``'s): the command's head is encoded once per function and prefix."""
+        as ``pipeline``'s): the command's head is encoded once per function and prefix.
+        ``quick``: this call's reply timeout, and no retry (``Server.run``)."""
         head = self._heads.get((function, prefix))
         if head is None:
             head = self._heads[(function, prefix)] = bulks(("FCALL", function, 0, prefix))
-        return self.exchange(b"*%d\r\n%s%s" % (len(args) + 4, head, bulks(args)), 1)[0]
+        data = b"*%d\r\n%s%s" % (len(args) + 4, head, bulks(args))
+        if quick is not None:
+            return self.exchange(data, 1, quick, 0)[0]
+        return self.exchange(data, 1)[0]
 
     def call(self, *args: Any, timeout: float | None = None) -> Any:
         """One command's reply (as ``pipeline``); an error reply is raised as ``ReplyError``."""
@@ -330,15 +336,17 @@ class Client:
             raise reply
         return reply
 
-    def script(self, source: str, *args: Any) -> Any:
+    def script(self, source: str, *args: Any, quick: float | None = None) -> Any:
         """Run a Lua script by its SHA (EVALSHA), loading it once per server (on NOSCRIPT).
 
         A script's first call in this process is an EVAL (which the server caches too): a
-        one-shot process, such as a CLI dispatch, then never imports hashlib (2 ms)."""
+        one-shot process, such as a CLI dispatch, then never imports hashlib (2 ms).
+        ``quick``: as ``fcall``'s."""
+        retries = None if quick is None else 0
         sha = self._shas.get(source)
         if sha is None:
             self._shas[source] = ""
-            reply = self.pipeline([("EVAL", source, 0, *args)])[0]
+            reply = self.exchange(encode(("EVAL", source, 0, *args)), 1, quick, retries)[0]
             if isinstance(reply, ReplyError):
                 raise reply
             return reply
@@ -346,10 +354,10 @@ class Client:
             import hashlib
 
             sha = self._shas[source] = hashlib.sha1(source.encode()).hexdigest()
-        reply = self.pipeline([("EVALSHA", sha, 0, *args)])[0]
+        reply = self.exchange(encode(("EVALSHA", sha, 0, *args)), 1, quick, retries)[0]
         if isinstance(reply, ReplyError) and str(reply).startswith("NOSCRIPT"):
             # A restarted or flushed server: EVAL runs it and caches it again.
-            reply = self.pipeline([("EVAL", source, 0, *args)])[0]
+            reply = self.exchange(encode(("EVAL", source, 0, *args)), 1, quick, retries)[0]
         if isinstance(reply, ReplyError):
             raise reply
         return reply

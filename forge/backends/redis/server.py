@@ -28,6 +28,8 @@ from forge.errors import ConfigError, DispatchFailed, QueueError, QueueUnavailab
 
 #: Longest a lease runs without a heartbeat (it is shorter when the job's deadline is nearer).
 LEASE_WINDOW = 30.0
+#: Longest a ``quick`` call (``Server.run``) waits for its reply (the supervisor's socket timeout).
+QUICK_TIMEOUT = 1.0
 #: Longest single BLPOP; the worker simply waits again. Below the socket timeout.
 BLOCK_CAP = 5.0
 #: How long a measured clock offset to the server is used before it is measured again.
@@ -47,10 +49,11 @@ class HotClient(Protocol):
     def pipeline(self, cmds: Sequence[Sequence[Any]], timeout: float | None = None) -> list[Any]:
         """The replies to ``cmds``, sent in one write."""
 
-    def script(self, source: str, *args: Any) -> Any:
-        """Run a Lua script (by its SHA once loaded) with ``args`` as ARGV and no KEYS."""
+    def script(self, source: str, *args: Any, quick: float | None = None) -> Any:
+        """Run a Lua script (by its SHA once loaded) with ``args`` as ARGV and no KEYS;
+        ``quick``: a reply timeout of its own and no retry."""
 
-    def fcall(self, function: str, prefix: str, args: Sequence[Any]) -> Any:
+    def fcall(self, function: str, prefix: str, args: Sequence[Any], quick: float | None = None) -> Any:
         """The reply to ``FCALL function 0 prefix *args``; an error reply as a value."""
 
     def close(self) -> None:
@@ -102,7 +105,7 @@ class Server:
     def socket_timeout(self) -> float:
         """How long a reply may take. ``quick``: for a caller that must never block long (the
         worker's supervisor, which has to kill a job before its lease lapses; it never waits)."""
-        return 1.0 if self.quick else max(BLOCK_CAP + 5.0, 2 * self._connect_timeout)
+        return QUICK_TIMEOUT if self.quick else max(BLOCK_CAP + 5.0, 2 * self._connect_timeout)
 
     @property
     def r(self) -> Any:
@@ -142,18 +145,21 @@ class Server:
         password masked. (A class, not a generator: it is on every call's path.)"""
         return self._io[dispatch]
 
-    def run(self, script: Script, *args: Any) -> Any:
+    def run(self, script: Script, *args: Any, quick: bool = False) -> Any:
         """Run ``script`` with ARGV = prefix, ``args``: an ``FCALL`` of its function on Redis 7+
         (the library loaded on the first "Function not found": a new or restarted server, or a
         new version of forge), else by its SHA (``EVALSHA``, loaded on NOSCRIPT). Raises the
-        client's errors (call it inside ``io``)."""
+        client's errors (call it inside ``io``). ``quick``: a call made while a job runs, which
+        must not hold up the worker's watch over it: the reply waits ``QUICK_TIMEOUT`` at most
+        and a lost connection is not retried (the caller tries again later)."""
+        wait = QUICK_TIMEOUT if quick else None
         if self.functions is False:
-            return self.c.script(script.source, self.prefix, *args)
-        reply = self.c.fcall(script.function, self.prefix, args)
+            return self.c.script(script.source, self.prefix, *args, quick=wait)
+        reply = self.c.fcall(script.function, self.prefix, args, wait)
         if isinstance(reply, Exception):
             if not self.load_functions(reply):
-                return self.c.script(script.source, self.prefix, *args)  # an older server
-            reply = self.c.fcall(script.function, self.prefix, args)
+                return self.c.script(script.source, self.prefix, *args, quick=wait)  # an older server
+            reply = self.c.fcall(script.function, self.prefix, args, wait)
             if isinstance(reply, Exception):
                 raise reply
         self.functions = True
@@ -320,12 +326,14 @@ class PyClient:
             pipe.execute_command(*c)
         return list(pipe.execute(raise_on_error=False))
 
-    def fcall(self, function: str, prefix: str, args: Sequence[Any]) -> Any:
-        """``FCALL function 0 prefix *args`` (an error reply returned, as ``pipeline``'s)."""
+    def fcall(self, function: str, prefix: str, args: Sequence[Any], quick: float | None = None) -> Any:
+        """``FCALL function 0 prefix *args`` (an error reply returned, as ``pipeline``'s;
+        ``quick`` is redis-py's socket timeout here)."""
         return self.pipeline([("FCALL", function, 0, prefix, *args)])[0]
 
-    def script(self, source: str, *args: Any) -> Any:
-        """Run ``source`` through redis-py's registered scripts (EVALSHA, NOSCRIPT handled)."""
+    def script(self, source: str, *args: Any, quick: float | None = None) -> Any:
+        """Run ``source`` through redis-py's registered scripts (EVALSHA, NOSCRIPT handled;
+        ``quick`` is redis-py's socket timeout here)."""
         script = self._scripts.get(source)
         if script is None:
             script = self._scripts[source] = self._r.register_script(source)

@@ -73,11 +73,20 @@ class Upkeep:
         srv = self.srv
         replies = raise_first(srv.c.pipeline([
             ("MULTI",), ("GET", srv.key("job", job_id)),
-            ("HMGET", srv.key("info", job_id), "state", "token", "attempts"), ("EXEC",)]))
-        record, (state, token, attempts) = replies[-1]
+            ("HMGET", srv.key("info", job_id), "state", "token", "attempts", "ahead"), ("EXEC",)]))
+        record, (state, token, attempts, ahead) = replies[-1]
         if state != b"reserved" or token is None:
             return None
         attempt = int(attempts or 0)
+        if ahead is not None and ahead == token:
+            # Claimed ahead (forge.worker.supervisor) by a worker that died before it said the
+            # job started: this attempt never ran; released uncounted, no event. Its next claim
+            # is never made ahead (noahead, set first: harmless if the finish is refused), so a
+            # job that kills its worker as it starts gets one uncounted try at most.
+            srv.c.call("HSET", srv.key("info", job_id), "noahead", "1")
+            if not self.claimer.finish(token.decode(), job_id, "release", None, attempt - 1, 0.0, only_expired=True):
+                return None
+            return "recovered"
         try:
             job: Job | None = decode_file(record)[0]
         except CorruptJob:

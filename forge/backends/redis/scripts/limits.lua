@@ -14,7 +14,8 @@
 --            or {now, id, record, attempt, deadline_us, lease_us, scopes (JSON), dropped (JSON)}.
 --            Sent again with its token (a lost reply), it answers with the job it took (P:wclaim).
 --   release: holder, scopes...  Frees the slots and notifies one waiting worker per queue.
---   handback: id, token.  Puts a claimed job back at the head of its queue, attempt un-counted.
+--   handback: id, token.  Puts a claimed job back at the head of its queue, attempt un-counted
+--            (also a claim the worker made ahead and will not run: supervisor.py).
 --   renew:   holder, lease_us, scopes...  Moves the slots' leases on (only those still held).
 --   lock:    holder, lease_us (from now), scope, max.  Returns {1} or {0, holders...}.
 --   state:   scopes...  Returns per scope: {holders (JSON: [member, lease_us]...), tat_us or ''}.
@@ -46,7 +47,7 @@ if op == 'handback' then
   local info = redis.call('HMGET', ik(id), 'state', 'token', 'queue')
   if info[1] ~= 'reserved' or info[2] ~= tok then return 0 end
   redis.call('ZREM', qk(info[3], 'reserved'), id)
-  redis.call('HDEL', ik(id), 'token', 'claimed', 'deadline')
+  redis.call('HDEL', ik(id), 'token', 'claimed', 'deadline', 'ahead')
   redis.call('HINCRBY', ik(id), 'attempts', -1)
   redis.call('LPUSH', qk(info[3], 'pending'), id)
   redis.call('HSET', ik(id), 'state', 'pending')

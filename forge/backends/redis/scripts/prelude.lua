@@ -78,7 +78,7 @@ local function finish_job(now, id, token, mode, event, attempts, delay, keep_don
     drop(id)
     return 1
   end
-  redis.call('HDEL', ik(id), 'token', 'claimed', 'deadline')
+  redis.call('HDEL', ik(id), 'token', 'claimed', 'deadline', 'ahead')
   if event ~= '' then redis.call('APPEND', jk(id), event) end
   if mode == 'release' then
     redis.call('HSET', ik(id), 'attempts', attempts)
@@ -126,12 +126,20 @@ local function reserve(q, id, now, worker, token, attempt, deadline, lease)
              ',"log_offset":' .. redis.call('STRLEN', P .. ':log:' .. id) .. '}\n')
   return {us(now), id, redis.call('GET', jk(id)), attempt, us(deadline), us(lease)}
 end
-local function claim_next(now, worker, token, default_timeout, grace, margin, window, args, first)
+local function claim_next(now, worker, token, default_timeout, grace, margin, window, args, first, ahead)
   -- Claim the first due job of the queues args[first..] (the caller's own ARGV, passed in: a
   -- script run as a function of a larger one sees only its part); see claim for the reply. A
   -- claim sent again with its token (its reply was lost) gets the same job back (resumed).
+  -- ahead: a claim made while the worker's current job runs (ack_claim): the job's info gets
+  -- ahead = token until the worker says it started (ack_claim's started), so recovery can
+  -- tell a claim that never ran (released uncounted) from one that did. A job marked noahead
+  -- (recovered so once: it may kill its worker) is never claimed ahead: it is put back at the
+  -- head and nothing is claimed (the worker claims it plainly after its current job).
   local rid, rinfo, rlease = resumed(worker, token)
-  if rid then return resumed_reply(rid, rinfo, rlease) end
+  if rid then
+    if ahead then redis.call('HSET', ik(rid), 'ahead', token) else redis.call('HDEL', ik(rid), 'ahead') end
+    return resumed_reply(rid, rinfo, rlease)
+  end
   for i = first, #args do
     local q = args[i]
     if redis.call('SISMEMBER', P .. ':paused', q) == 0 then
@@ -140,9 +148,14 @@ local function claim_next(now, worker, token, default_timeout, grace, margin, wi
       while true do
         local id = redis.call('LPOP', pk)
         if not id then break end
-        local info = redis.call('HMGET', ik(id), 'state', 'timeout')
+        local info = redis.call('HMGET', ik(id), 'state', 'timeout', 'noahead')
         if info[1] == 'pending' then
+          if ahead and info[3] then
+            redis.call('LPUSH', pk, id)
+            return {us(now)}
+          end
           local attempt, deadline, lease = begin_attempt(id, info[2], now, default_timeout, grace, margin, window)
+          if ahead then redis.call('HSET', ik(id), 'ahead', token) end
           return reserve(q, id, now, worker, token, attempt, deadline, lease)
         end
       end
