@@ -101,6 +101,44 @@ def test_push_is_idempotent_per_job_id(backend: Any) -> None:
     assert backend.stats(["default"])[0].pending == 1
 
 
+def test_an_existing_id_is_skipped_with_or_without_unique_keys_in_the_batch(backend: Any) -> None:
+    """push checks existence two ways (SET NX of the record when no job of the batch has a
+    unique key; EXISTS of the info before any write when one has): both skip an existing id
+    and leave its unique key unchecked, and a repeat within one batch is stored once."""
+    held = job(unique="held")
+    backend.push([held])
+    again = job(idem="k1")
+    assert backend.push([again, again]) == [True, False]
+    assert backend.push([again]) == [False]
+    # held's id is skipped, its key (held by itself) unchecked, and the batch still goes in
+    assert backend.push([held, job(unique="other")]) == [True, True]
+    assert backend.push([again, job(unique="third")]) == [False, True]
+    assert backend.stats(["default"])[0].pending == 4
+
+
+def test_a_record_without_its_info_is_written_again(backend: Any, redis_client: Any, redis_prefix: str) -> None:
+    """A record left without its info (a script cut short between the two writes) is no job: a
+    retried push stores the job (the record's SET NX alone would have skipped it)."""
+    j = job()
+    redis_client.set(f"{redis_prefix}:job:{j.id}", b"partial")
+    assert backend.push([j]) == [True]
+    assert backend.find(j.id).state == State.PENDING
+    assert backend.claim(["default"], WORKER, 60).job.to_dict() == j.to_dict()
+
+
+def test_a_queue_is_listed_whenever_it_holds_jobs(backend: Any) -> None:
+    """push lists a queue (P:queues) when its pending list was empty or the job is delayed; a
+    queue forgotten once empty is listed again by its next job."""
+    backend.push([job("q1"), job("q1")])
+    backend.push([job("q2", delay=60)])
+    assert {"q1", "q2"} <= set(backend.queues())
+    backend.clear("q1")
+    assert backend.forget_queue("q1")
+    assert "q1" not in backend.queues()
+    backend.push([job("q1")])
+    assert "q1" in backend.queues()
+
+
 def test_claim_times_follow_the_lease_formula(backend: Any) -> None:
     backend.push([job(timeout=10), job()])
     c = backend.claim(["default"], WORKER, 60)
