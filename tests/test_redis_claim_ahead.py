@@ -243,3 +243,30 @@ def test_a_job_that_kills_its_worker_is_claimed_ahead_once_at_most(tmp_path: Pat
                 _stop(w)
     finally:
         t.close()
+
+
+def test_a_job_dispatched_to_a_higher_queue_while_a_claim_is_held_ahead_runs_first(tmp_path: Path) -> None:
+    # Strict priority across a worker's queues: a high job dispatched while a default job runs
+    # runs next, before any other default job, as it does without claiming ahead (a claim
+    # ahead is made as the current job starts, before the high job exists).
+    t = make_target("redis", tmp_path, REDIS_URL)
+    try:
+        q = t.queue()
+        short = q.dispatch(QueuedCommand("probe:run").with_args(["short"]))
+        long = q.dispatch(QueuedCommand("probe:run").with_args(["long", "--sleep", "60"]))
+        later = q.dispatch(QueuedCommand("probe:run").with_args(["later"]))
+        worker = _worker(t, "--queue=high,default", "--sleep=1", hold=120)
+        try:
+            # The short job's done is reported once the call made as the long job started
+            # (its ack, and a claim ahead if one is made) has returned.
+            assert next_event(worker, "done")["job_id"] == short
+            high = t.queue("high").dispatch(QueuedCommand("probe:run").with_args(["high"]))
+            wait_for(lambda: _starts(t, long), timeout=60)
+            os.kill(_starts(t, long)[0]["pid"], signal.SIGKILL)  # the long job ends (crashed)
+            wait_for(lambda: t.backend.find(later).state == State.DONE, timeout=60)
+            order = [r["job"] for r in _starts(t) if r["job"] in (high, later)]
+            assert order == [high, later]
+        finally:
+            _stop(worker)
+    finally:
+        t.close()

@@ -448,7 +448,7 @@ class Worker:
 
     def _claim_ahead(self, retry: bool = False) -> None:
         """Right after a job went to the job process: the waiting ack, that a claim made ahead
-        started (``_owed``), and, if ``_may_claim_ahead``, the next claim, held in ``_woken``,
+        started (``_owed``), and, if ``_may_claim_ahead``, the next claim from its first queue, held in ``_woken``,
         in one quick call. On an outage nothing is held: the ack and the mark are tried again
         at the watch's next flush (``retry``: that try, with no claim) and the ack is sent
         after the job as without claiming ahead (fenced; a claim whose reply was lost comes
@@ -460,7 +460,10 @@ class Worker:
             return
         opts = self.options
         try:
-            held = self.recorder.ahead(self._owed, opts.queues if ahead else (), opts.name, opts.timeout)
+            # From the first of its queues only: a job of a later queue claimed ahead would run
+            # before one dispatched to an earlier queue while the current job runs (strict
+            # priority); a later queue's job is claimed between jobs, as without claiming ahead.
+            held = self.recorder.ahead(self._owed, opts.queues[:1] if ahead else (), opts.name, opts.timeout)
         except (QueueUnavailable, OSError):
             return
         self._owed = None
