@@ -10,6 +10,7 @@ which sets ``WorkerOptions.ahead_hold`` and ``ahead_after`` (no CLI flag sets th
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -270,3 +271,50 @@ def test_a_job_dispatched_to_a_higher_queue_while_a_claim_is_held_ahead_runs_fir
             _stop(worker)
     finally:
         t.close()
+
+
+@pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server is not installed")
+def test_an_ack_left_waiting_by_an_outage_during_the_next_job_is_not_lost(tmp_path: Path) -> None:
+    # The ack of a job goes with the call made as the next job starts; if the server is down
+    # then, it waits (retried at the watch's flush, every 0.5 s). A next job shorter than that
+    # must not replace it with its own ack: the first job would stay reserved and be recovered
+    # as abandoned (failed at tries=1, run again otherwise), though it succeeded.
+    from test_redis_backend import _free_port, _start_server
+
+    port = _free_port()
+    data = tmp_path / "data"
+    data.mkdir()
+    server = _start_server(port, data)
+    t = make_target("redis", tmp_path / "t", f"redis://127.0.0.1:{port}/0")
+    try:
+        q = t.queue()
+        q.dispatch(QueuedCommand("probe:run").with_args(["a"]))  # claimed plainly: no run before it
+        short = q.dispatch(QueuedCommand("probe:run").with_args(["short"]))  # claimed with a's ack
+        first = q.dispatch(QueuedCommand("probe:run").with_args(["first", "--sleep", "0.3"]))  # ahead
+        second = q.dispatch(QueuedCommand("probe:run").with_args(["second"]))  # ahead, as the first starts
+        worker = _worker(t, "--sleep=1", hold=120)
+        try:
+            # The short job's done: the call made as the first job started (that ack, the
+            # second's claim ahead) has returned. The server goes down while the first runs, so
+            # the call made as the second starts (the first's ack) fails.
+            next_event(worker, "done")
+            assert next_event(worker, "done")["job_id"] == short
+            server.kill()
+            server.wait()
+            # The second job has run and its outcome is recorded: the worker, between jobs,
+            # cannot send its waiting ack (it retries until the server is back).
+            next_event(worker, "record_failed")
+            assert _ends(t, second)
+            server = _start_server(port, data)
+            done: set[str] = set()
+            while second not in done:
+                done.add(next_event(worker, "done")["job_id"])
+            assert first in done
+            assert t.backend.find(first).state == State.DONE
+            assert t.backend.find(second).state == State.DONE
+        finally:
+            _stop(worker)
+    finally:
+        t.close()
+        server.kill()
+        server.wait()

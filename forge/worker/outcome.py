@@ -316,6 +316,9 @@ class Recorder:
 
     def _ack(self, success: _DeferredAck) -> None:
         if self._defer:
+            # One still waiting (the call made as this job started failed: an outage) is sent
+            # first, durably: replaced, it would be lost and its job recovered as abandoned.
+            self.flush()
             self._unacked = success  # sent with the next claim
             return
         self.durably(lambda: self.backend.ack(success.claim, success.done))
