@@ -29,6 +29,8 @@ from forge.queue import QueuedCommand
 
 REDIS_URL = os.environ.get("FORGE_TEST_REDIS_URL")
 pytestmark = pytest.mark.skipif(not REDIS_URL, reason="FORGE_TEST_REDIS_URL is not set")
+#: conftest's queue_target on Redis: the probe project, closed after the test.
+REDIS_TARGET = pytest.mark.parametrize("queue_target", ["redis"], indirect=True)
 
 _LAUNCH = """\
 import dataclasses, sys
@@ -72,23 +74,21 @@ def _held_ahead(t: Any, job: str) -> bool:
     return t.backend.find(job).state == State.RESERVED and not _starts(t, job)
 
 
-def test_a_drain_of_short_jobs_runs_each_once_in_order(tmp_path: Path) -> None:
-    t = make_target("redis", tmp_path, REDIS_URL)
+@REDIS_TARGET
+def test_a_drain_of_short_jobs_runs_each_once_in_order(queue_target: Any) -> None:
+    t = queue_target
+    q = t.queue()
+    jobs = [q.dispatch(QueuedCommand("probe:run").with_args([str(i)])) for i in range(150)]
+    worker = _worker(t, "--stop-when-empty")
     try:
-        q = t.queue()
-        jobs = [q.dispatch(QueuedCommand("probe:run").with_args([str(i)])) for i in range(150)]
-        worker = _worker(t, "--stop-when-empty")
-        try:
-            assert worker.wait(timeout=120) == 0
-        finally:
-            _stop(worker)
-        starts = _starts(t)
-        assert [r["job"] for r in starts] == jobs  # each once, in dispatch order
-        assert {r["attempt"] for r in starts} == {1}
-        stats = t.backend.stats(["default"])[0]
-        assert (stats.pending, stats.reserved, stats.failed, stats.done) == (0, 0, 0, 150)
+        assert worker.wait(timeout=120) == 0
     finally:
-        t.close()
+        _stop(worker)
+    starts = _starts(t)
+    assert [r["job"] for r in starts] == jobs  # each once, in dispatch order
+    assert {r["attempt"] for r in starts} == {1}
+    stats = t.backend.stats(["default"])[0]
+    assert (stats.pending, stats.reserved, stats.failed, stats.done) == (0, 0, 0, 150)
 
 
 def _long_between_short(t: Any) -> tuple[str, str, str]:
@@ -101,87 +101,81 @@ def _long_between_short(t: Any) -> tuple[str, str, str]:
 
 
 @pytest.mark.parametrize("how", ["stop", "pause", "restart"])
+@REDIS_TARGET
 def test_a_claim_held_ahead_goes_back_uncounted_when_the_worker_stops_pauses_or_restarts(
-        tmp_path: Path, how: str) -> None:
-    t = make_target("redis", tmp_path, REDIS_URL)
+        queue_target: Any, how: str) -> None:
+    t = queue_target
+    short, long, held = _long_between_short(t)
+    worker = _worker(t, "--sleep=1", hold=120)
     try:
-        short, long, held = _long_between_short(t)
-        worker = _worker(t, "--sleep=1", hold=120)
-        try:
-            wait_for(lambda: _starts(t, long), timeout=60)
-            wait_for(lambda: _held_ahead(t, held), timeout=30)
-            if how == "restart":
-                t.backend.request_restart()
-            else:
-                worker.send_signal(signal.SIGTERM if how == "stop" else signal.SIGUSR2)
-            # The restart marker is read every 0.1 s at most, between jobs (RESTART checks): past
-            # 0.1 s of the long job's run, the worker reads it before it takes its next job.
-            began = _starts(t, long)[0]["start"]
-            wait_for(lambda: time.time() - began > 0.15, timeout=5)
-            # The long job runs on to its end; end it early (a crash: released, then failed at tries=1).
-            os.kill(_starts(t, long)[0]["pid"], signal.SIGKILL)
-            if how == "pause":
-                next_event(worker, "paused")
-            else:
-                out = worker.communicate(timeout=60)[0]
-                assert worker.returncode == 0, out
-            info = t.backend.find(held)
-            assert info.state == State.PENDING and info.attempts == 0, out if how != "pause" else ""
-            assert "claimed" in [e.event for e in info.events]  # it was held, then handed back
-            assert "failed" not in [e.event for e in info.events] and not _starts(t, held)
-            if how == "pause":
-                worker.send_signal(signal.SIGCONT)
-            else:
-                worker = _worker(t, "--stop-when-empty")
-            wait_for(lambda: t.backend.find(held).state == State.DONE, timeout=60)
-            assert [r["attempt"] for r in _starts(t, held)] == [1]
-        finally:
-            _stop(worker)
+        wait_for(lambda: _starts(t, long), timeout=60)
+        wait_for(lambda: _held_ahead(t, held), timeout=30)
+        if how == "restart":
+            t.backend.request_restart()
+        else:
+            worker.send_signal(signal.SIGTERM if how == "stop" else signal.SIGUSR2)
+        # The restart marker is read every 0.1 s at most, between jobs (RESTART checks): past
+        # 0.1 s of the long job's run, the worker reads it before it takes its next job.
+        began = _starts(t, long)[0]["start"]
+        wait_for(lambda: time.time() - began > 0.15, timeout=5)
+        # The long job runs on to its end; end it early (a crash: released, then failed at tries=1).
+        os.kill(_starts(t, long)[0]["pid"], signal.SIGKILL)
+        if how == "pause":
+            next_event(worker, "paused")
+        else:
+            out = worker.communicate(timeout=60)[0]
+            assert worker.returncode == 0, out
+        info = t.backend.find(held)
+        assert info.state == State.PENDING and info.attempts == 0, out if how != "pause" else ""
+        assert "claimed" in [e.event for e in info.events]  # it was held, then handed back
+        assert "failed" not in [e.event for e in info.events] and not _starts(t, held)
+        if how == "pause":
+            worker.send_signal(signal.SIGCONT)
+        else:
+            worker = _worker(t, "--stop-when-empty")
+        wait_for(lambda: t.backend.find(held).state == State.DONE, timeout=60)
+        assert [r["attempt"] for r in _starts(t, held)] == [1]
     finally:
-        t.close()
+        _stop(worker)
 
 
-def test_max_jobs_claims_nothing_ahead_of_its_last_job(tmp_path: Path) -> None:
-    t = make_target("redis", tmp_path, REDIS_URL)
+@REDIS_TARGET
+def test_max_jobs_claims_nothing_ahead_of_its_last_job(queue_target: Any) -> None:
+    t = queue_target
+    q = t.queue()
+    jobs = [q.dispatch(QueuedCommand("probe:run").with_args([str(i)])) for i in range(5)]
+    worker = _worker(t, "--max-jobs=3", hold=120)
     try:
-        q = t.queue()
-        jobs = [q.dispatch(QueuedCommand("probe:run").with_args([str(i)])) for i in range(5)]
-        worker = _worker(t, "--max-jobs=3", hold=120)
-        try:
-            assert worker.wait(timeout=60) == 0
-        finally:
-            _stop(worker)
-        assert [r["job"] for r in _starts(t)] == jobs[:3]
-        for job in jobs[3:]:
-            info = t.backend.find(job)
-            assert info.state == State.PENDING and info.attempts == 0 and "claimed" not in [e.event for e in info.events]
+        assert worker.wait(timeout=60) == 0
     finally:
-        t.close()
+        _stop(worker)
+    assert [r["job"] for r in _starts(t)] == jobs[:3]
+    for job in jobs[3:]:
+        info = t.backend.find(job)
+        assert info.state == State.PENDING and info.attempts == 0 and "claimed" not in [e.event for e in info.events]
 
 
-def test_a_claim_held_ahead_of_a_long_job_goes_to_an_idle_worker_within_the_bound(tmp_path: Path) -> None:
-    t = make_target("redis", tmp_path, REDIS_URL)
+@REDIS_TARGET
+def test_a_claim_held_ahead_of_a_long_job_goes_to_an_idle_worker_within_the_bound(queue_target: Any) -> None:
+    t = queue_target
+    short, long, held = _long_between_short(t)
+    first = _worker(t, "--sleep=1", hold=0.05)  # the default bound
+    second: subprocess.Popen | None = None
     try:
-        short, long, held = _long_between_short(t)
-        first = _worker(t, "--sleep=1", hold=0.05)  # the default bound
-        second: subprocess.Popen | None = None
-        try:
-            wait_for(lambda: _starts(t, long), timeout=60)
-            # Claimed ahead as the long job started, then handed back, uncounted, at the head.
-            wait_for(lambda: "claimed" in [e.event for e in t.backend.find(held).events], timeout=30)
-            wait_for(lambda: t.backend.find(held).state == State.PENDING, timeout=5)
-            assert t.backend.find(held).attempts == 0
-            second = _worker(t, "--sleep=1")
-            wait_for(lambda: t.backend.find(held).state == State.DONE, timeout=60)
-            (run,) = _starts(t, held)
-            assert run["attempt"] == 1 and run["ppid"] == second.pid  # the second worker ran it
-            assert not _ends(t, long)  # while the long job still runs
-        finally:
-            for w in (first, second):
-                if w is not None:
-                    _stop(w)
+        wait_for(lambda: _starts(t, long), timeout=60)
+        # Claimed ahead as the long job started, then handed back, uncounted, at the head.
+        wait_for(lambda: "claimed" in [e.event for e in t.backend.find(held).events], timeout=30)
+        wait_for(lambda: t.backend.find(held).state == State.PENDING, timeout=5)
+        assert t.backend.find(held).attempts == 0
+        second = _worker(t, "--sleep=1")
+        wait_for(lambda: t.backend.find(held).state == State.DONE, timeout=60)
+        (run,) = _starts(t, held)
+        assert run["attempt"] == 1 and run["ppid"] == second.pid  # the second worker ran it
+        assert not _ends(t, long)  # while the long job still runs
     finally:
-        t.close()
+        for w in (first, second):
+            if w is not None:
+                _stop(w)
 
 
 def _short_lease(t: Any) -> None:
@@ -190,87 +184,81 @@ def _short_lease(t: Any) -> None:
     config.write_text(text.replace(f'prefix = "{t.prefix}"\n', f'prefix = "{t.prefix}"\nlease = "10s"\n'))
 
 
-def test_a_killed_worker_s_claim_held_ahead_is_recovered_uncounted(tmp_path: Path) -> None:
-    t = make_target("redis", tmp_path, REDIS_URL)
+@REDIS_TARGET
+def test_a_killed_worker_s_claim_held_ahead_is_recovered_uncounted(queue_target: Any) -> None:
+    t = queue_target
     _short_lease(t)
+    short, long, held = _long_between_short(t)
+    worker = _worker(t, "--sleep=1", hold=120)
+    other: subprocess.Popen | None = None
     try:
-        short, long, held = _long_between_short(t)
-        worker = _worker(t, "--sleep=1", hold=120)
-        other: subprocess.Popen | None = None
-        try:
-            wait_for(lambda: _starts(t, long), timeout=60)
-            wait_for(lambda: _held_ahead(t, held), timeout=30)
-            worker.kill()
-            worker.wait(timeout=30)
-            os.kill(_starts(t, long)[0]["pid"], signal.SIGKILL)  # the job process outlives its worker
-            other = _worker(t, "--sleep=1")
-            wait_for(lambda: t.backend.find(held).state == State.DONE, timeout=60)
-            assert [r["attempt"] for r in _starts(t, held)] == [1]  # it never ran before: uncounted
-            events = [e.event for e in t.backend.find(held).events]
-            assert "failed" not in events and "released" not in events
-            assert t.backend.find(long).state == State.FAILED  # it did run: abandoned, counted (tries=1)
-        finally:
-            for w in (worker, other):
-                if w is not None:
-                    _stop(w)
+        wait_for(lambda: _starts(t, long), timeout=60)
+        wait_for(lambda: _held_ahead(t, held), timeout=30)
+        worker.kill()
+        worker.wait(timeout=30)
+        os.kill(_starts(t, long)[0]["pid"], signal.SIGKILL)  # the job process outlives its worker
+        other = _worker(t, "--sleep=1")
+        wait_for(lambda: t.backend.find(held).state == State.DONE, timeout=60)
+        assert [r["attempt"] for r in _starts(t, held)] == [1]  # it never ran before: uncounted
+        events = [e.event for e in t.backend.find(held).events]
+        assert "failed" not in events and "released" not in events
+        assert t.backend.find(long).state == State.FAILED  # it did run: abandoned, counted (tries=1)
     finally:
-        t.close()
-
-
-def test_a_job_that_kills_its_worker_is_claimed_ahead_once_at_most(tmp_path: Path) -> None:
-    t = make_target("redis", tmp_path, REDIS_URL)
-    _short_lease(t)
-    try:
-        q = t.queue()
-        q.dispatch(QueuedCommand("probe:run").with_args(["a"]))
-        q.dispatch(QueuedCommand("probe:run").with_args(["b"]))
-        poison = q.dispatch(QueuedCommand("probe:run").with_args(["poison", "--kill-worker"]))
-        workers: list[subprocess.Popen] = []
-        try:
-            # Each worker it kills is replaced, until the job is failed (abandoned).
-            def failed() -> bool:
-                if t.backend.find(poison).state == State.FAILED:
-                    return True
-                if not workers or workers[-1].poll() is not None:
-                    assert len(workers) < 4, "the poison job ran again and again"
-                    workers.append(_worker(t, "--sleep=1", hold=120))
-                return False
-
-            wait_for(failed, timeout=120, interval=0.2)
-            info = t.backend.find(poison)
-            assert info.attempts == 1 and len(_starts(t, poison)) <= 2
-        finally:
-            for w in workers:
+        for w in (worker, other):
+            if w is not None:
                 _stop(w)
+
+
+@REDIS_TARGET
+def test_a_job_that_kills_its_worker_is_claimed_ahead_once_at_most(queue_target: Any) -> None:
+    t = queue_target
+    _short_lease(t)
+    q = t.queue()
+    q.dispatch(QueuedCommand("probe:run").with_args(["a"]))
+    q.dispatch(QueuedCommand("probe:run").with_args(["b"]))
+    poison = q.dispatch(QueuedCommand("probe:run").with_args(["poison", "--kill-worker"]))
+    workers: list[subprocess.Popen] = []
+    try:
+        # Each worker it kills is replaced, until the job is failed (abandoned).
+        def failed() -> bool:
+            if t.backend.find(poison).state == State.FAILED:
+                return True
+            if not workers or workers[-1].poll() is not None:
+                assert len(workers) < 4, "the poison job ran again and again"
+                workers.append(_worker(t, "--sleep=1", hold=120))
+            return False
+
+        wait_for(failed, timeout=120, interval=0.2)
+        info = t.backend.find(poison)
+        assert info.attempts == 1 and len(_starts(t, poison)) <= 2
     finally:
-        t.close()
+        for w in workers:
+            _stop(w)
 
 
-def test_a_job_dispatched_to_a_higher_queue_while_a_claim_is_held_ahead_runs_first(tmp_path: Path) -> None:
+@REDIS_TARGET
+def test_a_job_dispatched_to_a_higher_queue_while_a_claim_is_held_ahead_runs_first(queue_target: Any) -> None:
     # Strict priority across a worker's queues: a high job dispatched while a default job runs
     # runs next, before any other default job, as it does without claiming ahead (a claim
     # ahead is made as the current job starts, before the high job exists).
-    t = make_target("redis", tmp_path, REDIS_URL)
+    t = queue_target
+    q = t.queue()
+    short = q.dispatch(QueuedCommand("probe:run").with_args(["short"]))
+    long = q.dispatch(QueuedCommand("probe:run").with_args(["long", "--sleep", "60"]))
+    later = q.dispatch(QueuedCommand("probe:run").with_args(["later"]))
+    worker = _worker(t, "--queue=high,default", "--sleep=1", hold=120)
     try:
-        q = t.queue()
-        short = q.dispatch(QueuedCommand("probe:run").with_args(["short"]))
-        long = q.dispatch(QueuedCommand("probe:run").with_args(["long", "--sleep", "60"]))
-        later = q.dispatch(QueuedCommand("probe:run").with_args(["later"]))
-        worker = _worker(t, "--queue=high,default", "--sleep=1", hold=120)
-        try:
-            # The short job's done is reported once the call made as the long job started
-            # (its ack, and a claim ahead if one is made) has returned.
-            assert next_event(worker, "done")["job_id"] == short
-            high = t.queue("high").dispatch(QueuedCommand("probe:run").with_args(["high"]))
-            wait_for(lambda: _starts(t, long), timeout=60)
-            os.kill(_starts(t, long)[0]["pid"], signal.SIGKILL)  # the long job ends (crashed)
-            wait_for(lambda: t.backend.find(later).state == State.DONE, timeout=60)
-            order = [r["job"] for r in _starts(t) if r["job"] in (high, later)]
-            assert order == [high, later]
-        finally:
-            _stop(worker)
+        # The short job's done is reported once the call made as the long job started
+        # (its ack, and a claim ahead if one is made) has returned.
+        assert next_event(worker, "done")["job_id"] == short
+        high = t.queue("high").dispatch(QueuedCommand("probe:run").with_args(["high"]))
+        wait_for(lambda: _starts(t, long), timeout=60)
+        os.kill(_starts(t, long)[0]["pid"], signal.SIGKILL)  # the long job ends (crashed)
+        wait_for(lambda: t.backend.find(later).state == State.DONE, timeout=60)
+        order = [r["job"] for r in _starts(t) if r["job"] in (high, later)]
+        assert order == [high, later]
     finally:
-        t.close()
+        _stop(worker)
 
 
 @pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server is not installed")
