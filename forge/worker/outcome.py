@@ -288,9 +288,7 @@ class Recorder:
             started, queues, name, timeout)
         if pending is not None:
             self._unacked = None
-            self.report("done", pending.report)
-            self.heartbeat.update(done=self.heartbeat.record.done + 1)
-            self._later.extend(pending.events)
+            self._acked(pending, listeners_now=False)
         return nxt
 
     def run_later(self) -> None:
@@ -324,11 +322,15 @@ class Recorder:
         self.durably(lambda: self.backend.ack(success.claim, success.done))
         self._acked(success)
 
-    def _acked(self, success: _DeferredAck) -> None:
-        """An ack has landed: report it, then the in-process listeners of its events."""
+    def _acked(self, success: _DeferredAck, *, listeners_now: bool = True) -> None:
+        """An ack has landed: report it, then the in-process listeners of its events (or, sent
+        while a job runs, at ``run_later``)."""
         self.report("done", success.report)
         self.heartbeat.update(done=self.heartbeat.record.done + 1)
-        self._after(success.events)
+        if listeners_now:
+            self._after(success.events)
+        else:
+            self._later.extend(success.events)
 
     def _after(self, evs: list[BusEvent]) -> None:
         if evs and self.events is not None:
